@@ -1,0 +1,1 @@
+"""retrofit.kernels: fused Triton kernels. Import submodules explicitly; nothing is imported here."""

@@ -1,0 +1,67 @@
+"""retrofit: retrieval-augmented heads for image classifiers that already exist.
+
+The public API is listed in ``__all__``. Everything is imported lazily on first use, so that
+``import retrofit`` stays fast and never imports faiss, lmdb, triton, timm, torchvision or open_clip.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from retrofit._version import __version__
+from retrofit.errors import (
+    CorruptKnowledgeBaseError,
+    FingerprintMismatchError,
+    KnowledgeBaseError,
+    MissingDependencyError,
+    RetrofitError,
+)
+from retrofit.fingerprint import EncoderFingerprint
+
+# public name -> module that defines it (imported on first attribute access)
+_LAZY = {
+    "Neighbors": "retrofit.neighbors",
+    "Store": "retrofit.store",
+    "KBFingerprint": "retrofit.store",
+    "InMemoryStore": "retrofit.store",
+    "KnowledgeBase": "retrofit.knowledge_base",
+    "RetrievalHead": "retrofit.head",
+    "HeadConfig": "retrofit.head",
+    "HeadOutput": "retrofit.head",
+    "CrossFusionLayer": "retrofit.fusion",
+    "wrap": "retrofit.adapters",
+    "RetrofittedModel": "retrofit.adapters",
+    "build_kb": "retrofit.ingest",
+    "load_image_encoder": "retrofit.encoders",
+    "load_text_encoder": "retrofit.encoders",
+    "train": "retrofit.training",
+    "TrainConfig": "retrofit.training",
+    "evaluate": "retrofit.evaluation",
+    "data_dir": "retrofit._env",
+}
+
+__all__ = [
+    "__version__",
+    "RetrofitError",
+    "MissingDependencyError",
+    "FingerprintMismatchError",
+    "KnowledgeBaseError",
+    "CorruptKnowledgeBaseError",
+    "EncoderFingerprint",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

@@ -1,0 +1,86 @@
+"""Which encoder made a set of vectors: the identity that keeps heads and knowledge bases compatible."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from retrofit.errors import FingerprintMismatchError
+
+__all__ = ["EncoderFingerprint", "check_fingerprints", "file_digest"]
+
+
+@dataclass(frozen=True)
+class EncoderFingerprint:
+    """Identity of the encoder behind a vector space.
+
+    Two vector spaces are interchangeable only if every field matches (``note`` excepted).
+    """
+
+    family: str  # encoder family: "timm", "torchvision", "open_clip", "darknet-tiny", "sentence-transformers", ...
+    name: str  # architecture or model name within the family, e.g. "resnet50", "ViT-B-32", "all-MiniLM-L6-v2"
+    weights: str  # pretrained tag or "sha256:<first 16 hex>" of the checkpoint file; "random" for untrained
+    dim: int  # output dimension of the vectors
+    normalized: bool = True  # vectors were L2-normalised
+    note: str = ""  # free text (input size, layer); not compared
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"EncoderFingerprint.dim must be a positive int, got {self.dim!r}")
+        for f in ("family", "name", "weights"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise ValueError(f"EncoderFingerprint.{f} must be a non-empty string, got {getattr(self, f)!r}")
+
+    def key(self) -> tuple[str, str, str, int, bool]:
+        """The fields that decide compatibility."""
+        return (self.family, self.name, self.weights, self.dim, self.normalized)
+
+    def matches(self, other: EncoderFingerprint | None) -> bool:
+        return other is not None and self.key() == other.key()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderFingerprint:
+        known = {"family", "name", "weights", "dim", "normalized", "note"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EncoderFingerprint fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        norm = "l2" if self.normalized else "raw"
+        return f"{self.family}:{self.name}@{self.weights} (dim {self.dim}, {norm})"
+
+
+def check_fingerprints(
+    expected: EncoderFingerprint | None,
+    actual: EncoderFingerprint | None,
+    what: str,
+    allow_mismatch: bool = False,
+) -> None:
+    """Raise :class:`FingerprintMismatchError` naming both sides when ``expected`` and ``actual`` differ.
+
+    ``None`` on either side means "unknown" and is accepted. ``allow_mismatch=True`` is the caller's
+    explicit override.
+    """
+    if expected is None or actual is None or allow_mismatch:
+        return
+    if not expected.matches(actual):
+        raise FingerprintMismatchError(
+            f"{what}: expected vectors from {expected}, but got vectors from {actual}. "
+            "Rebuild the knowledge base with the same encoder, or pass allow_fingerprint_mismatch=True "
+            "if you know the two spaces are compatible."
+        )
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """``sha256:<16 hex>`` of a file's bytes, for ``EncoderFingerprint.weights`` of a local checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return "sha256:" + h.hexdigest()[:16]

@@ -1,0 +1,128 @@
+"""Functional ops of the retrieval head, dispatching between the fused Triton kernel and the reference.
+
+The PyTorch reference here is the spec: ``retrofit.kernels.cross_fusion`` must match it in forward and
+in every gradient. Dispatch (``RETROFIT_FUSED``): ``0`` forces the reference, ``1`` forces the kernel
+(on CUDA, or on CPU under ``TRITON_INTERPRET=1``), unset = the kernel for CUDA tensors when Triton is
+available, the reference otherwise. Asking for attention weights always uses the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+from retrofit._env import fused_flag
+
+__all__ = [
+    "cross_fusion_attention",
+    "cross_fusion_attention_reference",
+    "fused_kernel_status",
+    "use_fused_kernel",
+]
+
+
+def cross_fusion_attention_reference(
+    q_t: torch.Tensor,
+    k_i: torch.Tensor,
+    v_i: torch.Tensor,
+    q_i: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    res_i: torch.Tensor,
+    res_t: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Both directions of one cross-fusion layer's multi-head attention, with the residual add.
+
+    All of ``q_*``, ``k_*``, ``v_*``, ``res_*`` are (B, S, H, Dh) (S = k + 1 tokens, slot 0 the query).
+
+        new_i = res_i + softmax(q_t k_i^T * scale + mask) v_i     text queries over image keys / values
+        new_t = res_t + softmax(q_i k_t^T * scale + mask) v_t     image queries over text keys / values
+
+    ``key_mask`` (B, S) bool is True for keys that may be attended to (the same slots in both streams).
+    Scores and softmax are computed in fp32; a query whose keys are all masked gets a zero attention
+    output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh).
+
+    Returns ``(new_i, new_t, weights)``; ``weights`` is None unless ``need_weights``, then the
+    probabilities ``(p_i, p_t)``, each (B, H, S, S) fp32: ``p_i`` for the image-stream update (text
+    queries over image keys), ``p_t`` for the text-stream update.
+    """
+    Dh = q_t.shape[-1]
+    scale = Dh**-0.5 if scale is None else scale
+    keep = key_mask[:, None, None, :]  # (B, 1, 1, S)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, S, S)
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: softmax gives NaN -> 0
+        o = torch.einsum("bhqk,bkhd->bqhd", p, v.float())  # (B, S, H, Dh)
+        return o, p
+
+    o_i, p_i = attend(q_t, k_i, v_i)  # image stream update: text queries, image keys/values
+    o_t, p_t = attend(q_i, k_t, v_t)  # text stream update: image queries, text keys/values
+    new_i = (res_i.float() + o_i).to(res_i.dtype)  # (B, S, H, Dh)
+    new_t = (res_t.float() + o_t).to(res_t.dtype)  # (B, S, H, Dh)
+    return new_i, new_t, ((p_i, p_t) if need_weights else None)
+
+
+@lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_kernel_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the fused kernel would run for tensors on ``device`` (default: CUDA if present), and why."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    flag = fused_flag()
+    if flag is False:
+        return False, "RETROFIT_FUSED=0 forces the PyTorch reference"
+    if not _triton_importable():
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, "CUDA tensors and triton available" + (" (forced by RETROFIT_FUSED=1)" if flag else "")
+    if flag and _interpreting():
+        return True, "RETROFIT_FUSED=1 with TRITON_INTERPRET=1: the kernel runs in Triton's CPU interpreter (slow)"
+    return False, f"tensors on {device.type}: the fused kernel needs CUDA (or RETROFIT_FUSED=1 + TRITON_INTERPRET=1)"
+
+
+def use_fused_kernel(t: torch.Tensor) -> bool:
+    """The dispatch decision for a tensor; raises if ``RETROFIT_FUSED=1`` asks for the impossible."""
+    ok, why = fused_kernel_status(t.device)
+    if fused_flag() is True and not ok:
+        raise RuntimeError(
+            f"RETROFIT_FUSED=1 but the fused kernel cannot run: {why}. Unset RETROFIT_FUSED or set it to 0."
+        )
+    return ok
+
+
+def cross_fusion_attention(
+    q_t: torch.Tensor,
+    k_i: torch.Tensor,
+    v_i: torch.Tensor,
+    q_i: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    res_i: torch.Tensor,
+    res_t: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Dispatching entry point; same contract as :func:`cross_fusion_attention_reference`."""
+    if not need_weights and use_fused_kernel(q_t):
+        from retrofit.kernels.cross_fusion import cross_fusion_attention_fused
+
+        new_i, new_t = cross_fusion_attention_fused(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale)
+        return new_i, new_t, None
+    return cross_fusion_attention_reference(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale, need_weights)

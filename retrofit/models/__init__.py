@@ -1,0 +1,1 @@
+"""Real pretrained backbones retrofit can load offline."""

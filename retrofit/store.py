@@ -1,0 +1,176 @@
+"""The ``Store`` protocol every knowledge-base engine implements, and an exact in-memory store.
+
+``KnowledgeBase`` (LMDB + faiss, ``retrofit.knowledge_base``) is the main implementation;
+``InMemoryStore`` is exact brute-force search in RAM for small knowledge bases and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from retrofit.fingerprint import EncoderFingerprint
+from retrofit.neighbors import Neighbors
+
+__all__ = ["Store", "KBFingerprint", "InMemoryStore"]
+
+
+@dataclass(frozen=True)
+class KBFingerprint:
+    """The encoders behind a knowledge base's three vector spaces (None = unknown)."""
+
+    key: EncoderFingerprint | None = None  # encoder of the search keys (compared with the head's query encoder)
+    image: EncoderFingerprint | None = None  # encoder of the stored image vectors
+    text: EncoderFingerprint | None = None  # encoder of the stored text vectors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {n: (fp.to_dict() if (fp := getattr(self, n)) is not None else None) for n in ("key", "image", "text")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> KBFingerprint:
+        d = d or {}
+        return cls(**{n: (EncoderFingerprint.from_dict(d[n]) if d.get(n) else None) for n in ("key", "image", "text")})
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the head needs from a knowledge base."""
+
+    @property
+    def key_dim(self) -> int: ...
+
+    @property
+    def image_dim(self) -> int: ...
+
+    @property
+    def text_dim(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> KBFingerprint: ...
+
+    @property
+    def generation(self) -> int:
+        """Increases with every committed change; caches keyed on it go stale when it moves."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
+        """Top-``k`` entries by inner product with the L2-normalised ``queries`` (B, key_dim).
+
+        ``exclude`` (B, m) int64 lists ids that must not be returned for each query (-1 = padding).
+        Returns tensors on ``queries.device``.
+        """
+        ...
+
+
+def _check_exclude(exclude: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    if exclude is None:
+        return None
+    if exclude.dim() == 1:
+        exclude = exclude[:, None]
+    if exclude.dim() != 2 or exclude.shape[0] != batch:
+        raise ValueError(f"exclude must be (B={batch}, m) ids, got shape {tuple(exclude.shape)}")
+    return exclude.to(torch.int64)
+
+
+def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torch.Tensor | None) -> torch.Tensor | None:
+    """Shared validation of ``search`` arguments; returns ``exclude`` as (B, m) int64 or None."""
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if queries.dim() != 2 or queries.shape[1] != key_dim:
+        raise ValueError(f"queries must be (B, {key_dim}), got shape {tuple(queries.shape)}")
+    if not torch.isfinite(queries).all():
+        raise ValueError("queries contain NaN or inf")
+    return _check_exclude(exclude, queries.shape[0])
+
+
+class InMemoryStore:
+    """Exact (brute-force) search over vectors held in RAM. For small knowledge bases and tests.
+
+    Ids are the insertion order (0, 1, 2, ...). Vectors are kept in float32.
+    """
+
+    def __init__(self, key_dim: int, image_dim: int, text_dim: int, fingerprint: KBFingerprint | None = None) -> None:
+        for n, v in (("key_dim", key_dim), ("image_dim", image_dim), ("text_dim", text_dim)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        self._dims = (key_dim, image_dim, text_dim)
+        self._fingerprint = fingerprint or KBFingerprint()
+        self.keys = torch.empty(0, key_dim)  # (N, Dk) L2-normalised
+        self.image = torch.empty(0, image_dim)  # (N, Di)
+        self.text = torch.empty(0, text_dim)  # (N, Dt)
+        self.labels = torch.empty(0, dtype=torch.int64)  # (N,)
+        self.captions: list[str] = []
+        self.deleted = torch.empty(0, dtype=torch.bool)  # (N,)
+        self._generation = 0
+
+    key_dim = property(lambda self: self._dims[0])
+    image_dim = property(lambda self: self._dims[1])
+    text_dim = property(lambda self: self._dims[2])
+    fingerprint = property(lambda self: self._fingerprint)
+    generation = property(lambda self: self._generation)
+
+    def __len__(self) -> int:
+        return int((~self.deleted).sum())
+
+    def add(self, keys: torch.Tensor, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
+            captions: list[str] | None = None) -> torch.Tensor:
+        """Append entries; returns their ids (N,)."""
+        n = keys.shape[0]
+        parts = (("keys", keys, self.key_dim), ("image", image, self.image_dim), ("text", text, self.text_dim))
+        for name, t, d in parts:
+            if t.dim() != 2 or t.shape != (n, d):
+                raise ValueError(f"{name} must be ({n}, {d}), got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or inf; nothing was added")
+        if labels is None:
+            labels = torch.full((n,), -1, dtype=torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"captions must have {n} entries, got {len(captions)}")
+        start = self.keys.shape[0]
+        self.keys = torch.cat([self.keys, torch.nn.functional.normalize(keys.detach().float().cpu(), dim=1)])
+        self.image = torch.cat([self.image, image.detach().float().cpu()])
+        self.text = torch.cat([self.text, text.detach().float().cpu()])
+        self.labels = torch.cat([self.labels, labels.detach().cpu().to(torch.int64)])
+        self.captions += list(captions) if captions is not None else [""] * n
+        self.deleted = torch.cat([self.deleted, torch.zeros(n, dtype=torch.bool)])
+        self._generation += 1
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    def delete(self, ids: torch.Tensor) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        bad = ids[(ids < 0) | (ids >= self.keys.shape[0])]
+        if bad.numel():
+            raise KeyError(f"unknown ids {bad.tolist()[:10]}; valid ids are 0..{self.keys.shape[0] - 1}")
+        self.deleted[ids] = True
+        self._generation += 1
+
+    def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
+        exclude = check_search_args(queries, k, self.key_dim, exclude)
+        device, B, N = queries.device, queries.shape[0], self.keys.shape[0]
+        q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)  # (B, Dk)
+        sims = q @ self.keys.T  # (B, N)
+        invalid = self.deleted[None, :].expand(B, N).clone()  # (B, N)
+        if exclude is not None and N:
+            ex = exclude.cpu()
+            valid_ex = (ex >= 0) & (ex < N)
+            rows = torch.arange(B)[:, None].expand_as(ex)
+            invalid[rows[valid_ex], ex[valid_ex]] = True
+        sims = sims.masked_fill(invalid, float("-inf"))
+        kk = min(k, N)
+        out = Neighbors.empty(B, k, self.image_dim, self.text_dim)
+        if kk:
+            scores, idx = sims.topk(kk, dim=1)  # (B, kk)
+            ok = torch.isfinite(scores)
+            out.scores[:, :kk] = scores.masked_fill(~ok, float("-inf"))
+            out.ids[:, :kk] = idx.masked_fill(~ok, -1)
+            out.mask[:, :kk] = ok
+            out.image[:, :kk] = self.image[idx] * ok[..., None]
+            out.text[:, :kk] = self.text[idx] * ok[..., None]
+            out.labels[:, :kk] = self.labels[idx].masked_fill(~ok, -1)
+        return out.to(device)

@@ -1,0 +1,63 @@
+"""Neighbors, EncoderFingerprint and the exact in-memory store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrofit import EncoderFingerprint, FingerprintMismatchError
+from retrofit.fingerprint import check_fingerprints
+from retrofit.neighbors import Neighbors
+from retrofit.store import InMemoryStore, KBFingerprint, Store
+
+
+def test_fingerprint_roundtrip_and_check():
+    a = EncoderFingerprint("timm", "resnet50", "random", 2048)
+    assert EncoderFingerprint.from_dict(a.to_dict()) == a
+    b = EncoderFingerprint("timm", "resnet50", "random", 2048, note="224px")
+    assert a.matches(b)  # note is not compared
+    c = EncoderFingerprint("darknet-tiny", "darknet-tiny", "sha256:abc", 512)
+    with pytest.raises(FingerprintMismatchError) as e:
+        check_fingerprints(a, c, "attaching KB")
+    assert "resnet50" in str(e.value) and "darknet-tiny" in str(e.value)
+    check_fingerprints(a, c, "attaching KB", allow_mismatch=True)
+    check_fingerprints(None, c, "x")
+    with pytest.raises(ValueError, match="dim"):
+        EncoderFingerprint("timm", "x", "random", 0)
+    kf = KBFingerprint(key=a, image=a, text=None)
+    assert KBFingerprint.from_dict(kf.to_dict()) == kf
+
+
+def test_neighbors_validation_and_ops():
+    n = Neighbors.empty(3, 4, 5, 6)
+    assert n.batch_size == 3 and n.k == 4 and not n.mask.any()
+    assert n.truncate(2).k == 2 and n.select(slice(0, 1)).batch_size == 1
+    assert Neighbors.cat([n, n]).batch_size == 6
+    with pytest.raises(ValueError, match="mask"):
+        Neighbors(ids=n.ids, scores=n.scores, mask=n.mask[:, :2], image=n.image, text=n.text, labels=n.labels)
+
+
+def test_in_memory_store_exact_topk_exclude_delete(seed):
+    g = torch.Generator().manual_seed(0)
+    store = InMemoryStore(8, 5, 3)
+    assert isinstance(store, Store)
+    keys = torch.randn(50, 8, generator=g)
+    ids = store.add(keys, torch.randn(50, 5, generator=g), torch.randn(50, 3, generator=g), torch.arange(50) % 7)
+    assert ids.tolist() == list(range(50)) and len(store) == 50
+    q = keys[:4]
+    nb = store.search(q, 5)
+    assert nb.ids[:, 0].tolist() == [0, 1, 2, 3]  # each query finds itself first
+    brute = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
+    assert torch.equal(nb.ids, brute.topk(5, dim=1).indices)
+    nb = store.search(q, 5, exclude=torch.tensor([[0], [1], [2], [3]]))
+    assert not (nb.ids == torch.arange(4)[:, None]).any()
+    store.delete(torch.tensor([10, 11]))
+    nb = store.search(keys, 50)
+    assert not torch.isin(nb.ids, torch.tensor([10, 11])).any()
+    assert nb.mask.sum(1).tolist() == [48] * 50  # fewer than k hits: masked slots
+    assert (nb.ids[~nb.mask] == -1).all() and (nb.image[~nb.mask] == 0).all()
+    with pytest.raises(ValueError, match="k must be"):
+        store.search(q, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        store.add(torch.full((1, 8), float("nan")), torch.zeros(1, 5), torch.zeros(1, 3))
+    assert len(store) == 48

@@ -1,0 +1,84 @@
+"""Packaging, import hygiene and the `retrofit` console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import retrofit
+
+HEAVY = ["faiss", "lmdb", "triton", "timm", "torchvision", "open_clip", "sentence_transformers", "webdataset"]
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_import_is_light():
+    code = "import sys, retrofit; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    assert _run(code).strip() == ""
+
+
+def test_public_api_resolves_lazily():
+    # names whose modules exist must resolve; every name in __all__ must be declared in _LAZY or eager
+    code = (
+        "import sys, retrofit; retrofit.Neighbors; retrofit.InMemoryStore; "
+        "print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    )
+    assert _run(code).strip() == ""
+    assert set(retrofit.__all__) >= {"RetrievalHead", "KnowledgeBase", "wrap", "Neighbors", "EncoderFingerprint"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        retrofit.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["adapters", "kernels"])
+def test_source_folders_are_not_top_level_packages(name):
+    code = (
+        "import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+        f"print(importlib.util.find_spec({name!r}) is None, importlib.util.find_spec('retrofit.{name}') is not None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd="/").stdout
+    assert out.split() == ["True", "True"]
+
+
+def test_cli_version():
+    cmd = [sys.executable, "-m", "retrofit.cli", "--version"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == f"retrofit {retrofit.__version__}"
+
+
+def test_cli_info_json():
+    out = subprocess.run([sys.executable, "-m", "retrofit.cli", "info", "--json"], check=True, capture_output=True,
+                         text=True).stdout
+    info = json.loads(out)
+    for key in ("torch", "faiss", "triton", "lmdb", "cuda_available", "faiss_gpus", "fused_kernel", "data_dir"):
+        assert key in info
+    assert info["faiss"] is not None and info["lmdb"] is not None
+    assert isinstance(info["fused_kernel"], bool) and info["fused_kernel_reason"]
+
+
+def test_cli_without_command_shows_help():
+    p = subprocess.run([sys.executable, "-m", "retrofit.cli"], capture_output=True, text=True)
+    assert p.returncode == 2 and "usage: retrofit" in p.stdout
+
+
+def test_missing_dependency_message():
+    from retrofit._env import require
+    from retrofit.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match="pip install"):
+        require("surely_not_a_module_xyz", "testing")
+
+
+def test_fused_flag_values(monkeypatch):
+    from retrofit._env import fused_flag
+
+    for v, want in (("0", False), ("1", True), ("", None), ("auto", None)):
+        monkeypatch.setenv("RETROFIT_FUSED", v)
+        assert fused_flag() is want
+    monkeypatch.setenv("RETROFIT_FUSED", "maybe")
+    with pytest.raises(ValueError, match="RETROFIT_FUSED='maybe'"):
+        fused_flag()
