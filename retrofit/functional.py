@@ -45,7 +45,7 @@ def cross_fusion_attention_reference(
         new_t = res_t + softmax(q_i k_t^T * scale + mask) v_t     image queries over text keys / values
 
     ``key_mask`` (B, S) bool is True for keys that may be attended to (the same slots in both streams).
-    Scores and softmax are computed in fp32; a query whose keys are all masked gets a zero attention
+    Scores and softmax are computed in fp32 (fp64 for fp64 inputs); a query whose keys are all masked gets a zero attention
     output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh).
 
     Returns ``(new_i, new_t, weights)``; ``weights`` is None unless ``need_weights``, then the
@@ -54,19 +54,20 @@ def cross_fusion_attention_reference(
     """
     Dh = q_t.shape[-1]
     scale = Dh**-0.5 if scale is None else scale
+    acc = torch.promote_types(q_t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (a true fp64 reference)
     keep = key_mask[:, None, None, :]  # (B, 1, 1, S)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, S, S)
+        s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, S, S)
         s = s.masked_fill(~keep, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: softmax gives NaN -> 0
-        o = torch.einsum("bhqk,bkhd->bqhd", p, v.float())  # (B, S, H, Dh)
+        o = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))  # (B, S, H, Dh)
         return o, p
 
     o_i, p_i = attend(q_t, k_i, v_i)  # image stream update: text queries, image keys/values
     o_t, p_t = attend(q_i, k_t, v_t)  # text stream update: image queries, text keys/values
-    new_i = (res_i.float() + o_i).to(res_i.dtype)  # (B, S, H, Dh)
-    new_t = (res_t.float() + o_t).to(res_t.dtype)  # (B, S, H, Dh)
+    new_i = (res_i.to(acc) + o_i).to(res_i.dtype)  # (B, S, H, Dh)
+    new_t = (res_t.to(acc) + o_t).to(res_t.dtype)  # (B, S, H, Dh)
     return new_i, new_t, ((p_i, p_t) if need_weights else None)
 
 
