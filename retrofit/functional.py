@@ -45,8 +45,8 @@ def cross_fusion_attention_reference(
         new_t = res_t + softmax(q_i k_t^T * scale + mask) v_t     image queries over text keys / values
 
     ``key_mask`` (B, S) bool is True for keys that may be attended to (the same slots in both streams).
-    Scores and softmax are computed in fp32 (fp64 for fp64 inputs); a query whose keys are all masked gets a zero attention
-    output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh).
+    Scores and softmax are computed in fp32 (fp64 for fp64 inputs); a query whose keys are all masked gets
+    a zero attention output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh).
 
     Returns ``(new_i, new_t, weights)``; ``weights`` is None unless ``need_weights``, then the
     probabilities ``(p_i, p_t)``, each (B, H, S, S) fp32: ``p_i`` for the image-stream update (text
