@@ -1,0 +1,362 @@
+"""Where knowledge-base samples come from: webdataset shards, ImageFolder trees, CSV / JSONL / Parquet manifests.
+
+A source is enumerated once, cheaply, in the main process into a list of :class:`SampleRef` (where the
+image bytes are, plus caption and raw label); images are read, decoded and preprocessed later in
+DataLoader workers (:class:`DecodeDataset`). The order of the list is the build order, which makes ids
+deterministic and lets a build resume from a position.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrofit._env import require
+
+__all__ = ["SampleRef", "Source", "webdataset_source", "imagefolder_source", "manifest_source", "open_source",
+           "map_labels", "DecodeDataset", "collate_decoded", "IMAGE_EXTS"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_FOLDER_EXTS = {"." + e for e in IMAGE_EXTS} | {".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample before decoding."""
+
+    key: str  # unique name within the source ("shard.tar/key", a file path, "manifest.jsonl:17")
+    image: tuple[str, int, int] | str | None  # (tar path, byte offset, size), a file path, or None (member missing)
+    caption: str | None  # caption text; None when the sample has none
+    label: int | str | None  # raw label: class index, class name, or None (unknown)
+
+
+@dataclass
+class Source:
+    """An enumerated source: its samples in build order and the class names its labels refer to."""
+
+    kind: str  # "webdataset", "imagefolder" or "manifest"
+    location: str  # what the user gave (pattern, folder, manifest path)
+    refs: list[SampleRef]  # samples in build order
+    class_names: list[str] | None = None  # names of integer labels (index -> name), when known
+    options: dict[str, Any] = field(default_factory=dict)  # settings that change the records (for resume checks)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "location": self.location, "count": len(self.refs), **self.options}
+
+
+# ----------------------------------------------------------------------------------------------- webdataset
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """``data/train-{000000..000004}.tar`` -> the list of paths (brace expansion as webdataset does)."""
+    if "{" in pattern:
+        braceexpand = require("braceexpand", "brace patterns in webdataset shard names")
+        return list(braceexpand.braceexpand(pattern))
+    return [pattern]
+
+
+def _tar_members(path: Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of the regular files of a tar, in order.
+
+    Plain ustar headers are parsed directly (fast); anything else (GNU long names, pax headers) falls back
+    to :mod:`tarfile`.
+    """
+    out: list[tuple[str, int, int]] = []
+    with open(path, "rb") as f:
+        pos = 0
+        while True:
+            f.seek(pos)
+            h = f.read(512)
+            if len(h) < 512 or h == b"\0" * 512:
+                return out
+            kind = h[156:157]
+            if kind not in (b"0", b"\0", b"5") or h[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+                break  # not a plain header: let tarfile handle the whole archive
+            name = h[0:100].split(b"\0", 1)[0].decode()
+            prefix = h[345:500].split(b"\0", 1)[0].decode() if h[257:262] == b"ustar" else ""
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if kind != b"5":
+                out.append((f"{prefix}/{name}" if prefix else name, pos + 512, size))
+            pos += 512 + (size + 511) // 512 * 512
+    with tarfile.open(path) as tf:
+        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the basename."""
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | None = None) -> Source:
+    """Samples of webdataset ``.tar`` shards: image ``.jpg/.jpeg/.png/.webp``, caption ``.txt`` or ``.json``
+    (``caption`` key), label ``.cls``. ``class_names`` defaults to ``classes.json`` next to the shards."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    paths = [Path(p) for pat in patterns for p in expand_pattern(str(pat))]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"webdataset shards not found: {missing or patterns}")
+    refs: list[SampleRef] = []
+    for path in paths:
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, off, size in _tar_members(path):
+            key, ext = _split_key(name)
+            members.setdefault(key, {})[ext] = (off, size)
+        with open(path, "rb") as f:
+            def read(loc: tuple[int, int]) -> bytes:
+                f.seek(loc[0])
+                return f.read(loc[1])
+
+            for key, m in members.items():
+                img = next(((str(path), *m[e]) for e in IMAGE_EXTS if e in m), None)
+                caption = None
+                if "txt" in m:
+                    caption = read(m["txt"]).decode("utf-8", errors="replace")
+                elif "json" in m:
+                    try:
+                        caption = json.loads(read(m["json"])).get("caption")
+                    except (ValueError, AttributeError):
+                        caption = None
+                label: int | str | None = None
+                if "cls" in m:
+                    raw = read(m["cls"]).decode("utf-8", errors="replace").strip()
+                    label = int(raw) if re.fullmatch(r"-?\d+", raw) else (raw or None)
+                refs.append(SampleRef(f"{path.name}/{key}", img, caption, label))
+    if class_names is None:
+        cj = paths[0].parent / "classes.json"
+        if cj.is_file():
+            meta = json.loads(cj.read_text())
+            class_names = list(meta["classes"] if isinstance(meta, dict) else meta)
+    return Source("webdataset", ",".join(patterns), refs, class_names)
+
+
+# ----------------------------------------------------------------------------------------------- ImageFolder
+
+
+def imagefolder_source(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPLATES) -> Source:
+    """``root/<class name>/<image>``: label from the folder (sorted folder names = class order); caption from
+    the prompt ``templates`` over the class name (template ``i % len(templates)`` for the i-th image of a
+    class; underscores in folder names read as spaces)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder root {str(root)!r} is not a directory")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"caption templates must each contain '{{}}' for the class name, got {list(templates)!r}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"ImageFolder root {str(root)!r} has no class sub-folders")
+    refs = []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in _FOLDER_EXTS and p.is_file())
+        for i, p in enumerate(files):
+            caption = templates[i % len(templates)].format(name.replace("_", " "))
+            refs.append(SampleRef(str(p.relative_to(root)), str(p), caption, c))
+    return Source("imagefolder", str(root), refs, classes, {"templates": list(templates)})
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv" or suffix == ".tsv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n} is not valid JSON ({e})") from e
+        return rows
+    if suffix == ".parquet":
+        pq = require("pyarrow.parquet", "Parquet manifests")
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"manifest {str(path)!r}: unknown format {suffix!r}; allowed: .csv, .tsv, .jsonl, .parquet")
+
+
+def manifest_source(path: str | Path, image_col: str = "image", caption_col: str = "caption",
+                    label_col: str = "label", root: str | Path | None = None) -> Source:
+    """Rows of a CSV / JSONL / Parquet manifest with an image path (relative to ``root``, default the
+    manifest's folder), a caption and a label (class index or name) column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} not found")
+    rows = _read_rows(path)
+    base = Path(root) if root is not None else path.parent
+    if rows and image_col not in rows[0]:
+        raise ValueError(f"manifest {str(path)!r} has no {image_col!r} column; columns: {sorted(rows[0])}")
+    refs = []
+    for n, row in enumerate(rows):
+        img = row.get(image_col)
+        img_path = str(base / str(img)) if img not in (None, "") else None
+        cap = row.get(caption_col)
+        raw = row.get(label_col)
+        label: int | str | None
+        if raw is None or raw == "":
+            label = None
+        elif isinstance(raw, int) or (isinstance(raw, str) and re.fullmatch(r"-?\d+", raw.strip())):
+            label = int(raw)
+        else:
+            label = str(raw)
+        refs.append(SampleRef(f"{path.name}:{n}", img_path, None if cap is None else str(cap), label))
+    opts = {"columns": [image_col, caption_col, label_col]}
+    return Source("manifest", str(path), refs, None, opts)
+
+
+def open_source(spec: str | Path, **kwargs: Any) -> Source:
+    """Pick the source kind from ``spec``: ``.tar`` / brace pattern -> webdataset, a folder -> ImageFolder,
+    ``.csv/.tsv/.jsonl/.parquet`` -> manifest."""
+    s = str(spec)
+    if s.endswith(".tar") or ("{" in s and ".tar" in s):
+        return webdataset_source(s, **kwargs)
+    if Path(s).is_dir():
+        return imagefolder_source(s, **kwargs)
+    if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+        return manifest_source(s, **kwargs)
+    raise ValueError(f"cannot tell what kind of source {s!r} is; give webdataset shards (.tar, brace patterns "
+                     "allowed), an ImageFolder directory, or a .csv/.tsv/.jsonl/.parquet manifest")
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int], list[str] | None]:
+    """Labels of ``source`` as indices into ``class_names`` (matched by name; -1 where unknown).
+
+    Without ``class_names`` the source's own class order is kept. Raises ``ValueError`` naming every label
+    that matches no class, before any work is done.
+    """
+    names = source.class_names
+    if class_names is None:
+        lookup = {_norm(n): i for i, n in enumerate(names or [])}
+        out, bad = [], set()
+        for r in source.refs:
+            if r.label is None:
+                out.append(-1)
+            elif isinstance(r.label, int):
+                out.append(r.label)
+            elif _norm(r.label) in lookup:
+                out.append(lookup[_norm(r.label)])
+            else:
+                bad.add(r.label)
+        if bad:
+            raise ValueError(f"labels {sorted(bad)[:10]} of {source.location} are class names, but no class list "
+                             "was given: pass class_names=[...] (the classifier's classes)")
+        return out, names
+    target = {_norm(n): i for i, n in enumerate(class_names)}
+    if len(target) != len(class_names):
+        raise ValueError(f"class_names has duplicates (after case/underscore folding): {class_names}")
+    out, bad = [], set()
+    for r in source.refs:
+        lab = r.label
+        if lab is None:
+            out.append(-1)
+            continue
+        if isinstance(lab, int):
+            if names is None:  # no names known: indices are taken as the classifier's own
+                if not 0 <= lab < len(class_names):
+                    bad.add(str(lab))
+                    continue
+                out.append(lab)
+                continue
+            if not 0 <= lab < len(names):
+                bad.add(str(lab))
+                continue
+            lab = names[lab]
+        j = target.get(_norm(lab))
+        if j is None:
+            bad.add(lab)
+        else:
+            out.append(j)
+    if bad:
+        raise ValueError(f"{len(bad)} label(s) of {source.location} match no class of the classifier: "
+                         f"{sorted(bad)[:10]}; "
+                         f"allowed class names: {class_names[:20]}{' ...' if len(class_names) > 20 else ''}. "
+                         "Rename them or give a name mapping.")
+    return out, list(class_names)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Reads and decodes ``refs[i]`` in a DataLoader worker: ``(i, image tensor | None, sha1 | None, error | None)``."""
+
+    def __init__(self, refs: Sequence[SampleRef], preprocess: Callable[[Any], torch.Tensor], offset: int = 0):
+        self.refs = refs  # samples (the whole source)
+        self.preprocess = preprocess  # picklable PIL -> tensor
+        self.offset = offset  # dataset index 0 is refs[offset] (resume)
+        self._files: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs) - self.offset
+
+    def _bytes(self, loc: tuple[str, int, int] | str) -> bytes:
+        if isinstance(loc, str):
+            with open(loc, "rb") as f:
+                return f.read()
+        path, off, size = loc
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")  # kept open for the worker's lifetime
+        f.seek(off)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read in {path} at {off}")
+        return data
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
+        from PIL import Image
+
+        i = j + self.offset
+        ref = self.refs[i]
+        if ref.image is None:
+            return i, None, None, "missing image member"
+        try:
+            data = self._bytes(ref.image)
+        except OSError as e:
+            return i, None, None, f"cannot read image: {e}"
+        digest = hashlib.sha1(data).hexdigest()
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                x = self.preprocess(im.convert("RGB"))
+        except Exception as e:  # any decoder failure is bad data: reported, never fatal
+            return i, None, digest, f"undecodable image: {type(e).__name__}: {e}"
+        return i, x, digest, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+
+def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> dict[str, Any]:
+    """Batch of decoded samples: ``index`` (all), ``ok`` (positions with an image), ``images`` (n_ok, 3, H, W)."""
+    ok = [n for n, it in enumerate(items) if it[1] is not None]
+    images = torch.stack([items[n][1] for n in ok]) if ok else None  # (n_ok, 3, H, W)
+    return {"index": [it[0] for it in items], "ok": ok, "images": images,
+            "hash": [it[2] for it in items], "error": [it[3] for it in items]}
