@@ -1,0 +1,172 @@
+"""Long-tail evaluation of classifier logits: ``evaluate`` and post-hoc ``logit_adjust``.
+
+``evaluate(logits, labels, train_labels=...)`` gives overall top-1 / top-5, Many / Medium / Few accuracy
+(groups by training images per class; ImageNet-LT cut-offs by default: Many > 100, Medium 20-100,
+Few < 20), mean per-class accuracy, NLL and expected calibration error, as a JSON-able dict;
+``markdown_table`` renders several such results side by side. Tensors in, numbers out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "evaluate",
+    "logit_adjust",
+    "expected_calibration_error",
+    "class_groups",
+    "markdown_table",
+    "save_results",
+    "METRIC_KEYS",
+]
+
+# every key of evaluate()'s result, in the order the markdown table shows the scalar ones
+METRIC_KEYS = ("top1", "top5", "many", "medium", "few", "mean_per_class", "nll", "ece", "n", "num_classes",
+               "cutoffs", "group_sizes", "per_class_acc", "per_class_count", "train_counts")
+_TABLE_KEYS = ("top1", "top5", "many", "medium", "few", "mean_per_class", "nll", "ece")
+
+
+def _counts(train_labels: torch.Tensor | None, train_counts: Any, num_classes: int) -> torch.Tensor:
+    if train_counts is not None:
+        c = torch.as_tensor(train_counts, dtype=torch.int64).reshape(-1)
+        if c.numel() != num_classes:
+            raise ValueError(f"train_counts has {c.numel()} entries but the logits have {num_classes} classes")
+        return c
+    if train_labels is None:
+        raise ValueError("evaluate needs train_labels or train_counts to form the Many / Medium / Few groups")
+    lab = torch.as_tensor(train_labels, dtype=torch.int64).reshape(-1)
+    lab = lab[lab >= 0]
+    if lab.numel() and int(lab.max()) >= num_classes:
+        raise ValueError(f"train label {int(lab.max())} is out of range for {num_classes} classes")
+    return torch.bincount(lab, minlength=num_classes)
+
+
+def class_groups(train_counts: torch.Tensor, cutoffs: tuple[int, int] = (100, 20)) -> dict[str, torch.Tensor]:
+    """Boolean (C,) masks: ``many`` count > hi, ``medium`` lo <= count <= hi, ``few`` count < lo."""
+    hi, lo = cutoffs
+    if not lo <= hi:
+        raise ValueError(f"cutoffs must be (many_above, few_below) with few_below <= many_above, got {cutoffs}")
+    c = torch.as_tensor(train_counts)
+    return {"many": c > hi, "medium": (c >= lo) & (c <= hi), "few": c < lo}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins (top-1 confidence vs accuracy, weighted by bin size)."""
+    conf, pred = probs.max(dim=1)  # (N,), (N,)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for i in range(bins):
+        sel = (conf > edges[i]) & (conf <= edges[i + 1]) if i else (conf >= 0) & (conf <= edges[1])
+        if sel.any():
+            ece += sel.float().mean().item() * abs(conf[sel].mean().item() - correct[sel].mean().item())
+    return ece
+
+
+def logit_adjust(logits: torch.Tensor, train_counts: Any, tau: float = 1.0) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al. 2021): ``logits - tau * log prior`` (prior from training counts;
+    classes with no training sample count as one)."""
+    c = torch.as_tensor(train_counts, dtype=torch.float64).reshape(-1).clamp_min(1.0)
+    if c.numel() != logits.shape[-1]:
+        raise ValueError(f"train_counts has {c.numel()} classes but the logits have {logits.shape[-1]}")
+    prior = (c / c.sum()).log().to(logits.dtype).to(logits.device)  # (C,)
+    return logits - tau * prior
+
+
+def _acc(correct: torch.Tensor, sel: torch.Tensor) -> float | None:
+    return correct[sel].float().mean().item() if sel.any() else None
+
+
+def evaluate(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    train_labels: torch.Tensor | None = None,
+    *,
+    train_counts: Any = None,
+    cutoffs: tuple[int, int] = (100, 20),
+    ece_bins: int = 15,
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Metrics of (N, C) ``logits`` against (N,) ``labels`` (see ``METRIC_KEYS``).
+
+    Groups come from ``train_labels`` (or ``train_counts`` (C,)) with ``cutoffs = (many_above, few_below)``.
+    Group accuracies are over the test samples of the group's classes; a group with no class is None.
+    Accuracies are fractions in [0, 1]; ``top5`` is top-min(5, C).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
+    N, C = logits.shape
+    if labels.numel() != N:
+        raise ValueError(f"{N} rows of logits but {labels.numel()} labels")
+    if N == 0:
+        raise ValueError("evaluate got no samples")
+    if int(labels.min()) < 0 or int(labels.max()) >= C:
+        raise ValueError(f"labels must be in 0..{C - 1} (the logits have {C} classes), got "
+                         f"{int(labels.min())}..{int(labels.max())}: a class-count mismatch between data and model")
+    logits = logits.detach().double().cpu()
+    counts = _counts(train_labels, train_counts, C)
+    groups = class_groups(counts, cutoffs)
+    pred = logits.argmax(1)
+    correct = pred == labels
+    top5 = (logits.topk(min(5, C), dim=1).indices == labels[:, None]).any(1)
+    per_class = [(_acc(correct, labels == c)) for c in range(C)]
+    seen = [a for a in per_class if a is not None]
+    logp = torch.log_softmax(logits, dim=1)
+    out: dict[str, Any] = {
+        "top1": correct.double().mean().item(),
+        "top5": top5.double().mean().item(),
+        **{g: _acc(correct, m[labels]) for g, m in groups.items()},
+        "mean_per_class": sum(seen) / len(seen),
+        "nll": -logp.gather(1, labels[:, None]).mean().item(),
+        "ece": expected_calibration_error(logp.exp(), labels, ece_bins),
+        "n": N,
+        "num_classes": C,
+        "cutoffs": {"many_above": cutoffs[0], "few_below": cutoffs[1]},
+        "group_sizes": {g: int(m.sum()) for g, m in groups.items()},
+        "per_class_acc": per_class,
+        "per_class_count": torch.bincount(labels, minlength=C).tolist(),
+        "train_counts": counts.tolist(),
+    }
+    if class_names is not None:
+        if len(class_names) != C:
+            raise ValueError(f"{len(class_names)} class names for {C} classes")
+        out["class_names"] = list(class_names)
+    return out
+
+
+def _fmt(v: Any, pct: bool) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table with one row per named result (accuracies in %, NLL and ECE as numbers)."""
+    head = ["model", "top-1", "top-5", "many", "medium", "few", "mean/class", "NLL", "ECE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, r in results.items():
+        cells = [_fmt(r.get(k), k not in ("nll", "ece")) for k in _TABLE_KEYS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    any_r = next(iter(results.values()), None)
+    if any_r is not None:
+        co, gs = any_r["cutoffs"], any_r["group_sizes"]
+        lines.append("")
+        lines.append(f"Groups by training images per class: many > {co['many_above']} ({gs['many']} classes), "
+                     f"medium {co['few_below']}-{co['many_above']} ({gs['medium']}), few < {co['few_below']} "
+                     f"({gs['few']}); {any_r['n']} test samples.")
+    return "\n".join(lines) + "\n"
+
+
+def save_results(results: dict[str, dict[str, Any]], json_path: str | Path, markdown_path: str | Path | None = None
+                 ) -> None:
+    """Write ``results`` (name -> evaluate() dict) as JSON and, optionally, the markdown table."""
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(results, indent=1))
+    if markdown_path is not None:
+        Path(markdown_path).write_text(markdown_table(results))

@@ -1,0 +1,75 @@
+"""Host classifiers for frozen features: a linear probe, and cross-fitted host logits.
+
+Training the head against the host's logits on the host's own training set leaks the host's fit: those
+logits are far more confident (and right) than on unseen images, so the head learns to trust the host too
+much. ``cross_fit_logits`` gives every training sample logits from a linear classifier that never saw it
+(K-fold: fit on K-1 folds, predict the held-out fold).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+__all__ = ["fit_linear_probe", "cross_fit_logits"]
+
+log = logging.getLogger(__name__)
+
+
+def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-4,
+                     max_iter: int = 200, seed: int = 0) -> nn.Linear:
+    """Multinomial logistic regression on (N, D) features: full-batch L-BFGS on CE + wd/2 * ||W||^2."""
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if z.dim() != 2 or z.shape[0] != labels.numel():
+        raise ValueError(f"z must be (N, D) with N = {labels.numel()} labels, got {tuple(z.shape)}")
+    if labels.numel() == 0:
+        raise ValueError("fit_linear_probe got no samples")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    g = torch.Generator().manual_seed(seed)
+    x = z.detach().float().cpu()
+    layer = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=g)
+        layer.bias.zero_()
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(layer(x), labels) + 0.5 * weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return layer.eval()
+
+
+def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, folds: int = 5, seed: int = 0,
+                     weight_decay: float = 1e-4, max_iter: int = 200) -> torch.Tensor:
+    """(N, C) out-of-fold logits: each sample's logits come from a linear probe fitted on the other folds.
+
+    Folds are stratified by class (each class is dealt round-robin over the folds in a seeded random order).
+    """
+    if not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(labels)
+    for c in labels.unique():
+        rows = (labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=g)]
+        fold[rows] = torch.arange(rows.numel()) % folds
+    out = torch.empty(labels.numel(), num_classes)
+    for f in range(folds):
+        held = fold == f
+        if not held.any():
+            continue
+        probe = fit_linear_probe(z[~held], labels[~held], num_classes, weight_decay=weight_decay,
+                                 max_iter=max_iter, seed=seed + f)
+        with torch.no_grad():
+            out[held] = probe(z[held].float().cpu())
+        log.info("cross-fit fold %d/%d: %d held out", f + 1, folds, int(held.sum()))
+    return out

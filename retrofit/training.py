@@ -1,0 +1,429 @@
+"""Head-only training from frozen-backbone features: ``TrainConfig`` and ``train``.
+
+``train(head, features, config, store=...)`` runs the RetFormer recipe (AdamW, 1 warm-up epoch then cosine,
+label smoothing, mixup on the head's inputs, CE or logit-adjusted CE) over a :class:`FeatureSet`: in-memory
+tensors in, a trained head out. Neighbour ids come from the feature cache (vectors gathered from the KB by
+id) or, when the feature set has none, are retrieved live each step. With ``out_dir`` it writes JSON-lines
+logs and a checkpoint every epoch (safetensors + JSON, no pickle); ``resume=True`` continues from it; a
+KeyboardInterrupt writes a last checkpoint first. Deterministic for a given seed on a given device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrofit.errors import RetrofitError
+from retrofit.feature_cache import FeatureSet, NeighborVectors, neighbors_from_ids
+
+__all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior"]
+
+log = logging.getLogger(__name__)
+
+_LOSSES = ("ce", "lace")
+
+
+@dataclass
+class TrainConfig:
+    """Head training hyper-parameters (defaults: the RetFormer paper's)."""
+
+    epochs: int = 25  # passes over the training features
+    lr: float = 5e-4  # peak learning rate (after warm-up)
+    batch_size: int = 256  # samples per step
+    warmup_epochs: float = 1.0  # linear warm-up length, in epochs; then cosine decay
+    min_lr_ratio: float = 0.0  # final lr as a fraction of ``lr``
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only; biases / norms get none)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+    label_smoothing: float = 0.1  # weight spread uniformly over the classes
+    mixup_alpha: float = 0.2  # Beta(alpha, alpha) mixing of the head's inputs; 0 = no mixup
+    loss: str = "ce"  # "ce" or "lace" (logit-adjusted CE: + tau_la * log prior during training)
+    tau_la: float = 1.0  # logit-adjustment strength for loss="lace"
+    train_host: bool = False  # also train the host classifier layer (the paper's backbone branch)
+    host_lr: float | None = None  # lr of the host classifier when train_host (None = ``lr``)
+    k: int | None = None  # neighbours per sample (None = the head's k)
+    seed: int = 0  # seeds init-time RNG, shuffling, mixup and dropout
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # autocast (bf16, or fp16 + grad scaling) on CUDA; ignored on CPU
+    eval_batch_size: int = 1024  # batch size for validation / prediction
+    log_every: int = 20  # steps between JSON-lines step records
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> None:
+        if self.loss not in _LOSSES:
+            raise ValueError(f"TrainConfig.loss={self.loss!r}; allowed: {_LOSSES}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig.mixup_alpha, warmup_epochs and weight_decay must be >= 0, got "
+                             f"{self.mixup_alpha}, {self.warmup_epochs}, {self.weight_decay}")
+        if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
+            raise ValueError(f"TrainConfig.k must be a positive int or None, got {self.k!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        if unknown := set(d) - known:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    head: nn.Module  # the trained head (in eval mode)
+    host_classifier: nn.Module | None  # the (jointly trained) host classifier, if any
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    step_losses: list[float] = field(default_factory=list)  # training loss of every step run in this call
+    out_dir: Path | None = None  # where logs / checkpoints went
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``base_lr * min_lr_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    t = min(max(step - warmup_steps, 0) / span, 1.0)
+    floor = base_lr * min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, C) logits against (B, C) target distributions."""
+    return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) log class frequencies of ``labels`` (classes never seen count as one sample)."""
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float().clamp_min(1.0)
+    return (counts / counts.sum()).log()
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RetrofitError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    return dev
+
+
+def _num_classes(head: nn.Module) -> int:
+    cfg = getattr(head, "config", None)
+    c = getattr(cfg, "num_classes", None)
+    if not isinstance(c, int):
+        raise TypeError(f"{type(head).__name__} has no config.num_classes; train() needs a RetrievalHead")
+    return c
+
+
+def check_features(fs: FeatureSet, num_classes: int, what: str, host: nn.Module | None = None) -> None:
+    """Class-count and shape checks with messages that name the values and the fix."""
+    if fs.host_logits is not None and fs.host_logits.shape[1] != num_classes and host is None:
+        raise RetrofitError(
+            f"{what}: the host logits have {fs.host_logits.shape[1]} classes but the head has {num_classes}. Give a "
+            "head with the same classes, or a host classifier for the head's classes (train_host / --host-probe)."
+        )
+    lab = fs.labels[fs.labels >= 0]
+    if lab.numel() and int(lab.max()) >= num_classes:
+        raise RetrofitError(f"{what}: label {int(lab.max())} is out of range for a head with {num_classes} classes "
+                            f"(allowed 0..{num_classes - 1}); build the head with num_classes > {int(lab.max())}")
+
+
+class _Batcher:
+    """Builds the head's inputs for rows of a FeatureSet (cached or live neighbours)."""
+
+    def __init__(self, fs: FeatureSet, k: int, device: torch.device, store: Any, table: NeighborVectors | None):
+        self.fs, self.k, self.device, self.store, self.table = fs, k, device, store, table
+        self.keys = fs.retrieval_keys if not fs.has_neighbors else None
+
+    def __call__(self, idx: torch.Tensor):
+        fs, dev = self.fs, self.device
+        z = fs.z[idx].to(dev, torch.float32)  # (B, Dq)
+        host = fs.host_logits[idx].to(dev, torch.float32) if fs.host_logits is not None else None  # (B, C)
+        if fs.has_neighbors:
+            k = min(self.k, fs.neighbor_ids.shape[1])
+            nb = neighbors_from_ids(fs.neighbor_ids[idx, :k], fs.neighbor_scores[idx, :k],
+                                    fs.neighbor_labels[idx, :k], self.table)
+        else:
+            ex = fs.exclude[idx] if fs.exclude is not None else None
+            nb = self.store.search(self.keys[idx], self.k, exclude=ex)
+        return z, host, nb.to(dev, torch.float32)
+
+
+def _resolve_store(head: nn.Module, store: Any) -> Any:
+    return store if store is not None else getattr(head, "store", None)
+
+
+def _vector_table(store: Any, sets: list[FeatureSet], k: int, device: torch.device) -> NeighborVectors | None:
+    cached = [fs.neighbor_ids[:, :k] for fs in sets if fs is not None and fs.has_neighbors]
+    if not cached:
+        return None
+    if store is None:
+        raise RetrofitError("the features carry cached neighbour ids but no knowledge base was given to read their "
+                            "vectors from: pass store=KnowledgeBase.open(...) or attach one to the head")
+    return NeighborVectors(store, torch.cat([c.reshape(-1) for c in cached])).to(device)
+
+
+@torch.no_grad()
+def predict_logits(
+    head: nn.Module,
+    fs: FeatureSet,
+    store: Any = None,
+    *,
+    host_classifier: nn.Module | None = None,
+    k: int | None = None,
+    batch_size: int = 1024,
+    device: str = "auto",
+    return_attention: bool = False,
+    table: NeighborVectors | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
+    plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k)."""
+    dev = _device(device)
+    store = _resolve_store(head, store)
+    k = k or getattr(head.config, "k", 32)
+    if table is None and fs.has_neighbors:
+        table = _vector_table(store, [fs], k, dev)
+    if not fs.has_neighbors and store is None:
+        raise RetrofitError("predict_logits needs a knowledge base (store=...) for features without cached neighbours")
+    batcher = _Batcher(fs, k, dev, store, table)
+    was_training = head.training
+    head.eval()
+    out: dict[str, list[torch.Tensor]] = {}
+    try:
+        for s in range(0, len(fs), batch_size):
+            idx = torch.arange(s, min(s + batch_size, len(fs)))
+            z, host, nb = batcher(idx)
+            if host_classifier is not None:
+                host = host_classifier.to(dev)(z)
+            kw = {"return_attention": True} if return_attention else {}
+            o = head(z, host_logits=host, neighbors=nb, **kw)
+            parts = {"logits": o.logits, "retrieval_logits": o.retrieval_logits, "neighbor_ids": nb.ids}
+            if host is not None:
+                parts["host_logits"] = host
+            if return_attention and getattr(o, "attention", None) is not None:
+                parts["attention"] = o.attention
+            for name, t in parts.items():
+                out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
+    finally:
+        head.train(was_training)
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def train(
+    head: nn.Module,
+    features: FeatureSet,
+    config: TrainConfig | None = None,
+    *,
+    store: Any = None,
+    val_features: FeatureSet | None = None,
+    host_classifier: nn.Module | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``head`` (and, with ``config.train_host``, ``host_classifier``) on frozen-backbone ``features``.
+
+    ``store`` is the knowledge base (default: the head's attached one) — used to read the vectors of cached
+    neighbour ids, or searched live when ``features`` has no neighbour ids. ``val_features`` are evaluated after
+    every epoch (top-1, NLL). With ``out_dir``: ``train_log.jsonl``, ``checkpoints/last/`` each epoch and
+    ``head/`` (``RetrievalHead.save``) at the end; ``resume=True`` continues from ``checkpoints/last``.
+    """
+    from tqdm.auto import tqdm
+
+    from retrofit import train_checkpoint as ckpt
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    dev = _device(cfg.device)
+    C = _num_classes(head)
+    k = cfg.k or getattr(head.config, "k", 32)
+    if len(features) == 0:
+        raise ValueError("train() got an empty FeatureSet")
+    if cfg.train_host and host_classifier is None:
+        raise RetrofitError("train_host=True needs host_classifier= (the host's final linear layer, e.g. from "
+                            "retrofit.linear_probe.fit_linear_probe or the model's get_classifier())")
+    check_features(features, C, "training features", host_classifier if cfg.train_host else None)
+    if val_features is not None:
+        check_features(val_features, C, "validation features", host_classifier if cfg.train_host else None)
+    if (features.labels < 0).any():
+        raise ValueError("training labels must all be known (>= 0)")
+    store = _resolve_store(head, store)
+    if not features.has_neighbors and store is None:
+        raise RetrofitError("features have no cached neighbours and no knowledge base was given: pass store=...")
+    torch.manual_seed(cfg.seed)
+    head.to(dev)
+    host = host_classifier.to(dev) if host_classifier is not None else None
+    table = _vector_table(store, [features, val_features], k, dev)
+    batcher = _Batcher(features, k, dev, store, table)
+    prior = log_prior(features.labels, C).to(dev)  # (C,)
+
+    decay, no_decay = [], []
+    for p in head.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    host_lr_scale = (cfg.host_lr or cfg.lr) / cfg.lr
+    if cfg.train_host:
+        groups.append({"params": list(host.parameters()), "weight_decay": cfg.weight_decay,
+                       "lr_scale": host_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    use_amp = cfg.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    N, B = len(features), cfg.batch_size
+    spe = math.ceil(N / B)
+    total = cfg.epochs * spe
+    warm = int(round(cfg.warmup_epochs * spe))
+    out = Path(out_dir) if out_dir is not None else None
+    state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            loaded = ckpt.load_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None,
+                                              opt, scaler)
+            if loaded is not None:
+                state = loaded
+                log.info("resuming from epoch %d step %d", state["epoch"], state["step"])
+    elif resume:
+        raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    logf = open(out / "train_log.jsonl", "a") if out is not None else None
+
+    def write_log(rec: dict[str, Any]) -> None:
+        if logf is not None:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+
+    def save(epoch: int, step: int) -> None:
+        if out is not None:
+            ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
+                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict()})
+
+    result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
+    if state["epoch"] == 0 and state["step"] == 0:
+        write_log({"event": "start", "n": N, "steps_per_epoch": spe, "k": k, "device": str(dev),
+                   "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
+    epoch, step = state["epoch"], state["step"]
+    head.train()
+    if host is not None:
+        host.train(cfg.train_host)
+    try:
+        while epoch < cfg.epochs:
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            bar = tqdm(total=spe, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                       leave=False)
+            t0, seen, ep_loss, ep_n = time.perf_counter(), 0, 0.0, 0
+            while step < spe:
+                g = state["global_step"]
+                lr = lr_at(g, total, warm, cfg.lr, cfg.min_lr_ratio)
+                for grp in opt.param_groups:
+                    grp["lr"] = lr * grp.get("lr_scale", 1.0)
+                idx = perm[step * B:(step + 1) * B]
+                z, host_in, nb = batcher(idx)  # (b, Dq), (b, C) | None, Neighbors
+                y = features.labels[idx].to(dev)  # (b,)
+                tgt = torch.full((len(idx), C), cfg.label_smoothing / C, device=dev)  # (b, C)
+                tgt.scatter_add_(1, y[:, None], torch.full_like(tgt[:, :1], 1.0 - cfg.label_smoothing))
+                if cfg.mixup_alpha > 0 and len(idx) > 1:
+                    lam = float(np.random.default_rng((cfg.seed, g)).beta(cfg.mixup_alpha, cfg.mixup_alpha))
+                    j = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + g))
+                    z, host_in, nb, tgt = _mix(lam, j.to(dev), z, host_in, nb, tgt)
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                    if cfg.train_host:
+                        host_in = host(z)
+                    o = head(z, host_logits=host_in, neighbors=nb)
+                logits = o.logits.float()  # (b, C)
+                if cfg.loss == "lace":
+                    logits = logits + cfg.tau_la * prior
+                loss = soft_cross_entropy(logits, tgt)
+                if not torch.isfinite(loss):
+                    raise RetrofitError(f"training loss became {loss.item()} at epoch {epoch + 1} step {step}; "
+                                        "lower the learning rate (--lr) or disable AMP (--no-amp)")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]],
+                                                   cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                lv = float(loss.detach())
+                result.step_losses.append(lv)
+                ep_loss, ep_n, seen = ep_loss + lv * len(idx), ep_n + len(idx), seen + len(idx)
+                step += 1
+                state["global_step"] = g + 1
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{lv:.4f}", sps=f"{rate:.0f}")
+                bar.update(1)
+                if state["global_step"] % cfg.log_every == 0:
+                    write_log({"event": "step", "epoch": epoch + 1, "step": step, "global_step": state["global_step"],
+                               "loss": lv, "lr": lr, "samples_per_s": rate})
+            bar.close()
+            rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": ep_loss / max(ep_n, 1),
+                   "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "lr": lr_at(
+                       state["global_step"] - 1, total, warm, cfg.lr, cfg.min_lr_ratio)}
+            if val_features is not None:
+                rec.update(_validate(head, val_features, store, host, k, cfg, table))
+                head.train()
+            state["history"].append(rec)
+            write_log(rec)
+            log.info("epoch %d: %s", epoch + 1, {k_: round(v, 4) for k_, v in rec.items() if isinstance(v, float)})
+            epoch, step = epoch + 1, 0
+            save(epoch, 0)
+    except KeyboardInterrupt:
+        log.warning("interrupted at epoch %d step %d; saving the last checkpoint", epoch + 1, step)
+        save(epoch, step)
+        write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
+        raise
+    finally:
+        if logf is not None:
+            logf.close()
+    head.eval()
+    if out is not None and hasattr(head, "save"):
+        head.cpu().save(out / "head")
+        head.to(dev)
+    if out is not None and cfg.train_host:
+        ckpt.save_linear(out / "host_classifier.safetensors", host)
+    return result
+
+
+def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt):
+    """Mixup of the head's inputs: z, host logits, neighbour vectors (slot-wise) and targets."""
+    from retrofit.neighbors import Neighbors
+
+    def m(t: torch.Tensor) -> torch.Tensor:
+        return lam * t + (1.0 - lam) * t[j]
+
+    nb = Neighbors(ids=nb.ids, scores=torch.maximum(nb.scores, nb.scores[j]), mask=nb.mask | nb.mask[j],
+                   image=m(nb.image), text=m(nb.text), labels=nb.labels)
+    return m(z), (m(host) if host is not None else None), nb, m(tgt)
+
+
+def _validate(head, fs, store, host, k, cfg, table) -> dict[str, float]:
+    pred = predict_logits(head, fs, store, host_classifier=host if cfg.train_host else None, k=k,
+                          batch_size=cfg.eval_batch_size, device=str(next(head.parameters()).device), table=table)
+    logits, y = pred["logits"], fs.labels
+    ok = y >= 0
+    nll = torch.nn.functional.cross_entropy(logits[ok], y[ok]).item() if ok.any() else float("nan")
+    top1 = (logits[ok].argmax(1) == y[ok]).float().mean().item() if ok.any() else float("nan")
+    return {"val_top1": top1, "val_nll": nll}
