@@ -1,0 +1,213 @@
+"""The fused cross-fusion attention kernel against the PyTorch reference (the spec).
+
+Without a GPU these run through Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes stay small. Tolerance rule (DESIGN.md, flash-attention's): for every output and gradient,
+the kernel's error against the reference computed in fp64 is at most 2x the reference's own error
+in the tested dtype, plus ``atol``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrofit.functional import cross_fusion_attention, cross_fusion_attention_reference
+
+cf = pytest.importorskip("retrofit.kernels.cross_fusion")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q_t", "k_i", "v_i", "q_i", "k_t", "v_t", "res_i", "res_t")
+# atol of the tolerance rule, per dtype (covers outputs / gradients whose true value is ~0).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(B, S, H, Dh, dtype, device=DEVICE, masked_rows=(), p_drop=0.3, seed=0):
+    """Eight (B, S, H, Dh) leaf tensors and a (B, S) key mask (slot 0, the query, always kept unless the row
+    is listed in ``masked_rows``, which get no attendable key at all)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, S, H, Dh, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in NAMES]
+    mask = torch.rand(B, S, generator=g) > p_drop
+    mask[:, 0] = True
+    for r in masked_rows:
+        mask[r] = False
+    return xs, mask.to(device)
+
+
+def run(fn, xs, mask, grads, **kw):
+    """Outputs and the gradients of all eight inputs for upstream gradients ``grads``."""
+    out = fn(*xs, mask, **kw)[:2]
+    gs = torch.autograd.grad(out, xs, [g.to(out[0].dtype) for g in grads])
+    return [o.detach() for o in out], list(gs)
+
+
+def fused(*args, **kw):
+    return cf.cross_fusion_attention_fused(*args, **kw)
+
+
+def reference(*args, **kw):
+    return cross_fusion_attention_reference(*args, **kw)
+
+
+def check_against_fp64(xs, mask, scale=None):
+    """Apply the tolerance rule to the 2 outputs and 8 gradients; returns the worst (kernel_err, ref_err)."""
+    dtype = xs[0].dtype
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(xs[0].shape, generator=g).to(xs[0].device) for _ in range(2)]
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    truth_out, truth_g = run(reference, x64, mask, grads, scale=scale)
+    ref_out, ref_g = run(reference, xs, mask, grads, scale=scale)
+    ker_out, ker_g = run(fused, xs, mask, grads, scale=scale)
+    names = ["new_i", "new_t"] + [f"grad {n}" for n in NAMES]
+    for name, t, r, k in zip(names, truth_out + truth_g, ref_out + ref_g, ker_out + ker_g):
+        assert k.dtype == dtype and k.shape == t.shape, (name, k.dtype, k.shape)
+        assert torch.isfinite(k).all(), f"{name}: non-finite values"
+        ref_err = (r.double() - t).abs().max().item()
+        ker_err = (k.double() - t).abs().max().item()
+        bound = 2 * ref_err + ATOL[dtype]
+        assert ker_err <= bound, f"{name} ({dtype}): kernel err {ker_err:.3g} > {bound:.3g} (ref err {ref_err:.3g})"
+    return ker_out, ker_g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "B,k,H,Dh",
+    [(1, 1, 2, 32), (2, 7, 2, 32), (2, 31, 1, 64), (2, 32, 2, 32), (1, 100, 1, 32)],
+    ids=["k1-one-row", "k7", "k31-dh64", "k32", "k100"],
+)
+def test_forward_and_gradients_match_reference(B, k, H, Dh, dtype):
+    xs, mask = make_inputs(B, k + 1, H, Dh, dtype)
+    check_against_fp64(xs, mask)
+
+
+def test_head_dim_128_and_custom_scale():
+    xs, mask = make_inputs(1, 17, 1, 128, torch.float32)
+    check_against_fp64(xs, mask, scale=0.3)
+
+
+def test_head_dim_not_a_power_of_two():
+    xs, mask = make_inputs(2, 5, 2, 12, torch.float32)
+    check_against_fp64(xs, mask)
+
+
+def test_fully_masked_rows_give_residual_and_zero_grads():
+    xs, mask = make_inputs(3, 9, 2, 32, torch.float32, masked_rows=(1,))
+    out, grads = check_against_fp64(xs, mask)
+    assert torch.equal(out[0][1], xs[6].detach()[1]) and torch.equal(out[1][1], xs[7].detach()[1])
+    for g in grads[:6]:  # q / k / v of both directions get nothing from a row with no attendable key
+        assert torch.count_nonzero(g[1]) == 0
+    assert torch.count_nonzero(grads[0][0]) > 0
+
+
+def test_everything_masked_is_finite():
+    xs, mask = make_inputs(2, 4, 1, 16, torch.float16, masked_rows=(0, 1))
+    out, grads = check_against_fp64(xs, mask)
+    assert torch.equal(out[0], xs[6].detach()) and torch.equal(out[1], xs[7].detach())
+
+
+def test_non_contiguous_inputs():
+    """Head views of fused (B, S, 3d) projections, a transposed residual and an expanded mask: strides are
+    honoured without copies."""
+    B, S, H, Dh = 2, 12, 2, 32
+    d = H * Dh
+    g = torch.Generator().manual_seed(3)
+    qkv_t = torch.randn(B, S, 3 * d, generator=g).to(DEVICE).requires_grad_()
+    qkv_i = torch.randn(B, S, 3 * d, generator=g).to(DEVICE).requires_grad_()
+    res_i = torch.randn(S, B, d, generator=g).to(DEVICE).requires_grad_()  # (S, B, d), used transposed
+    res_t = torch.randn(B, S, 2 * d, generator=g).to(DEVICE).requires_grad_()  # every other channel used
+
+    def views(qkv_t, qkv_i, res_i, res_t):
+        q_t, k_t, v_t = (x.view(B, S, H, Dh) for x in qkv_t.split(d, dim=-1))
+        q_i, k_i, v_i = (x.view(B, S, H, Dh) for x in qkv_i.split(d, dim=-1))
+        r_i = res_i.transpose(0, 1).unflatten(-1, (H, Dh))  # (B, S, H, Dh), batch stride d
+        r_t = res_t[..., ::2].unflatten(-1, (H, Dh))  # (B, S, H, Dh), channel stride 2
+        return [q_t, k_i, v_i, q_i, k_t, v_t, r_i, r_t]
+
+    leaves = [qkv_t, qkv_i, res_i, res_t]
+    xs = views(*leaves)
+    assert not any(x.is_contiguous() for x in xs)
+    mask = torch.ones(S, dtype=torch.bool, device=DEVICE).expand(B, S).clone()
+    mask[1, 5:] = False
+    mask = mask.t().contiguous().t()  # (B, S) with column-major strides
+    gout = [torch.randn(B, S, H, Dh, generator=g).to(DEVICE) for _ in range(2)]
+    outs = {}
+    for name, fn in (("fused", fused), ("reference", reference)):
+        o = fn(*views(*leaves), mask)[:2]
+        outs[name] = [x.detach() for x in o] + list(torch.autograd.grad(o, leaves, gout))
+    for a, b in zip(outs["fused"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_fp64():
+    """The kernel supports fp64 (fp64 accumulators, IEEE dots), so gradcheck runs through it directly."""
+    xs, mask = make_inputs(1, 3, 1, 2, torch.float64, p_drop=0.0)
+    mask[0, 2] = False
+    assert torch.autograd.gradcheck(lambda *a: fused(*a, mask), tuple(xs), eps=1e-6, atol=1e-6)
+
+
+def test_dispatcher_uses_kernel_when_forced(monkeypatch):
+    xs, mask = make_inputs(2, 6, 2, 16, torch.float32)
+    direct = fused(*xs, mask)
+    monkeypatch.setenv("RETROFIT_FUSED", "1")
+    via = cross_fusion_attention(*xs, mask)
+    assert via[2] is None
+    assert torch.equal(via[0], direct[0]) and torch.equal(via[1], direct[1])
+    assert via[0].grad_fn is not None and "CrossFusionAttention" in type(via[0].grad_fn).__name__
+    monkeypatch.setenv("RETROFIT_FUSED", "0")
+    ref = cross_fusion_attention(*xs, mask)
+    assert "CrossFusionAttention" not in type(ref[0].grad_fn).__name__
+    torch.testing.assert_close(ref[0], direct[0], rtol=1e-5, atol=1e-5)
+
+
+def test_launcher_errors():
+    xs, mask = make_inputs(2, 5, 2, 16, torch.float32)
+    xs = [x.detach() for x in xs]
+    with pytest.raises(ValueError, match=r"k_i has shape \(2, 4, 2, 16\)"):
+        fused(xs[0], xs[1][:, :4], *xs[2:], mask)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        fused(xs[0].flatten(2), *xs[1:], mask)
+    with pytest.raises(ValueError, match="v_t is torch.float16 but q_t is torch.float32"):
+        fused(*xs[:5], xs[5].half(), *xs[6:], mask)
+    with pytest.raises(ValueError, match="dtype torch.int32 is not supported"):
+        fused(*[x.int() for x in xs], mask)
+    with pytest.raises(ValueError, match="key_mask must be torch.bool"):
+        fused(*xs, mask.float())
+    with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\), expected"):
+        fused(*xs, mask[:, :4])
+    big = [torch.zeros(1, 2, 1, 256) for _ in NAMES]
+    with pytest.raises(ValueError, match="head dim Dh=256 is not supported"):
+        fused(*big, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask is on meta"):
+        fused(*xs, mask.to("meta"))
+    with pytest.raises(TypeError, match="res_t must be a torch.Tensor"):
+        fused(*xs[:7], None, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA only (skipped without a GPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,Dh", [(16, 64), (63, 32), (256, 128)])
+def test_cuda_bf16(k, Dh):
+    xs, mask = make_inputs(4, k + 1, 8, Dh, torch.bfloat16, device="cuda")
+    check_against_fp64(xs, mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,k,Dh", [(32, 32, 64), (64, 64, 64), (8, 256, 128), (3, 200, 32)])
+def test_cuda_larger_shapes(B, k, Dh, dtype):
+    xs, mask = make_inputs(B, k + 1, 8, Dh, dtype, device="cuda", masked_rows=(1,))
+    check_against_fp64(xs, mask)
+
+
+@pytest.mark.cuda
+def test_cuda_autotune_picks_a_config():
+    assert len(cf._fwd_kernel.configs) > 1
+    xs, mask = make_inputs(16, 33, 8, 64, torch.float16, device="cuda")
+    check_against_fp64(xs, mask)
+    for kern in (cf._fwd_kernel, cf._bwd_dq_kernel, cf._bwd_dkdv_kernel):
+        assert kern.best_config is not None and kern.best_config.kwargs["BLOCK_M"] in (16, 32, 64, 128)
+    again = fused(*xs, mask)  # cached config: same result
+    ref = fused(*xs, mask)
+    assert torch.equal(again[0], ref[0])
