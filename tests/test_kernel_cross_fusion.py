@@ -211,3 +211,48 @@ def test_cuda_autotune_picks_a_config():
     again = fused(*xs, mask)  # cached config: same result
     ref = fused(*xs, mask)
     assert torch.equal(again[0], ref[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the whole RetrievalHead, RETROFIT_FUSED=1 vs =0
+
+
+def test_retrieval_head_same_with_fused_and_reference(monkeypatch):
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    torch.manual_seed(0)
+    B, k, C = 3, 7, 5
+    cfg = HeadConfig(query_dim=24, image_dim=20, text_dim=12, num_classes=C, dim=32, depth=2, heads=2, k=k)
+    head = RetrievalHead(cfg).to(DEVICE)
+    torch.nn.init.normal_(head.readout.fc.weight, std=0.5)  # the readout starts at zero: make gradients flow
+    mask = torch.rand(B, k) > 0.3
+    mask[2] = False  # a query with no neighbour at all
+    image = torch.randn(B, k, cfg.image_dim) * mask[..., None]
+    text = torch.randn(B, k, cfg.text_dim) * mask[..., None]
+    ids = torch.where(mask, torch.arange(B * k).view(B, k), -1)
+    nb = Neighbors(ids=ids, scores=torch.where(mask, 0.5, float("-inf")), mask=mask, image=image, text=text,
+                   labels=torch.full((B, k), -1)).to(DEVICE)
+    z = torch.randn(B, cfg.query_dim, device=DEVICE)
+    host = torch.randn(B, C, device=DEVICE)
+    target = torch.tensor([0, 3, 1], device=DEVICE)
+    params = [p for p in head.parameters() if p.requires_grad]
+    calls = []
+
+    def counting(*a, **kw):  # the real kernel, counted: proves the fused path ran
+        calls.append(1)
+        return fused(*a, **kw)
+
+    monkeypatch.setattr(cf, "cross_fusion_attention_fused", counting)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RETROFIT_FUSED", flag)
+        zz = z.clone().requires_grad_()
+        out = head(zz, host_logits=host, neighbors=nb)
+        loss = torch.nn.functional.cross_entropy(out.logits, target)
+        grads = torch.autograd.grad(loss, [zz] + params)
+        results[flag] = [out.logits.detach(), out.retrieval_logits.detach()] + list(grads)
+    assert len(calls) == cfg.depth, f"fused kernel ran {len(calls)} times, expected once per layer ({cfg.depth})"
+    assert any(torch.count_nonzero(g) for g in results["1"][3:]), "no gradient reached the fusion layers"
+    for ref, ker in zip(results["0"], results["1"]):
+        torch.testing.assert_close(ker, ref, rtol=1e-4, atol=1e-5)
