@@ -238,10 +238,11 @@ def test_retrieval_head_same_with_fused_and_reference(monkeypatch):
     target = torch.tensor([0, 3, 1], device=DEVICE)
     params = [p for p in head.parameters() if p.requires_grad]
     calls = []
+    kernel = cf.cross_fusion_attention_fused
 
     def counting(*a, **kw):  # the real kernel, counted: proves the fused path ran
         calls.append(1)
-        return fused(*a, **kw)
+        return kernel(*a, **kw)
 
     monkeypatch.setattr(cf, "cross_fusion_attention_fused", counting)
     results = {}
