@@ -1,0 +1,235 @@
+"""The index half of a knowledge base: faiss HNSW or exact flat search over the L2-normalised keys.
+
+The index is a cache of the records: LMDB is the truth. Each index file ``index-<generation>-<tag>.faiss`` is
+written to a temporary name, fsync'ed and renamed; then ``index.json`` (which file, the LMDB generation and the
+highest record id it covers, its size and checksums, the tuned ``efSearch``) is replaced the same way. An index
+behind the records is caught up from them; a damaged one is rebuilt (writers) or refused with the command that
+rebuilds it (readers).
+
+Ids inside faiss are the knowledge-base record ids (``IndexIDMap``), so they stay stable across compactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrofit._env import require
+from retrofit.errors import CorruptKnowledgeBaseError
+
+__all__ = ["IndexConfig", "IndexState", "build_index", "save_index", "load_index", "search_index", "tune_ef_search",
+           "EF_LADDER", "fsync_dir"]
+
+log = logging.getLogger(__name__)
+
+EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+@dataclass
+class IndexConfig:
+    """How the search index of a knowledge base is built (stored in the KB metadata)."""
+
+    kind: str = "auto"  # "auto" (flat below flat_threshold records, else HNSW), "hnsw" or "flat" (exact)
+    hnsw_m: int = 32  # HNSW graph degree M
+    ef_construction: int = 80  # HNSW efConstruction (build-time beam width)
+    ef_search: int | None = None  # HNSW efSearch; None = tuned after each build against recall_target
+    recall_target: float = 0.95  # recall@tune_k the automatic efSearch aims for on held-out-style queries
+    tune_k: int = 32  # k used when tuning efSearch
+    flat_threshold: int = 20_000  # "auto" uses exact search below this many records
+    mmap_bytes: int = 64 << 20  # read-only opens memory-map index files at least this large
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "hnsw", "flat"):
+            raise ValueError(f"index must be 'auto', 'hnsw' or 'flat', got {self.kind!r}")
+        for n in ("hnsw_m", "ef_construction", "tune_k", "flat_threshold"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        if self.ef_search is not None and (not isinstance(self.ef_search, int) or self.ef_search <= 0):
+            raise ValueError(f"ef_search must be a positive int or None (auto), got {self.ef_search!r}")
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target!r}")
+
+    def kind_for(self, n: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n < self.flat_threshold else "hnsw"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class IndexState:
+    """What ``index.json`` records about the current index file."""
+
+    kb_uuid: str  # the knowledge base this index belongs to
+    kind: str  # "hnsw" or "flat"
+    file: str  # file name inside the KB directory
+    generation: int  # LMDB generation the index was built / saved at
+    next_id: int  # every live record id < next_id at that generation is in the index
+    ntotal: int  # vectors in the index
+    size: int  # file size in bytes
+    quick: str  # sha256 of the file's size, first and last MiB (checked on every open)
+    sha256: str  # sha256 of the whole file (checked by verify)
+    ef_search: int  # efSearch used by searches (>= k is enforced per search)
+    tuned_recall: float | None = None  # recall@tune_k measured when ef_search was tuned (None = not tuned)
+
+    @classmethod
+    def read(cls, kb_dir: Path) -> IndexState | None:
+        p = kb_dir / "index.json"
+        if not p.is_file():
+            return None
+        try:
+            return cls(**json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CorruptKnowledgeBaseError(f"{p} is damaged ({e})") from e
+
+
+def _faiss():
+    return require("faiss", "knowledge-base search")
+
+
+def fsync_dir(d: Path) -> None:
+    fd = os.open(str(d), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _quick_hash(path: Path, size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def full_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(8 << 20):
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def build_index(kind: str, dim: int, cfg: IndexConfig):
+    """An empty ``IndexIDMap`` over HNSW-flat or exact flat inner-product search."""
+    faiss = _faiss()
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = cfg.ef_construction
+    elif kind == "flat":
+        inner = faiss.IndexFlatIP(dim)
+    else:
+        raise ValueError(f"index kind must be 'hnsw' or 'flat', got {kind!r}")
+    return faiss.IndexIDMap(inner)  # faiss's Python wrapper keeps a reference to ``inner``
+
+
+def inner_index(index):
+    return _faiss().downcast_index(index.index)
+
+
+def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
+    """Write ``index`` atomically and point ``index.json`` at it; removes the previous index file."""
+    faiss = _faiss()
+    old = IndexState.read(kb_dir) if (kb_dir / "index.json").is_file() else None
+    name = f"index-{state.generation}-{uuid.uuid4().hex[:8]}.faiss"
+    tmp = kb_dir / (name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    fd = os.open(str(tmp), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, kb_dir / name)
+    size = (kb_dir / name).stat().st_size
+    state.file, state.size, state.ntotal = name, size, int(index.ntotal)
+    state.quick = _quick_hash(kb_dir / name, size)
+    state.sha256 = full_hash(kb_dir / name)
+    jtmp = kb_dir / "index.json.tmp"
+    with open(jtmp, "w") as f:
+        json.dump(asdict(state), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(jtmp, kb_dir / "index.json")
+    fsync_dir(kb_dir)
+    if old is not None and old.file != name:
+        (kb_dir / old.file).unlink(missing_ok=True)
+    return state
+
+
+def load_index(kb_dir: Path, state: IndexState, mmap: bool):
+    """Read the index file ``state`` names; ``mmap`` maps it read-only (never add to such an index)."""
+    faiss = _faiss()
+    p = kb_dir / state.file
+    if not p.is_file():
+        raise CorruptKnowledgeBaseError(f"index file {p} is missing")
+    size = p.stat().st_size
+    if size != state.size or _quick_hash(p, size) != state.quick:
+        raise CorruptKnowledgeBaseError(f"index file {p} is damaged ({size} bytes, index.json says {state.size})")
+    try:
+        index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    except RuntimeError as e:
+        raise CorruptKnowledgeBaseError(f"index file {p} cannot be read by faiss ({str(e).splitlines()[0]})") from e
+    if not isinstance(index, faiss.IndexIDMap) or index.ntotal != state.ntotal:
+        raise CorruptKnowledgeBaseError(f"index file {p} does not hold the {state.ntotal} vectors index.json names")
+    return index
+
+
+def search_index(index, q: np.ndarray, k: int, ef: int, sel) -> tuple[np.ndarray, np.ndarray]:
+    """faiss search with efSearch >= k and an optional IDSelector; returns (scores (B,k), ids (B,k))."""
+    faiss = _faiss()
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(int(ef), int(k))
+    else:
+        params = faiss.SearchParameters()
+    if sel is not None:
+        params.sel = sel
+    scores, ids = index.search(q, k, params=params)  # (B, k), (B, k)
+    return scores, ids
+
+
+def tune_ef_search(index, cfg: IndexConfig, n_queries: int = 200, seed: int = 0) -> tuple[int, float]:
+    """Smallest efSearch on ``EF_LADDER`` reaching ``cfg.recall_target`` recall@k against exact search.
+
+    Queries are stored keys with themselves excluded from both result lists (leave-one-out), so they follow
+    the data's own distribution; returns (ef_search, measured recall).
+    """
+    faiss = _faiss()
+    inner = inner_index(index)
+    hnsw = faiss.downcast_index(inner)
+    storage = faiss.downcast_index(hnsw.storage)
+    n, k = hnsw.ntotal, cfg.tune_k
+    if n <= k + 1:
+        return max(EF_LADDER[0], k), 1.0
+    rng = np.random.default_rng(seed)
+    pos = rng.choice(n, size=min(n_queries, n), replace=False)
+    q = np.vstack([storage.reconstruct(int(p)) for p in pos]).astype(np.float32)  # (Q, D)
+    _, gt = storage.search(q, k + 1)  # exact, (Q, k+1)
+    truth = [set(r[r != p].tolist()[:k]) for r, p in zip(gt, pos)]
+    best = (EF_LADDER[-1], 0.0)
+    for ef in [e for e in EF_LADDER if e >= k]:
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = ef
+        _, got = hnsw.search(q, k + 1, params=params)
+        rec = float(np.mean([len(t & set(r[r != p].tolist()[:k])) / k for t, r, p in zip(truth, got, pos)]))
+        best = (ef, rec)
+        if rec >= cfg.recall_target:
+            break
+    if best[1] < cfg.recall_target:
+        log.warning("efSearch %d reaches recall@%d %.3f only (target %.2f)", best[0], k, best[1], cfg.recall_target)
+    return best

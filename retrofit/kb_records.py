@@ -1,0 +1,233 @@
+"""The records half of a knowledge base: an LMDB environment holding vectors, labels, texts and metadata.
+
+Layout (named LMDB databases inside ``<kb>/records/``):
+
+- ``meta``: ``b"meta"`` -> JSON (schema version, dims, dtype, fingerprints, counts, generation, user metadata,
+  sha256 checksum of the rest). No pickle anywhere.
+- ``vec``: chunk number (8-byte big-endian) -> ``chunk_records`` rows of ``[key | image | text]`` in the KB dtype,
+  row-major. Fixed-size chunks, not one vector per value: a 2 KiB value would spill to its own overflow page and
+  double the bytes on disk. Record ``i`` lives in chunk ``i // chunk_records`` at row ``i % chunk_records``.
+- ``lab``: chunk number -> int64 labels of the same rows.
+- ``txt``: record id (8-byte big-endian) -> JSON ``{"c": caption, "s": source}`` (only when one is given).
+- ``del``: record id -> b"" for deleted records (tombstones).
+
+Every read copies out of the ``buffers=True`` views while the transaction is still open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrofit._env import require
+from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
+
+__all__ = ["SCHEMA_VERSION", "RecordStore", "meta_checksum", "ckey"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file only grows as data is written
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+# py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
+_ENVS: dict[str, list[Any]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def ckey(i: int) -> bytes:
+    """LMDB key of chunk / record number ``i`` (big-endian, so LMDB order is numeric order)."""
+    return struct.pack(">Q", int(i))
+
+
+def meta_checksum(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class RecordStore:
+    """LMDB environment of one knowledge base. One writer (this process, when ``readonly`` is False), many readers."""
+
+    def __init__(self, path: Path, readonly: bool, create: bool = False) -> None:
+        lmdb = require("lmdb", "knowledge bases")
+        self.path = Path(path)
+        self.readonly = readonly
+        if not create and not (self.path / "data.mdb").is_file():
+            raise KnowledgeBaseError(f"{self.path.parent} is not a retrofit knowledge base (no records/data.mdb)")
+        self._key = str(self.path.resolve())
+        with _ENVS_LOCK:
+            entry = _ENVS.get(self._key)
+            if entry is None:
+                # open writable whenever the files allow it, so that a later writer handle can share the env
+                ro = readonly and not os.access(self.path, os.W_OK)
+                env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
+                                lock=True, readahead=False, max_readers=512)
+                entry = _ENVS[self._key] = [env, 0]
+            elif not readonly and entry[0].flags().get("readonly"):
+                raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")
+            entry[1] += 1
+        self.env = entry[0]
+        txn_db = dict(create=not self.env.flags().get("readonly"))
+        self.db_meta = self.env.open_db(b"meta", **txn_db)
+        self.db_vec = self.env.open_db(b"vec", **txn_db)
+        self.db_lab = self.env.open_db(b"lab", **txn_db)
+        self.db_txt = self.env.open_db(b"txt", **txn_db)
+        self.db_del = self.env.open_db(b"del", **txn_db)
+        self.meta: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- metadata
+    def read_meta(self, txn=None) -> dict[str, Any]:
+        """The committed metadata (checked: schema version and checksum)."""
+        if txn is None:
+            with self.env.begin() as t:
+                return self.read_meta(t)
+        raw = txn.get(b"meta", db=self.db_meta)
+        if raw is None:
+            raise KnowledgeBaseError(f"{self.path.parent} is not a retrofit knowledge base (no metadata record)")
+        try:
+            meta = json.loads(bytes(raw).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptKnowledgeBaseError(f"metadata of {self.path.parent} is not valid JSON ({e})") from e
+        version = meta.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise KnowledgeBaseError(
+                f"{self.path.parent} was written with knowledge-base schema {version!r}, but this retrofit reads "
+                f"schema <= {SCHEMA_VERSION}; upgrade retrofit (pip install -U retrofit-head)")
+        if meta.get("checksum") != meta_checksum(meta):
+            raise CorruptKnowledgeBaseError(f"metadata checksum mismatch in {self.path.parent}: the record is damaged")
+        return meta
+
+    def write_meta(self, txn, meta: dict[str, Any]) -> None:
+        meta = dict(meta)
+        meta["checksum"] = meta_checksum(meta)
+        txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=self.db_meta)
+
+    # ---------------------------------------------------------------- layout helpers
+    @property
+    def row_dim(self) -> int:
+        m = self.meta
+        return m["key_dim"] + m["image_dim"] + m["text_dim"]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(_DTYPES[self.meta["dtype"]])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.meta["chunk_records"])
+
+    # ---------------------------------------------------------------- writing
+    def append(self, txn, start: int, rows: np.ndarray, labels: np.ndarray, texts: list[tuple[str | None, str | None]]
+               ) -> None:
+        """Write records ``start .. start + len(rows) - 1`` inside the caller's write transaction."""
+        C = self.chunk
+        n = rows.shape[0]
+        i = 0
+        while i < n:
+            rid = start + i
+            c, off = divmod(rid, C)
+            take = min(C - off, n - i)
+            kv = ckey(c)
+            old_v = txn.get(kv, db=self.db_vec)
+            old_l = txn.get(kv, db=self.db_lab)
+            have = 0 if old_v is None else len(old_v) // (self.row_dim * self.np_dtype.itemsize)
+            if have != off:
+                raise CorruptKnowledgeBaseError(
+                    f"chunk {c} holds {have} rows, expected {off}; run `retrofit kb verify {self.path.parent}`")
+            v = (bytes(old_v) if old_v is not None else b"") + rows[i:i + take].tobytes()
+            lab = (bytes(old_l) if old_l is not None else b"") + labels[i:i + take].astype("<i8").tobytes()
+            txn.put(kv, v, db=self.db_vec)
+            txn.put(kv, lab, db=self.db_lab)
+            i += take
+        for j, (cap, src) in enumerate(texts):
+            if cap is not None or src is not None:
+                txn.put(ckey(start + j), json.dumps({"c": cap, "s": src}).encode(), db=self.db_txt)
+
+    # ---------------------------------------------------------------- reading
+    def gather(self, txn, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``ids`` (M,) restricted to columns ``cols`` -> ((M, len(cols)) KB dtype, (M,) int64 labels).
+
+        One LMDB get per distinct chunk; the views are copied before the transaction ends.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        width = len(range(*cols.indices(self.row_dim)))
+        out = np.empty((ids.shape[0], width), dtype=self.np_dtype)  # (M, W)
+        lab = np.empty(ids.shape[0], dtype=np.int64)  # (M,)
+        if ids.shape[0] == 0:
+            return out, lab
+        C, D, dt = self.chunk, self.row_dim, self.np_dtype
+        chunk_of, row_of = np.divmod(ids, C)
+        order = np.argsort(chunk_of, kind="stable")
+        sc = chunk_of[order]
+        bounds = np.flatnonzero(np.diff(sc)) + 1
+        starts = np.concatenate(([0], bounds))
+        ends = np.concatenate((bounds, [len(sc)]))
+        get = txn.get
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            sel = order[s:e]
+            kv = ckey(int(sc[s]))
+            buf = get(kv, db=self.db_vec)
+            lbuf = get(kv, db=self.db_lab)
+            if buf is None or lbuf is None:
+                raise CorruptKnowledgeBaseError(f"records chunk {int(sc[s])} is missing in {self.path.parent}")
+            arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
+            r = row_of[sel]
+            out[sel] = arr[r, cols]
+            lab[sel] = np.frombuffer(lbuf, dtype="<i8")[r]
+        return out, lab
+
+    def texts(self, txn, ids: np.ndarray) -> list[tuple[str | None, str | None]]:
+        res = []
+        for i in np.asarray(ids).tolist():
+            raw = txn.get(ckey(i), db=self.db_txt)
+            if raw is None:
+                res.append((None, None))
+            else:
+                d = json.loads(bytes(raw).decode())
+                res.append((d.get("c"), d.get("s")))
+        return res
+
+    def deleted(self, txn) -> np.ndarray:
+        """Sorted int64 array of every tombstoned id."""
+        with txn.cursor(db=self.db_del) as cur:
+            ids = [struct.unpack(">Q", bytes(k))[0] for k in cur.iternext(keys=True, values=False)]
+        return np.asarray(ids, dtype=np.int64)
+
+    def iter_chunks(self, txn, cols: slice, upto: int, start: int = 0
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(first_id, rows[:, cols], labels)`` for ids in ``[start, upto)``, chunk by chunk (copies).
+
+        Chunks removed by ``compact`` (all their records deleted) are skipped.
+        """
+        C, D, dt = self.chunk, self.row_dim, self.np_dtype
+        for c in range(start // C, (upto + C - 1) // C):
+            kv = ckey(c)
+            buf = txn.get(kv, db=self.db_vec)
+            if buf is None:
+                continue
+            arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
+            labs = np.frombuffer(txn.get(kv, db=self.db_lab), dtype="<i8")
+            lo = max(start - c * C, 0)
+            hi = min(upto - c * C, arr.shape[0])
+            if hi > lo:
+                yield c * C + lo, arr[lo:hi, cols].copy(), labs[lo:hi].copy()
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.mdb") if f.name == "data.mdb")
+
+    def close(self) -> None:
+        with _ENVS_LOCK:
+            entry = _ENVS.get(self._key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _ENVS[self._key]
+                    entry[0].close()

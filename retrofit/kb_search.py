@@ -1,0 +1,254 @@
+"""Reading a knowledge base: search, record access, iteration, ``info`` and ``verify``.
+
+A mixin of :class:`retrofit.knowledge_base.KnowledgeBase`; it relies on the attributes that class sets
+(``_rec`` records, ``_main`` / ``_delta`` faiss indexes, ``_deleted`` tombstones, ``_sel`` selector, ``_meta``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrofit.errors import CorruptKnowledgeBaseError
+from retrofit.kb_index import IndexState, full_hash, search_index
+from retrofit.neighbors import Neighbors
+from retrofit.store import check_search_args
+
+__all__ = ["KBSearchMixin"]
+
+log = logging.getLogger(__name__)
+
+_WHICH = ("key", "image", "text")
+
+
+class KBSearchMixin:
+    """Read-side methods of ``KnowledgeBase``."""
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
+        """The ``k`` nearest live records of each query (inner product of L2-normalised keys).
+
+        ``exclude`` (B, m) lists ids never to return for each query (-1 pads). Fewer than ``k`` hits leave
+        masked slots. Tensors come back on ``queries.device``; image / text vectors as float32.
+        """
+        exclude = check_search_args(queries, k, self.key_dim, exclude)
+        B, device = queries.shape[0], queries.device
+        m = 0 if exclude is None else exclude.shape[1]
+        kq = k + m  # over-fetch so that k results survive the per-query exclusions
+        q = torch.nn.functional.normalize(queries.detach().float(), dim=1)  # (B, Dk)
+        if B == 0:
+            return Neighbors.empty(0, k, self.image_dim, self.text_dim, device=device)
+        if q.is_cuda and self._kind() == "flat":
+            D, ids_ = self._search_exact_gpu(q, kq)  # (B, kq)
+        else:
+            qn = q.cpu().numpy()
+            parts = []
+            for index in (self._main, self._delta):
+                if index is not None and index.ntotal:
+                    parts.append(search_index(index, qn, min(kq, int(index.ntotal)), max(self._ef, kq), self._sel))
+            if not parts:
+                return Neighbors.empty(B, k, self.image_dim, self.text_dim, device=device)
+            D = np.concatenate([p[0] for p in parts], axis=1)  # (B, <=2kq)
+            ids_ = np.concatenate([p[1] for p in parts], axis=1)
+        invalid = ids_ < 0
+        if self._deleted.size:  # belt and braces: the selector already skips them
+            invalid |= np.isin(ids_, self._deleted)
+        if exclude is not None:
+            ex = exclude.cpu().numpy()  # (B, m)
+            invalid |= (ids_[:, :, None] == ex[:, None, :]).any(-1)
+        D = np.where(invalid, -np.inf, D).astype(np.float32)
+        order = np.argsort(-D, axis=1, kind="stable")[:, :k]  # (B, <=k)
+        D = np.take_along_axis(D, order, 1)
+        ids_ = np.take_along_axis(ids_, order, 1)
+        if D.shape[1] < k:
+            pad = k - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids_ = np.pad(ids_, ((0, 0), (0, pad)), constant_values=-1)
+        mask = np.isfinite(D)  # (B, k)
+        ids_ = np.where(mask, ids_, -1)
+        out = Neighbors.empty(B, k, self.image_dim, self.text_dim)
+        valid_ids = ids_[mask]
+        Dk, Di = self.key_dim, self.image_dim
+        with self._txn() as txn:
+            vec, lab = self._rec.gather(txn, valid_ids, slice(Dk, Dk + Di + self.text_dim))
+        vec_t = torch.from_numpy(vec).float()  # (M, Di+Dt)
+        mask_t = torch.from_numpy(mask)
+        out.image[mask_t] = vec_t[:, :Di]
+        out.text[mask_t] = vec_t[:, Di:]
+        out.labels[mask_t] = torch.from_numpy(lab)
+        res = Neighbors(ids=torch.from_numpy(ids_.astype(np.int64)), scores=torch.from_numpy(D), mask=mask_t,
+                        image=out.image, text=out.text, labels=out.labels)
+        return res if device.type == "cpu" else res.to(device)
+
+    def _search_exact_gpu(self, q: torch.Tensor, kq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-kq on the queries' GPU: faiss-GPU when available, else torch matmul; (scores, ids) numpy."""
+        import faiss
+
+        cache, dev = self._gpu_cache, q.device
+        if cache.get("device") != dev:
+            cache.clear()
+            keys, ids = [], []
+            for index in (self._main, self._delta):
+                if index is not None and index.ntotal:
+                    keys.append(faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal))
+                    ids.append(faiss.vector_to_array(index.id_map).astype(np.int64))
+            x = np.concatenate(keys) if keys else np.zeros((0, self.key_dim), np.float32)  # (N, Dk)
+            idv = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            cache.update(device=dev, ids=idv, alive=torch.from_numpy(~np.isin(idv, self._deleted)).to(dev))
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                cache["res"] = faiss.StandardGpuResources()
+                flat = faiss.IndexFlatIP(self.key_dim)
+                flat.add(x)
+                cache["gpu"] = faiss.index_cpu_to_gpu(cache["res"], dev.index or 0, flat)
+            else:
+                cache["keys"] = torch.from_numpy(x).to(dev)
+        n = len(cache["ids"])
+        if n == 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        if "gpu" in cache:  # faiss GPU: over-fetch past tombstones, then drop them below
+            kk = min(n, kq + int((~cache["alive"]).sum()), 2048)
+            D, pos = cache["gpu"].search(q.cpu().numpy(), kk)
+            pos_t = torch.from_numpy(pos)
+            ok = pos_t >= 0
+            ids_ = torch.where(ok, torch.from_numpy(cache["ids"])[pos_t.clamp(min=0)], torch.full_like(pos_t, -1))
+            return D, ids_.numpy()
+        sims = (q @ cache["keys"].T).masked_fill(~cache["alive"][None, :], float("-inf"))  # (B, N)
+        D, pos = sims.topk(min(kq, n), dim=1)
+        ids_ = torch.from_numpy(cache["ids"]).to(q.device)[pos].masked_fill(~torch.isfinite(D), -1)
+        return D.cpu().numpy(), ids_.cpu().numpy()
+
+    # ------------------------------------------------------------------ records
+    def get(self, ids: Any, vectors: bool = False) -> list[dict[str, Any]]:
+        """Records ``ids`` as dicts (id, label, caption, source; key/image/text float32 tensors if ``vectors``)."""
+        a = self._check_ids(ids)
+        with self._txn() as txn:
+            rows, lab = self._rec.gather(txn, a, slice(0, self._rec.row_dim))
+            texts = self._rec.texts(txn, a)
+        out = []
+        Dk, Di = self.key_dim, self.image_dim
+        for j, i in enumerate(a.tolist()):
+            d: dict[str, Any] = {"id": i, "label": int(lab[j]), "caption": texts[j][0], "source": texts[j][1]}
+            if vectors:
+                r = torch.from_numpy(rows[j].astype(np.float32))
+                d.update(key=r[:Dk], image=r[Dk:Dk + Di], text=r[Dk + Di:])
+            out.append(d)
+        return out
+
+    def vectors(self, ids: Any, which: str = "image") -> torch.Tensor:
+        """The stored ``which`` ("key", "image" or "text") vectors of ``ids`` as a float32 (N, D) tensor."""
+        if which not in _WHICH:
+            raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+        a = self._check_ids(ids)
+        Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
+        cols = {"key": slice(0, Dk), "image": slice(Dk, Dk + Di), "text": slice(Dk + Di, Dk + Di + Dt)}[which]
+        with self._txn() as txn:
+            rows, _ = self._rec.gather(txn, a, cols)
+        return torch.from_numpy(rows.astype(np.float32))
+
+    def labels(self) -> torch.Tensor:
+        """Labels of all live records in id order (N,) int64."""
+        parts = [lab for _, lab in self._iter_live(with_vectors=False)]
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _iter_live(self, with_vectors: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cols = slice(0, self._rec.row_dim if with_vectors else 0)
+        with self._txn() as txn:
+            for first, _rows, lab in self._rec.iter_chunks(txn, cols, upto=self._meta["next_id"]):
+                ids = np.arange(first, first + len(lab), dtype=np.int64)
+                live = ~np.isin(ids, self._deleted)
+                yield ids[live], lab[live]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Live records in id order, as :meth:`get` returns them (with vectors)."""
+        for ids, _ in self._iter_live(with_vectors=False):
+            for s in range(0, len(ids), 1024):
+                yield from self.get(ids[s:s + 1024], vectors=True)
+
+    # ------------------------------------------------------------------ reports
+    def info(self) -> dict[str, Any]:
+        """Counts, dims, dtype, fingerprints, index kind and parameters, bytes on disk."""
+        m, st = self._meta, self._state
+        d = self.key_dim + self.image_dim + self.text_dim
+        raw = int(m["next_id"]) * d * self._rec.np_dtype.itemsize
+        rec_bytes = self._rec.disk_bytes()
+        idx_bytes = sum(f.stat().st_size for f in self.path.glob("index-*.faiss"))
+        return {
+            "path": str(self.path), "schema_version": m["schema_version"], "uuid": m["uuid"],
+            "records": len(self), "deleted": m["deleted"], "next_id": m["next_id"], "generation": m["generation"],
+            "key_dim": self.key_dim, "image_dim": self.image_dim, "text_dim": self.text_dim, "dtype": m["dtype"],
+            "chunk_records": m["chunk_records"], "class_names": m.get("class_names"),
+            "fingerprint": m["fingerprint"], "user_meta": m["user_meta"],
+            "index": {"kind": self._kind(), "config": m["index"], "ef_search": int(self._ef),
+                      "tuned_recall": getattr(self, "_tuned_recall", None), "ntotal": int(self._main.ntotal),
+                      "file": st.file if st else None, "file_generation": st.generation if st else None,
+                      "covers_ids_below": st.next_id if st else None,
+                      "memory_mapped": bool(self._mapped),
+                      "pending_in_memory": int(self._delta.ntotal) if self._delta is not None else 0},
+            "bytes": {"records": rec_bytes, "index": idx_bytes, "raw_vectors": raw,
+                      "records_over_raw": round(rec_bytes / raw, 4) if raw else None},
+        }
+
+    def verify(self) -> dict[str, Any]:
+        """Check metadata, every record chunk (sizes, finite values, unit keys), tombstones and the index file.
+
+        Never raises for damage it finds: returns ``{"ok": bool, "problems": [...], ...}``.
+        """
+        problems: list[str] = []
+        try:
+            with self._txn() as txn:
+                meta = self._rec.read_meta(txn)
+        except CorruptKnowledgeBaseError as e:
+            return {"ok": False, "problems": [str(e)], "records_checked": 0}
+        C, nxt = self._rec.chunk, meta["next_id"]
+        Dk, D, dt = meta["key_dim"], self._rec.row_dim, self._rec.np_dtype
+        deleted = self._deleted
+        if deleted.size and (deleted[-1] >= nxt or deleted[0] < 0):
+            problems.append(f"tombstones outside 0..{nxt - 1}")
+        if meta["count"] != nxt - deleted.size:
+            problems.append(f"count {meta['count']} != next_id {nxt} - deleted {deleted.size}")
+        checked = 0
+        from retrofit.kb_records import ckey
+
+        with self._txn() as txn:
+            for c in range((nxt + C - 1) // C):
+                want = min(C, nxt - c * C)
+                ids = np.arange(c * C, c * C + want)
+                live = ~np.isin(ids, deleted)
+                buf, lbuf = txn.get(ckey(c), db=self._rec.db_vec), txn.get(ckey(c), db=self._rec.db_lab)
+                if buf is None or lbuf is None:
+                    if live.any():
+                        problems.append(f"chunk {c} is missing but holds live records")
+                    continue
+                if len(buf) != want * D * dt.itemsize or len(lbuf) != want * 8:
+                    problems.append(f"chunk {c} has {len(buf)} bytes, expected {want * D * dt.itemsize}")
+                    continue
+                rows = np.frombuffer(buf, dtype=dt).reshape(want, D)[live].astype(np.float32)
+                if not np.isfinite(rows).all():
+                    problems.append(f"chunk {c} holds non-finite values")
+                norms = np.linalg.norm(rows[:, :Dk], axis=1)
+                if rows.shape[0] and np.abs(norms - 1).max() > 1e-2:
+                    problems.append(f"chunk {c} holds keys that are not unit length")
+                checked += int(live.sum())
+        index: dict[str, Any] = {}
+        try:
+            st = IndexState.read(self.path)
+            if st is None:
+                problems.append("index.json is missing")
+            else:
+                index = {"file": st.file, "generation": st.generation, "covers_ids_below": st.next_id,
+                         "behind_by_ids": nxt - st.next_id}
+                p = self.path / st.file
+                if not p.is_file() or full_hash(p) != st.sha256:
+                    problems.append(f"index file {st.file} is missing or its checksum does not match; "
+                                    f"rebuild it with: retrofit kb compact {self.path}")
+                elif st.kb_uuid != meta["uuid"] or st.next_id > nxt:
+                    problems.append(f"index file {st.file} does not belong to these records; "
+                                    f"rebuild it with: retrofit kb compact {self.path}")
+        except CorruptKnowledgeBaseError as e:
+            problems.append(str(e))
+        return {"ok": not problems, "problems": problems, "records_checked": checked, "generation": meta["generation"],
+                "index": index}

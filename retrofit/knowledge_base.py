@@ -1,0 +1,526 @@
+"""``KnowledgeBase``: the on-disk image-text knowledge base (LMDB records + faiss index).
+
+A knowledge base is one directory::
+
+    records/            LMDB environment: vectors in fixed-size float16 chunks, labels, captions, JSON metadata
+    index.json          which index file is current, the LMDB generation and record ids it covers, checksums
+    index-<gen>-*.faiss the faiss index (HNSW or exact flat, inner product on L2-normalised keys)
+
+LMDB commits are the truth; the index is a cache that is caught up from the records when it is behind and
+rebuilt (writers) or refused with the command that rebuilds it (readers) when it is damaged. One writer,
+many readers: a read-only handle searches a consistent snapshot until :meth:`KnowledgeBase.refresh`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
+from retrofit.kb_index import IndexConfig, IndexState, build_index, load_index, save_index, tune_ef_search
+from retrofit.kb_records import _DTYPES, SCHEMA_VERSION, RecordStore
+from retrofit.kb_search import KBSearchMixin
+from retrofit.store import KBFingerprint
+
+__all__ = ["KnowledgeBase", "IndexConfig"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 1 << 20  # default chunk size: about this many bytes of vectors per LMDB value
+
+
+def _fix_command(path: Path) -> str:
+    return f"retrofit kb compact {path}"
+
+
+def _as_2d(name: str, x: Any, n: int | None, dim: int) -> np.ndarray:
+    t = torch.as_tensor(x).detach()
+    if not (t.is_floating_point()):
+        raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
+    if t.dim() != 2 or t.shape[1] != dim or (n is not None and t.shape[0] != n):
+        want = f"({n if n is not None else 'N'}, {dim})"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    a = t.cpu().to(torch.float32).numpy()
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or inf; nothing was added")
+    return a
+
+
+class KnowledgeBase(KBSearchMixin):
+    """An LMDB + faiss knowledge base of (key, image vector, text vector, label, caption, source) records.
+
+    Create with :meth:`create`, open with :meth:`open`; use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = True, _create: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock_fd: int | None = None
+        self._snap = None  # read-only handles: the LMDB read transaction that is their snapshot
+        self._bulk = 0
+        self._unsaved = 0
+        self._gpu_cache: dict[str, Any] = {}
+        if _create is None and not (self.path / "records" / "data.mdb").is_file():
+            raise KnowledgeBaseError(f"{self.path} is not a retrofit knowledge base (no records/data.mdb); create one "
+                                     "with KnowledgeBase.create(...) or `retrofit kb build`")
+        if not readonly:
+            self._take_writer_lock()
+        try:
+            self._rec = RecordStore(self.path / "records", readonly=readonly, create=_create is not None)
+            if _create is not None:
+                with self._rec.env.begin(write=True) as txn:
+                    self._rec.write_meta(txn, _create)
+            self._load()
+        except BaseException:
+            self._release()
+            raise
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, path: str | os.PathLike, key_dim: int, image_dim: int, text_dim: int,
+               fingerprint: KBFingerprint | None = None, *, class_names: list[str] | None = None,
+               dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, ef_construction: int = 80,
+               ef_search: int | None = None, recall_target: float = 0.95, flat_threshold: int = 20_000,
+               chunk_records: int | None = None, mmap_bytes: int = 64 << 20,
+               user_meta: dict[str, Any] | None = None) -> KnowledgeBase:
+        """Create an empty knowledge base in the new or empty directory ``path``; returns it open for writing."""
+        path = Path(path)
+        for n, v in (("key_dim", key_dim), ("image_dim", image_dim), ("text_dim", text_dim)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        fingerprint = fingerprint or KBFingerprint()
+        for n, d in (("key", key_dim), ("image", image_dim), ("text", text_dim)):
+            fp = getattr(fingerprint, n)
+            if fp is not None and fp.dim != d:
+                raise ValueError(f"fingerprint.{n}.dim is {fp.dim} but {n}_dim is {d}")
+        cfg = IndexConfig(kind=index, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                          recall_target=recall_target, flat_threshold=flat_threshold, mmap_bytes=mmap_bytes)
+        if class_names is not None and not all(isinstance(c, str) for c in class_names):
+            raise ValueError("class_names must be a list of strings")
+        if chunk_records is None:
+            itemsize = np.dtype(_DTYPES[dtype]).itemsize
+            chunk_records = max(16, _CHUNK_BYTES // ((key_dim + image_dim + text_dim) * itemsize))
+        if not isinstance(chunk_records, int) or chunk_records <= 0:
+            raise ValueError(f"chunk_records must be a positive int, got {chunk_records!r}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
+        json.dumps(user_meta or {})
+        (path / "records").mkdir(parents=True, exist_ok=True)
+        meta = {
+            "schema_version": SCHEMA_VERSION, "uuid": uuid.uuid4().hex, "created": time.time(),
+            "key_dim": key_dim, "image_dim": image_dim, "text_dim": text_dim, "dtype": dtype,
+            "chunk_records": chunk_records, "fingerprint": fingerprint.to_dict(), "class_names": class_names,
+            "index": cfg.to_dict(), "generation": 0, "next_id": 0, "count": 0, "deleted": 0, "compactions": 0,
+            "user_meta": dict(user_meta or {}),
+        }
+        return cls(path, readonly=False, _create=meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, readonly: bool = True) -> KnowledgeBase:
+        """Open an existing knowledge base (``readonly=False``: this process becomes its one writer)."""
+        return cls(path, readonly=readonly)
+
+    def _take_writer_lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path / "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            raise KnowledgeBaseError(f"{self.path} is open for writing in another process (one writer at a time); "
+                                     "open it with readonly=True") from e
+        self._lock_fd = fd
+
+    def _load(self) -> None:
+        """Read metadata, tombstones and the index; catch the index up (writers rebuild a damaged one)."""
+        rec = self._rec
+        state = None
+        state_err: Exception | None = None
+        try:
+            state = IndexState.read(self.path)  # read before the snapshot: the snapshot is then never older
+        except CorruptKnowledgeBaseError as e:
+            state_err = e
+        if self.readonly:
+            self._snap = rec.env.begin(buffers=True)
+            self._meta = rec.read_meta(self._snap)
+        else:
+            self._meta = rec.read_meta()
+            for f in self.path.glob("*.tmp"):
+                f.unlink()
+        rec.meta = self._meta
+        self._cfg = IndexConfig(**self._meta["index"])
+        with self._txn() as txn:
+            self._set_deleted(rec.deleted(txn))
+        self._delta = None
+        problem = state_err
+        if problem is None and state is None:
+            problem = CorruptKnowledgeBaseError("index.json is missing")
+        if problem is None and (state.kb_uuid != self._meta["uuid"] or state.next_id > self._meta["next_id"]):
+            problem = CorruptKnowledgeBaseError(
+                f"the index ({state.file}, up to id {state.next_id}) does not belong to these records "
+                f"(up to id {self._meta['next_id']})")
+        if problem is None:
+            prev = getattr(self, "_state", None)
+            if prev is not None and prev.file == state.file and getattr(self, "_main", None) is not None:
+                self._state = state  # refresh(): the same index file is still current, keep it
+            else:
+                try:
+                    big = state.size >= self._cfg.mmap_bytes
+                    self._main = load_index(self.path, state, mmap=self.readonly and big)
+                    self._mapped = self.readonly and big
+                    self._state = state
+                except CorruptKnowledgeBaseError as e:
+                    problem = e
+        if problem is not None:
+            if self.readonly:
+                raise CorruptKnowledgeBaseError(f"{self.path}: {problem}. Rebuild the index from the records with: "
+                                                f"{_fix_command(self.path)}") from problem
+            if self._meta["next_id"]:
+                log.warning("%s: %s; rebuilding the index from the records", self.path, problem)
+            self._rebuild()
+            return
+        self._main_next = state.next_id
+        self._ef, self._tuned_recall = state.ef_search, state.tuned_recall
+        if self._main_next < self._meta["next_id"]:
+            if self.readonly:
+                self._extend_delta(self._main_next)
+            else:
+                self._catch_up()
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[Any]:
+        """A read transaction on this handle's view: the snapshot (readers) or the latest commit (writer)."""
+        if self._snap is not None:
+            yield self._snap
+        else:
+            with self._rec.env.begin(buffers=True) as txn:
+                yield txn
+
+    def _set_deleted(self, deleted: np.ndarray) -> None:
+        self._deleted = np.sort(np.asarray(deleted, dtype=np.int64))
+        self._sel = None
+        self._gpu_cache.clear()
+        if self._deleted.size:
+            import faiss
+
+            batch = faiss.IDSelectorBatch(self._deleted)
+            self._sel = faiss.IDSelectorNot(batch)
+            self._sel_keep = batch  # the Not selector points into it
+
+    # ------------------------------------------------------------------ index maintenance
+    def _live_keys(self, start: int, upto: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 keys) of live records in [start, upto), in batches."""
+        Dk = self.key_dim
+        with self._txn() as txn:
+            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, Dk), upto=upto, start=start):
+                ids = np.arange(first, first + rows.shape[0], dtype=np.int64)
+                live = ~np.isin(ids, self._deleted)
+                yield ids[live], rows[live].astype(np.float32)
+
+    def _rebuild(self) -> None:
+        """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""
+        from tqdm.auto import tqdm
+
+        n, kind = len(self), self._cfg.kind_for(len(self))
+        index = build_index(kind, self.key_dim, self._cfg)
+        t0 = time.perf_counter()
+        buf_ids, buf_x, have = [], [], 0
+        with tqdm(total=n, desc=f"building {kind} index", unit="vec", disable=n < 100_000) as bar:
+            for ids, x in self._live_keys(0, self._meta["next_id"]):
+                buf_ids.append(ids)
+                buf_x.append(x)
+                have += len(ids)
+                if have >= 65536:
+                    index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
+                    bar.update(have)
+                    buf_ids, buf_x, have = [], [], 0
+            if have:
+                index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
+                bar.update(have)
+        log.info("built %s index of %d vectors in %.1f s", kind, index.ntotal, time.perf_counter() - t0)
+        self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
+        self._ef, self._tuned_recall = self._pick_ef()
+        self._gpu_cache.clear()
+        self._state = None
+        if not self.readonly:
+            self.flush()
+
+    def _pick_ef(self) -> tuple[int, float | None]:
+        if self._kind() != "hnsw":
+            return self._cfg.tune_k, None
+        if self._cfg.ef_search is not None:
+            return self._cfg.ef_search, None
+        return tune_ef_search(self._main, self._cfg)
+
+    def _kind(self) -> str:
+        import faiss
+
+        inner = faiss.downcast_index(self._main.index)
+        return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+
+    def _catch_up(self) -> None:
+        """Add records the in-memory index lacks (writer); rebuilds when the index kind should change."""
+        if self._cfg.kind_for(len(self)) != self._kind():
+            self._rebuild()
+            return
+        if self._mapped:  # never add to a mapped index: faiss would abort
+            raise AssertionError("internal: writer holds a memory-mapped index")
+        added = 0
+        for ids, x in self._live_keys(self._main_next, self._meta["next_id"]):
+            self._main.add_with_ids(x, ids)
+            added += len(ids)
+        self._main_next = self._meta["next_id"]
+        self._unsaved += added
+        self._gpu_cache.clear()
+        if self._bulk == 0 and self._unsaved >= max(4096, self._main.ntotal // 4):
+            self.flush()
+
+    def _extend_delta(self, start: int) -> None:
+        """Readers: exact search over records newer than the index file (never touches a mapped index)."""
+        from retrofit.kb_index import build_index as _b
+
+        if self._delta is None:
+            self._delta = _b("flat", self.key_dim, self._cfg)
+        for ids, x in self._live_keys(start, self._meta["next_id"]):
+            self._delta.add_with_ids(x, ids)
+        self._delta_next = self._meta["next_id"]
+        self._gpu_cache.clear()
+
+    def flush(self) -> None:
+        """Write the in-memory index to disk atomically (writers; done automatically at close and bulk exit)."""
+        self._check_writable()
+        state = IndexState(kb_uuid=self._meta["uuid"], kind=self._kind(), file="", generation=self._meta["generation"],
+                           next_id=self._main_next, ntotal=0, size=0, quick="", sha256="", ef_search=int(self._ef),
+                           tuned_recall=getattr(self, "_tuned_recall", None))
+        self._state = save_index(self.path, self._main, state)
+        self._unsaved = 0
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[KnowledgeBase]:
+        """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits."""
+        self._check_writable()
+        self._bulk += 1
+        try:
+            yield self
+        finally:
+            self._bulk -= 1
+            if self._bulk == 0:
+                fresh = self._main_next < self._meta["next_id"]
+                if self._cfg.kind_for(len(self)) != self._kind() or self._main.ntotal == 0:
+                    self._rebuild()
+                elif fresh:
+                    self._catch_up()
+                    self._ef, self._tuned_recall = self._pick_ef()
+                    self.flush()
+
+    # ------------------------------------------------------------------ writing
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise KnowledgeBaseError(f"{self.path} is open read-only; use KnowledgeBase.open(path, readonly=False)")
+        if self._rec is None:
+            raise KnowledgeBaseError(f"{self.path} is closed")
+
+    def add(self, keys: torch.Tensor, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
+            captions: list[str | None] | None = None, sources: list[str | None] | None = None,
+            meta: dict[str, Any] | None = None) -> torch.Tensor:
+        """Append a batch in ONE LMDB transaction; ``meta`` is merged into ``user_meta`` in the same one.
+
+        Keys are L2-normalised. Returns the new ids (N,) int64. Bad input raises ``ValueError`` before anything
+        is written.
+        """
+        self._check_writable()
+        k = _as_2d("keys", keys, None, self.key_dim)  # (N, Dk)
+        n = k.shape[0]
+        if n == 0:
+            raise ValueError("add() got an empty batch (0 records); nothing was added")
+        im = _as_2d("image", image, n, self.image_dim)  # (N, Di)
+        tx = _as_2d("text", text, n, self.text_dim)  # (N, Dt)
+        norms = np.linalg.norm(k, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError(f"keys has {int((norms == 0).sum())} all-zero rows, which cannot be normalised")
+        if labels is None:
+            lab = np.full(n, -1, dtype=np.int64)
+        else:
+            lt = torch.as_tensor(labels)
+            if lt.is_floating_point() or lt.shape != (n,):
+                raise ValueError(f"labels must be ({n},) integers, got {tuple(lt.shape)} {lt.dtype}")
+            lab = lt.cpu().to(torch.int64).numpy()
+            hi = len(self.class_names) if self.class_names else None
+            if (lab < -1).any() or (hi is not None and (lab >= hi).any()):
+                raise ValueError(f"labels must be -1 (unknown) or class ids 0..{(hi or 0) - 1 if hi else 'C-1'}, "
+                                 f"got {sorted(set(lab.tolist()))[:10]}")
+        texts = []
+        for name, lst in (("captions", captions), ("sources", sources)):
+            if lst is not None and (len(lst) != n or not all(s is None or isinstance(s, str) for s in lst)):
+                raise ValueError(f"{name} must be a list of {n} strings (or None), got {type(lst).__name__} "
+                                 f"of length {len(lst)}")
+        texts = list(zip(captions or [None] * n, sources or [None] * n))
+        if meta is not None:
+            if not isinstance(meta, dict):
+                raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+            json.dumps(meta)
+        dt = self._rec.np_dtype
+        with np.errstate(over="ignore"):
+            rows = np.concatenate([k / norms, im, tx], axis=1).astype(dt)  # (N, Dk+Di+Dt)
+        if not np.isfinite(rows).all():
+            raise ValueError(f"values exceed the {dt.name} range (max {np.finfo(dt).max:g}); nothing was added")
+        with self._rec.env.begin(write=True) as txn:
+            m = self._rec.read_meta(txn)
+            start = m["next_id"]
+            self._rec.append(txn, start, rows, lab, texts)
+            m["next_id"] += n
+            m["count"] += n
+            m["generation"] += 1
+            if meta:
+                m["user_meta"].update(meta)
+            self._rec.write_meta(txn, m)
+        self._meta = self._rec.meta = m
+        if self._bulk == 0:
+            self._catch_up()
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    def update_meta(self, meta: dict[str, Any]) -> None:
+        """Merge ``meta`` into :attr:`user_meta` (one transaction)."""
+        self._check_writable()
+        json.dumps(meta)
+        with self._rec.env.begin(write=True) as txn:
+            m = self._rec.read_meta(txn)
+            m["user_meta"].update(meta)
+            m["generation"] += 1
+            self._rec.write_meta(txn, m)
+        self._meta = self._rec.meta = m
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        a = torch.as_tensor(ids).reshape(-1)
+        if a.is_floating_point():
+            raise ValueError(f"ids must be integers, got {a.dtype}")
+        a = a.cpu().to(torch.int64).numpy()
+        bad = (a < 0) | (a >= self._meta["next_id"]) | np.isin(a, self._deleted)
+        if bad.any():
+            raise KeyError(f"unknown or deleted ids {a[bad][:10].tolist()} (valid ids: live records in "
+                           f"0..{self._meta['next_id'] - 1})")
+        return a
+
+    def delete(self, ids: torch.Tensor | list[int]) -> None:
+        """Tombstone records (filtered from search at once; :meth:`compact` rebuilds the index without them)."""
+        self._check_writable()
+        a = np.unique(self._check_ids(ids))
+        if a.size == 0:
+            return
+        with self._rec.env.begin(write=True) as txn:
+            m = self._rec.read_meta(txn)
+            from retrofit.kb_records import ckey
+
+            for i in a.tolist():
+                txn.put(ckey(i), b"", db=self._rec.db_del)
+            m["count"] -= int(a.size)
+            m["deleted"] += int(a.size)
+            m["generation"] += 1
+            self._rec.write_meta(txn, m)
+        self._meta = self._rec.meta = m
+        self._set_deleted(np.union1d(self._deleted, a))
+
+    def compact(self) -> None:
+        """Rebuild the index without deleted records and drop the chunks whose records are all deleted."""
+        self._check_writable()
+        from retrofit.kb_records import ckey
+
+        C, nxt = self._rec.chunk, self._meta["next_id"]
+        with self._rec.env.begin(write=True) as txn:
+            m = self._rec.read_meta(txn)
+            dead_per_chunk = np.bincount(self._deleted // C, minlength=(nxt + C - 1) // C)
+            last = (nxt - 1) // C
+            for c in np.flatnonzero(dead_per_chunk == C).tolist():
+                if c != last:
+                    txn.delete(ckey(c), db=self._rec.db_vec)
+                    txn.delete(ckey(c), db=self._rec.db_lab)
+            for i in self._deleted.tolist():
+                txn.delete(ckey(i), db=self._rec.db_txt)
+            m["generation"] += 1
+            m["compactions"] += 1
+            self._rec.write_meta(txn, m)
+        self._meta = self._rec.meta = m
+        self._rebuild()
+
+    # ------------------------------------------------------------------ properties
+    key_dim = property(lambda self: int(self._meta["key_dim"]))
+    image_dim = property(lambda self: int(self._meta["image_dim"]))
+    text_dim = property(lambda self: int(self._meta["text_dim"]))
+    generation = property(lambda self: int(self._meta["generation"]), doc="increases with every committed change")
+    class_names = property(lambda self: self._meta.get("class_names"))
+    dtype = property(lambda self: self._meta["dtype"])
+    user_meta = property(lambda self: dict(self._meta["user_meta"]), doc="free JSON metadata (e.g. build progress)")
+
+    @property
+    def fingerprint(self) -> KBFingerprint:
+        return KBFingerprint.from_dict(self._meta["fingerprint"])
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW efSearch used by :meth:`search` (raised to k + exclusions per call when smaller)."""
+        return int(self._ef)
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"ef_search must be a positive int, got {value!r}")
+        self._ef = value
+
+    def __len__(self) -> int:
+        return int(self._meta["count"])
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.readonly else "writable"
+        return (f"KnowledgeBase({str(self.path)!r}, {len(self)} records, dims key/image/text "
+                f"{self.key_dim}/{self.image_dim}/{self.text_dim}, {mode})")
+
+    # ------------------------------------------------------------------ life cycle
+    def refresh(self) -> bool:
+        """Readers: move to the latest committed generation (and index file). Returns True if anything changed."""
+        if not self.readonly:
+            return False
+        old_gen, old_file = self.generation, self._state.file
+        self._snap.abort()
+        self._snap = None
+        self._load()
+        changed = self.generation != old_gen or self._state.file != old_file
+        return changed
+
+    def close(self) -> None:
+        if getattr(self, "_rec", None) is None:
+            return
+        try:
+            if not self.readonly and self._unsaved:
+                self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._snap is not None:
+            self._snap.abort()
+            self._snap = None
+        if getattr(self, "_rec", None) is not None:
+            self._rec.close()
+            self._rec = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> KnowledgeBase:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,271 @@
+"""KnowledgeBase: exact and HNSW search, records, deletion, durability of the index, bad input (real LMDB + faiss)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
+from retrofit.fingerprint import EncoderFingerprint
+from retrofit.knowledge_base import KnowledgeBase
+from retrofit.store import KBFingerprint, Store
+
+DK, DI, DT = 16, 8, 6
+
+
+def clustered(n: int, d: int, centres: int, seed: int, noise: float = 0.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g)
+    return c[torch.randint(0, centres, (n,), generator=g)] + noise * torch.randn(n, d, generator=g)
+
+
+def make(path, n=200, seed=0, **kw) -> tuple[KnowledgeBase, torch.Tensor]:
+    kb = KnowledgeBase.create(path, DK, DI, DT, class_names=["a", "b", "c"], **kw)
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, DK, generator=g)
+    image = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, DI) / 8  # id recoverable from the vector
+    text = torch.randn(n, DT, generator=g)
+    kb.add(keys, image, text, labels=torch.arange(n) % 3, captions=[f"cap {i}" for i in range(n)],
+           sources=[f"src/{i}.jpg" for i in range(n)])
+    return kb, keys
+
+
+def brute(kb: KnowledgeBase, q: torch.Tensor, k: int, dead=()) -> torch.Tensor:
+    ids = torch.tensor([i for i in range(kb.info()["next_id"]) if i not in set(dead)])
+    keys = kb.vectors(ids, "key")
+    sims = torch.nn.functional.normalize(q, dim=1) @ keys.T
+    return ids[sims.topk(min(k, len(ids)), dim=1).indices]
+
+
+def test_exact_search_is_true_topk_and_gathers_records(tmp_path):
+    kb, keys = make(tmp_path / "kb", n=300)
+    assert isinstance(kb, Store) and len(kb) == 300 and kb.info()["index"]["kind"] == "flat"
+    q = torch.randn(7, DK)
+    nb = kb.search(q, 10)
+    assert torch.equal(nb.ids, brute(kb, q, 10))
+    assert nb.mask.all() and (nb.scores[:, :-1] >= nb.scores[:, 1:]).all()
+    assert torch.equal(nb.image[..., 0] * 8, nb.ids.float())  # vectors belong to the returned ids
+    assert torch.equal(nb.labels, nb.ids % 3)
+    # stored keys are the L2-normalised inputs, rounded to float16
+    want = torch.nn.functional.normalize(keys, dim=1).half().float()
+    assert torch.equal(kb.vectors(torch.arange(300), "key"), want)
+    recs = kb.get([5, 7], vectors=True)
+    assert recs[0]["caption"] == "cap 5" and recs[1]["source"] == "src/7.jpg" and recs[1]["label"] == 1
+    assert torch.equal(recs[0]["image"], torch.full((DI,), 5 / 8))
+    assert [r["id"] for r in kb][:4] == [0, 1, 2, 3]
+    kb.close()
+
+
+def test_hnsw_recall_on_clustered_data_and_ef_at_least_k(tmp_path):
+    x = clustered(4000, DK, 40, seed=1)
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, index="hnsw", hnsw_m=16, ef_construction=40)
+    with kb.bulk():
+        for s in range(0, 4000, 1000):
+            kb.add(x[s:s + 1000], torch.zeros(1000, DI), torch.zeros(1000, DT))
+    assert kb.info()["index"]["kind"] == "hnsw"
+    q = clustered(200, DK, 40, seed=1) + 0.3 * torch.randn(200, DK)  # same clusters, new points
+    truth = brute(kb, q, 32)
+    got = kb.search(q, 32).ids
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 32 for a, b in zip(truth, got)])
+    assert recall >= 0.95, recall
+    kb.ef_search = 8  # smaller than k: search raises it to k, so all 200 slots are filled
+    assert kb.search(q[:3], 200).mask.all()
+    kb.close()
+
+
+def test_auto_switches_from_exact_to_hnsw(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, flat_threshold=500, ef_construction=40)
+    x = clustered(800, DK, 10, seed=2)
+    kb.add(x[:400], torch.zeros(400, DI), torch.zeros(400, DT))
+    assert kb.info()["index"]["kind"] == "flat"
+    kb.add(x[400:], torch.zeros(400, DI), torch.zeros(400, DT))
+    assert kb.info()["index"]["kind"] == "hnsw" and kb.info()["index"]["ntotal"] == 800
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert r.info()["index"]["kind"] == "hnsw" and len(r) == 800
+
+
+def test_delete_exclude_compact_reopen(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=100)
+    q = torch.randn(4, DK)
+    first = kb.search(q, 5).ids
+    dead = sorted(set(first[:, 0].tolist()))
+    kb.delete(dead)
+    assert len(kb) == 100 - len(dead)
+    nb = kb.search(q, 5, exclude=first[:, 1:2])
+    assert not np.isin(nb.ids.numpy(), dead).any()
+    assert not (nb.ids == first[:, 1:2]).any()
+    assert torch.equal(kb.search(q, 5).ids, brute(kb, q, 5, dead))
+    with pytest.raises(KeyError):
+        kb.get(dead[:1])
+    gen = kb.generation
+    kb.compact()
+    assert kb.generation > gen and kb.info()["index"]["ntotal"] == 100 - len(dead)
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert torch.equal(r.search(q, 5).ids, brute(r, q, 5, dead))
+        assert r.verify()["ok"]
+        assert all(r_["id"] not in dead for r_ in r)
+
+
+def test_metadata_fingerprint_and_user_meta(tmp_path):
+    fp = EncoderFingerprint("timm", "resnet18", "random", DK)
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, KBFingerprint(key=fp, image=None), class_names=["x"])
+    kb.add(torch.randn(3, DK), torch.randn(3, DI), torch.randn(3, DT), meta={"done": 1, "src": "a"})
+    kb.add(torch.randn(3, DK), torch.randn(3, DI), torch.randn(3, DT), meta={"done": 2})
+    assert kb.user_meta == {"done": 2, "src": "a"} and kb.generation == 2
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert r.fingerprint.key == fp and r.class_names == ["x"] and r.user_meta["done"] == 2
+        info = r.info()
+        assert info["records"] == 6 and info["dtype"] == "float16"
+    with pytest.raises(ValueError, match="fingerprint.key.dim"):
+        KnowledgeBase.create(tmp_path / "kb2", DK + 1, DI, DT, KBFingerprint(key=fp))
+
+
+def test_records_on_disk_are_compact(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", 128, 128, 64, chunk_records=256)
+    for _ in range(8):
+        kb.add(torch.randn(1000, 128), torch.randn(1000, 128), torch.randn(1000, 64))
+    b = kb.info()["bytes"]
+    assert b["raw_vectors"] == 8000 * 320 * 2
+    assert b["records_over_raw"] <= 1.15, b
+    kb.close()
+
+
+def _state(kb: KnowledgeBase) -> tuple:
+    return len(kb), kb.generation, kb.info()["next_id"], kb.user_meta
+
+
+def test_bad_input_is_refused_and_leaves_the_kb_unchanged(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=20)
+    before = _state(kb)
+    z = torch.zeros
+    bad = [
+        dict(keys=torch.randn(2, DK + 1), image=z(2, DI), text=z(2, DT)),
+        dict(keys=torch.randn(2, DK), image=z(3, DI), text=z(2, DT)),
+        dict(keys=torch.full((2, DK), float("nan")), image=z(2, DI), text=z(2, DT)),
+        dict(keys=torch.randn(2, DK), image=torch.full((2, DI), float("inf")), text=z(2, DT)),
+        dict(keys=torch.randn(2, DK), image=torch.full((2, DI), 1e6), text=z(2, DT)),  # float16 overflow
+        dict(keys=torch.randn(0, DK), image=z(0, DI), text=z(0, DT)),
+        dict(keys=z(2, DK), image=z(2, DI), text=z(2, DT)),  # zero keys cannot be normalised
+        dict(keys=torch.randn(2, DK), image=z(2, DI), text=z(2, DT), labels=torch.tensor([0, 7])),
+        dict(keys=torch.randn(2, DK), image=z(2, DI), text=z(2, DT), captions=["only one"]),
+        dict(keys=torch.randn(2, DK), image=z(2, DI), text=z(2, DT), meta={"x": object()}),
+    ]
+    for args in bad:
+        with pytest.raises((ValueError, TypeError)):
+            kb.add(**args)
+    assert _state(kb) == before
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be"):
+            kb.search(torch.randn(1, DK), k)
+    with pytest.raises(ValueError):
+        kb.search(torch.randn(1, DK + 2), 3)
+    nb = kb.search(torch.randn(2, DK), 50)  # k > size: masked slots, never garbage
+    assert nb.mask.sum(1).tolist() == [20, 20] and (nb.ids[:, 20:] == -1).all() and (nb.labels[:, 20:] == -1).all()
+    assert (nb.image[:, 20:] == 0).all()
+    with pytest.raises(KeyError, match="unknown"):
+        kb.delete([3, 999])
+    with pytest.raises(KeyError):
+        kb.get([-1])
+    assert _state(kb) == before and kb.verify()["ok"]
+    kb.close()
+
+
+def test_not_a_kb_newer_schema_and_second_writer(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("hi")
+    with pytest.raises(KnowledgeBaseError, match="not a retrofit knowledge base"):
+        KnowledgeBase.open(tmp_path / "junk")
+    with pytest.raises(KnowledgeBaseError, match="already exists"):
+        KnowledgeBase.create(tmp_path / "junk", DK, DI, DT)
+    kb, _ = make(tmp_path / "kb", n=5)
+    with pytest.raises(KnowledgeBaseError, match="another process|one writer"):
+        _other_process_writer(tmp_path / "kb")
+    with kb._rec.env.begin(write=True) as txn:  # simulate a KB written by a future retrofit
+        m = kb._rec.read_meta(txn)
+        m["schema_version"] = 99
+        kb._rec.write_meta(txn, m)
+    kb._release()
+    with pytest.raises(KnowledgeBaseError, match="schema 99"):
+        KnowledgeBase.open(tmp_path / "kb")
+
+
+def _other_process_writer(path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom retrofit.knowledge_base import KnowledgeBase\n"
+            f"try:\n    KnowledgeBase.open({str(path)!r}, readonly=False)\n"
+            "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if r.returncode == 3:
+        raise KnowledgeBaseError(r.stdout)
+
+
+def test_truncated_index_is_refused_by_readers_and_rebuilt_by_writers(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=50)
+    q = torch.randn(3, DK)
+    want = kb.search(q, 4).ids
+    kb.close()
+    state = json.loads((tmp_path / "kb" / "index.json").read_text())
+    f = tmp_path / "kb" / state["file"]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptKnowledgeBaseError, match=f"retrofit kb compact {tmp_path / 'kb'}"):
+        KnowledgeBase.open(tmp_path / "kb")
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:
+        assert w.verify()["ok"] and len(w) == 50
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert torch.equal(r.search(q, 4).ids, want)
+
+
+def test_index_behind_records_is_caught_up(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=30)
+    kb.flush()
+    old = json.loads((tmp_path / "kb" / "index.json").read_text())
+    kb.add(torch.randn(10, DK), torch.full((10, DI), 1.0), torch.zeros(10, DT))
+    kb._unsaved = 0  # as if the process died before writing the index
+    kb.close()
+    assert json.loads((tmp_path / "kb" / "index.json").read_text())["file"] == old["file"]
+    q = kb_q = torch.randn(2, DK)
+    with KnowledgeBase.open(tmp_path / "kb") as r:  # reader: exact search over the records the file lacks
+        assert r.info()["index"]["pending_in_memory"] == 10
+        assert torch.equal(r.search(q, 40).ids.sort(1).values, torch.arange(40).expand(2, 40))
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:  # writer: catches the file up
+        assert w.search(kb_q, 40).mask.all()
+    assert json.loads((tmp_path / "kb" / "index.json").read_text())["next_id"] == 40
+
+
+def test_reader_snapshot_and_refresh_with_mapped_index(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, index="hnsw", mmap_bytes=1, ef_construction=40)
+    x = clustered(600, DK, 8, seed=3)
+    kb.add(x[:500], torch.zeros(500, DI), torch.zeros(500, DT))
+    kb.flush()
+    r = KnowledgeBase.open(tmp_path / "kb")
+    assert r.info()["index"]["memory_mapped"]
+    gen = r.generation
+    kb.add(x[500:], torch.ones(100, DI), torch.zeros(100, DT))
+    assert len(r) == 500 and r.search(x[500:510], 3).ids.max() < 500  # the snapshot does not move
+    assert r.refresh() and r.generation > gen and len(r) == 600
+    assert (r.search(x[500:510], 1).ids >= 500).all()  # new records are found (exact delta over the records)
+    with pytest.raises(KnowledgeBaseError, match="read-only"):
+        r.add(x[:1], torch.zeros(1, DI), torch.zeros(1, DT))
+    kb.close()
+    assert r.refresh() and r.info()["index"]["pending_in_memory"] == 0
+    r.close()
+
+
+@pytest.mark.cuda
+def test_exact_search_on_gpu_matches_cpu(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=300)
+    q = torch.randn(5, DK)
+    kb.delete([int(kb.search(q, 1).ids[0, 0])])
+    cpu = kb.search(q, 8, exclude=torch.zeros(5, 1, dtype=torch.int64))
+    gpu = kb.search(q.cuda(), 8, exclude=torch.zeros(5, 1, dtype=torch.int64).cuda())
+    assert gpu.ids.is_cuda and torch.equal(gpu.ids.cpu(), cpu.ids)
+    assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-4) and torch.equal(gpu.image.cpu(), cpu.image)
+    kb.close()
