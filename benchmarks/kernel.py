@@ -1,0 +1,157 @@
+"""Fused cross-fusion attention kernel vs the eager PyTorch reference vs ``torch.compile`` of it (CUDA only).
+
+One cross-fusion layer's attention (both directions, mask, residual add) for B in {1, 32, 256},
+k in {16, 32, 64} (S = k + 1), d = 512, 8 heads (Dh = 64), fp16 by default. Forward time and
+forward+backward time per layer; bytes moved and FLOPs per shape (formulas below); achieved bandwidth as
+a fraction of the device's copy bandwidth measured in the same run (and of the nominal peak when the GPU
+is known). Prints one JSON line. Without CUDA it prints one JSON line saying it skipped and why.
+
+Run: ``.venv/bin/python benchmarks/kernel.py [--dtype fp16|bf16|fp32] [--no-compile] [--quick]``.
+
+Roofline estimate (default shape: B = 256, k = 32 -> S = 33, d = 512, H = 8, fp16), per layer:
+
+- Forward FLOPs: 2 directions x (Q K^T + P V) = 8 B S^2 d = 1.14 GFLOP (exp/softmax: 2 B H S^2 = 4.5 M exps).
+- Forward bytes (minimum, each tensor once): read q, k, v, res of both directions (8 B S d x 2 B), write
+  the two new streams (2 B S d x 2 B), the log-sum-exp (2 B H S x 4 B) and the mask (B S) = 87.1 MB.
+- Arithmetic intensity 13 FLOP/byte, far below an H100's ridge (~990 TFLOP/s fp16 / 3.35 TB/s = ~295):
+  memory-bound. Floor on an H100 SXM: 87.1 MB / 3.35 TB/s = 26 us (the FLOPs take ~1.2 us).
+- Backward (as implemented: the dq kernel recomputes P twice, the dk/dv kernel once): 36 B S^2 d = 5.1 GFLOP;
+  bytes: q, k, v, dO read by both backward kernels (16 B S d x 2 B), dq, dk, dv written (6 B S d x 2 B),
+  lse / delta = 192.5 MB -> floor 57 us on an H100 SXM; still memory-bound.
+- The eager reference additionally writes and re-reads fp32 (B, H, S, S) score / probability tensors
+  (8.9 MB each at this shape, several per direction) and fp32 copies of fp16 inputs; at B = 1 and 32 it is
+  bound by its ~15 kernel launches, which the fused forward replaces with one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, time_fn
+
+BATCHES = (1, 32, 256)
+KS = (16, 32, 64)
+DIM, HEADS = 512, 8
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Nominal HBM bandwidth (bytes/s) of GPUs we know; the measured copy bandwidth is always reported too.
+NOMINAL_BW = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
+              "A100-SXM4-40GB": 1.56e12, "A100 80GB PCIe": 1.94e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}
+
+
+def layer_flops(B: int, S: int, d: int, backward: bool = False) -> int:
+    """FLOPs of one layer's two-direction attention (matrix products only), as the kernels compute it."""
+    fwd = 2 * 2 * (2 * B * S * S * d)  # 2 directions x (QK^T + PV), 2 flops per multiply-add
+    bwd = 2 * 18 * B * S * S * d  # per direction: dq kernel 5 products (2 passes), dk/dv kernel 4
+    return fwd + (bwd if backward else 0)
+
+
+def layer_bytes(B: int, S: int, d: int, H: int, itemsize: int, backward: bool = False) -> int:
+    """Minimum bytes moved by the fused kernels (each tensor read or written once per kernel that needs it)."""
+    sd = B * S * d * itemsize
+    rows = 2 * B * H * S * 4  # one fp32 per query row and direction
+    fwd = 8 * sd + 2 * sd + rows + B * S
+    bwd = 16 * sd + 6 * sd + 4 * rows + 2 * B * S
+    return fwd + (bwd if backward else 0)
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 2**30) -> float:
+    """Measured device-to-device copy bandwidth (bytes/s: read + write) on an ``nbytes`` buffer."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=10, device=device, min_seconds=0.5)
+    return 2 * src.numel() / t["best"]
+
+
+def make_layer_inputs(B: int, S: int, dtype: torch.dtype, requires_grad: bool = False, device: str = "cuda"):
+    """The tensors a CrossFusionLayer passes: head views of the two fused QKV projections and the streams."""
+    H, Dh = HEADS, DIM // HEADS
+    qkv_i = torch.randn(B, S, 3, H, Dh, device=device, dtype=dtype, requires_grad=requires_grad)  # (B, S, 3, H, Dh)
+    qkv_t = torch.randn(B, S, 3, H, Dh, device=device, dtype=dtype, requires_grad=requires_grad)
+    xi = torch.randn(B, S, DIM, device=device, dtype=dtype, requires_grad=requires_grad)  # (B, S, d)
+    xt = torch.randn(B, S, DIM, device=device, dtype=dtype, requires_grad=requires_grad)
+    q_i, k_i, v_i = qkv_i.unbind(2)  # each (B, S, H, Dh), strided views
+    q_t, k_t, v_t = qkv_t.unbind(2)
+    mask = torch.rand(B, S, device=device) > 0.2  # (B, S)
+    mask[:, 0] = True
+    return q_t, k_i, v_i, q_i, k_t, v_t, xi.view(B, S, H, Dh), xt.view(B, S, H, Dh), mask
+
+
+def bench_one(fn, B: int, S: int, dtype: torch.dtype, device: str = "cuda", repeats: int = 20) -> dict[str, float]:
+    """Median forward and forward+backward seconds of ``fn`` for one layer's inputs."""
+    args = make_layer_inputs(B, S, dtype, device=device)
+    with torch.no_grad():
+        fwd = time_fn(lambda: fn(*args), warmup=3, repeats=repeats, device=device, min_seconds=0.2)
+    args = make_layer_inputs(B, S, dtype, requires_grad=True, device=device)
+    g = [torch.randn(B, S, HEADS, DIM // HEADS, device=device, dtype=dtype) for _ in range(2)]
+
+    def step():
+        out = fn(*args)
+        torch.autograd.backward(out[:2], g)
+
+    both = time_fn(step, warmup=3, repeats=repeats, device=device, min_seconds=0.2)
+    return {"fwd_s": fwd["median"], "fwd_bwd_s": both["median"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="input dtype (default fp16)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--quick", action="store_true", help="only B=32, k=32")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        emit({"benchmark": "kernel", "skipped": True,
+              "reason": "no CUDA device: the fused Triton kernel only runs compiled on a GPU (the CPU interpreter "
+                        "is a correctness tool, ~10-30 ms per launch, so timing it would be meaningless)"})
+        return 0
+
+    from retrofit.functional import cross_fusion_attention_reference
+    from retrofit.kernels.cross_fusion import cross_fusion_attention_fused
+
+    impls = {"fused": cross_fusion_attention_fused, "eager": cross_fusion_attention_reference}
+    if not args.no_compile:
+        impls["compiled"] = torch.compile(cross_fusion_attention_reference, dynamic=False)
+    shapes = [(32, 32)] if args.quick else [(B, k) for B in BATCHES for k in KS]
+    emit(run_table(shapes, DTYPES[args.dtype], impls))
+    return 0
+
+
+def run_table(shapes: list[tuple[int, int]], dtype: torch.dtype, impls: dict, device: str = "cuda",
+              repeats: int = 20, copy_bytes: int = 2**30) -> dict:
+    """Time every implementation on every (B, k); returns the figures with bytes, FLOPs and bandwidth fractions."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    nominal = next((bw for key, bw in NOMINAL_BW.items() if key in name), None)
+    measured_bw = copy_bandwidth(device, copy_bytes)
+    rows = []
+    for B, k in shapes:
+        S = k + 1
+        row = {"B": B, "k": k, "S": S,
+               "fwd_flops": layer_flops(B, S, DIM), "fwd_bytes": layer_bytes(B, S, DIM, HEADS, itemsize),
+               "fwd_bwd_flops": layer_flops(B, S, DIM, True),
+               "fwd_bwd_bytes": layer_bytes(B, S, DIM, HEADS, itemsize, True)}
+        for impl, fn in impls.items():
+            t = bench_one(fn, B, S, dtype, device, repeats)
+            row[f"{impl}_fwd_us"] = round(t["fwd_s"] * 1e6, 2)
+            row[f"{impl}_fwd_bwd_us"] = round(t["fwd_bwd_s"] * 1e6, 2)
+        for phase in ("fwd", "fwd_bwd"):
+            bw = row[f"{phase}_bytes"] / (row[f"fused_{phase}_us"] * 1e-6)
+            row[f"fused_{phase}_GBps"] = round(bw / 1e9, 1)
+            row[f"fused_{phase}_frac_copy_bw"] = round(bw / measured_bw, 3)
+            if nominal:
+                row[f"fused_{phase}_frac_peak_bw"] = round(bw / nominal, 3)
+            for impl in impls:
+                if impl != "fused":
+                    row[f"speedup_vs_{impl}_{phase}"] = round(row[f"{impl}_{phase}_us"] / row[f"fused_{phase}_us"], 2)
+        rows.append(row)
+    return {"benchmark": "kernel", "dtype": str(dtype).removeprefix("torch."), "dim": DIM, "heads": HEADS,
+            "device": name, "copy_bandwidth_GBps": round(measured_bw / 1e9, 1),
+            "nominal_bandwidth_GBps": None if nominal is None else round(nominal / 1e9, 1), "rows": rows}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
