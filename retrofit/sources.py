@@ -357,6 +357,10 @@ class DecodeDataset(torch.utils.data.Dataset):
 def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> dict[str, Any]:
     """Batch of decoded samples: ``index`` (all), ``ok`` (positions with an image), ``images`` (n_ok, 3, H, W)."""
     ok = [n for n, it in enumerate(items) if it[1] is not None]
-    images = torch.stack([items[n][1] for n in ok]) if ok else None  # (n_ok, 3, H, W)
+    images: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+    if ok and isinstance(items[ok[0]][1], tuple):  # several transforms per image
+        images = tuple(torch.stack(parts) for parts in zip(*(items[n][1] for n in ok)))
+    elif ok:
+        images = torch.stack([items[n][1] for n in ok])  # (n_ok, 3, H, W)
     return {"index": [it[0] for it in items], "ok": ok, "images": images,
             "hash": [it[2] for it in items], "error": [it[3] for it in items]}

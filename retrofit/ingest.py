@@ -1,0 +1,486 @@
+"""Building knowledge bases: stream a source through the encoders into a :class:`KnowledgeBase`.
+
+``build_kb`` creates a KB (or resumes one it started), ``add_to_kb`` appends to an existing one, and
+``merge_kbs`` combines KBs built with the same encoders. Images are decoded and preprocessed in DataLoader
+workers; the main process only encodes batches and writes them. Progress (the position in the source's
+build order and the counters) is committed in the same LMDB transaction as the records, so a build that is
+killed at any point continues, when re-run with the same arguments, exactly where its last commit ended.
+Bad samples (missing or undecodable image, no caption) are skipped, counted and listed in a JSONL report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrofit.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from retrofit.errors import KnowledgeBaseError, RetrofitError
+from retrofit.fingerprint import check_fingerprints
+from retrofit.sources import DecodeDataset, Source, collate_decoded, map_labels, open_source
+from retrofit.store import KBFingerprint
+
+__all__ = ["BuildConfig", "BuildSummary", "build_kb", "add_to_kb", "merge_kbs", "REPORT_NAME"]
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "build_report.jsonl"  # bad samples of builds into this KB, one JSON object per line
+_META_PREFIX = "ingest:"  # user_meta key of a build's progress: "ingest:<build id>"
+
+
+@dataclass
+class BuildConfig:
+    """How to turn a source into knowledge-base records."""
+
+    image_encoder: str = "darknet-tiny"  # image encoder spec (see retrofit.encoders)
+    text_encoder: str = "minilm"  # text encoder spec for captions
+    key_encoder: str | None = None  # separate encoder for the search keys; None = the image vectors are the keys
+    class_names: list[str] | None = None  # the classifier's classes; labels are mapped onto them by name
+    batch_size: int = 256  # images per encoder batch
+    num_workers: int = 1  # DataLoader worker processes decoding images (0 = in the main process)
+    commit_every: int = 4096  # records per LMDB commit = resume granularity
+    dedup: bool = True  # drop exact duplicates (same image bytes, sha1)
+    near_dup: float | None = None  # drop records whose key has cosine >= this with an earlier record (None = off)
+    require_caption: bool = True  # a sample without a caption is bad data (else its text vector is zero)
+    dtype: str = "float16"  # storage dtype of the vectors
+    index: str = "auto"  # "auto", "hnsw" or "flat" (KnowledgeBase.create)
+    device: str = "cpu"  # where the encoders run
+    text_cache: int = 200_000  # captions whose text vector is remembered (web captions repeat a lot)
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> None:
+        for n in ("batch_size", "commit_every"):
+            if not isinstance(getattr(self, n), int) or getattr(self, n) <= 0:
+                raise ValueError(f"BuildConfig.{n} must be a positive int, got {getattr(self, n)!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"BuildConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
+        if self.near_dup is not None and not 0.0 < self.near_dup <= 1.0:
+            raise ValueError(f"BuildConfig.near_dup must be a cosine in (0, 1] or None, got {self.near_dup!r}")
+        if self.dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"BuildConfig.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class BuildSummary:
+    """What a build did (counts over the whole build, including earlier resumed runs)."""
+
+    path: str  # the knowledge base
+    total: int  # samples in the source
+    written: int  # records written
+    skipped: int  # bad samples (see the report)
+    duplicates: int  # exact duplicates dropped
+    near_duplicates: int  # near duplicates dropped
+    seconds: float  # wall time of this run
+    encode_s: float  # time inside the encoders' forward in this run
+    images_per_s: float  # samples processed per second in this run
+    resumed_from: int  # source position this run started at (0 = fresh)
+    report: str  # the bad-sample report file
+    kb_size: int = 0  # records in the KB at the end
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.written} written, {self.skipped} skipped, {self.duplicates} duplicates"
+                + (f", {self.near_duplicates} near duplicates" if self.near_duplicates else "")
+                + f" of {self.total} samples in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s; "
+                f"encoders {self.encode_s:.1f} s); report: {self.report}")
+
+
+def _hash_of_source(source: str | None) -> str | None:
+    """The image hash recorded in a record's ``source`` field (``key|sha1:XXXX``)."""
+    if source and "|sha1:" in source:
+        return source.rpartition("|sha1:")[2]
+    return None
+
+
+class _Builder:
+    """One run over (part of) a source into an open, writable KB."""
+
+    def __init__(self, kb: Any, source: Source, labels: list[int], cfg: BuildConfig, image: ImageEncoder,
+                 text: TextEncoder, key: ImageEncoder | None, build_id: str, report: Path):
+        self.kb, self.source, self.labels, self.cfg = kb, source, labels, cfg
+        self.image, self.text, self.key = image, text, key
+        self.meta_key = _META_PREFIX + build_id
+        self.report = report
+        self.encode_s = 0.0
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._seen: set[str] = set()
+        self._near = None  # faiss IndexFlatIP over written keys (near-duplicate removal)
+        self.state = dict(kb.user_meta.get(self.meta_key) or {"next": 0, "written": 0, "skipped": 0,
+                                                                "duplicates": 0, "near_duplicates": 0})
+
+    # ------------------------------------------------------------------ resume state
+    def restore(self) -> None:
+        """Rebuild the duplicate sets from the KB and trim the report to the committed position."""
+        start = self.state["next"]
+        kept = []
+        if self.report.exists():
+            for line in self.report.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if e.get("build") != self.meta_key or e.get("index", -1) < start:
+                    kept.append(line)
+        self.report.write_text("".join(x + "\n" for x in kept))
+        keys = []
+        if (self.cfg.dedup or self.cfg.near_dup is not None) and len(self.kb):
+            for r in self.kb:  # live records in id order
+                if self.cfg.dedup and (h := _hash_of_source(r.get("source"))):
+                    self._seen.add(h)
+                if self.cfg.near_dup is not None:
+                    keys.append(r["key"])
+        if self.cfg.near_dup is not None:
+            import faiss
+
+            self._near = faiss.IndexFlatIP(self.kb.key_dim)
+            if keys:
+                self._near.add(torch.stack(keys).float().numpy())
+
+    # ------------------------------------------------------------------ encoding
+    def _timed(self, fn: Any, x: Any) -> torch.Tensor:
+        t = time.perf_counter()
+        out = fn(x)
+        self.encode_s += time.perf_counter() - t
+        return out.float().cpu()
+
+    def _encode_text(self, captions: list[str | None]) -> torch.Tensor:
+        todo = sorted({c for c in captions if c and c not in self._text_cache})
+        if todo:
+            vecs = self._timed(self.text.encode, todo)  # (n, Dt)
+            if len(self._text_cache) + len(todo) > self.cfg.text_cache:
+                self._text_cache.clear()
+            self._text_cache.update(zip(todo, vecs))
+        zero = torch.zeros(self.text.dim)
+        return torch.stack([self._text_cache[c] if c else zero for c in captions])  # (B, Dt)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> BuildSummary:
+        from tqdm.auto import tqdm
+
+        cfg, refs = self.cfg, self.source.refs
+        start = self.state["next"]
+        t0 = time.perf_counter()
+        pre = [self.image.preprocess] + ([self.key.preprocess] if self.key is not None else [])
+        ds = DecodeDataset(refs, pre[0] if len(pre) == 1 else _Multi(pre), offset=start)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_decoded,
+            prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+        pending: dict[str, list] = {k: [] for k in ("key", "image", "text", "label", "caption", "source")}
+        bar = tqdm(total=len(refs), initial=start, unit="img", desc="kb build", disable=not cfg.progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        pos = start
+        try:
+            with open(self.report, "a") as report:
+                for batch in loader:
+                    self._take(batch, pending, report)
+                    pos = batch["index"][-1] + 1
+                    bar.update(len(batch["index"]))
+                    n_pending = sum(pending.get("_n", []))
+                    bar.set_postfix(written=self.state["written"] + n_pending, skipped=self.state["skipped"],
+                                    refresh=False)
+                    if n_pending >= cfg.commit_every:
+                        report.flush()
+                        self._commit(pending, pos)
+                report.flush()
+                self._commit(pending, pos, force=True)
+        except KeyboardInterrupt:
+            log.warning("interrupted: committing what was encoded (up to source position %d); re-run to resume", pos)
+            self._commit(pending, pos, force=True)
+            raise
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        st = self.state
+        return BuildSummary(str(self.kb.path), len(refs), st["written"], st["skipped"], st["duplicates"],
+                            st["near_duplicates"], seconds, self.encode_s, (len(refs) - start) / max(seconds, 1e-9),
+                            start, str(self.report), kb_size=len(self.kb))
+
+    def _take(self, batch: dict[str, Any], pending: dict[str, list], report: Any) -> None:
+        """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``."""
+        keep_rows, keep_idx = [], []
+        for row, i in enumerate(batch["index"]):
+            ref = self.source.refs[i]
+            err = batch["error"][row]
+            cap = ref.caption.strip() if isinstance(ref.caption, str) else None
+            if err is None and not cap and self.cfg.require_caption:
+                err = "no caption" if ref.caption is None else "empty caption"
+            if err is not None:
+                self.state["skipped"] += 1
+                report.write(json.dumps({"build": self.meta_key, "index": i, "key": ref.key, "reason": err}) + "\n")
+                continue
+            h = batch["hash"][row][:16]
+            if self.cfg.dedup:
+                if h in self._seen:
+                    self.state["duplicates"] += 1
+                    continue
+                self._seen.add(h)
+            keep_rows.append(row)
+            keep_idx.append(i)
+        if not keep_rows:
+            return
+        sel = [batch["ok"].index(r) for r in keep_rows]
+        images = batch["images"]
+        img_in = images[0] if isinstance(images, tuple) else images
+        img = self._timed(self.image.encode, img_in[sel])  # (n, Di)
+        keys = self._timed(self.key.encode, images[1][sel]) if self.key is not None else img  # (n, Dk)
+        if self._near is not None:
+            keep = self._near_filter(keys)
+            keep_rows = [r for r, k in zip(keep_rows, keep) if k]
+            keep_idx = [i for i, k in zip(keep_idx, keep) if k]
+            img, keys = img[keep], keys[keep]
+            if not keep_rows:
+                return
+        caps = [self.source.refs[i].caption.strip() if self.source.refs[i].caption else None for i in keep_idx]
+        txt = self._encode_text(caps)  # (n, Dt)
+        pending["key"].append(keys)
+        pending["image"].append(img)
+        pending["text"].append(txt)
+        pending["label"].extend(self.labels[i] for i in keep_idx)
+        pending["caption"].extend(caps)
+        pending["source"].extend(f"{self.source.refs[i].key}|sha1:{batch['hash'][r][:16]}"
+                                 for r, i in zip(keep_rows, keep_idx))
+        pending.setdefault("_n", []).append(len(keep_idx))
+
+    def _near_filter(self, keys: torch.Tensor) -> list[bool]:
+        """True for keys with no earlier key (written or in this batch) at cosine >= near_dup."""
+        import numpy as np
+
+        q = torch.nn.functional.normalize(keys, dim=-1).numpy().astype(np.float32)  # (n, Dk)
+        keep = np.ones(len(q), dtype=bool)
+        if self._near.ntotal:
+            d, _ = self._near.search(q, 1)
+            keep &= d[:, 0] < self.cfg.near_dup
+        sim = q @ q.T  # (n, n)
+        for a in range(len(q)):
+            if keep[a] and a + 1 < len(q):
+                keep[a + 1:] &= ~((sim[a, a + 1:] >= self.cfg.near_dup) & keep[a + 1:] & True)
+        self.state["near_duplicates"] += int((~keep).sum())
+        self._near.add(q[keep])
+        return keep.tolist()
+
+    def _commit(self, pending: dict[str, list], pos: int, force: bool = False) -> None:
+        """Write ``pending`` and the progress up to source position ``pos`` in one transaction."""
+        n = sum(pending.get("_n", []))
+        if n == 0 and not force:
+            return
+        state = dict(self.state, next=pos, written=self.state["written"] + n,
+                     done=pos >= len(self.source.refs), updated=time.time())
+        if n:
+            lab = torch.tensor(pending["label"], dtype=torch.int64)
+            self.kb.add(torch.cat(pending["key"]), torch.cat(pending["image"]), torch.cat(pending["text"]),
+                        labels=lab, captions=pending["caption"], sources=pending["source"],
+                        meta={self.meta_key: state})
+        else:
+            self.kb.update_meta({self.meta_key: state})
+        self.state = state
+        for v in pending.values():
+            v.clear()
+        log.info("committed %d records; source position %d/%d", n, pos, len(self.source.refs))
+
+
+class _Multi:
+    """Several preprocess transforms applied to one image (image encoder + key encoder); picklable."""
+
+    def __init__(self, fns: list[Any]):
+        self.fns = fns
+
+    def __call__(self, im: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(f(im) for f in self.fns)
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def _config(config: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
+    cfg = BuildConfig(**asdict(config)) if config is not None else BuildConfig()
+    allowed = set(asdict(cfg))
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise ValueError(f"unknown build options {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.validate()
+    return cfg
+
+
+def _encoders(cfg: BuildConfig, image: ImageEncoder | str | None, text: TextEncoder | str | None,
+              key: ImageEncoder | str | None) -> tuple[ImageEncoder, TextEncoder, ImageEncoder | None]:
+    image = image if image is not None else cfg.image_encoder
+    text = text if text is not None else cfg.text_encoder
+    key = key if key is not None else cfg.key_encoder
+    img = load_image_encoder(image, cfg.device) if isinstance(image, str) else image
+    txt = load_text_encoder(text, cfg.device) if isinstance(text, str) else text
+    k = load_image_encoder(key, cfg.device) if isinstance(key, str) else key
+    if k is not None and k.fingerprint.matches(img.fingerprint):
+        k = None  # same encoder twice: the image vectors are the keys
+    return img, txt, k
+
+
+def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class_names: list[str] | None) -> str:
+    ident = {"mode": mode, "source": src.describe(), "fingerprint": fp.to_dict(), "dedup": cfg.dedup,
+             "near_dup": cfg.near_dup, "require_caption": cfg.require_caption, "class_names": class_names}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: BuildConfig | None,
+            image_encoder: Any, text_encoder: Any, key_encoder: Any, overrides: dict[str, Any]) -> BuildSummary:
+    from retrofit.knowledge_base import KnowledgeBase
+
+    t0 = time.perf_counter()
+    cfg = _config(config, overrides)
+    path = Path(path)
+    exists = path.is_dir() and any(path.iterdir())
+    if mode == "add" and not exists:
+        raise KnowledgeBaseError(f"{path} is not a knowledge base; create one with `retrofit kb build`")
+    # everything that can be wrong with the configuration is found here, before any work
+    src = source if isinstance(source, Source) else open_source(source)
+    if len(src) == 0:
+        raise ValueError(f"source {src.location} has no samples")
+    if mode == "add" and cfg.class_names is None:
+        with KnowledgeBase.open(path) as kb0:
+            cfg.class_names = kb0.class_names
+    labels, class_names = map_labels(src, cfg.class_names)
+    img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
+    fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)
+    build_id = _build_id(mode, src, cfg, fp, class_names)
+    meta_key = _META_PREFIX + build_id
+    if exists:
+        kb = KnowledgeBase.open(path, readonly=False)
+        try:
+            for part in ("key", "image", "text"):
+                check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
+            if class_names is not None and kb.class_names is not None and list(kb.class_names) != class_names:
+                raise ValueError(f"{path} has classes {kb.class_names[:10]}..., this build maps labels onto "
+                                 f"{class_names[:10]}...; pass the KB's class names")
+            foreign = [k for k in kb.user_meta if k.startswith(_META_PREFIX) and k != meta_key]
+            if mode == "build" and meta_key not in kb.user_meta and (len(kb) or foreign):
+                raise KnowledgeBaseError(
+                    f"{path} already holds a knowledge base built from other data or settings ({len(kb)} records); "
+                    "re-run the original command to resume it, use `retrofit kb add` to append, or pick a new path")
+        except BaseException:
+            kb.close()
+            raise
+    else:
+        kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
+                                  index=cfg.index)
+    report = path / REPORT_NAME
+    with kb:
+        builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, report)
+        if builder.state.get("done"):
+            log.info("%s: this build is already complete (%d records); nothing to do", path, len(kb))
+            st = builder.state
+            return BuildSummary(str(path), len(src), st["written"], st["skipped"], st["duplicates"],
+                                st["near_duplicates"], time.perf_counter() - t0, 0.0, 0.0, st["next"], str(report),
+                                kb_size=len(kb))
+        if builder.state["next"]:
+            log.info("%s: resuming at source position %d of %d", path, builder.state["next"], len(src))
+        builder.restore()
+        if mode == "build":
+            with kb.bulk():  # the ANN index is built once, at the end
+                summary = builder.run()
+        else:
+            summary = builder.run()  # the index is extended batch by batch
+    summary.seconds = time.perf_counter() - t0
+    summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds, 1e-9)
+    log.info("%s", summary)
+    return summary
+
+
+def build_kb(source: str | Path | Source, path: str | Path, config: BuildConfig | None = None, *,
+             image_encoder: ImageEncoder | str | None = None, text_encoder: TextEncoder | str | None = None,
+             key_encoder: ImageEncoder | str | None = None, **options: Any) -> BuildSummary:
+    """Build the knowledge base at ``path`` from ``source`` (webdataset shards, ImageFolder, manifest).
+
+    Re-running the same call after a crash or Ctrl-C resumes where the last commit ended. ``options``
+    override fields of :class:`BuildConfig` (e.g. ``class_names=...``, ``batch_size=...``). Encoders may be
+    given as specs or as loaded objects (e.g. ``retrofit.encoders.host_encoder(model, preprocess)``).
+    """
+    return _ingest("build", source, path, config, image_encoder, text_encoder, key_encoder, options)
+
+
+def add_to_kb(path: str | Path, source: str | Path | Source, config: BuildConfig | None = None, *,
+              image_encoder: ImageEncoder | str | None = None, text_encoder: TextEncoder | str | None = None,
+              key_encoder: ImageEncoder | str | None = None, **options: Any) -> BuildSummary:
+    """Append ``source`` to the existing KB at ``path`` with the same encoders (checked by fingerprint);
+    the index grows incrementally. Resumable like :func:`build_kb`; exact duplicates of records already in
+    the KB are dropped."""
+    return _ingest("add", source, path, config, image_encoder, text_encoder, key_encoder, options)
+
+
+def _add_records(dst: Any, recs: list[dict[str, Any]]) -> int:
+    """Append records as ``KnowledgeBase.get(..., vectors=True)`` returns them; empties ``recs``."""
+    n = len(recs)
+    if n:
+        dst.add(torch.stack([r["key"] for r in recs]), torch.stack([r["image"] for r in recs]),
+                torch.stack([r["text"] for r in recs]), labels=torch.tensor([r["label"] for r in recs]),
+                captions=[r.get("caption") for r in recs], sources=[r.get("source") for r in recs])
+        recs.clear()
+    return n
+
+
+def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, batch: int = 4096,
+              progress: bool = True) -> BuildSummary:
+    """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept).
+
+    Refuses inputs whose fingerprints or class lists differ. ``dedup`` drops records whose image hash
+    (recorded at build time) was already merged.
+    """
+    from tqdm.auto import tqdm
+
+    from retrofit.knowledge_base import KnowledgeBase
+
+    if len(inputs) < 2:
+        raise ValueError(f"merge needs at least two knowledge bases, got {len(inputs)}")
+    t0 = time.perf_counter()
+    kbs = [KnowledgeBase.open(p) for p in inputs]
+    try:
+        first = kbs[0]
+        for p, kb in zip(inputs[1:], kbs[1:]):
+            for part in ("key", "image", "text"):
+                a, b = getattr(first.fingerprint, part), getattr(kb.fingerprint, part)
+                if (a is None) != (b is None) or (a is not None and not a.matches(b)):
+                    from retrofit.errors import FingerprintMismatchError
+
+                    raise FingerprintMismatchError(f"cannot merge: {part} vectors of {inputs[0]} come from {a}, those "
+                                                   f"of {p} from {b}; rebuild one with the other's encoders")
+            if (first.key_dim, first.image_dim, first.text_dim) != (kb.key_dim, kb.image_dim, kb.text_dim):
+                raise RetrofitError(f"cannot merge {inputs[0]} and {p}: dimensions differ")
+            if first.class_names != kb.class_names:
+                raise RetrofitError(f"cannot merge: {inputs[0]} has classes {first.class_names}, {p} has "
+                                    f"{kb.class_names}; rebuild with the same class_names")
+        total = sum(len(kb) for kb in kbs)
+        written = dups = 0
+        seen: set[str] = set()
+        with KnowledgeBase.create(out, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
+                                  class_names=first.class_names) as dst, dst.bulk():
+            bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
+            for kb in kbs:
+                buf: list[dict[str, Any]] = []
+                for r in kb:  # live records in id order, with vectors
+                    bar.update(1)
+                    h = _hash_of_source(r.get("source"))
+                    if dedup and h is not None and h in seen:
+                        dups += 1
+                        continue
+                    if h is not None:
+                        seen.add(h)
+                    buf.append(r)
+                    if len(buf) >= batch:
+                        written += _add_records(dst, buf)
+                written += _add_records(dst, buf)
+            bar.close()
+            size = len(dst)
+    finally:
+        for kb in kbs:
+            kb.close()
+    secs = time.perf_counter() - t0
+    return BuildSummary(str(out), total, written, 0, dups, 0, secs, 0.0, total / max(secs, 1e-9), 0, "",
+                        kb_size=size)

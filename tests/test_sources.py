@@ -1,0 +1,217 @@
+"""Sources: webdataset shards (brace patterns), ImageFolder trees, CSV/JSONL/Parquet manifests, label mapping,
+and decoding in DataLoader workers, on small sets of real CIFAR-10 samples."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrofit.sources import (
+    DecodeDataset,
+    _tar_members,
+    collate_decoded,
+    imagefolder_source,
+    manifest_source,
+    map_labels,
+    open_source,
+    webdataset_source,
+)
+
+PER_CLASS = 10  # samples per class in the mini set (10 classes -> 100 per mini shard pair... see mini_samples)
+
+
+def _pick(data_dir: Path, per_class: int) -> list[dict]:
+    """``per_class`` real training samples of every CIFAR-10 class (the shards are sorted by class)."""
+    out: list[dict] = []
+    for s in range(5):
+        path = data_dir / "cifar10" / f"train-{s:06d}.tar"
+        want: dict[int, int] = {}
+        samples: dict[str, dict] = {}
+        with tarfile.open(path) as tf:
+            members = tf.getmembers()
+            by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in members:
+                k, _, ext = m.name.partition(".")
+                by_key.setdefault(k, {})[ext] = m
+            for k, ms in by_key.items():
+                lab = int(tf.extractfile(ms["cls"]).read().decode())
+                if want.get(lab, 0) >= per_class:
+                    continue
+                want[lab] = want.get(lab, 0) + 1
+                samples[k] = {"key": k, "label": lab, "jpg": tf.extractfile(ms["jpg"]).read(),
+                              "caption": tf.extractfile(ms["txt"]).read().decode() if "txt" in ms else None}
+        out += list(samples.values())
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_samples(data_dir: Path) -> list[dict]:
+    """100 real CIFAR-10 training samples, 10 per class, in class order."""
+    return _pick(data_dir, PER_CLASS)
+
+
+def write_shard(path: Path, samples: list[dict], extra: list[tuple[str, bytes]] = ()) -> None:
+    """A webdataset shard of ``samples`` (keys, .jpg, .cls, .txt when captioned) plus raw ``extra`` members."""
+    with tarfile.open(path, "w") as tf:
+        def put(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for s in samples:
+            put(f"{s['key']}.jpg", s["jpg"])
+            put(f"{s['key']}.cls", str(s["label"]).encode())
+            if s["caption"] is not None:
+                put(f"{s['key']}.txt", s["caption"].encode())
+        for name, data in extra:
+            put(name, data)
+
+
+def make_shards(root: Path, samples: list[dict], classes: list[str], n: int = 2) -> str:
+    """``n`` shards ``mini-00000{i}.tar`` splitting ``samples`` (interleaved) + classes.json; returns the pattern."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_shard(root / f"mini-{i:06d}.tar", samples[i::n])
+    (root / "classes.json").write_text(json.dumps({"classes": classes}))
+    return str(root / f"mini-{{{0:06d}..{n - 1:06d}}}.tar")
+
+
+def make_imagefolder(root: Path, samples: list[dict], classes: list[str]) -> Path:
+    for s in samples:
+        d = root / classes[s["label"]]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{s['key']}.jpg").write_bytes(s["jpg"])
+    return root
+
+
+def make_manifest(root: Path, samples: list[dict], classes: list[str], fmt: str = "jsonl") -> Path:
+    """A manifest with image paths relative to it, captions and class-NAME labels."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in samples:
+        (root / "img" / f"{s['key']}.jpg").write_bytes(s["jpg"])
+        rows.append({"image": f"img/{s['key']}.jpg", "caption": s["caption"], "label": classes[s["label"]]})
+    path = root / f"manifest.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "caption", "label"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_webdataset_brace_pattern(tmp_path, mini_samples, cifar_classes):
+    pattern = make_shards(tmp_path, mini_samples, cifar_classes)
+    assert "{" in pattern
+    src = open_source(pattern)
+    assert src.kind == "webdataset" and len(src) == len(mini_samples) == 100
+    assert src.class_names == cifar_classes  # from classes.json next to the shards
+    order = mini_samples[0::2] + mini_samples[1::2]  # shard 0 then shard 1
+    assert [r.key.split("/")[1] for r in src.refs] == [s["key"] for s in order]
+    assert [r.label for r in src.refs] == [s["label"] for s in order]
+    assert [r.caption for r in src.refs] == [s["caption"] for s in order]
+
+
+def test_tar_index_matches_tarfile(tmp_path, mini_samples, data_dir):
+    path = tmp_path / "a.tar"
+    write_shard(path, mini_samples[:7])
+    with tarfile.open(path) as tf:
+        expected = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    assert _tar_members(path) == expected
+    # a GNU long name falls back to tarfile
+    long = tmp_path / "long.tar"
+    with tarfile.open(long, "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("d" * 120 + "/x.jpg")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    assert [m[0] for m in _tar_members(long)] == ["d" * 120 + "/x.jpg"]
+
+
+def test_imagefolder_templates(tmp_path, mini_samples, cifar_classes):
+    root = make_imagefolder(tmp_path / "if", mini_samples, cifar_classes)
+    src = imagefolder_source(root, templates=["a photo of a {}.", "a blurry photo of the {}."])
+    assert len(src) == 100 and src.class_names == sorted(cifar_classes)
+    for r in src.refs:
+        name = src.class_names[r.label]
+        assert r.key.startswith(name + "/")
+        assert r.caption in (f"a photo of a {name}.", f"a blurry photo of the {name}.")
+    assert sum(r.caption.startswith("a blurry") for r in src.refs) == 50
+    with pytest.raises(ValueError, match="must each contain"):
+        imagefolder_source(root, templates=["no placeholder"])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_manifest_formats(tmp_path, mini_samples, cifar_classes, fmt):
+    path = make_manifest(tmp_path, mini_samples[:30], cifar_classes, fmt)
+    src = manifest_source(path)
+    assert len(src) == 30
+    assert [r.caption for r in src.refs] == [s["caption"] for s in mini_samples[:30]]
+    assert [r.label for r in src.refs] == [cifar_classes[s["label"]] for s in mini_samples[:30]]
+    assert all(Path(r.image).is_file() for r in src.refs)
+    with pytest.raises(ValueError, match="no 'picture' column"):
+        manifest_source(path, image_col="picture")
+
+
+def test_label_mapping_by_name(tmp_path, mini_samples, cifar_classes):
+    src = webdataset_source(make_shards(tmp_path, mini_samples, cifar_classes))
+    target = list(reversed(cifar_classes))  # a classifier with another class order
+    labels, names = map_labels(src, [c.upper() for c in target])  # matching ignores case
+    assert names == [c.upper() for c in target]
+    assert [target[j] for j in labels] == [cifar_classes[r.label] for r in src.refs]
+    with pytest.raises(ValueError, match=r"match no class.*'airplane'"):
+        map_labels(src, [c for c in cifar_classes if c != "airplane"])
+    man = manifest_source(make_manifest(tmp_path / "m", mini_samples[:5], cifar_classes))
+    with pytest.raises(ValueError, match="no class list"):
+        map_labels(man, None)
+
+
+def test_bad_configuration_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shards not found"):
+        webdataset_source(str(tmp_path / "none-{000000..000002}.tar"))
+    with pytest.raises(ValueError, match="cannot tell"):
+        open_source(str(tmp_path / "x.txt"))
+    with pytest.raises(ValueError, match="unknown format"):
+        (tmp_path / "m.xml").write_text("<x/>")
+        manifest_source(tmp_path / "m.xml")
+
+
+class _WorkerMark:
+    """A picklable preprocess that records which DataLoader worker ran it (fails in the main process)."""
+
+    def __call__(self, im):
+        info = torch.utils.data.get_worker_info()
+        assert info is not None, "decoding ran in the main process"
+        return torch.full((3, 4, 4), float(info.id + 1)) + 0 * torch.tensor(im.size).sum()
+
+
+def test_decoding_runs_in_workers_and_reports_bad_data(tmp_path, mini_samples, cifar_classes):
+    bad = dict(mini_samples[0], key="bad_jpeg", jpg=mini_samples[0]["jpg"][:40] + b"\x00" * 50)
+    path = tmp_path / "s.tar"
+    write_shard(path, mini_samples[:5] + [bad], extra=[("lonely.txt", b"a caption without an image")])
+    src = webdataset_source(str(path), class_names=cifar_classes)
+    ds = DecodeDataset(src.refs, _WorkerMark())
+    pickle.dumps(ds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_decoded)
+    batches = list(loader)
+    index = [i for b in batches for i in b["index"]]
+    assert index == list(range(7))  # order kept
+    errors = {src.refs[i].key.split("/")[1]: e for b in batches for i, e in zip(b["index"], b["error"])}
+    assert errors["bad_jpeg"].startswith("undecodable image")
+    assert errors["lonely"] == "missing image member"
+    assert all(errors[s["key"]] is None for s in mini_samples[:5])
+    ok_vals = torch.cat([b["images"][:, 0, 0, 0] for b in batches if b["images"] is not None])
+    assert set(ok_vals.tolist()) <= {1.0, 2.0} and len(ok_vals) == 5
