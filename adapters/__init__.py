@@ -1,1 +1,19 @@
 """retrofit.adapters: bolt a RetrievalHead onto timm, torchvision or any classifier (see ``retrofit.wrap``)."""
+
+from retrofit.adapters.base import BackboneAdapter
+from retrofit.adapters.generic import HookAdapter, find_classifier
+from retrofit.adapters.retrofitted import RetrofittedModel, backbone, wrap
+from retrofit.adapters.timm_adapter import TimmAdapter
+from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter
+
+__all__ = [
+    "wrap",
+    "RetrofittedModel",
+    "backbone",
+    "BackboneAdapter",
+    "TimmAdapter",
+    "TorchvisionAdapter",
+    "HookAdapter",
+    "find_classifier",
+    "TORCHVISION_HEADS",
+]

@@ -1,0 +1,42 @@
+"""What every backbone adapter provides: one pass from images to (embedding z, host logits)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["BackboneAdapter"]
+
+
+class BackboneAdapter(nn.Module):
+    """Wraps a host classifier ``model`` (kept as the submodule ``model``, weights shared, not copied).
+
+    ``forward(x)`` runs the host's backbone exactly once and returns ``(z, host_logits)``: ``z`` (B, D)
+    the pre-logits embedding, ``host_logits`` (B, C) exactly what the unwrapped model returns for ``x``
+    (None for a headless model).
+    """
+
+    family: str = "generic"  # "timm", "torchvision" or "generic"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def classifier_modules(self) -> list[nn.Module]:
+        """The host classifier layer(s): the only backbone parameters ``train_classifier=True`` unfreezes."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of host classes (out_features of the classifier), None when unknown or headless."""
+        return None
+
+    @property
+    def embed_dim(self) -> int | None:
+        """Width of ``z`` when known without running the model, else None."""
+        return None
+
+    def describe(self) -> str:
+        return f"{self.family} adapter of {type(self.model).__name__}"

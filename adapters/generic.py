@@ -1,0 +1,124 @@
+"""Adapter for any ``nn.Module`` classifier: a forward hook on its final ``nn.Linear`` captures the embedding.
+
+The model runs unchanged, once; its output is the host logits, and the input of the classifier layer
+(captured by a hook registered for the duration of the call) is the embedding ``z``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from retrofit.adapters.base import BackboneAdapter
+from retrofit.errors import RetrofitError
+
+__all__ = ["HookAdapter", "find_classifier", "linear_layers"]
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` of ``model`` with its qualified name, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _describe(layers: list[tuple[str, nn.Linear]], limit: int = 12) -> str:
+    shown = [f"{n!r} ({m.in_features}->{m.out_features})" for n, m in layers[-limit:]]
+    more = f" and {len(layers) - limit} earlier" if len(layers) > limit else ""
+    return ", ".join(shown) + more if shown else "none"
+
+
+def find_classifier(model: nn.Module, classifier: str | nn.Module | None = None,
+                    num_classes: int | None = None) -> tuple[str, nn.Module]:
+    """The host's classifier layer: the one the caller names, or the final ``nn.Linear`` with ``num_classes`` outputs.
+
+    ``classifier``: a qualified submodule name (``"fc"``, ``"heads.head"``) or the module itself.
+    Without it, the candidates are the ``nn.Linear`` layers whose output size is ``num_classes``
+    (every ``nn.Linear`` when ``num_classes`` is None); exactly one must remain (or, when
+    ``num_classes`` is None, the last registered one is taken). Errors list the candidates.
+    """
+    if classifier is not None:
+        if isinstance(classifier, str):
+            try:
+                mod = model.get_submodule(classifier)
+            except AttributeError:
+                raise ValueError(f"{type(model).__name__} has no submodule {classifier!r}; its nn.Linear layers are "
+                                 f"{_describe(linear_layers(model))}") from None
+            return classifier, mod
+        if isinstance(classifier, nn.Module):
+            for n, m in model.named_modules():
+                if m is classifier:
+                    return n, m
+            raise ValueError(f"classifier={type(classifier).__name__} is not a submodule of {type(model).__name__}")
+        raise TypeError(f"classifier must be a submodule name (str) or an nn.Module, got {type(classifier).__name__}")
+    layers = linear_layers(model)
+    if not layers:
+        raise RetrofitError(
+            f"{type(model).__name__} has no nn.Linear layer, so retrofit cannot find its classifier. Pass "
+            "classifier='<submodule name>' naming the layer whose input is the embedding and output the logits "
+            "(a model ending in a 1x1 conv: wrap it so that it ends in nn.Linear)."
+        )
+    if num_classes is None:
+        return layers[-1]
+    cands = [(n, m) for n, m in layers if m.out_features == num_classes]
+    if len(cands) == 1:
+        return cands[0]
+    if not cands:
+        raise RetrofitError(
+            f"no nn.Linear of {type(model).__name__} has {num_classes} outputs (the head's num_classes). "
+            f"Its nn.Linear layers are {_describe(layers)}. Pass classifier='<name>' or build the head with the "
+            "host's class count."
+        )
+    raise RetrofitError(
+        f"{len(cands)} nn.Linear layers of {type(model).__name__} have {num_classes} outputs: {_describe(cands)}. "
+        "Pass classifier='<name>' to say which one produces the model's output."
+    )
+
+
+class HookAdapter(BackboneAdapter):
+    """Runs ``model(x)`` once; a forward hook on ``classifier`` records its input as ``z``."""
+
+    family = "generic"
+
+    def __init__(self, model: nn.Module, classifier: nn.Module, classifier_name: str = "") -> None:
+        super().__init__(model)
+        self.classifier_name = classifier_name
+        self._classifier = [classifier]  # a list keeps it out of this module's children (it is inside model)
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self._classifier[0]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        captured: list[Tensor] = []
+
+        def grab(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            captured.append(inputs[0])
+
+        handle = self.classifier.register_forward_pre_hook(grab)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} ran "
+                                f"{len(captured)} times in one forward (expected once); pass classifier= naming the "
+                                "final layer that produces the logits")
+        if not isinstance(logits, Tensor):
+            raise RetrofitError(f"{type(self.model).__name__} returned {type(logits).__name__}, not a logits tensor; "
+                                "wrap it in a module whose forward returns the (B, C) logits")
+        z = captured[0].flatten(1)  # (B, D)
+        return z, logits
+
+    def classifier_modules(self) -> list[nn.Module]:
+        return [self.classifier]
+
+    @property
+    def num_classes(self) -> int | None:
+        n = getattr(self.classifier, "out_features", None)
+        return int(n) if isinstance(n, int) else None
+
+    @property
+    def embed_dim(self) -> int | None:
+        n = getattr(self.classifier, "in_features", None)
+        return int(n) if isinstance(n, int) else None
+
+    def describe(self) -> str:
+        return f"{self.family} adapter of {type(self.model).__name__} (classifier {self.classifier_name!r})"

@@ -1,0 +1,202 @@
+"""``wrap(model, head)``: a host classifier plus a ``RetrievalHead``, as one drop-in ``nn.Module``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrofit.adapters.base import BackboneAdapter
+from retrofit.adapters.generic import HookAdapter, find_classifier
+from retrofit.adapters.timm_adapter import TimmAdapter, is_timm_like
+from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter, is_torchvision
+from retrofit.errors import RetrofitError
+from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
+
+__all__ = ["RetrofittedModel", "wrap", "backbone"]
+
+logger = logging.getLogger(__name__)
+
+
+def backbone(model: nn.Module, classifier: str | nn.Module | None = None,
+             num_classes: int | None = None) -> BackboneAdapter:
+    """The adapter that turns ``model`` into ``x -> (z, host_logits)`` in one pass.
+
+    timm-style models (``forward_features`` + ``forward_head`` + ``get_classifier``, which includes
+    ``retrofit.models.darknet_tiny``) use :class:`TimmAdapter`; torchvision models use the family's
+    classifier attribute; anything else (or any model when ``classifier`` is given) a hook on its
+    final ``nn.Linear`` (the one with ``num_classes`` outputs when given).
+    """
+    if isinstance(model, BackboneAdapter):
+        return model
+    if classifier is None and is_timm_like(model):
+        return TimmAdapter(model)
+    if classifier is None and is_torchvision(model) and type(model).__name__ in TORCHVISION_HEADS:
+        return TorchvisionAdapter(model)
+    name, mod = find_classifier(model, classifier, num_classes)
+    return HookAdapter(model, mod, name)
+
+
+def _param_of(module: nn.Module) -> Tensor | None:
+    return next(iter(module.parameters()), None)
+
+
+class RetrofittedModel(nn.Module):
+    """A frozen host classifier whose logits are fused with a trained :class:`RetrievalHead`.
+
+    ``model(x)`` returns the fused logits ``tau/2 * (L_I + L_R)`` (B, C): a drop-in replacement for the
+    host's output. ``model(x, return_output=True)`` returns the head's ``HeadOutput`` (fused, host and
+    retrieval logits, neighbours, per-neighbour attention). ``features(x)`` gives ``(z, host_logits)``.
+
+    The backbone is frozen (no gradients) and stays in eval mode even under ``.train()``; only the
+    head trains, plus the host classifier layer when ``train_classifier=True``.
+    """
+
+    def __init__(self, adapter: BackboneAdapter, head: nn.Module, retriever: nn.Module | None = None,
+                 train_classifier: bool = False, fingerprint: EncoderFingerprint | None = None,
+                 allow_fingerprint_mismatch: bool = False) -> None:
+        super().__init__()
+        self.backbone = adapter
+        self.head = head
+        self.retriever = retriever
+        self.train_classifier = train_classifier
+        self.fingerprint = fingerprint  # encoder of z (the backbone): what the KB's keys must come from
+        self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
+        self._checked_store: int | None = None  # id() of the last store whose fingerprint was checked
+        self._freeze()
+
+    # ------------------------------------------------------------------------------------ freezing
+    def _freeze(self) -> None:
+        self.backbone.requires_grad_(False)
+        if self.retriever is not None:
+            self.retriever.requires_grad_(False)
+        if self.train_classifier:
+            mods = self.backbone.classifier_modules()
+            if not mods:
+                raise RetrofitError(f"train_classifier=True, but the {self.backbone.describe()} has no classifier layer")
+            for m in mods:
+                m.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> RetrofittedModel:
+        """Set train mode on the head only: the backbone (and retriever) always stay in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        if self.retriever is not None:
+            self.retriever.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------- forward
+    @property
+    def store(self) -> Any:
+        return getattr(self.head, "store", None)
+
+    def _input(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"expected images as a (B, C, H, W) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        p = _param_of(self.backbone)
+        if p is not None and (x.device != p.device or (x.is_floating_point() and x.dtype != p.dtype)):
+            x = x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else None)
+        return x
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One backbone pass: (z (B, D) pre-logits embedding, host logits (B, C) or None)."""
+        x = self._input(x)
+        if self.train_classifier:
+            return self.backbone(x)  # frozen parameters record no graph; the classifier's do
+        with torch.no_grad():
+            return self.backbone(x)
+
+    def _check_store(self, store: Any) -> None:
+        if store is None or id(store) == self._checked_store:
+            return
+        theirs = getattr(getattr(store, "fingerprint", None), "key", None)
+        mine = getattr(self.retriever, "fingerprint", None) if self.retriever is not None else self.fingerprint
+        what = "the retriever" if self.retriever is not None else "the host backbone"
+        check_fingerprints(mine, theirs, f"knowledge base keys vs {what} ({self.backbone.describe()})",
+                           allow_mismatch=self.allow_fingerprint_mismatch)
+        self._checked_store = id(store)
+
+    def retrieve(self, x: Tensor, z: Tensor, exclude: Tensor | None = None) -> Any:
+        """Neighbours of each image: searched with the retriever's keys when there is one, else with z."""
+        store = self.store
+        if store is None:
+            raise RetrofitError("the head has no knowledge base: call head.attach(kb) (or pass neighbors=)")
+        self._check_store(store)
+        k = self.head.config.k
+        with torch.no_grad():
+            if self.retriever is None:
+                keys = z
+            else:
+                enc = getattr(self.retriever, "encode", None)
+                keys = enc(x) if callable(enc) else self.retriever(x)  # (B, Dk)
+            if keys.shape[-1] != store.key_dim:
+                src = "retriever" if self.retriever is not None else "backbone embedding"
+                raise ValueError(f"the {src} gives {keys.shape[-1]}-d keys but the knowledge base's keys are "
+                                 f"{store.key_dim}-d; use the encoder the KB was built with (retriever=...)")
+            return store.search(F.normalize(keys.float(), dim=-1), k, exclude)
+
+    def forward(self, x: Tensor, return_output: bool = False, exclude: Tensor | None = None,
+                neighbors: Any = None) -> Any:
+        """Fused logits (B, C), or the head's ``HeadOutput`` (with attention) when ``return_output``."""
+        x = self._input(x)
+        z, host_logits = self.features(x)
+        if neighbors is None:
+            neighbors = self.retrieve(x, z, exclude)
+        out = self.head(z, host_logits, neighbors=neighbors, return_attention=return_output)
+        return out if return_output else out.logits
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone.describe()}, train_classifier={self.train_classifier}"
+
+
+def wrap(model: nn.Module, head: nn.Module, retriever: nn.Module | None = None,
+         classifier: str | nn.Module | None = None, train_classifier: bool = False, *,
+         fingerprint: EncoderFingerprint | None = None, allow_fingerprint_mismatch: bool = False
+         ) -> RetrofittedModel:
+    """Bolt ``head`` (a :class:`retrofit.head.RetrievalHead`) onto the classifier ``model``.
+
+    - ``retriever``: a frozen module (or an encoder with ``.encode``) computing retrieval keys from the
+      raw images, for a KB built with another encoder; default: the normalised backbone embedding.
+    - ``classifier``: name (or module) of the host's classifier layer, for models retrofit cannot read.
+    - ``train_classifier``: also train the host classifier layer (the rest of the backbone stays frozen).
+    - ``fingerprint``: the backbone's encoder identity (default ``model.fingerprint`` when it has one),
+      checked against the KB's key fingerprint unless ``allow_fingerprint_mismatch=True``.
+
+    The head is moved to the model's device and floating dtype. Raises ``ValueError`` when the head's
+    dims do not fit the model and :class:`FingerprintMismatchError` for a KB from another encoder.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = getattr(head, "config", None)
+    if not isinstance(head, nn.Module) or cfg is None or not hasattr(cfg, "query_dim"):
+        raise TypeError(f"head must be a retrofit.RetrievalHead, got {type(head).__name__}")
+    adapter = backbone(model, classifier, num_classes=cfg.num_classes)
+    if adapter.num_classes is not None and adapter.num_classes != cfg.num_classes:
+        raise ValueError(f"the host {adapter.describe()} predicts {adapter.num_classes} classes but the head has "
+                         f"num_classes={cfg.num_classes}: build the head with HeadConfig(num_classes="
+                         f"{adapter.num_classes}, ...)")
+    dim = adapter.embed_dim
+    if dim is not None and dim != cfg.query_dim:
+        raise ValueError(f"the host {adapter.describe()} gives {dim}-d embeddings but the head has "
+                         f"query_dim={cfg.query_dim}: build the head with HeadConfig(query_dim={dim}, ...)")
+    if retriever is None and cfg.search_key_dim != cfg.query_dim:
+        raise ValueError(f"the head searches with {cfg.search_key_dim}-d keys (key_dim) but there is no retriever; "
+                         "pass retriever=<the encoder the KB was built with> or leave key_dim unset")
+    fp = fingerprint if fingerprint is not None else getattr(model, "fingerprint", None)
+    if fp is not None and not isinstance(fp, EncoderFingerprint):
+        raise TypeError(f"fingerprint must be an EncoderFingerprint, got {type(fp).__name__}")
+    key_fp = getattr(retriever, "fingerprint", None) if retriever is not None else fp
+    check_fingerprints(cfg.query_fingerprint, key_fp, "the head's query encoder vs the retrieval keys",
+                       allow_mismatch=allow_fingerprint_mismatch)
+    p = _param_of(model)
+    if p is not None:
+        head.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+    wrapped = RetrofittedModel(adapter, head, retriever, train_classifier, fp, allow_fingerprint_mismatch)
+    wrapped._check_store(getattr(head, "store", None))
+    logger.info("wrapped %s", adapter.describe())
+    return wrapped

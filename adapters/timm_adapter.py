@@ -1,0 +1,65 @@
+"""Adapter for models that follow timm's contract (``forward_features``, ``forward_head``, ``get_classifier``).
+
+Besides timm's own models this covers retrofit's ``DarknetTiny``. One call of ``forward_features``
+(the backbone) feeds both ``forward_head(f, pre_logits=True)`` (the embedding) and
+``forward_head(f)`` (the logits), so the host logits are bit-for-bit what ``model(x)`` returns and
+only the cheap pooling / norm part of the head runs twice.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from retrofit.adapters.base import BackboneAdapter
+
+__all__ = ["TimmAdapter", "is_timm_like"]
+
+
+def is_timm_like(model: nn.Module) -> bool:
+    """True when ``model`` has timm's ``forward_features`` / ``forward_head`` / ``get_classifier``."""
+    return all(callable(getattr(model, n, None)) for n in ("forward_features", "forward_head", "get_classifier"))
+
+
+def _as_modules(clf: object) -> list[nn.Module]:
+    if isinstance(clf, nn.Module):
+        return [clf]
+    if isinstance(clf, (tuple, list)):  # e.g. distilled models: (head, head_dist)
+        return [c for c in clf if isinstance(c, nn.Module)]
+    return []
+
+
+class TimmAdapter(BackboneAdapter):
+    """``(forward_head(f, pre_logits=True), forward_head(f))`` with ``f = forward_features(x)``."""
+
+    family = "timm"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        mods = _as_modules(model.get_classifier())
+        # a headless timm model (num_classes=0) has an Identity classifier: no host logits
+        self.headless = not any(any(True for _ in m.parameters()) for m in mods)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        f = self.model.forward_features(x)  # the backbone, once
+        z = self.model.forward_head(f, pre_logits=True)  # (B, D)
+        logits = None if self.headless else self.model.forward_head(f)  # (B, C)
+        return z, logits
+
+    def classifier_modules(self) -> list[nn.Module]:
+        return _as_modules(self.model.get_classifier())
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.headless:
+            return None
+        n = getattr(self.model, "num_classes", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @property
+    def embed_dim(self) -> int | None:
+        # timm >= 1.0: head_hidden_size is the pre-logits width when a head has a hidden layer
+        for attr in ("head_hidden_size", "num_features"):
+            v = getattr(self.model, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None

@@ -1,0 +1,61 @@
+"""torchvision classifiers: per-family knowledge of where the classifier layer lives.
+
+The classifier is the last ``nn.Linear`` inside the family's head attribute (resnet ``fc``, vit
+``heads``, swin ``head``, convnext / efficientnet / mobilenet / densenet / vgg / alexnet / maxvit
+``classifier``, ...); the embedding is its input, captured by :class:`HookAdapter` in the one pass.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from retrofit.adapters.generic import HookAdapter, linear_layers
+from retrofit.errors import RetrofitError
+
+__all__ = ["TorchvisionAdapter", "TORCHVISION_HEADS", "is_torchvision"]
+
+# torchvision model class -> attribute holding its classifier (the last nn.Linear inside it is used)
+TORCHVISION_HEADS = {
+    "ResNet": "fc",  # resnet, resnext, wide_resnet
+    "RegNet": "fc",
+    "GoogLeNet": "fc",
+    "Inception3": "fc",
+    "ShuffleNetV2": "fc",
+    "VisionTransformer": "heads",
+    "SwinTransformer": "head",
+    "ConvNeXt": "classifier",
+    "EfficientNet": "classifier",  # efficientnet and efficientnet_v2
+    "MobileNetV2": "classifier",
+    "MobileNetV3": "classifier",
+    "DenseNet": "classifier",
+    "VGG": "classifier",
+    "AlexNet": "classifier",
+    "MaxVit": "classifier",
+    "MNASNet": "classifier",
+}
+
+
+def is_torchvision(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models")
+
+
+class TorchvisionAdapter(HookAdapter):
+    """Hook adapter whose classifier layer comes from the model family, not from a search."""
+
+    family = "torchvision"
+
+    def __init__(self, model: nn.Module) -> None:
+        cls = type(model).__name__
+        attr = TORCHVISION_HEADS.get(cls)
+        if attr is None:
+            raise KeyError(cls)
+        head = getattr(model, attr)
+        inside = linear_layers(head) if isinstance(head, nn.Module) else []
+        if not inside:
+            raise RetrofitError(
+                f"torchvision {cls}.{attr} holds no nn.Linear ({type(head).__name__}); pass classifier='<name>' "
+                f"naming the layer that produces the logits. nn.Linear layers of the model: "
+                f"{[n for n, _ in linear_layers(model)] or 'none'}"
+            )
+        sub, lin = inside[-1]
+        super().__init__(model, lin, f"{attr}.{sub}" if sub else attr)

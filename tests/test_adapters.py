@@ -1,0 +1,300 @@
+"""Adapters contract: one backbone pass gives z and host logits, for timm, torchvision and generic models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import retrofit
+from retrofit.adapters import HookAdapter, TimmAdapter, TorchvisionAdapter, backbone, wrap
+from retrofit.head import HeadConfig, RetrievalHead
+from retrofit.store import InMemoryStore
+
+C = 10  # classes of every test model
+
+
+def make_head(query_dim: int, store: InMemoryStore | None = None, **kw) -> RetrievalHead:
+    cfg = HeadConfig(query_dim=query_dim, image_dim=8, text_dim=6, num_classes=C, dim=16, depth=1, heads=2, k=4, **kw)
+    return RetrievalHead(cfg, store)
+
+
+def make_store(key_dim: int, n: int = 24, fingerprint=None) -> InMemoryStore:
+    g = torch.Generator().manual_seed(0)
+    s = InMemoryStore(key_dim, 8, 6, fingerprint)
+    s.add(torch.randn(n, key_dim, generator=g), torch.randn(n, 8, generator=g), torch.randn(n, 6, generator=g),
+          labels=torch.randint(0, C, (n,), generator=g))
+    return s
+
+
+def first_leaf(model: nn.Module) -> nn.Module:
+    """The first leaf module with parameters (the stem): it runs once per backbone pass."""
+    return next(m for m in model.modules() if not any(True for _ in m.children()) and any(True for _ in m.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ architectures
+def _timm(name: str, size: int, **kw) -> Callable[[], tuple[nn.Module, int]]:
+    def build():
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False, num_classes=C, **kw), size
+    return build
+
+
+TIMM = {
+    "resnet": _timm("test_resnet", 32),
+    "efficientnet": _timm("test_efficientnet", 32),
+    "convnext": _timm("test_convnext", 32),
+    "vit": _timm("test_vit", 32, img_size=32),
+    "deit": _timm("deit_tiny_patch16_224", 32, img_size=32, depth=1),
+    "swin": _timm("swin_tiny_patch4_window7_224", 32, img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                  num_heads=(1, 2)),
+    "regnet": _timm("regnetx_002", 32),
+    "mobilenetv3": _timm("mobilenetv3_small_050", 32),
+    "densenet": _timm("densenet121", 32, growth_rate=8, block_config=(1, 1, 1, 1)),
+    "coatnet-hybrid": _timm("test_coatnet", 32, img_size=32),
+    "mobilevit-hybrid": _timm("mobilevit_xxs", 64),
+    "maxvit": _timm("test_maxvit", 32, img_size=32),
+}
+
+
+def _tv(build: Callable[[], nn.Module], size: int = 32) -> Callable[[], tuple[nn.Module, int]]:
+    def make():
+        pytest.importorskip("torchvision")
+        return build(), size
+    return make
+
+
+def _tvm():
+    import torchvision.models as m
+
+    return m
+
+
+TORCHVISION = {
+    "resnet18": _tv(lambda: _tvm().resnet18(num_classes=C)),
+    "resnext": _tv(lambda: _tvm().ResNet(_tvm().resnet.Bottleneck, [1, 1, 1, 1], num_classes=C, groups=4,
+                                         width_per_group=8)),
+    "regnet": _tv(lambda: _tvm().RegNet(_tvm().regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 8),
+                                        num_classes=C)),
+    "vit": _tv(lambda: _tvm().VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=C)),
+    "vit-representation": _tv(lambda: _tvm().VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=C,
+                                                               representation_size=24)),
+    "swin": _tv(lambda: _tvm().SwinTransformer([4, 4], 16, [1, 1], [1, 2], [2, 2], num_classes=C)),
+    "convnext": _tv(lambda: _tvm().ConvNeXt([_tvm().convnext.CNBlockConfig(16, 32, 1),
+                                             _tvm().convnext.CNBlockConfig(32, None, 1)], num_classes=C)),
+    "efficientnet": _tv(lambda: _tvm().EfficientNet(
+        _tvm().efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)[0], 0.2,
+        num_classes=C)),
+    "mobilenet_v2": _tv(lambda: _tvm().mobilenet_v2(num_classes=C, width_mult=0.25)),
+    "mobilenet_v3_small": _tv(lambda: _tvm().mobilenet_v3_small(num_classes=C)),
+    "densenet": _tv(lambda: _tvm().DenseNet(8, (1, 1), 16, num_classes=C)),
+    "maxvit": _tv(lambda: _tvm().MaxVit((32, 32), 8, 2, [16], [1], 8, 0.0, num_classes=C)),
+    "shufflenet": _tv(lambda: _tvm().shufflenet_v2_x0_5(num_classes=C)),
+    "mnasnet": _tv(lambda: _tvm().mnasnet0_5(num_classes=C)),
+}
+
+
+class SmallNet(nn.Module):
+    """A plain classifier no adapter knows: conv trunk, a hidden Linear, the classifier Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                   nn.Flatten())
+        self.hidden = nn.Linear(8, 12)
+        self.out = nn.Linear(12, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(self.trunk(x))))
+
+
+GENERIC = {"smallnet": lambda: (SmallNet(), 16)}
+ARCHS = {**{f"timm-{k}": v for k, v in TIMM.items()}, **{f"tv-{k}": v for k, v in TORCHVISION.items()},
+         **{f"generic-{k}": v for k, v in GENERIC.items()}}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_contract(arch: str, seed: int) -> None:
+    model, size = ARCHS[arch]()
+    model.eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    adapter = backbone(model, num_classes=C)
+    kind = {"timm": TimmAdapter, "tv": TorchvisionAdapter, "generic": HookAdapter}[arch.split("-")[0]]
+    assert type(adapter) is kind
+    with torch.no_grad():
+        z_probe, _ = adapter(x)
+    head = make_head(z_probe.shape[1], make_store(z_probe.shape[1]))
+    wrapped = wrap(model, head)
+
+    calls = []
+    handle = first_leaf(model).register_forward_pre_hook(lambda m, i: calls.append(1))
+    with torch.no_grad():
+        z, host = wrapped.features(x)
+        assert len(calls) == 1, f"backbone ran {len(calls)} times in features()"
+        out = wrapped(x, return_output=True)
+        assert len(calls) == 2, f"backbone ran {len(calls) - 1} times in forward()"
+    handle.remove()
+
+    # host logits are exactly the unwrapped model's output
+    torch.testing.assert_close(host, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    torch.testing.assert_close(out.host_logits, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    # z is the pre-logits embedding
+    with torch.no_grad():
+        if kind is TimmAdapter:
+            ref_z = model.forward_head(model.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(z, ref_z, rtol=1e-6, atol=1e-6)
+        else:  # z is what the classifier Linear maps to the logits
+            lin = adapter.classifier
+            assert isinstance(lin, nn.Linear) and z.shape == (2, lin.in_features)
+            torch.testing.assert_close(lin(z), expected, rtol=1e-5, atol=1e-5)
+    assert z.shape[0] == 2 and z.dim() == 2
+    # a fresh head adds zero retrieval logits: fused logits = host logits (tau = 2)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert out.attention is not None and out.attention.shape == (2, 4)
+    assert out.neighbors.ids.shape == (2, 4) and bool(out.neighbors.mask.all())
+
+
+@pytest.mark.parametrize("train_classifier", [False, True])
+def test_only_head_and_optionally_classifier_train(train_classifier: bool, seed: int) -> None:
+    model = TORCHVISION["resnet18"]()[0]
+    head = make_head(512, make_store(512))
+    wrapped = wrap(model, head, train_classifier=train_classifier)
+    wrapped.train()
+    assert wrapped.head.training and not model.training and not any(m.training for m in model.modules())
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}  # params and BN buffers
+    head_before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, C, (4,))
+    loss = nn.functional.cross_entropy(wrapped(x), y)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.state_dict().items() if not torch.equal(p, before[n])}
+    assert changed == ({"fc.weight", "fc.bias"} if train_classifier else set())
+    assert any(not torch.equal(p, head_before[n]) for n, p in head.named_parameters())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("fc."))
+
+
+def test_generic_named_classifier_and_errors(seed: int) -> None:
+    net = SmallNet().eval()
+    head = make_head(12, make_store(12))
+    wrapped = wrap(net, head, classifier="out")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        z, host = wrapped.features(x)
+        torch.testing.assert_close(host, net(x))
+        torch.testing.assert_close(z, torch.relu(net.hidden(net.trunk(x))))
+    with pytest.raises(ValueError, match="no submodule 'nope'.*'out'"):
+        wrap(SmallNet(), make_head(12), classifier="nope")
+
+    class TwoHeads(SmallNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.Linear(8, C)
+
+    with pytest.raises(retrofit.RetrofitError, match=r"2 nn.Linear.*'out'.*'aux'.*classifier="):
+        wrap(TwoHeads(), make_head(12))
+    convnet = nn.Sequential(nn.Conv2d(3, C, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(retrofit.RetrofitError, match="no nn.Linear.*classifier="):
+        wrap(convnet, make_head(12))
+    with pytest.raises(retrofit.RetrofitError, match="no nn.Linear of SmallNet has 7 outputs.*'hidden' \\(8->12\\)"):
+        wrap(SmallNet(), RetrievalHead(HeadConfig(12, 8, 6, num_classes=7, dim=16, depth=1, heads=2)))
+
+
+def test_dim_mismatch_says_what_to_pass() -> None:
+    model = TORCHVISION["resnet18"]()[0]
+    with pytest.raises(ValueError, match=r"512-d embeddings.*query_dim=64.*HeadConfig\(query_dim=512"):
+        wrap(model, make_head(64))
+    with pytest.raises(ValueError, match=r"predicts 10 classes.*num_classes=7"):
+        wrap(model, RetrievalHead(HeadConfig(512, 8, 6, num_classes=7, dim=16, depth=1, heads=2)))
+    with pytest.raises(TypeError, match="RetrievalHead"):
+        wrap(model, nn.Linear(3, 3))
+    wrapped = wrap(model, make_head(512, make_store(512)))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        wrapped(torch.rand(3, 32, 32))
+
+
+def test_kb_from_another_backbone_is_refused(seed: int) -> None:
+    from retrofit.errors import FingerprintMismatchError
+    from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.store import KBFingerprint
+
+    model = TORCHVISION["resnet18"]()[0]
+    mine = EncoderFingerprint("torchvision", "resnet18", "random", 512)
+    other = EncoderFingerprint("timm", "resnet50", "a1_in1k", 512)
+    kb = make_store(512, fingerprint=KBFingerprint(key=other))
+    with pytest.raises(FingerprintMismatchError, match="resnet50.*resnet18|resnet18.*resnet50"):
+        wrap(model, make_head(512, kb), fingerprint=mine)
+    # attaching the foreign KB after wrapping is caught at the first forward
+    wrapped = wrap(model, make_head(512), fingerprint=mine)
+    wrapped.head.attach(kb)
+    with pytest.raises(FingerprintMismatchError, match="allow_fingerprint_mismatch"):
+        wrapped(torch.rand(1, 3, 32, 32))
+    ok = wrap(model, make_head(512, kb), fingerprint=mine, allow_fingerprint_mismatch=True)
+    assert ok(torch.rand(1, 3, 32, 32)).shape == (1, C)
+    same = wrap(model, make_head(512, make_store(512, fingerprint=KBFingerprint(key=mine))), fingerprint=mine)
+    assert same(torch.rand(1, 3, 32, 32)).shape == (1, C)
+
+
+def test_retriever_computes_the_keys(seed: int) -> None:
+    model = SmallNet().eval()
+    retriever = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 5))
+    store = make_store(5)
+    head = make_head(12, store, key_dim=5)
+    wrapped = wrap(model, head, retriever=retriever)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        out = wrapped(x, return_output=True)
+        expected = store.search(nn.functional.normalize(retriever(x), dim=-1), 4)
+    assert torch.equal(out.neighbors.ids, expected.ids)
+    assert not any(p.requires_grad for p in retriever.parameters()) and not retriever.training
+    with pytest.raises(ValueError, match="no retriever"):
+        wrap(SmallNet(), make_head(12, key_dim=5))
+
+
+def test_dtype_device_follow_the_model_and_inference_mode(seed: int) -> None:
+    model = SmallNet().double().eval()
+    head = make_head(12, make_store(12))
+    wrapped = wrap(model, head)
+    assert head.readout.fc.weight.dtype == torch.float64
+    with torch.inference_mode():
+        y = wrapped(torch.rand(2, 3, 16, 16))  # float32 input is cast to the model's dtype
+        assert y.dtype == torch.float64 and y.shape == (2, C)
+        torch.testing.assert_close(y, model(torch.rand(2, 3, 16, 16).double()) * 0 + y)
+
+
+def test_torch_compile_on_cpu(seed: int) -> None:
+    model = SmallNet().eval()
+    wrapped = wrap(model, make_head(12, make_store(12)))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        eager = wrapped(x)
+        # aot_eager: dynamo + AOTAutograd without inductor's C++ build, which takes minutes on 2 shared cores
+        compiled = torch.compile(wrapped, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
+    """The real pretrained Tiny Darknet, a KB of real CIFAR-10 images embedded by it: each image finds itself."""
+    from retrofit.models import darknet_tiny
+    from retrofit.store import KBFingerprint
+
+    model = darknet_tiny(data_dir=data_dir)
+    tf = model.preprocess()
+    x = torch.stack([tf(s["image"]) for s in cifar_train_small[:40]])
+    wrapped_probe = backbone(model)
+    with torch.inference_mode():
+        z, host = wrapped_probe(x)
+    kb = InMemoryStore(512, 8, 6, KBFingerprint(key=model.fingerprint))
+    kb.add(z, torch.randn(40, 8), torch.randn(40, 6), labels=torch.tensor([s["label"] for s in cifar_train_small[:40]]))
+    head = RetrievalHead(HeadConfig(512, 8, 6, num_classes=1000, dim=16, depth=1, heads=2, k=3), kb)
+    wrapped = wrap(model, head)
+    with torch.inference_mode():
+        out = wrapped(x[:8], return_output=True)
+    assert torch.equal(out.neighbors.ids[:, 0], torch.arange(8))
+    torch.testing.assert_close(out.logits, host[:8])
+    assert wrapped.fingerprint == model.fingerprint
