@@ -1,0 +1,154 @@
+"""KnowledgeBase durability with real processes: SIGKILL during ingestion, a reader searching while a writer adds."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import torch
+
+from retrofit.knowledge_base import KnowledgeBase
+
+DK, DI, DT = 16, 8, 4
+BATCH, BATCHES = 64, 40
+
+# Deterministic resumable ingestion: batch b holds records b*BATCH .. with image[:, 0] = id and label = id % 5.
+# Progress ("done") is recorded in the same LMDB transaction as the records, so a resumed run never duplicates.
+WRITER = textwrap.dedent(f"""
+    import sys, torch
+    from retrofit.knowledge_base import KnowledgeBase
+    path = sys.argv[1]
+    try:
+        kb = KnowledgeBase.open(path, readonly=False)
+    except Exception:
+        kb = KnowledgeBase.create(path, {DK}, {DI}, {DT}, flat_threshold=1000, ef_construction=16, hnsw_m=8)
+    print("start", kb.user_meta.get("done", 0), flush=True)
+    for b in range(kb.user_meta.get("done", 0), {BATCHES}):
+        ids = torch.arange(b * {BATCH}, (b + 1) * {BATCH})
+        g = torch.Generator().manual_seed(b)
+        image = torch.zeros({BATCH}, {DI}); image[:, 0] = (ids % 1024).float(); image[:, 1] = (ids // 1024).float()
+        kb.add(torch.randn({BATCH}, {DK}, generator=g), image, torch.randn({BATCH}, {DT}, generator=g),
+               labels=ids % 5, captions=[f"c{{i}}" for i in ids.tolist()], meta={{"done": b + 1}})
+        if b % 3 == 0:
+            kb.flush()  # write the index often, so kills also land inside index replacement
+    kb.close()
+    print("finished", flush=True)
+""")
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _expected_key(b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(b)
+    return torch.nn.functional.normalize(torch.randn(BATCH, DK, generator=g), dim=1).half().float()
+
+
+def _check_committed(path) -> int:
+    """Open read-only (the index may be behind: it is caught up in memory), verify every committed record."""
+    with KnowledgeBase.open(path) as kb:
+        report = kb.verify()
+        assert report["ok"], report
+        done = kb.user_meta.get("done", 0)
+        assert len(kb) == done * BATCH == kb.info()["next_id"]  # nothing half-written is visible
+        if done:
+            ids = torch.arange(done * BATCH)
+            im = kb.vectors(ids, "image")
+            assert torch.equal(im[:, 0] + 1024 * im[:, 1], ids.float())
+            assert torch.allclose(kb.vectors(ids[-BATCH:], "key"), _expected_key(done - 1), atol=1e-3)
+            assert kb.get([done * BATCH - 1])[0]["caption"] == f"c{done * BATCH - 1}"
+            nb = kb.search(kb.vectors(ids[:5], "key"), 1)
+            assert torch.equal(nb.ids[:, 0], ids[:5])  # every committed record is searchable
+        return done
+
+
+def test_sigkill_during_ingestion_then_resume_without_duplicates(tmp_path):
+    path = str(tmp_path / "kb")
+    rng = random.Random(7)
+    kills, progress = 0, []
+    while kills < 5:
+        p = _spawn(WRITER, path)
+        line = p.stdout.readline()
+        assert line.startswith("start"), p.stderr.read()
+        if int(line.split()[1]) >= BATCHES:
+            p.wait(timeout=60)
+            break
+        time.sleep(rng.uniform(0.02, 0.4))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+        kills += 1
+        progress.append(_check_committed(path))
+    assert kills >= 5, f"the writer finished before 5 kills (progress {progress}); make the ingestion longer"
+    p = _spawn(WRITER, path)  # resume to the end
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "finished" in out, err
+    assert _check_committed(path) == BATCHES
+    with KnowledgeBase.open(path) as kb:
+        assert len(kb) == BATCHES * BATCH and kb.info()["index"]["pending_in_memory"] == 0
+        ids = [r["id"] for r in kb]
+        assert ids == list(range(BATCHES * BATCH))  # no duplicates, no gaps
+        assert kb.info()["index"]["kind"] == "hnsw"
+    assert not list((tmp_path / "kb").glob("*.tmp"))
+
+
+READER = textwrap.dedent("""
+    import sys, time, os, torch
+    from retrofit.knowledge_base import KnowledgeBase
+    path, stop = sys.argv[1], sys.argv[2]
+    kb = KnowledgeBase.open(path)
+    print("ready", flush=True)
+    it, gens, g = 0, set(), torch.Generator().manual_seed(0)
+    while not os.path.exists(stop) or it < 5:
+        n = len(kb)
+        nb = kb.search(torch.randn(8, 16, generator=g), 10)
+        ok = nb.mask
+        assert (nb.ids[ok] < n).all() and (nb.ids[ok] >= 0).all(), "id beyond the snapshot"
+        assert ok[:, :min(n, 10)].all(), "missing neighbours"
+        got = nb.image[..., 0] + 1024 * nb.image[..., 1]
+        assert torch.equal(got[ok], nb.ids[ok].float()), "vectors of another record"
+        assert torch.equal(nb.labels[ok], nb.ids[ok] % 5), "wrong label"
+        assert (nb.scores[:, :-1] >= nb.scores[:, 1:]).all()
+        gens.add(kb.generation)
+        kb.refresh()
+        it += 1
+    print("ok", it, len(gens), flush=True)
+""")
+
+
+def test_reader_process_searches_while_writer_adds(tmp_path):
+    path = tmp_path / "kb"
+    kb = KnowledgeBase.create(path, DK, DI, DT, flat_threshold=600, ef_construction=16, hnsw_m=8)
+
+    def add(b: int) -> None:
+        ids = torch.arange(b * BATCH, (b + 1) * BATCH)
+        image = torch.zeros(BATCH, DI)
+        image[:, 0], image[:, 1] = (ids % 1024).float(), (ids // 1024).float()
+        kb.add(torch.randn(BATCH, DK), image, torch.randn(BATCH, DT), labels=ids % 5)
+
+    add(0)
+    kb.flush()
+    stop = tmp_path / "stop"
+    reader = _spawn(READER, str(path), str(stop))
+    assert reader.stdout.readline().strip() == "ready", reader.stderr.read()
+    for b in range(1, 20):  # crosses flat_threshold: the writer switches to HNSW while the reader reads
+        add(b)
+        if b % 4 == 0:
+            kb.flush()
+        time.sleep(0.1)
+    kb.close()
+    stop.touch()
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    _, iters, gens = out.split()
+    assert int(iters) >= 5 and int(gens) >= 2, out
+    with KnowledgeBase.open(path) as r:
+        assert len(r) == 20 * BATCH and r.verify()["ok"]
+        assert np.array_equal(r.labels().numpy(), np.arange(20 * BATCH) % 5)
