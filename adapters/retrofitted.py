@@ -76,7 +76,8 @@ class RetrofittedModel(nn.Module):
         if self.train_classifier:
             mods = self.backbone.classifier_modules()
             if not mods:
-                raise RetrofitError(f"train_classifier=True, but the {self.backbone.describe()} has no classifier layer")
+                raise RetrofitError(
+                    f"train_classifier=True, but the {self.backbone.describe()} has no classifier layer")
             for m in mods:
                 m.requires_grad_(True)
         self.train(self.training)
