@@ -19,7 +19,7 @@ from torch import nn
 
 from retrofit.errors import RetrofitError
 
-__all__ = ["save_training_state", "load_training_state", "save_linear", "load_linear"]
+__all__ = ["rng_snapshot", "save_training_state", "load_training_state", "save_linear", "load_linear"]
 
 _FORMAT = 1
 
@@ -52,9 +52,18 @@ def _weights(head: nn.Module, host: nn.Module | None) -> dict[str, torch.Tensor]
     return w
 
 
+def rng_snapshot() -> dict[str, torch.Tensor]:
+    """The CPU and CUDA generator states, to store with a checkpoint."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
 def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | None, opt: torch.optim.Optimizer,
-                        scaler: Any, state: dict[str, Any]) -> None:
-    """Write a checkpoint directory at ``path`` atomically (see the module docstring)."""
+                        scaler: Any, state: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a checkpoint directory at ``path`` atomically (see the module docstring). ``rng``: generator
+    states to restore on resume (default: the current ones)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -65,10 +74,7 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
     save_file(_weights(head, host), str(tmp / "weights.safetensors"))
     opt_t, opt_meta = _flatten_optimizer(opt)
     save_file(opt_t, str(tmp / "optimizer.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_file(rng if rng is not None else rng_snapshot(), str(tmp / "rng.safetensors"))
     doc = {"format": _FORMAT, **state, "optimizer": opt_meta, "has_host": host is not None,
            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     with open(tmp / "state.json", "w") as f:

@@ -315,16 +315,17 @@ def train(
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
 
-    def save(epoch: int, step: int) -> None:
+    def save(epoch: int, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
         if out is not None:
             ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
-                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict()})
+                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict()}, rng)
 
     result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
     if state["epoch"] == 0 and state["step"] == 0:
         write_log({"event": "start", "n": N, "steps_per_epoch": spe, "k": k, "device": str(dev),
                    "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
     epoch, step = state["epoch"], state["step"]
+    step_rng = None
     head.train()
     if host is not None:
         host.train(cfg.train_host)
@@ -335,6 +336,7 @@ def train(
                        leave=False)
             t0, seen, ep_loss, ep_n = time.perf_counter(), 0, 0.0, 0
             while step < spe:
+                step_rng = ckpt.rng_snapshot()  # an interrupted step is redone from this state on resume
                 g = state["global_step"]
                 lr = lr_at(g, total, warm, cfg.lr, cfg.min_lr_ratio)
                 for grp in opt.param_groups:
@@ -372,6 +374,7 @@ def train(
                 ep_loss, ep_n, seen = ep_loss + lv * len(idx), ep_n + len(idx), seen + len(idx)
                 step += 1
                 state["global_step"] = g + 1
+                step_rng = None
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{lv:.4f}", sps=f"{rate:.0f}")
                 bar.update(1)
@@ -392,7 +395,7 @@ def train(
             save(epoch, 0)
     except KeyboardInterrupt:
         log.warning("interrupted at epoch %d step %d; saving the last checkpoint", epoch + 1, step)
-        save(epoch, step)
+        save(epoch, step, step_rng)
         write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
         raise
     finally:

@@ -1,0 +1,252 @@
+"""Head training end to end on real data: 300 CIFAR-10 images, Tiny Darknet features, a small KB whose
+entries are 200 of those images with MiniLM caption vectors (so training must exclude each sample's own entry)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_cifar_shard
+
+from retrofit.errors import RetrofitError
+from retrofit.evaluation import METRIC_KEYS, evaluate, markdown_table, save_results
+from retrofit.feature_cache import FeatureCache, FeatureSet, extract_features, retrieve
+from retrofit.head import HeadConfig, RetrievalHead
+from retrofit.linear_probe import cross_fit_logits, fit_linear_probe
+from retrofit.plots import plot_per_class_accuracy
+from retrofit.store import InMemoryStore, KBFingerprint
+from retrofit.training import TrainConfig, lr_at, predict_logits, train
+
+N_KB = 200  # the first 200 samples are the training set AND the knowledge base
+K = 8
+
+
+def read_balanced(data_dir, per_class: int) -> list[dict]:
+    """``per_class`` samples of each CIFAR-10 class. The shards hold the classes in blocks of 5,000 (shard i:
+    classes 2i and 2i+1), so the first samples of a shard are all one class."""
+    samples = []
+    for i in range(5):
+        path = data_dir / "cifar10" / f"train-00000{i}.tar"
+        samples += read_cifar_shard(path, per_class) + read_cifar_shard(path, per_class, start=5000)
+    assert sorted({s["label"] for s in samples}) == list(range(10))
+    return sorted(samples, key=lambda s: (int(s["key"][-5:]) % 5000, s["label"]))  # interleave the classes
+
+
+@pytest.fixture(scope="module")
+def real(data_dir):
+    from retrofit.encoders import load_text_encoder
+    from retrofit.models import darknet_tiny
+
+    samples = read_balanced(data_dir, 30)  # 300 real samples, 30 per class, classes interleaved
+    model = darknet_tiny(pretrained=True)
+    pre = model.preprocess(64)
+    images = torch.stack([pre(s["image"]) for s in samples])  # (300, 3, 64, 64)
+    labels = torch.tensor([s["label"] for s in samples])
+    with torch.no_grad():
+        z = model.forward_head(model.forward_features(images), pre_logits=True)  # (300, 512)
+    text_enc = load_text_encoder("minilm")
+    captions = [s["caption"] for s in samples[:N_KB]]
+    text = text_enc.encode(captions)  # (200, 384)
+    store = InMemoryStore(512, 512, 384, KBFingerprint(key=model.fingerprint, image=model.fingerprint,
+                                                          text=text_enc.fingerprint))
+    ids = store.add(z[:N_KB], torch.nn.functional.normalize(z[:N_KB], dim=1), text, labels[:N_KB], captions)
+    assert ids.tolist() == list(range(N_KB))
+    return {"model": model, "images": images, "labels": labels, "z": z, "store": store}
+
+
+def _features(real, store, rows, exclude_self: bool) -> FeatureSet:
+    z, y = real["z"][rows], real["labels"][rows]
+    ex = rows[:, None].clone() if exclude_self else None  # (N, 1): KB id of each sample's own entry
+    return retrieve(FeatureSet(z=z, labels=y, exclude=ex), store, K)
+
+
+@pytest.fixture(scope="module")
+def data(real):
+    store = real["store"]
+    tr = torch.arange(N_KB)
+    va = torch.arange(N_KB, 300)
+    train_fs = _features(real, store, tr, exclude_self=True)
+    # host branch: a linear probe; out-of-fold logits for its own training set (no leakage of the host's fit)
+    train_fs.host_logits = cross_fit_logits(train_fs.z, train_fs.labels, 10, folds=3, max_iter=50)
+    probe = fit_linear_probe(train_fs.z, train_fs.labels, 10, max_iter=50)
+    val_fs = _features(real, store, va, exclude_self=False)
+    with torch.no_grad():
+        val_fs.host_logits = probe(val_fs.z)
+    return train_fs, val_fs, probe
+
+
+def _head(seed: int = 0) -> RetrievalHead:
+    torch.manual_seed(seed)
+    return RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=10, dim=64, depth=2,
+                                    heads=4, k=K, dropout=0.1))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=50, lr=3e-3, progress=False, log_every=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_self_exclusion(data):
+    train_fs, _, _ = data
+    own = torch.arange(N_KB)[:, None]
+    assert not (train_fs.neighbor_ids == own).any(), "a training sample retrieved its own KB entry"
+    assert (train_fs.neighbor_ids >= 0).all() and train_fs.neighbor_ids.shape == (N_KB, K)
+
+
+def test_cache_hit_and_invalidation(real, tmp_path):
+    calls = {"encoder": 0, "search": 0}
+    model, images, labels = real["model"], real["images"][:64], real["labels"][:64]
+    store = InMemoryStore(512, 512, 384, real["store"].fingerprint)
+    s = real["store"]
+    store.add(s.keys[:N_KB], s.image[:N_KB], s.text[:N_KB], s.labels[:N_KB])
+
+    def featurize(x):
+        calls["encoder"] += 1
+        with torch.no_grad():
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    def batches():
+        return [(images[i:i + 16], labels[i:i + 16], torch.arange(i, i + 16)[:, None]) for i in range(0, 64, 16)]
+
+    def neighbours(fs):
+        calls["search"] += 1
+        return retrieve(fs, store, K)
+
+    def get(cache, fp):
+        return cache.get_or_compute(
+            "train", {"model": fp, "data": "cifar10 train[:64] @64px"}, lambda: extract_features(featurize, batches()),
+            {"kb": store.fingerprint, "generation": store.generation, "size": len(store), "k": K}, neighbours)
+
+    first = get(FeatureCache(tmp_path), model.fingerprint)
+    assert calls == {"encoder": 4, "search": 1}
+    cache = FeatureCache(tmp_path)  # a new run
+    second = get(cache, model.fingerprint)
+    assert calls == {"encoder": 4, "search": 1} and cache.hits == 2 and cache.misses == 0
+    for name in ("z", "labels", "exclude", "neighbor_ids", "neighbor_scores", "neighbor_labels"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert not (second.neighbor_ids == torch.arange(64)[:, None]).any()
+    # the KB changes (new generation): retrieval is redone, the backbone is not; the stale entry is removed
+    store.add(s.keys[N_KB:N_KB + 1], s.image[N_KB:N_KB + 1], s.text[N_KB:N_KB + 1])
+    get(FeatureCache(tmp_path), model.fingerprint)
+    assert calls == {"encoder": 4, "search": 2}
+    assert len(list(tmp_path.glob("train.neighbors-*"))) == 1
+    # another model: everything is recomputed
+    from dataclasses import replace
+    get(FeatureCache(tmp_path), replace(model.fingerprint, weights="sha256:0000"))
+    assert calls == {"encoder": 8, "search": 3}
+
+
+def test_training_reduces_loss_then_evaluate_and_plot(data, real, tmp_path):
+    train_fs, val_fs, _ = data
+    head = _head()
+    res = train(head, train_fs, _cfg(epochs=4), store=real["store"], val_features=val_fs, out_dir=tmp_path / "run")
+    losses = [h["train_loss"] for h in res.history]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
+    assert all("val_top1" in h and "val_nll" in h for h in res.history)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and sum(r["event"] == "epoch" for r in log) == 4
+    assert any(r["event"] == "step" and r["samples_per_s"] > 0 for r in log)
+    assert (tmp_path / "run" / "head" / "config.json").is_file()
+    loaded = RetrievalHead.load(tmp_path / "run" / "head")
+    pred = predict_logits(loaded, val_fs, real["store"])
+    pred_live = predict_logits(loaded, FeatureSet(z=val_fs.z, labels=val_fs.labels, host_logits=val_fs.host_logits),
+                               real["store"])  # live retrieval gives the same result as cached ids
+    torch.testing.assert_close(pred["logits"], pred_live["logits"], rtol=1e-5, atol=1e-5)
+    results = {
+        "host": evaluate(pred["host_logits"], val_fs.labels, train_fs.labels, cutoffs=(25, 15)),
+        "retrofitted": evaluate(pred["logits"], val_fs.labels, train_fs.labels, cutoffs=(25, 15)),
+    }
+    assert 0.0 <= results["retrofitted"]["top1"] <= results["retrofitted"]["top5"] <= 1.0
+    save_results(results, tmp_path / "eval.json", tmp_path / "eval.md")
+    back = json.loads((tmp_path / "eval.json").read_text())
+    for r in back.values():
+        assert set(METRIC_KEYS) <= set(r), set(METRIC_KEYS) - set(r)
+    assert "| retrofitted |" in markdown_table(results)
+    png = plot_per_class_accuracy(results, tmp_path / "per_class.png")
+    raw = png.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 5000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(png)).ndim == 3
+
+
+def test_interrupt_leaves_checkpoint_and_resume_matches(data, real, tmp_path):
+    train_fs, _, _ = data
+    cfg = _cfg(epochs=2)
+    straight = _head()
+    train(straight, train_fs, cfg, store=real["store"])
+
+    head = _head()
+    seen = {"n": 0}
+
+    def stop(module, args, output):
+        seen["n"] += 1
+        if seen["n"] == 6:  # the 6th step: epoch 2, step 2 of 4
+            raise KeyboardInterrupt
+
+    handle = head.register_forward_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(head, train_fs, cfg, store=real["store"], out_dir=tmp_path)
+    handle.remove()
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 5)
+    resumed_head = _head(seed=99)  # different init: everything must come from the checkpoint
+    res = train(resumed_head, train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
+    assert len(res.step_losses) == 2 * 4 - 5 and len(res.history) == 2
+    for (n, a), b in zip(straight.state_dict().items(), resumed_head.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{n} differs after resume")
+
+
+def test_corrupt_checkpoint_is_named(data, real, tmp_path):
+    train_fs, _, _ = data
+    train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path)
+    w = tmp_path / "checkpoints" / "last" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(RetrofitError, match="corrupt") as e:
+        train(_head(), train_fs, _cfg(epochs=2), store=real["store"], out_dir=tmp_path, resume=True)
+    assert str(w.parent) in str(e.value) and "delete" in str(e.value)
+    other = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=10, dim=32, depth=1,
+                                     heads=4, k=K))
+    train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path / "b")
+    with pytest.raises(RetrofitError, match="does not fit this head"):
+        train(other, train_fs, _cfg(epochs=2), store=real["store"], out_dir=tmp_path / "b", resume=True)
+
+
+def test_class_count_mismatch(data, real):
+    train_fs, _, _ = data
+    with torch.no_grad():
+        imagenet_logits = real["model"](real["images"][:N_KB])  # (200, 1000): the raw ImageNet head
+    bad = FeatureSet(z=train_fs.z, labels=train_fs.labels, host_logits=imagenet_logits,
+                     neighbor_ids=train_fs.neighbor_ids, neighbor_scores=train_fs.neighbor_scores,
+                     neighbor_labels=train_fs.neighbor_labels)
+    with pytest.raises(RetrofitError, match="1000 classes but the head has 10"):
+        train(_head(), bad, _cfg(epochs=1), store=real["store"])
+    small = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=5, dim=32, depth=1,
+                                     heads=4, k=K))
+    with pytest.raises(RetrofitError, match="out of range for a head with 5 classes"):
+        train(small, FeatureSet(z=train_fs.z, labels=train_fs.labels), _cfg(epochs=1), store=real["store"])
+
+
+def test_lace_joint_host_and_live_retrieval(data, real):
+    train_fs, val_fs, probe = data
+    host = fit_linear_probe(train_fs.z, train_fs.labels, 10, max_iter=20)
+    w0 = host.weight.detach().clone()
+    live = FeatureSet(z=train_fs.z, labels=train_fs.labels, exclude=train_fs.exclude)  # no cached ids
+    res = train(_head(), live, _cfg(epochs=1, loss="lace", train_host=True, host_lr=1e-3), store=real["store"],
+                host_classifier=host, val_features=val_fs)
+    assert all(torch.isfinite(torch.tensor(res.step_losses)))
+    assert not torch.equal(w0, res.host_classifier.weight.detach())
+    assert 0.0 <= res.history[0]["val_top1"] <= 1.0
+
+
+def test_lr_schedule_and_config_errors():
+    lrs = [lr_at(s, 100, 10, 1e-3) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-5
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    with pytest.raises(ValueError, match="allowed"):
+        TrainConfig(loss="focal").validate()
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0).validate()
+    assert TrainConfig.from_dict(TrainConfig(lr=1e-3).to_dict()) == TrainConfig(lr=1e-3)
