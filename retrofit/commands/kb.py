@@ -1,0 +1,212 @@
+"""``retrofit kb info|verify|query|delete|compact PATH``: inspect and maintain a knowledge base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _open(path: str, readonly: bool = True):
+    from retrofit.knowledge_base import KnowledgeBase
+
+    return KnowledgeBase.open(path, readonly=readonly)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _guard(fn):
+    """Print retrofit's own errors as one line (exit 1) instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from retrofit.errors import RetrofitError
+
+        try:
+            return fn(args)
+        except (RetrofitError, ValueError, KeyError, FileNotFoundError) as e:
+            return _fail(str(e).strip("'\""))
+
+    return run
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@_guard
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args.path) as kb:
+        info = kb.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    idx, b = info["index"], info["bytes"]
+    fps = {k: v for k, v in info["fingerprint"].items() if v}
+    lines = [
+        ("path", info["path"]),
+        ("records", f"{info['records']} live, {info['deleted']} deleted (next id {info['next_id']})"),
+        ("generation", info["generation"]),
+        ("dims", f"key {info['key_dim']}, image {info['image_dim']}, text {info['text_dim']} ({info['dtype']})"),
+        ("classes", ", ".join(info["class_names"]) if info["class_names"] else "-"),
+        ("fingerprints", "; ".join(f"{k}: {v['family']}:{v['name']}@{v['weights']}" for k, v in fps.items()) or "-"),
+        ("index", f"exact flat inner product ({idx['ntotal']} vectors)" if idx["kind"] == "flat" else
+                  f"HNSW M={idx['config']['hnsw_m']} ({idx['ntotal']} vectors, efSearch {idx['ef_search']}"
+                  + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
+                     else "") + ")"),
+        ("index file", f"{idx['file']} (generation {idx['file_generation']}, covers ids < {idx['covers_ids_below']})"),
+        ("disk", f"records {_human(b['records'])} ({b['records_over_raw']}x the raw vectors), "
+                 f"index {_human(b['index'])}"),
+    ]
+    if info["user_meta"]:
+        lines.append(("user meta", json.dumps(info["user_meta"])[:200]))
+    w = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+@_guard
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _open(args.path) as kb:
+        report = kb.verify()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        status = "OK" if report["ok"] else "DAMAGED"
+        print(f"{status}: {report['records_checked']} records checked, generation {report['generation']}")
+        for p in report["problems"]:
+            print(f"  - {p}")
+    return 0 if report["ok"] else 1
+
+
+def _load_vectors(path: str):
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"vector file {p} does not exist")
+    if p.suffix == ".npy":
+        x = torch.from_numpy(np.load(p, allow_pickle=False))
+    elif p.suffix in (".pt", ".pth"):
+        x = torch.load(p, map_location="cpu", weights_only=True)
+    elif p.suffix == ".json":
+        x = torch.tensor(json.loads(p.read_text()), dtype=torch.float32)
+    else:
+        raise ValueError(f"vector file must be .npy, .pt or .json, got {p.name!r}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{p} must hold one tensor of query vectors (B, D) or (D,)")
+    return x.float().reshape(-1, x.shape[-1]) if x.dim() <= 2 else x.float().flatten(0, -2)
+
+
+@_guard
+def cmd_query(args: argparse.Namespace) -> int:
+    import torch
+
+    if (args.ids is None) == (args.vectors is None):
+        return _fail("give exactly one of --ids or --vectors")
+    with _open(args.path) as kb:
+        if args.ids is not None:
+            ids = torch.tensor([int(s) for s in args.ids.split(",") if s.strip()])
+            queries = kb.vectors(ids, "key")
+            exclude = ids[:, None]  # a record is not its own neighbour
+            names = [f"id {i}" for i in ids.tolist()]
+        else:
+            queries = _load_vectors(args.vectors)
+            exclude, names = None, [f"query {i}" for i in range(queries.shape[0])]
+        nb = kb.search(queries, args.k, exclude=exclude)
+        classes = kb.class_names or []
+        out: list[dict[str, Any]] = []
+        for b, name in enumerate(names):
+            valid = nb.ids[b][nb.mask[b]].tolist()
+            recs = {r["id"]: r for r in kb.get(valid)} if valid else {}
+            rows = []
+            for j in range(nb.k):
+                if not nb.mask[b, j]:
+                    continue
+                i = int(nb.ids[b, j])
+                lab = int(nb.labels[b, j])
+                rows.append({"rank": j + 1, "id": i, "score": round(float(nb.scores[b, j]), 4), "label": lab,
+                             "class": classes[lab] if 0 <= lab < len(classes) else None,
+                             "caption": recs[i]["caption"], "source": recs[i]["source"]})
+            out.append({"query": name, "neighbours": rows})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for q in out:
+        print(f"{q['query']}: {len(q['neighbours'])} neighbours")
+        for r in q["neighbours"]:
+            cls = r["class"] if r["class"] is not None else r["label"]
+            print(f"  {r['rank']:>3}  id {r['id']:<8} score {r['score']:+.4f}  class {cls!s:<12} "
+                  f"{(r['caption'] or '')[:70]}")
+    return 0
+
+
+@_guard
+def cmd_delete(args: argparse.Namespace) -> int:
+    ids = [int(s) for part in args.ids for s in part.split(",") if s.strip()]
+    if not ids:
+        return _fail("no ids given")
+    with _open(args.path, readonly=False) as kb:
+        kb.delete(ids)
+        print(f"deleted {len(set(ids))} records; {len(kb)} live. Run `retrofit kb compact {args.path}` to "
+              "rebuild the index without them.")
+    return 0
+
+
+@_guard
+def cmd_compact(args: argparse.Namespace) -> int:
+    from retrofit.knowledge_base import KnowledgeBase
+
+    with KnowledgeBase.open(args.path, readonly=False) as kb:
+        before = kb.info()
+        kb.compact()
+        after = kb.info()
+    print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
+          f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
+    return 0
+
+
+def register_kb(kb_sub: argparse._SubParsersAction) -> None:
+    p = kb_sub.add_parser("info", help="counts, dims, fingerprints, index and disk use of a knowledge base",
+                          description="Describe a knowledge base. Example: retrofit kb info kb/cifar10")
+    p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = kb_sub.add_parser("verify", help="check every record, the metadata and the index file (exit 1 if damaged)",
+                          description="Check a knowledge base end to end. Example: retrofit kb verify kb/cifar10")
+    p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = kb_sub.add_parser("query", help="print the nearest neighbours (with captions) of stored ids or vectors",
+                          description="Search a knowledge base. Examples: retrofit kb query kb/cifar10 --ids 0,17 "
+                                      "-k 5; retrofit kb query kb/cifar10 --vectors q.npy")
+    p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("--ids", help="comma-separated record ids whose keys are the queries (each excludes itself)")
+    p.add_argument("--vectors", help="query vectors: .npy, .pt (a tensor) or .json, shape (B, key_dim) or (key_dim,)")
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_query)
+
+    p = kb_sub.add_parser("delete", help="delete records by id (tombstones; compact rebuilds the index)",
+                          description="Delete records. Example: retrofit kb delete kb/cifar10 3 17 42")
+    p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("ids", nargs="+", help="record ids (space or comma separated)")
+    p.set_defaults(func=cmd_delete)
+
+    p = kb_sub.add_parser("compact", help="rebuild the index from the records (drops deleted records; repairs a "
+                                          "damaged or missing index)",
+                          description="Rebuild the index. Example: retrofit kb compact kb/cifar10")
+    p.add_argument("path", help="knowledge-base directory")
+    p.set_defaults(func=cmd_compact)

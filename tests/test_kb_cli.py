@@ -1,0 +1,54 @@
+"""``retrofit kb info|verify|query|delete|compact`` on a real knowledge base."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from retrofit.cli import main
+from retrofit.knowledge_base import KnowledgeBase
+
+
+def _kb(path):
+    kb = KnowledgeBase.create(path, 8, 4, 2, class_names=["cat", "dog"])
+    g = torch.Generator().manual_seed(0)
+    kb.add(torch.randn(40, 8, generator=g), torch.randn(40, 4, generator=g), torch.randn(40, 2, generator=g),
+           labels=torch.arange(40) % 2, captions=[f"a photo number {i}" for i in range(40)])
+    kb.close()
+
+
+def test_kb_cli_round_trip(tmp_path, capsys):
+    path = str(tmp_path / "kb")
+    _kb(path)
+    assert main(["kb", "info", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["records"] == 40 and info["class_names"] == ["cat", "dog"]
+    assert main(["kb", "verify", path]) == 0
+    assert capsys.readouterr().out.startswith("OK: 40 records")
+    assert main(["kb", "query", path, "--ids", "3", "-k", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)[0]["neighbours"]
+    assert len(res) == 4 and all(r["id"] != 3 for r in res) and res[0]["caption"].startswith("a photo number")
+    np.save(tmp_path / "q.npy", np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
+    assert main(["kb", "query", path, "--vectors", str(tmp_path / "q.npy"), "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "query 1: 2 neighbours" in out and "class " in out
+    assert main(["kb", "delete", path, "3", "4,5"]) == 0
+    assert main(["kb", "compact", path]) == 0
+    assert "37 live records" in capsys.readouterr().out
+    assert main(["kb", "delete", path, "3"]) == 1  # already deleted
+    assert "unknown or deleted ids [3]" in capsys.readouterr().err
+    assert main(["kb", "info", str(tmp_path / "nope")]) == 1
+    assert "not a retrofit knowledge base" in capsys.readouterr().err
+
+
+def test_kb_cli_verify_reports_damage_and_compact_repairs(tmp_path, capsys):
+    path = tmp_path / "kb"
+    _kb(path)
+    state = json.loads((path / "index.json").read_text())
+    (path / state["file"]).write_bytes(b"garbage")
+    assert main(["kb", "info", str(path)]) == 1
+    assert f"retrofit kb compact {path}" in capsys.readouterr().err
+    assert main(["kb", "compact", str(path)]) == 0
+    assert main(["kb", "verify", str(path)]) == 0
