@@ -113,8 +113,7 @@ class _Builder:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._seen: set[str] = set()
         self._near = None  # faiss IndexFlatIP over written keys (near-duplicate removal)
-        self.state = dict(kb.user_meta.get(self.meta_key) or {"next": 0, "written": 0, "skipped": 0,
-                                                                "duplicates": 0, "near_duplicates": 0})
+        self.state = dict(kb.user_meta.get(self.meta_key) or _fresh_state())
 
     # ------------------------------------------------------------------ resume state
     def restore(self) -> None:
@@ -162,24 +161,20 @@ class _Builder:
         return torch.stack([self._text_cache[c] if c else zero for c in captions])  # (B, Dt)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> BuildSummary:
+    def run(self, batches: Any) -> BuildSummary:
+        """Consume decoded ``batches`` (a DataLoader iterator starting at ``state["next"]``)."""
         from tqdm.auto import tqdm
 
         cfg, refs = self.cfg, self.source.refs
         start = self.state["next"]
         t0 = time.perf_counter()
-        pre = [self.image.preprocess] + ([self.key.preprocess] if self.key is not None else [])
-        ds = DecodeDataset(refs, pre[0] if len(pre) == 1 else _Multi(pre), offset=start)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_decoded,
-            prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
         pending: dict[str, list] = {k: [] for k in ("key", "image", "text", "label", "caption", "source")}
         bar = tqdm(total=len(refs), initial=start, unit="img", desc="kb build", disable=not cfg.progress,
                    dynamic_ncols=True, smoothing=0.1)
         pos = start
         try:
             with open(self.report, "a") as report:
-                for batch in loader:
+                for batch in batches:
                     self._take(batch, pending, report)
                     pos = batch["index"][-1] + 1
                     bar.update(len(batch["index"]))
@@ -261,7 +256,7 @@ class _Builder:
         sim = q @ q.T  # (n, n)
         for a in range(len(q)):
             if keep[a] and a + 1 < len(q):
-                keep[a + 1:] &= ~((sim[a, a + 1:] >= self.cfg.near_dup) & keep[a + 1:] & True)
+                keep[a + 1:] &= sim[a, a + 1:] < self.cfg.near_dup
         self.state["near_duplicates"] += int((~keep).sum())
         self._near.add(q[keep])
         return keep.tolist()
@@ -284,6 +279,24 @@ class _Builder:
         for v in pending.values():
             v.clear()
         log.info("committed %d records; source position %d/%d", n, pos, len(self.source.refs))
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"next": 0, "written": 0, "skipped": 0, "duplicates": 0, "near_duplicates": 0}
+
+
+def _decoded_batches(src: Source, cfg: BuildConfig, img: ImageEncoder, key: ImageEncoder | None, start: int) -> Any:
+    """An iterator of decoded batches from source position ``start``; its worker processes start NOW.
+
+    Called before the KB is opened for writing, so that the workers inherit none of its file descriptors
+    (an orphaned worker of a killed build would otherwise hold the KB's writer lock).
+    """
+    pre = [img.preprocess] + ([key.preprocess] if key is not None else [])
+    ds = DecodeDataset(src.refs, pre[0] if len(pre) == 1 else _Multi(pre), offset=start)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_decoded,
+        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+    return iter(loader)
 
 
 class _Multi:
@@ -352,9 +365,9 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)
     build_id = _build_id(mode, src, cfg, fp, class_names)
     meta_key = _META_PREFIX + build_id
+    state = _fresh_state()
     if exists:
-        kb = KnowledgeBase.open(path, readonly=False)
-        try:
+        with KnowledgeBase.open(path) as kb:
             for part in ("key", "image", "text"):
                 check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
             if class_names is not None and kb.class_names is not None and list(kb.class_names) != class_names:
@@ -365,29 +378,32 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                 raise KnowledgeBaseError(
                     f"{path} already holds a knowledge base built from other data or settings ({len(kb)} records); "
                     "re-run the original command to resume it, use `retrofit kb add` to append, or pick a new path")
-        except BaseException:
-            kb.close()
-            raise
+            state = dict(kb.user_meta.get(meta_key) or state)
+            size = len(kb)
+        report = path / REPORT_NAME
+        if state.get("done"):
+            log.info("%s: this build is already complete (%d records); nothing to do", path, size)
+            return BuildSummary(str(path), len(src), state["written"], state["skipped"], state["duplicates"],
+                                state["near_duplicates"], time.perf_counter() - t0, 0.0, 0.0, state["next"],
+                                str(report), kb_size=size)
+    batches = _decoded_batches(src, cfg, img, key, state["next"])  # workers start before the KB is opened
+    if exists:
+        kb = KnowledgeBase.open(path, readonly=False)
     else:
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
                                   index=cfg.index)
-    report = path / REPORT_NAME
     with kb:
-        builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, report)
-        if builder.state.get("done"):
-            log.info("%s: this build is already complete (%d records); nothing to do", path, len(kb))
-            st = builder.state
-            return BuildSummary(str(path), len(src), st["written"], st["skipped"], st["duplicates"],
-                                st["near_duplicates"], time.perf_counter() - t0, 0.0, 0.0, st["next"], str(report),
-                                kb_size=len(kb))
-        if builder.state["next"]:
-            log.info("%s: resuming at source position %d of %d", path, builder.state["next"], len(src))
+        builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, path / REPORT_NAME)
+        if builder.state["next"] != state["next"]:
+            raise KnowledgeBaseError(f"{path} was changed by another process while this build started; re-run it")
+        if state["next"]:
+            log.info("%s: resuming at source position %d of %d", path, state["next"], len(src))
         builder.restore()
         if mode == "build":
             with kb.bulk():  # the ANN index is built once, at the end
-                summary = builder.run()
+                summary = builder.run(batches)
         else:
-            summary = builder.run()  # the index is extended batch by batch
+            summary = builder.run(batches)  # the index is extended batch by batch
     summary.seconds = time.perf_counter() - t0
     summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds, 1e-9)
     log.info("%s", summary)

@@ -1,0 +1,248 @@
+"""Building knowledge bases from real CIFAR-10 samples with the real Tiny Darknet and MiniLM encoders:
+every source kind, bad data, duplicates, resume after SIGKILL and Ctrl-C, add, merge, configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_sources import make_imagefolder, make_manifest, make_shards, mini_samples, write_shard  # noqa: F401
+
+from retrofit.encoders import load_image_encoder, load_text_encoder
+from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
+from retrofit.ingest import REPORT_NAME, add_to_kb, build_kb, merge_kbs
+from retrofit.knowledge_base import KnowledgeBase
+
+FAST = {"batch_size": 32, "num_workers": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return {"image_encoder": load_image_encoder("darknet-tiny"), "text_encoder": load_text_encoder("minilm")}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, mini_samples, cifar_classes):  # noqa: F811
+    return make_shards(tmp_path_factory.mktemp("wds"), mini_samples, cifar_classes)
+
+
+def _records(path: Path) -> list[dict]:
+    with KnowledgeBase.open(path) as kb:
+        return list(kb)
+
+
+def test_build_from_webdataset(tmp_path, shards, mini_samples, cifar_classes, encoders):  # noqa: F811
+    s = build_kb(shards, tmp_path / "kb", **encoders, **FAST)
+    assert (s.written, s.skipped, s.duplicates, s.total) == (100, 0, 0, 100)
+    assert s.encode_s > 0 and s.seconds >= s.encode_s
+    order = mini_samples[0::2] + mini_samples[1::2]
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        assert len(kb) == 100 and kb.class_names == cifar_classes
+        assert kb.fingerprint.image.matches(encoders["image_encoder"].fingerprint)
+        assert kb.fingerprint.key.matches(encoders["image_encoder"].fingerprint)
+        assert kb.fingerprint.text.matches(encoders["text_encoder"].fingerprint)
+        recs = kb.get(torch.arange(100))
+        assert [r["label"] for r in recs] == [o["label"] for o in order]
+        assert [r["caption"] for r in recs] == [o["caption"].strip() for o in order]
+        assert recs[3]["source"].startswith(f"mini-000000.tar/{order[3]['key']}|sha1:")
+        # a training image, decoded and encoded afresh, finds itself first
+        import io
+
+        from PIL import Image
+
+        enc = encoders["image_encoder"]
+        picks = [0, 17, 55, 99]
+        x = torch.stack([enc.preprocess(Image.open(io.BytesIO(order[i]["jpg"])).convert("RGB")) for i in picks])
+        nb = kb.search(enc.encode(x), 5)
+        assert nb.ids[:, 0].tolist() == picks
+        assert (nb.scores[:, 0] > 0.999).all()
+        # stored text vectors are the captions' MiniLM vectors (float16 storage)
+        t = kb.vectors(torch.tensor(picks), which="text")
+        ref = encoders["text_encoder"].encode([order[i]["caption"].strip() for i in picks])
+        assert torch.allclose(t, ref, atol=2e-3)
+    # re-running a finished build does nothing
+    again = build_kb(shards, tmp_path / "kb", **encoders, **FAST)
+    assert again.written == 100 and again.encode_s == 0.0 and len(_records(tmp_path / "kb")) == 100
+
+
+def test_build_from_imagefolder_and_manifest(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
+    root = make_imagefolder(tmp_path / "if", mini_samples[:40], cifar_classes)
+    s = build_kb(root, tmp_path / "kb_if", **encoders, **FAST, class_names=cifar_classes)
+    assert s.written == 40
+    recs = _records(tmp_path / "kb_if")
+    for r in recs:
+        assert r["caption"] == f"a photo of a {cifar_classes[r['label']]}."
+        assert r["source"].split("/")[0] == cifar_classes[r["label"]]
+    assert sorted(r["label"] for r in recs) == sorted(s["label"] for s in mini_samples[:40])
+    # JSONL manifest with class names, mapped onto a classifier with another class order
+    target = list(reversed(cifar_classes))
+    man = make_manifest(tmp_path / "man", mini_samples[::5], cifar_classes)
+    s = build_kb(man, tmp_path / "kb_man", **encoders, **FAST, class_names=target)
+    assert s.written == 20
+    recs = _records(tmp_path / "kb_man")
+    assert [target[r["label"]] for r in recs] == [cifar_classes[m["label"]] for m in mini_samples[::5]]
+    assert [r["caption"] for r in recs] == [m["caption"].strip() for m in mini_samples[::5]]
+
+
+def test_bad_data_is_skipped_and_reported(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
+    good = mini_samples[:20]
+    corrupt = dict(good[0], key="corrupt", jpg=good[0]["jpg"][:100] + b"\xff\x00" * 40)
+    nocap = dict(good[1], key="nocap", caption=None)
+    empty = dict(good[2], key="emptycap", caption="   ")
+    dup = dict(good[3], key="dup_of_3")
+    write_shard(tmp_path / "bad.tar", good + [corrupt, nocap, empty, dup],
+                extra=[("noimage.txt", b"a caption whose image is missing"), ("noimage.cls", b"1")])
+    s = build_kb(str(tmp_path / "bad.tar"), tmp_path / "kb", **encoders, **FAST, class_names=cifar_classes)
+    assert (s.written, s.skipped, s.duplicates, s.total) == (20, 4, 1, 25)
+    report = [json.loads(x) for x in (tmp_path / "kb" / REPORT_NAME).read_text().splitlines()]
+    reasons = {e["key"].split("/")[1]: e["reason"] for e in report}
+    assert set(reasons) == {"corrupt", "nocap", "emptycap", "noimage"}
+    assert reasons["corrupt"].startswith("undecodable image")
+    assert reasons["nocap"] == "no caption" and reasons["emptycap"] == "empty caption"
+    assert reasons["noimage"] == "missing image member"
+    assert len(_records(tmp_path / "kb")) == 20
+    # without exact dedup the duplicate is kept
+    s2 = build_kb(str(tmp_path / "bad.tar"), tmp_path / "kb2", **encoders, **FAST, dedup=False)
+    assert (s2.written, s2.duplicates) == (21, 0)
+
+
+def test_near_duplicates(tmp_path, shards, encoders):
+    s = build_kb(shards, tmp_path / "kb", **encoders, **FAST, near_dup=0.9)
+    assert s.near_duplicates > 0 and s.written + s.near_duplicates == 100
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        k = kb.vectors(torch.arange(len(kb)), which="key")
+        sim = k @ k.T - 2 * torch.eye(len(kb))
+        assert sim.max() < 0.9 + 2e-3  # float16 storage
+
+
+_CHILD = textwrap.dedent("""
+    import logging, sys, time
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from retrofit.encoders import load_image_encoder, load_text_encoder
+    from retrofit.ingest import build_kb
+    img = load_image_encoder("darknet-tiny")
+    raw = img._embed
+    def slow(x):  # the real encoder, slowed so that the parent can kill the build half-way
+        time.sleep(0.4)
+        return raw(x)
+    img._embed = slow
+    print("ready", file=sys.stderr, flush=True)
+    build_kb(sys.argv[1], sys.argv[2], image_encoder=img, text_encoder=load_text_encoder("minilm"),
+             batch_size=10, commit_every=20, num_workers=1, progress=False)
+""")
+
+
+def _same_kb(a: Path, b: Path) -> None:
+    ra, rb = _records(a), _records(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert (x["id"], x["label"], x["caption"], x["source"]) == (y["id"], y["label"], y["caption"], y["source"])
+        for v in ("key", "image", "text"):
+            assert torch.allclose(x[v], y[v], atol=3e-3), (x["id"], v)
+
+
+def test_resume_after_sigkill_equals_clean_build(tmp_path, shards, encoders):
+    kb = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, shards, str(kb)], stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if "committed" in line:  # at least one commit is on disk, and the build is still running
+                p.send_signal(signal.SIGKILL)
+                break
+    finally:
+        p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "".join(lines[-20:])
+    with KnowledgeBase.open(kb) as k:
+        progress = next(v for n, v in k.user_meta.items() if n.startswith("ingest:"))
+        assert 0 < progress["next"] < 100 and not progress.get("done")
+        assert len(k) == progress["written"] == progress["next"]
+    s = build_kb(shards, kb, **encoders, batch_size=10, commit_every=20, num_workers=1, progress=False)
+    assert s.resumed_from == progress["next"] and s.written == 100
+    build_kb(shards, tmp_path / "clean", **encoders, batch_size=10, commit_every=20, num_workers=1, progress=False)
+    _same_kb(kb, tmp_path / "clean")
+
+
+def test_resume_after_ctrl_c(tmp_path, shards, encoders):
+    img = load_image_encoder("darknet-tiny")
+    raw, calls = img._embed, []
+
+    def interrupt_on_third(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return raw(x)
+
+    img._embed = interrupt_on_third
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
+    with KnowledgeBase.open(tmp_path / "kb") as k:
+        assert len(k) == 64  # the two encoded batches were committed on the way out
+    img._embed = raw
+    s = build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
+    assert s.resumed_from == 64 and s.written == 100 and len(_records(tmp_path / "kb")) == 100
+
+
+def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
+    write_shard(tmp_path / "a.tar", mini_samples[:50])
+    write_shard(tmp_path / "b.tar", mini_samples[50:])
+    kw = dict(**encoders, **FAST, class_names=cifar_classes)
+    build_kb(str(tmp_path / "a.tar"), tmp_path / "kb_a", **kw)
+    s = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw)
+    assert s.written == 50 and len(_records(tmp_path / "kb_a")) == 100
+    with KnowledgeBase.open(tmp_path / "kb_a") as kb:  # the incrementally extended index finds new records
+        q = kb.vectors(torch.tensor([10, 75]), which="key")
+        assert kb.search(q, 1).ids[:, 0].tolist() == [10, 75]
+    again = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw, commit_every=1000)
+    assert again.written == 50  # the same add, already complete: nothing new
+    # merge: in-domain KB + another pool; duplicates by image hash dropped
+    build_kb(str(tmp_path / "b.tar"), tmp_path / "kb_b", **kw)
+    m = merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged", progress=False)
+    assert (m.written, m.duplicates, m.kb_size) == (100, 50, 100)
+    ma, mm = _records(tmp_path / "kb_a"), _records(tmp_path / "merged")
+    assert [r["caption"] for r in ma] == [r["caption"] for r in mm]
+    assert torch.allclose(ma[7]["image"], mm[7]["image"])
+    # a KB with another text encoder cannot be merged
+    from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.store import KBFingerprint
+
+    with KnowledgeBase.open(tmp_path / "kb_b") as kb:
+        fp = kb.fingerprint
+        other = KBFingerprint(fp.key, fp.image, EncoderFingerprint("sentence-transformers", "other", "x", 384))
+        with KnowledgeBase.create(tmp_path / "kb_c", kb.key_dim, kb.image_dim, kb.text_dim, other,
+                                  class_names=cifar_classes) as c:
+            c.add(kb.vectors([0], "key"), kb.vectors([0], "image"), kb.vectors([0], "text"))
+    with pytest.raises(FingerprintMismatchError, match="text vectors"):
+        merge_kbs([tmp_path / "kb_a", tmp_path / "kb_c"], tmp_path / "merged2", progress=False)
+    with pytest.raises(FingerprintMismatchError):
+        add_to_kb(tmp_path / "kb_c", str(tmp_path / "b.tar"), **kw)
+
+
+def test_configuration_errors_before_any_work(tmp_path, shards, cifar_classes, encoders):
+    out = tmp_path / "kb"
+    with pytest.raises(ValueError, match="match no class"):
+        build_kb(shards, out, **encoders, class_names=cifar_classes[:5])
+    with pytest.raises(ValueError, match="unknown build options"):
+        build_kb(shards, out, **encoders, batchsize=3)
+    with pytest.raises(ValueError, match="unknown image encoder family"):
+        build_kb(shards, out, image_encoder="resnet:50", text_encoder=encoders["text_encoder"])
+    with pytest.raises(FileNotFoundError):
+        build_kb(str(tmp_path / "nothing-{000000..000001}.tar"), out, **encoders)
+    with pytest.raises(ValueError, match="commit_every"):
+        build_kb(shards, out, **encoders, commit_every=0)
+    assert not out.exists()
+    with pytest.raises(KnowledgeBaseError, match="not a knowledge base"):
+        add_to_kb(out, shards, **encoders)
+    # a different build into an existing KB is refused
+    build_kb(shards, out, **encoders, **FAST)
+    with pytest.raises(KnowledgeBaseError, match="already holds"):
+        build_kb(shards, out, **encoders, **FAST, dedup=False)
