@@ -16,6 +16,7 @@ Every read copies out of the ``buffers=True`` views while the transaction is sti
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 from retrofit._env import require
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
 
-__all__ = ["SCHEMA_VERSION", "RecordStore", "meta_checksum", "ckey"]
+__all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "meta_checksum", "ckey"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,16 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 # py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
 _ENVS: dict[str, list[Any]] = {}
 _ENVS_LOCK = threading.Lock()
+
+
+@dataclass
+class SnapshotView:
+    """Zero-copy numpy views of all record chunks of one read transaction (valid only while it is open)."""
+
+    vec: np.ndarray  # overlapping (elements, row_dim) view of the LMDB map: row e = elements e .. e + row_dim
+    vec_off: np.ndarray  # (chunks,) element offset of each vector chunk in ``vec``; -1 = chunk absent
+    lab: np.ndarray  # (elements,) int64 view of the map over the label chunks
+    lab_off: np.ndarray  # (chunks,) element offset of each label chunk in ``lab``; -1 = chunk absent
 
 
 def ckey(i: int) -> bytes:
@@ -182,6 +194,46 @@ class RecordStore:
             r = row_of[sel]
             out[sel] = arr[r, cols]
             lab[sel] = np.frombuffer(lbuf, dtype="<i8")[r]
+        return out, lab
+
+    def snapshot_view(self, txn) -> SnapshotView | None:
+        """Address tables of every chunk in a long-lived read transaction, for :meth:`gather_view`.
+
+        Valid only while ``txn`` stays open (the owner drops it before ending the transaction). None when a chunk
+        is not aligned for its dtype (small values stored inside LMDB leaf pages); callers then use :meth:`gather`.
+        """
+        views = []
+        for db, dt, width in ((self.db_vec, self.np_dtype, self.row_dim), (self.db_lab, np.dtype("<i8"), 1)):
+            keys, addr, size = [], [], []
+            with txn.cursor(db=db) as cur:
+                for k, v in cur.iternext(keys=True, values=True):
+                    keys.append(struct.unpack(">Q", bytes(k))[0])
+                    a = np.frombuffer(v, dtype=np.uint8)
+                    addr.append(a.__array_interface__["data"][0])
+                    size.append(a.nbytes)
+            if not keys:
+                return None
+            addr_a, size_a = np.asarray(addr, dtype=np.int64), np.asarray(size, dtype=np.int64)
+            if (addr_a % dt.itemsize).any():
+                return None
+            lo, hi = int(addr_a.min()), int((addr_a + size_a).max())
+            flat = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), dtype=dt)  # the map, no copy
+            # rows may start at any element: an overlapping strided view gives row i = elements i .. i + width
+            rows = np.lib.stride_tricks.as_strided(flat, shape=(max(flat.shape[0] - width + 1, 1), width),
+                                                   strides=(dt.itemsize, dt.itemsize), writeable=False)
+            off = np.full(max(keys) + 1, -1, dtype=np.int64)
+            off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
+            views.append((rows, off))
+        return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
+
+    def gather_view(self, view: SnapshotView, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`gather`, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no Python loop)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        c, r = np.divmod(ids, self.chunk)
+        if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
+            raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {self.path.parent}")
+        out = view.vec[view.vec_off[c] + r * self.row_dim, cols]  # (M, W) copy out of the map
+        lab = view.lab[view.lab_off[c] + r]  # (M,)
         return out, lab
 
     def texts(self, txn, ids: np.ndarray) -> list[tuple[str | None, str | None]]:

@@ -73,8 +73,7 @@ class KBSearchMixin:
         out = Neighbors.empty(B, k, self.image_dim, self.text_dim)
         valid_ids = ids_[mask]
         Dk, Di = self.key_dim, self.image_dim
-        with self._txn() as txn:
-            vec, lab = self._rec.gather(txn, valid_ids, slice(Dk, Dk + Di + self.text_dim))
+        vec, lab = self._gather_rows(valid_ids, slice(Dk, Dk + Di + self.text_dim))
         vec_t = torch.from_numpy(vec).float()  # (M, Di+Dt)
         mask_t = torch.from_numpy(mask)
         out.image[mask_t] = vec_t[:, :Di]
@@ -125,8 +124,8 @@ class KBSearchMixin:
     def get(self, ids: Any, vectors: bool = False) -> list[dict[str, Any]]:
         """Records ``ids`` as dicts (id, label, caption, source; key/image/text float32 tensors if ``vectors``)."""
         a = self._check_ids(ids)
+        rows, lab = self._gather_rows(a, slice(0, self._rec.row_dim))
         with self._txn() as txn:
-            rows, lab = self._rec.gather(txn, a, slice(0, self._rec.row_dim))
             texts = self._rec.texts(txn, a)
         out = []
         Dk, Di = self.key_dim, self.image_dim
@@ -145,9 +144,26 @@ class KBSearchMixin:
         a = self._check_ids(ids)
         Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
         cols = {"key": slice(0, Dk), "image": slice(Dk, Dk + Di), "text": slice(Dk + Di, Dk + Di + Dt)}[which]
-        with self._txn() as txn:
-            rows, _ = self._rec.gather(txn, a, cols)
+        rows, _ = self._gather_rows(a, cols)
         return torch.from_numpy(rows.astype(np.float32))
+
+    def gather(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image (M, Di) and text (M, Dt) float32 vectors and labels (M,) of live ``ids`` (M,), in one read."""
+        a = self._check_ids(ids)
+        Dk, Di = self.key_dim, self.image_dim
+        rows, lab = self._gather_rows(a, slice(Dk, Dk + Di + self.text_dim))
+        rows_t = torch.from_numpy(rows).float()  # (M, Di+Dt)
+        return rows_t[:, :Di], rows_t[:, Di:], torch.from_numpy(lab)
+
+    def _gather_rows(self, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``ids`` (columns ``cols``) and labels: vectorised over the snapshot's map views for readers."""
+        if self._snap is not None:
+            if self._view is None:
+                self._view = self._rec.snapshot_view(self._snap) or False
+            if self._view:
+                return self._rec.gather_view(self._view, ids, cols)
+        with self._txn() as txn:
+            return self._rec.gather(txn, ids, cols)
 
     def labels(self) -> torch.Tensor:
         """Labels of all live records in id order (N,) int64."""

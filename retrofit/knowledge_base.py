@@ -68,6 +68,7 @@ class KnowledgeBase(KBSearchMixin):
         self.readonly = readonly
         self._lock_fd: int | None = None
         self._snap = None  # read-only handles: the LMDB read transaction that is their snapshot
+        self._view = None  # numpy views of the snapshot's record chunks (None = not built, False = unavailable)
         self._bulk = 0
         self._unsaved = 0
         self._gpu_cache: dict[str, Any] = {}
@@ -493,6 +494,7 @@ class KnowledgeBase(KBSearchMixin):
         if not self.readonly:
             return False
         old_gen, old_file = self.generation, self._state.file
+        self._view = None  # points into the snapshot: drop it before the transaction ends
         self._snap.abort()
         self._snap = None
         self._load()
@@ -509,6 +511,7 @@ class KnowledgeBase(KBSearchMixin):
             self._release()
 
     def _release(self) -> None:
+        self._view = None
         if self._snap is not None:
             self._snap.abort()
             self._snap = None

@@ -269,3 +269,26 @@ def test_exact_search_on_gpu_matches_cpu(tmp_path):
     assert gpu.ids.is_cuda and torch.equal(gpu.ids.cpu(), cpu.ids)
     assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-4) and torch.equal(gpu.image.cpu(), cpu.image)
     kb.close()
+
+
+def test_reader_vectorised_gather_equals_transaction_reads(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", 64, 64, 32, chunk_records=100)  # values on overflow pages
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        kb.add(torch.randn(700, 64, generator=g), torch.randn(700, 64, generator=g), torch.randn(700, 32, generator=g),
+               labels=torch.randint(0, 9, (700,), generator=g))
+    kb.delete(torch.arange(100, 200))  # one whole chunk: compact drops it from LMDB
+    kb.compact()
+    ids = torch.cat([torch.arange(0, 100), torch.arange(200, 2100)])[torch.randperm(2000, generator=g)[:500]]
+    want = kb.gather(ids)  # writer: per-chunk reads inside a transaction
+    q = torch.randn(9, 64, generator=g)
+    want_nb = kb.search(q, 7)
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        got = r.gather(ids)
+        assert r._view  # the zero-copy map views are in use
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+        nb = r.search(q, 7)
+        assert torch.equal(nb.ids, want_nb.ids) and torch.equal(nb.image, want_nb.image)
+        assert torch.equal(nb.labels, want_nb.labels) and torch.equal(nb.text, want_nb.text)
