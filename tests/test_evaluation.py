@@ -1,0 +1,83 @@
+"""Metrics of ``retrofit.evaluation`` on cases computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retrofit.evaluation import (
+    METRIC_KEYS,
+    class_groups,
+    evaluate,
+    expected_calibration_error,
+    logit_adjust,
+    markdown_table,
+)
+
+
+def _onehot_logits(pred: list[int], C: int, scale: float = 10.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(pred), C).float() * scale
+
+
+def test_groups_and_accuracies():
+    # 4 classes with 150 / 50 / 10 / 0 training images: many, medium, few, few (ImageNet-LT cut-offs)
+    train_labels = torch.cat([torch.full((n,), c) for c, n in enumerate([150, 50, 10, 0])])
+    labels = [0, 0, 1, 1, 2, 2, 3, 3]
+    pred = [0, 0, 1, 0, 3, 3, 3, 1]  # class 0: 2/2, class 1: 1/2, class 2: 0/2, class 3: 1/2
+    r = evaluate(_onehot_logits(pred, 4), torch.tensor(labels), train_labels)
+    assert set(METRIC_KEYS) <= set(r)
+    assert r["top1"] == pytest.approx(4 / 8)
+    assert r["many"] == pytest.approx(1.0) and r["medium"] == pytest.approx(0.5)
+    assert r["few"] == pytest.approx(1 / 4)  # classes 2 and 3: 1 right of 4
+    assert r["per_class_acc"] == pytest.approx([1.0, 0.5, 0.0, 0.5])
+    assert r["mean_per_class"] == pytest.approx(0.5)
+    assert r["group_sizes"] == {"many": 1, "medium": 1, "few": 2}
+    assert r["train_counts"] == [150, 50, 10, 0] and r["top5"] == 1.0  # C = 4 < 5: top-4
+
+
+def test_cutoffs_boundaries_and_empty_group():
+    g = class_groups(torch.tensor([101, 100, 20, 19]), (100, 20))
+    assert g["many"].tolist() == [True, False, False, False]
+    assert g["medium"].tolist() == [False, True, True, False]
+    assert g["few"].tolist() == [False, False, False, True]
+    r = evaluate(_onehot_logits([0, 1], 2), torch.tensor([0, 1]), train_counts=[5000, 3000], cutoffs=(1000, 200))
+    assert r["few"] is None and r["medium"] is None and r["many"] == 1.0
+    assert "–" in markdown_table({"m": r})  # empty groups shown as a dash
+    with pytest.raises(ValueError, match="few_below <= many_above"):
+        class_groups(torch.tensor([1]), (20, 100))
+
+
+def test_nll_ece_top5():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([1, 5])
+    r = evaluate(logits, labels, train_counts=[1] * 6)
+    expect = -(torch.log_softmax(logits, 1)[0, 1] + math.log(1 / 6)) / 2
+    assert r["nll"] == pytest.approx(float(expect), rel=1e-12)
+    logits[1] = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])
+    r = evaluate(logits, labels, train_counts=[1] * 6)
+    assert r["top1"] == 0.0 and r["top5"] == 0.5  # class 1 is 2nd in row 0; class 5 is 6th in row 1
+    # ECE: one sample at confidence 0.9 wrong, one at 0.6 right -> (0.9 + 0.4) / 2
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    assert expected_calibration_error(probs, torch.tensor([1, 0]), bins=10) == pytest.approx(0.65)
+
+
+def test_logit_adjust_favours_rare_classes():
+    logits = torch.tensor([[1.0, 0.9]])
+    counts = [900, 100]
+    adj = logit_adjust(logits, counts, tau=1.0)
+    assert adj.argmax().item() == 1
+    torch.testing.assert_close(adj - logits, -torch.log(torch.tensor([[0.9, 0.1]])))
+    assert torch.equal(logit_adjust(logits, counts, tau=0.0), logits)
+    with pytest.raises(ValueError, match="2"):
+        logit_adjust(logits, [1, 2, 3])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="class-count mismatch"):
+        evaluate(torch.zeros(2, 3), torch.tensor([0, 5]), train_counts=[1, 1, 1])
+    with pytest.raises(ValueError, match="train_labels or train_counts"):
+        evaluate(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="3 classes"):
+        evaluate(torch.zeros(2, 3), torch.tensor([0, 1]), train_counts=[1, 1])
