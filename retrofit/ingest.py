@@ -110,6 +110,7 @@ class _Builder:
         self.meta_key = _META_PREFIX + build_id
         self.report = report
         self.encode_s = 0.0
+        self.encode_split: dict[str, float] = {}  # seconds per encoder ("image", "key", "text")
         self._text_cache: dict[str, torch.Tensor] = {}
         self._seen: set[str] = set()
         self._near = None  # faiss IndexFlatIP over written keys (near-duplicate removal)
@@ -144,16 +145,18 @@ class _Builder:
                 self._near.add(torch.stack(keys).float().numpy())
 
     # ------------------------------------------------------------------ encoding
-    def _timed(self, fn: Any, x: Any) -> torch.Tensor:
+    def _timed(self, fn: Any, x: Any, which: str) -> torch.Tensor:
         t = time.perf_counter()
         out = fn(x)
-        self.encode_s += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.encode_s += dt
+        self.encode_split[which] = self.encode_split.get(which, 0.0) + dt
         return out.float().cpu()
 
     def _encode_text(self, captions: list[str | None]) -> torch.Tensor:
         todo = sorted({c for c in captions if c and c not in self._text_cache})
         if todo:
-            vecs = self._timed(self.text.encode, todo)  # (n, Dt)
+            vecs = self._timed(self.text.encode, todo, "text")  # (n, Dt)
             if len(self._text_cache) + len(todo) > self.cfg.text_cache:
                 self._text_cache.clear()
             self._text_cache.update(zip(todo, vecs))
@@ -196,7 +199,8 @@ class _Builder:
         st = self.state
         return BuildSummary(str(self.kb.path), len(refs), st["written"], st["skipped"], st["duplicates"],
                             st["near_duplicates"], seconds, self.encode_s, (len(refs) - start) / max(seconds, 1e-9),
-                            start, str(self.report), kb_size=len(self.kb))
+                            start, str(self.report), kb_size=len(self.kb),
+                            extra={"encode_split_s": self.encode_split, "unique_captions": len(self._text_cache)})
 
     def _take(self, batch: dict[str, Any], pending: dict[str, list], report: Any) -> None:
         """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``."""
@@ -224,8 +228,8 @@ class _Builder:
         sel = [batch["ok"].index(r) for r in keep_rows]
         images = batch["images"]
         img_in = images[0] if isinstance(images, tuple) else images
-        img = self._timed(self.image.encode, img_in[sel])  # (n, Di)
-        keys = self._timed(self.key.encode, images[1][sel]) if self.key is not None else img  # (n, Dk)
+        img = self._timed(self.image.encode, img_in[sel], "image")  # (n, Di)
+        keys = self._timed(self.key.encode, images[1][sel], "key") if self.key is not None else img  # (n, Dk)
         if self._near is not None:
             keep = self._near_filter(keys)
             keep_rows = [r for r, k in zip(keep_rows, keep) if k]

@@ -1,0 +1,162 @@
+"""``retrofit kb build|add|merge``: make knowledge bases from image-text data, extend them, combine them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+_EPILOG_BUILD = """examples:
+  retrofit kb build 'data/train-{000000..000004}.tar' kb/cifar --image-encoder darknet-tiny --text-encoder minilm
+  retrofit kb build photos/ kb/photos --template 'a photo of a {}.' --classes classes.txt
+  retrofit kb build manifest.jsonl kb/web --classes classes.json --near-dup 0.98
+
+Re-running the same command after a crash or Ctrl-C resumes where it stopped. Bad samples are skipped
+and listed in KB/build_report.jsonl.
+"""
+
+
+def _classes(value: str | None) -> list[str] | None:
+    """``--classes``: a .json list (or {"classes": [...]}), a text file with one name per line, or a comma list."""
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_file():
+        if p.suffix.lower() == ".json":
+            data = json.loads(p.read_text())
+            names = data["classes"] if isinstance(data, dict) else data
+        else:
+            names = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+    else:
+        names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"--classes {value!r}: expected a JSON list, a file with one name per line, or a comma list")
+    return list(names)
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from retrofit.sources import imagefolder_source, manifest_source, open_source
+
+    s = str(args.source)
+    if Path(s).is_dir():
+        return imagefolder_source(s, templates=args.template or ["a photo of a {}."])
+    if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+        return manifest_source(s, image_col=args.image_column, caption_col=args.caption_column,
+                               label_col=args.label_column)
+    return open_source(s)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "image_encoder": args.image_encoder, "text_encoder": args.text_encoder, "key_encoder": args.key_encoder,
+        "batch_size": args.batch_size, "num_workers": args.workers, "commit_every": args.commit_every,
+        "dedup": not args.no_dedup, "near_dup": args.near_dup, "require_caption": not args.allow_missing_captions,
+        "device": args.device, "progress": not args.quiet,
+    }
+    classes = _classes(args.classes)
+    if classes is not None:
+        opts["class_names"] = classes
+    return opts
+
+
+def _report(summary: Any, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(summary)
+    return 0
+
+
+def _guarded(fn):
+    def run(args: argparse.Namespace) -> int:
+        from retrofit.errors import RetrofitError
+
+        try:
+            return fn(args)
+        except (RetrofitError, ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_guarded
+def cmd_build(args: argparse.Namespace) -> int:
+    from retrofit.ingest import build_kb
+
+    source = _source(args)
+    return _report(build_kb(source, args.kb, index=args.index, **_options(args)), args.json)
+
+
+@_guarded
+def cmd_add(args: argparse.Namespace) -> int:
+    from retrofit.ingest import add_to_kb
+
+    source = _source(args)
+    return _report(add_to_kb(args.kb, source, **_options(args)), args.json)
+
+
+@_guarded
+def cmd_merge(args: argparse.Namespace) -> int:
+    from retrofit.ingest import merge_kbs
+
+    return _report(merge_kbs(args.inputs, args.out, dedup=not args.no_dedup, progress=not args.quiet), args.json)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-encoder", default="darknet-tiny", metavar="SPEC",
+                   help="timm:NAME[@W], torchvision:NAME[@W], open_clip:ARCH[@TAG|PATH], darknet-tiny[@SIZE] "
+                        "(default: darknet-tiny)")
+    p.add_argument("--text-encoder", default="minilm", metavar="SPEC",
+                   help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH[@TAG|PATH] (default: minilm)")
+    p.add_argument("--key-encoder", default=None, metavar="SPEC",
+                   help="separate encoder for the search keys (default: the image encoder's vectors)")
+    p.add_argument("--classes", default=None, metavar="FILE|A,B,...",
+                   help="the classifier's class names (JSON list, one per line, or comma list); labels are "
+                        "mapped onto them by name")
+    p.add_argument("--template", action="append", default=None, metavar="TEXT",
+                   help="ImageFolder caption template with {} for the class name (repeatable)")
+    p.add_argument("--image-column", default="image", help="manifest column with the image path")
+    p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
+    p.add_argument("--label-column", default="label", help="manifest column with the label (index or name)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images (default 1)")
+    p.add_argument("--commit-every", type=int, default=4096, help="records per commit = resume granularity")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    p.add_argument("--near-dup", type=float, default=None, metavar="COS",
+                   help="also drop records whose key has cosine >= COS with an earlier one")
+    p.add_argument("--allow-missing-captions", action="store_true",
+                   help="keep samples without a caption (zero text vector) instead of skipping them")
+    p.add_argument("--device", default="cpu", help="device for the encoders (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+
+def register_kb(kb_sub: argparse._SubParsersAction) -> None:
+    p = kb_sub.add_parser("build", help="build a knowledge base from webdataset shards, an ImageFolder or a manifest",
+                          description="Build a knowledge base (resumable).", epilog=_EPILOG_BUILD,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="shards (.tar, brace patterns allowed), an ImageFolder directory, or a "
+                                  ".csv/.tsv/.jsonl/.parquet manifest")
+    p.add_argument("kb", help="knowledge-base directory to create (or resume)")
+    p.add_argument("--index", default="auto", choices=["auto", "hnsw", "flat"], help="ANN index kind")
+    _common(p)
+    p.set_defaults(func=cmd_build)
+
+    p = kb_sub.add_parser("add", help="append a source to an existing knowledge base (same encoders)",
+                          description="Append to a knowledge base; the index grows incrementally (resumable).")
+    p.add_argument("kb", help="existing knowledge-base directory")
+    p.add_argument("source", help="shards, an ImageFolder directory, or a manifest")
+    _common(p)
+    p.set_defaults(func=cmd_add)
+
+    p = kb_sub.add_parser("merge", help="combine knowledge bases built with the same encoders into a new one",
+                          description="Merge knowledge bases; refuses different encoder fingerprints.")
+    p.add_argument("inputs", nargs="+", help="knowledge bases to merge, in order")
+    p.add_argument("-o", "--out", required=True, help="new knowledge-base directory")
+    p.add_argument("--no-dedup", action="store_true", help="keep records whose image is already merged")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.set_defaults(func=cmd_merge)
