@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/retrofit info
+	$(VENV)/bin/retrofit demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -94,3 +94,60 @@ def test_group_accuracy_and_prompts(data_dir):
     names, templates = load_classes(data_dir)
     assert names[0] == "airplane" and len(names) == 10 and len(templates) >= 1
     assert prompt(names[9]) == "a photo of a truck."
+
+
+# ------------------------------------------------------------------------------------ demo pieces (small)
+
+
+def test_knn_probs_and_fixed_fusion():
+    import torch
+
+    from retrofit.demo import _fixed_fusion, knn_probs
+
+    ids = torch.tensor([[0, 1, 2], [3, -1, -1]])
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.0, 0.0]])
+    labels = torch.tensor([[1, 1, 2], [0, -1, -1]])
+    p = knn_probs(ids, scores, labels, 3, temperature=0.05)
+    assert p.shape == (2, 3)
+    assert torch.allclose(p.sum(1), torch.ones(2))
+    assert p[0].argmax() == 1 and p[1].tolist() == [1.0, 0.0, 0.0]  # empty slots carry no vote
+    fused = _fixed_fusion(torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]), p)
+    assert fused.shape == (2, 3) and torch.isfinite(fused).all()
+    assert torch.allclose(fused.exp().sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_posthoc_choice_uses_validation_only():
+    import torch
+
+    from retrofit.demo import _choose_adjustment
+
+    lp = torch.tensor([-0.1, -3.0])  # class 1 is rare
+    logits = torch.tensor([[2.0, 0.0]] * 4)  # raw logits always say class 0
+    labels = torch.tensor([0, 1, 1, 1])
+    a = _choose_adjustment(logits, labels, lp, (0.0, 0.5, 1.0))
+    assert a == 1.0  # 2 - 1 * (-0.1) < 0 - 1 * (-3): the rare class wins, 3 of 4 right
+    assert _choose_adjustment(logits, torch.tensor([0, 0, 0, 0]), lp, (0.0, 0.5, 1.0)) == 0.0
+
+
+def test_table_and_config_validation():
+    from retrofit.demo import DemoConfig, _mean_std, format_table
+
+    runs = [{"top1": 0.70, "many": 0.8, "medium": 0.7, "few": 0.6, "per_class_acc": [0.5, 0.7], "seed": 0},
+            {"top1": 0.72, "many": 0.8, "medium": 0.7, "few": 0.7, "per_class_acc": [0.7, 0.7], "seed": 1}]
+    m = _mean_std(runs)
+    assert m["top1"] == pytest.approx(0.71) and m["few_std"] == pytest.approx(0.0707, abs=1e-3)
+    assert m["per_class_acc"] == pytest.approx([0.6, 0.7]) and len(m["seeds"]) == 2
+    table = format_table({"4": m, "g_in": runs[0]}, seeds=2)
+    assert "| 4 | retrofit: head on KB_in (LACE) | 80.0 ± 0.0 | 70.0 ± 0.0 | 65.0 ± 7.1 | 71.0 ± 1.4 |" in table
+    assert "fixed 50/50 fusion" in table
+    with pytest.raises(ValueError, match="unknown rows"):
+        DemoConfig(rows=("1", "9")).validate()
+    with pytest.raises(ValueError, match="seeds"):
+        DemoConfig(seeds=0).validate()
+
+
+def test_demo_command_is_registered():
+    from retrofit.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--seeds", "3", "--rows", "1,2", "--no-plot"])
+    assert args.seeds == 3 and args.rows == "1,2" and args.no_plot and callable(args.func)

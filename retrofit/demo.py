@@ -1,0 +1,312 @@
+"""The main job end to end on real data: CIFAR-10-LT with a real pretrained backbone.
+
+``retrofit demo`` / ``make demo`` / ``examples/cifar10_lt.py``. The host is the frozen ImageNet Tiny Darknet
+(512-d embedding at 64 px) with a linear classifier trained on CIFAR-10-LT (IF=100) with plain cross-entropy.
+The report rows (Many / Medium / Few / Overall top-1 on the balanced test set):
+
+1. host (CE); 2. host + post-hoc logit adjustment; 3. kNN vote over KB_in; 4. RetrievalHead trained
+head-only on KB_in with LACE; 5. the row-4 head with KB_ext swapped in (no retraining); 6. the head trained
+with KB_ext; 7. image-only / text-only ablations of row 4; 8. 40% symmetric label noise: rows 2 and 4
+retrained on the noisy labels (KB_in's text follows them).
+
+Every choice (logit-adjustment strengths) is made on the 200-image balanced validation set; the test set is
+evaluated once per reported row. Embeddings, host logits and knowledge bases are cached under ``cache_dir``
+(first run: encoding ~60k images; later runs reuse them). The pieces live in :mod:`retrofit.demo_data`
+(data, KBs, features) and here (the experiment).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrofit.demo_data import DemoData, prepare
+
+__all__ = ["DemoConfig", "ROWS", "run_demo", "format_table"]
+
+log = logging.getLogger(__name__)
+
+ROWS = {
+    "1": "host (CE)",
+    "2": "host + logit adjustment",
+    "3": "kNN vote over KB_in",
+    "4": "retrofit: head on KB_in (LACE)",
+    "5": "retrofit: row 4 + KB_ext swapped in",
+    "6": "retrofit: head trained with KB_ext",
+    "7i": "ablation: row 4 image-only",
+    "7t": "ablation: row 4 text-only",
+    "8h": "noisy 40%: host + logit adjustment",
+    "8r": "noisy 40%: retrofit head on KB_in",
+}
+GUARDS = {"g_in": "fixed 50/50 fusion of row 2 and kNN on KB_in",
+          "g_ext": "fixed 50/50 fusion of row 2 and kNN on KB_ext"}
+_TRAINED = {"4", "5", "6", "7i", "7t", "8r"}
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the CIFAR-10-LT demo (defaults: the reported run)."""
+
+    data_dir: str | None = None  # directory holding cifar10/ (None = RETROFIT_DATA_DIR or ../shared/data)
+    cache_dir: str = ".retrofit_cache/cifar10_lt"  # embeddings, host logits and knowledge bases, reused across runs
+    results_dir: str = "results"  # where cifar10_lt.md / .json / .png are written
+    imbalance_factor: float = 100.0  # CIFAR-10-LT imbalance factor (largest / smallest class)
+    val_per_class: int = 20  # balanced validation images per class, drawn outside the long-tail subset
+    split_seed: int = 0  # seed of the validation draw
+    image_encoder: str = "darknet-tiny@64"  # the host backbone (also the KB's key / image encoder)
+    text_encoder: str = "minilm"  # encoder of the KB texts
+    template: str = "a photo of a {}."  # KB_in text: the class name in this prompt
+    k: int = 16  # neighbours per query
+    dim: int = 64  # head width d
+    depth: int = 1  # cross-fusion layers L
+    heads: int = 4  # attention heads
+    epochs: int = 4  # head-training epochs
+    lr: float = 1e-3  # peak learning rate
+    batch_size: int = 256  # head-training batch size
+    tau_la: float = 1.0  # LACE strength during training
+    posthoc: tuple[float, ...] = tuple(np.round(np.arange(-1.0, 2.01, 0.125), 3).tolist())  # adjustments tried on val
+    knn_temperature: float = 0.05  # softmax temperature of the similarity-weighted kNN vote
+    noise_rate: float = 0.4  # symmetric label noise of row 8
+    noise_seed: int = 0  # seed of the label noise
+    seeds: int = 1  # head-training seeds; > 1 reports mean ± std
+    rows: tuple[str, ...] = tuple(ROWS)  # which rows to run
+    plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)
+    progress: bool = True  # tqdm bars
+
+    def validate(self) -> None:
+        unknown = set(self.rows) - set(ROWS)
+        if unknown:
+            raise ValueError(f"unknown rows {sorted(unknown)}; allowed: {list(ROWS)}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
+        if not 0.0 <= self.noise_rate < 1.0:
+            raise ValueError(f"noise_rate must be in [0, 1), got {self.noise_rate}")
+        for n in ("k", "dim", "depth", "heads", "epochs", "batch_size"):
+            if not isinstance(getattr(self, n), int) or getattr(self, n) <= 0:
+                raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def _evaluate(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
+    from retrofit.evaluation import evaluate
+
+    return evaluate(logits, labels, train_counts=counts, cutoffs=(1000, 200), class_names=names)
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def _choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_prior: torch.Tensor,
+                       grid: tuple[float, ...]) -> float:
+    """The post-hoc strength a in ``logits - a * log prior`` with the best validation top-1 (ties: smallest |a|)."""
+    scores = [(_top1(val_logits - a * log_prior, val_labels), -abs(a), a) for a in grid]
+    return max(scores)[2]
+
+
+def knn_probs(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              temperature: float) -> torch.Tensor:
+    """Similarity-weighted vote of cached neighbours: (N, C) class probabilities (empty slots ignored)."""
+    valid = ids >= 0  # (N, k)
+    w = torch.softmax(scores.masked_fill(~valid, float("-inf")) / temperature, dim=1).nan_to_num(0.0)  # (N, k)
+    p = torch.zeros(ids.shape[0], num_classes)  # (N, C)
+    return p.scatter_add_(1, labels.clamp_min(0), w * valid)
+
+
+def _fixed_fusion(host_la: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    """The fixed rule a learned head must beat: 0.5 * softmax(row 2) + 0.5 * kNN vote, as log-probabilities."""
+    return (0.5 * torch.softmax(host_la, 1) + 0.5 * knn).clamp_min(1e-12).log()
+
+
+def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalities: str = "image+text",
+                noisy: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train a RetrievalHead with the library's trainer on the long-tail features with neighbours from ``kb``."""
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.training import TrainConfig, train
+
+    store = data.kb(kb)
+    fs = data.train_features(kb, noisy=noisy)
+    hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
+                    num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
+                    modalities=modalities, class_names=data.class_names, query_fingerprint=store.fingerprint.key,
+                    image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
+    torch.manual_seed(seed)
+    head = RetrievalHead(hc)
+    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la,
+                     seed=seed, device="cpu", progress=cfg.progress)
+    t0 = time.perf_counter()
+    result = train(head, fs, tc, store=store)
+    info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
+            "final_loss": result.history[-1]["train_loss"] if result.history else None}
+    return result.head, info
+
+
+def _head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = False) -> torch.Tensor:
+    from retrofit.training import predict_logits
+
+    return predict_logits(head, data.eval_features(split, kb, noisy=noisy), data.kb(kb), device="cpu")["logits"]
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dict[str, dict[str, Any]]:
+    """Rows that depend on head training, for one seed: name -> evaluate() dict + choices."""
+    out: dict[str, dict[str, Any]] = {}
+    lp_clean, lp_noisy = data.log_prior(noisy=False), data.log_prior(noisy=True)
+    yv, yt = data.labels("val"), data.labels("test")
+
+    def finish(name: str, val_logits: torch.Tensor, test_logits: torch.Tensor, lp: torch.Tensor,
+               info: dict[str, Any], counts: list[int]) -> None:
+        a = _choose_adjustment(val_logits, yv, lp, cfg.posthoc)
+        r = _evaluate(test_logits - a * lp, yt, counts, data.class_names)
+        r.update(info, posthoc_adjustment=a, val_top1=_top1(val_logits - a * lp, yv), seed=seed)
+        out[name] = r
+        log.info("row %s (seed %d): test %.2f%% (val %.2f%%, post-hoc a=%.3g)", name, seed, 100 * r["top1"],
+                 100 * r["val_top1"], a)
+
+    counts = data.split.counts
+    if rows & {"4", "5"}:
+        head, info = _train_head(cfg, data, "in", seed)
+        if "4" in rows:
+            finish("4", _head_logits(head, data, "in", "val"), _head_logits(head, data, "in", "test"), lp_clean,
+                   info, counts)
+        if "5" in rows:
+            finish("5", _head_logits(head, data, "ext", "val"), _head_logits(head, data, "ext", "test"), lp_clean,
+                   {**info, "kb": "ext (swapped in, trained on in)"}, counts)
+    if "6" in rows:
+        head, info = _train_head(cfg, data, "ext", seed)
+        finish("6", _head_logits(head, data, "ext", "val"), _head_logits(head, data, "ext", "test"), lp_clean,
+               info, counts)
+    for name, mod in (("7i", "image"), ("7t", "text")):
+        if name in rows:
+            head, info = _train_head(cfg, data, "in", seed, modalities=mod)
+            finish(name, _head_logits(head, data, "in", "val"), _head_logits(head, data, "in", "test"), lp_clean,
+                   info, counts)
+    if "8r" in rows:
+        head, info = _train_head(cfg, data, "in_noisy", seed, noisy=True)
+        finish("8r", _head_logits(head, data, "in_noisy", "val", noisy=True),
+               _head_logits(head, data, "in_noisy", "test", noisy=True), lp_noisy, info, data.noisy_counts)
+    return out
+
+
+def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, dict[str, Any]]:
+    """Rows without head training: host, logit-adjusted host, kNN, the fixed-fusion guards, noisy host."""
+    out: dict[str, dict[str, Any]] = {}
+    yv, yt = data.labels("val"), data.labels("test")
+    counts, names = data.split.counts, data.class_names
+    lp = data.log_prior(noisy=False)
+    hv, ht = data.host_logits("val"), data.host_logits("test")
+    out["1"] = _evaluate(ht, yt, counts, names)
+    a = _choose_adjustment(hv, yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
+    out["2"] = {**_evaluate(ht - a * lp, yt, counts, names), "posthoc_adjustment": a}
+    for kb, guard in (("in", "g_in"), ("ext", "g_ext")):
+        if kb == "ext" and not rows & {"5", "6"}:
+            continue
+        ft = data.eval_features("test", kb)
+        knn = knn_probs(ft.neighbor_ids, ft.neighbor_scores, ft.neighbor_labels, data.num_classes,
+                        cfg.knn_temperature)
+        if kb == "in":
+            out["3"] = _evaluate(knn.clamp_min(1e-12).log(), yt, counts, names)
+        out[guard] = _evaluate(_fixed_fusion(ht - a * lp, knn), yt, counts, names)
+    if rows & {"8h", "8r"}:
+        lpn = data.log_prior(noisy=True)
+        hv, ht = data.host_logits("val", noisy=True), data.host_logits("test", noisy=True)
+        a = _choose_adjustment(hv, yv, lpn, tuple(x for x in cfg.posthoc if x >= 0))
+        out["8h"] = {**_evaluate(ht - a * lpn, yt, data.noisy_counts, names), "posthoc_adjustment": a}
+    return out
+
+
+def _mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of the metrics over seeds, with ``<metric>_std`` and the per-seed figures."""
+    first = dict(runs[0])
+    for key in ("top1", "many", "medium", "few", "mean_per_class", "nll", "ece", "val_top1"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            first[key] = float(np.mean(vals))
+            first[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    first["per_class_acc"] = np.mean([r["per_class_acc"] for r in runs], axis=0).tolist()
+    first["seeds"] = [{k: r.get(k) for k in ("seed", "top1", "many", "medium", "few", "posthoc_adjustment")}
+                      for r in runs]
+    return first
+
+
+def format_table(results: dict[str, dict[str, Any]], seeds: int = 1) -> str:
+    """The markdown table of the report (accuracies in %)."""
+    lines = ["| row | model | Many | Medium | Few | Overall |", "|---|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        label = ROWS.get(name) or GUARDS.get(name, name)
+        cells = []
+        for key in ("many", "medium", "few", "top1"):
+            v = r.get(key)
+            s = "–" if v is None else f"{100 * v:.1f}"
+            if seeds > 1 and name in _TRAINED and r.get(key + "_std") is not None:
+                s += f" ± {100 * r[key + '_std']:.1f}"
+            cells.append(s)
+        row = name if name in ROWS else "ref"
+        lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
+    """Run the demo; writes ``results_dir/cifar10_lt.{md,json,png}`` and returns the JSON document."""
+    cfg = cfg or DemoConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    rows = set(cfg.rows)
+    data = prepare(cfg)
+    t_prep = time.perf_counter() - t0
+    results = _fixed_rows(cfg, data, rows)
+    per_seed = [_run_seed(cfg, data, s, rows) for s in range(cfg.seeds)]
+    for name in sorted({n for r in per_seed for n in r}):
+        results[name] = _mean_std([r[name] for r in per_seed])
+    order = [n for n in (*ROWS, *GUARDS) if n in results]
+    results = {n: results[n] for n in order}
+    seconds = time.perf_counter() - t0
+    doc = {
+        "config": {**asdict(cfg), "posthoc": list(cfg.posthoc), "rows": list(cfg.rows)},
+        "protocol": data.describe(),
+        "seconds": {"total": seconds, "prepare": t_prep},
+        "rows": {n: {"name": ROWS.get(n) or GUARDS.get(n), **r} for n, r in results.items()},
+    }
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results, cfg.seeds)
+    md = (f"# CIFAR-10-LT (IF={cfg.imbalance_factor:g}), frozen Tiny Darknet host, retrofit head "
+          f"(d={cfg.dim}, L={cfg.depth}, k={cfg.k}, {cfg.epochs} epochs)\n\n{table}\n"
+          f"Top-1 (%) on the balanced 10,000-image test set; seeds: {cfg.seeds}. Post-hoc adjustments chosen on "
+          f"the {len(data.split.val)}-image validation set. Run time {seconds:.0f} s.\n")
+    (out / "cifar10_lt.md").write_text(md)
+    (out / "cifar10_lt.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    if cfg.plot:
+        from retrofit.plots import plot_per_class_accuracy
+
+        series = {f"{n}: {ROWS[n]}": results[n] for n in ("1", "2", "4", "5") if n in results}
+        if series:
+            plot_per_class_accuracy(series, out / "cifar10_lt.png",
+                                    title="CIFAR-10-LT: per-class test accuracy vs training count")
+    doc["table"] = table
+    return doc
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+

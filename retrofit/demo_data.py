@@ -1,0 +1,304 @@
+"""Data, knowledge bases and cached features of the CIFAR-10-LT demo (:mod:`retrofit.demo`).
+
+Everything expensive is computed once and kept under ``<cache_dir>/<key>/`` (the key hashes the protocol and
+encoder settings):
+
+- ``kb_in/``: KB_in, the long-tail training images with their class name in a prompt as text, built with
+  :func:`retrofit.ingest.build_kb` (keys and image vectors from the host backbone, text from MiniLM);
+- ``kb_pool/`` and ``kb_ext/``: the other training images (minus validation) with their web-like captions,
+  and KB_ext = KB_in + pool (:func:`retrofit.ingest.merge_kbs`);
+- ``kb_in_noisy/``: KB_in with 40% symmetric label noise; its text follows the noisy labels;
+- ``features.safetensors``: validation / test embeddings, host classifier logits (clean and noisy labels)
+  and cross-fitted host logits of the training images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrofit.cifar10_lt import LongTailSplit, long_tail_split, prompt, shard_paths
+
+__all__ = ["DemoData", "prepare"]
+
+log = logging.getLogger(__name__)
+
+_DONE = "done.json"  # marker written after a cached artefact is complete
+
+
+@dataclass
+class DemoData:
+    """The protocol, the opened knowledge bases and the cached tensors; features are built on demand."""
+
+    split: LongTailSplit  # long-tail / validation / pool indices into the training images
+    class_names: list[str]  # CIFAR-10 class names
+    train_labels: np.ndarray  # (50000,) clean labels of every training image
+    test_labels: np.ndarray  # (10000,)
+    noisy_lt_labels: np.ndarray  # (N_lt,) long-tail labels with symmetric noise (row 8)
+    tensors: dict[str, torch.Tensor]  # cached z / host logits (see module docstring)
+    root: Path  # cache directory of this setting
+    k: int  # neighbours per query
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent per preparation step
+    _kbs: dict[str, Any] = field(default_factory=dict)
+    _feats: dict[tuple, Any] = field(default_factory=dict)
+
+    num_classes = property(lambda self: len(self.class_names))
+
+    @property
+    def noisy_counts(self) -> list[int]:
+        return np.bincount(self.noisy_lt_labels, minlength=self.num_classes).tolist()
+
+    def kb(self, name: str) -> Any:
+        """The opened (read-only) knowledge base ``in``, ``ext`` or ``in_noisy``."""
+        if name not in self._kbs:
+            from retrofit.knowledge_base import KnowledgeBase
+
+            self._kbs[name] = KnowledgeBase.open(self.root / f"kb_{name}")
+        return self._kbs[name]
+
+    def close(self) -> None:
+        for kb in self._kbs.values():
+            kb.close()
+        self._kbs.clear()
+
+    def labels(self, split: str) -> torch.Tensor:
+        """Clean labels of ``lt``, ``val`` or ``test``."""
+        if split == "test":
+            return torch.from_numpy(self.test_labels)
+        return torch.from_numpy(self.train_labels[getattr(self.split, split)])
+
+    def log_prior(self, noisy: bool = False) -> torch.Tensor:
+        c = torch.tensor(self.noisy_counts if noisy else self.split.counts, dtype=torch.float32).clamp_min(1)
+        return (c / c.sum()).log()  # (C,)
+
+    def host_logits(self, split: str, noisy: bool = False) -> torch.Tensor:
+        """Host classifier logits on ``val`` / ``test``, or cross-fitted ones on ``lt`` (never fitted on the row)."""
+        return self.tensors[f"host{'_noisy' if noisy else ''}_{split}"]
+
+    def train_features(self, kb: str, noisy: bool = False) -> Any:
+        """FeatureSet of the long-tail images (cross-fitted host logits, own KB entry excluded) + neighbours."""
+        from retrofit.feature_cache import FeatureSet
+
+        key = ("lt", kb, noisy)
+        if key not in self._feats:
+            y = torch.from_numpy(self.noisy_lt_labels) if noisy else self.labels("lt")
+            n = len(y)
+            fs = FeatureSet(z=self.tensors["z_lt"], labels=y, host_logits=self.host_logits("lt", noisy),
+                            exclude=torch.arange(n)[:, None])  # KB ids 0..n-1 are these images in every KB
+            self._feats[key] = self._retrieve(fs, kb)
+        return self._feats[key]
+
+    def eval_features(self, split: str, kb: str, noisy: bool = False) -> Any:
+        """FeatureSet of ``val`` / ``test`` (clean labels, host logits) with neighbours from ``kb``."""
+        from retrofit.feature_cache import FeatureSet
+
+        key = (split, kb, noisy)
+        if key not in self._feats:
+            fs = FeatureSet(z=self.tensors[f"z_{split}"], labels=self.labels(split),
+                            host_logits=self.host_logits(split, noisy))
+            self._feats[key] = self._retrieve(fs, kb)
+        return self._feats[key]
+
+    def _retrieve(self, fs: Any, kb: str) -> Any:
+        from retrofit.feature_cache import retrieve
+
+        return retrieve(fs, self.kb(kb), self.k)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.split
+        return {"lt": len(s.lt), "val": len(s.val), "pool": len(s.pool), "kb_in": len(s.lt),
+                "kb_ext": len(s.lt) + len(s.pool), "counts": s.counts, "noisy_counts": self.noisy_counts,
+                "groups": {"many": [int(c) for c in np.flatnonzero(s.groups == 0)],
+                           "medium": [int(c) for c in np.flatnonzero(s.groups == 1)],
+                           "few": [int(c) for c in np.flatnonzero(s.groups == 2)]},
+                "cache": str(self.root), "prepare_seconds": self.seconds}
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _done(path: Path) -> bool:
+    return (path / _DONE).is_file()
+
+
+def _mark(path: Path, info: dict[str, Any]) -> None:
+    (path / _DONE).write_text(json.dumps(info, default=str))
+
+
+class _Encoders:
+    """Loads the image / text encoders only when a cache miss needs them."""
+
+    def __init__(self, image: str, text: str) -> None:
+        self.specs = (image, text)
+        self._img = self._txt = None
+
+    @property
+    def image(self) -> Any:
+        if self._img is None:
+            from retrofit.encoders import load_image_encoder
+
+            self._img = load_image_encoder(self.specs[0])
+        return self._img
+
+    @property
+    def text(self) -> Any:
+        if self._txt is None:
+            from retrofit.encoders import load_text_encoder
+
+            self._txt = load_text_encoder(self.specs[1])
+        return self._txt
+
+
+def _build(src: Any, path: Path, enc: _Encoders, names: list[str], progress: bool) -> None:
+    from retrofit.ingest import build_kb
+
+    if _done(path):
+        return
+    t = time.perf_counter()
+    summary = build_kb(src, path, image_encoder=enc.image, text_encoder=enc.text, class_names=names, dedup=False,
+                       progress=progress, num_workers=1)
+    if summary.written != len(src):
+        raise RuntimeError(f"{path}: {summary.written} of {len(src)} samples written (see {summary.report})")
+    _mark(path, {"records": summary.written, "seconds": time.perf_counter() - t})
+
+
+def _encode(refs: list[Any], enc: Any, batch: int = 256, progress: bool = True) -> torch.Tensor:
+    """Image embeddings (N, D) of webdataset refs, in order."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = []
+    files: dict[str, Any] = {}
+    try:
+        for s in tqdm(range(0, len(refs), batch), desc="encoding", disable=not progress, leave=False):
+            ims = []
+            for r in refs[s:s + batch]:
+                path, off, size = r.image
+                f = files.get(path) or files.setdefault(path, open(path, "rb"))
+                f.seek(off)
+                with Image.open(io.BytesIO(f.read(size))) as im:
+                    ims.append(enc.preprocess(im.convert("RGB")))
+            with torch.inference_mode():
+                out.append(enc.encode(torch.stack(ims)).float())
+    finally:
+        for f in files.values():
+            f.close()
+    return torch.cat(out)
+
+
+def prepare(cfg: Any) -> DemoData:
+    """Split, knowledge bases and cached tensors for ``cfg`` (a :class:`retrofit.demo.DemoConfig`)."""
+    from safetensors.torch import load_file, save_file
+
+    from retrofit._env import data_dir
+    from retrofit.feature_cache import cache_key
+    from retrofit.ingest import merge_kbs
+    from retrofit.linear_probe import cross_fit_logits, fit_linear_probe
+    from retrofit.noise import symmetric_noise
+    from retrofit.sources import Source, webdataset_source
+
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    root_data = Path(cfg.data_dir) if cfg.data_dir else data_dir(required=True)
+    train_src = webdataset_source([str(p) for p in shard_paths(root_data, "train")])
+    test_src = webdataset_source([str(p) for p in shard_paths(root_data, "test")])
+    names = list(train_src.class_names)
+    for src in (train_src, test_src):
+        idx = [int(r.key.rpartition("_")[2]) for r in src.refs]
+        if idx != list(range(len(idx))):
+            raise ValueError(f"{src.location}: samples are not in the original order 0..{len(idx) - 1}")
+    y_train = np.array([int(r.label) for r in train_src.refs], dtype=np.int64)
+    y_test = np.array([int(r.label) for r in test_src.refs], dtype=np.int64)
+    split = long_tail_split(y_train, cfg.imbalance_factor, cfg.val_per_class, cfg.split_seed, len(names))
+    noisy, _ = symmetric_noise(torch.from_numpy(y_train[split.lt]), cfg.noise_rate, len(names), seed=cfg.noise_seed)
+    noisy = noisy.numpy()
+    key = cache_key({"if": cfg.imbalance_factor, "val": cfg.val_per_class, "seed": cfg.split_seed,
+                     "image": cfg.image_encoder, "text": cfg.text_encoder, "template": cfg.template,
+                     "noise": [cfg.noise_rate, cfg.noise_seed], "n": [len(y_train), len(y_test)], "v": 1})
+    root = Path(cfg.cache_dir) / key
+    root.mkdir(parents=True, exist_ok=True)
+    times["read"] = time.perf_counter() - t
+    enc = _Encoders(cfg.image_encoder, cfg.text_encoder)
+
+    # ---- knowledge bases (library builder; KB_ext = KB_in + pool by merge)
+    t = time.perf_counter()
+    lt_refs = [replace(train_src.refs[i], caption=prompt(names[y_train[i]], cfg.template)) for i in split.lt]
+    _build(Source("webdataset", train_src.location + "#lt", lt_refs, names, {"subset": "lt", "key": key}),
+           root / "kb_in", enc, names, cfg.progress)
+    if {"5", "6"} & set(cfg.rows):
+        pool_refs = [train_src.refs[i] for i in split.pool]
+        _build(Source("webdataset", train_src.location + "#pool", pool_refs, names, {"subset": "pool", "key": key}),
+               root / "kb_pool", enc, names, cfg.progress)
+        if not _done(root / "kb_ext"):
+            merge_kbs([root / "kb_in", root / "kb_pool"], root / "kb_ext", dedup=False, progress=cfg.progress)
+            _mark(root / "kb_ext", {"records": len(split.lt) + len(split.pool)})
+    times["kbs"] = time.perf_counter() - t
+
+    # ---- embeddings and host logits
+    t = time.perf_counter()
+    feat_path = root / "features.safetensors"
+    tensors = load_file(str(feat_path)) if feat_path.is_file() else {}
+    from retrofit.knowledge_base import KnowledgeBase
+
+    with KnowledgeBase.open(root / "kb_in") as kb_in:
+        if len(kb_in) != len(split.lt) or not np.array_equal(kb_in.labels().numpy(), y_train[split.lt]):
+            raise RuntimeError(f"{root / 'kb_in'} does not match the long-tail split; delete {root} and re-run")
+        if "z_lt" not in tensors:
+            tensors["z_lt"] = kb_in.vectors(torch.arange(len(split.lt)), "image")  # (N_lt, D) as stored
+        if not _done(root / "kb_in_noisy"):
+            _noisy_kb(kb_in, root / "kb_in_noisy", noisy, y_train[split.lt])
+    changed = False
+    for part, refs in (("val", [train_src.refs[i] for i in split.val]), ("test", test_src.refs)):
+        if f"z_{part}" not in tensors:
+            z = _encode(refs, enc.image, progress=cfg.progress)
+            tensors[f"z_{part}"] = z.half().float()  # rounded as the KB stores vectors (float16)
+            changed = True
+    times["embed"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for tag, y in (("", y_train[split.lt]), ("_noisy", noisy)):
+        if f"host{tag}_test" in tensors:
+            continue
+        yl = torch.from_numpy(y)
+        probe = fit_linear_probe(tensors["z_lt"], yl, len(names))
+        with torch.no_grad():
+            for part in ("val", "test"):
+                tensors[f"host{tag}_{part}"] = probe(tensors[f"z_{part}"]).float()
+        tensors[f"host{tag}_lt"] = cross_fit_logits(tensors["z_lt"], yl, len(names), folds=5)
+        changed = True
+    if changed:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(feat_path))
+    times["host"] = time.perf_counter() - t
+    log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})
+    return DemoData(split=split, class_names=names, train_labels=y_train, test_labels=y_test, noisy_lt_labels=noisy,
+                    tensors=tensors, root=root, k=cfg.k, seconds=times)
+
+
+def _noisy_kb(kb_in: Any, path: Path, noisy: np.ndarray, clean: np.ndarray) -> None:
+    """KB_in with noisy labels: the same images; each text is the prompt of the (noisy) label."""
+    import shutil
+
+    from retrofit.knowledge_base import KnowledgeBase
+
+    if path.exists():
+        shutil.rmtree(path)  # an unfinished earlier attempt
+    n = len(noisy)
+    ids = torch.arange(n)
+    text = kb_in.vectors(ids, "text")  # (N, Dt): one prompt vector per clean class
+    per_class = {int(c): text[int(np.flatnonzero(clean == c)[0])] for c in np.unique(clean)}
+    captions = [r["caption"] for r in kb_in.get(torch.tensor([int(np.flatnonzero(clean == c)[0])
+                                                              for c in sorted(per_class)]))]
+    cap = dict(zip(sorted(per_class), captions))
+    with KnowledgeBase.create(path, kb_in.key_dim, kb_in.image_dim, kb_in.text_dim, kb_in.fingerprint,
+                              class_names=kb_in.class_names) as kb, kb.bulk():
+        kb.add(kb_in.vectors(ids, "key"), kb_in.vectors(ids, "image"),
+               torch.stack([per_class[int(c)] for c in noisy]), labels=torch.from_numpy(noisy),
+               captions=[cap[int(c)] for c in noisy], sources=[f"kb_in:{i}" for i in range(n)])
+    _mark(path, {"records": n})
