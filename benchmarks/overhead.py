@@ -1,0 +1,144 @@
+"""Latency overhead of a retrofitted classifier over the bare host, on CPU.
+
+torchvision resnet50 (random weights), 224 px, batch 32, host vs ``retrofit.wrap(resnet50, head)`` with a
+``KnowledgeBase`` of ``--kb-size`` entries (default 1,000,000; faiss HNSW, M=32) and a head with k=32
+neighbours and L=4 fusion layers (d=512, 8 heads). Prints one JSON line: ``host_ms``, ``retrofit_ms``,
+``ratio`` (target <= 1.10) and the retrofit part broken down (``search_ms``: KB search + LMDB gather of
+the neighbours; ``head_ms``: the head given the neighbours). Host and retrofitted runs alternate, and
+medians are reported, because the machine is shared.
+
+KB contents are synthetic (their values do not change the cost): keys = image vectors = 2048-d points
+around 1,000 Gaussian cluster centres (unit norm), text vectors 384-d Gaussian. The KB is built once
+(bulk insert, one HNSW build) and cached under ``--cache-dir``; later runs reuse it.
+
+    nice .venv/bin/python benchmarks/overhead.py                   # 1,000,000 entries (HNSW build: hours on 2 cores)
+    nice .venv/bin/python benchmarks/overhead.py --kb-size 50000   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, gemm_gflops
+
+KEY_DIM, TEXT_DIM, CENTRES, CHUNK = 2048, 384, 1000, 8192
+
+
+def synthetic_chunk(start: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries ``start .. start+n``: (keys (n, 2048) unit norm, text (n, 384), labels (n,)); deterministic."""
+    centres = np.random.default_rng(seed).standard_normal((CENTRES, KEY_DIM), dtype=np.float32)
+    rng = np.random.default_rng([seed, start])
+    labels = rng.integers(0, CENTRES, n)
+    keys = centres[labels] + rng.standard_normal((n, KEY_DIM), dtype=np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    text = rng.standard_normal((n, TEXT_DIM), dtype=np.float32)
+    return torch.from_numpy(keys), torch.from_numpy(text), torch.from_numpy(labels)
+
+
+def open_or_build_kb(path: Path, n: int, seed: int):
+    """The cached KB at ``path`` when complete, else a fresh build of ``n`` entries."""
+    from tqdm import tqdm
+
+    from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.knowledge_base import KnowledgeBase
+    from retrofit.store import KBFingerprint
+
+    if (path / "COMPLETE").is_file():
+        kb = KnowledgeBase.open(path)
+        if len(kb) == n:
+            return kb, 0.0
+        kb.close()
+    if path.exists():
+        shutil.rmtree(path)
+    fp = EncoderFingerprint("synthetic", "clusters-2048", f"seed{seed}", KEY_DIM)
+    t0 = time.perf_counter()
+    kb = KnowledgeBase.create(path, KEY_DIM, KEY_DIM, TEXT_DIM, KBFingerprint(key=fp, image=fp), index="hnsw")
+    with kb.bulk():
+        for start in tqdm(range(0, n, CHUNK), desc="building KB", unit="chunk"):
+            keys, text, labels = synthetic_chunk(start, min(CHUNK, n - start), seed)
+            kb.add(keys, keys, text, labels=labels)
+    kb.close()
+    build_s = time.perf_counter() - t0
+    (path / "COMPLETE").write_text(f"{n}\n")
+    return KnowledgeBase.open(path), build_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kb-size", type=int, default=1_000_000, help="KB entries (default 1,000,000)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=224, help="input image size in pixels")
+    ap.add_argument("--k", type=int, default=32, help="neighbours per query")
+    ap.add_argument("--depth", type=int, default=4, help="cross-fusion layers L")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs of each (after one warm-up)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=".retrofit_cache", help="where the KB is built once and reused")
+    args = ap.parse_args()
+
+    import torchvision
+
+    import retrofit
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    torch.manual_seed(args.seed)
+    kb_path = Path(args.cache_dir) / f"overhead_kb_{args.kb_size}_seed{args.seed}"
+    kb, build_s = open_or_build_kb(kb_path, args.kb_size, args.seed)
+    model = torchvision.models.resnet50(weights=None).eval()
+    cfg = HeadConfig(query_dim=2048, image_dim=KEY_DIM, text_dim=TEXT_DIM, num_classes=1000, k=args.k,
+                     depth=args.depth)
+    head = RetrievalHead(cfg, kb, allow_fingerprint_mismatch=True)  # synthetic keys: no real encoder behind them
+    clf = retrofit.wrap(model, head, allow_fingerprint_mismatch=True).eval()
+    x = torch.rand(args.batch, 3, args.size, args.size)
+
+    host_t, retro_t, search_t, head_t = [], [], [], []
+    with torch.inference_mode():
+        z, host_logits = clf.features(x)
+        model(x), clf(x)  # warm-up
+        for _ in range(args.repeats):  # alternate so that load changes hit both alike
+            t0 = time.perf_counter()
+            model(x)
+            t1 = time.perf_counter()
+            clf(x)
+            t2 = time.perf_counter()
+            nb = clf.retrieve(x, z)
+            t3 = time.perf_counter()
+            head(z, host_logits, neighbors=nb)
+            t4 = time.perf_counter()
+            host_t.append(t1 - t0)
+            retro_t.append(t2 - t1)
+            search_t.append(t3 - t2)
+            head_t.append(t4 - t3)
+    host_ms, retro_ms = 1e3 * statistics.median(host_t), 1e3 * statistics.median(retro_t)
+    emit({
+        "benchmark": "overhead",
+        "model": "torchvision resnet50 (random weights)",
+        "batch": args.batch,
+        "image_size": args.size,
+        "kb_size": len(kb),
+        "k": args.k,
+        "depth": args.depth,
+        "host_ms": round(host_ms, 1),
+        "retrofit_ms": round(retro_ms, 1),
+        "ratio": round(retro_ms / host_ms, 3),
+        "target_ratio": 1.10,
+        "search_ms": round(1e3 * statistics.median(search_t), 1),
+        "head_ms": round(1e3 * statistics.median(head_t), 1),
+        "kb_index": kb.info().get("index", {}).get("kind") if isinstance(kb.info().get("index"), dict) else None,
+        "kb_build_s": round(build_s, 1) if build_s else "cached",
+        "repeats": args.repeats,
+        "gemm_gflops": round(gemm_gflops(), 1),
+    })
+    kb.close()
+
+
+if __name__ == "__main__":
+    main()
