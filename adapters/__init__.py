@@ -2,14 +2,16 @@
 
 from retrofit.adapters.base import BackboneAdapter
 from retrofit.adapters.generic import HookAdapter, find_classifier
-from retrofit.adapters.retrofitted import RetrofittedModel, backbone, wrap
+from retrofit.adapters.retrofitted import Embedder, RetrofittedModel, adapter_for, backbone, wrap
 from retrofit.adapters.timm_adapter import TimmAdapter
 from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter
 
 __all__ = [
     "wrap",
     "RetrofittedModel",
+    "adapter_for",
     "backbone",
+    "Embedder",
     "BackboneAdapter",
     "TimmAdapter",
     "TorchvisionAdapter",

@@ -16,13 +16,13 @@ from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, Torchvision
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
 
-__all__ = ["RetrofittedModel", "wrap", "backbone"]
+__all__ = ["RetrofittedModel", "wrap", "adapter_for", "backbone", "Embedder"]
 
 logger = logging.getLogger(__name__)
 
 
-def backbone(model: nn.Module, classifier: str | nn.Module | None = None,
-             num_classes: int | None = None) -> BackboneAdapter:
+def adapter_for(model: nn.Module, classifier: str | nn.Module | None = None,
+                num_classes: int | None = None) -> BackboneAdapter:
     """The adapter that turns ``model`` into ``x -> (z, host_logits)`` in one pass.
 
     timm-style models (``forward_features`` + ``forward_head`` + ``get_classifier``, which includes
@@ -38,6 +38,23 @@ def backbone(model: nn.Module, classifier: str | nn.Module | None = None,
         return TorchvisionAdapter(model)
     name, mod = find_classifier(model, classifier, num_classes)
     return HookAdapter(model, mod, name)
+
+
+class Embedder(nn.Module):
+    """``x -> z``: the host's pre-logits embedding alone (e.g. to embed knowledge-base images)."""
+
+    def __init__(self, adapter: BackboneAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.adapter(x)[0]  # (B, D)
+
+
+def backbone(model: nn.Module, classifier: str | nn.Module | None = None,
+             num_classes: int | None = None) -> Embedder:
+    """The host's embedding function ``x -> z`` (B, D), found as in :func:`adapter_for`."""
+    return Embedder(adapter_for(model, classifier, num_classes))
 
 
 def _param_of(module: nn.Module) -> Tensor | None:
@@ -176,7 +193,7 @@ def wrap(model: nn.Module, head: nn.Module, retriever: nn.Module | None = None,
     cfg = getattr(head, "config", None)
     if not isinstance(head, nn.Module) or cfg is None or not hasattr(cfg, "query_dim"):
         raise TypeError(f"head must be a retrofit.RetrievalHead, got {type(head).__name__}")
-    adapter = backbone(model, classifier, num_classes=cfg.num_classes)
+    adapter = adapter_for(model, classifier, num_classes=cfg.num_classes)
     if adapter.num_classes is not None and adapter.num_classes != cfg.num_classes:
         raise ValueError(f"the host {adapter.describe()} predicts {adapter.num_classes} classes but the head has "
                          f"num_classes={cfg.num_classes}: build the head with HeadConfig(num_classes="

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import retrofit
-from retrofit.adapters import HookAdapter, TimmAdapter, TorchvisionAdapter, backbone, wrap
+from retrofit.adapters import HookAdapter, TimmAdapter, TorchvisionAdapter, adapter_for, backbone, wrap
 from retrofit.head import HeadConfig, RetrievalHead
 from retrofit.store import InMemoryStore
 
@@ -122,7 +122,7 @@ def test_contract(arch: str, seed: int) -> None:
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         expected = model(x)
-    adapter = backbone(model, num_classes=C)
+    adapter = adapter_for(model, num_classes=C)
     kind = {"timm": TimmAdapter, "tv": TorchvisionAdapter, "generic": HookAdapter}[arch.split("-")[0]]
     assert type(adapter) is kind
     with torch.no_grad():
@@ -268,6 +268,19 @@ def test_dtype_device_follow_the_model_and_inference_mode(seed: int) -> None:
         torch.testing.assert_close(y, model(x.double()))  # a fresh head: fused logits = host logits
 
 
+def test_headless_timm_model_gives_retrieval_logits_only(seed: int) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        z = model(x)
+    wrapped = wrap(model, make_head(z.shape[1], make_store(z.shape[1])))
+    with torch.no_grad():
+        out = wrapped(x, return_output=True)
+    assert out.host_logits is None and out.logits.shape == (2, C)
+    torch.testing.assert_close(out.logits, out.retrieval_logits)  # tau/2 * L_R with tau = 2
+
+
 def test_torch_compile_on_cpu(seed: int) -> None:
     model = SmallNet().eval()
     wrapped = wrap(model, make_head(12, make_store(12)))
@@ -287,9 +300,9 @@ def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
     model = darknet_tiny(data_dir=data_dir)
     tf = model.preprocess()
     x = torch.stack([tf(s["image"]) for s in cifar_train_small[:40]])
-    wrapped_probe = backbone(model)
     with torch.inference_mode():
-        z, host = wrapped_probe(x)
+        z, host = adapter_for(model)(x)
+        torch.testing.assert_close(backbone(model)(x), z)
     kb = InMemoryStore(512, 8, 6, KBFingerprint(key=model.fingerprint))
     kb.add(z, torch.randn(40, 8), torch.randn(40, 6), labels=torch.tensor([s["label"] for s in cifar_train_small[:40]]))
     head = RetrievalHead(HeadConfig(512, 8, 6, num_classes=1000, dim=16, depth=1, heads=2, k=3), kb)
