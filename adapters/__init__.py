@@ -2,7 +2,7 @@
 
 from retrofit.adapters.base import BackboneAdapter
 from retrofit.adapters.generic import HookAdapter, find_classifier
-from retrofit.adapters.retrofitted import Embedder, RetrofittedModel, adapter_for, backbone, wrap
+from retrofit.adapters.retrofitted import Embedder, RetrofittedModel, adapter_for, backbone, embedder, wrap
 from retrofit.adapters.timm_adapter import TimmAdapter
 from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter
 
@@ -11,6 +11,7 @@ __all__ = [
     "RetrofittedModel",
     "adapter_for",
     "backbone",
+    "embedder",
     "Embedder",
     "BackboneAdapter",
     "TimmAdapter",

@@ -16,7 +16,7 @@ from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, Torchvision
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
 
-__all__ = ["RetrofittedModel", "wrap", "adapter_for", "backbone", "Embedder"]
+__all__ = ["RetrofittedModel", "wrap", "backbone", "adapter_for", "embedder", "Embedder"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,13 @@ class Embedder(nn.Module):
         return self.adapter(x)[0]  # (B, D)
 
 
-def backbone(model: nn.Module, classifier: str | nn.Module | None = None,
+def embedder(model: nn.Module, classifier: str | nn.Module | None = None,
              num_classes: int | None = None) -> Embedder:
     """The host's embedding function ``x -> z`` (B, D), found as in :func:`adapter_for`."""
     return Embedder(adapter_for(model, classifier, num_classes))
+
+
+backbone = adapter_for  # the name other modules use: model -> BackboneAdapter (x -> (z, host logits))
 
 
 def _param_of(module: nn.Module) -> Tensor | None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import retrofit
-from retrofit.adapters import HookAdapter, TimmAdapter, TorchvisionAdapter, adapter_for, backbone, wrap
+from retrofit.adapters import HookAdapter, TimmAdapter, TorchvisionAdapter, adapter_for, backbone, embedder, wrap
 from retrofit.head import HeadConfig, RetrievalHead
 from retrofit.store import InMemoryStore
 
@@ -302,7 +302,8 @@ def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
     x = torch.stack([tf(s["image"]) for s in cifar_train_small[:40]])
     with torch.inference_mode():
         z, host = adapter_for(model)(x)
-        torch.testing.assert_close(backbone(model)(x), z)
+        torch.testing.assert_close(embedder(model)(x), z)
+        assert type(backbone(model)) is TimmAdapter
     kb = InMemoryStore(512, 8, 6, KBFingerprint(key=model.fingerprint))
     kb.add(z, torch.randn(40, 8), torch.randn(40, 6), labels=torch.tensor([s["label"] for s in cifar_train_small[:40]]))
     head = RetrievalHead(HeadConfig(512, 8, 6, num_classes=1000, dim=16, depth=1, heads=2, k=3), kb)
