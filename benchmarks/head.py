@@ -1,0 +1,150 @@
+"""RetrievalHead speed: forward and forward+backward at the paper's shape, as a fraction of the matmul rate.
+
+Shape (defaults): B = 256 queries, k = 32 neighbours, d = 512, L = 4 layers, 8 heads, query / image dim
+512, text dim 384 (MiniLM), 1000 classes. FLOPs are counted with ``torch.utils.flop_counter`` on the
+einsum reference path (the fused CPU attention is not seen by the counter; the maths is the same), for
+the forward and for one training step (forward + backward with the host frozen: no gradient to z or to
+the neighbour vectors). ``gemm_gflops`` is this machine's fp32 matmul rate, measured before and after the
+head timings in the same run; the fractions use the higher of the two (the conservative reading).
+Targets: forward >= 50 % of gemm_gflops, forward+backward >= 40 %.
+
+    .venv/bin/python benchmarks/head.py [--device cpu|cuda|all] [--batch 256] [--repeats 5]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, gemm_gflops, time_fn
+
+from retrofit.head import HeadConfig, RetrievalHead
+from retrofit.neighbors import Neighbors
+
+FWD_TARGET, FWD_BWD_TARGET = 0.50, 0.40
+
+
+def make_inputs(args: argparse.Namespace, device: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    B, k = args.batch, args.k
+    mask = torch.rand(B, k, generator=g) < 0.9  # a few masked slots, as with exclusions / small KBs
+    nb = Neighbors(
+        ids=torch.arange(B * k).view(B, k), scores=torch.rand(B, k, generator=g), mask=mask,
+        image=torch.randn(B, k, args.image_dim, generator=g), text=torch.randn(B, k, args.text_dim, generator=g),
+        labels=torch.randint(0, args.classes, (B, k), generator=g),
+    ).to(device, dtype)
+    z = torch.randn(B, args.query_dim, generator=g).to(device, dtype)
+    host = torch.randn(B, args.classes, generator=g).to(device, dtype)
+    y = torch.randint(0, args.classes, (B,), generator=g).to(device)
+    return z, host, nb, y
+
+
+def make_head(args: argparse.Namespace, device: str, dtype: torch.dtype) -> RetrievalHead:
+    cfg = HeadConfig(query_dim=args.query_dim, image_dim=args.image_dim, text_dim=args.text_dim,
+                     num_classes=args.classes, dim=args.dim, depth=args.depth, heads=args.heads, k=args.k)
+    torch.manual_seed(0)
+    head = RetrievalHead(cfg).to(device, dtype)
+    with torch.no_grad():  # a non-zero readout, like a trained head (the zero init would skip nothing anyway)
+        head.readout.fc.weight.normal_(0, 0.02)
+    return head
+
+
+def count_flops(args: argparse.Namespace) -> tuple[int, int]:
+    """(forward, forward+backward) FLOPs of the head at this shape, counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = make_head(args, "cpu", torch.float32)
+    z, host, nb, y = make_inputs(args, "cpu", torch.float32)
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        head(z, host, neighbors=nb, return_attention=True)  # einsum reference: every matmul is visible
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(head(z, host, neighbors=nb, return_attention=True).logits, y).backward()
+    return fwd.get_total_flops(), step.get_total_flops()
+
+
+def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tuple[int, int]) -> dict:
+    head = make_head(args, device, dtype)
+    z, host, nb, y = make_inputs(args, device, dtype)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            head(z, host, neighbors=nb)
+
+    def step() -> None:
+        head.zero_grad(set_to_none=True)
+        F.cross_entropy(head(z, host, neighbors=nb).logits.float(), y).backward()
+
+    gemm_dtype = torch.float32 if device == "cpu" else dtype
+    gemm_before = gemm_gflops(device=device, dtype=gemm_dtype)
+    t_fwd = time_fn(forward, warmup=2, repeats=args.repeats, device=device, min_seconds=0.5 * (device != "cpu"))
+    t_step = time_fn(step, warmup=2, repeats=args.repeats, device=device, min_seconds=0.5 * (device != "cpu"))
+    gemm_after = gemm_gflops(device=device, dtype=gemm_dtype)
+    gemm = max(gemm_before, gemm_after)
+    fwd_rate, step_rate = flops[0] / t_fwd["best"] / 1e9, flops[1] / t_step["best"] / 1e9
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "fwd_s": round(t_fwd["best"], 4),
+        "fwd_median_s": round(t_fwd["median"], 4),
+        "fwd_bwd_s": round(t_step["best"], 4),
+        "fwd_bwd_median_s": round(t_step["median"], 4),
+        "fwd_gflops": round(fwd_rate, 2),
+        "fwd_bwd_gflops": round(step_rate, 2),
+        "gemm_gflops": round(gemm, 2),
+        "gemm_gflops_before_after": [round(gemm_before, 2), round(gemm_after, 2)],
+        "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
+        "fwd_frac_of_gemm": round(fwd_rate / gemm, 3),
+        "fwd_bwd_frac_of_gemm": round(step_rate / gemm, 3),
+        "fwd_target_met": fwd_rate / gemm >= FWD_TARGET,
+        "fwd_bwd_target_met": step_rate / gemm >= FWD_BWD_TARGET,
+        "queries_per_s_fwd": round(args.batch / t_fwd["best"], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="all = cpu, plus cuda when a GPU is present")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--query-dim", type=int, default=512)
+    p.add_argument("--image-dim", type=int, default=512)
+    p.add_argument("--text-dim", type=int, default=384)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    flops = count_flops(args)
+    record: dict = {
+        "benchmark": "head",
+        "shape": {n: getattr(args, n) for n in ("batch", "k", "dim", "depth", "heads", "query_dim", "image_dim",
+                                                 "text_dim", "classes")},
+        "flops_fwd": flops[0],
+        "flops_fwd_bwd": flops[1],
+        "targets": {"fwd_frac_of_gemm": FWD_TARGET, "fwd_bwd_frac_of_gemm": FWD_BWD_TARGET},
+    }
+    if args.device in ("cpu", "all"):
+        record["cpu"] = measure(args, "cpu", torch.float32, flops)
+    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU on this machine")
+        from retrofit.functional import fused_kernel_status
+
+        record["cuda_attention"] = fused_kernel_status("cuda")[1]
+        record["cuda"] = {str(dt).removeprefix("torch."): measure(args, "cuda", dt, flops)
+                          for dt in (torch.float32, torch.bfloat16)}
+    emit(record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

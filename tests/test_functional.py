@@ -1,0 +1,159 @@
+"""retrofit.functional: the einsum reference, the native (SDPA) path, and the dispatcher."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from retrofit.functional import (
+    cross_fusion_attention,
+    cross_fusion_attention_native,
+    cross_fusion_attention_reference,
+    fused_kernel_status,
+    use_fused_kernel,
+)
+
+
+def make_args(B: int, S: int, H: int, Dh: int, dtype: torch.dtype = torch.float64, p_valid: float = 0.6,
+              all_masked_row: bool = True, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q_t, k_i, v_i, q_i, k_t, v_t as strided views of two (B, S, 3, H, Dh) projections, like the layer."""
+    g = torch.Generator().manual_seed(seed)
+    proj_i = torch.randn(B, S, 3, H, Dh, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    proj_t = torch.randn(B, S, 3, H, Dh, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    res_i = torch.randn(B, S, H, Dh, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    res_t = torch.randn(B, S, H, Dh, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    mask = torch.rand(B, S, generator=g) < p_valid
+    mask[:, 0] = True
+    if all_masked_row:
+        mask[-1] = False
+    return proj_i, proj_t, res_i, res_t, mask
+
+
+def run(fn, proj_i, proj_t, res_i, res_t, mask, **kw):
+    q_i, k_i, v_i = proj_i.unbind(2)
+    q_t, k_t, v_t = proj_t.unbind(2)
+    out = fn(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, mask, **kw)
+    new_i, new_t = out[0], out[1]
+    g = torch.Generator().manual_seed(1)
+    w_i, w_t = torch.randn(new_i.shape, generator=g).to(new_i), torch.randn(new_t.shape, generator=g).to(new_t)
+    grads = torch.autograd.grad((new_i * w_i).sum() + (new_t * w_t).sum(), (proj_i, proj_t, res_i, res_t))
+    return (new_i, new_t, *grads)
+
+
+@pytest.mark.parametrize("B,S,H,Dh", [(1, 1, 1, 4), (3, 5, 2, 8), (2, 33, 4, 16), (4, 7, 3, 5)])
+def test_native_matches_reference_fp64(B, S, H, Dh):
+    args = make_args(B, S, H, Dh, all_masked_row=B > 1)
+    want = run(cross_fusion_attention_reference, *args)
+    got = run(cross_fusion_attention_native, *args)
+    for w, g in zip(want, got):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
+def test_native_low_precision_against_fp64(dtype, atol):
+    ref = run(cross_fusion_attention_reference, *make_args(3, 9, 2, 16))
+    got = run(cross_fusion_attention_native, *make_args(3, 9, 2, 16, dtype=dtype))
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    for w, g in zip(ref, got):
+        torch.testing.assert_close(g.double(), w, rtol=atol, atol=atol)
+
+
+def test_all_masked_rows_give_residual_and_zero_gradients():
+    proj_i, proj_t, res_i, res_t, mask = make_args(2, 6, 2, 4, p_valid=0.0, all_masked_row=False)
+    mask[:] = False
+    for fn in (cross_fusion_attention_reference, cross_fusion_attention_native):
+        new_i, new_t, g_pi, g_pt, g_ri, g_rt = run(fn, proj_i, proj_t, res_i, res_t, mask)
+        torch.testing.assert_close(new_i, res_i, rtol=0, atol=0)
+        torch.testing.assert_close(new_t, res_t, rtol=0, atol=0)
+        assert torch.equal(g_pi, torch.zeros_like(g_pi)) and torch.equal(g_pt, torch.zeros_like(g_pt))
+
+
+def test_reference_weights_are_masked_distributions():
+    proj_i, proj_t, res_i, res_t, mask = make_args(3, 6, 2, 4)
+    q_i, k_i, v_i = proj_i.unbind(2)
+    q_t, k_t, v_t = proj_t.unbind(2)
+    _, _, (p_i, p_t) = cross_fusion_attention_reference(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, mask,
+                                                         need_weights=True)
+    for p in (p_i, p_t):
+        assert p.shape == (3, 2, 6, 6)
+        assert (p[~mask[:, None, None, :].expand_as(p)] == 0).all()
+        sums = p.sum(-1)  # (B, H, S)
+        torch.testing.assert_close(sums[:2], torch.ones_like(sums[:2]))
+        assert (sums[2] == 0).all()  # the all-masked row
+
+
+def test_dispatcher_paths(monkeypatch):
+    args = make_args(2, 5, 2, 4, dtype=torch.float32)
+    monkeypatch.setenv("RETROFIT_FUSED", "0")
+    ok, why = fused_kernel_status("cpu")
+    assert not ok and "RETROFIT_FUSED=0" in why
+    q_i, k_i, v_i = args[0].unbind(2)
+    q_t, k_t, v_t = args[1].unbind(2)
+    new_i, new_t, w = cross_fusion_attention(q_t, k_i, v_i, q_i, k_t, v_t, args[2], args[3], args[4])
+    assert w is None
+    ref = cross_fusion_attention_reference(q_t, k_i, v_i, q_i, k_t, v_t, args[2], args[3], args[4])
+    torch.testing.assert_close(new_i, ref[0])
+    torch.testing.assert_close(new_t, ref[1])
+    _, _, w = cross_fusion_attention(q_t, k_i, v_i, q_i, k_t, v_t, args[2], args[3], args[4], need_weights=True)
+    assert w is not None and w[0].shape == (2, 2, 5, 5)
+    monkeypatch.setenv("RETROFIT_FUSED", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="RETROFIT_FUSED=1"):
+        use_fused_kernel(q_t)
+    monkeypatch.setenv("RETROFIT_FUSED", "maybe")
+    with pytest.raises(ValueError, match="RETROFIT_FUSED"):
+        fused_kernel_status("cpu")
+
+
+def test_head_through_fused_kernel_under_interpreter(monkeypatch):
+    """The head's layers run through the Triton kernel (interpreter on CPU) and agree with the PyTorch path."""
+    pytest.importorskip("triton")
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=8, image_dim=6, text_dim=5, num_classes=3, dim=16, depth=1, heads=2))
+    torch.nn.init.normal_(head.readout.fc.weight)
+    B, k = 2, 3
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.zeros(B, k), mask=mask,
+                   image=torch.randn(B, k, 6), text=torch.randn(B, k, 5), labels=torch.zeros(B, k, dtype=torch.int64))
+    z = torch.randn(B, 8)
+    monkeypatch.setenv("RETROFIT_FUSED", "0")
+    want = head(z, neighbors=nb).logits
+    monkeypatch.setenv("RETROFIT_FUSED", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert fused_kernel_status("cpu")[0]
+    got = head(z, neighbors=nb).logits
+    assert "retrofit.kernels.cross_fusion" in sys.modules  # the kernel really ran
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_head_on_cuda_fused_matches_native(monkeypatch):
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=64, image_dim=48, text_dim=32, num_classes=10, dim=128, depth=2,
+                                    heads=4)).cuda()
+    torch.nn.init.normal_(head.readout.fc.weight, std=0.05)
+    B, k = 16, 7
+    mask = torch.rand(B, k) < 0.7
+    mask[0] = False
+    nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.zeros(B, k), mask=mask,
+                   image=torch.randn(B, k, 48), text=torch.randn(B, k, 32), labels=torch.zeros(B, k, dtype=torch.int64))
+    z = torch.randn(B, 64, device="cuda")
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RETROFIT_FUSED", flag)
+        head.zero_grad(set_to_none=True)
+        logits = head(z, neighbors=nb).logits
+        logits.square().sum().backward()
+        outs[flag] = (logits.detach(), head.layers[0].qkv_i.weight.grad.clone())
+    torch.testing.assert_close(outs["1"][0], outs["0"][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outs["1"][1], outs["0"][1], rtol=1e-3, atol=1e-3)
