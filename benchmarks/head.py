@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-dim", type=int, default=512)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
     flops = count_flops(args)

@@ -41,7 +41,15 @@ _FINGERPRINTS = ("query_fingerprint", "image_fingerprint", "text_fingerprint")
 
 @dataclass
 class HeadConfig:
-    """Shape and behaviour of a :class:`RetrievalHead`. Defaults are the paper's (k=32, L=4, d=512, 8 heads)."""
+    """Shape and behaviour of a :class:`RetrievalHead`. Defaults are the paper's (k=32, L=4, d=512, 8 heads).
+
+    ``modalities`` (the paper's ablations; the architecture is the same in all three):
+    ``"image+text"`` image stream ``[z; neighbour images]``, text stream ``[0; neighbour texts]``;
+    ``"image"`` removes the neighbour texts (the text stream is all zeros, so text-side queries are
+    learned constants and the image side is attention-pooled); ``"text"`` removes the neighbour images
+    (the image stream holds only the query ``z``, which attends over the neighbour texts). The query's
+    own text slot is zero in every setting. A removed modality has no projection and no influence.
+    """
 
     query_dim: int  # dimension of the host embedding z the head receives
     image_dim: int  # dimension of the knowledge base's image vectors
@@ -201,9 +209,12 @@ class RetrievalHead(nn.Module):
         if z.shape[-1] != self.config.search_key_dim:
             raise ValueError(f"the head searches with z (dim {z.shape[-1]}) but the store's keys have dim "
                              f"{self.config.search_key_dim}; retrieve with your own retriever and pass neighbors=")
+        k = self.config.k if k is None else k
+        if k == 0:  # a head configured without neighbours: nothing to search
+            return Neighbors.empty(z.shape[0], 0, self.config.image_dim, self.config.text_dim, device=z.device)
         with torch.no_grad():
             q = F.normalize(z.detach().float(), dim=-1)  # (B, Dq)
-            return self._store.search(q, self.config.k if k is None else k, exclude)
+            return self._store.search(q, k, exclude)
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, host_logits: torch.Tensor | None = None, neighbors: Neighbors | None = None,

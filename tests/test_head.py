@@ -171,6 +171,8 @@ def test_store_retrieval_honours_exclude_and_casts(seed):
     tiny.add(keys[:2], torch.randn(2, DI), torch.randn(2, DT))
     few = head.attach(tiny)(z)  # fewer entries than k: masked slots, finite output
     assert few.neighbors.mask.sum(1).tolist() == [2] * 4 and torch.isfinite(few.logits).all()
+    alone = make_head(k=0).attach(store)(z)  # k = 0: no search, the query tokens attend only to themselves
+    assert alone.neighbors.k == 0 and torch.isfinite(alone.logits).all()
 
 
 def test_no_store_no_neighbours_and_bad_inputs():
