@@ -19,6 +19,7 @@ from retrofit.encoders import load_image_encoder, load_text_encoder
 from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
 from retrofit.ingest import REPORT_NAME, add_to_kb, build_kb, merge_kbs
 from retrofit.knowledge_base import KnowledgeBase
+from retrofit.sources import webdataset_source
 
 FAST = {"batch_size": 32, "num_workers": 1, "progress": False}
 
@@ -33,17 +34,22 @@ def shards(tmp_path_factory, mini_samples, cifar_classes):  # noqa: F811
     return make_shards(tmp_path_factory.mktemp("wds"), mini_samples, cifar_classes)
 
 
+@pytest.fixture(scope="module")
+def clean_kb(tmp_path_factory, shards, encoders) -> Path:
+    """A clean, uninterrupted build of the 100 mini samples (the reference for the resume tests)."""
+    path = tmp_path_factory.mktemp("clean") / "kb"
+    build_kb(shards, path, **encoders, batch_size=10, commit_every=20, num_workers=1, progress=False)
+    return path
+
+
 def _records(path: Path) -> list[dict]:
     with KnowledgeBase.open(path) as kb:
         return list(kb)
 
 
-def test_build_from_webdataset(tmp_path, shards, mini_samples, cifar_classes, encoders):  # noqa: F811
-    s = build_kb(shards, tmp_path / "kb", **encoders, **FAST)
-    assert (s.written, s.skipped, s.duplicates, s.total) == (100, 0, 0, 100)
-    assert s.encode_s > 0 and s.seconds >= s.encode_s
+def test_build_from_webdataset(clean_kb, shards, mini_samples, cifar_classes, encoders):  # noqa: F811
     order = mini_samples[0::2] + mini_samples[1::2]
-    with KnowledgeBase.open(tmp_path / "kb") as kb:
+    with KnowledgeBase.open(clean_kb) as kb:
         assert len(kb) == 100 and kb.class_names == cifar_classes
         assert kb.fingerprint.image.matches(encoders["image_encoder"].fingerprint)
         assert kb.fingerprint.key.matches(encoders["image_encoder"].fingerprint)
@@ -67,9 +73,11 @@ def test_build_from_webdataset(tmp_path, shards, mini_samples, cifar_classes, en
         t = kb.vectors(torch.tensor(picks), which="text")
         ref = encoders["text_encoder"].encode([order[i]["caption"].strip() for i in picks])
         assert torch.allclose(t, ref, atol=2e-3)
+        progress = next(v for n, v in kb.user_meta.items() if n.startswith("ingest:"))
+        assert (progress["written"], progress["skipped"], progress["duplicates"], progress["done"]) == (100, 0, 0, True)
     # re-running a finished build does nothing
-    again = build_kb(shards, tmp_path / "kb", **encoders, **FAST)
-    assert again.written == 100 and again.encode_s == 0.0 and len(_records(tmp_path / "kb")) == 100
+    again = build_kb(shards, clean_kb, **encoders, **FAST)
+    assert again.written == 100 and again.encode_s == 0.0 and len(_records(clean_kb)) == 100
 
 
 def test_build_from_imagefolder_and_manifest(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
@@ -114,12 +122,14 @@ def test_bad_data_is_skipped_and_reported(tmp_path, mini_samples, cifar_classes,
 
 
 def test_near_duplicates(tmp_path, shards, encoders):
-    s = build_kb(shards, tmp_path / "kb", **encoders, **FAST, near_dup=0.9)
-    assert s.near_duplicates > 0 and s.written + s.near_duplicates == 100
+    src = webdataset_source(shards)
+    src.refs = src.refs[:40]
+    s = build_kb(src, tmp_path / "kb", **encoders, **FAST, near_dup=0.85)
+    assert s.near_duplicates > 0 and s.written + s.near_duplicates == 40
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         k = kb.vectors(torch.arange(len(kb)), which="key")
         sim = k @ k.T - 2 * torch.eye(len(kb))
-        assert sim.max() < 0.9 + 2e-3  # float16 storage
+        assert sim.max() < 0.85 + 2e-3  # float16 storage
 
 
 _CHILD = textwrap.dedent("""
@@ -148,7 +158,7 @@ def _same_kb(a: Path, b: Path) -> None:
             assert torch.allclose(x[v], y[v], atol=3e-3), (x["id"], v)
 
 
-def test_resume_after_sigkill_equals_clean_build(tmp_path, shards, encoders):
+def test_resume_after_sigkill_equals_clean_build(tmp_path, shards, encoders, clean_kb):
     kb = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-c", _CHILD, shards, str(kb)], stderr=subprocess.PIPE, text=True, env=env)
@@ -168,11 +178,10 @@ def test_resume_after_sigkill_equals_clean_build(tmp_path, shards, encoders):
         assert len(k) == progress["written"] == progress["next"]
     s = build_kb(shards, kb, **encoders, batch_size=10, commit_every=20, num_workers=1, progress=False)
     assert s.resumed_from == progress["next"] and s.written == 100
-    build_kb(shards, tmp_path / "clean", **encoders, batch_size=10, commit_every=20, num_workers=1, progress=False)
-    _same_kb(kb, tmp_path / "clean")
+    _same_kb(kb, clean_kb)
 
 
-def test_resume_after_ctrl_c(tmp_path, shards, encoders):
+def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
     img = load_image_encoder("darknet-tiny")
     raw, calls = img._embed, []
 
@@ -189,25 +198,26 @@ def test_resume_after_ctrl_c(tmp_path, shards, encoders):
         assert len(k) == 64  # the two encoded batches were committed on the way out
     img._embed = raw
     s = build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
-    assert s.resumed_from == 64 and s.written == 100 and len(_records(tmp_path / "kb")) == 100
+    assert s.resumed_from == 64 and s.written == 100
+    _same_kb(tmp_path / "kb", clean_kb)
 
 
 def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
-    write_shard(tmp_path / "a.tar", mini_samples[:50])
-    write_shard(tmp_path / "b.tar", mini_samples[50:])
+    write_shard(tmp_path / "a.tar", mini_samples[0:100:4])
+    write_shard(tmp_path / "b.tar", mini_samples[2:100:4])
     kw = dict(**encoders, **FAST, class_names=cifar_classes)
     build_kb(str(tmp_path / "a.tar"), tmp_path / "kb_a", **kw)
     s = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw)
-    assert s.written == 50 and len(_records(tmp_path / "kb_a")) == 100
+    assert s.written == 25 and len(_records(tmp_path / "kb_a")) == 50
     with KnowledgeBase.open(tmp_path / "kb_a") as kb:  # the incrementally extended index finds new records
-        q = kb.vectors(torch.tensor([10, 75]), which="key")
-        assert kb.search(q, 1).ids[:, 0].tolist() == [10, 75]
+        q = kb.vectors(torch.tensor([10, 45]), which="key")
+        assert kb.search(q, 1).ids[:, 0].tolist() == [10, 45]
     again = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw, commit_every=1000)
-    assert again.written == 50  # the same add, already complete: nothing new
+    assert again.written == 25 and again.encode_s == 0.0  # the same add, already complete: nothing new
     # merge: in-domain KB + another pool; duplicates by image hash dropped
     build_kb(str(tmp_path / "b.tar"), tmp_path / "kb_b", **kw)
     m = merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged", progress=False)
-    assert (m.written, m.duplicates, m.kb_size) == (100, 50, 100)
+    assert (m.written, m.duplicates, m.kb_size) == (50, 25, 50)
     ma, mm = _records(tmp_path / "kb_a"), _records(tmp_path / "merged")
     assert [r["caption"] for r in ma] == [r["caption"] for r in mm]
     assert torch.allclose(ma[7]["image"], mm[7]["image"])
@@ -243,6 +253,28 @@ def test_configuration_errors_before_any_work(tmp_path, shards, cifar_classes, e
     with pytest.raises(KnowledgeBaseError, match="not a knowledge base"):
         add_to_kb(out, shards, **encoders)
     # a different build into an existing KB is refused
-    build_kb(shards, out, **encoders, **FAST)
+    src = webdataset_source(shards)
+    src.refs = src.refs[:8]
+    build_kb(src, out, **encoders, **FAST)
     with pytest.raises(KnowledgeBaseError, match="already holds"):
-        build_kb(shards, out, **encoders, **FAST, dedup=False)
+        build_kb(src, out, **encoders, **FAST, dedup=False)
+
+
+def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa: F811
+    from retrofit.cli import main
+
+    write_shard(tmp_path / "a.tar", mini_samples[1:100:10])
+    write_shard(tmp_path / "b.tar", mini_samples[3:100:10])
+    classes = ",".join(cifar_classes)
+    for name in ("a", "b"):
+        rc = main(["kb", "build", str(tmp_path / f"{name}.tar"), str(tmp_path / f"kb_{name}"), "--classes", classes,
+                   "--batch-size", "8", "--quiet", "--json"])
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (out["written"], out["skipped"]) == (10, 0)
+    assert main(["kb", "merge", str(tmp_path / "kb_a"), str(tmp_path / "kb_b"), "-o", str(tmp_path / "m"),
+                 "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kb_size"] == 20
+    assert main(["kb", "build", str(tmp_path / "a.tar"), str(tmp_path / "kb_x"), "--classes", "cat,dog"]) == 1
+    assert "match no class" in capsys.readouterr().err
+    assert not (tmp_path / "kb_x").exists()
