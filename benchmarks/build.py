@@ -73,6 +73,8 @@ def main() -> None:
         "encode_split_s": {k: round(v, 2) for k, v in s.extra.get("encode_split_s", {}).items()},
         "total_s": round(total, 2),
         "overhead": round((total - s.encode_s) / total, 4),
+        "index_build_s": round(s.extra.get("index_s", 0.0), 2),
+        "unique_captions": s.extra.get("unique_captions"),
         "target_overhead": 0.15,
         "index": info.get("index", {}).get("kind") if isinstance(info.get("index"), dict) else info.get("index"),
         "image_encoder": str(image.fingerprint),

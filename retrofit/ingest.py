@@ -406,6 +406,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         if mode == "build":
             with kb.bulk():  # the ANN index is built once, at the end
                 summary = builder.run(batches)
+                t_index = time.perf_counter()
+            summary.extra["index_s"] = time.perf_counter() - t_index
         else:
             summary = builder.run(batches)  # the index is extended batch by batch
     summary.seconds = time.perf_counter() - t0
