@@ -325,29 +325,24 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
 
 
 def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
-                 fingerprint: EncoderFingerprint | None = None) -> ImageEncoder:
+                 fingerprint: EncoderFingerprint | None = None,
+                 classifier: str | nn.Module | None = None) -> ImageEncoder:
     """The host classifier's own embedding as an image encoder (KB keys then match the served model).
 
-    ``model``: a ``RetrofittedModel`` (uses ``.features``), a timm-style model (``forward_features`` +
-    ``forward_head(pre_logits=True)``), or any classifier ending in an ``nn.Linear`` (handled by
-    ``retrofit.adapters``). ``fingerprint`` defaults to the model's ``.fingerprint`` when it has one.
+    ``model``: a ``RetrofittedModel`` (its ``.features``) or any classifier ``retrofit.adapters`` handles
+    (timm, torchvision, or a final ``nn.Linear``, optionally named by ``classifier``). ``fingerprint``
+    defaults to the model's ``.fingerprint`` when it has one.
     """
-    if hasattr(model, "features") and callable(model.features) and hasattr(model, "head"):
-        def embed(x: torch.Tensor) -> torch.Tensor:
-            return model.features(x)[0]
-    elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        def embed(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.forward_features(x), pre_logits=True)
-    else:
-        adapters = require("retrofit.adapters", "a host-backbone encoder of a generic model")
-        backbone = adapters.backbone(model) if hasattr(adapters, "backbone") else None
-        if backbone is None:
-            raise RetrofitError(f"cannot find the embedding of {type(model).__name__}: wrap it with retrofit.wrap "
-                                "first or give a timm-style model")
-        embed = backbone
     fp = fingerprint or getattr(model, "fingerprint", None)
     if fp is None:
-        raise ValueError("host_encoder needs a fingerprint: pass fingerprint=EncoderFingerprint(...) for this model")
+        raise ValueError(f"host_encoder needs a fingerprint for {type(model).__name__}: pass "
+                         "fingerprint=EncoderFingerprint(family, name, weights, dim)")
+    if callable(getattr(model, "features", None)) and hasattr(model, "head"):  # a RetrofittedModel
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return model.features(x)[0]  # (B, D)
+    else:
+        adapters = require("retrofit.adapters", "a host-backbone encoder")
+        embed = adapters.embedder(model, classifier)  # x -> z (B, D), one backbone pass
     model.eval()
     return ImageEncoder(embed, preprocess, fp, module=model)
 

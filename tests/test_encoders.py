@@ -59,6 +59,21 @@ def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
         host_encoder(_TimmLike(), model.preprocess(64))
 
 
+def test_host_encoder_of_a_torchvision_classifier():
+    from torchvision.models import resnet18
+
+    from retrofit.fingerprint import EncoderFingerprint
+
+    tv = load_image_encoder("torchvision:resnet18@random")
+    torch.manual_seed(0)
+    model = resnet18()
+    model.load_state_dict(tv.module.state_dict(), strict=False)  # all but the removed fc
+    fp = EncoderFingerprint("torchvision", "resnet18", "random:seed0", 512)
+    host = host_encoder(model, tv.preprocess, fingerprint=fp)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(host.encode(x), tv.encode(x), atol=1e-5)  # z = the input of the host's fc
+
+
 class _TimmLike(torch.nn.Module):
     def forward_features(self, x):
         return x
