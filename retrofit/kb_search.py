@@ -16,7 +16,7 @@ import torch
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import IndexState, full_hash, search_index
 from retrofit.neighbors import Neighbors
-from retrofit.store import check_search_args
+from retrofit.store import _check_exclude, check_search_args
 
 __all__ = ["KBSearchMixin"]
 
@@ -35,17 +35,24 @@ class KBSearchMixin:
         ``exclude`` (B, m) lists ids never to return for each query (-1 pads). Fewer than ``k`` hits leave
         masked slots. Tensors come back on ``queries.device``; image / text vectors as float32.
         """
-        exclude = check_search_args(queries, k, self.key_dim, exclude)
+        if queries.is_cuda:
+            exclude = check_search_args(queries, k, self.key_dim, exclude)
+        else:  # numpy for the small CPU ops: torch's thread pool wakes slowly next to faiss's OpenMP threads
+            check_search_args(queries[:0], k, self.key_dim, None)  # k and shape; values are checked below
+            exclude = _check_exclude(exclude, queries.shape[0])
         B, device = queries.shape[0], queries.device
         m = 0 if exclude is None else exclude.shape[1]
         kq = k + m  # over-fetch so that k results survive the per-query exclusions
-        q = torch.nn.functional.normalize(queries.detach().float(), dim=1)  # (B, Dk)
         if B == 0:
             return Neighbors.empty(0, k, self.image_dim, self.text_dim, device=device)
-        if q.is_cuda and self._kind() == "flat":
+        if queries.is_cuda and self._kind() == "flat":
+            q = torch.nn.functional.normalize(queries.detach().float(), dim=1)  # (B, Dk)
             D, ids_ = self._search_exact_gpu(q, kq)  # (B, kq)
         else:
-            qn = q.cpu().numpy()
+            qn = queries.detach().float().cpu().numpy()  # (B, Dk)
+            if not np.isfinite(qn).all():
+                raise ValueError("queries contain NaN or inf")
+            qn = np.ascontiguousarray(qn / np.maximum(np.linalg.norm(qn, axis=1, keepdims=True), 1e-12))
             parts = []
             for index in (self._main, self._delta):
                 if index is not None and index.ntotal:
@@ -70,17 +77,25 @@ class KBSearchMixin:
             ids_ = np.pad(ids_, ((0, 0), (0, pad)), constant_values=-1)
         mask = np.isfinite(D)  # (B, k)
         ids_ = np.where(mask, ids_, -1)
-        out = Neighbors.empty(B, k, self.image_dim, self.text_dim)
-        valid_ids = ids_[mask]
-        Dk, Di = self.key_dim, self.image_dim
-        vec, lab = self._gather_rows(valid_ids, slice(Dk, Dk + Di + self.text_dim))
-        vec_t = torch.from_numpy(vec).float()  # (M, Di+Dt)
+        flat_ids, flat_ok = ids_.reshape(-1), mask.reshape(-1)  # (B*k,)
+        if not flat_ok.any():
+            return Neighbors.empty(B, k, self.image_dim, self.text_dim, device=device)
+        partial = not flat_ok.all()
+        if partial:  # masked slots read a valid record and are zeroed below: no per-slot branching
+            flat_ids = np.where(flat_ok, flat_ids, flat_ids[flat_ok][0])
+        Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
+        rows, lab = self._gather_rows(flat_ids, slice(Dk, Dk + Di + Dt))  # (B*k, Di+Dt) storage dtype
+        rows_t = torch.from_numpy(rows)
+        image = rows_t[:, :Di].float().reshape(B, k, Di)  # (B, k, Di)
+        text = rows_t[:, Di:].float().reshape(B, k, Dt)  # (B, k, Dt)
+        labels = torch.from_numpy(lab).reshape(B, k)  # (B, k)
         mask_t = torch.from_numpy(mask)
-        out.image[mask_t] = vec_t[:, :Di]
-        out.text[mask_t] = vec_t[:, Di:]
-        out.labels[mask_t] = torch.from_numpy(lab)
+        if partial:
+            image[~mask_t] = 0
+            text[~mask_t] = 0
+            labels = labels.masked_fill(~mask_t, -1)
         res = Neighbors(ids=torch.from_numpy(ids_.astype(np.int64)), scores=torch.from_numpy(D), mask=mask_t,
-                        image=out.image, text=out.text, labels=out.labels)
+                        image=image, text=text, labels=labels)
         return res if device.type == "cpu" else res.to(device)
 
     def _search_exact_gpu(self, q: torch.Tensor, kq: int) -> tuple[np.ndarray, np.ndarray]:

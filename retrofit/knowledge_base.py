@@ -37,6 +37,7 @@ __all__ = ["KnowledgeBase", "IndexConfig"]
 
 log = logging.getLogger(__name__)
 
+_HOLDOUT = 256  # records set aside as held-out queries when efSearch is tuned at an index build
 _CHUNK_BYTES = 1 << 20  # default chunk size: about this many bytes of vectors per LMDB value
 
 
@@ -91,8 +92,8 @@ class KnowledgeBase(KBSearchMixin):
     @classmethod
     def create(cls, path: str | os.PathLike, key_dim: int, image_dim: int, text_dim: int,
                fingerprint: KBFingerprint | None = None, *, class_names: list[str] | None = None,
-               dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, ef_construction: int = 80,
-               ef_search: int | None = None, recall_target: float = 0.95, flat_threshold: int = 20_000,
+               dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, ef_construction: int = 40,
+               ef_search: int | None = None, recall_target: float = 0.96, flat_threshold: int = 20_000,
                chunk_records: int | None = None, mmap_bytes: int = 64 << 20,
                user_meta: dict[str, Any] | None = None) -> KnowledgeBase:
         """Create an empty knowledge base in the new or empty directory ``path``; returns it open for writing."""
@@ -238,9 +239,18 @@ class KnowledgeBase(KBSearchMixin):
         n, kind = len(self), self._cfg.kind_for(len(self))
         index = build_index(kind, self.key_dim, self._cfg)
         t0 = time.perf_counter()
+        # HNSW with automatic efSearch: set ~256 random records aside, tune on them as held-out queries, add them last
+        tune = kind == "hnsw" and self._cfg.ef_search is None and n >= 4 * _HOLDOUT
+        rng = np.random.default_rng(0)
+        held_ids, held_x = [], []
         buf_ids, buf_x, have = [], [], 0
         with tqdm(total=n, desc=f"building {kind} index", unit="vec", disable=n < 100_000) as bar:
             for ids, x in self._live_keys(0, self._meta["next_id"]):
+                if tune:
+                    hold = rng.random(len(ids)) < _HOLDOUT / n
+                    held_ids.append(ids[hold])
+                    held_x.append(x[hold])
+                    ids, x = ids[~hold], x[~hold]
                 buf_ids.append(ids)
                 buf_x.append(x)
                 have += len(ids)
@@ -251,9 +261,15 @@ class KnowledgeBase(KBSearchMixin):
             if have:
                 index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
                 bar.update(have)
-        log.info("built %s index of %d vectors in %.1f s", kind, index.ntotal, time.perf_counter() - t0)
         self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
-        self._ef, self._tuned_recall = self._pick_ef()
+        if tune:
+            hx = np.concatenate(held_x)
+            self._ef, self._tuned_recall = tune_ef_search(index, self._cfg, queries=hx)
+            index.add_with_ids(hx, np.concatenate(held_ids))
+        else:
+            self._ef, self._tuned_recall = self._pick_ef()
+        log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
+                 time.perf_counter() - t0, self._ef)
         self._gpu_cache.clear()
         self._state = None
         if not self.readonly:

@@ -1,0 +1,281 @@
+"""Knowledge-base store benchmark: build time, disk, recall@32, queries/s vs raw faiss, gather, open cost.
+
+Prints one JSON line. Synthetic data as hard as real embeddings, defined exactly so figures compare across
+runs: a 64-d latent with 10,000 cluster centres drawn from N(0, I), each point = its centre + N(0, I) noise,
+mapped to 512-d by one fixed Gaussian 64x512 matrix, plus N(0, 2.4^2) noise in every one of the 512 dims,
+then L2-normalised (seeded). Keys = image vectors = those points; text vectors (384-d) = another fixed
+projection of the same latent plus noise. Queries are held-out points of the same generator.
+``real_*`` keys: the same figures on Tiny Darknet (64x64 input, pooled 512-d) embeddings of the 50,000
+CIFAR-10 training images, queried with the 10,000 test images (text vectors: zeros; gather cost does not
+depend on values).
+
+    nice .venv/bin/python benchmarks/store.py                 # n = 1,000,000 (long on 2 cores)
+    .venv/bin/python benchmarks/store.py --n 100000 --no-real  # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit
+
+from retrofit.knowledge_base import KnowledgeBase
+
+LATENT, DIM, TEXT_DIM, CENTRES, NOISE = 64, 512, 384, 10_000, 2.4
+BLOCK = 16384
+
+
+class Generator:
+    """The benchmark's synthetic embedding distribution (deterministic for a seed)."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.centres = rng.standard_normal((CENTRES, LATENT)).astype(np.float32)  # (C, 64)
+        self.proj = rng.standard_normal((LATENT, DIM)).astype(np.float32)  # (64, 512)
+        self.proj_text = rng.standard_normal((LATENT, TEXT_DIM)).astype(np.float32)  # (64, 384)
+
+    def block(self, stream: int, i: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Points ``n`` of block ``i`` of ``stream`` (0 = KB, 1 = queries): (keys (n, 512), text (n, 384), labels)."""
+        rng = np.random.default_rng([self.seed, stream, i])
+        lab = rng.integers(0, CENTRES, n)
+        z = self.centres[lab] + rng.standard_normal((n, LATENT), dtype=np.float32)  # (n, 64)
+        x = z @ self.proj + NOISE * rng.standard_normal((n, DIM), dtype=np.float32)  # (n, 512)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        t = z @ self.proj_text + NOISE * rng.standard_normal((n, TEXT_DIM), dtype=np.float32)
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        return x, t, lab.astype(np.int64)
+
+    def blocks(self, stream: int, n: int):
+        for i, s in enumerate(range(0, n, BLOCK)):
+            yield s, self.block(stream, i, min(BLOCK, n - s))
+
+
+def exact_topk(queries: np.ndarray, blocks, k: int) -> np.ndarray:
+    """True top-k ids by brute force over ``blocks`` of (start, keys) (float32)."""
+    q = torch.from_numpy(queries)
+    best_s = torch.full((len(q), k), -np.inf)
+    best_i = torch.full((len(q), k), -1, dtype=torch.int64)
+    for start, keys in blocks:
+        s = q @ torch.from_numpy(keys).T  # (Q, block)
+        cat_s = torch.cat([best_s, s], 1)
+        cat_i = torch.cat([best_i, torch.arange(start, start + keys.shape[0]).expand(len(q), -1)], 1)
+        best_s, pos = cat_s.topk(k, dim=1)
+        best_i = cat_i.gather(1, pos)
+    return best_i.numpy()
+
+
+def recall(got: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(got[:, :k], truth)]))
+
+
+OPEN_PROBE = """
+import json, os, sys, time, resource
+import faiss, lmdb, numpy, torch  # imported before the measurement: the open itself is measured
+from retrofit.knowledge_base import KnowledgeBase
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+r0 = rss(); t = time.perf_counter()
+kb = KnowledgeBase.open(sys.argv[1])
+dt = time.perf_counter() - t
+print(json.dumps({"open_s": dt, "open_rss_mb": rss() - r0, "rss_mb_total": rss(),
+                  "memory_mapped": kb.info()["index"]["memory_mapped"]}))
+"""
+
+
+def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_arrays, k: int, batch: int,
+            prefix: str) -> dict:
+    """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle."""
+    out: dict = {}
+    t0 = time.perf_counter()
+    kb = KnowledgeBase.create(kb_dir, DIM, DIM, gather_arrays[1].shape[1])
+    n = build(kb)
+    kb.close()
+    out[prefix + "n"] = n
+    out[prefix + "build_s"] = round(time.perf_counter() - t0, 2)
+    probe = subprocess.run([sys.executable, "-c", OPEN_PROBE, str(kb_dir)], capture_output=True, text=True)
+    if probe.returncode:
+        raise RuntimeError(probe.stderr)
+    o = json.loads(probe.stdout.strip().splitlines()[-1])
+    out[prefix + "open_s"] = round(o["open_s"], 3)
+    out[prefix + "open_rss_mb"] = round(o["open_rss_mb"], 1)
+    out[prefix + "open_rss_mb_process_total"] = round(o["rss_mb_total"], 1)
+    kb = KnowledgeBase.open(kb_dir)
+    info = kb.info()
+    out[prefix + "index"] = info["index"]["kind"]
+    out[prefix + "ef_search"] = info["index"]["ef_search"]
+    out[prefix + "index_memory_mapped"] = info["index"]["memory_mapped"]
+    out[prefix + "bytes_per_vector"] = round(info["bytes"]["records"] / n, 1)
+    out[prefix + "records_over_raw_fp16"] = info["bytes"]["records_over_raw"]
+    out[prefix + "index_bytes_per_vector"] = round(info["bytes"]["index"] / n, 1)
+
+    import faiss
+
+    q_t = torch.from_numpy(queries)
+    inner = faiss.downcast_index(kb._main.index)  # the very same faiss index, called directly
+    params = faiss.SearchParametersHNSW() if isinstance(inner, faiss.IndexHNSW) else faiss.SearchParameters()
+    if isinstance(inner, faiss.IndexHNSW):
+        params.efSearch = kb.ef_search
+    kb.search(q_t[:batch], k)  # warm-up (page in the mapped index and records)
+    inner.search(queries[:batch], k, params=params)
+    # the machine is shared: interleave wrapper and raw batches so both see the same load
+    ids, t_kb, t_raw = [], 0.0, 0.0
+    for j, s in enumerate(range(0, len(q_t), batch)):
+        for which in ((0, 1) if j % 2 == 0 else (1, 0)):
+            t = time.perf_counter()
+            if which == 0:
+                ids.append(kb.search(q_t[s:s + batch], k).ids.numpy())
+                t_kb += time.perf_counter() - t
+            else:
+                inner.search(queries[s:s + batch], k, params=params)
+                t_raw += time.perf_counter() - t
+    ids = np.concatenate(ids)
+    out[prefix + "qps"] = round(len(q_t) / t_kb, 1)
+    out[prefix + "qps_faiss_raw"] = round(len(q_t) / t_raw, 1)
+    out[prefix + "qps_over_raw"] = round(t_raw / t_kb, 3)
+    out[prefix + "recall_at_32"] = round(recall(ids, truth), 4)
+    out[prefix + "tuned_recall"] = info["index"]["tuned_recall"]
+
+    img, txt, lab = gather_arrays
+    sel = [ids[s:s + batch].reshape(-1) for s in range(0, min(len(ids), 8 * batch), batch)]
+    sel = [s[s >= 0] for s in sel]
+
+    def timed(fn) -> float:
+        fn(sel[0])
+        ts = []
+        for s in sel:
+            t = time.perf_counter()
+            fn(s)
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts)) * 1e3
+
+    out[prefix + "gather_ms"] = round(timed(lambda s: kb.gather(s)), 3)
+    out[prefix + "gather_ms_numpy"] = round(
+        timed(lambda s: (img[s].astype(np.float32), txt[s].astype(np.float32), lab[s])), 3)
+    kb.close()
+    return out
+
+
+def synthetic(args: argparse.Namespace, root: Path) -> dict:
+    gen = Generator(args.seed)
+    queries = np.concatenate([x for _, (x, _, _) in gen.blocks(1, args.queries)])
+    t = time.perf_counter()
+    truth = exact_topk(queries, ((s, x) for s, (x, _, _) in gen.blocks(0, args.n)), args.k)
+    truth_s = time.perf_counter() - t
+    img = np.empty((args.n, DIM), np.float16)  # in-RAM copy for the numpy gather baseline
+    txt = np.empty((args.n, TEXT_DIM), np.float16)
+    lab = np.empty(args.n, np.int64)
+
+    def build(kb: KnowledgeBase) -> int:
+        with kb.bulk():
+            for s, (x, tx, lb) in gen.blocks(0, args.n):
+                kb.add(torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(tx), labels=torch.from_numpy(lb))
+                img[s:s + len(x)], txt[s:s + len(x)], lab[s:s + len(x)] = x, tx, lb
+        return args.n
+
+    out = measure(root / "synthetic", build, queries, truth, (img, txt, lab), args.k, args.batch, "")
+    out["truth_s"] = round(truth_s, 1)
+    return out
+
+
+def cifar_embeddings(data: Path, cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiny Darknet (64x64) pooled embeddings of CIFAR-10 train and test, cached as .npy."""
+    f = cache / "cifar10_darknet_tiny_64.npz"
+    if f.is_file():
+        z = np.load(f)
+        return z["train"], z["test"], z["train_labels"]
+    from PIL import Image
+
+    from retrofit.models import darknet_tiny
+
+    model = darknet_tiny(data_dir=data)
+    pre = model.preprocess()
+
+    def embed(shards: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        feats, labels, batch = [], [], []
+
+        def flush() -> None:
+            with torch.no_grad():
+                x = torch.stack(batch)
+                feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+            batch.clear()
+
+        for shard in shards:
+            with tarfile.open(shard) as tf:
+                for m in tf:
+                    if m.name.endswith(".jpg"):
+                        batch.append(pre(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")))
+                        if len(batch) == 256:
+                            flush()
+                    elif m.name.endswith(".cls"):
+                        labels.append(int(tf.extractfile(m).read()))
+        if batch:
+            flush()
+        return np.concatenate(feats).astype(np.float32), np.asarray(labels, np.int64)
+
+    train, train_labels = embed(sorted((data / "cifar10").glob("train-*.tar")))
+    test, _ = embed([data / "cifar10" / "test-000000.tar"])
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(f, train=train, test=test, train_labels=train_labels)
+    return train, test, train_labels
+
+
+def real(args: argparse.Namespace, root: Path) -> dict:
+    from retrofit._env import data_dir
+
+    d = data_dir(required=True)
+    train, test, labels = cifar_embeddings(d, Path(args.cache))
+    keys = train / np.linalg.norm(train, axis=1, keepdims=True)
+    queries = (test / np.linalg.norm(test, axis=1, keepdims=True)).astype(np.float32)
+    truth = exact_topk(queries, [(0, keys.astype(np.float32))], args.k)
+    img16 = train.astype(np.float16)
+    txt16 = np.zeros((len(train), TEXT_DIM), np.float16)
+
+    def build(kb: KnowledgeBase) -> int:
+        with kb.bulk():
+            for s in range(0, len(train), BLOCK):
+                kb.add(torch.from_numpy(keys[s:s + BLOCK]), torch.from_numpy(train[s:s + BLOCK]),
+                       torch.zeros(len(train[s:s + BLOCK]), TEXT_DIM), labels=torch.from_numpy(labels[s:s + BLOCK]))
+        return len(train)
+
+    return measure(root / "real", build, queries, truth, (img16, txt16, labels), args.k, args.batch, "real_")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic KB size (default 1,000,000)")
+    p.add_argument("--k", type=int, default=32, help="neighbours per query (default 32)")
+    p.add_argument("--batch", type=int, default=256, help="queries per search call (default 256)")
+    p.add_argument("--queries", type=int, default=2048, help="held-out synthetic queries (default 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", default=None, help="where to build the KBs (default: a temporary directory)")
+    p.add_argument("--no-real", action="store_true", help="skip the real_* (Tiny Darknet on CIFAR-10) figures")
+    p.add_argument("--no-synthetic", action="store_true", help="only the real_* figures")
+    p.add_argument("--cache", default=".retrofit_cache", help="where CIFAR-10 embeddings are cached")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        out: dict = {"benchmark": "store", "k": args.k, "batch": args.batch}
+        if not args.no_synthetic:
+            out.update(synthetic(args, root))
+        if not args.no_real:
+            out.update(real(args, root))
+        out["threads"] = torch.get_num_threads()
+        emit(out)
+
+
+if __name__ == "__main__":
+    main()
