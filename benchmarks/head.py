@@ -107,6 +107,36 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tu
     }
 
 
+def attention_paths(args: argparse.Namespace) -> dict:
+    """One layer's two-direction attention at this shape (CPU, fp32): the native (SDPA) path the head uses
+    vs the einsum reference, forward and forward+backward, in seconds (best of ``repeats``)."""
+    from retrofit.functional import cross_fusion_attention_native, cross_fusion_attention_reference
+
+    B, S, H = args.batch, args.k + 1, args.heads
+    g = torch.Generator().manual_seed(0)
+    proj = [torch.randn(B, S, 3, H, args.dim // H, generator=g).requires_grad_(True) for _ in range(2)]
+    res = [torch.randn(B, S, H, args.dim // H, generator=g).requires_grad_(True) for _ in range(2)]
+    mask = torch.rand(B, S, generator=g) < 0.9
+    mask[:, 0] = True
+    out: dict = {}
+    for name, fn in (("native", cross_fusion_attention_native), ("reference", cross_fusion_attention_reference)):
+        def call(fn=fn):
+            (q_i, k_i, v_i), (q_t, k_t, v_t) = proj[0].unbind(2), proj[1].unbind(2)
+            return fn(q_t, k_i, v_i, q_i, k_t, v_t, res[0], res[1], mask)
+
+        def fwd(call=call) -> None:
+            with torch.inference_mode():
+                call()
+
+        def step(call=call) -> None:
+            o = call()
+            torch.autograd.grad(o[0].sum() + o[1].sum(), [*proj, *res])
+
+        out[f"{name}_fwd_s"] = round(time_fn(fwd, warmup=1, repeats=args.repeats)["best"], 4)
+        out[f"{name}_fwd_bwd_s"] = round(time_fn(step, warmup=1, repeats=args.repeats)["best"], 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -121,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-attention-paths", action="store_true",
+                   help="skip the one-layer native vs einsum-reference attention timing")
     args = p.parse_args(argv)
 
     flops = count_flops(args)
@@ -134,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device in ("cpu", "all"):
         record["cpu"] = measure(args, "cpu", torch.float32, flops)
+        if not args.no_attention_paths:
+            record["cpu_attention_one_layer"] = attention_paths(args)
     if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA GPU on this machine")

@@ -259,7 +259,7 @@ class RetrievalHead(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = path / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
         os.replace(tmp, path / WEIGHTS_FILE)
