@@ -280,3 +280,15 @@ def test_lr_schedule_and_config_errors():
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0).validate()
     assert TrainConfig.from_dict(TrainConfig(lr=1e-3).to_dict()) == TrainConfig(lr=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_amp_training_and_resume(data, real, tmp_path):
+    train_fs, val_fs, _ = data
+    res = train(_head(), train_fs, _cfg(epochs=2, device="cuda", amp=True), store=real["store"],
+                val_features=val_fs, out_dir=tmp_path)
+    assert all(torch.isfinite(torch.tensor(res.step_losses)))
+    assert next(res.head.parameters()).device.type == "cuda"
+    res2 = train(_head(), train_fs, _cfg(epochs=3, device="cuda", amp=True), store=real["store"], out_dir=tmp_path,
+                 resume=True)
+    assert len(res2.history) == 3 and len(res2.step_losses) == 4

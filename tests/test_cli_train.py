@@ -1,0 +1,166 @@
+"""`retrofit train / eval / predict` end to end on real CIFAR-10 shards (a small subset written as a
+webdataset shard), a real KB built from it (Tiny Darknet + MiniLM), and the errors users meet."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from retrofit.cli import main
+
+PER_CLASS_TRAIN, PER_CLASS_TEST = 10, 5
+
+
+def _raw_block(path, start: int, n: int) -> list[tuple[str, dict[str, bytes]]]:
+    """Members of samples start .. start + n - 1 of a shard, seeking over the others."""
+    out: dict[str, dict[str, bytes]] = {}
+    with open(path, "rb") as f:
+        while True:
+            hdr = f.read(512)
+            if len(hdr) < 512 or not hdr.strip(b"\0"):
+                break
+            name = hdr[:100].rstrip(b"\0").decode()
+            size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+            padded = (size + 511) // 512 * 512
+            key, _, ext = name.partition(".")
+            if hdr[156:157] in (b"x", b"g") or "_" not in key:
+                f.seek(padded, 1)
+                continue
+            idx = int(key.rsplit("_", 1)[1]) % 10000
+            if idx >= start + n:
+                break
+            if idx >= start:
+                out.setdefault(key, {})[ext] = f.read(size)
+                f.seek(padded - size, 1)
+            else:
+                f.seek(padded, 1)
+    return list(out.items())
+
+
+def _write(path, samples) -> None:
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir, tmp_path_factory):
+    from retrofit.ingest import build_kb
+
+    root = tmp_path_factory.mktemp("cli")
+    train, test = [], []
+    n = PER_CLASS_TRAIN + PER_CLASS_TEST
+    for i in range(5):
+        for start in (0, 5000):  # shard i holds classes 2i and 2i+1 in blocks of 5,000
+            block = _raw_block(data_dir / "cifar10" / f"train-00000{i}.tar", start, n)
+            train += block[:PER_CLASS_TRAIN]
+            test += [(k, {e: v for e, v in m.items() if e != "txt"}) for k, m in block[PER_CLASS_TRAIN:]]
+    _write(root / "train.tar", train)
+    _write(root / "test.tar", test)
+    (root / "classes.json").write_bytes((data_dir / "cifar10" / "classes.json").read_bytes())
+    build_kb(str(root / "train.tar"), root / "kb", image_encoder="darknet-tiny", text_encoder="minilm",
+             progress=False, num_workers=0)
+    return root
+
+
+def _train_args(root, out, *extra: str) -> list[str]:
+    return ["train", "--model", "darknet-tiny", "--data", str(root / "train.tar"), "--kb", str(root / "kb"),
+            "--out", str(out), "--epochs", "2", "--batch-size", "25", "--k", "6", "--dim", "32", "--depth", "1",
+            "--heads", "4", "--cross-fit", "2", "--quiet", "--json", *extra]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_help_has_an_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text and f"retrofit {command} " in text
+
+
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """A 2-epoch `retrofit train` run (host: linear probe with 2-fold cross-fitted logits)."""
+    import contextlib
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(_train_args(setup, out)) == 0
+    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and summary["host"] == "probe" and summary["samples"] == 10 * PER_CLASS_TRAIN
+    return out
+
+
+def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for f in ("run.json", "head/config.json", "host_probe.safetensors", "checkpoints/last/state.json",
+              "train_log.jsonl"):
+        assert (out / f).is_file(), f
+    # the KB holds the training images themselves (same order): no sample may retrieve its own entry
+    (nb_dir,) = (out / "cache").glob("train.neighbors-*")
+    ids = load_file(str(nb_dir / "tensors.safetensors"))["neighbor_ids"]
+    import torch
+
+    assert ids.shape == (10 * PER_CLASS_TRAIN, 6) and not (ids == torch.arange(len(ids))[:, None]).any()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.safetensors")}
+    # resume to 3 epochs: the cache is reused untouched, training continues from the checkpoint
+    assert main([*_train_args(setup, out, "--resume"), "--epochs", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 3
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.safetensors")} == stamps
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+
+    assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--cutoffs", "20,5", "--quiet",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"host", "host + logit adj.", "retrofitted"}
+    full = json.loads((out / "eval" / "eval.json").read_text())
+    assert full["retrofitted"]["n"] == 10 * PER_CLASS_TEST and len(full["retrofitted"]["per_class_acc"]) == 10
+    assert (out / "eval" / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| retrofitted |" in (out / "eval" / "eval.md").read_text()
+
+    img = tmp_path / "plane.jpg"
+    with tarfile.open(setup / "test.tar") as tf:
+        img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
+    assert main(["predict", str(img), "--run", str(out), "--explain", "--top", "3", "--json"]) == 0
+    (pred,) = json.loads(capsys.readouterr().out)
+    assert len(pred["top"]) == 3 and abs(sum(t["prob"] for t in pred["top"])) <= 1.0 + 1e-6
+    assert len(pred["neighbors"]) == 6
+    assert set(pred["neighbors"][0]) == {"id", "label", "caption", "similarity", "attention"}
+    assert main(["predict", str(img), "--run", str(out), "--explain"]) == 0
+    assert "attention" in capsys.readouterr().out
+
+
+def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
+    def err(argv) -> str:
+        assert main(argv) == 1
+        return capsys.readouterr().err
+
+    assert "not found" in err(["train", "--model", "darknet-tiny", "--data", str(tmp_path / "nope.tar"),
+                               "--kb", str(setup / "kb"), "--out", str(tmp_path / "o")])
+    assert "retrofit kb build" in err(_train_args(setup, tmp_path / "o")[:5] + ["--kb", str(tmp_path / "nokb"),
+                                                                               "--out", str(tmp_path / "o")])
+    msg = err(["train", "--model", "nosuchfamily:net", "--data", str(setup / "train.tar"), "--kb", str(setup / "kb"),
+               "--out", str(tmp_path / "o")])
+    assert "nosuchfamily" in msg and "darknet-tiny" in msg
+    msg = err([*_train_args(setup, tmp_path / "o"), "--host", "model"])
+    assert "class-count mismatch" in msg and "1000" in msg and "--host probe" in msg
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)  # a finished 2-epoch run; resuming it to 3 epochs reads the checkpoint
+    w = out / "checkpoints" / "last" / "weights.safetensors"
+    w.write_bytes(b"\0" * 64)
+    msg = err([*_train_args(setup, out, "--resume"), "--epochs", "3", "--cache-dir", str(trained / "cache")])
+    assert "corrupt" in msg and "delete" in msg
+    assert "not found" in err(["predict", str(tmp_path / "missing.jpg"), "--run", str(out)])
+    assert "run.json" in err(["eval", "--run", str(tmp_path), "--data", str(setup / "test.tar")])
