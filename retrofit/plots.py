@@ -43,8 +43,14 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test accuracy of the class (%)")
     ax.set_title(title or "Per-class accuracy vs training count (dashed: group means)")
-    ax.text(xmin * 1.05, 1, f"few < {lo}", fontsize=8, color="tab:red")
-    ax.text(hi * 1.05, 1, f"many > {hi}", fontsize=8, color="tab:green")
+    ax.text(xmin * 1.05, 97, f"few < {lo}", fontsize=8, color="tab:red", va="top")
+    ax.text(hi * 1.05, 97, f"many > {hi}", fontsize=8, color="tab:green", va="top")
+    if len(results) >= 2:  # a thin line per class from the first series to the last: the change per class
+        a_first = list(results.values())[0]["per_class_acc"]
+        a_last = list(results.values())[-1]["per_class_acc"]
+        for c, (a, b) in enumerate(zip(a_first, a_last)):
+            if a is not None and b is not None:
+                ax.plot([counts[c], counts[c]], [100 * a, 100 * b], color="0.5", lw=0.8, alpha=0.6, zorder=2)
     names = first.get("class_names")
     if names and len(names) <= 20:
         accs = first["per_class_acc"]
