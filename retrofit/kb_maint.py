@@ -1,0 +1,145 @@
+"""Keeping a knowledge base's faiss index in step with its records: build, catch up, tune, save.
+
+A mixin of :class:`retrofit.knowledge_base.KnowledgeBase` (it relies on ``_rec``, ``_meta``, ``_cfg``,
+``_deleted``, ``_main`` and the other attributes that class sets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from retrofit.kb_index import IndexState, build_index, save_index, tune_ef_search
+
+__all__ = ["KBIndexMixin"]
+
+log = logging.getLogger(__name__)
+
+_HOLDOUT = 256  # records set aside as held-out queries when efSearch is tuned at an index build
+
+
+class KBIndexMixin:
+    """Index maintenance of ``KnowledgeBase``."""
+
+    def _live_keys(self, start: int, upto: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 keys) of live records in [start, upto), in batches."""
+        Dk = self.key_dim
+        with self._txn() as txn:
+            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, Dk), upto=upto, start=start):
+                ids = np.arange(first, first + rows.shape[0], dtype=np.int64)
+                live = ~np.isin(ids, self._deleted)
+                yield ids[live], rows[live].astype(np.float32)
+
+    def _rebuild(self) -> None:
+        """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""
+        from tqdm.auto import tqdm
+
+        n, kind = len(self), self._cfg.kind_for(len(self))
+        index = build_index(kind, self.key_dim, self._cfg)
+        t0 = time.perf_counter()
+        # HNSW with automatic efSearch: set ~256 random records aside, tune on them as held-out queries, add them last
+        tune = kind == "hnsw" and self._cfg.ef_search is None and n >= 4 * _HOLDOUT
+        rng = np.random.default_rng(0)
+        held_ids, held_x = [], []
+        buf_ids, buf_x, have = [], [], 0
+        with tqdm(total=n, desc=f"building {kind} index", unit="vec", disable=n < 100_000) as bar:
+            for ids, x in self._live_keys(0, self._meta["next_id"]):
+                if tune:
+                    hold = rng.random(len(ids)) < _HOLDOUT / n
+                    held_ids.append(ids[hold])
+                    held_x.append(x[hold])
+                    ids, x = ids[~hold], x[~hold]
+                buf_ids.append(ids)
+                buf_x.append(x)
+                have += len(ids)
+                if have >= 65536:
+                    index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
+                    bar.update(have)
+                    buf_ids, buf_x, have = [], [], 0
+            if have:
+                index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
+                bar.update(have)
+        self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
+        if tune:
+            hx = np.concatenate(held_x)
+            self._ef, self._tuned_recall = tune_ef_search(index, self._cfg, queries=hx)
+            index.add_with_ids(hx, np.concatenate(held_ids))
+        else:
+            self._ef, self._tuned_recall = self._pick_ef()
+        log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
+                 time.perf_counter() - t0, self._ef)
+        self._gpu_cache.clear()
+        self._state = None
+        if not self.readonly:
+            self.flush()
+
+    def _pick_ef(self) -> tuple[int, float | None]:
+        if self._kind() != "hnsw":
+            return self._cfg.tune_k, None
+        if self._cfg.ef_search is not None:
+            return self._cfg.ef_search, None
+        return tune_ef_search(self._main, self._cfg)
+
+    def _kind(self) -> str:
+        import faiss
+
+        inner = faiss.downcast_index(self._main.index)
+        return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+
+    def _catch_up(self) -> None:
+        """Add records the in-memory index lacks (writer); rebuilds when the index kind should change."""
+        if self._cfg.kind_for(len(self)) != self._kind():
+            self._rebuild()
+            return
+        if self._mapped:  # never add to a mapped index: faiss would abort
+            raise AssertionError("internal: writer holds a memory-mapped index")
+        added = 0
+        for ids, x in self._live_keys(self._main_next, self._meta["next_id"]):
+            self._main.add_with_ids(x, ids)
+            added += len(ids)
+        self._main_next = self._meta["next_id"]
+        self._unsaved += added
+        self._gpu_cache.clear()
+        if self._bulk == 0 and self._unsaved >= max(4096, self._main.ntotal // 4):
+            self.flush()
+
+    def _extend_delta(self, start: int) -> None:
+        """Readers: exact search over records newer than the index file (never touches a mapped index)."""
+        if self._delta is None:
+            self._delta = build_index("flat", self.key_dim, self._cfg)
+        for ids, x in self._live_keys(start, self._meta["next_id"]):
+            self._delta.add_with_ids(x, ids)
+        self._delta_next = self._meta["next_id"]
+        self._gpu_cache.clear()
+
+    def flush(self) -> None:
+        """Write the in-memory index to disk atomically (writers; done automatically at close and bulk exit)."""
+        self._check_writable()
+        state = IndexState(kb_uuid=self._meta["uuid"], kind=self._kind(), file="", generation=self._meta["generation"],
+                           next_id=self._main_next, ntotal=0, size=0, quick="", sha256="", ef_search=int(self._ef),
+                           tuned_recall=getattr(self, "_tuned_recall", None))
+        self._state = save_index(self.path, self._main, state)
+        self._unsaved = 0
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[Any]:
+        """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits."""
+        self._check_writable()
+        self._bulk += 1
+        try:
+            yield self
+        finally:
+            self._bulk -= 1
+            if self._bulk == 0:
+                fresh = self._main_next < self._meta["next_id"]
+                if self._cfg.kind_for(len(self)) != self._kind() or self._main.ntotal == 0:
+                    self._rebuild()
+                elif fresh:
+                    self._catch_up()
+                    self._ef, self._tuned_recall = self._pick_ef()
+                    self.flush()
