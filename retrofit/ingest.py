@@ -203,7 +203,17 @@ class _Builder:
                             extra={"encode_split_s": self.encode_split, "unique_captions": len(self._text_cache)})
 
     def _take(self, batch: dict[str, Any], pending: dict[str, list], report: Any) -> None:
-        """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``."""
+        """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``.
+
+        The counters move only once the whole batch is done, so that an interrupted batch counts nothing.
+        """
+        counts = {"skipped": 0, "duplicates": 0, "near_duplicates": 0}
+        self._filter_encode(batch, pending, report, counts)
+        for k, v in counts.items():
+            self.state[k] += v
+
+    def _filter_encode(self, batch: dict[str, Any], pending: dict[str, list], report: Any,
+                       counts: dict[str, int]) -> None:
         keep_rows, keep_idx = [], []
         for row, i in enumerate(batch["index"]):
             ref = self.source.refs[i]
@@ -212,26 +222,28 @@ class _Builder:
             if err is None and not cap and self.cfg.require_caption:
                 err = "no caption" if ref.caption is None else "empty caption"
             if err is not None:
-                self.state["skipped"] += 1
+                counts["skipped"] += 1
                 report.write(json.dumps({"build": self.meta_key, "index": i, "key": ref.key, "reason": err}) + "\n")
                 continue
             h = batch["hash"][row][:16]
             if self.cfg.dedup:
                 if h in self._seen:
-                    self.state["duplicates"] += 1
+                    counts["duplicates"] += 1
                     continue
                 self._seen.add(h)
             keep_rows.append(row)
             keep_idx.append(i)
         if not keep_rows:
             return
-        sel = [batch["ok"].index(r) for r in keep_rows]
+        where = {r: n for n, r in enumerate(batch["ok"])}
+        sel = [where[r] for r in keep_rows]
         images = batch["images"]
         img_in = images[0] if isinstance(images, tuple) else images
         img = self._timed(self.image.encode, img_in[sel], "image")  # (n, Di)
         keys = self._timed(self.key.encode, images[1][sel], "key") if self.key is not None else img  # (n, Dk)
         if self._near is not None:
             keep = self._near_filter(keys)
+            counts["near_duplicates"] += keep.count(False)
             keep_rows = [r for r, k in zip(keep_rows, keep) if k]
             keep_idx = [i for i, k in zip(keep_idx, keep) if k]
             img, keys = img[keep], keys[keep]
@@ -261,7 +273,6 @@ class _Builder:
         for a in range(len(q)):
             if keep[a] and a + 1 < len(q):
                 keep[a + 1:] &= sim[a, a + 1:] < self.cfg.near_dup
-        self.state["near_duplicates"] += int((~keep).sum())
         self._near.add(q[keep])
         return keep.tolist()
 
