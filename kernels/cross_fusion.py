@@ -50,8 +50,14 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+_FP64_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose blocks are much larger than the sequence (pure padding work)."""
+    """Drop configs whose blocks are much larger than the sequence (pure padding work); fp64 (multiply-sum
+    products with (M, K, N) temporaries) always takes 16 x 16 blocks."""
+    if kwargs.get("ACC") == tl.float64:
+        return [_FP64_CONFIG]
     s = named_args["S"]
     cap = max(16, triton.next_power_of_2(s))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
@@ -63,6 +69,17 @@ _AUTOTUNE = dict(configs=_configs(), key=["S", "HEAD_DIM", "BLOCK_D"], prune_con
 
 # ----------------------------------------------------------------------------------------------------------------------
 # forward
+
+
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``a`` (M, K) @ ``b`` (K, N) accumulated in ``ACC``. fp64 uses a broadcast multiply-sum: Triton's fp64
+    MMA lowering asserts on sm80+ ("fp64 don't support largeK MMA"); only gradcheck-sized work runs in fp64."""
+    if ACC == tl.float64:
+        c = tl.sum(a[:, :, None].to(ACC) * b[None, :, :].to(ACC), axis=1)
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION).to(ACC)
+    return c
 
 
 @triton.jit
@@ -87,13 +104,13 @@ def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
         keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0  # (BLOCK_N,)
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # masked keys: exp2(-inf) = 0
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)  # (BLOCK_M, BLOCK_D)
+        pv = _mm(p.to(v.dtype), v, ACC, PRECISION)  # (BLOCK_M, BLOCK_D)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     has_key = l_i > 0
@@ -158,9 +175,9 @@ def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scal
         keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale_log2
+        s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)  # (BLOCK_M, BLOCK_N)
+        dp = _mm(do, tl.trans(v), ACC, PRECISION)  # (BLOCK_M, BLOCK_N)
         delta += tl.sum(p * dp, 1)
     # pass 2: dS = P * (dP - delta); dq = scale * dS k
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -171,11 +188,11 @@ def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scal
         keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale_log2
+        s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
+        dp = _mm(do, tl.trans(v), ACC, PRECISION)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(ACC)
+        dq += _mm(ds.to(k.dtype), k, ACC, PRECISION)
     dq = dq * scale
     tl.store(DQ + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
              dq.to(DQ.dtype.element_ty), mask=md_ok)
@@ -231,12 +248,12 @@ def _bwd_dkdv_tile(Q, K, V, DO, DK, DV, KM, LSE, DELTA, b, h, pid_n, S, lse_base
         do = do.to(q.dtype)
         lse = tl.load(LSE + lse_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
         delta = tl.load(DELTA + lse_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(ACC) * scale_log2  # (BLOCK_N, BLOCK_M)
+        st = _mm(k, tl.trans(q), ACC, PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         pt = tl.where(keep[:, None] & m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION).to(ACC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(ACC)  # (BLOCK_N, BLOCK_M)
+        dv += _mm(pt.to(do.dtype), do, ACC, PRECISION)
+        dpt = _mm(v, tl.trans(do), ACC, PRECISION)  # (BLOCK_N, BLOCK_M)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION).to(ACC)
+        dk += _mm(dst.to(q.dtype), q, ACC, PRECISION)
     dk = dk * scale
     tl.store(DK + b * sob + h * soh + offs_n[:, None] * sos + offs_d[None, :] * sod,
              dk.to(DK.dtype.element_ty), mask=nd_ok)
