@@ -58,9 +58,12 @@ class IndexConfig:
         if not 0.0 < self.recall_target <= 1.0:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target!r}")
 
-    def kind_for(self, n: int) -> str:
+    def kind_for(self, n: int, current: str | None = None) -> str:
+        """The index kind for ``n`` records; an HNSW index stays HNSW down to half the threshold (no flapping)."""
         if self.kind != "auto":
             return self.kind
+        if current == "hnsw" and n >= self.flat_threshold // 2:
+            return "hnsw"
         return "flat" if n < self.flat_threshold else "hnsw"
 
     def to_dict(self) -> dict[str, Any]:

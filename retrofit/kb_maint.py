@@ -39,7 +39,8 @@ class KBIndexMixin:
         """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""
         from tqdm.auto import tqdm
 
-        n, kind = len(self), self._cfg.kind_for(len(self))
+        current = self._kind() if getattr(self, "_main", None) is not None else None
+        n, kind = len(self), self._cfg.kind_for(len(self), current)
         index = build_index(kind, self.key_dim, self._cfg)
         t0 = time.perf_counter()
         # HNSW with automatic efSearch: set ~256 random records aside, tune on them as held-out queries, add them last
@@ -93,7 +94,7 @@ class KBIndexMixin:
 
     def _catch_up(self) -> None:
         """Add records the in-memory index lacks (writer); rebuilds when the index kind should change."""
-        if self._cfg.kind_for(len(self)) != self._kind():
+        if self._cfg.kind_for(len(self), self._kind()) != self._kind():
             self._rebuild()
             return
         if self._mapped:  # never add to a mapped index: faiss would abort
@@ -137,7 +138,7 @@ class KBIndexMixin:
             self._bulk -= 1
             if self._bulk == 0:
                 fresh = self._main_next < self._meta["next_id"]
-                if self._cfg.kind_for(len(self)) != self._kind() or self._main.ntotal == 0:
+                if self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._main.ntotal == 0:
                     self._rebuild()
                 elif fresh:
                     self._catch_up()
