@@ -257,3 +257,55 @@ def test_retrieval_head_same_with_fused_and_reference(monkeypatch):
     assert any(torch.count_nonzero(g) for g in results["1"][3:]), "no gradient reached the fusion layers"
     for ref, ker in zip(results["0"], results["1"]):
         torch.testing.assert_close(ker, ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile the kernels ahead of time for sm_90 (Triton -> PTX -> cubin with the
+# bundled ptxas). The interpreter cannot catch lowering failures (e.g. Triton's fp64 MMA assert); this does.
+
+_AOT = r"""
+import sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from retrofit.kernels import cross_fusion as cf
+
+def signature(fn, dt, const):
+    sig = {}
+    for n in fn.arg_names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "KM":
+            sig[n] = "*u8"
+        elif n in ("LSE", "DELTA"):
+            sig[n] = "*fp64" if dt == "fp64" else "*fp32"
+        elif n[0].isupper() and n not in ("B", "H", "S"):
+            sig[n] = "*" + dt
+        else:
+            sig[n] = "fp32" if n.startswith("scale") else "i32"
+    return sig
+
+for name, dt, D in [a.split(":") for a in sys.argv[1:]]:
+    kern = getattr(cf, name)
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    cfg = cf._FP64_CONFIG if dt == "fp64" else kern.configs[2]
+    const = dict(HEAD_DIM=int(D), BLOCK_D=int(D), ACC=acc, PRECISION="ieee", **cfg.kwargs)
+    src = ASTSource(fn=kern.fn, signature=signature(kern.fn, dt, const), constexprs=const)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    assert len(k.asm["cubin"]) > 0
+    print("compiled", name, dt, D, flush=True)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, never a cache hit
+    jobs = ["_fwd_kernel:fp16:64", "_bwd_dq_kernel:bf16:64", "_bwd_dkdv_kernel:fp64:32"]
+    r = subprocess.run([sys.executable, "-c", _AOT, *jobs], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("compiled") == len(jobs), r.stdout
