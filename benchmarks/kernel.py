@@ -20,7 +20,8 @@ Roofline estimate (default shape: B = 256, k = 32 -> S = 33, d = 512, H = 8, fp1
   lse / delta = 192.5 MB -> floor 57 us on an H100 SXM; still memory-bound.
 - The eager reference additionally writes and re-reads fp32 (B, H, S, S) score / probability tensors
   (8.9 MB each at this shape, several per direction) and fp32 copies of fp16 inputs; at B = 1 and 32 it is
-  bound by its ~15 kernel launches, which the fused forward replaces with one.
+  bound by its ~30 kernel launches (32 kernel-launching aten ops for fp16 inputs), which the fused forward
+  replaces with one.
 """
 
 from __future__ import annotations
