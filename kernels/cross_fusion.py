@@ -44,10 +44,10 @@ def _configs() -> list[triton.Config]:
     """Autotune space on CUDA; one fixed config under the interpreter (multi-config autotune fails there)."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [(16, 32, 2), (32, 32, 4), (64, 32, 4), (16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w in shapes for s in (1, 2)
-    ]
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages): small blocks for short sequences (k = 16, 32), larger for k >= 64
+    space = [(16, 16, 2, 1), (16, 32, 2, 1), (32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
+             (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
 
 
 _FP64_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
@@ -64,7 +64,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-_AUTOTUNE = dict(configs=_configs(), key=["S", "HEAD_DIM", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+# Tuned once per (S, Dh, dtypes); results are cached on disk next to Triton's compile cache.
+_AUTOTUNE = dict(configs=_configs(), key=["S", "HEAD_DIM", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -314,9 +316,13 @@ def _check_inputs(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> t
     if dtype not in _DTYPES:
         raise ValueError(f"cross_fusion_attention_fused: dtype {dtype} is not supported; allowed {list(_DTYPES)}")
     for name, t in tensors.items():
-        if t.dtype != dtype:
-            raise ValueError(f"cross_fusion_attention_fused: {name} is {t.dtype} but q_t is {dtype}; all eight inputs "
-                             "must share one dtype")
+        if name.startswith("res_"):  # residuals may be wider (autocast: fp16 projections, fp32 streams)
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"cross_fusion_attention_fused: {name} dtype {t.dtype} is not supported; allowed "
+                                 f"{list(_DTYPES)}")
+        elif t.dtype != dtype:
+            raise ValueError(f"cross_fusion_attention_fused: {name} is {t.dtype} but q_t is {dtype}; q, k and v of "
+                             "both directions must share one dtype")
     device = tensors["q_t"].device
     for name, t in list(tensors.items()) + [("key_mask", key_mask)]:
         if t.device != device:
@@ -437,9 +443,10 @@ def cross_fusion_attention_fused(
     """Fused two-direction cross-fusion attention with the residual add; returns ``(new_i, new_t)``.
 
     Same contract as :func:`retrofit.functional.cross_fusion_attention_reference` (without attention
-    weights): inputs (B, S, H, Dh) of one dtype (fp16, bf16, fp32 or fp64) on one CUDA device (or CPU under
-    ``TRITON_INTERPRET=1``), any strides; ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh).
-    Outputs are new contiguous (B, S, H, Dh) tensors; differentiable in all eight tensor inputs.
+    weights): inputs (B, S, H, Dh) on one CUDA device (or CPU under ``TRITON_INTERPRET=1``), any strides;
+    q, k, v of both directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own
+    (as under autocast); ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new
+    contiguous (B, S, H, Dh) tensors in the residuals' dtypes; differentiable in all eight tensor inputs.
     """
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)

@@ -104,6 +104,23 @@ def test_everything_masked_is_finite():
     assert torch.equal(out[0], xs[6].detach()) and torch.equal(out[1], xs[7].detach())
 
 
+def test_mixed_precision_residuals():
+    """Autocast-style inputs: fp16 q/k/v, fp32 residual streams (outputs and residual grads stay fp32)."""
+    xs, mask = make_inputs(2, 9, 2, 32, torch.float16)
+    xs[6] = xs[6].detach().float().requires_grad_()
+    xs[7] = xs[7].detach().float().requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(xs[0].shape, generator=g) for _ in range(2)]
+    truth_out, truth_g = run(reference, [x.detach().double().requires_grad_() for x in xs], mask, grads)
+    ref_out, ref_g = run(reference, xs, mask, grads)
+    ker_out, ker_g = run(fused, xs, mask, grads)
+    assert [o.dtype for o in ker_out] == [torch.float32] * 2
+    assert [x.dtype for x in ker_g] == [x.dtype for x in xs]
+    for t, r, k in zip(truth_out + truth_g, ref_out + ref_g, ker_out + ker_g):
+        ref_err, ker_err = (r.double() - t).abs().max().item(), (k.double() - t).abs().max().item()
+        assert ker_err <= 2 * ref_err + ATOL[torch.float16]
+
+
 def test_non_contiguous_inputs():
     """Head views of fused (B, S, 3d) projections, a transposed residual and an expanded mask: strides are
     honoured without copies."""
@@ -165,10 +182,12 @@ def test_launcher_errors():
         fused(xs[0], xs[1][:, :4], *xs[2:], mask)
     with pytest.raises(ValueError, match="must be 4-D"):
         fused(xs[0].flatten(2), *xs[1:], mask)
-    with pytest.raises(ValueError, match="v_t is torch.float16 but q_t is torch.float32"):
+    with pytest.raises(ValueError, match="v_t is torch.float16 but q_t is torch.float32; q, k and v"):
         fused(*xs[:5], xs[5].half(), *xs[6:], mask)
     with pytest.raises(ValueError, match="dtype torch.int32 is not supported"):
         fused(*[x.int() for x in xs], mask)
+    with pytest.raises(ValueError, match="res_i dtype torch.int64 is not supported"):
+        fused(*xs[:6], xs[6].long(), xs[7], mask)
     with pytest.raises(ValueError, match="key_mask must be torch.bool"):
         fused(*xs, mask.float())
     with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\), expected"):
