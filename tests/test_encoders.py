@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sources import real_encoders
 
 from retrofit.encoders import host_encoder, load_image_encoder, load_text_encoder
 from retrofit.errors import RetrofitError
@@ -18,12 +19,12 @@ from retrofit.fingerprint import file_digest
 
 @pytest.fixture(scope="module")
 def darknet_enc():
-    return load_image_encoder("darknet-tiny")
+    return real_encoders()["image_encoder"]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_text_encoder("minilm")
+    return real_encoders()["text_encoder"]
 
 
 def test_darknet_tiny_encoder(darknet_enc, cifar_train_small):

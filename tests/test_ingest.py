@@ -13,9 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sources import make_imagefolder, make_manifest, make_shards, mini_samples, write_shard  # noqa: F401
+from test_sources import (  # noqa: F401  (mini_samples is a fixture)
+    make_imagefolder,
+    make_manifest,
+    make_shards,
+    mini_samples,
+    real_encoders,
+    write_shard,
+)
 
-from retrofit.encoders import load_image_encoder, load_text_encoder
+from retrofit.encoders import load_image_encoder
 from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
 from retrofit.ingest import REPORT_NAME, add_to_kb, build_kb, merge_kbs
 from retrofit.knowledge_base import KnowledgeBase
@@ -26,7 +33,7 @@ FAST = {"batch_size": 32, "num_workers": 1, "progress": False}
 
 @pytest.fixture(scope="module")
 def encoders():
-    return {"image_encoder": load_image_encoder("darknet-tiny"), "text_encoder": load_text_encoder("minilm")}
+    return real_encoders()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,17 @@ from retrofit.sources import (
     webdataset_source,
 )
 
-PER_CLASS = 10  # samples per class in the mini set (10 classes -> 100 per mini shard pair... see mini_samples)
+PER_CLASS = 10  # samples per class in the mini set (10 classes -> 100 samples)
+_ENCODERS: dict[str, object] = {}
+
+
+def real_encoders() -> dict[str, object]:
+    """The real Tiny Darknet and MiniLM encoders, loaded once per test process (shared by the test modules)."""
+    if not _ENCODERS:
+        from retrofit.encoders import load_image_encoder, load_text_encoder
+
+        _ENCODERS.update(image_encoder=load_image_encoder("darknet-tiny"), text_encoder=load_text_encoder("minilm"))
+    return dict(_ENCODERS)
 
 
 def _pick(data_dir: Path, per_class: int) -> list[dict]:
