@@ -142,7 +142,8 @@ def check_features(fs: FeatureSet, num_classes: int, what: str, host: nn.Module 
     if fs.host_logits is not None and fs.host_logits.shape[1] != num_classes and host is None:
         raise RetrofitError(
             f"{what}: the host logits have {fs.host_logits.shape[1]} classes but the head has {num_classes}. Give a "
-            "head with the same classes, or a host classifier for the head's classes (train_host / --host-probe)."
+            "head with the same classes, or a host classifier for the head's classes (train_host, or --host probe "
+            "on the CLI)."
         )
     lab = fs.labels[fs.labels >= 0]
     if lab.numel() and int(lab.max()) >= num_classes:

@@ -292,3 +292,15 @@ def test_cuda_amp_training_and_resume(data, real, tmp_path):
     res2 = train(_head(), train_fs, _cfg(epochs=3, device="cuda", amp=True), store=real["store"], out_dir=tmp_path,
                  resume=True)
     assert len(res2.history) == 3 and len(res2.step_losses) == 4
+
+
+def test_neighbor_vectors_map_ids_to_rows(real):
+    from retrofit.feature_cache import NeighborVectors
+
+    store = real["store"]
+    ids = torch.tensor([[5, -1, 7], [7, 199, 3]])
+    table = NeighborVectors(store, ids)
+    image, text = table.gather(torch.tensor([[7, -1, 5, 3, 10_000, 199, 8]]))  # 10_000: unknown, 8: not loaded
+    torch.testing.assert_close(image[0, [0, 2, 3, 5]], store.image[[7, 5, 3, 199]])
+    torch.testing.assert_close(text[0, [0, 2, 3, 5]], store.text[[7, 5, 3, 199]])
+    assert not image[0, [1, 4, 6]].any() and not text[0, [1, 4, 6]].any()
