@@ -31,11 +31,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	@set -e; for b in benchmarks/*.py; do echo "# $$b" >&2; $(PY) $$b; done
+	@set -e; for b in benchmarks/[!_]*.py; do echo "# $$b" >&2; $(PY) $$b; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
