@@ -248,7 +248,8 @@ def train(
     ``store`` is the knowledge base (default: the head's attached one) — used to read the vectors of cached
     neighbour ids, or searched live when ``features`` has no neighbour ids. ``val_features`` are evaluated after
     every epoch (top-1, NLL). With ``out_dir``: ``train_log.jsonl``, ``checkpoints/last/`` each epoch and
-    ``head/`` (``RetrievalHead.save``) at the end; ``resume=True`` continues from ``checkpoints/last``.
+    ``head/`` (``RetrievalHead.save``) after every epoch and on interrupt; ``resume=True`` continues from
+    ``checkpoints/last`` (bit-for-bit the same weights as an uninterrupted run on the same device).
     """
     from tqdm.auto import tqdm
 
@@ -320,6 +321,10 @@ def train(
         if out is not None:
             ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
                                      scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict()}, rng)
+            if hasattr(head, "save"):  # the latest weights, loadable by RetrievalHead.load / `retrofit predict`
+                head.save(out / "head")
+            if cfg.train_host:
+                ckpt.save_linear(out / "host_classifier.safetensors", host)
 
     result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
     if state["epoch"] == 0 and state["step"] == 0:
@@ -403,11 +408,6 @@ def train(
         if logf is not None:
             logf.close()
     head.eval()
-    if out is not None and hasattr(head, "save"):
-        head.cpu().save(out / "head")
-        head.to(dev)
-    if out is not None and cfg.train_host:
-        ckpt.save_linear(out / "host_classifier.safetensors", host)
     return result
 
 

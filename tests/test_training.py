@@ -221,6 +221,8 @@ def test_interrupt_leaves_checkpoint_and_resume_matches(data, real, tmp_path):
     handle.remove()
     state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 5)
+    interrupted = RetrievalHead.load(tmp_path / "head")  # usable as it stands
+    torch.testing.assert_close(interrupted.state_dict()["readout.fc.weight"], head.state_dict()["readout.fc.weight"])
     resumed_head = _head(seed=99)  # different init: everything must come from the checkpoint
     res = train(resumed_head, train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
     assert len(res.step_losses) == 2 * 4 - 5 and len(res.history) == 2
