@@ -122,3 +122,26 @@ def test_loaded_head_with_store_and_device(tmp_path, seed):
     z = torch.randn(3, DQ)
     assert torch.equal(head(z).logits, back(z).logits)
     assert back.store is store and back(z).neighbors.mask.all()
+
+
+def test_head_on_a_real_knowledge_base(tmp_path, seed):
+    """LMDB + faiss knowledge base: fingerprints checked, exclude honoured, fp16 vectors cast to the head."""
+    pytest.importorskip("faiss")
+    from retrofit.knowledge_base import KnowledgeBase
+
+    N = 60
+    keys = torch.nn.functional.normalize(torch.randn(N, DQ), dim=1)
+    with KnowledgeBase.create(tmp_path / "kb", DQ, DI, DT, KBFingerprint(key=FP_Q, image=FP_I, text=FP_T),
+                              index="hnsw") as kb:
+        ids = kb.add(keys, torch.randn(N, DI), torch.randn(N, DT), labels=torch.randint(0, C, (N,)))
+        head = randomized(RetrievalHead(make_config(k=4), store=kb))
+        z = keys[:5] * 2
+        assert head(z).neighbors.ids[:, 0].tolist() == ids[:5].tolist()  # each query finds itself
+        out = head(z, exclude=ids[:5, None], return_attention=True)
+        for row in range(5):
+            assert int(ids[row]) not in out.neighbors.ids[row].tolist()
+        assert out.neighbors.image.dtype == torch.float32 and out.attention.shape == (5, 4)
+        assert torch.isfinite(out.logits).all()
+        wrong = RetrievalHead(make_config(query_fingerprint=EncoderFingerprint("timm", "resnet50", "random", DQ)))
+        with pytest.raises(FingerprintMismatchError, match="resnet50"):
+            wrong.attach(kb)
