@@ -182,8 +182,10 @@ class RetrievalHead(nn.Module):
         for what, mine, theirs in (("key", c.search_key_dim, store.key_dim), ("image", c.image_dim, store.image_dim),
                                    ("text", c.text_dim, store.text_dim)):
             if mine != theirs:
+                hint = (" (HeadConfig.key_dim; it defaults to query_dim because the head searches with z: set it "
+                        "when a separate retriever makes the keys)") if what == "key" else ""
                 raise ValueError(f"cannot attach store: its {what} vectors have dim {theirs}, "
-                                 f"the head expects {what} dim {mine}")
+                                 f"the head expects {what} dim {mine}{hint}")
         fp = store.fingerprint
         pairs = (("query_fingerprint", fp.key, "search keys"), ("image_fingerprint", fp.image, "image vectors"),
                  ("text_fingerprint", fp.text, "text vectors"))

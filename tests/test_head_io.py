@@ -111,6 +111,13 @@ def test_attach_checks_fingerprints_and_dims():
     blank = RetrievalHead(make_config(query_fingerprint=None, image_fingerprint=None, text_fingerprint=None))
     blank.attach(InMemoryStore(DQ, DI, DT, KBFingerprint(key=FP_Q, image=FP_I, text=FP_T)))
     assert blank.config.text_fingerprint == FP_T and blank.config.query_fingerprint == FP_Q
+    # keys from a separate retriever (another dim than z): declared with key_dim; then neighbours come from outside
+    with pytest.raises(ValueError, match="key_dim"):
+        RetrievalHead(make_config(query_fingerprint=None)).attach(InMemoryStore(DQ + 4, DI, DT))
+    sep = RetrievalHead(make_config(query_fingerprint=None, key_dim=DQ + 4), store=InMemoryStore(DQ + 4, DI, DT))
+    with pytest.raises(ValueError, match="retriever"):
+        sep(torch.randn(2, DQ))
+    assert sep(torch.randn(2, DQ), neighbors=neighbors()).logits.shape == (2, C)
 
 
 def test_loaded_head_with_store_and_device(tmp_path, seed):
