@@ -60,6 +60,14 @@ def embedder(model: nn.Module, classifier: str | nn.Module | None = None,
 backbone = adapter_for  # the name other modules use: model -> BackboneAdapter (x -> (z, host logits))
 
 
+def _retriever_module(retriever: Any) -> nn.Module | None:
+    """The nn.Module behind a retriever: itself, or an encoder's ``.module`` (retrofit.encoders.ImageEncoder)."""
+    if isinstance(retriever, nn.Module):
+        return retriever
+    mod = getattr(retriever, "module", None)
+    return mod if isinstance(mod, nn.Module) else None
+
+
 def _param_of(module: nn.Module) -> Tensor | None:
     return next(iter(module.parameters()), None)
 
@@ -75,7 +83,7 @@ class RetrofittedModel(nn.Module):
     head trains, plus the host classifier layer when ``train_classifier=True``.
     """
 
-    def __init__(self, adapter: BackboneAdapter, head: nn.Module, retriever: nn.Module | None = None,
+    def __init__(self, adapter: BackboneAdapter, head: nn.Module, retriever: Any = None,
                  train_classifier: bool = False, fingerprint: EncoderFingerprint | None = None,
                  allow_fingerprint_mismatch: bool = False) -> None:
         super().__init__()
@@ -91,8 +99,8 @@ class RetrofittedModel(nn.Module):
     # ------------------------------------------------------------------------------------ freezing
     def _freeze(self) -> None:
         self.backbone.requires_grad_(False)
-        if self.retriever is not None:
-            self.retriever.requires_grad_(False)
+        if (r := _retriever_module(self.retriever)) is not None:
+            r.requires_grad_(False)
         if self.train_classifier:
             mods = self.backbone.classifier_modules()
             if not mods:
@@ -106,8 +114,8 @@ class RetrofittedModel(nn.Module):
         """Set train mode on the head only: the backbone (and retriever) always stay in eval mode."""
         super().train(mode)
         self.backbone.eval()
-        if self.retriever is not None:
-            self.retriever.eval()
+        if (r := _retriever_module(self.retriever)) is not None:
+            r.eval()
         return self
 
     # ------------------------------------------------------------------------------------- forward
@@ -175,7 +183,7 @@ class RetrofittedModel(nn.Module):
         return f"backbone={self.backbone.describe()}, train_classifier={self.train_classifier}"
 
 
-def wrap(model: nn.Module, head: nn.Module, retriever: nn.Module | None = None,
+def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
          classifier: str | nn.Module | None = None, train_classifier: bool = False, *,
          fingerprint: EncoderFingerprint | None = None, allow_fingerprint_mismatch: bool = False
          ) -> RetrofittedModel:

@@ -256,6 +256,26 @@ def test_retriever_computes_the_keys(seed: int) -> None:
         wrap(SmallNet(), make_head(12, key_dim=5))
 
 
+def test_retriever_can_be_an_image_encoder(seed: int) -> None:
+    from retrofit.encoders import ImageEncoder
+    from retrofit.errors import FingerprintMismatchError
+    from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.store import KBFingerprint
+
+    tower = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 5))
+    fp = EncoderFingerprint("open_clip", "tiny", "random", 5)
+    enc = ImageEncoder(tower, None, fp, module=tower)
+    store = make_store(5, fingerprint=KBFingerprint(key=fp))
+    wrapped = wrap(SmallNet().eval(), make_head(12, store, key_dim=5), retriever=enc)
+    x = torch.rand(2, 3, 16, 16)
+    out = wrapped(x, return_output=True)
+    assert torch.equal(out.neighbors.ids, store.search(enc.encode(x), 4).ids)
+    assert not any(p.requires_grad for p in tower.parameters())
+    other = make_store(5, fingerprint=KBFingerprint(key=EncoderFingerprint("timm", "vit", "x", 5)))
+    with pytest.raises(FingerprintMismatchError):
+        wrap(SmallNet().eval(), make_head(12, other, key_dim=5), retriever=enc)
+
+
 def test_dtype_device_follow_the_model_and_inference_mode(seed: int) -> None:
     model = SmallNet().double().eval()
     head = make_head(12, make_store(12))
