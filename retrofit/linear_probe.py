@@ -18,7 +18,7 @@ __all__ = ["fit_linear_probe", "cross_fit_logits"]
 log = logging.getLogger(__name__)
 
 
-def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-4,
+def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
                      max_iter: int = 100, seed: int = 0) -> nn.Linear:
     """Multinomial logistic regression on (N, D) features: full-batch L-BFGS on CE + wd/2 * ||W||^2."""
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -48,7 +48,7 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
 
 
 def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, folds: int = 5, seed: int = 0,
-                     weight_decay: float = 1e-4, max_iter: int = 100) -> torch.Tensor:
+                     weight_decay: float = 1e-3, max_iter: int = 100) -> torch.Tensor:
     """(N, C) out-of-fold logits: each sample's logits come from a linear probe fitted on the other folds.
 
     Folds are stratified by class (each class is dealt round-robin over the folds in a seeded random order).

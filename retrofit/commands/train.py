@@ -145,9 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     host_clf = None
     out.mkdir(parents=True, exist_ok=True)
     if mode == "probe":
-        probe = fit_linear_probe(fs.z, fs.labels, C, seed=args.seed)
+        probe = fit_linear_probe(fs.z, fs.labels, C, seed=args.seed, weight_decay=args.probe_wd)
         save_linear(out / "host_probe.safetensors", probe)
-        fs.host_logits = (cross_fit_logits(fs.z, fs.labels, C, folds=args.cross_fit, seed=args.seed)
+        fs.host_logits = (cross_fit_logits(fs.z, fs.labels, C, folds=args.cross_fit, seed=args.seed,
+                                           weight_decay=args.probe_wd)
                           if args.cross_fit >= 2 else probe(fs.z).detach())
         if val is not None:
             val.host_logits = probe(val.z).detach()
@@ -366,6 +367,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(auto: the model's when its classes match)")
     p.add_argument("--cross-fit", type=int, default=5, metavar="K",
                    help="probe logits of training samples from K-fold cross-fitting (default 5; 0 = in-sample)")
+    p.add_argument("--probe-wd", type=float, default=1e-3,
+                   help="L2 weight decay of the linear host probe (default 1e-3; larger for small data sets)")
     p.add_argument("--train-host", action="store_true", help="also train the host classifier layer jointly")
     g = p.add_argument_group("hyper-parameters (RetFormer defaults)")
     g.add_argument("--epochs", type=int, default=25)
