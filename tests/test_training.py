@@ -306,3 +306,16 @@ def test_neighbor_vectors_map_ids_to_rows(real):
     torch.testing.assert_close(image[0, [0, 2, 3, 5]], store.image[[7, 5, 3, 199]])
     torch.testing.assert_close(text[0, [0, 2, 3, 5]], store.text[[7, 5, 3, 199]])
     assert not image[0, [1, 4, 6]].any() and not text[0, [1, 4, 6]].any()
+
+
+def test_cross_fitted_host_logits_do_not_leak(data):
+    train_fs, _, probe = data
+    y = train_fs.labels
+    with torch.no_grad():
+        in_sample = probe(train_fs.z)  # the probe saw these samples: the leak the head must not learn from
+    acc_in = (in_sample.argmax(1) == y).float().mean().item()
+    acc_cf = (train_fs.host_logits.argmax(1) == y).float().mean().item()
+    nll_in = torch.nn.functional.cross_entropy(in_sample, y).item()
+    nll_cf = torch.nn.functional.cross_entropy(train_fs.host_logits, y).item()
+    assert acc_in > acc_cf + 0.2 and nll_cf > nll_in, (acc_in, acc_cf, nll_in, nll_cf)
+    assert 0.2 < acc_cf < 0.9  # real, better-than-chance predictions from probes that never saw the sample
