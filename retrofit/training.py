@@ -139,6 +139,10 @@ def _num_classes(head: nn.Module) -> int:
 
 def check_features(fs: FeatureSet, num_classes: int, what: str, host: nn.Module | None = None) -> None:
     """Class-count and shape checks with messages that name the values and the fix."""
+    out_features = getattr(host, "out_features", None)
+    if out_features is not None and out_features != num_classes:
+        raise RetrofitError(f"{what}: the host classifier has {out_features} outputs but the head has {num_classes} "
+                            "classes; give a host layer for the head's classes (e.g. fit_linear_probe)")
     if fs.host_logits is not None and fs.host_logits.shape[1] != num_classes and host is None:
         raise RetrofitError(
             f"{what}: the host logits have {fs.host_logits.shape[1]} classes but the head has {num_classes}. Give a "
@@ -245,6 +249,8 @@ def train(
 ) -> TrainResult:
     """Train ``head`` (and, with ``config.train_host``, ``host_classifier``) on frozen-backbone ``features``.
 
+    ``host_classifier`` (a linear layer on ``z``) supplies the host logits: trained jointly with
+    ``config.train_host``, applied frozen when ``features`` carry no host logits, unused otherwise.
     ``store`` is the knowledge base (default: the head's attached one) — used to read the vectors of cached
     neighbour ids, or searched live when ``features`` has no neighbour ids. ``val_features`` are evaluated after
     every epoch (top-1, NLL). With ``out_dir``: ``train_log.jsonl``, ``checkpoints/last/`` each epoch and
@@ -265,6 +271,8 @@ def train(
     if cfg.train_host and host_classifier is None:
         raise RetrofitError("train_host=True needs host_classifier= (the host's final linear layer, e.g. from "
                             "retrofit.linear_probe.fit_linear_probe or the model's get_classifier())")
+    if host_classifier is not None:
+        check_features(features.subset(slice(0, 0)), C, "host classifier", host_classifier)
     check_features(features, C, "training features", host_classifier if cfg.train_host else None)
     if val_features is not None:
         check_features(val_features, C, "validation features", host_classifier if cfg.train_host else None)
@@ -359,6 +367,9 @@ def train(
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                     if cfg.train_host:
                         host_in = host(z)
+                    elif host is not None and host_in is None:  # a frozen host layer on features without logits
+                        with torch.no_grad():
+                            host_in = host(z)
                     o = head(z, host_logits=host_in, neighbors=nb)
                 logits = o.logits.float()  # (b, C)
                 if cfg.loss == "lace":
@@ -424,7 +435,8 @@ def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt):
 
 
 def _validate(head, fs, store, host, k, cfg, table) -> dict[str, float]:
-    pred = predict_logits(head, fs, store, host_classifier=host if cfg.train_host else None, k=k,
+    use_host = host is not None and (cfg.train_host or fs.host_logits is None)
+    pred = predict_logits(head, fs, store, host_classifier=host if use_host else None, k=k,
                           batch_size=cfg.eval_batch_size, device=str(next(head.parameters()).device), table=table)
     logits, y = pred["logits"], fs.labels
     ok = y >= 0

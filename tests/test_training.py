@@ -256,6 +256,8 @@ def test_class_count_mismatch(data, real):
         train(_head(), bad, _cfg(epochs=1), store=real["store"])
     small = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=5, dim=32, depth=1,
                                      heads=4, k=K))
+    with pytest.raises(RetrofitError, match="host classifier has 1000 outputs but the head has 10"):
+        train(_head(), bad, _cfg(epochs=1), store=real["store"], host_classifier=torch.nn.Linear(512, 1000))
     with pytest.raises(RetrofitError, match="out of range for a head with 5 classes"):
         train(small, FeatureSet(z=train_fs.z, labels=train_fs.labels), _cfg(epochs=1), store=real["store"])
 
@@ -270,6 +272,15 @@ def test_lace_joint_host_and_live_retrieval(data, real):
     assert all(torch.isfinite(torch.tensor(res.step_losses)))
     assert not torch.equal(w0, res.host_classifier.weight.detach())
     assert 0.0 <= res.history[0]["val_top1"] <= 1.0
+    # a frozen host layer supplies the host logits of features that have none; it is not trained
+    w1 = probe.weight.detach().clone()
+    bare = FeatureSet(z=train_fs.z, labels=train_fs.labels, neighbor_ids=train_fs.neighbor_ids,
+                      neighbor_scores=train_fs.neighbor_scores, neighbor_labels=train_fs.neighbor_labels)
+    res = train(_head(), bare, _cfg(epochs=1), store=real["store"], host_classifier=probe)
+    assert torch.equal(probe.weight, w1)
+    with torch.no_grad():
+        first = torch.nn.functional.cross_entropy(probe(bare.z), bare.labels, label_smoothing=0.1).item()
+    assert res.step_losses[0] < first + 1.0  # the fresh head starts from the host's logits (zero readout)
 
 
 def test_lr_schedule_and_config_errors():
