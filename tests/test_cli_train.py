@@ -124,7 +124,7 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--cutoffs", "20,5", "--quiet",
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res) == {"host", "host + logit adj.", "retrofitted"}
+    assert set(res) == {"host", "host + logit adj.", "retrofitted", "retrofitted + logit adj."}
     full = json.loads((out / "eval" / "eval.json").read_text())
     assert full["retrofitted"]["n"] == 10 * PER_CLASS_TEST and len(full["retrofitted"]["per_class_acc"]) == 10
     assert (out / "eval" / "per_class.png").read_bytes()[:4] == b"\x89PNG"

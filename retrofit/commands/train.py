@@ -26,7 +26,8 @@ _EPILOG_EVAL = """examples:
   retrofit eval --run runs/c10 --data cifar10/test-000000.tar
   retrofit eval --run runs/c10 --data test/ --cutoffs 1000,200 --out runs/c10/eval-test --json
 
-Writes eval.json, eval.md (host, host + post-hoc logit adjustment, retrofitted) and per_class.png.
+Writes eval.json, eval.md (host and retrofitted, each also with post-hoc logit adjustment) and
+per_class.png (host vs retrofitted).
 """
 _EPILOG_PREDICT = """examples:
   retrofit predict cat.jpg dog.png --run runs/c10
@@ -262,9 +263,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results["host"] = evaluate(pred["host_logits"], fs.labels, **kw)
         results["host + logit adj."] = evaluate(logit_adjust(pred["host_logits"], counts), fs.labels, **kw)
     results["retrofitted"] = evaluate(pred["logits"], fs.labels, **kw)
+    results["retrofitted + logit adj."] = evaluate(logit_adjust(pred["logits"], counts), fs.labels, **kw)
     out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
     save_results(results, out / "eval.json", out / "eval.md")
-    plot_per_class_accuracy({n: r for n, r in results.items() if n != "host + logit adj."}, out / "per_class.png")
+    plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")
     print(json.dumps({n: {k: r[k] for k in ("top1", "top5", "many", "medium", "few", "nll", "ece")}
                       for n, r in results.items()}) if args.json else markdown_table(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'per_class.png'}", file=sys.stderr)
