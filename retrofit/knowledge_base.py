@@ -83,7 +83,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
             if _create is not None:
                 with self._rec.env.begin(write=True) as txn:
                     self._rec.write_meta(txn, _create)
-            self._load()
+            self._load_retrying()
         except BaseException:
             self._release()
             raise
@@ -201,6 +201,21 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
                 self._extend_delta(self._main_next)
             else:
                 self._catch_up()
+
+    def _load_retrying(self) -> None:
+        """Readers retry a failed index load: a writer may have replaced the file between index.json and the read."""
+        for attempt in range(3):
+            try:
+                self._load()
+                return
+            except CorruptKnowledgeBaseError:
+                if not self.readonly or attempt == 2:
+                    raise
+                self._view = None
+                if self._snap is not None:
+                    self._snap.abort()
+                    self._snap = None
+                time.sleep(0.05)
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Any]:
@@ -392,7 +407,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
         self._view = None  # points into the snapshot: drop it before the transaction ends
         self._snap.abort()
         self._snap = None
-        self._load()
+        self._load_retrying()
         changed = self.generation != old_gen or self._state.file != old_file
         return changed
 
