@@ -432,6 +432,14 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def __del__(self) -> None:
+        # a handle dropped without close(): free the LMDB environment and the writer lock (the index is caught up
+        # from the records at the next open, so nothing is lost by not flushing here)
+        try:
+            self._release()
+        except Exception:
+            pass
+
     def __enter__(self) -> KnowledgeBase:
         return self
 

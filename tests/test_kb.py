@@ -293,3 +293,14 @@ def test_reader_vectorised_gather_equals_transaction_reads(tmp_path):
         nb = r.search(q, 7)
         assert torch.equal(nb.ids, want_nb.ids) and torch.equal(nb.image, want_nb.image)
         assert torch.equal(nb.labels, want_nb.labels) and torch.equal(nb.text, want_nb.text)
+
+
+def test_dropped_writer_handle_releases_the_lock(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=10)
+    kb.add(torch.randn(5, DK), torch.zeros(5, DI), torch.zeros(5, DT))
+    del kb  # no close(): the lock and the environment are released, the index is caught up at the next open
+    import gc
+
+    gc.collect()
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:
+        assert len(w) == 15 and w.search(torch.randn(1, DK), 15).mask.all()
