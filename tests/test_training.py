@@ -170,12 +170,20 @@ def test_cache_hit_and_invalidation(real, tmp_path):
 def test_training_reduces_loss_then_evaluate_and_plot(data, real, tmp_path):
     train_fs, val_fs, _ = data
     head = _head()
-    res = train(head, train_fs, _cfg(epochs=4), store=real["store"], val_features=val_fs, out_dir=tmp_path / "run")
+
+    def train_nll() -> float:  # cross-entropy on the training set, no smoothing / mixup
+        logits = predict_logits(head, train_fs, real["store"])["logits"]
+        return torch.nn.functional.cross_entropy(logits, train_fs.labels).item()
+
+    before = train_nll()  # a fresh head gives the host's logits
+    res = train(head, train_fs, _cfg(epochs=5, batch_size=25, lr=1e-2, mixup_alpha=0.0), store=real["store"],
+                val_features=val_fs, out_dir=tmp_path / "run")  # mixup is exercised by the other tests
     losses = [h["train_loss"] for h in res.history]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.02, losses
+    assert train_nll() < before - 0.02, (before, train_nll())
     assert all("val_top1" in h and "val_nll" in h for h in res.history)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert log[0]["event"] == "start" and sum(r["event"] == "epoch" for r in log) == 4
+    assert log[0]["event"] == "start" and sum(r["event"] == "epoch" for r in log) == 5
     assert any(r["event"] == "step" and r["samples_per_s"] > 0 for r in log)
     assert (tmp_path / "run" / "head" / "config.json").is_file()
     loaded = RetrievalHead.load(tmp_path / "run" / "head")
