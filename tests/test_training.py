@@ -3,11 +3,11 @@ entries are 200 of those images with MiniLM caption vectors (so training must ex
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
+from conftest import read_cifar_balanced
 
 from retrofit.errors import RetrofitError
 from retrofit.evaluation import METRIC_KEYS, evaluate, markdown_table, save_results
@@ -22,53 +22,12 @@ N_KB = 200  # the first 200 samples are the training set AND the knowledge base
 K = 8
 
 
-def _read_block(path, start: int, n: int) -> list[dict]:
-    """Samples ``start .. start + n - 1`` of a webdataset shard. Walks the tar headers and seeks over the
-    data of other members (tarfile's iteration costs seconds to reach sample 5,000 on a busy machine)."""
-    from PIL import Image
-
-    out: dict[str, dict] = {}
-    with open(path, "rb") as f:
-        while True:
-            hdr = f.read(512)
-            if len(hdr) < 512 or not hdr.strip(b"\0"):
-                break
-            name = hdr[:100].rstrip(b"\0").decode()
-            size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
-            padded = (size + 511) // 512 * 512
-            key, _, ext = name.partition(".")
-            if hdr[156:157] in (b"x", b"g") or "_" not in key:  # pax headers, directories
-                f.seek(padded, 1)
-                continue
-            idx = int(key.rsplit("_", 1)[1]) % 10000
-            if idx >= start + n:
-                break
-            if idx >= start:
-                out.setdefault(key, {})[ext] = f.read(size)
-                f.seek(padded - size, 1)
-            else:
-                f.seek(padded, 1)
-    return [{"key": k, "image": Image.open(io.BytesIO(s["jpg"])).convert("RGB"), "label": int(s["cls"]),
-             "caption": s["txt"].decode()} for k, s in out.items()]
-
-
-def read_balanced(data_dir, per_class: int) -> list[dict]:
-    """``per_class`` samples of each CIFAR-10 class. The shards hold the classes in blocks of 5,000 (shard i:
-    classes 2i and 2i+1), so the first samples of a shard are all one class."""
-    samples = []
-    for i in range(5):
-        path = data_dir / "cifar10" / f"train-00000{i}.tar"
-        samples += _read_block(path, 0, per_class) + _read_block(path, 5000, per_class)
-    assert sorted({s["label"] for s in samples}) == list(range(10))
-    return sorted(samples, key=lambda s: (int(s["key"][-5:]) % 5000, s["label"]))  # interleave the classes
-
-
 @pytest.fixture(scope="module")
 def real(data_dir):
     from retrofit.encoders import load_text_encoder
     from retrofit.models import darknet_tiny
 
-    samples = read_balanced(data_dir, 30)  # 300 real samples, 30 per class, classes interleaved
+    samples = read_cifar_balanced(data_dir, 30)  # 300 real samples, 30 per class, classes interleaved
     model = darknet_tiny(pretrained=True)
     pre = model.preprocess(64)
     images = torch.stack([pre(s["image"]) for s in samples])  # (300, 3, 64, 64)
