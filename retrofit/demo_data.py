@@ -8,8 +8,8 @@ encoder settings):
 - ``kb_pool/`` and ``kb_ext/``: the other training images (minus validation) with their web-like captions,
   and KB_ext = KB_in + pool (:func:`retrofit.ingest.merge_kbs`);
 - ``kb_in_noisy/``: KB_in with 40% symmetric label noise; its text follows the noisy labels;
-- ``features.safetensors``: validation / test embeddings, host classifier logits (clean and noisy labels)
-  and cross-fitted host logits of the training images.
+- ``features.safetensors``: validation / test embeddings; ``host-wd<WD>.safetensors``: host classifier
+  logits (clean and noisy labels) on them and cross-fitted host logits of the training images.
 """
 
 from __future__ import annotations
@@ -251,30 +251,30 @@ def prepare(cfg: Any) -> DemoData:
     with KnowledgeBase.open(root / "kb_in") as kb_in:
         if len(kb_in) != len(split.lt) or not np.array_equal(kb_in.labels().numpy(), y_train[split.lt]):
             raise RuntimeError(f"{root / 'kb_in'} does not match the long-tail split; delete {root} and re-run")
-        if "z_lt" not in tensors:
-            tensors["z_lt"] = kb_in.vectors(torch.arange(len(split.lt)), "image")  # (N_lt, D) as stored
+        tensors["z_lt"] = kb_in.vectors(torch.arange(len(split.lt)), "image")  # (N_lt, D) as stored
         if not _done(root / "kb_in_noisy"):
             _noisy_kb(kb_in, root / "kb_in_noisy", noisy, y_train[split.lt])
-    changed = False
     for part, refs in (("val", [train_src.refs[i] for i in split.val]), ("test", test_src.refs)):
         if f"z_{part}" not in tensors:
             z = _encode(refs, enc.image, progress=cfg.progress)
             tensors[f"z_{part}"] = z.half().float()  # rounded as the KB stores vectors (float16)
-            changed = True
+            save_file({k: tensors[k].contiguous() for k in ("z_val", "z_test") if k in tensors}, str(feat_path))
     times["embed"] = time.perf_counter() - t
     t = time.perf_counter()
+    host_path = root / f"host-wd{cfg.host_weight_decay:g}.safetensors"  # host logits depend on the probe's wd
+    host = load_file(str(host_path)) if host_path.is_file() else {}
     for tag, y in (("", y_train[split.lt]), ("_noisy", noisy)):
-        if f"host{tag}_test" in tensors:
+        if f"host{tag}_lt" in host:
             continue
         yl = torch.from_numpy(y)
-        probe = fit_linear_probe(tensors["z_lt"], yl, len(names))
+        probe = fit_linear_probe(tensors["z_lt"], yl, len(names), weight_decay=cfg.host_weight_decay)
         with torch.no_grad():
             for part in ("val", "test"):
-                tensors[f"host{tag}_{part}"] = probe(tensors[f"z_{part}"]).float()
-        tensors[f"host{tag}_lt"] = cross_fit_logits(tensors["z_lt"], yl, len(names), folds=5)
-        changed = True
-    if changed:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(feat_path))
+                host[f"host{tag}_{part}"] = probe(tensors[f"z_{part}"]).float()
+        host[f"host{tag}_lt"] = cross_fit_logits(tensors["z_lt"], yl, len(names), folds=5,
+                                                 weight_decay=cfg.host_weight_decay)
+        save_file({k: v.contiguous() for k, v in host.items()}, str(host_path))
+    tensors.update(host)
     times["host"] = time.perf_counter() - t
     log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})
     return DemoData(split=split, class_names=names, train_labels=y_train, test_labels=y_test, noisy_lt_labels=noisy,
