@@ -37,6 +37,7 @@ WRITER = textwrap.dedent(f"""
                labels=ids % 5, captions=[f"c{{i}}" for i in ids.tolist()], meta={{"done": b + 1}})
         if b % 3 == 0:
             kb.flush()  # write the index often, so kills also land inside index replacement
+        print("did", b + 1, flush=True)
     kb.close()
     print("finished", flush=True)
 """)
@@ -81,7 +82,10 @@ def test_sigkill_during_ingestion_then_resume_without_duplicates(tmp_path):
         if int(line.split()[1]) >= BATCHES:
             p.wait(timeout=60)
             break
-        time.sleep(rng.uniform(0.02, 0.4))
+        for _ in range(rng.randint(1, 4)):  # kill after a random number of committed batches ...
+            if not p.stdout.readline():
+                break
+        time.sleep(rng.uniform(0.0, 0.03))  # ... at a random point of the next add / flush
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
         kills += 1
