@@ -72,7 +72,7 @@ def expand_pattern(pattern: str) -> list[str]:
     return [pattern]
 
 
-def _tar_members(path: Path) -> list[tuple[str, int, int]]:
+def tar_members(path: Path) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of a tar, in order.
 
     Plain ustar headers are parsed directly (fast); anything else (GNU long names, pax headers) falls back
@@ -117,7 +117,7 @@ def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | Non
     refs: list[SampleRef] = []
     for path in paths:
         members: dict[str, dict[str, tuple[int, int]]] = {}
-        for name, off, size in _tar_members(path):
+        for name, off, size in tar_members(path):
             key, ext = _split_key(name)
             members.setdefault(key, {})[ext] = (off, size)
         with open(path, "rb") as f:

@@ -9,36 +9,11 @@ import shutil
 import tarfile
 
 import pytest
+from conftest import read_cifar_members
 
 from retrofit.cli import main
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 10, 5
-
-
-def _raw_block(path, start: int, n: int) -> list[tuple[str, dict[str, bytes]]]:
-    """Members of samples start .. start + n - 1 of a shard, seeking over the others."""
-    out: dict[str, dict[str, bytes]] = {}
-    with open(path, "rb") as f:
-        while True:
-            hdr = f.read(512)
-            if len(hdr) < 512 or not hdr.strip(b"\0"):
-                break
-            name = hdr[:100].rstrip(b"\0").decode()
-            size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
-            padded = (size + 511) // 512 * 512
-            key, _, ext = name.partition(".")
-            if hdr[156:157] in (b"x", b"g") or "_" not in key:
-                f.seek(padded, 1)
-                continue
-            idx = int(key.rsplit("_", 1)[1]) % 10000
-            if idx >= start + n:
-                break
-            if idx >= start:
-                out.setdefault(key, {})[ext] = f.read(size)
-                f.seek(padded - size, 1)
-            else:
-                f.seek(padded, 1)
-    return list(out.items())
 
 
 def _write(path, samples) -> None:
@@ -59,7 +34,7 @@ def setup(data_dir, tmp_path_factory):
     n = PER_CLASS_TRAIN + PER_CLASS_TEST
     for i in range(5):
         for start in (0, 5000):  # shard i holds classes 2i and 2i+1 in blocks of 5,000
-            block = _raw_block(data_dir / "cifar10" / f"train-00000{i}.tar", start, n)
+            block = read_cifar_members(data_dir / "cifar10" / f"train-00000{i}.tar", start, n)
             train += block[:PER_CLASS_TRAIN]
             test += [(k, {e: v for e, v in m.items() if e != "txt"}) for k, m in block[PER_CLASS_TRAIN:]]
     _write(root / "train.tar", train)

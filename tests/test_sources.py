@@ -15,12 +15,12 @@ import torch
 
 from retrofit.sources import (
     DecodeDataset,
-    _tar_members,
     collate_decoded,
     imagefolder_source,
     manifest_source,
     map_labels,
     open_source,
+    tar_members,
     webdataset_source,
 )
 
@@ -141,14 +141,14 @@ def test_tar_index_matches_tarfile(tmp_path, mini_samples, data_dir):
     write_shard(path, mini_samples[:7])
     with tarfile.open(path) as tf:
         expected = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
-    assert _tar_members(path) == expected
+    assert tar_members(path) == expected
     # a GNU long name falls back to tarfile
     long = tmp_path / "long.tar"
     with tarfile.open(long, "w", format=tarfile.GNU_FORMAT) as tf:
         info = tarfile.TarInfo("d" * 120 + "/x.jpg")
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
-    assert [m[0] for m in _tar_members(long)] == ["d" * 120 + "/x.jpg"]
+    assert [m[0] for m in tar_members(long)] == ["d" * 120 + "/x.jpg"]
 
 
 def test_imagefolder_templates(tmp_path, mini_samples, cifar_classes):
