@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +114,14 @@ def cross_fusion_attention_native(
     return (res_i.float() + o_i.float()).to(res_i.dtype), (res_t.float() + o_t.float()).to(res_t.dtype)
 
 
-@lru_cache(maxsize=1)
+_TRITON_IMPORTABLE: bool | None = None  # cached find_spec result (a plain global: torch.compile traces it cleanly)
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _interpreting() -> bool:
