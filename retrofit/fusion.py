@@ -26,7 +26,7 @@ from torch import nn
 
 from retrofit.functional import cross_fusion_attention
 
-__all__ = ["MODALITIES", "FusionStreams", "CrossFusionLayer", "QueryReadout"]
+__all__ = ["MODALITIES", "FusionStreams", "CrossFusionLayer", "QueryReadout", "LabelVote"]
 
 # What each modality setting feeds the streams (the paper's ablations):
 #   "image+text": I = [proj_q(z); proj_i(image)], T = [0; proj_t(text)]
@@ -157,3 +157,35 @@ class QueryReadout(nn.Module):
     def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         h = torch.cat([xi[:, 0], xt[:, 0]], dim=-1)  # (B, 2d)
         return self.fc(self.drop(self.norm(h)))  # (B, C)
+
+
+class LabelVote(nn.Module):
+    """Optional learned, label-aware neighbour vote (``HeadConfig.label_vote``; not in the paper).
+
+    ``V = beta * log(eps + sum_j softmax_j(s_j / t) onehot(y_j))`` over the valid neighbours (slots with a
+    label >= 0), with a learned weight ``beta`` (zero-initialised: a fresh head still adds nothing) and a
+    learned temperature ``t`` over the retrieval similarities ``s``. Both are stored as ``param / gain``:
+    Adam's step is scale-free, so ``gain`` multiplies their effective learning rate (two scalars that must
+    travel far, trained with the small lr of the attention weights).
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.05, gain: float = 20.0) -> None:
+        super().__init__()
+        if not temperature > 0 or not eps > 0 or not gain > 0:
+            raise ValueError(f"LabelVote needs temperature, eps, gain > 0, got {temperature}, {eps}, {gain}")
+        self.num_classes, self.eps, self.gain = num_classes, eps, gain
+        self.weight = nn.Parameter(torch.zeros(()))  # beta / gain
+        self.log_temperature = nn.Parameter(torch.tensor(float(torch.tensor(temperature).log())) / gain)
+
+    def probs(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C) similarity-weighted label distribution of the neighbours (all zeros when none is valid)."""
+        valid = mask & (labels >= 0)  # (B, k)
+        t = (self.log_temperature * self.gain).exp()
+        s = scores.float().masked_fill(~valid, float("-inf")) / t  # (B, k)
+        w = torch.softmax(s, dim=1).nan_to_num(0.0) * valid  # (B, k)
+        p = w.new_zeros(labels.shape[0], self.num_classes)  # (B, C)
+        return p.scatter_add(1, labels.clamp_min(0), w)
+
+    def forward(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``labels`` (B, k) int64, ``scores`` (B, k), ``mask`` (B, k) bool -> (B, C) vote logits."""
+        return self.weight * self.gain * (self.probs(labels, scores, mask) + self.eps).log()

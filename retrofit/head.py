@@ -24,7 +24,7 @@ from torch import nn
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
-from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, QueryReadout
+from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store
 
@@ -64,6 +64,7 @@ class HeadConfig:
     tau: float = 2.0  # logits = tau/2 * (L_I + L_R); 2.0 makes a fresh (zero-readout) head return L_I unchanged
     learnable_tau: bool = False  # train tau as a parameter instead of keeping it fixed
     mlp_ratio: float = 0.0  # hidden size / dim of an optional per-stream MLP in each layer; 0 = none (paper)
+    label_vote: bool = False  # add a learned vote over the neighbours' labels to L_R (fusion.LabelVote; off = paper)
     key_dim: int | None = None  # dim of the store's search keys; None = query_dim (the head searches with z)
     class_names: list[str] | None = None  # optional names of the C classes
     query_fingerprint: EncoderFingerprint | None = None  # encoder of the search keys (store.fingerprint.key)
@@ -156,6 +157,7 @@ class RetrievalHead(nn.Module):
         self.streams = FusionStreams(c.query_dim, c.image_dim, c.text_dim, c.dim, c.modalities, c.dropout)
         self.layers = nn.ModuleList(CrossFusionLayer(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
         self.readout = QueryReadout(c.dim, c.num_classes, c.dropout)
+        self.vote = LabelVote(c.num_classes) if c.label_vote else None
         tau = torch.tensor(float(c.tau))
         if c.learnable_tau:
             self.tau = nn.Parameter(tau)
@@ -251,7 +253,10 @@ class RetrievalHead(nn.Module):
                 a = (p_i[:, :, 0, 1:].mean(1) + p_t[:, :, 0, 1:].mean(1)).detach()  # (B, k)
                 acc = a if acc is None else acc + a
         attention = None if acc is None else acc / (2 * len(self.layers))  # (B, k)
-        return self.readout(xi, xt), attention
+        logits = self.readout(xi, xt)  # (B, C)
+        if self.vote is not None:
+            logits = logits + self.vote(nb.labels, nb.scores, nb.mask)
+        return logits, attention
 
     # --------------------------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> Path:

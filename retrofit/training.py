@@ -429,8 +429,9 @@ def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt):
     def m(t: torch.Tensor) -> torch.Tensor:
         return lam * t + (1.0 - lam) * t[j]
 
-    nb = Neighbors(ids=nb.ids, scores=torch.maximum(nb.scores, nb.scores[j]), mask=nb.mask | nb.mask[j],
-                   image=m(nb.image), text=m(nb.text), labels=nb.labels)
+    lead = slice(None) if lam >= 0.5 else j  # ids / labels follow the dominant sample (the label vote reads them)
+    nb = Neighbors(ids=nb.ids[lead], scores=torch.maximum(nb.scores, nb.scores[j]), mask=nb.mask | nb.mask[j],
+                   image=m(nb.image), text=m(nb.text), labels=nb.labels[lead].masked_fill(~(nb.mask | nb.mask[j]), -1))
     return m(z), (m(host) if host is not None else None), nb, m(tgt)
 
 

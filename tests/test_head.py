@@ -257,3 +257,30 @@ def test_bf16_head_runs_and_casts(seed):
     head = make_head(dtype=torch.bfloat16)
     out = head(torch.randn(2, DQ), torch.randn(2, C), neighbors=make_neighbors(2, dtype=torch.float32))
     assert out.retrieval_logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+
+
+def test_label_vote_is_optional_zero_init_and_label_aware(seed):
+    nb = make_neighbors(4, 6, torch.float32)
+    z, host = torch.randn(4, DQ), torch.randn(4, C)
+    plain = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4))
+    assert plain.vote is None and "vote.weight" not in plain.state_dict()
+    head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
+                                    label_vote=True))
+    assert torch.equal(head(z, host, neighbors=nb).logits, host)  # zero-initialised: a fresh head is the host
+    p = head.vote.probs(nb.labels, nb.scores, nb.mask)  # (B, C)
+    has = nb.mask.any(1)
+    assert torch.allclose(p.sum(1), has.float(), atol=1e-6)
+    assert torch.all(p[~has] == 0)
+    for b in range(4):  # only valid slots vote, each for its own label
+        voted = set(torch.nonzero(p[b] > 0).flatten().tolist())
+        assert voted <= set(nb.labels[b][nb.mask[b]].tolist())
+    with torch.no_grad():
+        head.vote.weight.fill_(1.0 / head.vote.gain)  # beta = 1
+    out = head(z, host, neighbors=nb)
+    assert torch.allclose(out.retrieval_logits, (p + head.vote.eps).log(), atol=1e-5)  # readout still zero
+    unanimous = replace_nb(nb, mask=torch.ones(4, 6, dtype=torch.bool), labels=torch.full((4, 6), 2),
+                           scores=torch.rand(4, 6), ids=torch.arange(24).view(4, 6))
+    r = head(z, host, neighbors=unanimous).retrieval_logits
+    assert torch.all(r.argmax(1) == 2)
+    r.sum().backward()
+    assert head.vote.weight.grad is not None and head.vote.log_temperature.grad is not None

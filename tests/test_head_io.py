@@ -152,3 +152,14 @@ def test_head_on_a_real_knowledge_base(tmp_path, seed):
         wrong = RetrievalHead(make_config(query_fingerprint=EncoderFingerprint("timm", "resnet50", "random", DQ)))
         with pytest.raises(FingerprintMismatchError, match="resnet50"):
             wrong.attach(kb)
+
+
+def test_save_load_with_label_vote(tmp_path, seed):
+    head = randomized(RetrievalHead(make_config(label_vote=True)))
+    assert float(head.vote.weight) != 0.0
+    head.save(tmp_path / "v")
+    back = RetrievalHead.load(tmp_path / "v")
+    assert back.config.label_vote and back.vote is not None
+    assert torch.equal(back.vote.weight, head.vote.weight)
+    z, nb = torch.randn(2, DQ), neighbors()
+    assert torch.equal(head(z, neighbors=nb).logits, back(z, neighbors=nb).logits)
