@@ -72,6 +72,7 @@ class DemoConfig:
     heads: int = 4  # attention heads
     adjust_host: bool = True  # feed the head row 2's logit-adjusted host logits (a chosen on val) instead of raw
     label_vote: bool = True  # give the head the learned neighbour label vote (HeadConfig.label_vote)
+    balance_vote: bool = False  # divide the vote by the KB's class frequencies (LabelVote.set_label_prior)
     epochs: int = 10  # head-training epochs
     lr: float = 5e-4  # peak learning rate (the paper's)
     batch_size: int = 256  # head-training batch size
@@ -159,6 +160,7 @@ def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modaliti
                     image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
     torch.manual_seed(seed)
     head = RetrievalHead(hc)
+    _set_vote_prior(cfg, data, head, kb)
     tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la,
                      mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
                      seed=seed, device="cpu", progress=cfg.progress)
@@ -169,10 +171,18 @@ def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modaliti
     return result.head, info
 
 
+def _set_vote_prior(cfg: DemoConfig, data: DemoData, head: Any, kb: str) -> None:
+    """Rebalance the head's label vote by the class counts of ``kb`` (when ``cfg.balance_vote``)."""
+    if cfg.balance_vote and head.vote is not None:
+        head.vote.set_label_prior(data.kb_label_counts(kb))
+
+
 def _head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = False,
-                 shift: torch.Tensor | None = None) -> torch.Tensor:
+                 shift: torch.Tensor | None = None, cfg: DemoConfig | None = None) -> torch.Tensor:
     from retrofit.training import predict_logits
 
+    if cfg is not None:
+        _set_vote_prior(cfg, data, head, kb)
     fs = _shifted(data.eval_features(split, kb, noisy=noisy), shift)
     return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
 
@@ -210,7 +220,7 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
         info = {**run.info, "kb": note or run.info["kb"], "host_adjustment": shift[noisy] is not None}
         if head.vote is not None:
             info["vote_weight"] = float(head.vote.weight.detach() * head.vote.gain)
-        val, test = (_head_logits(head, data, eval_kb, sp, noisy=noisy, shift=shift[noisy]) for sp in ("val", "test"))
+        val, test = (_head_logits(head, data, eval_kb, sp, noisy, shift[noisy], cfg) for sp in ("val", "test"))
         finish(name, val, test, lp_noisy if noisy else lp_clean, info, counts)
         return head
 

@@ -284,3 +284,18 @@ def test_label_vote_is_optional_zero_init_and_label_aware(seed):
     assert torch.all(r.argmax(1) == 2)
     r.sum().backward()
     assert head.vote.weight.grad is not None and head.vote.log_temperature.grad is not None
+
+
+def test_label_vote_rebalances_by_kb_prior(seed):
+    from retrofit.fusion import LabelVote
+
+    vote = LabelVote(3)
+    labels = torch.tensor([[0, 0, 0, 1]])
+    scores, mask = torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    assert torch.allclose(vote.probs(labels, scores, mask), torch.tensor([[0.75, 0.25, 0.0]]))
+    vote.set_label_prior(torch.tensor([300, 100, 50]))  # class 0 is 3x as frequent as class 1 in the KB
+    assert torch.allclose(vote.probs(labels, scores, mask), torch.tensor([[0.5, 0.5, 0.0]]), atol=1e-6)
+    vote.set_label_prior(None)
+    assert torch.allclose(vote.probs(labels, scores, mask), torch.tensor([[0.75, 0.25, 0.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        vote.set_label_prior(torch.ones(4))
