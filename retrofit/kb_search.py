@@ -35,6 +35,7 @@ class KBSearchMixin:
         ``exclude`` (B, m) lists ids never to return for each query (-1 pads). Fewer than ``k`` hits leave
         masked slots. Tensors come back on ``queries.device``; image / text vectors as float32.
         """
+        self._check_process()  # before any faiss / OpenMP work: that deadlocks in a forked child
         if queries.is_cuda:
             exclude = check_search_args(queries, k, self.key_dim, exclude)
         else:  # numpy for the small CPU ops: torch's thread pool wakes slowly next to faiss's OpenMP threads

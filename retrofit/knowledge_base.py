@@ -57,6 +57,9 @@ def _as_2d(name: str, x: Any, n: int | None, dim: int) -> np.ndarray:
         raise ValueError(f"{name} contains NaN or inf; nothing was added")
     return a
 
+# LMDB objects a forked child inherited from its parent's open handles: kept alive, never closed (see _abandon)
+_INHERITED: list[Any] = []
+
 
 class KnowledgeBase(KBIndexMixin, KBSearchMixin):
     """An LMDB + faiss knowledge base of (key, image vector, text vector, label, caption, source) records.
@@ -68,6 +71,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
         self.path = Path(path)
         self.readonly = readonly
         self._lock_fd: int | None = None
+        self._pid = os.getpid()  # LMDB handles must not cross fork(): see _check_process
         self._snap = None  # read-only handles: the LMDB read transaction that is their snapshot
         self._view = None  # numpy views of the snapshot's record chunks (None = not built, False = unavailable)
         self._bulk = 0
@@ -217,9 +221,17 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
                     self._snap = None
                 time.sleep(0.05)
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise KnowledgeBaseError(
+                f"this KnowledgeBase handle of {self.path} was opened in process {self._pid} and cannot be used in "
+                f"process {os.getpid()} after fork() (LMDB forbids it): open the knowledge base inside each worker "
+                "instead, e.g. in a DataLoader worker_init_fn")
+
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Any]:
         """A read transaction on this handle's view: the snapshot (readers) or the latest commit (writer)."""
+        self._check_process()
         if self._snap is not None:
             yield self._snap
         else:
@@ -239,6 +251,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
+        self._check_process()
         if self.readonly:
             raise KnowledgeBaseError(f"{self.path} is open read-only; use KnowledgeBase.open(path, readonly=False)")
         if self._rec is None:
@@ -401,6 +414,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
     # ------------------------------------------------------------------ life cycle
     def refresh(self) -> bool:
         """Readers: move to the latest committed generation (and index file). Returns True if anything changed."""
+        self._check_process()
         if not self.readonly:
             return False
         old_gen, old_file = self.generation, self._state.file
@@ -414,13 +428,27 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
     def close(self) -> None:
         if getattr(self, "_rec", None) is None:
             return
+        if os.getpid() != self._pid:
+            self._abandon()
+            return
         try:
             if not self.readonly and self._unsaved:
                 self.flush()
         finally:
             self._release()
 
+    def _abandon(self) -> None:
+        """In a forked child: drop the inherited handles without touching them. Aborting the parent's snapshot
+        or closing its environment here would free the parent's LMDB reader slot (shared memory) under it, so
+        the objects are parked for the life of the child instead of being closed."""
+        _INHERITED.append((self._snap, getattr(self, "_rec", None)))
+        self._snap = self._rec = self._view = None
+        self._lock_fd = None  # the parent's descriptor; closing our copy would not release its lock anyway
+
     def _release(self) -> None:
+        if os.getpid() != getattr(self, "_pid", os.getpid()):
+            self._abandon()
+            return
         self._view = None
         if self._snap is not None:
             self._snap.abort()

@@ -156,3 +156,46 @@ def test_reader_process_searches_while_writer_adds(tmp_path):
     with KnowledgeBase.open(path) as r:
         assert len(r) == 20 * BATCH and r.verify()["ok"]
         assert np.array_equal(r.labels().numpy(), np.arange(20 * BATCH) % 5)
+
+
+def test_handle_used_after_fork_fails_clearly_and_parent_is_unharmed(tmp_path):
+    """A handle inherited through fork() refuses to work in the child (LMDB forbids it), and whatever the
+    child does with it (use, close, garbage collection) leaves the parent's snapshot and writer lock intact."""
+    import multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(64, 8, generator=g)
+    with KnowledgeBase.create(tmp_path / "kb", 8, 4, 3) as kb:
+        kb.add(keys, torch.randn(64, 4, generator=g), torch.randn(64, 3, generator=g))
+    writer = KnowledgeBase.open(tmp_path / "kb", readonly=False)
+    reader = KnowledgeBase.open(tmp_path / "kb")
+    before = reader.search(keys[:4], 5)
+
+    def child(q: mp.Queue) -> None:
+        msgs = []
+        for name, call in (("search", lambda: reader.search(keys[:4], 5)), ("refresh", reader.refresh),
+                           ("add", lambda: writer.add(keys[:1], torch.zeros(1, 4), torch.zeros(1, 3)))):
+            try:
+                call()
+                msgs.append(f"{name}: no error")
+            except Exception as e:
+                msgs.append(f"{name}: {type(e).__name__}: {e}")
+        reader.close()
+        writer.close()
+        q.put(msgs)
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    msgs = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0
+    for m in msgs:
+        assert "KnowledgeBaseError" in m and "after fork()" in m and "inside each worker" in m, m
+    after = reader.search(keys[:4], 5)  # the parent's handles still work
+    assert torch.equal(before.ids, after.ids) and torch.equal(before.image, after.image)
+    writer.add(keys[:2], torch.zeros(2, 4), torch.zeros(2, 3))  # and the writer still holds its lock
+    assert len(writer) == 66
+    writer.close()
+    reader.close()
