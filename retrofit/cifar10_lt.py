@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,17 +152,18 @@ def shard_paths(data_dir: str | Path, split: str = "train") -> list[Path]:
 def iter_shard(path: str | Path) -> Iterator[dict]:
     """Samples of one shard in order: dicts with ``key``, ``index`` (original index), ``jpg`` (bytes),
     ``label`` (int) and ``caption`` (str or None)."""
+    from retrofit.sources import tar_members
+
     cur: dict | None = None
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
+    with open(path, "rb") as f:
+        for name, offset, size in tar_members(Path(path)):
+            key, _, ext = name.partition(".")
             if cur is None or cur["key"] != key:
                 if cur is not None:
                     yield _finish(cur)
                 cur = {"key": key}
-            cur[ext] = tf.extractfile(m).read()
+            f.seek(offset)
+            cur[ext] = f.read(size)
     if cur is not None:
         yield _finish(cur)
 
