@@ -168,6 +168,10 @@ class LabelVote(nn.Module):
     learned temperature ``t`` over the retrieval similarities ``s``. Both are stored as ``param / gain``:
     Adam's step is scale-free, so ``gain`` multiplies their effective learning rate (two scalars that must
     travel far, trained with the small lr of the attention weights).
+
+    ``scale`` (a buffer, 1 by default, saved with the head) multiplies ``beta`` at use: a post-hoc calibration,
+    chosen on labelled validation data, for a head moved to another knowledge base (a denser or cleaner KB's
+    vote deserves more weight than training on a smaller one taught). :meth:`set_scale` sets it.
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.2, gain: float = 20.0) -> None:
@@ -178,6 +182,18 @@ class LabelVote(nn.Module):
         self.weight = nn.Parameter(torch.zeros(()))  # beta / gain
         self.log_temperature = nn.Parameter(torch.tensor(float(torch.tensor(temperature).log())) / gain)
         self.register_buffer("label_log_prior", torch.zeros(num_classes))  # (C,) 0 = no rebalancing
+        self.register_buffer("scale", torch.ones(()))  # post-hoc multiplier of beta (set_scale)
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply the learned vote weight by ``scale`` (>= 0) from now on; 1 restores the trained vote."""
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale < float("inf"):
+            raise ValueError(f"vote scale must be a finite number >= 0, got {scale!r}")
+        self.scale.fill_(float(scale))
+
+    @property
+    def effective_weight(self) -> float:
+        """The vote weight in use: ``beta * scale``."""
+        return float(self.weight.detach() * self.gain * self.scale)
 
     def set_label_prior(self, counts: torch.Tensor | None) -> None:
         """Rebalance the vote by the knowledge base's label counts (C,): each class's share is divided by its
@@ -205,4 +221,4 @@ class LabelVote(nn.Module):
 
     def forward(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``labels`` (B, k) int64, ``scores`` (B, k), ``mask`` (B, k) bool -> (B, C) vote logits."""
-        return self.weight * self.gain * (self.probs(labels, scores, mask) + self.eps).log()
+        return self.weight * self.gain * self.scale * (self.probs(labels, scores, mask) + self.eps).log()

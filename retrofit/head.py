@@ -312,6 +312,8 @@ class RetrievalHead(nn.Module):
         except (SafetensorError, OSError, ValueError) as e:
             raise RetrofitError(f"{w_file} is corrupt or truncated ({e}); re-save the head") from e
         head = cls(config)
+        if config.label_vote and "vote.scale" not in state:  # heads saved before the vote scale existed
+            state["vote.scale"] = torch.ones((), device=device)
         try:
             head.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

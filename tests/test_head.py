@@ -299,3 +299,31 @@ def test_label_vote_rebalances_by_kb_prior(seed):
     assert torch.allclose(vote.probs(labels, scores, mask), torch.tensor([[0.75, 0.25, 0.0]]))
     with pytest.raises(ValueError, match="shape"):
         vote.set_label_prior(torch.ones(4))
+
+
+def test_label_vote_scale_multiplies_the_vote_and_is_saved(seed, tmp_path):
+    nb = make_neighbors(4, 6, torch.float32)
+    z, host = torch.randn(4, DQ), torch.randn(4, C)
+    head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
+                                    label_vote=True))
+    with torch.no_grad():
+        head.vote.weight.fill_(0.7 / head.vote.gain)
+    base = head(z, host, neighbors=nb).retrieval_logits
+    head.vote.set_scale(2.5)
+    assert head.vote.effective_weight == pytest.approx(1.75)
+    assert torch.allclose(head(z, host, neighbors=nb).retrieval_logits, 2.5 * base, atol=1e-5)  # readout is zero
+    loaded = RetrievalHead.load(head.save(tmp_path / "h"))
+    assert float(loaded.vote.scale) == 2.5
+    assert torch.allclose(loaded(z, host, neighbors=nb).logits, head(z, host, neighbors=nb).logits)
+    for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="vote scale"):
+            head.vote.set_scale(bad)
+    # a head saved before the scale existed loads with scale 1
+    from safetensors.torch import load_file, save_file
+
+    w = tmp_path / "h" / "model.safetensors"
+    state = load_file(str(w))
+    del state["vote.scale"]
+    save_file(state, str(w), metadata={"format": "retrofit-head", "format_version": "1"})
+    old = RetrievalHead.load(tmp_path / "h")
+    assert float(old.vote.scale) == 1.0
