@@ -25,7 +25,8 @@ from torch import nn
 from retrofit.errors import RetrofitError
 from retrofit.feature_cache import FeatureSet, NeighborVectors, neighbors_from_ids
 
-__all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior"]
+__all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior",
+           "class_balance_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class TrainConfig:
     mixup_alpha: float = 0.2  # Beta(alpha, alpha) mixing of the head's inputs; 0 = no mixup
     loss: str = "ce"  # "ce" or "lace" (logit-adjusted CE: + tau_la * log prior during training)
     tau_la: float = 1.0  # logit-adjustment strength for loss="lace"
+    # Per-sample loss weight n_c ** -class_balance (n_c: training samples of the target class), scaled to mean 1
+    # over the training set: 0 = plain average, 1 = every class weighs the same (the balanced test's objective).
+    class_balance: float = 0.0
     train_host: bool = False  # also train the host classifier layer (the paper's backbone branch)
     host_lr: float | None = None  # lr of the host classifier when train_host (None = ``lr``)
     k: int | None = None  # neighbours per sample (None = the head's k)
@@ -71,6 +75,8 @@ class TrainConfig:
         if self.mixup_alpha < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.mixup_alpha, warmup_epochs and weight_decay must be >= 0, got "
                              f"{self.mixup_alpha}, {self.warmup_epochs}, {self.weight_decay}")
+        if not isinstance(self.class_balance, (int, float)) or not 0.0 <= self.class_balance <= 1.0:
+            raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
             raise ValueError(f"TrainConfig.k must be a positive int or None, got {self.k!r}")
 
@@ -109,9 +115,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
     return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (B, C) logits against (B, C) target distributions."""
-    return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (B, C) logits against (B, C) target distributions; with ``class_weights`` (C,)
+    each sample's loss is weighted by its target's expected class weight ``targets @ class_weights``."""
+    loss = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B,)
+    if class_weights is not None:
+        loss = loss * (targets.float() @ class_weights)
+    return loss.mean()
+
+
+def class_balance_weights(labels: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
+    """(C,) loss weights ``n_c ** -power`` scaled so that the mean weight over ``labels`` is 1."""
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float()
+    w = counts.clamp_min(1.0).pow(-float(power))  # a class with no sample gets the weight of a single one
+    return w * counts.sum() / (w * counts).sum().clamp_min(1e-12)
 
 
 def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -287,6 +305,7 @@ def train(
     table = _vector_table(store, [features, val_features], k, dev)
     batcher = _Batcher(features, k, dev, store, table)
     prior = log_prior(features.labels, C).to(dev)  # (C,)
+    cw = class_balance_weights(features.labels, C, cfg.class_balance).to(dev) if cfg.class_balance else None
 
     decay, no_decay = [], []
     for p in head.parameters():
@@ -374,7 +393,7 @@ def train(
                 logits = o.logits.float()  # (b, C)
                 if cfg.loss == "lace":
                     logits = logits + cfg.tau_la * prior
-                loss = soft_cross_entropy(logits, tgt)
+                loss = soft_cross_entropy(logits, tgt, cw)
                 if not torch.isfinite(loss):
                     raise RetrofitError(f"training loss became {loss.item()} at epoch {epoch + 1} step {step}; "
                                         "lower the learning rate (--lr) or disable AMP (--no-amp)")

@@ -297,3 +297,36 @@ def test_cross_fitted_host_logits_do_not_leak(data):
     nll_cf = torch.nn.functional.cross_entropy(train_fs.host_logits, y).item()
     assert acc_in > acc_cf + 0.2 and nll_cf > nll_in, (acc_in, acc_cf, nll_in, nll_cf)
     assert 0.2 < acc_cf < 0.9  # real, better-than-chance predictions from probes that never saw the sample
+
+
+def test_class_balance_weights_and_loss():
+    from retrofit.training import class_balance_weights, soft_cross_entropy
+
+    y = torch.tensor([0] * 8 + [1] * 2)  # class 0 is 4x as frequent
+    w = class_balance_weights(y, 3, 1.0)
+    assert w[y].mean() == pytest.approx(1.0) and w[1] / w[0] == pytest.approx(4.0)
+    assert torch.allclose(class_balance_weights(y, 3, 0.0)[:2], torch.ones(2))
+    assert class_balance_weights(y, 3, 0.5)[1] / class_balance_weights(y, 3, 0.5)[0] == pytest.approx(2.0)
+    logits = torch.randn(10, 3)
+    tgt = torch.nn.functional.one_hot(y, 3).float()
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert soft_cross_entropy(logits, tgt, w) == pytest.approx(float((per * w[y]).mean()), rel=1e-5)
+    assert soft_cross_entropy(logits, tgt) == pytest.approx(float(per.mean()), rel=1e-5)
+    for bad in (-0.1, 1.5, "1"):
+        with pytest.raises(ValueError, match="class_balance"):
+            TrainConfig(class_balance=bad).validate()
+
+
+def test_class_balanced_training_weights_rare_classes(data, real):
+    train_fs, _, _ = data
+    # balanced training labels: the weights are all 1 and training is unchanged
+    a = train(_head(), train_fs, _cfg(epochs=1), store=real["store"])
+    b = train(_head(), train_fs, _cfg(epochs=1, class_balance=1.0), store=real["store"])
+    assert a.step_losses == pytest.approx(b.step_losses, rel=1e-5)
+    # an imbalanced subset (classes 5-9 keep 4 of 20): the weighted run follows another path
+    keep = torch.tensor([i for i, c in enumerate(train_fs.labels.tolist()) if c < 5 or i % 5 == 0])
+    sub = train_fs.subset(keep)
+    a = train(_head(), sub, _cfg(epochs=1), store=real["store"])
+    b = train(_head(), sub, _cfg(epochs=1, class_balance=1.0), store=real["store"])
+    assert all(torch.isfinite(torch.tensor(b.step_losses)))
+    assert a.step_losses != pytest.approx(b.step_losses, rel=1e-3)
