@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from retrofit.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrofit.errors import KnowledgeBaseError, RetrofitError
+from retrofit.errors import KnowledgeBaseError
 from retrofit.fingerprint import check_fingerprints
 from retrofit.sources import DecodeDataset, Source, collate_decoded, map_labels, open_source
 from retrofit.store import KBFingerprint
@@ -448,72 +448,4 @@ def add_to_kb(path: str | Path, source: str | Path | Source, config: BuildConfig
     return _ingest("add", source, path, config, image_encoder, text_encoder, key_encoder, options)
 
 
-def _add_records(dst: Any, recs: list[dict[str, Any]]) -> int:
-    """Append records as ``KnowledgeBase.get(..., vectors=True)`` returns them; empties ``recs``."""
-    n = len(recs)
-    if n:
-        dst.add(torch.stack([r["key"] for r in recs]), torch.stack([r["image"] for r in recs]),
-                torch.stack([r["text"] for r in recs]), labels=torch.tensor([r["label"] for r in recs]),
-                captions=[r.get("caption") for r in recs], sources=[r.get("source") for r in recs])
-        recs.clear()
-    return n
-
-
-def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, batch: int = 4096,
-              progress: bool = True) -> BuildSummary:
-    """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept).
-
-    Refuses inputs whose fingerprints or class lists differ. ``dedup`` drops records whose image hash
-    (recorded at build time) was already merged.
-    """
-    from tqdm.auto import tqdm
-
-    from retrofit.knowledge_base import KnowledgeBase
-
-    if len(inputs) < 2:
-        raise ValueError(f"merge needs at least two knowledge bases, got {len(inputs)}")
-    t0 = time.perf_counter()
-    kbs = [KnowledgeBase.open(p) for p in inputs]
-    try:
-        first = kbs[0]
-        for p, kb in zip(inputs[1:], kbs[1:]):
-            for part in ("key", "image", "text"):
-                a, b = getattr(first.fingerprint, part), getattr(kb.fingerprint, part)
-                if (a is None) != (b is None) or (a is not None and not a.matches(b)):
-                    from retrofit.errors import FingerprintMismatchError
-
-                    raise FingerprintMismatchError(f"cannot merge: {part} vectors of {inputs[0]} come from {a}, those "
-                                                   f"of {p} from {b}; rebuild one with the other's encoders")
-            if (first.key_dim, first.image_dim, first.text_dim) != (kb.key_dim, kb.image_dim, kb.text_dim):
-                raise RetrofitError(f"cannot merge {inputs[0]} and {p}: dimensions differ")
-            if first.class_names != kb.class_names:
-                raise RetrofitError(f"cannot merge: {inputs[0]} has classes {first.class_names}, {p} has "
-                                    f"{kb.class_names}; rebuild with the same class_names")
-        total = sum(len(kb) for kb in kbs)
-        written = dups = 0
-        seen: set[str] = set()
-        with KnowledgeBase.create(out, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
-                                  class_names=first.class_names) as dst, dst.bulk():
-            bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
-            for kb in kbs:
-                buf: list[dict[str, Any]] = []
-                for r in kb:  # live records in id order, with vectors
-                    bar.update(1)
-                    h = _hash_of_source(r.get("source"))
-                    if dedup and h is not None and h in seen:
-                        dups += 1
-                        continue
-                    if h is not None:
-                        seen.add(h)
-                    buf.append(r)
-                    if len(buf) >= batch:
-                        written += _add_records(dst, buf)
-                written += _add_records(dst, buf)
-            bar.close()
-            size = len(dst)
-    finally:
-        for kb in kbs:
-            kb.close()
-    secs = time.perf_counter() - t0
-    return BuildSummary(str(out), total, written, 0, dups, 0, secs, 0.0, total / max(secs, 1e-9), 0, "",
-                        kb_size=size)
+from retrofit.kb_merge import merge_kbs  # noqa: E402  (re-exported: merge lives in its own module)

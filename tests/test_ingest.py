@@ -23,7 +23,7 @@ from test_sources import (  # noqa: F401  (mini_samples is a fixture)
 )
 
 from retrofit.encoders import load_image_encoder
-from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
+from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError, RetrofitError
 from retrofit.ingest import REPORT_NAME, add_to_kb, build_kb, merge_kbs
 from retrofit.knowledge_base import KnowledgeBase
 from retrofit.sources import webdataset_source
@@ -285,3 +285,40 @@ def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa
     assert main(["kb", "build", str(tmp_path / "a.tar"), str(tmp_path / "kb_x"), "--classes", "cat,dog"]) == 1
     assert "match no class" in capsys.readouterr().err
     assert not (tmp_path / "kb_x").exists()
+
+
+def test_merge_is_all_or_nothing(tmp_path, shards, cifar_classes, encoders):
+    kw = dict(**encoders, **FAST, class_names=cifar_classes)
+    build_kb(shards, tmp_path / "kb_a", **kw)
+    build_kb(shards, tmp_path / "kb_b", **kw)
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match="batch"):
+        merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, batch=0, progress=False)
+    with pytest.raises(KnowledgeBaseError, match="not a retrofit knowledge base"):  # nothing is left at out
+        merge_kbs([tmp_path / "kb_a", tmp_path / "missing"], out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    import retrofit.kb_merge as km
+
+    real_add, calls = km._add_records, []
+
+    def failing_add(dst, recs):  # the disk fills up after the first batch was written
+        calls.append(len(recs))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_add(dst, recs)
+
+    km._add_records = failing_add
+    try:
+        with pytest.raises(OSError, match="No space"):
+            merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, batch=10, dedup=False, progress=False)
+    finally:
+        km._add_records = real_add
+    assert len(calls) == 2 and not out.exists() and not list(tmp_path.glob(".merged*"))
+    (tmp_path / ".merged.merging").mkdir()  # left by a killed merge: cleared, not mistaken for a KB
+    m = merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, dedup=False, progress=False)
+    assert m.kb_size == 2 * len(_records(tmp_path / "kb_a")) and not list(tmp_path.glob(".merged*"))
+    with KnowledgeBase.open(out) as kb:
+        q = kb.vectors(torch.tensor([3]), which="key")
+        assert 3 in kb.search(q, 2).ids[0].tolist()
+    with pytest.raises(RetrofitError, match="already exists"):
+        merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, progress=False)

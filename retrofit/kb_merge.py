@@ -1,0 +1,112 @@
+"""Merging knowledge bases built with the same encoders (``merge_kbs``; ``retrofit kb merge``).
+
+The merged KB is written under a temporary name next to ``out`` and renamed into place only when it is
+complete, so an error, a crash or a kill never leaves a partial KB at ``out``; the inputs are only read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrofit.errors import FingerprintMismatchError, RetrofitError
+
+__all__ = ["merge_kbs"]
+
+
+def _add_records(dst: Any, recs: list[dict[str, Any]]) -> int:
+    """Append records as ``KnowledgeBase.get(..., vectors=True)`` returns them; empties ``recs``."""
+    n = len(recs)
+    if n:
+        dst.add(torch.stack([r["key"] for r in recs]), torch.stack([r["image"] for r in recs]),
+                torch.stack([r["text"] for r in recs]), labels=torch.tensor([r["label"] for r in recs]),
+                captions=[r.get("caption") for r in recs], sources=[r.get("source") for r in recs])
+        recs.clear()
+    return n
+
+
+def _check_compatible(inputs: list[str | Path], kbs: list[Any]) -> None:
+    first = kbs[0]
+    for p, kb in zip(inputs[1:], kbs[1:]):
+        for part in ("key", "image", "text"):
+            a, b = getattr(first.fingerprint, part), getattr(kb.fingerprint, part)
+            if (a is None) != (b is None) or (a is not None and not a.matches(b)):
+                raise FingerprintMismatchError(f"cannot merge: {part} vectors of {inputs[0]} come from {a}, those "
+                                               f"of {p} from {b}; rebuild one with the other's encoders")
+        if (first.key_dim, first.image_dim, first.text_dim) != (kb.key_dim, kb.image_dim, kb.text_dim):
+            raise RetrofitError(f"cannot merge {inputs[0]} and {p}: dimensions differ")
+        if first.class_names != kb.class_names:
+            raise RetrofitError(f"cannot merge: {inputs[0]} has classes {first.class_names}, {p} has "
+                                f"{kb.class_names}; rebuild with the same class_names")
+
+
+def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, batch: int = 4096,
+              progress: bool = True) -> Any:
+    """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept);
+    returns a :class:`retrofit.ingest.BuildSummary`.
+
+    Refuses inputs whose fingerprints, dimensions or class lists differ, and an ``out`` that already exists.
+    ``dedup`` drops records whose image hash (recorded at build time) was already merged. ``out`` appears
+    only when the merge is complete (written as ``.<name>.merging`` beside it, then renamed).
+    """
+    from tqdm.auto import tqdm
+
+    from retrofit.ingest import BuildSummary, _hash_of_source
+    from retrofit.knowledge_base import KnowledgeBase
+
+    if len(inputs) < 2:
+        raise ValueError(f"merge needs at least two knowledge bases, got {len(inputs)}")
+    if not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    out = Path(out)
+    if out.exists():
+        raise RetrofitError(f"{out} already exists; merge writes a new knowledge base: remove it or choose "
+                            "another output path")
+    tmp = out.with_name(f".{out.name}.merging")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an earlier merge that was killed
+    t0 = time.perf_counter()
+    kbs = [KnowledgeBase.open(p) for p in inputs]
+    try:
+        _check_compatible(inputs, kbs)
+        first = kbs[0]
+        total = sum(len(kb) for kb in kbs)
+        written = dups = 0
+        seen: set[str] = set()
+        with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
+                                  class_names=first.class_names) as dst, dst.bulk():
+            bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
+            for kb in kbs:
+                buf: list[dict[str, Any]] = []
+                for r in kb:  # live records in id order, with vectors
+                    bar.update(1)
+                    h = _hash_of_source(r.get("source"))
+                    if dedup and h is not None and h in seen:
+                        dups += 1
+                        continue
+                    if h is not None:
+                        seen.add(h)
+                    buf.append(r)
+                    if len(buf) >= batch:
+                        written += _add_records(dst, buf)
+                written += _add_records(dst, buf)
+            bar.close()
+            size = len(dst)
+        os.replace(tmp, out)  # the complete KB appears at once
+        from retrofit.kb_index import fsync_dir
+
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for kb in kbs:
+            kb.close()
+    secs = time.perf_counter() - t0
+    return BuildSummary(str(out), total, written, 0, dups, 0, secs, 0.0, total / max(secs, 1e-9), 0, "",
+                        kb_size=size)
