@@ -304,3 +304,19 @@ def test_dropped_writer_handle_releases_the_lock(tmp_path):
     gc.collect()
     with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:
         assert len(w) == 15 and w.search(torch.randn(1, DK), 15).mask.all()
+
+
+@pytest.mark.parametrize("size", [0, 1, (64 << 10) + 1, 1 << 20, (1 << 20) + 7, 2 << 20, (3 << 20) + 12345])
+def test_index_checksums_are_streamed_and_unchanged(tmp_path, size):
+    """The quick (open) and full (verify) checksums keep their definition, so existing index.json files verify."""
+    import hashlib
+
+    from retrofit.kb_index import _quick_hash, full_hash
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    f = tmp_path / "index.faiss"
+    f.write_bytes(data)
+    tail = data[size - (1 << 20):] if size > 2 << 20 else b""
+    quick = hashlib.sha256(str(size).encode() + data[: 1 << 20] + tail).hexdigest()[:32]
+    assert _quick_hash(f, size) == "sha256:" + quick
+    assert full_hash(f) == "sha256:" + hashlib.sha256(data).hexdigest()
