@@ -244,6 +244,10 @@ def prepare(cfg: Any) -> DemoData:
         _build(Source("webdataset", train_src.location + "#pool", pool_refs, names, {"subset": "pool", "key": key}),
                root / "kb_pool", enc, names, cfg.progress)
         if not _done(root / "kb_ext"):
+            if (root / "kb_ext").exists():
+                import shutil
+
+                shutil.rmtree(root / "kb_ext")  # merged but not marked done: redo
             merge_kbs([root / "kb_in", root / "kb_pool"], root / "kb_ext", dedup=False, progress=cfg.progress)
             _mark(root / "kb_ext", {"records": len(split.lt) + len(split.pool)})
     times["kbs"] = time.perf_counter() - t

@@ -129,6 +129,26 @@ def test_posthoc_choice_uses_validation_only():
     assert _choose_adjustment(logits, torch.tensor([0, 0, 0, 0]), lp, (0.0, 0.5, 1.0)) == 0.0
 
 
+def test_vote_scale_and_adjustment_are_chosen_jointly_on_validation():
+    import torch
+
+    from retrofit.demo import DemoConfig, _choose_scale_and_adjustment
+
+    lp = torch.tensor([-0.1, -3.0])
+    labels = torch.tensor([0, 1, 1, 1])
+    weak = torch.tensor([[2.0, 0.0]] * 4)  # needs a = 1 to get 3 of 4
+    strong = torch.tensor([[0.0, 5.0], [0.0, 5.0], [0.0, 5.0], [0.0, 5.0]])  # 3 of 4 with a = 0
+    # both reach 3 of 4: the trained vote (scale 1) is kept, with the adjustment it needs
+    assert _choose_scale_and_adjustment({1.0: weak, 2.0: strong}, labels, lp, (0.0, 0.5, 1.0)) == (1.0, 1.0)
+    # equal accuracy: the scale nearest 1 wins, then the smallest |a|
+    assert _choose_scale_and_adjustment({0.5: strong, 1.0: strong, 3.0: strong}, labels, lp, (0.0, 1.0)) == (1.0, 0.0)
+    exact = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # all right with a = 0
+    assert _choose_scale_and_adjustment({1.0: weak, 1.5: exact}, labels, lp, (0.0, 0.5, 1.0)) == (1.5, 0.0)
+    for bad in ((), (-1.0,), (float("inf"),)):
+        with pytest.raises(ValueError, match="vote_scales"):
+            DemoConfig(vote_scales=bad).validate()
+
+
 def test_table_and_config_validation():
     from retrofit.demo import DemoConfig, _mean_std, format_table
 
