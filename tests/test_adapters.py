@@ -93,6 +93,16 @@ TORCHVISION = {
     "maxvit": _tv(lambda: _tvm().MaxVit((32, 32), 8, 2, [16], [1], 8, 0.0, num_classes=C)),
     "shufflenet": _tv(lambda: _tvm().shufflenet_v2_x0_5(num_classes=C)),
     "mnasnet": _tv(lambda: _tvm().mnasnet0_5(num_classes=C)),
+    # the remaining mapped families, at their real classifier shapes with small trunks
+    "vgg": _tv(lambda: _tvm().VGG(nn.Sequential(nn.Conv2d(3, 512, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+                                  num_classes=C, init_weights=False)),
+    "alexnet": _tv(lambda: _tvm().AlexNet(num_classes=C), size=64),
+    "wide_resnet": _tv(lambda: _tvm().ResNet(_tvm().resnet.Bottleneck, [1, 1, 1, 1], num_classes=C,
+                                             width_per_group=128)),
+    "efficientnet_v2": _tv(lambda: _tvm().EfficientNet(
+        _tvm().efficientnet._efficientnet_conf("efficientnet_v2_s")[0][:2], 0.2, num_classes=C, last_channel=256)),
+    "googlenet": _tv(lambda: _tvm().GoogLeNet(num_classes=C, aux_logits=False, init_weights=False), size=64),
+    "inception_v3": _tv(lambda: _tvm().Inception3(num_classes=C, aux_logits=False, init_weights=False), size=80),
 }
 
 
