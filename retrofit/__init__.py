@@ -33,6 +33,8 @@ _LAZY = {
     "wrap": "retrofit.adapters",
     "RetrofittedModel": "retrofit.adapters",
     "build_kb": "retrofit.ingest",
+    "add_to_kb": "retrofit.ingest",
+    "merge_kbs": "retrofit.kb_merge",
     "load_image_encoder": "retrofit.encoders",
     "load_text_encoder": "retrofit.encoders",
     "train": "retrofit.training",
