@@ -94,6 +94,8 @@ class DemoConfig:
     noise_seed: int = 0  # seed of the label noise
     seeds: int = 1  # head-training seeds; > 1 reports mean ± std
     rows: tuple[str, ...] = tuple(ROWS)  # which rows to run
+    reuse_heads: bool = True  # load a head trained earlier with identical inputs, settings, seed and code from
+    # cache_dir instead of training it again (CPU training is deterministic: the same head); False = retrain
     plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)
     progress: bool = True  # tqdm bars
 
@@ -177,9 +179,18 @@ def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modaliti
 
     store = data.kb(kb)
     fs = _shifted(data.train_features(kb, noisy=noisy), shift)
+    use_vote = cfg.label_vote if vote is None else vote
+    cached = _head_cache_dir(cfg, data, kb, seed, modalities, noisy, shift, use_vote)
+    if cfg.reuse_heads and (cached / "info.json").is_file():
+        head = RetrievalHead.load(cached)
+        _set_vote_prior(cfg, data, head, kb)
+        info = json.loads((cached / "info.json").read_text())
+        log.info("head for kb %s (%s, seed %d) loaded from %s (trained in %.1f s)", kb, modalities, seed, cached,
+                 info["train_s"])
+        return head, {**info, "reused": True}
     hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
                     num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
-                    modalities=modalities, label_vote=cfg.label_vote if vote is None else vote,
+                    modalities=modalities, label_vote=use_vote,
                     mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, class_names=data.class_names,
                     query_fingerprint=store.fingerprint.key,
                     image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
@@ -194,7 +205,34 @@ def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modaliti
     result = train(head, fs, tc, store=store)
     info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
             "final_loss": result.history[-1]["train_loss"] if result.history else None}
-    return result.head, info
+    result.head.save(cached)  # the trained vote (scale 1); the post-hoc scale is chosen per row afterwards
+    (cached / "info.json").write_text(json.dumps(info))  # written last: marks a complete entry
+    return result.head, {**info, "reused": False}
+
+
+_TRAINING_CODE = ("head", "fusion", "functional", "training", "feature_cache", "neighbors", "demo")
+
+
+def _head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str, noisy: bool,
+                    shift: torch.Tensor | None, vote: bool) -> Path:
+    """Where the head trained from exactly these inputs lives: the key covers the data setting, the KB, every
+    training setting, the seed, the host-logit shift and the source of the modules that training runs."""
+    import hashlib
+    import importlib
+
+    from retrofit import __version__
+    from retrofit.feature_cache import cache_key
+
+    code = hashlib.sha256()
+    for name in _TRAINING_CODE:
+        code.update(Path(importlib.import_module(f"retrofit.{name}").__file__).read_bytes())
+    settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
+                                             "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
+                                             "label_smoothing", "host_weight_decay")}
+    key = cache_key({"settings": settings, "kb": kb, "seed": seed, "modalities": modalities, "noisy": noisy,
+                     "vote": vote, "shift": None if shift is None else [round(float(x), 6) for x in shift],
+                     "version": __version__, "code": code.hexdigest()})
+    return data.root / "heads" / key
 
 
 def _set_vote_prior(cfg: DemoConfig, data: DemoData, head: Any, kb: str) -> None:

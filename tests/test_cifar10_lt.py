@@ -166,8 +166,32 @@ def test_table_and_config_validation():
         DemoConfig(seeds=0).validate()
 
 
+def test_head_cache_key_covers_the_training_inputs(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from retrofit.demo import DemoConfig, _head_cache_dir
+
+    data = SimpleNamespace(root=tmp_path)  # only the cache root is read
+    cfg = DemoConfig()
+    shift = torch.tensor([0.1, -2.0])
+    base = _head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, True)
+    assert base == _head_cache_dir(DemoConfig(), data, "in", 0, "image+text", False, shift.clone(), True)
+    assert base.parent == tmp_path / "heads"
+    others = [_head_cache_dir(cfg, data, "ext", 0, "image+text", False, shift, True),
+              _head_cache_dir(cfg, data, "in", 1, "image+text", False, shift, True),
+              _head_cache_dir(cfg, data, "in", 0, "image", False, shift, True),
+              _head_cache_dir(cfg, data, "in", 0, "image+text", True, shift, True),
+              _head_cache_dir(cfg, data, "in", 0, "image+text", False, None, True),
+              _head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, False),
+              _head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
+              _head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True)]
+    assert len({base, *others}) == 1 + len(others)
+
+
 def test_demo_command_is_registered():
     from retrofit.cli import build_parser
 
-    args = build_parser().parse_args(["demo", "--seeds", "3", "--rows", "1,2", "--no-plot"])
-    assert args.seeds == 3 and args.rows == "1,2" and args.no_plot and callable(args.func)
+    args = build_parser().parse_args(["demo", "--seeds", "3", "--rows", "1,2", "--no-plot", "--retrain"])
+    assert args.seeds == 3 and args.rows == "1,2" and args.no_plot and args.retrain and callable(args.func)

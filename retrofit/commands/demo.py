@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"retrofit demo: unknown rows {unknown}; allowed: {', '.join(ROWS)}")
             return 2
     cfg.plot = not args.no_plot
+    cfg.reuse_heads = not args.retrain
     cfg.progress = not args.quiet
     t = time.perf_counter()
     doc = run_demo(cfg)
@@ -49,5 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=None, help="head width d")
     p.add_argument("--depth", type=int, default=None, help="cross-fusion layers L")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every head again instead of reusing heads cached by an identical earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
