@@ -9,9 +9,11 @@ head-only on KB_in with LACE; 5. the row-4 head with KB_ext swapped in (no retra
 with KB_ext; 7. image-only / text-only ablations of row 4; 8. 40% symmetric label noise: rows 2 and 4
 retrained on the noisy labels (KB_in's text follows them).
 
-Every choice (logit-adjustment strengths) is made on the 200-image balanced validation set; the test set is
-evaluated once per reported row. Embeddings, host logits and knowledge bases are cached under ``cache_dir``
-(first run: encoding ~60k images; later runs reuse them). The pieces live in :mod:`retrofit.demo_data`
+Every choice (logit-adjustment strengths, vote scales) is made on the 200-image balanced validation set; the
+test set is evaluated once per reported row and seed. Embeddings, host logits and knowledge bases are cached
+under ``cache_dir`` (first run: encoding ~60k images; later runs reuse them), and so are the trained heads
+(``heads/<key>``, the key covering every training input and the training code; ``reuse_heads=False`` /
+``--retrain`` trains them again). The pieces live in :mod:`retrofit.demo_data`
 (data, KBs, features) and here (the experiment).
 """
 
