@@ -184,21 +184,19 @@ def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modaliti
     use_vote = cfg.label_vote if vote is None else vote
     cached = _head_cache_dir(cfg, data, kb, seed, modalities, noisy, shift, use_vote)
     if cfg.reuse_heads and (cached / "info.json").is_file():
-        head = RetrievalHead.load(cached)
-        _set_vote_prior(cfg, data, head, kb)
+        head = RetrievalHead.load(cached, store=store)  # attaching rebalances the vote (HeadConfig.vote_balance)
         info = json.loads((cached / "info.json").read_text())
         log.info("head for kb %s (%s, seed %d) loaded from %s (trained in %.1f s)", kb, modalities, seed, cached,
                  info["train_s"])
         return head, {**info, "reused": True}
     hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
                     num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
-                    modalities=modalities, label_vote=use_vote,
+                    modalities=modalities, label_vote=use_vote, vote_balance=use_vote and cfg.balance_vote,
                     mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, class_names=data.class_names,
                     query_fingerprint=store.fingerprint.key,
                     image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
     torch.manual_seed(seed)
-    head = RetrievalHead(hc)
-    _set_vote_prior(cfg, data, head, kb)
+    head = RetrievalHead(hc, store)  # with vote_balance, attaching divides the vote by the KB's class counts
     tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la,
                      class_balance=cfg.class_balance,
                      mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
@@ -237,18 +235,14 @@ def _head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalit
     return data.root / "heads" / key
 
 
-def _set_vote_prior(cfg: DemoConfig, data: DemoData, head: Any, kb: str) -> None:
-    """Rebalance the head's label vote by the class counts of ``kb`` (when ``cfg.balance_vote``)."""
-    if cfg.balance_vote and head.vote is not None:
-        head.vote.set_label_prior(data.kb_label_counts(kb))
-
-
 def _head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = False,
-                 shift: torch.Tensor | None = None, cfg: DemoConfig | None = None) -> torch.Tensor:
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's logits on ``split`` with neighbours from ``kb``, attached first: a head moved to another KB
+    (row 5) has its vote rebalanced for that KB's class counts."""
     from retrofit.training import predict_logits
 
-    if cfg is not None:
-        _set_vote_prior(cfg, data, head, kb)
+    if head.store is not data.kb(kb):
+        head.attach(data.kb(kb))
     fs = _shifted(data.eval_features(split, kb, noisy=noisy), shift)
     return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
 
@@ -289,15 +283,15 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
             vals = {}
             for sc in cfg.vote_scales:
                 head.vote.set_scale(sc)
-                vals[sc] = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy], cfg)
+                vals[sc] = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
             scale, a = _choose_scale_and_adjustment(vals, yv, lp, cfg.posthoc)
             head.vote.set_scale(scale)
             info.update(vote_scale=scale, vote_weight=head.vote.effective_weight)
             val = vals[scale]
         else:
-            val = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy], cfg)
+            val = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
             a = _choose_adjustment(val, yv, lp, cfg.posthoc)
-        test = _head_logits(head, data, eval_kb, "test", noisy, shift[noisy], cfg)
+        test = _head_logits(head, data, eval_kb, "test", noisy, shift[noisy])
         finish(name, val, test, lp, info, counts, a)
         if head.vote is not None:
             head.vote.set_scale(1.0)  # a head reused by the next row (row 5) starts from its trained vote

@@ -79,12 +79,6 @@ class DemoData:
         c = torch.tensor(self.noisy_counts if noisy else self.split.counts, dtype=torch.float32).clamp_min(1)
         return (c / c.sum()).log()  # (C,)
 
-    def kb_label_counts(self, kb: str) -> torch.Tensor:
-        """(C,) labels per class in knowledge base ``kb`` ("in", "in_noisy" or "ext")."""
-        if kb in ("in", "in_noisy"):
-            return torch.tensor(self.noisy_counts if kb == "in_noisy" else self.split.counts)
-        return torch.bincount(torch.from_numpy(self.train_labels[self.split.ext]), minlength=self.num_classes)
-
     def host_logits(self, split: str, noisy: bool = False) -> torch.Tensor:
         """Host classifier logits on ``val`` / ``test``, or cross-fitted ones on ``lt`` (never fitted on the row)."""
         return self.tensors[f"host{'_noisy' if noisy else ''}_{split}"]

@@ -28,7 +28,7 @@ from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVo
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store
 
-__all__ = ["HeadConfig", "HeadOutput", "RetrievalHead", "FORMAT_VERSION"]
+__all__ = ["HeadConfig", "HeadOutput", "RetrievalHead", "FORMAT_VERSION", "store_label_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class HeadConfig:
     learnable_tau: bool = False  # train tau as a parameter instead of keeping it fixed
     mlp_ratio: float = 0.0  # hidden size / dim of an optional per-stream MLP in each layer; 0 = none (paper)
     label_vote: bool = False  # add a learned vote over the neighbours' labels to L_R (fusion.LabelVote; off = paper)
+    # With label_vote: divide the vote by the attached store's label frequencies, set on every attach(), so that a
+    # knowledge base swapped in with another class mix is rebalanced without retraining (LabelVote.set_label_prior).
+    vote_balance: bool = False
     key_dim: int | None = None  # dim of the store's search keys; None = query_dim (the head searches with z)
     class_names: list[str] | None = None  # optional names of the C classes
     query_fingerprint: EncoderFingerprint | None = None  # encoder of the search keys (store.fingerprint.key)
@@ -80,6 +83,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.k must be an int >= 0, got {self.k!r}")
         if self.key_dim is not None and (not isinstance(self.key_dim, int) or self.key_dim <= 0):
             raise ValueError(f"HeadConfig.key_dim must be a positive int or None, got {self.key_dim!r}")
+        if self.vote_balance and not self.label_vote:
+            raise ValueError("HeadConfig.vote_balance=True rebalances the label vote: it needs label_vote=True")
         if self.dim % self.heads:
             raise ValueError(f"HeadConfig.dim={self.dim} must be divisible by heads={self.heads}")
         if self.modalities not in MODALITIES:
@@ -130,6 +135,21 @@ class HeadOutput:
     host_logits: torch.Tensor | None  # (B, C) L_I as given, or None
     neighbors: Neighbors  # the neighbours used (on the head's device)
     attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked
+
+
+def store_label_counts(store: Store, num_classes: int) -> torch.Tensor | None:
+    """(C,) records per class in ``store`` (labels outside 0..C-1, e.g. -1 unknown, are not counted); None when
+    the store knows no labels (then a balanced vote is left unbalanced)."""
+    labels = getattr(store, "labels", None)
+    labels = labels() if callable(labels) else labels
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
+    labels = labels[(labels >= 0) & (labels < num_classes)]
+    if labels.numel() == 0:
+        logger.warning("the attached store has no labels in 0..%d: the label vote is not rebalanced", num_classes - 1)
+        return None
+    return torch.bincount(labels, minlength=num_classes)
 
 
 class RetrievalHead(nn.Module):
@@ -199,6 +219,8 @@ class RetrievalHead(nn.Module):
             self.config = replace(c, **learned)
             logger.info("head adopts the store's encoder fingerprints for %s", sorted(learned))
         self._store = store
+        if self.vote is not None and self.config.vote_balance:
+            self.vote.set_label_prior(store_label_counts(store, c.num_classes))
         return self
 
     def detach_store(self) -> Store | None:

@@ -327,3 +327,29 @@ def test_label_vote_scale_multiplies_the_vote_and_is_saved(seed, tmp_path):
     save_file(state, str(w), metadata={"format": "retrofit-head", "format_version": "1"})
     old = RetrievalHead.load(tmp_path / "h")
     assert float(old.vote.scale) == 1.0
+
+
+def test_vote_balance_follows_the_attached_store(seed):
+    from retrofit.head import store_label_counts
+
+    def store_with(labels: list[int]) -> InMemoryStore:
+        n = len(labels)
+        st = InMemoryStore(DQ, DI, DT)
+        st.add(torch.randn(n, DQ), torch.randn(n, DI), torch.randn(n, DT), labels=torch.tensor(labels))
+        return st
+
+    skewed = store_with([0] * 6 + [1] * 2 + [2] * 1 + [-1])  # one unknown label, not counted
+    assert store_label_counts(skewed, C).tolist()[:3] == [6, 2, 1]
+    cfg = dict(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4, label_vote=True)
+    head = RetrievalHead(HeadConfig(**cfg, vote_balance=True), skewed)
+    labels, scores, mask = torch.tensor([[0, 0, 0, 1]]), torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    p = head.vote.probs(labels, scores, mask).detach()
+    assert float(p[0, 0] / p[0, 1]) == pytest.approx(1.0, rel=1e-5)  # 3 votes / 6 records vs 1 vote / 2 records
+    balanced = store_with(list(range(C)) * 2)
+    head.attach(balanced)  # a KB with another class mix swapped in: the vote follows it
+    assert torch.allclose(head.vote.label_log_prior, torch.zeros(C), atol=1e-6)
+    assert float(head.vote.probs(labels, scores, mask)[0, 0].detach()) == pytest.approx(0.75)
+    plain = RetrievalHead(HeadConfig(**cfg), skewed)  # vote_balance off: the attach leaves the vote alone
+    assert torch.all(plain.vote.label_log_prior == 0)
+    with pytest.raises(ValueError, match="label_vote"):
+        HeadConfig(**{**cfg, "label_vote": False}, vote_balance=True)
