@@ -20,6 +20,8 @@ BATCH, BATCHES = 64, 40
 
 # Deterministic resumable ingestion: batch b holds records b*BATCH .. with image[:, 0] = id and label = id % 5.
 # Progress ("done") is recorded in the same LMDB transaction as the records, so a resumed run never duplicates.
+# The writer starts each batch on a "go" line from stdin: the test paces it, so that on a fast machine it cannot
+# finish all batches before the test has killed it the planned number of times.
 WRITER = textwrap.dedent(f"""
     import sys, torch
     from retrofit.knowledge_base import KnowledgeBase
@@ -30,6 +32,7 @@ WRITER = textwrap.dedent(f"""
         kb = KnowledgeBase.create(path, {DK}, {DI}, {DT}, flat_threshold=1000, ef_construction=16, hnsw_m=8)
     print("start", kb.user_meta.get("done", 0), flush=True)
     for b in range(kb.user_meta.get("done", 0), {BATCHES}):
+        sys.stdin.readline()  # "go" (end of input: run freely)
         ids = torch.arange(b * {BATCH}, (b + 1) * {BATCH})
         g = torch.Generator().manual_seed(b)
         image = torch.zeros({BATCH}, {DI}); image[:, 0] = (ids % 1024).float(); image[:, 1] = (ids // 1024).float()
@@ -44,8 +47,14 @@ WRITER = textwrap.dedent(f"""
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _go(p: subprocess.Popen) -> None:
+    """Let the writer start its next batch."""
+    p.stdin.write("go\n")
+    p.stdin.flush()
 
 
 def _expected_key(b: int) -> torch.Tensor:
@@ -83,16 +92,18 @@ def test_sigkill_during_ingestion_then_resume_without_duplicates(tmp_path):
             p.wait(timeout=60)
             break
         for _ in range(rng.randint(1, 4)):  # kill after a random number of committed batches ...
+            _go(p)
             if not p.stdout.readline():
                 break
-        time.sleep(rng.uniform(0.0, 0.03))  # ... at a random point of the next add / flush
+        _go(p)
+        time.sleep(rng.uniform(0.0, 0.01))  # ... at a random point of the next add / flush
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
         kills += 1
         progress.append(_check_committed(path))
     assert kills >= 5, f"the writer finished before 5 kills (progress {progress}); make the ingestion longer"
     p = _spawn(WRITER, path)  # resume to the end
-    out, err = p.communicate(timeout=300)
+    out, err = p.communicate(input="go\n" * BATCHES, timeout=300)
     assert p.returncode == 0 and "finished" in out, err
     assert _check_committed(path) == BATCHES
     with KnowledgeBase.open(path) as kb:
