@@ -147,6 +147,20 @@ def test_vote_scale_and_adjustment_are_chosen_jointly_on_validation():
     for bad in ((), (-1.0,), (float("inf"),)):
         with pytest.raises(ValueError, match="vote_scales"):
             DemoConfig(vote_scales=bad).validate()
+    with pytest.raises(ValueError, match="vote_scale_on"):
+        DemoConfig(vote_scale_on="test").validate()
+
+
+def test_balanced_top1_weighs_classes_equally():
+    import torch
+
+    from retrofit.demo import _balanced_top1
+
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    logits = torch.tensor([[1.0, 0.0]] * 5)  # always class 0: 4 of 5 right, but class 1 never
+    assert _balanced_top1(logits, labels) == pytest.approx(0.5)
+    assert _balanced_top1(torch.tensor([[0.0, 1.0]] * 5), labels) == pytest.approx(0.5)
+    assert _balanced_top1(torch.eye(2)[labels], labels) == pytest.approx(1.0)
 
 
 def test_table_and_config_validation():

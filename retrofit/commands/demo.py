@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
+    cfg.vote_scale_on = args.vote_scale_on
     cfg.progress = not args.quiet
     t = time.perf_counter()
     doc = run_demo(cfg)
@@ -50,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=None, help="head width d")
     p.add_argument("--depth", type=int, default=None, help="cross-fusion layers L")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
+                   help="choose the vote scale on the long-tail training images (default; own entries excluded, "
+                        "cross-fitted host logits) or on the 200 validation images (noisier)")
     p.add_argument("--retrain", action="store_true",
                    help="train every head again instead of reusing heads cached by an identical earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
