@@ -144,6 +144,11 @@ def _choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_p
     return max(scores)[2]
 
 
+def _nearness_to_one(scale: float) -> float:
+    """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
+    return -abs(float(np.log(scale))) if scale > 0 else -np.inf
+
+
 def _choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_labels: torch.Tensor,
                                  log_prior: torch.Tensor, grid: tuple[float, ...]) -> tuple[float, float]:
     """The (vote scale, post-hoc strength) pair with the best validation top-1; ties: scale nearest 1, then the
@@ -151,7 +156,7 @@ def _choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_labe
     best = None
     for scale, logits in val_logits.items():
         a = _choose_adjustment(logits, val_labels, log_prior, grid)
-        key = (_top1(logits - a * log_prior, val_labels), -abs(np.log(scale)) if scale > 0 else -np.inf, -abs(a))
+        key = (_top1(logits - a * log_prior, val_labels), _nearness_to_one(scale), -abs(a))
         if best is None or key > best[0]:
             best = (key, scale, a)
     return best[1], best[2]
@@ -248,10 +253,15 @@ def _head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = F
     (row 5) has its vote rebalanced for that KB's class counts."""
     from retrofit.training import predict_logits
 
-    if head.store is not data.kb(kb):
-        head.attach(data.kb(kb))
+    _attach(head, data, kb)
     fs = _shifted(data.eval_features(split, kb, noisy=noisy), shift)
     return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
+
+
+def _attach(head: Any, data: DemoData, kb: str) -> None:
+    """Attach ``kb`` to ``head`` unless it is attached already (attaching rebalances a balanced vote)."""
+    if head.store is not data.kb(kb):
+        head.attach(data.kb(kb))
 
 
 def _balanced_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -266,14 +276,13 @@ def _scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, s
     without their own entry, cross-fitted host logits); ties: the scale nearest 1."""
     from retrofit.training import predict_logits
 
-    if head.store is not data.kb(kb):
-        head.attach(data.kb(kb))
+    _attach(head, data, kb)
     fs = _shifted(data.train_features(kb, noisy=noisy), shift)
     best = None
     for sc in scales:
         head.vote.set_scale(sc)
         score = _balanced_top1(predict_logits(head, fs, data.kb(kb), device="cpu")["logits"], fs.labels)
-        key = (score, -abs(np.log(sc)) if sc > 0 else -np.inf)
+        key = (score, _nearness_to_one(sc))
         if best is None or key > best[0]:
             best = (key, sc)
     return best[1]
