@@ -32,6 +32,7 @@ from retrofit.kb_index import IndexConfig, IndexState, load_index
 from retrofit.kb_maint import KBIndexMixin
 from retrofit.kb_records import _DTYPES, SCHEMA_VERSION, RecordStore
 from retrofit.kb_search import KBSearchMixin
+from retrofit.kb_write import KBWriteMixin
 from retrofit.store import KBFingerprint
 
 __all__ = ["KnowledgeBase", "IndexConfig"]
@@ -45,23 +46,11 @@ def _fix_command(path: Path) -> str:
     return f"retrofit kb compact {path}"
 
 
-def _as_2d(name: str, x: Any, n: int | None, dim: int) -> np.ndarray:
-    t = torch.as_tensor(x).detach()
-    if not (t.is_floating_point()):
-        raise ValueError(f"{name} must be a float tensor, got dtype {t.dtype}")
-    if t.dim() != 2 or t.shape[1] != dim or (n is not None and t.shape[0] != n):
-        want = f"({n if n is not None else 'N'}, {dim})"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    a = t.cpu().to(torch.float32).numpy()
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or inf; nothing was added")
-    return a
-
 # LMDB objects a forked child inherited from its parent's open handles: kept alive, never closed (see _abandon)
 _INHERITED: list[Any] = []
 
 
-class KnowledgeBase(KBIndexMixin, KBSearchMixin):
+class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
     """An LMDB + faiss knowledge base of (key, image vector, text vector, label, caption, source) records.
 
     Create with :meth:`create`, open with :meth:`open`; use as a context manager or call :meth:`close`.
@@ -249,84 +238,6 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
             self._sel = faiss.IDSelectorNot(batch)
             self._sel_keep = batch  # the Not selector points into it
 
-    # ------------------------------------------------------------------ writing
-    def _check_writable(self) -> None:
-        self._check_process()
-        if self.readonly:
-            raise KnowledgeBaseError(f"{self.path} is open read-only; use KnowledgeBase.open(path, readonly=False)")
-        if self._rec is None:
-            raise KnowledgeBaseError(f"{self.path} is closed")
-
-    def add(self, keys: torch.Tensor, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
-            captions: list[str | None] | None = None, sources: list[str | None] | None = None,
-            meta: dict[str, Any] | None = None) -> torch.Tensor:
-        """Append a batch in ONE LMDB transaction; ``meta`` is merged into ``user_meta`` in the same one.
-
-        Keys are L2-normalised. Returns the new ids (N,) int64. Bad input raises ``ValueError`` before anything
-        is written.
-        """
-        self._check_writable()
-        k = _as_2d("keys", keys, None, self.key_dim)  # (N, Dk)
-        n = k.shape[0]
-        if n == 0:
-            raise ValueError("add() got an empty batch (0 records); nothing was added")
-        im = _as_2d("image", image, n, self.image_dim)  # (N, Di)
-        tx = _as_2d("text", text, n, self.text_dim)  # (N, Dt)
-        norms = np.linalg.norm(k, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise ValueError(f"keys has {int((norms == 0).sum())} all-zero rows, which cannot be normalised")
-        if labels is None:
-            lab = np.full(n, -1, dtype=np.int64)
-        else:
-            lt = torch.as_tensor(labels)
-            if lt.is_floating_point() or lt.shape != (n,):
-                raise ValueError(f"labels must be ({n},) integers, got {tuple(lt.shape)} {lt.dtype}")
-            lab = lt.cpu().to(torch.int64).numpy()
-            hi = len(self.class_names) if self.class_names else None
-            if (lab < -1).any() or (hi is not None and (lab >= hi).any()):
-                raise ValueError(f"labels must be -1 (unknown) or class ids 0..{(hi or 0) - 1 if hi else 'C-1'}, "
-                                 f"got {sorted(set(lab.tolist()))[:10]}")
-        texts = []
-        for name, lst in (("captions", captions), ("sources", sources)):
-            if lst is not None and (len(lst) != n or not all(s is None or isinstance(s, str) for s in lst)):
-                raise ValueError(f"{name} must be a list of {n} strings (or None), got {type(lst).__name__} "
-                                 f"of length {len(lst)}")
-        texts = list(zip(captions or [None] * n, sources or [None] * n))
-        if meta is not None:
-            if not isinstance(meta, dict):
-                raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
-            json.dumps(meta)
-        dt = self._rec.np_dtype
-        with np.errstate(over="ignore"):
-            rows = np.concatenate([k / norms, im, tx], axis=1).astype(dt)  # (N, Dk+Di+Dt)
-        if not np.isfinite(rows).all():
-            raise ValueError(f"values exceed the {dt.name} range (max {np.finfo(dt).max:g}); nothing was added")
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            start = m["next_id"]
-            self._rec.append(txn, start, rows, lab, texts)
-            m["next_id"] += n
-            m["count"] += n
-            m["generation"] += 1
-            if meta:
-                m["user_meta"].update(meta)
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
-        if self._bulk == 0:
-            self._catch_up()
-        return torch.arange(start, start + n, dtype=torch.int64)
-
-    def update_meta(self, meta: dict[str, Any]) -> None:
-        """Merge ``meta`` into :attr:`user_meta` (one transaction)."""
-        self._check_writable()
-        json.dumps(meta)
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            m["user_meta"].update(meta)
-            m["generation"] += 1
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
-
     def _check_ids(self, ids: Any) -> np.ndarray:
         a = torch.as_tensor(ids).reshape(-1)
         if a.is_floating_point():
@@ -337,47 +248,6 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin):
             raise KeyError(f"unknown or deleted ids {a[bad][:10].tolist()} (valid ids: live records in "
                            f"0..{self._meta['next_id'] - 1})")
         return a
-
-    def delete(self, ids: torch.Tensor | list[int]) -> None:
-        """Tombstone records (filtered from search at once; :meth:`compact` rebuilds the index without them)."""
-        self._check_writable()
-        a = np.unique(self._check_ids(ids))
-        if a.size == 0:
-            return
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            from retrofit.kb_records import ckey
-
-            for i in a.tolist():
-                txn.put(ckey(i), b"", db=self._rec.db_del)
-            m["count"] -= int(a.size)
-            m["deleted"] += int(a.size)
-            m["generation"] += 1
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
-        self._set_deleted(np.union1d(self._deleted, a))
-
-    def compact(self) -> None:
-        """Rebuild the index without deleted records and drop the chunks whose records are all deleted."""
-        self._check_writable()
-        from retrofit.kb_records import ckey
-
-        C, nxt = self._rec.chunk, self._meta["next_id"]
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            dead_per_chunk = np.bincount(self._deleted // C, minlength=(nxt + C - 1) // C)
-            last = (nxt - 1) // C
-            for c in np.flatnonzero(dead_per_chunk == C).tolist():
-                if c != last:
-                    txn.delete(ckey(c), db=self._rec.db_vec)
-                    txn.delete(ckey(c), db=self._rec.db_lab)
-            for i in self._deleted.tolist():
-                txn.delete(ckey(i), db=self._rec.db_txt)
-            m["generation"] += 1
-            m["compactions"] += 1
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
-        self._rebuild()
 
     # ------------------------------------------------------------------ properties
     key_dim = property(lambda self: int(self._meta["key_dim"]))
