@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from retrofit.errors import RetrofitError
-from retrofit.feature_cache import FeatureSet, NeighborVectors, neighbors_from_ids
+from retrofit.feature_cache import FeatureSet
+from retrofit.prediction import _Batcher, _device, _resolve_store, _vector_table, predict_logits
 
 __all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior",
            "class_balance_weights"]
@@ -138,15 +139,6 @@ def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (counts / counts.sum()).log()
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RetrofitError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto'")
-    return dev
-
-
 def _num_classes(head: nn.Module) -> int:
     cfg = getattr(head, "config", None)
     c = getattr(cfg, "num_classes", None)
@@ -171,87 +163,6 @@ def check_features(fs: FeatureSet, num_classes: int, what: str, host: nn.Module 
     if lab.numel() and int(lab.max()) >= num_classes:
         raise RetrofitError(f"{what}: label {int(lab.max())} is out of range for a head with {num_classes} classes "
                             f"(allowed 0..{num_classes - 1}); build the head with num_classes > {int(lab.max())}")
-
-
-class _Batcher:
-    """Builds the head's inputs for rows of a FeatureSet (cached or live neighbours)."""
-
-    def __init__(self, fs: FeatureSet, k: int, device: torch.device, store: Any, table: NeighborVectors | None):
-        self.fs, self.k, self.device, self.store, self.table = fs, k, device, store, table
-        self.keys = fs.retrieval_keys if not fs.has_neighbors else None
-
-    def __call__(self, idx: torch.Tensor):
-        fs, dev = self.fs, self.device
-        z = fs.z[idx].to(dev, torch.float32)  # (B, Dq)
-        host = fs.host_logits[idx].to(dev, torch.float32) if fs.host_logits is not None else None  # (B, C)
-        if fs.has_neighbors:
-            k = min(self.k, fs.neighbor_ids.shape[1])
-            nb = neighbors_from_ids(fs.neighbor_ids[idx, :k], fs.neighbor_scores[idx, :k],
-                                    fs.neighbor_labels[idx, :k], self.table)
-        else:
-            ex = fs.exclude[idx] if fs.exclude is not None else None
-            nb = self.store.search(self.keys[idx], self.k, exclude=ex)
-        return z, host, nb.to(dev, torch.float32)
-
-
-def _resolve_store(head: nn.Module, store: Any) -> Any:
-    return store if store is not None else getattr(head, "store", None)
-
-
-def _vector_table(store: Any, sets: list[FeatureSet], k: int, device: torch.device) -> NeighborVectors | None:
-    cached = [fs.neighbor_ids[:, :k] for fs in sets if fs is not None and fs.has_neighbors]
-    if not cached:
-        return None
-    if store is None:
-        raise RetrofitError("the features carry cached neighbour ids but no knowledge base was given to read their "
-                            "vectors from: pass store=KnowledgeBase.open(...) or attach one to the head")
-    return NeighborVectors(store, torch.cat([c.reshape(-1) for c in cached])).to(device)
-
-
-@torch.no_grad()
-def predict_logits(
-    head: nn.Module,
-    fs: FeatureSet,
-    store: Any = None,
-    *,
-    host_classifier: nn.Module | None = None,
-    k: int | None = None,
-    batch_size: int = 1024,
-    device: str = "auto",
-    return_attention: bool = False,
-    table: NeighborVectors | None = None,
-) -> dict[str, torch.Tensor]:
-    """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
-    plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k)."""
-    dev = _device(device)
-    store = _resolve_store(head, store)
-    k = k or getattr(head.config, "k", 32)
-    if table is None and fs.has_neighbors:
-        table = _vector_table(store, [fs], k, dev)
-    if not fs.has_neighbors and store is None:
-        raise RetrofitError("predict_logits needs a knowledge base (store=...) for features without cached neighbours")
-    batcher = _Batcher(fs, k, dev, store, table)
-    was_training = head.training
-    head.eval()
-    out: dict[str, list[torch.Tensor]] = {}
-    try:
-        for s in range(0, len(fs), batch_size):
-            idx = torch.arange(s, min(s + batch_size, len(fs)))
-            z, host, nb = batcher(idx)
-            if host_classifier is not None:
-                host = host_classifier.to(dev)(z)
-            kw = {"return_attention": True} if return_attention else {}
-            o = head(z, host_logits=host, neighbors=nb, **kw)
-            parts = {"logits": o.logits, "retrieval_logits": o.retrieval_logits, "neighbor_ids": nb.ids}
-            if host is not None:
-                parts["host_logits"] = host
-            if return_attention and getattr(o, "attention", None) is not None:
-                parts["attention"] = o.attention
-            for name, t in parts.items():
-                out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
-    finally:
-        head.train(was_training)
-    return {n: torch.cat(v) for n, v in out.items()}
 
 
 def train(
