@@ -15,7 +15,7 @@ import sys
 from retrofit._version import __version__
 
 # top-level command modules, and modules that add subcommands to `retrofit kb`
-_COMMANDS = ["info", "train", "demo"]
+_COMMANDS = ["info", "train", "predict", "demo"]
 _KB_COMMANDS = ["kb", "kb_build"]
 
 

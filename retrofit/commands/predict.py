@@ -1,0 +1,216 @@
+"""``retrofit eval``, ``retrofit predict``: measure a trained head against its host, classify images with it.
+
+Both load what ``retrofit train`` wrote (``--run DIR``: model, head, knowledge base, classes, host
+classifier), or take each piece explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from retrofit.commands.train import RUN_FILE, _guarded, _labels, _open_kb, _runtime, _source
+
+_EPILOG_EVAL = """examples:
+  retrofit eval --run runs/c10 --data cifar10/test-000000.tar
+  retrofit eval --run runs/c10 --data test/ --cutoffs 1000,200 --out runs/c10/eval-test --json
+
+Writes eval.json, eval.md (host and retrofitted, each also with post-hoc logit adjustment) and
+per_class.png (host vs retrofitted).
+"""
+_EPILOG_PREDICT = """examples:
+  retrofit predict cat.jpg dog.png --run runs/c10
+  retrofit predict photo.jpg --model darknet-tiny --head runs/c10/head --kb kb/cifar --explain --json
+"""
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """--run DIR supplies model / head / kb / classes / host classifier unless given explicitly."""
+    run: dict[str, Any] = {}
+    if args.run:
+        f = Path(args.run) / RUN_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: --run must be an output directory of `retrofit train`")
+        run = json.loads(f.read_text())
+        run["head_path"] = str(Path(args.run) / "head")
+        for name in ("host_classifier.safetensors", "host_probe.safetensors"):
+            if run.get("host") != "none" and (Path(args.run) / name).is_file():
+                run["host_file"] = str(Path(args.run) / name)
+                break
+    for key, val in (("model", args.model), ("head_path", args.head), ("kb", args.kb)):
+        if val:
+            run[key] = val
+        if not run.get(key):
+            raise ValueError(f"--{key.split('_')[0]} is required (or --run DIR of a `retrofit train` output)")
+    if getattr(args, "host_classifier", None):
+        run["host_file"] = args.host_classifier
+    return run
+
+
+def _load_head(path: str, kb: Any) -> Any:
+    from retrofit.head import RetrievalHead
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"head {path!r} not found; train one with `retrofit train ... --out DIR` "
+                                "(the head is DIR/head)")
+    return RetrievalHead.load(path, store=kb)
+
+
+def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
+    """The host classifier to apply to z (a probe / jointly trained layer), or None to keep fs.host_logits."""
+    from retrofit.errors import RetrofitError
+    from retrofit.train_checkpoint import load_linear
+
+    C = head.config.num_classes
+    if run.get("host") == "none":
+        fs.host_logits = None
+        return None
+    if run.get("host_file"):
+        return load_linear(run["host_file"])
+    if fs.host_logits is not None and fs.host_logits.shape[1] != C:
+        raise RetrofitError(f"class-count mismatch: the model gives {fs.host_logits.shape[1]} logits but the head has "
+                            f"{C} classes; pass --host-classifier FILE (host_probe.safetensors of the training run)")
+    return None
+
+
+@_guarded
+def cmd_eval(args: argparse.Namespace) -> int:
+    from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
+    from retrofit.pipeline import load_host_model, source_features
+    from retrofit.plots import plot_per_class_accuracy
+    from retrofit.training import predict_logits
+
+    run = _resolve(args)
+    kb = _open_kb(run["kb"])
+    head = _load_head(run["head_path"], kb)
+    host = load_host_model(run["model"])
+    classes = head.config.class_names or run.get("classes")
+    src = _source(args.data)
+    labels, _ = _labels(src, classes, "evaluation data", required=True)
+    cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
+    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache, name="eval",
+                         exclude_self=not args.keep_self, batch_size=args.feature_batch, workers=args.workers,
+                         progress=not args.quiet)
+    host_clf = _head_inputs(run, head, fs)
+    pred = predict_logits(head, fs, kb, host_classifier=host_clf, device=args.device)
+    counts = run.get("train_counts")
+    if counts is None:
+        raise ValueError("training class counts unknown (no run.json): give --run DIR of the training run")
+    hi, lo = (int(x) for x in args.cutoffs.split(","))
+    kw = dict(train_counts=counts, cutoffs=(hi, lo), class_names=classes)
+    results = {}
+    if "host_logits" in pred:
+        results["host"] = evaluate(pred["host_logits"], fs.labels, **kw)
+        results["host + logit adj."] = evaluate(logit_adjust(pred["host_logits"], counts), fs.labels, **kw)
+    results["retrofitted"] = evaluate(pred["logits"], fs.labels, **kw)
+    results["retrofitted + logit adj."] = evaluate(logit_adjust(pred["logits"], counts), fs.labels, **kw)
+    out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
+    save_results(results, out / "eval.json", out / "eval.md")
+    plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")
+    print(json.dumps({n: {k: r[k] for k in ("top1", "top5", "many", "medium", "few", "nll", "ece")}
+                      for n, r in results.items()}) if args.json else markdown_table(results))
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'per_class.png'}", file=sys.stderr)
+    return 0
+
+
+@_guarded
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from retrofit.feature_cache import FeatureSet
+    from retrofit.pipeline import load_host_model
+    from retrofit.training import predict_logits
+
+    run = _resolve(args)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image file(s) not found: {missing}")
+    kb = _open_kb(run["kb"])
+    head = _load_head(run["head_path"], kb)
+    host = load_host_model(run["model"])
+    images = []
+    for p in args.images:
+        try:
+            with Image.open(p) as im:
+                images.append(host.preprocess(im.convert("RGB")))
+        except Exception as e:
+            raise ValueError(f"cannot read image {p!r}: {e}") from e
+    z, logits = host.featurize(torch.stack(images))
+    fs = FeatureSet(z=z.float().cpu(), labels=torch.full((len(images),), -1),
+                    host_logits=logits.float().cpu() if logits is not None else None)
+    host_clf = _head_inputs(run, head, fs)
+    pred = predict_logits(head, fs, kb, host_classifier=host_clf, return_attention=args.explain, device=args.device)
+    names = head.config.class_names or [str(c) for c in range(head.config.num_classes)]
+    probs = pred["logits"].softmax(-1)
+    top = probs.topk(min(args.top, probs.shape[1]), dim=1)
+    out = []
+    for i, path in enumerate(args.images):
+        rec: dict[str, Any] = {"image": path, "top": [{"class": names[c], "index": int(c), "prob": float(p)}
+                                                     for p, c in zip(top.values[i].tolist(), top.indices[i].tolist())]}
+        if args.explain:
+            ids = pred["neighbor_ids"][i]
+            att = pred.get("attention", torch.zeros(len(ids)))[i]
+            ok = ids >= 0
+            recs = kb.get(ids[ok]) if ok.any() else []
+            sims = (torch.nn.functional.normalize(fs.z[i:i + 1], dim=1) @ kb.vectors(ids[ok], which="key").T)[0] \
+                if ok.any() else torch.zeros(0)
+            nb = [{"id": r["id"], "label": names[r["label"]] if 0 <= r["label"] < len(names) else None,
+                   "caption": r["caption"], "similarity": round(float(s), 4), "attention": round(float(a), 4)}
+                  for r, s, a in zip(recs, sims.tolist(), att[ok].tolist())]
+            rec["neighbors"] = sorted(nb, key=lambda d: -d["attention"])
+        out.append(rec)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for rec in out:
+        print(rec["image"])
+        for t in rec["top"]:
+            print(f"  {t['prob']:7.2%}  {t['class']}")
+        if args.explain:
+            print(f"  {'id':>8} {'attention':>9} {'sim':>6}  {'label':<14} caption")
+            for n in rec["neighbors"][:args.explain_top]:
+                print(f"  {n['id']:>8} {n['attention']:>9.4f} {n['similarity']:>6.3f}  {str(n['label']):<14} "
+                      f"{(n['caption'] or '')[:70]}")
+    return 0
+
+
+def _load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default=None, metavar="DIR", help="output directory of `retrofit train` (sets the rest)")
+    p.add_argument("--model", default=None, metavar="SPEC", help="host model (default: the run's)")
+    p.add_argument("--head", default=None, metavar="DIR", help="saved head (default: RUN/head)")
+    p.add_argument("--kb", default=None, metavar="DIR", help="knowledge base (default: the run's)")
+    p.add_argument("--host-classifier", default=None, metavar="FILE",
+                   help="linear host classifier (.safetensors) for models whose classes differ from the head's")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("eval", help="long-tail metrics (many/medium/few, NLL, ECE), table and per-class plot",
+                       description="Evaluate a trained head against its host on labelled data.",
+                       epilog=_EPILOG_EVAL, formatter_class=fmt)
+    p.add_argument("--data", required=True, metavar="SOURCE", help="labelled evaluation data")
+    _load_args(p)
+    p.add_argument("--cutoffs", default="100,20", metavar="MANY,FEW",
+                   help="many > MANY, few < FEW training images per class (default 100,20: ImageNet-LT)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where eval.json / eval.md / per_class.png go")
+    p.add_argument("--keep-self", action="store_true", help="let an image retrieve its own KB entry")
+    p.add_argument("--no-cache", action="store_true", help="do not cache the evaluation features")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default RUN/cache)")
+    _runtime(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images, with --explain: the neighbours behind them",
+                       description="Classify image files with a retrofitted model.",
+                       epilog=_EPILOG_PREDICT, formatter_class=fmt)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _load_args(p)
+    p.add_argument("--top", type=int, default=5, help="classes to show (default 5)")
+    p.add_argument("--explain", action="store_true",
+                   help="show the neighbours (id, caption, label, similarity, attention weight)")
+    p.add_argument("--explain-top", type=int, default=8, help="neighbours shown per image in the table (default 8)")
+    _runtime(p)
+    p.set_defaults(func=cmd_predict)
