@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "iter_shard",
     "load_classes",
     "load_split",
+    "load_wordnet",
     "long_tail_split",
     "prompt",
     "shard_paths",
@@ -211,6 +213,19 @@ def load_classes(data_dir: str | Path) -> tuple[list[str], list[str]]:
     """Class names (CIFAR-10 order) and the CLIP prompt templates from ``classes.json``."""
     meta = json.loads((Path(data_dir) / "cifar10" / "classes.json").read_text())
     return list(meta["classes"]), list(meta.get("clip_templates") or ["a photo of a {}."])
+
+
+def load_wordnet(data_dir: str | Path) -> tuple[list[list[str]], list[str]]:
+    """Per class (CIFAR-10 order) the lemmas and the gloss of its first WordNet 3.0 sense from ``classes.json``
+    (the gloss without its quoted usage examples): synonyms and descriptions for
+    :class:`retrofit.caption_labels.CaptionLabeller`."""
+    meta = json.loads((Path(data_dir) / "cifar10" / "classes.json").read_text())
+    senses = meta.get("wordnet")
+    if not senses or len(senses) != len(meta["classes"]):
+        raise ValueError(f"{Path(data_dir) / 'cifar10' / 'classes.json'} has no 'wordnet' entry per class")
+    lemmas = [list(s[0]["lemmas"]) for s in senses]
+    glosses = [re.sub(r';?\s*"[^"]*"', "", s[0]["gloss"]).strip(" ;") for s in senses]
+    return lemmas, glosses
 
 
 def prompt(class_name: str, template: str = "a photo of a {}.") -> str:

@@ -9,12 +9,16 @@ head-only on KB_in with LACE; 5. the row-4 head with KB_ext swapped in (no retra
 with KB_ext; 7. image-only / text-only ablations of row 4; 8. 40% symmetric label noise: rows 2 and 4
 retrained on the noisy labels (KB_in's text follows them).
 
-Every choice (logit-adjustment strengths, vote scales) is made on the 200-image balanced validation set; the
-test set is evaluated once per reported row and seed. Embeddings, host logits and knowledge bases are cached
+The post-hoc logit-adjustment strengths are chosen on the 200-image balanced validation set, the heads' vote
+scales on the long-tail training images (``vote_scale_on="val"``: on validation too); the test set is evaluated
+once per reported row and seed. KB_ext's web-captioned records carry CIFAR-10's own labels, which the label
+vote and the kNN rows read (``ext_labels="captions"``: labels read from the captions instead, as a web corpus
+without labels would give). Embeddings, host logits and knowledge bases are cached
 under ``cache_dir`` (first run: encoding ~60k images; later runs reuse them), and so are the trained heads
 (``heads/<key>``, the key covering every training input and the training code; ``reuse_heads=False`` /
 ``--retrain`` trains them again). The pieces live in :mod:`retrofit.demo_data`
-(data, KBs, features) and here (the experiment).
+(data, KBs, features), :mod:`retrofit.demo_heads` (training, caching and evaluating heads),
+:mod:`retrofit.demo_rules` (metrics, choices, fixed baselines) and here (the configuration and the rows).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ import numpy as np
 import torch
 
 from retrofit.demo_data import DemoData, prepare
+from retrofit.demo_heads import head_logits, scale_on_training_images, train_head
+from retrofit.demo_rules import (
+    choose_adjustment,
+    choose_scale_and_adjustment,
+    fixed_fusion,
+    group_metrics,
+    knn_probs,
+    mean_std,
+    top1,
+)
 
 __all__ = ["DemoConfig", "ROWS", "run_demo", "format_table"]
 
@@ -51,6 +65,7 @@ ROWS = {
 GUARDS = {"g_in": "fixed 50/50 fusion of row 2 and kNN on KB_in",
           "g_ext": "fixed 50/50 fusion of row 2 and kNN on KB_ext"}
 _TRAINED = {"4", "5", "6", "7i", "7t", "8r"}
+_EXT_LABELS = {"dataset": "CIFAR-10's own", "captions": "read from the captions (CaptionLabeller)"}
 
 
 @dataclass
@@ -59,13 +74,18 @@ class DemoConfig:
 
     data_dir: str | None = None  # directory holding cifar10/ (None = RETROFIT_DATA_DIR or ../shared/data)
     cache_dir: str = ".retrofit_cache/cifar10_lt"  # embeddings, host logits and knowledge bases, reused across runs
-    results_dir: str = "results"  # where cifar10_lt.md / .json / .png are written
+    results_dir: str = "results"  # where cifar10_lt.md / .json / .png are written (see results_stem)
     imbalance_factor: float = 100.0  # CIFAR-10-LT imbalance factor (largest / smallest class)
     val_per_class: int = 20  # balanced validation images per class, drawn outside the long-tail subset
     split_seed: int = 0  # seed of the validation draw
     image_encoder: str = "darknet-tiny@64"  # the host backbone (also the KB's key / image encoder)
     text_encoder: str = "minilm"  # encoder of the KB texts
     template: str = "a photo of a {}."  # KB_in text: the class name in this prompt
+    # Labels of KB_ext's pool records (the label vote and the kNN rows read them): "dataset" = CIFAR's own labels
+    # (as the issue's reference kNN figure); "captions" = read from each record's web-like caption by
+    # retrofit.caption_labels.CaptionLabeller (what a web corpus without labels gives: 75% right, 15% wrong, 10%
+    # unknown here); results then go to cifar10_lt_ext_captions.*
+    ext_labels: str = "dataset"
     host_weight_decay: float = 2e-6  # L2 of the host's linear probe on the unit-norm embedding (= 1e-4 on the raw,
     # norm ~7, embedding; 1e-4 on unit-norm vectors underfits: 44% instead of 53% top-1)
     k: int = 16  # neighbours per query
@@ -106,6 +126,11 @@ class DemoConfig:
     plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)
     progress: bool = True  # tqdm bars
 
+    @property
+    def results_stem(self) -> str:
+        """File name stem of the results: ``cifar10_lt`` (``cifar10_lt_ext_captions`` with caption labels)."""
+        return "cifar10_lt" + ("_ext_captions" if self.ext_labels == "captions" else "")
+
     def validate(self) -> None:
         unknown = set(self.rows) - set(ROWS)
         if unknown:
@@ -114,6 +139,8 @@ class DemoConfig:
             raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
         if not self.vote_scales or any(not 0.0 <= v < float("inf") for v in self.vote_scales):
             raise ValueError(f"vote_scales must be a non-empty tuple of finite numbers >= 0, got {self.vote_scales!r}")
+        if self.ext_labels not in ("dataset", "captions"):
+            raise ValueError(f"ext_labels must be 'dataset' or 'captions', got {self.ext_labels!r}")
         if self.vote_scale_on not in ("val", "train"):
             raise ValueError(f"vote_scale_on must be 'val' or 'train', got {self.vote_scale_on!r}")
         if not 0.0 <= self.noise_rate < 1.0:
@@ -121,171 +148,6 @@ class DemoConfig:
         for n in ("k", "dim", "depth", "heads", "epochs", "batch_size"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) <= 0:
                 raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
-
-
-# ------------------------------------------------------------------------------------------------ pieces
-
-
-def _evaluate(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
-    """Metrics with the CIFAR-10-LT groups: Many > 1000, Medium 200-1000, Few < 200 training images (clean)."""
-    from retrofit.evaluation import evaluate
-
-    return evaluate(logits, labels, train_counts=counts, cutoffs=(1000, 200), class_names=names)
-
-
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(1) == labels).float().mean())
-
-
-def _choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_prior: torch.Tensor,
-                       grid: tuple[float, ...]) -> float:
-    """The post-hoc strength a in ``logits - a * log prior`` with the best validation top-1 (ties: smallest |a|)."""
-    scores = [(_top1(val_logits - a * log_prior, val_labels), -abs(a), a) for a in grid]
-    return max(scores)[2]
-
-
-def _nearness_to_one(scale: float) -> float:
-    """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
-    return -abs(float(np.log(scale))) if scale > 0 else -np.inf
-
-
-def _choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_labels: torch.Tensor,
-                                 log_prior: torch.Tensor, grid: tuple[float, ...]) -> tuple[float, float]:
-    """The (vote scale, post-hoc strength) pair with the best validation top-1; ties: scale nearest 1, then the
-    smallest |a| (``val_logits`` maps each vote scale to the head's validation logits with that scale)."""
-    best = None
-    for scale, logits in val_logits.items():
-        a = _choose_adjustment(logits, val_labels, log_prior, grid)
-        key = (_top1(logits - a * log_prior, val_labels), _nearness_to_one(scale), -abs(a))
-        if best is None or key > best[0]:
-            best = (key, scale, a)
-    return best[1], best[2]
-
-
-def knn_probs(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
-              temperature: float) -> torch.Tensor:
-    """Similarity-weighted vote of cached neighbours: (N, C) class probabilities (empty slots ignored)."""
-    valid = ids >= 0  # (N, k)
-    w = torch.softmax(scores.masked_fill(~valid, float("-inf")) / temperature, dim=1).nan_to_num(0.0)  # (N, k)
-    p = torch.zeros(ids.shape[0], num_classes)  # (N, C)
-    return p.scatter_add_(1, labels.clamp_min(0), w * valid)
-
-
-def _fixed_fusion(host_la: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
-    """The fixed rule a learned head must beat: 0.5 * softmax(row 2) + 0.5 * kNN vote, as log-probabilities."""
-    return (0.5 * torch.softmax(host_la, 1) + 0.5 * knn).clamp_min(1e-12).log()
-
-
-def _shifted(fs: Any, shift: torch.Tensor | None) -> Any:
-    """``fs`` with host logits ``host - shift`` (the post-hoc logit adjustment of row 2), or ``fs`` itself."""
-    from dataclasses import replace
-
-    return fs if shift is None else replace(fs, host_logits=fs.host_logits - shift)
-
-
-def _train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalities: str = "image+text",
-                noisy: bool = False, shift: torch.Tensor | None = None,
-                vote: bool | None = None) -> tuple[Any, dict[str, Any]]:
-    """Train a RetrievalHead with the library's trainer on the long-tail features with neighbours from ``kb``
-    (``vote``: give it the label vote; None = ``cfg.label_vote``)."""
-    from retrofit.head import HeadConfig, RetrievalHead
-    from retrofit.training import TrainConfig, train
-
-    store = data.kb(kb)
-    fs = _shifted(data.train_features(kb, noisy=noisy), shift)
-    use_vote = cfg.label_vote if vote is None else vote
-    cached = _head_cache_dir(cfg, data, kb, seed, modalities, noisy, shift, use_vote)
-    if cfg.reuse_heads and (cached / "info.json").is_file():
-        head = RetrievalHead.load(cached, store=store)  # attaching rebalances the vote (HeadConfig.vote_balance)
-        info = json.loads((cached / "info.json").read_text())
-        log.info("head for kb %s (%s, seed %d) loaded from %s (trained in %.1f s)", kb, modalities, seed, cached,
-                 info["train_s"])
-        return head, {**info, "reused": True}
-    hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
-                    num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
-                    modalities=modalities, label_vote=use_vote, vote_balance=use_vote and cfg.balance_vote,
-                    mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, class_names=data.class_names,
-                    query_fingerprint=store.fingerprint.key,
-                    image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
-    torch.manual_seed(seed)
-    head = RetrievalHead(hc, store)  # with vote_balance, attaching divides the vote by the KB's class counts
-    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la,
-                     class_balance=cfg.class_balance,
-                     mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
-                     seed=seed, device="cpu", progress=cfg.progress)
-    t0 = time.perf_counter()
-    result = train(head, fs, tc, store=store)
-    info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
-            "final_loss": result.history[-1]["train_loss"] if result.history else None}
-    result.head.save(cached)  # the trained vote (scale 1); the post-hoc scale is chosen per row afterwards
-    (cached / "info.json").write_text(json.dumps(info))  # written last: marks a complete entry
-    return result.head, {**info, "reused": False}
-
-
-_TRAINING_CODE = ("head", "fusion", "functional", "training", "feature_cache", "neighbors", "demo")
-
-
-def _head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str, noisy: bool,
-                    shift: torch.Tensor | None, vote: bool) -> Path:
-    """Where the head trained from exactly these inputs lives: the key covers the data setting, the KB, every
-    training setting, the seed, the host-logit shift and the source of the modules that training runs."""
-    import hashlib
-    import importlib
-
-    from retrofit import __version__
-    from retrofit.feature_cache import cache_key
-
-    code = hashlib.sha256()
-    for name in _TRAINING_CODE:
-        code.update(Path(importlib.import_module(f"retrofit.{name}").__file__).read_bytes())
-    settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
-                                             "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
-                                             "label_smoothing", "host_weight_decay")}
-    key = cache_key({"settings": settings, "kb": kb, "seed": seed, "modalities": modalities, "noisy": noisy,
-                     "vote": vote, "shift": None if shift is None else [round(float(x), 6) for x in shift],
-                     "version": __version__, "code": code.hexdigest()})
-    return data.root / "heads" / key
-
-
-def _head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = False,
-                 shift: torch.Tensor | None = None) -> torch.Tensor:
-    """The head's logits on ``split`` with neighbours from ``kb``, attached first: a head moved to another KB
-    (row 5) has its vote rebalanced for that KB's class counts."""
-    from retrofit.training import predict_logits
-
-    _attach(head, data, kb)
-    fs = _shifted(data.eval_features(split, kb, noisy=noisy), shift)
-    return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
-
-
-def _attach(head: Any, data: DemoData, kb: str) -> None:
-    """Attach ``kb`` to ``head`` unless it is attached already (attaching rebalances a balanced vote)."""
-    if head.store is not data.kb(kb):
-        head.attach(data.kb(kb))
-
-
-def _balanced_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over the classes present of the per-class top-1 (what a balanced test set measures)."""
-    hit = (logits.argmax(1) == labels).float()
-    return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
-
-
-def _scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,
-                              scales: tuple[float, ...]) -> float:
-    """The vote scale with the best balanced top-1 on the long-tail training images (neighbours from ``kb``
-    without their own entry, cross-fitted host logits); ties: the scale nearest 1."""
-    from retrofit.training import predict_logits
-
-    _attach(head, data, kb)
-    fs = _shifted(data.train_features(kb, noisy=noisy), shift)
-    best = None
-    for sc in scales:
-        head.vote.set_scale(sc)
-        score = _balanced_top1(predict_logits(head, fs, data.kb(kb), device="cpu")["logits"], fs.labels)
-        key = (score, _nearness_to_one(sc))
-        if best is None or key > best[0]:
-            best = (key, sc)
-    return best[1]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -299,8 +161,8 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
 
     def finish(name: str, val_logits: torch.Tensor, test_logits: torch.Tensor, lp: torch.Tensor,
                info: dict[str, Any], counts: list[int], a: float) -> None:
-        r = _evaluate(test_logits - a * lp, yt, counts, data.class_names)
-        r.update(info, posthoc_adjustment=a, val_top1=_top1(val_logits - a * lp, yv), seed=seed)
+        r = group_metrics(test_logits - a * lp, yt, counts, data.class_names)
+        r.update(info, posthoc_adjustment=a, val_top1=top1(val_logits - a * lp, yv), seed=seed)
         out[name] = r
         log.info("row %s (seed %d): test %.2f%% (val %.2f%%, post-hoc a=%.3g)", name, seed, 100 * r["top1"],
                  100 * r["val_top1"], a)
@@ -309,13 +171,13 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
     shift = {False: None, True: None}  # noisy -> subtracted from the host logits the head sees
     if cfg.adjust_host:
         for noisy, lp in ((False, lp_clean), (True, lp_noisy)):
-            a = _choose_adjustment(data.host_logits("val", noisy), yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
+            a = choose_adjustment(data.host_logits("val", noisy), yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
             shift[noisy] = a * lp
 
     def run(name: str, train_kb: str, eval_kb: str, head: Any = None, modalities: str = "image+text",
             noisy: bool = False, note: str | None = None, vote: bool | None = None) -> Any:
         if head is None:
-            head, run.info = _train_head(cfg, data, train_kb, seed, modalities=modalities, noisy=noisy,
+            head, run.info = train_head(cfg, data, train_kb, seed, modalities=modalities, noisy=noisy,
                                          shift=shift[noisy], vote=vote)
         info = {**run.info, "kb": note or run.info["kb"], "host_adjustment": shift[noisy] is not None}
         lp = lp_noisy if noisy else lp_clean
@@ -324,18 +186,18 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
             vals = {}
             scales = cfg.vote_scales
             if cfg.vote_scale_on == "train":
-                scales = (_scale_on_training_images(head, data, eval_kb, noisy, shift[noisy], cfg.vote_scales),)
+                scales = (scale_on_training_images(head, data, eval_kb, noisy, shift[noisy], cfg.vote_scales),)
             for sc in scales:
                 head.vote.set_scale(sc)
-                vals[sc] = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
-            scale, a = _choose_scale_and_adjustment(vals, yv, lp, cfg.posthoc)
+                vals[sc] = head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
+            scale, a = choose_scale_and_adjustment(vals, yv, lp, cfg.posthoc)
             head.vote.set_scale(scale)
             info.update(vote_scale=scale, vote_weight=head.vote.effective_weight)
             val = vals[scale]
         else:
-            val = _head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
-            a = _choose_adjustment(val, yv, lp, cfg.posthoc)
-        test = _head_logits(head, data, eval_kb, "test", noisy, shift[noisy])
+            val = head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
+            a = choose_adjustment(val, yv, lp, cfg.posthoc)
+        test = head_logits(head, data, eval_kb, "test", noisy, shift[noisy])
         finish(name, val, test, lp, info, counts, a)
         if head.vote is not None:
             head.vote.set_scale(1.0)  # a head reused by the next row (row 5) starts from its trained vote
@@ -366,9 +228,9 @@ def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, di
     counts, names = data.split.counts, data.class_names
     lp = data.log_prior(noisy=False)
     hv, ht = data.host_logits("val"), data.host_logits("test")
-    out["1"] = _evaluate(ht, yt, counts, names)
-    a = _choose_adjustment(hv, yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
-    out["2"] = {**_evaluate(ht - a * lp, yt, counts, names), "posthoc_adjustment": a}
+    out["1"] = group_metrics(ht, yt, counts, names)
+    a = choose_adjustment(hv, yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
+    out["2"] = {**group_metrics(ht - a * lp, yt, counts, names), "posthoc_adjustment": a}
     for kb, guard in (("in", "g_in"), ("ext", "g_ext")):
         if kb == "ext" and not rows & {"5", "6"}:
             continue
@@ -376,30 +238,15 @@ def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, di
         knn = knn_probs(ft.neighbor_ids, ft.neighbor_scores, ft.neighbor_labels, data.num_classes,
                         cfg.knn_temperature)
         if kb == "in":
-            out["3"] = _evaluate(knn.clamp_min(1e-12).log(), yt, counts, names)
-        out[guard] = _evaluate(_fixed_fusion(ht - a * lp, knn), yt, counts, names)
+            out["3"] = group_metrics(knn.clamp_min(1e-12).log(), yt, counts, names)
+        out[guard] = group_metrics(fixed_fusion(ht - a * lp, knn), yt, counts, names)
     if rows & {"8h", "8r"}:
         lpn = data.log_prior(noisy=True)
         hv, ht = data.host_logits("val", noisy=True), data.host_logits("test", noisy=True)
-        a = _choose_adjustment(hv, yv, lpn, tuple(x for x in cfg.posthoc if x >= 0))
+        a = choose_adjustment(hv, yv, lpn, tuple(x for x in cfg.posthoc if x >= 0))
         # groups stay those of the clean class sizes; the adjustment uses the prior of the noisy labels
-        out["8h"] = {**_evaluate(ht - a * lpn, yt, counts, names), "posthoc_adjustment": a}
+        out["8h"] = {**group_metrics(ht - a * lpn, yt, counts, names), "posthoc_adjustment": a}
     return out
-
-
-def _mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of the metrics over seeds, with ``<metric>_std`` and the per-seed figures."""
-    first = dict(runs[0])
-    for key in ("top1", "many", "medium", "few", "mean_per_class", "nll", "ece", "val_top1"):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        if vals:
-            first[key] = float(np.mean(vals))
-            first[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    first["per_class_acc"] = np.mean([r["per_class_acc"] for r in runs], axis=0).tolist()
-    first["seeds"] = [{k: r.get(k) for k in ("seed", "top1", "many", "medium", "few", "posthoc_adjustment",
-                                             "vote_scale", "vote_weight_trained")}
-                      for r in runs]
-    return first
 
 
 def format_table(results: dict[str, dict[str, Any]], seeds: int = 1) -> str:
@@ -420,7 +267,7 @@ def format_table(results: dict[str, dict[str, Any]], seeds: int = 1) -> str:
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
-    """Run the demo; writes ``results_dir/cifar10_lt.{md,json,png}`` and returns the JSON document."""
+    """Run the demo; writes ``results_dir/<cfg.results_stem>.{md,json,png}`` and returns the JSON document."""
     cfg = cfg or DemoConfig()
     cfg.validate()
     t0 = time.perf_counter()
@@ -430,7 +277,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     results = _fixed_rows(cfg, data, rows)
     per_seed = [_run_seed(cfg, data, s, rows) for s in range(cfg.seeds)]
     for name in sorted({n for r in per_seed for n in r}):
-        results[name] = _mean_std([r[name] for r in per_seed])
+        results[name] = mean_std([r[name] for r in per_seed])
     order = [n for n in (*ROWS, *GUARDS) if n in results]
     results = {n: results[n] for n in order}
     seconds = time.perf_counter() - t0
@@ -447,16 +294,18 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
               + ", fed the row-2 host logits" * cfg.adjust_host)
     md = (f"# CIFAR-10-LT (IF={cfg.imbalance_factor:g}), frozen Tiny Darknet host, retrofit head "
           f"(d={cfg.dim}, L={cfg.depth}, k={cfg.k}, {cfg.epochs} epochs{extras})\n\n{table}\n"
-          f"Top-1 (%) on the balanced 10,000-image test set; seeds: {cfg.seeds}. Post-hoc adjustments (and vote "
-          f"scales) chosen on the {len(data.split.val)}-image validation set. Run time {seconds:.0f} s.\n")
-    (out / "cifar10_lt.md").write_text(md)
-    (out / "cifar10_lt.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+          f"Top-1 (%) on the balanced 10,000-image test set; seeds: {cfg.seeds}. Post-hoc adjustments chosen on "
+          f"the {len(data.split.val)}-image validation set, vote scales on "
+          + ("it too" if cfg.vote_scale_on == "val" else "the long-tail training images (own entries excluded)")
+          + f". KB_ext's pool labels: {_EXT_LABELS[cfg.ext_labels]}. Run time {seconds:.0f} s.\n")
+    (out / f"{cfg.results_stem}.md").write_text(md)
+    (out / f"{cfg.results_stem}.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     if cfg.plot:
         from retrofit.plots import plot_per_class_accuracy
 
         series = {f"{n}: {ROWS[n]}": results[n] for n in ("1", "2", "4", "5") if n in results}
         if series:
-            plot_per_class_accuracy(series, out / "cifar10_lt.png",
+            plot_per_class_accuracy(series, out / f"{cfg.results_stem}.png",
                                     title="CIFAR-10-LT: per-class test accuracy vs training count")
     doc["table"] = table
     return doc

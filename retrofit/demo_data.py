@@ -7,6 +7,9 @@ encoder settings):
   :func:`retrofit.ingest.build_kb` (keys and image vectors from the host backbone, text from MiniLM);
 - ``kb_pool/`` and ``kb_ext/``: the other training images (minus validation) with their web-like captions,
   and KB_ext = KB_in + pool (:func:`retrofit.ingest.merge_kbs`);
+- ``kb_pool_captions/`` and ``kb_ext_captions/`` (``ext_labels="captions"`` only): the pool with each record's
+  label read from its caption by :class:`retrofit.caption_labels.CaptionLabeller` (MiniLM, WordNet synonyms and
+  glosses; -1 when no class is recognisable) instead of the dataset's label, and KB_in + that pool;
 - ``kb_in_noisy/``: KB_in with 40% symmetric label noise; its text follows the noisy labels;
 - ``features.safetensors``: validation / test embeddings; ``host-wd<WD>.safetensors``: host classifier
   logits (clean and noisy labels) on them and cross-fitted host logits of the training images.
@@ -32,6 +35,7 @@ __all__ = ["DemoData", "prepare"]
 log = logging.getLogger(__name__)
 
 _DONE = "done.json"  # marker written after a cached artefact is complete
+_EXT_FOLDER = {"dataset": "kb_ext", "captions": "kb_ext_captions"}  # KB_ext by where its pool's labels come from
 
 
 @dataclass
@@ -46,6 +50,7 @@ class DemoData:
     tensors: dict[str, torch.Tensor]  # cached z / host logits (see module docstring)
     root: Path  # cache directory of this setting
     k: int  # neighbours per query
+    ext_labels: str = "dataset"  # labels of KB_ext's pool records: "dataset" (CIFAR's) or "captions" (read from them)
     seconds: dict[str, float] = field(default_factory=dict)  # time spent per preparation step
     _kbs: dict[str, Any] = field(default_factory=dict)
     _feats: dict[tuple, Any] = field(default_factory=dict)
@@ -57,11 +62,13 @@ class DemoData:
         return np.bincount(self.noisy_lt_labels, minlength=self.num_classes).tolist()
 
     def kb(self, name: str) -> Any:
-        """The opened (read-only) knowledge base ``in``, ``ext`` or ``in_noisy``."""
+        """The opened (read-only) knowledge base ``in``, ``ext`` or ``in_noisy`` (``ext``: the one whose pool
+        labels are ``ext_labels``)."""
         if name not in self._kbs:
             from retrofit.knowledge_base import KnowledgeBase
 
-            self._kbs[name] = KnowledgeBase.open(self.root / f"kb_{name}")
+            folder = _EXT_FOLDER[self.ext_labels] if name == "ext" else f"kb_{name}"
+            self._kbs[name] = KnowledgeBase.open(self.root / folder)
         return self._kbs[name]
 
     def close(self) -> None:
@@ -237,13 +244,19 @@ def prepare(cfg: Any) -> DemoData:
         pool_refs = [train_src.refs[i] for i in split.pool]
         _build(Source("webdataset", train_src.location + "#pool", pool_refs, names, {"subset": "pool", "key": key}),
                root / "kb_pool", enc, names, cfg.progress)
-        if not _done(root / "kb_ext"):
-            if (root / "kb_ext").exists():
+        pool = root / "kb_pool"
+        if cfg.ext_labels == "captions":
+            pool = root / "kb_pool_captions"
+            if not _done(pool):
+                _caption_labelled(root / "kb_pool", pool, root_data, enc, names)
+        ext = root / _EXT_FOLDER[cfg.ext_labels]
+        if not _done(ext):
+            if ext.exists():
                 import shutil
 
-                shutil.rmtree(root / "kb_ext")  # merged but not marked done: redo
-            merge_kbs([root / "kb_in", root / "kb_pool"], root / "kb_ext", dedup=False, progress=cfg.progress)
-            _mark(root / "kb_ext", {"records": len(split.lt) + len(split.pool)})
+                shutil.rmtree(ext)  # merged but not marked done: redo
+            merge_kbs([root / "kb_in", pool], ext, dedup=False, progress=cfg.progress)
+            _mark(ext, {"records": len(split.lt) + len(split.pool)})
     times["kbs"] = time.perf_counter() - t
 
     # ---- embeddings and host logits
@@ -282,27 +295,54 @@ def prepare(cfg: Any) -> DemoData:
     times["host"] = time.perf_counter() - t
     log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})
     return DemoData(split=split, class_names=names, train_labels=y_train, test_labels=y_test, noisy_lt_labels=noisy,
-                    tensors=tensors, root=root, k=cfg.k, seconds=times)
+                    tensors=tensors, root=root, k=cfg.k, ext_labels=cfg.ext_labels, seconds=times)
 
 
 def _noisy_kb(kb_in: Any, path: Path, noisy: np.ndarray, clean: np.ndarray) -> None:
     """KB_in with noisy labels: the same images; each text is the prompt of the (noisy) label."""
+    ids = torch.arange(len(noisy))
+    text = kb_in.vectors(ids, "text")  # (N, Dt): one prompt vector per clean class
+    first = {int(c): int(np.flatnonzero(clean == c)[0]) for c in np.unique(clean)}  # class -> a record of it
+    caption = {c: r["caption"] for c, r in zip(first, kb_in.get(torch.tensor(list(first.values()))))}
+    _relabelled_copy(kb_in, path, torch.from_numpy(noisy), text=torch.stack([text[first[int(c)]] for c in noisy]),
+                     captions=[caption[int(c)] for c in noisy], sources=[f"kb_in:{i}" for i in range(len(noisy))])
+    _mark(path, {"records": len(noisy)})
+
+
+def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, names: list[str]) -> None:
+    """A copy of the pool KB whose labels are read from its captions (from their stored MiniLM vectors)."""
+    from retrofit.caption_labels import CaptionLabeller
+    from retrofit.cifar10_lt import load_wordnet
+    from retrofit.knowledge_base import KnowledgeBase
+
+    lemmas, glosses = load_wordnet(data_root)
+    with KnowledgeBase.open(src_path) as pool:
+        if not enc.text.fingerprint.matches(pool.fingerprint.text):
+            raise RuntimeError(f"{src_path}: its texts were not encoded by {enc.specs[1]}; delete it and re-run")
+        labeller = CaptionLabeller(enc.text, names, synonyms=lemmas, descriptions=glosses)
+        labels = labeller.label_vectors(pool.vectors(torch.arange(len(pool)), "text"))
+        truth = pool.labels()
+        _relabelled_copy(pool, path, labels)
+    info = {"records": len(labels), "unknown": float((labels < 0).float().mean()),
+            "agree_with_dataset": float((labels == truth).float().mean())}
+    log.info("pool labels read from captions: %s", info)
+    _mark(path, info)
+
+
+def _relabelled_copy(src: Any, path: Path, labels: torch.Tensor, text: torch.Tensor | None = None,
+                     captions: list[str] | None = None, sources: list[str] | None = None) -> None:
+    """Write ``src`` (an open KB) to ``path`` with new ``labels`` and, when given, new text vectors, captions and
+    sources (else ``src``'s); an unfinished earlier attempt at ``path`` is removed first."""
     import shutil
 
     from retrofit.knowledge_base import KnowledgeBase
 
     if path.exists():
-        shutil.rmtree(path)  # an unfinished earlier attempt
-    n = len(noisy)
-    ids = torch.arange(n)
-    text = kb_in.vectors(ids, "text")  # (N, Dt): one prompt vector per clean class
-    per_class = {int(c): text[int(np.flatnonzero(clean == c)[0])] for c in np.unique(clean)}
-    captions = [r["caption"] for r in kb_in.get(torch.tensor([int(np.flatnonzero(clean == c)[0])
-                                                              for c in sorted(per_class)]))]
-    cap = dict(zip(sorted(per_class), captions))
-    with KnowledgeBase.create(path, kb_in.key_dim, kb_in.image_dim, kb_in.text_dim, kb_in.fingerprint,
-                              class_names=kb_in.class_names) as kb, kb.bulk():
-        kb.add(kb_in.vectors(ids, "key"), kb_in.vectors(ids, "image"),
-               torch.stack([per_class[int(c)] for c in noisy]), labels=torch.from_numpy(noisy),
-               captions=[cap[int(c)] for c in noisy], sources=[f"kb_in:{i}" for i in range(n)])
-    _mark(path, {"records": n})
+        shutil.rmtree(path)
+    ids = torch.arange(len(src))
+    recs = src.get(ids) if captions is None or sources is None else None
+    with KnowledgeBase.create(path, src.key_dim, src.image_dim, src.text_dim, src.fingerprint,
+                              class_names=src.class_names) as kb, kb.bulk():
+        kb.add(src.vectors(ids, "key"), src.vectors(ids, "image"), src.vectors(ids, "text") if text is None else text,
+               labels=labels, captions=captions if captions is not None else [r["caption"] for r in recs],
+               sources=sources if sources is not None else [r["source"] for r in recs])

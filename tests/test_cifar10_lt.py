@@ -102,7 +102,7 @@ def test_group_accuracy_and_prompts(data_dir):
 def test_knn_probs_and_fixed_fusion():
     import torch
 
-    from retrofit.demo import _fixed_fusion, knn_probs
+    from retrofit.demo_rules import fixed_fusion, knn_probs
 
     ids = torch.tensor([[0, 1, 2], [3, -1, -1]])
     scores = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.0, 0.0]])
@@ -111,7 +111,10 @@ def test_knn_probs_and_fixed_fusion():
     assert p.shape == (2, 3)
     assert torch.allclose(p.sum(1), torch.ones(2))
     assert p[0].argmax() == 1 and p[1].tolist() == [1.0, 0.0, 0.0]  # empty slots carry no vote
-    fused = _fixed_fusion(torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]), p)
+    # a neighbour of unknown label (-1, e.g. an uninformative caption) carries no vote either
+    q = knn_probs(ids, scores, torch.tensor([[-1, 2, 2], [-1, -1, -1]]), 3, temperature=0.05)
+    assert q[0].tolist() == pytest.approx([0.0, 0.0, 1.0]) and q[1].tolist() == [0.0, 0.0, 0.0]
+    fused = fixed_fusion(torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]), p)
     assert fused.shape == (2, 3) and torch.isfinite(fused).all()
     assert torch.allclose(fused.exp().sum(1), torch.ones(2), atol=1e-5)
 
@@ -119,56 +122,62 @@ def test_knn_probs_and_fixed_fusion():
 def test_posthoc_choice_uses_validation_only():
     import torch
 
-    from retrofit.demo import _choose_adjustment
+    from retrofit.demo_rules import choose_adjustment
 
     lp = torch.tensor([-0.1, -3.0])  # class 1 is rare
     logits = torch.tensor([[2.0, 0.0]] * 4)  # raw logits always say class 0
     labels = torch.tensor([0, 1, 1, 1])
-    a = _choose_adjustment(logits, labels, lp, (0.0, 0.5, 1.0))
+    a = choose_adjustment(logits, labels, lp, (0.0, 0.5, 1.0))
     assert a == 1.0  # 2 - 1 * (-0.1) < 0 - 1 * (-3): the rare class wins, 3 of 4 right
-    assert _choose_adjustment(logits, torch.tensor([0, 0, 0, 0]), lp, (0.0, 0.5, 1.0)) == 0.0
+    assert choose_adjustment(logits, torch.tensor([0, 0, 0, 0]), lp, (0.0, 0.5, 1.0)) == 0.0
 
 
 def test_vote_scale_and_adjustment_are_chosen_jointly_on_validation():
     import torch
 
-    from retrofit.demo import DemoConfig, _choose_scale_and_adjustment
+    from retrofit.demo import DemoConfig
+    from retrofit.demo_rules import choose_scale_and_adjustment
 
     lp = torch.tensor([-0.1, -3.0])
     labels = torch.tensor([0, 1, 1, 1])
     weak = torch.tensor([[2.0, 0.0]] * 4)  # needs a = 1 to get 3 of 4
     strong = torch.tensor([[0.0, 5.0], [0.0, 5.0], [0.0, 5.0], [0.0, 5.0]])  # 3 of 4 with a = 0
     # both reach 3 of 4: the trained vote (scale 1) is kept, with the adjustment it needs
-    assert _choose_scale_and_adjustment({1.0: weak, 2.0: strong}, labels, lp, (0.0, 0.5, 1.0)) == (1.0, 1.0)
+    assert choose_scale_and_adjustment({1.0: weak, 2.0: strong}, labels, lp, (0.0, 0.5, 1.0)) == (1.0, 1.0)
     # equal accuracy: the scale nearest 1 wins, then the smallest |a|
-    assert _choose_scale_and_adjustment({0.5: strong, 1.0: strong, 3.0: strong}, labels, lp, (0.0, 1.0)) == (1.0, 0.0)
+    assert choose_scale_and_adjustment({0.5: strong, 1.0: strong, 3.0: strong}, labels, lp, (0.0, 1.0)) == (1.0, 0.0)
     exact = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # all right with a = 0
-    assert _choose_scale_and_adjustment({1.0: weak, 1.5: exact}, labels, lp, (0.0, 0.5, 1.0)) == (1.5, 0.0)
+    assert choose_scale_and_adjustment({1.0: weak, 1.5: exact}, labels, lp, (0.0, 0.5, 1.0)) == (1.5, 0.0)
     for bad in ((), (-1.0,), (float("inf"),)):
         with pytest.raises(ValueError, match="vote_scales"):
             DemoConfig(vote_scales=bad).validate()
     with pytest.raises(ValueError, match="vote_scale_on"):
         DemoConfig(vote_scale_on="test").validate()
+    with pytest.raises(ValueError, match="ext_labels"):
+        DemoConfig(ext_labels="web").validate()
+    assert (DemoConfig().results_stem, DemoConfig(ext_labels="captions").results_stem) == (
+        "cifar10_lt", "cifar10_lt_ext_captions")
 
 
 def test_balanced_top1_weighs_classes_equally():
     import torch
 
-    from retrofit.demo import _balanced_top1
+    from retrofit.demo_rules import balanced_top1
 
     labels = torch.tensor([0, 0, 0, 0, 1])
     logits = torch.tensor([[1.0, 0.0]] * 5)  # always class 0: 4 of 5 right, but class 1 never
-    assert _balanced_top1(logits, labels) == pytest.approx(0.5)
-    assert _balanced_top1(torch.tensor([[0.0, 1.0]] * 5), labels) == pytest.approx(0.5)
-    assert _balanced_top1(torch.eye(2)[labels], labels) == pytest.approx(1.0)
+    assert balanced_top1(logits, labels) == pytest.approx(0.5)
+    assert balanced_top1(torch.tensor([[0.0, 1.0]] * 5), labels) == pytest.approx(0.5)
+    assert balanced_top1(torch.eye(2)[labels], labels) == pytest.approx(1.0)
 
 
 def test_table_and_config_validation():
-    from retrofit.demo import DemoConfig, _mean_std, format_table
+    from retrofit.demo import DemoConfig, format_table
+    from retrofit.demo_rules import mean_std
 
     runs = [{"top1": 0.70, "many": 0.8, "medium": 0.7, "few": 0.6, "per_class_acc": [0.5, 0.7], "seed": 0},
             {"top1": 0.72, "many": 0.8, "medium": 0.7, "few": 0.7, "per_class_acc": [0.7, 0.7], "seed": 1}]
-    m = _mean_std(runs)
+    m = mean_std(runs)
     assert m["top1"] == pytest.approx(0.71) and m["few_std"] == pytest.approx(0.0707, abs=1e-3)
     assert m["per_class_acc"] == pytest.approx([0.6, 0.7]) and len(m["seeds"]) == 2
     table = format_table({"4": m, "g_in": runs[0]}, seeds=2)
@@ -185,27 +194,31 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
 
     import torch
 
-    from retrofit.demo import DemoConfig, _head_cache_dir
+    from retrofit.demo import DemoConfig
+    from retrofit.demo_heads import head_cache_dir
 
     data = SimpleNamespace(root=tmp_path)  # only the cache root is read
     cfg = DemoConfig()
     shift = torch.tensor([0.1, -2.0])
-    base = _head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, True)
-    assert base == _head_cache_dir(DemoConfig(), data, "in", 0, "image+text", False, shift.clone(), True)
+    base = head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, True)
+    assert base == head_cache_dir(DemoConfig(), data, "in", 0, "image+text", False, shift.clone(), True)
     assert base.parent == tmp_path / "heads"
-    others = [_head_cache_dir(cfg, data, "ext", 0, "image+text", False, shift, True),
-              _head_cache_dir(cfg, data, "in", 1, "image+text", False, shift, True),
-              _head_cache_dir(cfg, data, "in", 0, "image", False, shift, True),
-              _head_cache_dir(cfg, data, "in", 0, "image+text", True, shift, True),
-              _head_cache_dir(cfg, data, "in", 0, "image+text", False, None, True),
-              _head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, False),
-              _head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
-              _head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True)]
+    others = [head_cache_dir(cfg, data, "ext", 0, "image+text", False, shift, True),
+              head_cache_dir(cfg, data, "in", 1, "image+text", False, shift, True),
+              head_cache_dir(cfg, data, "in", 0, "image", False, shift, True),
+              head_cache_dir(cfg, data, "in", 0, "image+text", True, shift, True),
+              head_cache_dir(cfg, data, "in", 0, "image+text", False, None, True),
+              head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, False),
+              head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
+              head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True),
+              head_cache_dir(DemoConfig(ext_labels="captions"), data, "in", 0, "image+text", False, shift, True)]
     assert len({base, *others}) == 1 + len(others)
 
 
 def test_demo_command_is_registered():
     from retrofit.cli import build_parser
 
-    args = build_parser().parse_args(["demo", "--seeds", "3", "--rows", "1,2", "--no-plot", "--retrain"])
+    args = build_parser().parse_args(["demo", "--seeds", "3", "--rows", "1,2", "--no-plot", "--retrain",
+                                      "--ext-labels", "captions"])
     assert args.seeds == 3 and args.rows == "1,2" and args.no_plot and args.retrain and callable(args.func)
+    assert args.ext_labels == "captions"

@@ -24,11 +24,12 @@ def run(args: argparse.Namespace) -> int:
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
     cfg.vote_scale_on = args.vote_scale_on
+    cfg.ext_labels = args.ext_labels
     cfg.progress = not args.quiet
     t = time.perf_counter()
     doc = run_demo(cfg)
     print(doc["table"])
-    print(f"results: {cfg.results_dir}/cifar10_lt.md, .json" + (", .png" if cfg.plot else "")
+    print(f"results: {cfg.results_dir}/{cfg.results_stem}.md, .json" + (", .png" if cfg.plot else "")
           + f"  ({time.perf_counter() - t:.0f} s; cache: {doc['protocol']['cache']})")
     return 0
 
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "
                         "cross-fitted host logits) or on the 200 validation images (noisier)")
+    p.add_argument("--ext-labels", choices=("dataset", "captions"), default="dataset",
+                   help="labels of KB_ext's web-captioned records: CIFAR-10's own (default) or read from the captions "
+                        "(zero-shot, as for a web corpus without labels); results go to cifar10_lt_ext_captions.*")
     p.add_argument("--retrain", action="store_true",
                    help="train every head again instead of reusing heads cached by an identical earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,88 @@
+"""Metrics, choices on held-out data and the fixed baselines of the CIFAR-10-LT demo (:mod:`retrofit.demo`).
+
+Group metrics with the CIFAR-10-LT cut-offs, the post-hoc adjustment and vote-scale choices (best validation
+top-1, deterministic tie-breaks), balanced top-1, the similarity-weighted kNN vote, the fixed 50/50 fusion a
+learned head must beat, and the mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion", "group_metrics",
+           "knn_probs", "mean_std", "nearness_to_one", "top1"]
+
+
+def group_metrics(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
+    """Metrics with the CIFAR-10-LT groups: Many > 1000, Medium 200-1000, Few < 200 training images (clean)."""
+    from retrofit.evaluation import evaluate
+
+    return evaluate(logits, labels, train_counts=counts, cutoffs=(1000, 200), class_names=names)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_prior: torch.Tensor,
+                       grid: tuple[float, ...]) -> float:
+    """The post-hoc strength a in ``logits - a * log prior`` with the best validation top-1 (ties: smallest |a|)."""
+    scores = [(top1(val_logits - a * log_prior, val_labels), -abs(a), a) for a in grid]
+    return max(scores)[2]
+
+
+def nearness_to_one(scale: float) -> float:
+    """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
+    return -abs(float(np.log(scale))) if scale > 0 else -np.inf
+
+
+def choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_labels: torch.Tensor,
+                                 log_prior: torch.Tensor, grid: tuple[float, ...]) -> tuple[float, float]:
+    """The (vote scale, post-hoc strength) pair with the best validation top-1; ties: scale nearest 1, then the
+    smallest |a| (``val_logits`` maps each vote scale to the head's validation logits with that scale)."""
+    best = None
+    for scale, logits in val_logits.items():
+        a = choose_adjustment(logits, val_labels, log_prior, grid)
+        key = (top1(logits - a * log_prior, val_labels), nearness_to_one(scale), -abs(a))
+        if best is None or key > best[0]:
+            best = (key, scale, a)
+    return best[1], best[2]
+
+
+def knn_probs(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              temperature: float) -> torch.Tensor:
+    """Similarity-weighted vote of cached neighbours: (N, C) class probabilities (empty slots and neighbours of
+    unknown label, -1, ignored; all zeros when none is left)."""
+    valid = (ids >= 0) & (labels >= 0)  # (N, k)
+    w = torch.softmax(scores.masked_fill(~valid, float("-inf")) / temperature, dim=1).nan_to_num(0.0)  # (N, k)
+    p = torch.zeros(ids.shape[0], num_classes)  # (N, C)
+    return p.scatter_add_(1, labels.clamp_min(0), w * valid)
+
+
+def fixed_fusion(host_la: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    """The fixed rule a learned head must beat: 0.5 * softmax(row 2) + 0.5 * kNN vote, as log-probabilities."""
+    return (0.5 * torch.softmax(host_la, 1) + 0.5 * knn).clamp_min(1e-12).log()
+
+
+def balanced_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present of the per-class top-1 (what a balanced test set measures)."""
+    hit = (logits.argmax(1) == labels).float()
+    return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
+
+
+def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of the metrics over seeds, with ``<metric>_std`` and the per-seed figures."""
+    first = dict(runs[0])
+    for key in ("top1", "many", "medium", "few", "mean_per_class", "nll", "ece", "val_top1"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            first[key] = float(np.mean(vals))
+            first[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    first["per_class_acc"] = np.mean([r["per_class_acc"] for r in runs], axis=0).tolist()
+    first["seeds"] = [{k: r.get(k) for k in ("seed", "top1", "many", "medium", "few", "posthoc_adjustment",
+                                             "vote_scale", "vote_weight_trained")}
+                      for r in runs]
+    return first
