@@ -210,7 +210,9 @@ class LabelVote(nn.Module):
         """(B, C) similarity-weighted label distribution of the neighbours (all zeros when none is valid)."""
         valid = mask & (labels >= 0)  # (B, k)
         t = (self.log_temperature * self.gain).exp()
-        s = scores.float().masked_fill(~valid, float("-inf")) / t  # (B, k)
+        # mask after dividing, from finite values: -inf / t would give the temperature a NaN gradient (inf * 0)
+        # whenever a slot is invalid (an unknown label, a masked slot), and one NaN step disables the vote for good
+        s = (scores.float().masked_fill(~valid, 0.0) / t).masked_fill(~valid, float("-inf"))  # (B, k)
         w = torch.softmax(s, dim=1).nan_to_num(0.0) * valid  # (B, k)
         p = w.new_zeros(labels.shape[0], self.num_classes)  # (B, C)
         p = p.scatter_add(1, labels.clamp_min(0), w)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,6 +286,26 @@ def test_label_vote_is_optional_zero_init_and_label_aware(seed):
     assert torch.all(r.argmax(1) == 2)
     r.sum().backward()
     assert head.vote.weight.grad is not None and head.vote.log_temperature.grad is not None
+
+
+def test_label_vote_gradients_stay_finite_with_invalid_slots(seed):
+    """Unknown labels (-1), masked slots (score -inf) and rows with no valid slot at all must not give the vote's
+    weight or temperature a NaN gradient (a KB with captions but no labels has many -1 labels)."""
+    from retrofit.fusion import LabelVote
+
+    vote = LabelVote(3)
+    with torch.no_grad():
+        vote.weight.fill_(0.5 / vote.gain)
+    labels = torch.tensor([[0, -1, 2, 1], [-1, -1, -1, -1], [1, 1, 0, 2]])
+    scores = torch.tensor([[0.9, 0.8, float("-inf"), 0.1], [0.5, 0.4, 0.3, 0.2], [0.3, 0.2, 0.1, 0.0]])
+    mask = torch.tensor([[True, True, False, True], [True] * 4, [True] * 4])
+    out = vote(labels, scores, mask)  # (3, C)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[1], torch.full((3,), 0.5 * math.log(vote.eps)))  # nothing valid: a flat vote
+    out[:, 0].sum().backward()
+    for p in (vote.weight, vote.log_temperature):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), p.grad
+    assert vote.log_temperature.grad != 0  # the valid slots of rows 0 and 2 still teach the temperature
 
 
 def test_label_vote_rebalances_by_kb_prior(seed):
