@@ -14,7 +14,6 @@ that runs in DataLoader workers.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -30,7 +29,6 @@ from retrofit.fingerprint import EncoderFingerprint
 __all__ = ["ImageEncoder", "TextEncoder", "load_image_encoder", "load_text_encoder", "host_encoder",
            "IMAGE_FAMILIES", "TEXT_FAMILIES"]
 
-log = logging.getLogger(__name__)
 
 IMAGE_FAMILIES = ("timm", "torchvision", "open_clip", "darknet-tiny")
 TEXT_FAMILIES = ("sentence-transformers", "minilm", "open_clip")

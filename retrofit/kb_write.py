@@ -70,7 +70,6 @@ class KBWriteMixin:
             if (lab < -1).any() or (hi is not None and (lab >= hi).any()):
                 raise ValueError(f"labels must be -1 (unknown) or class ids 0..{(hi or 0) - 1 if hi else 'C-1'}, "
                                  f"got {sorted(set(lab.tolist()))[:10]}")
-        texts = []
         for name, lst in (("captions", captions), ("sources", sources)):
             if lst is not None and (len(lst) != n or not all(s is None or isinstance(s, str) for s in lst)):
                 raise ValueError(f"{name} must be a list of {n} strings (or None), got {type(lst).__name__} "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from retrofit.commands import guarded
 
 _EPILOG_BUILD = """examples:
   retrofit kb build 'data/train-{000000..000004}.tar' kb/cifar --image-encoder darknet-tiny --text-encoder minilm
@@ -69,20 +70,7 @@ def _report(summary: Any, as_json: bool) -> int:
     return 0
 
 
-def _guarded(fn):
-    def run(args: argparse.Namespace) -> int:
-        from retrofit.errors import RetrofitError
-
-        try:
-            return fn(args)
-        except (RetrofitError, ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-@_guarded
+@guarded
 def cmd_build(args: argparse.Namespace) -> int:
     from retrofit.ingest import build_kb
 
@@ -90,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return _report(build_kb(source, args.kb, index=args.index, **_options(args)), args.json)
 
 
-@_guarded
+@guarded
 def cmd_add(args: argparse.Namespace) -> int:
     from retrofit.ingest import add_to_kb
 
@@ -98,7 +86,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     return _report(add_to_kb(args.kb, source, **_options(args)), args.json)
 
 
-@_guarded
+@guarded
 def cmd_merge(args: argparse.Namespace) -> int:
     from retrofit.ingest import merge_kbs
 

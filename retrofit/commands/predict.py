@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands.train import RUN_FILE, _guarded, _labels, _open_kb, _runtime, _source
+from retrofit.commands import guarded
+from retrofit.commands.train import RUN_FILE, _labels, _open_kb, _runtime, _source
 
 _EPILOG_EVAL = """examples:
   retrofit eval --run runs/c10 --data cifar10/test-000000.tar
@@ -76,7 +77,7 @@ def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
     return None
 
 
-@_guarded
+@guarded
 def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
     from retrofit.pipeline import load_host_model, source_features
@@ -116,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@guarded
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image

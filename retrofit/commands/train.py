@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from retrofit.commands import guarded
 
 RUN_FILE = "run.json"  # what `retrofit train` records in its output directory for eval / predict
 
@@ -26,19 +24,6 @@ The host's embeddings, logits and neighbour ids are computed once and cached (--
 model, data set or knowledge base invalidates the cache. --host probe fits a linear host classifier on the
 embeddings (cross-fitted logits for the training set) when the model's own classes are not the data's.
 """
-
-
-def _guarded(fn):
-    def run(args: argparse.Namespace) -> int:
-        from retrofit.errors import RetrofitError
-
-        try:
-            return fn(args)
-        except (RetrofitError, ValueError, FileNotFoundError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 def _open_kb(path: str) -> Any:
@@ -103,7 +88,7 @@ def _model_linear(host: Any, dim: int) -> Any:
                         f"{[type(m).__name__ for m in mods]}; use --host probe")
 
 
-@_guarded
+@guarded
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
