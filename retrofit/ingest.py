@@ -49,6 +49,12 @@ class BuildConfig:
     require_caption: bool = True  # a sample without a caption is bad data (else its text vector is zero)
     dtype: str = "float16"  # storage dtype of the vectors
     index: str = "auto"  # "auto", "hnsw" or "flat" (KnowledgeBase.create)
+    # Web data has captions but no labels: give every record whose sample has no label the class its caption
+    # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
+    # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.
+    caption_labels: bool = False
+    class_synonyms: dict[str, list[str]] | None = None  # extra names / descriptions per class name (caption_labels)
+    caption_min_similarity: float = 0.5  # cosine a caption needs with some class text to get its label
     device: str = "cpu"  # where the encoders run
     text_cache: int = 200_000  # captions whose text vector is remembered (web captions repeat a lot)
     progress: bool = True  # tqdm progress bar
@@ -61,6 +67,9 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
         if self.near_dup is not None and not 0.0 < self.near_dup <= 1.0:
             raise ValueError(f"BuildConfig.near_dup must be a cosine in (0, 1] or None, got {self.near_dup!r}")
+        if not -1.0 <= self.caption_min_similarity <= 1.0:
+            raise ValueError("BuildConfig.caption_min_similarity is a cosine in [-1, 1], "
+                             f"got {self.caption_min_similarity}")
         if self.dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"BuildConfig.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
@@ -156,9 +165,31 @@ def _encoders(cfg: BuildConfig, image: ImageEncoder | str | None, text: TextEnco
     return img, txt, k
 
 
+def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: TextEncoder) -> Any:
+    """The CaptionLabeller of a ``caption_labels`` build (None otherwise); bad settings raise before any work."""
+    if not cfg.caption_labels:
+        if cfg.class_synonyms:
+            raise ValueError("class_synonyms is only used with caption_labels=True (--labels-from-captions)")
+        return None
+    if not class_names:
+        raise ValueError("caption_labels needs the class names to recognise in captions: pass class_names "
+                         "(--classes)")
+    syn = cfg.class_synonyms or {}
+    unknown = sorted(set(syn) - set(class_names))
+    if unknown:
+        raise ValueError(f"class_synonyms names classes {unknown[:10]} that are not among the class names "
+                         f"{class_names[:10]}{'...' if len(class_names) > 10 else ''}")
+    from retrofit.caption_labels import CaptionLabeller
+
+    return CaptionLabeller(txt, class_names, synonyms=[list(syn.get(c, [])) for c in class_names],
+                           min_similarity=cfg.caption_min_similarity)
+
+
 def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class_names: list[str] | None) -> str:
     ident = {"mode": mode, "source": src.describe(), "fingerprint": fp.to_dict(), "dedup": cfg.dedup,
              "near_dup": cfg.near_dup, "require_caption": cfg.require_caption, "class_names": class_names}
+    if cfg.caption_labels:  # only then: ids of builds made before the option existed stay the same (resume)
+        ident["caption_labels"] = [cfg.class_synonyms, cfg.caption_min_similarity]
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -182,6 +213,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             cfg.class_names = kb0.class_names
     labels, class_names = map_labels(src, cfg.class_names)
     img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
+    labeller = _caption_labeller(cfg, class_names, txt)
     fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)
     build_id = _build_id(mode, src, cfg, fp, class_names)
     meta_key = _META_PREFIX + build_id
@@ -213,7 +245,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
                                   index=cfg.index)
     with kb:
-        builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, path / REPORT_NAME)
+        builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, path / REPORT_NAME, labeller)
         if builder.state["next"] != state["next"]:
             raise KnowledgeBaseError(f"{path} was changed by another process while this build started; re-run it")
         if state["next"]:

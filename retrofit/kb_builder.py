@@ -28,8 +28,10 @@ class _Builder:
     """One run over (part of) a source into an open, writable KB."""
 
     def __init__(self, kb: Any, source: Source, labels: list[int], cfg: BuildConfig, image: ImageEncoder,
-                 text: TextEncoder, key: ImageEncoder | None, build_id: str, report: Path):
+                 text: TextEncoder, key: ImageEncoder | None, build_id: str, report: Path, labeller: Any = None):
         self.kb, self.source, self.labels, self.cfg = kb, source, labels, cfg
+        self.labeller = labeller  # CaptionLabeller: labels read from captions for samples without one
+        self.caption_labelled = 0  # records of this run whose label came from their caption
         self.image, self.text, self.key = image, text, key
         self.meta_key = _META_PREFIX + build_id
         self.report = report
@@ -124,7 +126,8 @@ class _Builder:
         return BuildSummary(str(self.kb.path), len(refs), st["written"], st["skipped"], st["duplicates"],
                             st["near_duplicates"], seconds, self.encode_s, (len(refs) - start) / max(seconds, 1e-9),
                             start, str(self.report), kb_size=len(self.kb),
-                            extra={"encode_split_s": self.encode_split, "unique_captions": len(self._text_cache)})
+                            extra={"encode_split_s": self.encode_split, "unique_captions": len(self._text_cache),
+                                   **({"labels_from_captions": self.caption_labelled} if self.labeller else {})})
 
     def _take(self, batch: dict[str, Any], pending: dict[str, list], report: Any) -> None:
         """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``.
@@ -178,7 +181,12 @@ class _Builder:
         pending["key"].append(keys)
         pending["image"].append(img)
         pending["text"].append(txt)
-        pending["label"].extend(self.labels[i] for i in keep_idx)
+        labels = [self.labels[i] for i in keep_idx]
+        if self.labeller is not None and any(lab < 0 for lab in labels):
+            read = self.labeller.label_vectors(txt).tolist()  # (n,) from the caption vectors just encoded
+            labels = [r if lab < 0 else lab for lab, r in zip(labels, read)]
+            self.caption_labelled += sum(1 for lab, i in zip(labels, keep_idx) if self.labels[i] < 0 and lab >= 0)
+        pending["label"].extend(labels)
         pending["caption"].extend(caps)
         pending["source"].extend(f"{self.source.refs[i].key}|sha1:{batch['hash'][r][:16]}"
                                  for r, i in zip(keep_rows, keep_idx))

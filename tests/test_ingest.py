@@ -322,3 +322,60 @@ def test_merge_is_all_or_nothing(tmp_path, shards, cifar_classes, encoders):
         assert 3 in kb.search(q, 2).ids[0].tolist()
     with pytest.raises(RetrofitError, match="already exists"):
         merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, progress=False)
+
+
+def test_labels_from_captions_for_web_data(tmp_path, mini_samples, cifar_classes, encoders, data_dir, capsys):  # noqa: F811
+    """A manifest of web-like data: most rows have no label; caption_labels reads one from each caption."""
+    from retrofit.cifar10_lt import load_wordnet
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for n, s in enumerate(mini_samples):
+        (tmp_path / "img" / f"{s['key']}.jpg").write_bytes(s["jpg"])
+        given = cifar_classes[(s["label"] + 1) % 10] if n % 10 == 0 else ""  # a few rows carry a label (kept as is)
+        rows.append({"image": f"img/{s['key']}.jpg", "caption": s["caption"], "label": given})
+    man = tmp_path / "web.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lemmas, glosses = load_wordnet(data_dir)
+    syn = {c: [*lemmas[i], glosses[i]] for i, c in enumerate(cifar_classes)}
+    s = build_kb(man, tmp_path / "kb", **encoders, **FAST, class_names=cifar_classes, caption_labels=True,
+                 class_synonyms=syn)
+    recs = _records(tmp_path / "kb")
+    assert s.written == len(recs) == 100
+    labels = [r["label"] for r in recs]
+    truth = [m["label"] for m in mini_samples]
+    for n in range(0, 100, 10):  # a given label is never overwritten
+        assert labels[n] == (truth[n] + 1) % 10
+    read = [n for n in range(100) if n % 10]
+    right = sum(labels[n] == truth[n] for n in read) / len(read)
+    unknown = sum(labels[n] == -1 for n in read) / len(read)
+    assert 0.6 <= right <= 0.95 and 0.0 < unknown <= 0.25, (right, unknown)
+    assert s.extra["labels_from_captions"] == sum(labels[n] >= 0 for n in read)
+    # without the option the same rows stay unlabelled
+    plain = build_kb(man, tmp_path / "kb_plain", **encoders, **FAST, class_names=cifar_classes)
+    assert plain.written == 100 and "labels_from_captions" not in plain.extra
+    assert [r["label"] for r in _records(tmp_path / "kb_plain")][1:10] == [-1] * 9
+    # bad settings fail before any work and leave nothing behind
+    for kw, msg in (({"caption_labels": True}, "class names"),
+                    ({"caption_labels": True, "class_names": cifar_classes, "class_synonyms": {"kitten": ["cat"]}},
+                     "not among the class names"),
+                    ({"class_names": cifar_classes, "class_synonyms": syn}, "only used with caption_labels"),
+                    ({"caption_labels": True, "class_names": cifar_classes, "caption_min_similarity": 2.0},
+                     "cosine")):
+        with pytest.raises(ValueError, match=msg):
+            build_kb(man, tmp_path / "kb_bad", **encoders, **FAST, **kw)
+        assert not (tmp_path / "kb_bad").exists()
+    # the CLI flags
+    from retrofit.cli import main
+
+    (tmp_path / "syn.json").write_text(json.dumps(syn))
+    rc = main(["kb", "build", str(man), str(tmp_path / "kb_cli"), "--classes", ",".join(cifar_classes), "--quiet",
+               "--labels-from-captions", "--class-synonyms", str(tmp_path / "syn.json"), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["extra"]["labels_from_captions"] == s.extra["labels_from_captions"]
+    assert [r["label"] for r in _records(tmp_path / "kb_cli")] == labels
+    (tmp_path / "bad.json").write_text(json.dumps({"cat": "kitty"}))
+    rc = main(["kb", "build", str(man), str(tmp_path / "kb_cli2"), "--classes", ",".join(cifar_classes), "--quiet",
+               "--labels-from-captions", "--class-synonyms", str(tmp_path / "bad.json")])
+    assert rc == 1 and "expected a JSON object" in capsys.readouterr().err

@@ -13,6 +13,7 @@ _EPILOG_BUILD = """examples:
   retrofit kb build 'data/train-{000000..000004}.tar' kb/cifar --image-encoder darknet-tiny --text-encoder minilm
   retrofit kb build photos/ kb/photos --template 'a photo of a {}.' --classes classes.txt
   retrofit kb build manifest.jsonl kb/web --classes classes.json --near-dup 0.98
+  retrofit kb build web.jsonl kb/web --classes classes.txt --labels-from-captions --class-synonyms syn.json
 
 Re-running the same command after a crash or Ctrl-C resumes where it stopped. Bad samples are skipped
 and listed in KB/build_report.jsonl.
@@ -59,7 +60,26 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     classes = _classes(args.classes)
     if classes is not None:
         opts["class_names"] = classes
+    if args.labels_from_captions:
+        opts["caption_labels"] = True
+        opts["caption_min_similarity"] = args.caption_min_similarity
+    if args.class_synonyms is not None:
+        opts["class_synonyms"] = _synonyms(args.class_synonyms)
     return opts
+
+
+def _synonyms(value: str) -> dict[str, list[str]]:
+    """``--class-synonyms``: a JSON object mapping class names to lists of other names or descriptions."""
+    try:
+        data = json.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--class-synonyms {value!r}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"--class-synonyms {value!r} is not JSON: {e}") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v) for k, v in data.items()):
+        raise ValueError(f"--class-synonyms {value!r}: expected a JSON object {{class name: [names, ...]}}")
+    return data
 
 
 def _report(summary: Any, as_json: bool) -> int:
@@ -117,6 +137,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="also drop records whose key has cosine >= COS with an earlier one")
     p.add_argument("--allow-missing-captions", action="store_true",
                    help="keep samples without a caption (zero text vector) instead of skipping them")
+    p.add_argument("--labels-from-captions", action="store_true",
+                   help="samples without a label get the class their caption names (zero-shot text similarity to "
+                        "the --classes names; -1 when none is recognisable): web data without labels")
+    p.add_argument("--class-synonyms", default=None, metavar="FILE",
+                   help="with --labels-from-captions: JSON {class name: [other names or descriptions]}")
+    p.add_argument("--caption-min-similarity", type=float, default=0.5, metavar="COS",
+                   help="with --labels-from-captions: cosine a caption needs with a class text (default 0.5)")
     p.add_argument("--device", default="cpu", help="device for the encoders (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
