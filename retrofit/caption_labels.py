@@ -37,11 +37,19 @@ def class_prototypes(class_names: Sequence[str], synonyms: Sequence[Sequence[str
     names = list(class_names)
     if not names:
         raise ValueError("class_names is empty; give the classifier's class names")
+    if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"class_names must be distinct non-empty strings, got {names[:20]}")
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
     for what, seq in (("synonyms", synonyms), ("descriptions", descriptions)):
         if seq is not None and len(seq) != len(names):
             raise ValueError(f"{what} must have one entry per class ({len(names)}), got {len(seq)}")
+    for c, entry in enumerate(synonyms or ()):
+        if isinstance(entry, str) or not all(isinstance(w, str) for w in entry):
+            raise ValueError(f"synonyms of class {names[c]!r} must be a list of strings, got {entry!r}")
+    for c, entry in enumerate(descriptions or ()):
+        if entry is not None and not isinstance(entry, str):
+            raise ValueError(f"the description of class {names[c]!r} must be a string or None, got {entry!r}")
     texts: list[str] = []
     owner: list[int] = []
     for c, name in enumerate(names):
@@ -76,8 +84,8 @@ class CaptionLabeller:
         self.class_names = list(class_names)
         self.min_similarity = float(min_similarity)
         self.texts, owner = class_prototypes(self.class_names, synonyms, descriptions, template)
-        with torch.inference_mode():
-            self.prototypes = F.normalize(text_encoder.encode(self.texts).float(), dim=-1)  # (P, D)
+        with torch.inference_mode():  # kept on the CPU whatever device the encoder runs on
+            self.prototypes = F.normalize(text_encoder.encode(self.texts).float().cpu(), dim=-1)  # (P, D)
         self.owner = torch.tensor(owner, dtype=torch.int64)  # (P,)
 
     @property
@@ -85,8 +93,8 @@ class CaptionLabeller:
         return len(self.class_names)
 
     def class_scores(self, text_vectors: torch.Tensor) -> torch.Tensor:
-        """(N, C) highest cosine similarity of each text vector with each class's prototypes."""
-        t = torch.as_tensor(text_vectors)
+        """(N, C) highest cosine similarity of each text vector with each class's prototypes (on the CPU)."""
+        t = torch.as_tensor(text_vectors).detach().cpu()
         if t.dim() != 2 or t.shape[1] != self.prototypes.shape[1]:
             raise ValueError(f"text vectors must be (N, {self.prototypes.shape[1]}) from the labeller's text "
                              f"encoder, got {tuple(t.shape)}")
@@ -97,9 +105,11 @@ class CaptionLabeller:
         return out.scatter_reduce(1, self.owner.expand(t.shape[0], -1), sim, reduce="amax")
 
     def label_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 labels of already-encoded captions (``-1``: no prototype reaches ``min_similarity``)."""
+        """(N,) int64 labels of already-encoded captions, on the CPU (``-1``: no prototype reaches
+        ``min_similarity``, or an all-zero vector, the text vector of a record without a caption)."""
         best, label = self.class_scores(text_vectors).max(dim=1)
-        return torch.where(best >= self.min_similarity, label, torch.full_like(label, -1))
+        blank = torch.as_tensor(text_vectors).detach().cpu().float().abs().sum(dim=1) == 0
+        return torch.where((best >= self.min_similarity) & ~blank, label, torch.full_like(label, -1))
 
     def __call__(self, captions: Sequence[str | None], batch_size: int = 512) -> torch.Tensor:
         """(N,) int64 labels of ``captions`` (``None`` or blank: ``-1``)."""

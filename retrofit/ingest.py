@@ -53,7 +53,8 @@ class BuildConfig:
     # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
     # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.
     caption_labels: bool = False
-    class_synonyms: dict[str, list[str]] | None = None  # extra names / descriptions per class name (caption_labels)
+    class_synonyms: dict[str, list[str]] | None = None  # other names per class name, each put in "a photo of a {}."
+    class_descriptions: dict[str, str] | None = None  # a one-line description per class name, used as it is
     caption_min_similarity: float = 0.5  # cosine a caption needs with some class text to get its label
     device: str = "cpu"  # where the encoders run
     text_cache: int = 200_000  # captions whose text vector is remembered (web captions repeat a lot)
@@ -168,20 +169,26 @@ def _encoders(cfg: BuildConfig, image: ImageEncoder | str | None, text: TextEnco
 def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: TextEncoder) -> Any:
     """The CaptionLabeller of a ``caption_labels`` build (None otherwise); bad settings raise before any work."""
     if not cfg.caption_labels:
-        if cfg.class_synonyms:
-            raise ValueError("class_synonyms is only used with caption_labels=True (--labels-from-captions)")
+        if cfg.class_synonyms or cfg.class_descriptions:
+            raise ValueError("class_synonyms / class_descriptions are only used with caption_labels=True "
+                             "(--labels-from-captions)")
         return None
     if not class_names:
         raise ValueError("caption_labels needs the class names to recognise in captions: pass class_names "
                          "(--classes)")
-    syn = cfg.class_synonyms or {}
-    unknown = sorted(set(syn) - set(class_names))
-    if unknown:
-        raise ValueError(f"class_synonyms names classes {unknown[:10]} that are not among the class names "
-                         f"{class_names[:10]}{'...' if len(class_names) > 10 else ''}")
+    syn, desc = cfg.class_synonyms or {}, cfg.class_descriptions or {}
+    for what, d in (("class_synonyms", syn), ("class_descriptions", desc)):
+        unknown = sorted(set(d) - set(class_names))
+        if unknown:
+            raise ValueError(f"{what} names classes {unknown[:10]} that are not among the class names "
+                             f"{class_names[:10]}{'...' if len(class_names) > 10 else ''}")
     from retrofit.caption_labels import CaptionLabeller
 
+    bad = {c: v for c, v in syn.items() if isinstance(v, str)}
+    if bad:  # a bare string would be read as a list of letters
+        raise ValueError(f"class_synonyms values must be lists of names, got {bad}")
     return CaptionLabeller(txt, class_names, synonyms=[list(syn.get(c, [])) for c in class_names],
+                           descriptions=[desc.get(c) for c in class_names] if desc else None,
                            min_similarity=cfg.caption_min_similarity)
 
 
@@ -189,7 +196,7 @@ def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class
     ident = {"mode": mode, "source": src.describe(), "fingerprint": fp.to_dict(), "dedup": cfg.dedup,
              "near_dup": cfg.near_dup, "require_caption": cfg.require_caption, "class_names": class_names}
     if cfg.caption_labels:  # only then: ids of builds made before the option existed stay the same (resume)
-        ident["caption_labels"] = [cfg.class_synonyms, cfg.caption_min_similarity]
+        ident["caption_labels"] = [cfg.class_synonyms, cfg.class_descriptions, cfg.caption_min_similarity]
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -237,7 +244,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             log.info("%s: this build is already complete (%d records); nothing to do", path, size)
             return BuildSummary(str(path), len(src), state["written"], state["skipped"], state["duplicates"],
                                 state["near_duplicates"], time.perf_counter() - t0, 0.0, 0.0, state["next"],
-                                str(report), kb_size=size)
+                                str(report), kb_size=size,
+                                extra={"labels_from_captions": state.get("caption_labelled", 0)} if labeller else {})
     batches = _decoded_batches(src, cfg, img, key, state["next"])  # workers start before the KB is opened
     if exists:
         kb = KnowledgeBase.open(path, readonly=False)

@@ -31,7 +31,6 @@ class _Builder:
                  text: TextEncoder, key: ImageEncoder | None, build_id: str, report: Path, labeller: Any = None):
         self.kb, self.source, self.labels, self.cfg = kb, source, labels, cfg
         self.labeller = labeller  # CaptionLabeller: labels read from captions for samples without one
-        self.caption_labelled = 0  # records of this run whose label came from their caption
         self.image, self.text, self.key = image, text, key
         self.meta_key = _META_PREFIX + build_id
         self.report = report
@@ -127,7 +126,8 @@ class _Builder:
                             st["near_duplicates"], seconds, self.encode_s, (len(refs) - start) / max(seconds, 1e-9),
                             start, str(self.report), kb_size=len(self.kb),
                             extra={"encode_split_s": self.encode_split, "unique_captions": len(self._text_cache),
-                                   **({"labels_from_captions": self.caption_labelled} if self.labeller else {})})
+                                   **({"labels_from_captions": st.get("caption_labelled", 0)} if self.labeller
+                                      else {})})
 
     def _take(self, batch: dict[str, Any], pending: dict[str, list], report: Any) -> None:
         """Filter one decoded batch (bad data, duplicates), encode what is left, append it to ``pending``.
@@ -135,9 +135,11 @@ class _Builder:
         The counters move only once the whole batch is done, so that an interrupted batch counts nothing.
         """
         counts = {"skipped": 0, "duplicates": 0, "near_duplicates": 0}
+        if self.labeller is not None:
+            counts["caption_labelled"] = 0
         self._filter_encode(batch, pending, report, counts)
         for k, v in counts.items():
-            self.state[k] += v
+            self.state[k] = self.state.get(k, 0) + v  # caption_labelled: absent from builds made before it
 
     def _filter_encode(self, batch: dict[str, Any], pending: dict[str, list], report: Any,
                        counts: dict[str, int]) -> None:
@@ -185,7 +187,7 @@ class _Builder:
         if self.labeller is not None and any(lab < 0 for lab in labels):
             read = self.labeller.label_vectors(txt).tolist()  # (n,) from the caption vectors just encoded
             labels = [r if lab < 0 else lab for lab, r in zip(labels, read)]
-            self.caption_labelled += sum(1 for lab, i in zip(labels, keep_idx) if self.labels[i] < 0 and lab >= 0)
+            counts["caption_labelled"] += sum(1 for lab, i in zip(labels, keep_idx) if self.labels[i] < 0 and lab >= 0)
         pending["label"].extend(labels)
         pending["caption"].extend(caps)
         pending["source"].extend(f"{self.source.refs[i].key}|sha1:{batch['hash'][r][:16]}"

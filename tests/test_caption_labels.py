@@ -28,6 +28,12 @@ def test_prototypes_cover_names_synonyms_and_descriptions():
         class_prototypes(["cat"], template="a photo")
     with pytest.raises(ValueError, match="empty"):
         class_prototypes([])
+    with pytest.raises(ValueError, match="list of strings"):  # a bare string would be split into letters
+        class_prototypes(["cat", "car"], synonyms=["kitty", ["auto"]])
+    with pytest.raises(ValueError, match="description"):
+        class_prototypes(["cat"], descriptions=[["a feline"]])
+    with pytest.raises(ValueError, match="distinct"):
+        class_prototypes(["cat", "cat"])
 
 
 def test_labels_real_captions_like_the_documented_rates(labeller, cifar_train_small):
@@ -67,8 +73,26 @@ def test_bad_input_is_refused(labeller, cifar_classes):
         labeller(["x"], batch_size=0)
 
 
+def test_blank_vectors_stay_unknown_even_with_a_permissive_threshold(labeller, cifar_classes):
+    permissive = CaptionLabeller(labeller.encoder, cifar_classes, min_similarity=-1.0)  # every caption gets a class
+    vec = torch.cat([torch.zeros(1, 384), real_encoders()["text_encoder"].encode(["a photo of a horse."])])
+    assert permissive.label_vectors(vec).tolist() == [-1, cifar_classes.index("horse")]
+
+
 def test_wordnet_synonyms_and_glosses(data_dir):
     lemmas, glosses = load_wordnet(data_dir)
     assert len(lemmas) == len(glosses) == 10
     assert "motorcar" in lemmas[1] and "cervid" in lemmas[4]
     assert all(g and '"' not in g for g in glosses)  # usage examples stripped
+
+
+@pytest.mark.cuda
+def test_encoder_on_gpu_gives_cpu_labels(cifar_classes):
+    from retrofit.encoders import load_text_encoder
+
+    gpu = CaptionLabeller(load_text_encoder("minilm", device="cuda"), cifar_classes)
+    assert gpu.prototypes.device.type == "cpu"
+    got = gpu(["a photo of a horse.", "IMG_0412.jpg"])
+    assert got.device.type == "cpu" and got.tolist() == [cifar_classes.index("horse"), -1]
+    vec = gpu.encoder.encode(["a photo of a ship."])  # on the GPU
+    assert gpu.label_vectors(vec).tolist() == [cifar_classes.index("ship")]

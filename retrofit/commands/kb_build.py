@@ -62,7 +62,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         opts["class_names"] = classes
     if args.labels_from_captions:
         opts["caption_labels"] = True
-        opts["caption_min_similarity"] = args.caption_min_similarity
+        if args.caption_min_similarity is not None:
+            opts["caption_min_similarity"] = args.caption_min_similarity
+    elif args.caption_min_similarity is not None:
+        raise ValueError("--caption-min-similarity is only used with --labels-from-captions")
     if args.class_synonyms is not None:
         opts["class_synonyms"] = _synonyms(args.class_synonyms)
     return opts
@@ -141,8 +144,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="samples without a label get the class their caption names (zero-shot text similarity to "
                         "the --classes names; -1 when none is recognisable): web data without labels")
     p.add_argument("--class-synonyms", default=None, metavar="FILE",
-                   help="with --labels-from-captions: JSON {class name: [other names or descriptions]}")
-    p.add_argument("--caption-min-similarity", type=float, default=0.5, metavar="COS",
+                   help="with --labels-from-captions: JSON {class name: [other names]}, each read as 'a photo of a "
+                        "{name}.'")
+    p.add_argument("--caption-min-similarity", type=float, default=None, metavar="COS",
                    help="with --labels-from-captions: cosine a caption needs with a class text (default 0.5)")
     p.add_argument("--device", default="cpu", help="device for the encoders (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
