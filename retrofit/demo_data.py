@@ -54,6 +54,7 @@ class DemoData:
     seconds: dict[str, float] = field(default_factory=dict)  # time spent per preparation step
     _kbs: dict[str, Any] = field(default_factory=dict)
     _feats: dict[tuple, Any] = field(default_factory=dict)
+    _digests: dict[str, str] = field(default_factory=dict)
 
     num_classes = property(lambda self: len(self.class_names))
 
@@ -70,6 +71,14 @@ class DemoData:
             folder = _EXT_FOLDER[self.ext_labels] if name == "ext" else f"kb_{name}"
             self._kbs[name] = KnowledgeBase.open(self.root / folder)
         return self._kbs[name]
+
+    def kb_digest(self, name: str) -> str:
+        """sha1 of the labels of knowledge base ``name`` (what the label vote and the training targets read)."""
+        if name not in self._digests:
+            import hashlib
+
+            self._digests[name] = hashlib.sha1(self.kb(name).labels().numpy().tobytes()).hexdigest()[:16]
+        return self._digests[name]
 
     def close(self) -> None:
         for kb in self._kbs.values():
@@ -126,7 +135,9 @@ class DemoData:
                 "groups": {"many": [int(c) for c in np.flatnonzero(s.groups == 0)],
                            "medium": [int(c) for c in np.flatnonzero(s.groups == 1)],
                            "few": [int(c) for c in np.flatnonzero(s.groups == 2)]},
-                "cache": str(self.root), "prepare_seconds": self.seconds}
+                "cache": str(self.root), "prepare_seconds": self.seconds, "ext_labels": self.ext_labels,
+                **({"pool_caption_labels": _info(self.root / "kb_pool_captions")}
+                   if self.ext_labels == "captions" else {})}
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -138,6 +149,23 @@ def _done(path: Path) -> bool:
 
 def _mark(path: Path, info: dict[str, Any]) -> None:
     (path / _DONE).write_text(json.dumps(info, default=str))
+
+
+def _info(path: Path) -> dict[str, Any]:
+    """What :func:`_mark` recorded for a finished artefact ({} when unfinished)."""
+    return json.loads((path / _DONE).read_text()) if _done(path) else {}
+
+
+def _labeller_digest(data_root: Path, text_encoder: str) -> str:
+    """The pool's caption labels depend on the labeller's code, the class texts and the text encoder."""
+    import hashlib
+
+    from retrofit import caption_labels
+
+    h = hashlib.sha1(Path(caption_labels.__file__).read_bytes())
+    h.update((data_root / "cifar10" / "classes.json").read_bytes())
+    h.update(text_encoder.encode())
+    return h.hexdigest()[:16]
 
 
 class _Encoders:
@@ -247,8 +275,11 @@ def prepare(cfg: Any) -> DemoData:
         pool = root / "kb_pool"
         if cfg.ext_labels == "captions":
             pool = root / "kb_pool_captions"
-            if not _done(pool):
-                _caption_labelled(root / "kb_pool", pool, root_data, enc, names)
+            digest = _labeller_digest(root_data, cfg.text_encoder)
+            if _info(pool).get("labeller") != digest:  # missing, unfinished, or labelled by other code / texts
+                _caption_labelled(root / "kb_pool", pool, root_data, enc, names, digest)
+                if (root / _EXT_FOLDER["captions"] / _DONE).exists():
+                    (root / _EXT_FOLDER["captions"] / _DONE).unlink()  # merged from the old pool: redo
         ext = root / _EXT_FOLDER[cfg.ext_labels]
         if not _done(ext):
             if ext.exists():
@@ -309,7 +340,7 @@ def _noisy_kb(kb_in: Any, path: Path, noisy: np.ndarray, clean: np.ndarray) -> N
     _mark(path, {"records": len(noisy)})
 
 
-def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, names: list[str]) -> None:
+def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, names: list[str], digest: str) -> None:
     """A copy of the pool KB whose labels are read from its captions (from their stored MiniLM vectors)."""
     from retrofit.caption_labels import CaptionLabeller
     from retrofit.cifar10_lt import load_wordnet
@@ -324,7 +355,7 @@ def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, nam
         truth = pool.labels()
         _relabelled_copy(pool, path, labels)
     info = {"records": len(labels), "unknown": float((labels < 0).float().mean()),
-            "agree_with_dataset": float((labels == truth).float().mean())}
+            "agree_with_dataset": float((labels == truth).float().mean()), "labeller": digest}
     log.info("pool labels read from captions: %s", info)
     _mark(path, info)
 

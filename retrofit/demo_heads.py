@@ -80,8 +80,9 @@ _TRAINING_CODE = ("head", "fusion", "functional", "training", "prediction", "fea
 
 def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str, noisy: bool,
                     shift: torch.Tensor | None, vote: bool) -> Path:
-    """Where the head trained from exactly these inputs lives: the key covers the data setting, the KB, every
-    training setting, the seed, the host-logit shift and the source of the modules that training runs."""
+    """Where the head trained from exactly these inputs lives: the key covers the data setting, the KB (its name
+    and a digest of its labels, so a relabelled KB gets new heads), every training setting, the seed, the
+    host-logit shift and the source of the modules that training runs."""
     import hashlib
     import importlib
 
@@ -93,8 +94,9 @@ def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modaliti
         code.update(Path(importlib.import_module(f"retrofit.{name}").__file__).read_bytes())
     settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
                                              "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
-                                             "label_smoothing", "host_weight_decay", "ext_labels")}
-    key = cache_key({"settings": settings, "kb": kb, "seed": seed, "modalities": modalities, "noisy": noisy,
+                                             "label_smoothing", "host_weight_decay")}
+    key = cache_key({"settings": settings, "kb": kb, "kb_labels": data.kb_digest(kb), "seed": seed,
+                     "modalities": modalities, "noisy": noisy,
                      "vote": vote, "shift": None if shift is None else [round(float(x), 6) for x in shift],
                      "version": __version__, "code": code.hexdigest()})
     return data.root / "heads" / key

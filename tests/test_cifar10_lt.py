@@ -197,7 +197,7 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
     from retrofit.demo import DemoConfig
     from retrofit.demo_heads import head_cache_dir
 
-    data = SimpleNamespace(root=tmp_path)  # only the cache root is read
+    data = SimpleNamespace(root=tmp_path, kb_digest=lambda kb: f"labels-of-{kb}")  # the cache root, KB digests
     cfg = DemoConfig()
     shift = torch.tensor([0.1, -2.0])
     base = head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, True)
@@ -211,7 +211,8 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
               head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, False),
               head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
               head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True),
-              head_cache_dir(DemoConfig(ext_labels="captions"), data, "in", 0, "image+text", False, shift, True)]
+              head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: "relabelled"), "in", 0,
+                             "image+text", False, shift, True)]  # same KB name, other labels
     assert len({base, *others}) == 1 + len(others)
 
 

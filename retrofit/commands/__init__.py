@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
+
+Command = Callable[[argparse.Namespace], int]
 
 
-def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run a command; a user error (bad value, missing file, a :class:`retrofit.errors.RetrofitError`) prints
-    ``error: ...`` on stderr and exits 1 instead of a traceback."""
+def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] = ()) -> Any:
+    """Decorate a command so that a user error prints ``error: ...`` on stderr and exits 1 instead of a
+    traceback: a :class:`retrofit.errors.RetrofitError`, ``ValueError`` or ``FileNotFoundError``, plus the
+    exception types in ``also``. Use as ``@guarded`` or ``@guarded(also=(KeyError,))``."""
 
-    def run(args: argparse.Namespace) -> int:
-        from retrofit.errors import RetrofitError
+    def wrap(f: Command) -> Command:
+        def run(args: argparse.Namespace) -> int:
+            from retrofit.errors import RetrofitError
 
-        try:
-            return fn(args)
-        except (RetrofitError, ValueError, FileNotFoundError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            try:
+                return f(args)
+            except (RetrofitError, ValueError, FileNotFoundError, *also) as e:
+                print(f"error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr)
+                return 1
 
-    run.__name__ = getattr(fn, "__name__", "run")
-    run.__doc__ = fn.__doc__
-    return run
+        run.__name__ = getattr(f, "__name__", "run")
+        run.__doc__ = f.__doc__
+        return run
+
+    return wrap if fn is None else wrap(fn)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from retrofit.commands import guarded
+
 
 def _open(path: str, readonly: bool = True):
     from retrofit.knowledge_base import KnowledgeBase
@@ -20,20 +22,6 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _guard(fn):
-    """Print retrofit's own errors as one line (exit 1) instead of a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        from retrofit.errors import RetrofitError
-
-        try:
-            return fn(args)
-        except (RetrofitError, ValueError, KeyError, FileNotFoundError) as e:
-            return _fail(str(e).strip("'\""))
-
-    return run
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -42,7 +30,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@_guard
+@guarded(also=(KeyError,))
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.path) as kb:
         info = kb.info()
@@ -74,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guarded(also=(KeyError,))
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args.path) as kb:
         report = kb.verify()
@@ -108,7 +96,7 @@ def _load_vectors(path: str):
     return x.float().reshape(-1, x.shape[-1]) if x.dim() <= 2 else x.float().flatten(0, -2)
 
 
-@_guard
+@guarded(also=(KeyError,))
 def cmd_query(args: argparse.Namespace) -> int:
     import torch
 
@@ -151,7 +139,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guarded(also=(KeyError,))
 def cmd_delete(args: argparse.Namespace) -> int:
     ids = [int(s) for part in args.ids for s in part.split(",") if s.strip()]
     if not ids:
@@ -163,7 +151,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guarded(also=(KeyError,))
 def cmd_compact(args: argparse.Namespace) -> int:
     from retrofit.knowledge_base import KnowledgeBase
 

@@ -77,7 +77,7 @@ def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
     return None
 
 
-@guarded
+@guarded(also=(TypeError,))
 def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
     from retrofit.pipeline import load_host_model, source_features
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@guarded
+@guarded(also=(TypeError,))
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image

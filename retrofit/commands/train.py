@@ -1,7 +1,7 @@
 """``retrofit train``: fit a retrieval head on a frozen host classifier and a knowledge base.
 
 Also the helpers the commands that use a trained head share (:mod:`retrofit.commands.predict`: ``retrofit eval``,
-``retrofit predict``): the error guard, opening the KB and the data, label mapping, the runtime options.
+``retrofit predict``): opening the KB and the data, label mapping, the runtime options.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _model_linear(host: Any, dim: int) -> Any:
                         f"{[type(m).__name__ for m in mods]}; use --host probe")
 
 
-@guarded
+@guarded(also=(TypeError,))
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
