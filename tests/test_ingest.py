@@ -324,18 +324,24 @@ def test_merge_is_all_or_nothing(tmp_path, shards, cifar_classes, encoders):
         merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, progress=False)
 
 
+def _web_manifest(root: Path, samples: list[dict], classes: list[str]) -> Path:
+    """Web-like data: image, caption, and a label on every tenth row only (another class than the true one)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, s in enumerate(samples):
+        (root / "img" / f"{s['key']}.jpg").write_bytes(s["jpg"])
+        given = classes[(s["label"] + 1) % 10] if n % 10 == 0 else ""
+        rows.append({"image": f"img/{s['key']}.jpg", "caption": s["caption"], "label": given})
+    man = root / "web.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return man
+
+
 def test_labels_from_captions_for_web_data(tmp_path, mini_samples, cifar_classes, encoders, data_dir, capsys):  # noqa: F811
     """A manifest of web-like data: most rows have no label; caption_labels reads one from each caption."""
     from retrofit.cifar10_lt import load_wordnet
 
-    (tmp_path / "img").mkdir()
-    rows = []
-    for n, s in enumerate(mini_samples):
-        (tmp_path / "img" / f"{s['key']}.jpg").write_bytes(s["jpg"])
-        given = cifar_classes[(s["label"] + 1) % 10] if n % 10 == 0 else ""  # a few rows carry a label (kept as is)
-        rows.append({"image": f"img/{s['key']}.jpg", "caption": s["caption"], "label": given})
-    man = tmp_path / "web.jsonl"
-    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    man = _web_manifest(tmp_path, mini_samples, cifar_classes)
     lemmas, glosses = load_wordnet(data_dir)
     syn = {c: lemmas[i] for i, c in enumerate(cifar_classes)}
     s = build_kb(man, tmp_path / "kb", **encoders, **FAST, class_names=cifar_classes, caption_labels=True,
@@ -390,3 +396,27 @@ def test_labels_from_captions_for_web_data(tmp_path, mini_samples, cifar_classes
                      class_synonyms=syn, class_descriptions=dict(zip(cifar_classes, glosses)))
     assert again.written == 100 and again.encode_s == 0.0
     assert again.extra["labels_from_captions"] == s.extra["labels_from_captions"]
+
+
+def test_caption_labels_resume_after_ctrl_c(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
+    """An interrupted caption-labelled build resumes to the clean build's records and count."""
+    man = _web_manifest(tmp_path, mini_samples, cifar_classes)
+    kw = dict(**FAST, class_names=cifar_classes, caption_labels=True, text_encoder=encoders["text_encoder"])
+    clean = build_kb(man, tmp_path / "clean", image_encoder=encoders["image_encoder"], **kw)
+    img = load_image_encoder("darknet-tiny")
+    raw, calls = img._embed, []
+
+    def interrupt_on_third(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return raw(x)
+
+    img._embed = interrupt_on_third
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(man, tmp_path / "kb", image_encoder=img, **kw)
+    img._embed = raw
+    s = build_kb(man, tmp_path / "kb", image_encoder=img, **kw)
+    assert s.resumed_from == 64 and s.written == 100
+    assert s.extra["labels_from_captions"] == clean.extra["labels_from_captions"] > 0
+    _same_kb(tmp_path / "kb", tmp_path / "clean")
