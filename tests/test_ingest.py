@@ -188,7 +188,9 @@ def test_resume_after_sigkill_equals_clean_build(tmp_path, shards, encoders, cle
     _same_kb(kb, clean_kb)
 
 
-def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
+def _interrupting_encoder():
+    """A real Tiny Darknet encoder whose third batch raises KeyboardInterrupt (Ctrl-C mid-build), and its own
+    forward, to put back with ``img._embed = raw`` before resuming."""
     img = load_image_encoder("darknet-tiny")
     raw, calls = img._embed, []
 
@@ -199,6 +201,11 @@ def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
         return raw(x)
 
     img._embed = interrupt_on_third
+    return img, raw
+
+
+def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
+    img, raw = _interrupting_encoder()
     with pytest.raises(KeyboardInterrupt):
         build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
     with KnowledgeBase.open(tmp_path / "kb") as k:
@@ -403,16 +410,7 @@ def test_caption_labels_resume_after_ctrl_c(tmp_path, mini_samples, cifar_classe
     man = _web_manifest(tmp_path, mini_samples, cifar_classes)
     kw = dict(**FAST, class_names=cifar_classes, caption_labels=True, text_encoder=encoders["text_encoder"])
     clean = build_kb(man, tmp_path / "clean", image_encoder=encoders["image_encoder"], **kw)
-    img = load_image_encoder("darknet-tiny")
-    raw, calls = img._embed, []
-
-    def interrupt_on_third(x):
-        calls.append(len(x))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return raw(x)
-
-    img._embed = interrupt_on_third
+    img, raw = _interrupting_encoder()
     with pytest.raises(KeyboardInterrupt):
         build_kb(man, tmp_path / "kb", image_encoder=img, **kw)
     img._embed = raw
