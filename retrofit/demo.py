@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from retrofit.demo_data import DemoData, prepare
-from retrofit.demo_heads import head_logits, scale_on_training_images, train_head
+from retrofit.demo_heads import head_logits, logits_by_vote_scale, scale_on_training_images, train_head
 from retrofit.demo_rules import (
     choose_adjustment,
     choose_scale_and_adjustment,
@@ -183,13 +183,14 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
         lp = lp_noisy if noisy else lp_clean
         if head.vote is not None:  # the vote scale and the adjustment are chosen on val, then test is run once
             info["vote_weight_trained"] = float(head.vote.weight.detach() * head.vote.gain)
-            vals = {}
             scales = cfg.vote_scales
             if cfg.vote_scale_on == "train":
                 scales = (scale_on_training_images(head, data, eval_kb, noisy, shift[noisy], cfg.vote_scales),)
-            for sc in scales:
-                head.vote.set_scale(sc)
-                vals[sc] = head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
+            if len(scales) > 1:  # every scale from two passes (logits are affine in the scale)
+                vals = logits_by_vote_scale(head, data, eval_kb, "val", noisy, shift[noisy], scales)
+            else:
+                head.vote.set_scale(scales[0])
+                vals = {scales[0]: head_logits(head, data, eval_kb, "val", noisy, shift[noisy])}
             scale, a = choose_scale_and_adjustment(vals, yv, lp, cfg.posthoc)
             head.vote.set_scale(scale)
             info.update(vote_scale=scale, vote_weight=head.vote.effective_weight)
