@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_sources import make_shards, mini_samples, real_encoders  # noqa: F401  (mini_samples: fixture)
 
 from retrofit.cifar10_lt import (
     class_counts,
@@ -223,3 +224,44 @@ def test_demo_command_is_registered():
                                       "--ext-labels", "captions"])
     assert args.seeds == 3 and args.rows == "1,2" and args.no_plot and args.retrain and callable(args.func)
     assert args.ext_labels == "captions"
+
+
+def test_demo_caption_labelled_pool(tmp_path, mini_samples, cifar_classes, data_dir):  # noqa: F811
+    """The demo's caption-labelled copy of a pool KB (real encoders, real WordNet, 100 real captioned samples):
+    same records, labels read from the stored caption vectors, the labeller digest recorded, an unfinished
+    earlier attempt replaced, and a pool encoded by another text encoder refused."""
+    import json
+
+    import torch
+
+    from retrofit.demo_data import _caption_labelled, _Encoders
+    from retrofit.ingest import build_kb
+    from retrofit.knowledge_base import KnowledgeBase
+
+    enc = real_encoders()
+    pool = tmp_path / "pool"
+    build_kb(make_shards(tmp_path / "wds", mini_samples, cifar_classes), pool, **enc, batch_size=50, num_workers=1,
+             progress=False)
+    encs = _Encoders("darknet-tiny@64", "minilm")
+    encs._txt = enc["text_encoder"]  # the loaded MiniLM (the demo loads it on a cache miss)
+    out = tmp_path / "pool_captions"
+    out.mkdir()
+    (out / "leftover").write_text("an unfinished earlier attempt")
+    _caption_labelled(pool, out, data_dir, encs, cifar_classes, "digest-1")
+    info = json.loads((out / "done.json").read_text())
+    assert info["labeller"] == "digest-1" and info["records"] == 100
+    assert not (out / "leftover").exists()
+    with KnowledgeBase.open(pool) as src, KnowledgeBase.open(out) as dst:
+        ids = torch.arange(100)
+        truth, got = src.labels(), dst.labels()
+        for part in ("key", "image", "text"):
+            assert torch.equal(src.vectors(ids, part), dst.vectors(ids, part))
+        assert [r["caption"] for r in src.get(ids)] == [r["caption"] for r in dst.get(ids)]
+        assert info["agree_with_dataset"] == pytest.approx(float((got == truth).float().mean()))
+        assert info["unknown"] == pytest.approx(float((got < 0).float().mean()))
+    assert 0.6 <= info["agree_with_dataset"] <= 0.95 and info["unknown"] <= 0.25, info
+    # a pool whose texts another encoder wrote is refused, not relabelled with the wrong vectors
+    other = _Encoders("darknet-tiny@64", "minilm")
+    other._txt = enc["image_encoder"]  # a different fingerprint than the pool's MiniLM
+    with pytest.raises(RuntimeError, match="not encoded by minilm"):
+        _caption_labelled(pool, tmp_path / "refused", data_dir, other, cifar_classes, "digest-2")
