@@ -190,6 +190,17 @@ class LabelVote(nn.Module):
             raise ValueError(f"vote scale must be a finite number >= 0, got {scale!r}")
         self.scale.fill_(float(scale))
 
+    def set_weight(self, weight: float) -> None:
+        """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign: the learned ``beta`` is
+        replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation
+        data for a head whose training left the vote near zero or negative (trained on noisy labels, then moved
+        to a cleaner knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not abs(weight) < float("inf"):
+            raise ValueError(f"vote weight must be a finite number, got {weight!r}")
+        with torch.no_grad():
+            self.weight.fill_(float(weight) / self.gain)
+        self.scale.fill_(1.0)
+
     @property
     def effective_weight(self) -> float:
         """The vote weight in use: ``beta * scale``."""

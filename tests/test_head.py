@@ -339,6 +339,26 @@ def test_logits_are_affine_in_the_vote_scale(seed):
         torch.testing.assert_close(logits[s], logits[0.0] + s * (logits[1.0] - logits[0.0]), rtol=1e-6, atol=1e-6)
 
 
+def test_label_vote_set_weight_replaces_the_learned_weight(seed):
+    nb = make_neighbors(4, 6, torch.float32)
+    z, host = torch.randn(4, DQ), torch.randn(4, C)
+    head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
+                                    label_vote=True))
+    with torch.no_grad():
+        head.vote.weight.fill_(-0.01 / head.vote.gain)  # what noisy training can leave: no scale >= 0 helps
+    head.vote.set_scale(3.0)
+    head.vote.set_weight(2.0)
+    assert head.vote.effective_weight == pytest.approx(2.0) and float(head.vote.scale) == 1.0
+    unit = head.vote.probs(nb.labels, nb.scores, nb.mask).add(head.vote.eps).log()  # (B, C)
+    torch.testing.assert_close(head(z, host, neighbors=nb).retrieval_logits, 2.0 * unit)  # readout is zero
+    head.vote.set_weight(-0.5)
+    assert head.vote.effective_weight == pytest.approx(-0.5)
+    for bad in (float("nan"), float("inf"), True, "2", None):
+        with pytest.raises(ValueError, match="vote weight"):
+            head.vote.set_weight(bad)
+    assert head.vote.effective_weight == pytest.approx(-0.5)  # unchanged by the refused values
+
+
 def test_label_vote_scale_multiplies_the_vote_and_is_saved(seed, tmp_path):
     nb = make_neighbors(4, 6, torch.float32)
     z, host = torch.randn(4, DQ), torch.randn(4, C)
