@@ -192,14 +192,14 @@ class _Encoders:
         return self._txt
 
 
-def _build(src: Any, path: Path, enc: _Encoders, names: list[str], progress: bool) -> None:
+def _build(src: Any, path: Path, enc: _Encoders, names: list[str], progress: bool, index: str = "auto") -> None:
     from retrofit.ingest import build_kb
 
     if _done(path):
         return
     t = time.perf_counter()
     summary = build_kb(src, path, image_encoder=enc.image, text_encoder=enc.text, class_names=names, dedup=False,
-                       progress=progress, num_workers=1)
+                       progress=progress, num_workers=1, index=index)
     if summary.written != len(src):
         raise RuntimeError(f"{path}: {summary.written} of {len(src)} samples written (see {summary.report})")
     _mark(path, {"records": summary.written, "seconds": time.perf_counter() - t})
@@ -271,7 +271,7 @@ def prepare(cfg: Any) -> DemoData:
     if {"5", "6"} & set(cfg.rows):
         pool_refs = [train_src.refs[i] for i in split.pool]
         _build(Source("webdataset", train_src.location + "#pool", pool_refs, names, {"subset": "pool", "key": key}),
-               root / "kb_pool", enc, names, cfg.progress)
+               root / "kb_pool", enc, names, cfg.progress, index="flat")  # never searched: only merged into KB_ext
         pool = root / "kb_pool"
         if cfg.ext_labels == "captions":
             pool = root / "kb_pool_captions"
@@ -353,7 +353,7 @@ def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, nam
         labeller = CaptionLabeller(enc.text, names, synonyms=lemmas, descriptions=glosses)
         labels = labeller.label_vectors(pool.vectors(torch.arange(len(pool)), "text"))
         truth = pool.labels()
-        _relabelled_copy(pool, path, labels)
+        _relabelled_copy(pool, path, labels, index="flat")  # never searched: only merged into KB_ext
     info = {"records": len(labels), "unknown": float((labels < 0).float().mean()),
             "agree_with_dataset": float((labels == truth).float().mean()), "labeller": digest}
     log.info("pool labels read from captions: %s", info)
@@ -361,9 +361,10 @@ def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, nam
 
 
 def _relabelled_copy(src: Any, path: Path, labels: torch.Tensor, text: torch.Tensor | None = None,
-                     captions: list[str] | None = None, sources: list[str] | None = None) -> None:
+                     captions: list[str] | None = None, sources: list[str] | None = None, index: str = "auto") -> None:
     """Write ``src`` (an open KB) to ``path`` with new ``labels`` and, when given, new text vectors, captions and
-    sources (else ``src``'s); an unfinished earlier attempt at ``path`` is removed first."""
+    sources (else ``src``'s), with search index ``index``; an unfinished earlier attempt at ``path`` is removed
+    first."""
     import shutil
 
     from retrofit.knowledge_base import KnowledgeBase
@@ -373,7 +374,7 @@ def _relabelled_copy(src: Any, path: Path, labels: torch.Tensor, text: torch.Ten
     ids = torch.arange(len(src))
     recs = src.get(ids) if captions is None or sources is None else None
     with KnowledgeBase.create(path, src.key_dim, src.image_dim, src.text_dim, src.fingerprint,
-                              class_names=src.class_names) as kb, kb.bulk():
+                              class_names=src.class_names, index=index) as kb, kb.bulk():
         kb.add(src.vectors(ids, "key"), src.vectors(ids, "image"), src.vectors(ids, "text") if text is None else text,
                labels=labels, captions=captions if captions is not None else [r["caption"] for r in recs],
                sources=sources if sources is not None else [r["source"] for r in recs])
