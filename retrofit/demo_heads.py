@@ -110,6 +110,8 @@ def head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = Fa
     another KB (row 5) has its vote rebalanced for that KB's class counts."""
     from retrofit.training import predict_logits
 
+    if split not in ("lt", "val", "test"):
+        raise ValueError(f"split must be 'lt', 'val' or 'test', got {split!r}")
     attach(head, data, kb)
     fs = data.train_features(kb, noisy=noisy) if split == "lt" else data.eval_features(split, kb, noisy=noisy)
     fs = shifted(fs, shift)
@@ -130,6 +132,8 @@ def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: 
     the pass at scale 0 and the pass at scale 1 give every other scale exactly (up to float rounding), where one
     pass per scale cost 5 passes over the 12,386 training images per row. The head's scale is left unchanged.
     """
+    if getattr(head, "vote", None) is None:
+        raise ValueError("the head has no label vote (HeadConfig(label_vote=True)): there is no vote scale to vary")
     kept = float(head.vote.scale)
     try:
         head.vote.set_scale(0.0)

@@ -20,6 +20,8 @@ transformer-style feed-forward block for users who want more capacity.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,21 +186,26 @@ class LabelVote(nn.Module):
         self.register_buffer("label_log_prior", torch.zeros(num_classes))  # (C,) 0 = no rebalancing
         self.register_buffer("scale", torch.ones(()))  # post-hoc multiplier of beta (set_scale)
 
+    def _number(self, value: float, what: str, low: float) -> float:
+        """``value`` as a float if it is a real number in [low, fp32 max] (numpy scalars included), else ValueError."""
+        big = float(torch.finfo(self.weight.dtype).max) / self.gain
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= float(value) <= big
+        if not ok:
+            raise ValueError(f"vote {what} must be a finite number in [{low:.3g}, {big:.3g}], got {value!r}")
+        return float(value)
+
     def set_scale(self, scale: float) -> None:
         """Multiply the learned vote weight by ``scale`` (>= 0) from now on; 1 restores the trained vote."""
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale < float("inf"):
-            raise ValueError(f"vote scale must be a finite number >= 0, got {scale!r}")
-        self.scale.fill_(float(scale))
+        self.scale.fill_(self._number(scale, "scale", 0.0))
 
     def set_weight(self, weight: float) -> None:
         """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign: the learned ``beta`` is
         replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation
         data for a head whose training left the vote near zero or negative (trained on noisy labels, then moved
         to a cleaner knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not abs(weight) < float("inf"):
-            raise ValueError(f"vote weight must be a finite number, got {weight!r}")
+        weight = self._number(weight, "weight", -float(torch.finfo(self.weight.dtype).max) / self.gain)
         with torch.no_grad():
-            self.weight.fill_(float(weight) / self.gain)
+            self.weight.fill_(weight / self.gain)
         self.scale.fill_(1.0)
 
     @property

@@ -265,3 +265,55 @@ def test_demo_caption_labelled_pool(tmp_path, mini_samples, cifar_classes, data_
     other._txt = enc["image_encoder"]  # a different fingerprint than the pool's MiniLM
     with pytest.raises(RuntimeError, match="not encoded by minilm"):
         _caption_labelled(pool, tmp_path / "refused", data_dir, other, cifar_classes, "digest-2")
+
+
+def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
+    """The demo's two-pass scale scoring on a small real DemoData (real KB, real head): each scale's logits equal
+    a pass at that scale, the head's scale is left as it was, and training images never retrieve themselves."""
+    import torch
+
+    from retrofit.demo_data import DemoData
+    from retrofit.demo_heads import head_logits, logits_by_vote_scale
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.knowledge_base import KnowledgeBase
+
+    g = torch.Generator().manual_seed(seed)
+    y = np.repeat(np.arange(3), 20)  # 60 training images, 3 classes
+    split = long_tail_split(y, imbalance_factor=4.0, val_per_class=2, seed=0, num_classes=3)
+    n_lt = len(split.lt)
+    centres = torch.randn(3, 8, generator=g) * 2
+    z = {"lt": centres[torch.from_numpy(y[split.lt])] + torch.randn(n_lt, 8, generator=g),
+         "val": centres[torch.from_numpy(y[split.val])] + torch.randn(len(split.val), 8, generator=g),
+         "test": centres[torch.arange(3).repeat(5)] + torch.randn(15, 8, generator=g)}
+    with KnowledgeBase.create(tmp_path / "kb_in", 8, 8, 6, class_names=["a", "b", "c"]) as kb:
+        kb.add(z["lt"], z["lt"], torch.randn(n_lt, 6, generator=g), labels=torch.from_numpy(y[split.lt]))
+    tensors = {f"z_{s}": v for s, v in z.items()} | {f"host_{s}": torch.randn(len(v), 3, generator=g)
+                                                    for s, v in z.items()}
+    data = DemoData(split=split, class_names=["a", "b", "c"], train_labels=y, test_labels=np.arange(3).repeat(5),
+                    noisy_lt_labels=y[split.lt], tensors=tensors, root=tmp_path, k=4)
+    try:
+        cfg = HeadConfig(query_dim=8, image_dim=8, text_dim=6, num_classes=3, dim=8, depth=1, heads=2, k=4,
+                         label_vote=True)
+        head = RetrievalHead(cfg, data.kb("in"))
+        with torch.no_grad():
+            head.readout.fc.weight.normal_(0, 0.3, generator=g)
+        head.vote.set_weight(0.7)
+        head.vote.set_scale(1.3)
+        for split_name in ("lt", "val"):
+            got = logits_by_vote_scale(head, data, "in", split_name, False, None, (0.0, 0.5, 2.0))
+            assert float(head.vote.scale) == pytest.approx(1.3)  # left as it was
+            for s, logits in got.items():
+                head.vote.set_scale(s)
+                torch.testing.assert_close(logits, head_logits(head, data, "in", split_name), rtol=1e-5, atol=1e-5)
+            head.vote.set_scale(1.3)
+            assert not torch.allclose(got[0.5], got[2.0])  # the vote is live
+        own = data.train_features("in").neighbor_ids
+        assert (own != torch.arange(n_lt)[:, None]).all()  # the "lt" split excludes each image's own entry
+        with pytest.raises(ValueError, match="split must be"):
+            head_logits(head, data, "in", "train")
+        plain = RetrievalHead(HeadConfig(query_dim=8, image_dim=8, text_dim=6, num_classes=3, dim=8, depth=1,
+                                         heads=2, k=4), data.kb("in"))
+        with pytest.raises(ValueError, match="no label vote"):
+            logits_by_vote_scale(plain, data, "in", "val", False, None, (1.0,))
+    finally:
+        data.close()

@@ -113,12 +113,12 @@ def test_all_masked_equals_no_neighbours(seed):
     masked = replace_nb(nb, mask=torch.zeros_like(nb.mask), image=torch.randn_like(nb.image))
     out = head(z, host, neighbors=masked, return_attention=True)
     assert torch.isfinite(out.logits).all()
-    torch.testing.assert_close(out.logits, none.logits, rtol=1e-6, atol=1e-6)  # the vote runs in fp32
+    torch.testing.assert_close(out.logits, none.logits, rtol=1e-12, atol=1e-12)
     assert torch.equal(out.attention, torch.zeros(3, 6, dtype=out.attention.dtype))
     partly = replace_nb(nb, mask=nb.mask.clone())
     partly.mask[1] = False  # one all-masked row inside a batch with valid rows
     mixed = head(z, host, neighbors=partly)
-    torch.testing.assert_close(mixed.logits[1], none.logits[1], rtol=1e-6, atol=1e-6)  # the vote runs in fp32
+    torch.testing.assert_close(mixed.logits[1], none.logits[1], rtol=1e-12, atol=1e-12)
 
 
 def test_permutation_invariance(seed):
@@ -128,8 +128,8 @@ def test_permutation_invariance(seed):
     shuffled = replace_nb(nb, **{n: getattr(nb, n)[:, perm] for n in ("ids", "scores", "mask", "image", "text",
                                                                         "labels")})
     a, b = head(z, neighbors=nb, return_attention=True), head(z, neighbors=shuffled, return_attention=True)
-    torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)  # the vote runs in fp32
-    torch.testing.assert_close(a.attention[:, perm], b.attention, rtol=1e-6, atol=1e-6)  # the vote runs in fp32
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.attention[:, perm], b.attention, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("modalities", ["image+text", "image", "text"])
@@ -339,7 +339,9 @@ def test_logits_are_affine_in_the_vote_scale(seed):
         torch.testing.assert_close(logits[s], logits[0.0] + s * (logits[1.0] - logits[0.0]), rtol=1e-6, atol=1e-6)
 
 
-def test_label_vote_set_weight_replaces_the_learned_weight(seed):
+def test_label_vote_set_weight_replaces_the_learned_weight(seed, tmp_path):
+    import numpy as np
+
     nb = make_neighbors(4, 6, torch.float32)
     z, host = torch.randn(4, DQ), torch.randn(4, C)
     head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
@@ -351,12 +353,16 @@ def test_label_vote_set_weight_replaces_the_learned_weight(seed):
     assert head.vote.effective_weight == pytest.approx(2.0) and float(head.vote.scale) == 1.0
     unit = head.vote.probs(nb.labels, nb.scores, nb.mask).add(head.vote.eps).log()  # (B, C)
     torch.testing.assert_close(head(z, host, neighbors=nb).retrieval_logits, 2.0 * unit)  # readout is zero
-    head.vote.set_weight(-0.5)
+    head.vote.set_weight(np.float32(-0.5))  # numpy scalars are numbers too
     assert head.vote.effective_weight == pytest.approx(-0.5)
-    for bad in (float("nan"), float("inf"), True, "2", None):
+    loaded = RetrievalHead.load(head.save(tmp_path / "h"))  # the weight set is the head's weight from now on
+    assert loaded.vote.effective_weight == pytest.approx(-0.5)
+    torch.testing.assert_close(loaded(z, host, neighbors=nb).logits, head(z, host, neighbors=nb).logits)
+    head.vote.set_scale(2.0)
+    for bad in (float("nan"), float("inf"), 1e300, True, "2", None):  # 1e300: beyond the fp32 weight
         with pytest.raises(ValueError, match="vote weight"):
             head.vote.set_weight(bad)
-    assert head.vote.effective_weight == pytest.approx(-0.5)  # unchanged by the refused values
+    assert head.vote.effective_weight == pytest.approx(-1.0) and float(head.vote.scale) == 2.0  # nothing changed
 
 
 def test_label_vote_scale_multiplies_the_vote_and_is_saved(seed, tmp_path):
