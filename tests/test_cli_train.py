@@ -139,3 +139,22 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert "corrupt" in msg and "delete" in msg
     assert "not found" in err(["predict", str(tmp_path / "missing.jpg"), "--run", str(out)])
     assert "run.json" in err(["eval", "--run", str(tmp_path), "--data", str(setup / "test.tar")])
+
+
+def test_train_with_label_vote(setup, capsys, tmp_path):
+    """`--label-vote` trains the demo's kind of head: the vote is saved, balanced by the KB, and it learns."""
+    from retrofit.head import RetrievalHead
+
+    out = tmp_path / "vote"
+    assert main([*_train_args(setup, out, "--label-vote", "--loss", "lace")]) == 0
+    capsys.readouterr()
+    cfg = json.loads((out / "head" / "config.json").read_text())["config"]
+    assert cfg["label_vote"] is True and cfg["vote_balance"] is True
+    head = RetrievalHead.load(out / "head")
+    assert head.vote is not None and head.vote.effective_weight != 0.0  # zero-initialised, moved by training
+    assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--cutoffs", "20,5", "--quiet",
+                 "--json"]) == 0
+    assert "retrofitted" in json.loads(capsys.readouterr().out)
+    assert main([*_train_args(setup, tmp_path / "bad", "--no-vote-balance")]) == 1
+    assert "only applies with --label-vote" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work

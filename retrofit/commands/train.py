@@ -19,6 +19,7 @@ _EPILOG_TRAIN = """examples:
   retrofit train --model darknet-tiny --data 'cifar10/train-{000000..000004}.tar' --kb kb/cifar --out runs/c10
   retrofit train --model timm:resnet50@ckpt.pth --data train/ --val val/ --kb kb/web --out runs/r50 --loss lace
   retrofit train ... --resume          # continue from runs/c10/checkpoints/last (also after Ctrl-C)
+  retrofit train ... --loss lace --label-vote   # the CIFAR-10-LT demo's kind of head (learned neighbour vote)
 
 The host's embeddings, logits and neighbour ids are computed once and cached (--cache-dir); a changed
 model, data set or knowledge base invalidates the cache. --host probe fits a linear host classifier on the
@@ -100,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from retrofit.train_checkpoint import save_linear
     from retrofit.training import TrainConfig, train
 
+    if args.no_vote_balance and not args.label_vote:
+        raise ValueError("--no-vote-balance only applies with --label-vote")
     out = Path(args.out)
     kb = _open_kb(args.kb)
     src = _source(args.data)
@@ -141,8 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fp = kb.fingerprint
     cfg = HeadConfig(query_dim=fs.z.shape[1], image_dim=kb.image_dim, text_dim=kb.text_dim, num_classes=C,
                      dim=args.dim, depth=args.depth, heads=args.heads, k=args.k, dropout=args.dropout,
-                     modalities=args.modalities, class_names=classes, query_fingerprint=fp.key,
-                     image_fingerprint=fp.image, text_fingerprint=fp.text)
+                     modalities=args.modalities, label_vote=args.label_vote,
+                     vote_balance=args.label_vote and not args.no_vote_balance, class_names=classes,
+                     query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
     torch.manual_seed(args.seed)
     head = RetrievalHead(cfg)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
@@ -206,6 +210,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", type=int, default=8)
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--modalities", default="image+text", choices=["image+text", "image", "text"])
+    g.add_argument("--label-vote", action="store_true",
+                   help="add the learned vote of the neighbours' labels to the head (not in the paper; the "
+                        "CIFAR-10-LT demo's heads use it)")
+    g.add_argument("--no-vote-balance", action="store_true",
+                   help="with --label-vote: do not divide the vote by the KB's class frequencies")
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
     p.add_argument("--noise-rate", type=float, default=0.2)
