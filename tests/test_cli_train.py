@@ -141,7 +141,7 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert "run.json" in err(["eval", "--run", str(tmp_path), "--data", str(setup / "test.tar")])
 
 
-def test_train_with_label_vote(setup, capsys, tmp_path):
+def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     """`--label-vote` trains the demo's kind of head: the vote is saved, balanced by the KB, and it learns."""
     from retrofit.head import RetrievalHead
 
@@ -154,7 +154,16 @@ def test_train_with_label_vote(setup, capsys, tmp_path):
     assert head.vote is not None and head.vote.effective_weight != 0.0  # zero-initialised, moved by training
     assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--cutoffs", "20,5", "--quiet",
                  "--json"]) == 0
-    assert "retrofitted" in json.loads(capsys.readouterr().out)
+    base = json.loads(capsys.readouterr().out)["retrofitted"]
+    assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--cutoffs", "20,5", "--quiet",
+                 "--json", "--out", str(tmp_path / "eval3"), "--vote-scale", "3"]) == 0
+    scaled = json.loads(capsys.readouterr().out)["retrofitted"]
+    assert scaled["nll"] != base["nll"]  # the scale reaches the head's logits
+    assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--quiet", "--vote-scale", "-1"]) == 1
+    assert "vote scale must be" in capsys.readouterr().err
+    # a head without a vote cannot take a vote scale
+    assert main(["eval", "--run", str(trained), "--data", str(setup / "test.tar"), "--quiet", "--vote-scale", "2"]) == 1
+    assert "has no label vote" in capsys.readouterr().err
     assert main([*_train_args(setup, tmp_path / "bad", "--no-vote-balance")]) == 1
     assert "only applies with --label-vote" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work

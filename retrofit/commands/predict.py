@@ -51,13 +51,19 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     return run
 
 
-def _load_head(path: str, kb: Any) -> Any:
+def _load_head(path: str, kb: Any, vote_scale: float | None = None) -> Any:
     from retrofit.head import RetrievalHead
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"head {path!r} not found; train one with `retrofit train ... --out DIR` "
                                 "(the head is DIR/head)")
-    return RetrievalHead.load(path, store=kb)
+    head = RetrievalHead.load(path, store=kb)
+    if vote_scale is not None:
+        if head.vote is None:
+            raise ValueError(f"--vote-scale {vote_scale:g}: the head {path} has no label vote "
+                             "(train it with `retrofit train ... --label-vote`)")
+        head.vote.set_scale(vote_scale)
+    return head
 
 
 def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
@@ -86,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = _resolve(args)
     kb = _open_kb(run["kb"])
-    head = _load_head(run["head_path"], kb)
+    head = _load_head(run["head_path"], kb, args.vote_scale)
     host = load_host_model(run["model"])
     classes = head.config.class_names or run.get("classes")
     src = _source(args.data)
@@ -131,7 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {missing}")
     kb = _open_kb(run["kb"])
-    head = _load_head(run["head_path"], kb)
+    head = _load_head(run["head_path"], kb, args.vote_scale)
     host = load_host_model(run["model"])
     images = []
     for p in args.images:
@@ -186,6 +192,9 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kb", default=None, metavar="DIR", help="knowledge base (default: the run's)")
     p.add_argument("--host-classifier", default=None, metavar="FILE",
                    help="linear host classifier (.safetensors) for models whose classes differ from the head's")
+    p.add_argument("--vote-scale", type=float, default=None, metavar="S",
+                   help="multiply the head's learned label-vote weight by S (heads trained with --label-vote), "
+                        "e.g. after swapping in a denser KB with --kb; pick S by `retrofit eval` on validation data")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
