@@ -339,15 +339,21 @@ def test_logits_are_affine_in_the_vote_scale(seed):
         torch.testing.assert_close(logits[s], logits[0.0] + s * (logits[1.0] - logits[0.0]), rtol=1e-6, atol=1e-6)
 
 
-def test_label_vote_set_weight_replaces_the_learned_weight(seed, tmp_path):
-    import numpy as np
-
+def _vote_head_and_inputs(weight: float) -> tuple[RetrievalHead, Neighbors, torch.Tensor, torch.Tensor]:
+    """A one-layer head (zero readout) whose label vote has weight ``weight``, and float32 inputs for it."""
     nb = make_neighbors(4, 6, torch.float32)
     z, host = torch.randn(4, DQ), torch.randn(4, C)
     head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
                                     label_vote=True))
     with torch.no_grad():
-        head.vote.weight.fill_(-0.01 / head.vote.gain)  # what noisy training can leave: no scale >= 0 helps
+        head.vote.weight.fill_(weight / head.vote.gain)
+    return head, nb, z, host
+
+
+def test_label_vote_set_weight_replaces_the_learned_weight(seed, tmp_path):
+    import numpy as np
+
+    head, nb, z, host = _vote_head_and_inputs(-0.01)  # what noisy training can leave: no scale >= 0 helps
     head.vote.set_scale(3.0)
     head.vote.set_weight(2.0)
     assert head.vote.effective_weight == pytest.approx(2.0) and float(head.vote.scale) == 1.0
@@ -366,12 +372,7 @@ def test_label_vote_set_weight_replaces_the_learned_weight(seed, tmp_path):
 
 
 def test_label_vote_scale_multiplies_the_vote_and_is_saved(seed, tmp_path):
-    nb = make_neighbors(4, 6, torch.float32)
-    z, host = torch.randn(4, DQ), torch.randn(4, C)
-    head = RetrievalHead(HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4,
-                                    label_vote=True))
-    with torch.no_grad():
-        head.vote.weight.fill_(0.7 / head.vote.gain)
+    head, nb, z, host = _vote_head_and_inputs(0.7)
     base = head(z, host, neighbors=nb).retrieval_logits
     head.vote.set_scale(2.5)
     assert head.vote.effective_weight == pytest.approx(1.75)
