@@ -43,21 +43,14 @@ def labels_digest(path) -> str:
 def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights: tuple[float, ...] | None) -> dict:
     """Test metrics of ``head`` on ``kb`` with the adjustment (and, given ``weights``, the absolute vote weight)
     chosen on the clean validation set; ``weights=None`` keeps the vote weight the head has."""
-    from retrofit.demo_heads import head_logits
+    from retrofit.demo_heads import head_logits, logits_by_vote_scale
     from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, group_metrics
 
     yv, yt = data.labels("val"), data.labels("test")
-    if weights:  # logits are affine in the weight: the passes at 0 and 1 give every weight
-        kept = head.vote.effective_weight
-        try:
-            head.vote.set_weight(0.0)
-            base = head_logits(head, data, kb, "val", True, shift)  # (N, C)
-            head.vote.set_weight(1.0)
-            unit = head_logits(head, data, kb, "val", True, shift) - base  # (N, C)
-        finally:
-            head.vote.set_weight(kept)
+    if weights:  # every weight from two passes (logits are affine in it)
+        vals = logits_by_vote_scale(head, data, kb, "val", True, shift, weights, absolute=True)
         # ties (one validation image is 0.5 points) go to the weight nearest 1, then the smallest adjustment
-        w, adj = choose_scale_and_adjustment({w: base + w * unit for w in weights}, yv, lp, posthoc)
+        w, adj = choose_scale_and_adjustment(vals, yv, lp, posthoc)
         head.vote.set_weight(w)
     else:
         w = head.vote.effective_weight

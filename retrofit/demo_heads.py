@@ -125,24 +125,26 @@ def attach(head: Any, data: DemoData, kb: str) -> None:
 
 
 def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: bool, shift: torch.Tensor | None,
-                          scales: tuple[float, ...]) -> dict[float, torch.Tensor]:
+                          scales: tuple[float, ...], absolute: bool = False) -> dict[float, torch.Tensor]:
     """The head's logits on ``split`` for every vote scale in ``scales``, from two passes over the data.
 
     The head's logits are ``tau/2 * (host + L_R + scale * V)`` with ``V`` the label vote, affine in the scale:
     the pass at scale 0 and the pass at scale 1 give every other scale exactly (up to float rounding), where one
-    pass per scale cost 5 passes over the 12,386 training images per row. The head's scale is left unchanged.
+    pass per scale cost 5 passes over the 12,386 training images per row. ``absolute``: ``scales`` are vote
+    weights (:meth:`LabelVote.set_weight`) instead of multiples of the trained one. The head is left unchanged.
     """
     if getattr(head, "vote", None) is None:
         raise ValueError("the head has no label vote (HeadConfig(label_vote=True)): there is no vote scale to vary")
-    kept = float(head.vote.scale)
+    vote = head.vote
+    setter, kept = (vote.set_weight, vote.effective_weight) if absolute else (vote.set_scale, float(vote.scale))
     try:
-        head.vote.set_scale(0.0)
+        setter(0.0)
         base = head_logits(head, data, kb, split, noisy, shift)  # (N, C)
-        head.vote.set_scale(1.0)
-        vote = head_logits(head, data, kb, split, noisy, shift) - base  # (N, C): tau/2 * V
+        setter(1.0)
+        unit = head_logits(head, data, kb, split, noisy, shift) - base  # (N, C): tau/2 * V at scale / weight 1
     finally:
-        head.vote.set_scale(kept)
-    return {sc: base + sc * vote for sc in scales}
+        setter(kept)
+    return {sc: base + sc * unit for sc in scales}
 
 
 def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,
