@@ -10,7 +10,9 @@ ImageNet-pretrained Tiny Darknet (64 px), with library calls only:
 4. KB_web: web images with their captions, labelled from the captions alone (``caption_labels=True``), and
    KB_big = KB_small + KB_web (``retrofit.merge_kbs``);
 5. ``head.attach(KB_big)``: same weights (checked), the vote rebalanced for KB_big's class mix; then the vote
-   weight recalibrated on a small labelled validation set (``head.vote.set_scale``), still no training.
+   weight recalibrated on a small labelled validation set (``head.vote.set_scale``), still no training: chosen
+   jointly with the post-hoc logit adjustment here; ``retrofit.calibration.choose_vote_scale`` (CLI:
+   ``retrofit calibrate``) chooses the scale alone.
 
 It prints a table of test accuracy (many / medium / few / overall), with two references that learn nothing (the
 kNN vote over KB_big, a fixed 50/50 mix of it with the adjusted host), and writes every figure to
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 import retrofit
+from retrofit.calibration import logits_by_vote_scale
 from retrofit.cifar10_lt import load_wordnet, prompt, shard_paths
 from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, fixed_fusion, knn_probs
 from retrofit.feature_cache import retrieve
@@ -200,10 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"attaching a KB changed trained weights {changed}: that is a bug")
     lg, b = adjusted(kb_big)
     rows[f"head + KB_big, as trained (adjustment {b:g})"] = lg
-    val = {}
-    for sc in SCALES:
-        head.vote.set_scale(sc)
-        val[sc] = logits(kb_big, "val")
+    val = logits_by_vote_scale(head, retrieve(evals["val"], kb_big, cfg.k), SCALES, kb_big, device="cpu")
     best, b = choose_scale_and_adjustment(val, yv, log_prior, GRID)  # ties: the scale nearest the trained one
     head.vote.set_scale(best)
     rows[f"head + KB_big, vote x{best:g} (adjustment {b:g}; both chosen on val)"] = (

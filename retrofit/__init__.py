@@ -40,6 +40,7 @@ _LAZY = {
     "train": "retrofit.training",
     "TrainConfig": "retrofit.training",
     "evaluate": "retrofit.evaluation",
+    "choose_vote_scale": "retrofit.calibration",
     "data_dir": "retrofit._env",
 }
 

@@ -110,12 +110,17 @@ def head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = Fa
     another KB (row 5) has its vote rebalanced for that KB's class counts."""
     from retrofit.training import predict_logits
 
+    fs = _features(head, data, kb, split, noisy, shift)
+    return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
+
+
+def _features(head: Any, data: DemoData, kb: str, split: str, noisy: bool, shift: torch.Tensor | None) -> Any:
+    """The FeatureSet of ``split`` with neighbours from ``kb`` and shifted host logits; attaches ``kb`` first."""
     if split not in ("lt", "val", "test"):
         raise ValueError(f"split must be 'lt', 'val' or 'test', got {split!r}")
     attach(head, data, kb)
     fs = data.train_features(kb, noisy=noisy) if split == "lt" else data.eval_features(split, kb, noisy=noisy)
-    fs = shifted(fs, shift)
-    return predict_logits(head, fs, data.kb(kb), device="cpu")["logits"]
+    return shifted(fs, shift)
 
 
 def attach(head: Any, data: DemoData, kb: str) -> None:
@@ -126,25 +131,15 @@ def attach(head: Any, data: DemoData, kb: str) -> None:
 
 def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: bool, shift: torch.Tensor | None,
                           scales: tuple[float, ...], absolute: bool = False) -> dict[float, torch.Tensor]:
-    """The head's logits on ``split`` for every vote scale in ``scales``, from two passes over the data.
+    """The head's logits on ``split`` (as :func:`head_logits` gives them) for every vote scale in ``scales``, from
+    two passes over the data (:func:`retrofit.calibration.logits_by_vote_scale`: the logits are affine in the
+    scale), where one pass per scale cost 5 passes over the 12,386 training images per row. ``absolute``:
+    ``scales`` are vote weights (:meth:`LabelVote.set_weight`) instead of multiples of the trained one. The head is
+    left unchanged."""
+    from retrofit.calibration import logits_by_vote_scale as by_scale
 
-    The head's logits are ``tau/2 * (host + L_R + scale * V)`` with ``V`` the label vote, affine in the scale:
-    the pass at scale 0 and the pass at scale 1 give every other scale exactly (up to float rounding), where one
-    pass per scale cost 5 passes over the 12,386 training images per row. ``absolute``: ``scales`` are vote
-    weights (:meth:`LabelVote.set_weight`) instead of multiples of the trained one. The head is left unchanged.
-    """
-    if getattr(head, "vote", None) is None:
-        raise ValueError("the head has no label vote (HeadConfig(label_vote=True)): there is no vote scale to vary")
-    vote = head.vote
-    setter, kept = (vote.set_weight, vote.effective_weight) if absolute else (vote.set_scale, float(vote.scale))
-    try:
-        setter(0.0)
-        base = head_logits(head, data, kb, split, noisy, shift)  # (N, C)
-        setter(1.0)
-        unit = head_logits(head, data, kb, split, noisy, shift) - base  # (N, C): tau/2 * V at scale / weight 1
-    finally:
-        setter(kept)
-    return {sc: base + sc * unit for sc in scales}
+    fs = _features(head, data, kb, split, noisy, shift)
+    return by_scale(head, fs, scales, data.kb(kb), absolute=absolute, device="cpu")
 
 
 def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,

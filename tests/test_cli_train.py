@@ -51,7 +51,7 @@ def _train_args(root, out, *extra: str) -> list[str]:
             "--heads", "4", "--cross-fit", "2", "--quiet", "--json", *extra]
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "calibrate"])
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -167,3 +167,29 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     assert main([*_train_args(setup, tmp_path / "bad", "--no-vote-balance")]) == 1
     assert "only applies with --label-vote" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+    # `retrofit calibrate`: the scale chosen on labelled data, saved with the head, and it is what eval then sees
+    val = str(setup / "test.tar")  # stands in for a validation set here
+    saved = tmp_path / "head-cal"
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3,9", "--quiet", "--json",
+                 "--save", str(saved)]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert set(cal["scores"]) == {"0.0", "1.0", "3.0", "9.0"} and cal["n"] == 10 * PER_CLASS_TEST
+    best = max(cal["scores"].values())
+    assert cal["scores"][str(cal["scale"])] == best
+    assert cal["weight"] == pytest.approx(cal["scale"] * cal["trained_weight"])
+    again = RetrievalHead.load(saved)
+    assert float(again.vote.scale) == cal["scale"]
+    assert main(["eval", "--run", str(out), "--head", str(saved), "--data", val, "--cutoffs", "20,5", "--quiet",
+                 "--json", "--out", str(tmp_path / "eval-cal")]) == 0
+    via_head = json.loads(capsys.readouterr().out)["retrofitted"]
+    assert via_head["top1"] == pytest.approx(best)  # the saved scale is the one scored
+    assert main(["eval", "--run", str(out), "--data", val, "--cutoffs", "20,5", "--quiet", "--json",
+                 "--out", str(tmp_path / "eval-s"), "--vote-scale", str(cal["scale"])]) == 0
+    assert json.loads(capsys.readouterr().out)["retrofitted"]["nll"] == pytest.approx(via_head["nll"])
+    # refused: a head without a vote, bad scales; nothing written
+    assert main(["calibrate", "--run", str(trained), "--data", val, "--quiet", "--save", str(tmp_path / "x")]) == 1
+    assert "has no label vote" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for bad in ("1,-2", "a,b", ","):
+        assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--scales", bad]) == 1
+        assert "--scales" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""``retrofit eval``, ``retrofit predict``: measure a trained head against its host, classify images with it.
+"""``retrofit eval``, ``retrofit predict``, ``retrofit calibrate``: measure a trained head against its host,
+classify images with it, choose its label-vote weight on validation data after a KB swap.
 
-Both load what ``retrofit train`` wrote (``--run DIR``: model, head, knowledge base, classes, host
+All three load what ``retrofit train`` wrote (``--run DIR``: model, head, knowledge base, classes, host
 classifier), or take each piece explicitly.
 """
 
@@ -21,6 +22,15 @@ _EPILOG_EVAL = """examples:
 
 Writes eval.json, eval.md (host and retrofitted, each also with post-hoc logit adjustment) and
 per_class.png (host vs retrofitted).
+"""
+_EPILOG_CALIBRATE = """examples:
+  retrofit calibrate --run runs/c10 --kb kb/web --data val/                 # prints the best --vote-scale
+  retrofit calibrate --run runs/c10 --kb kb/web --data val/ --save runs/c10/head-web
+  retrofit eval --run runs/c10 --head runs/c10/head-web --kb kb/web --data test/
+
+For heads trained with --label-vote. Scores each multiple of the learned vote weight on labelled validation
+data (never the test set) from two passes over it (the logits are affine in the scale); ties go to the scale
+nearest 1. --save writes the head with the chosen scale (no weight is trained).
 """
 _EPILOG_PREDICT = """examples:
   retrofit predict cat.jpg dog.png --run runs/c10
@@ -123,6 +133,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scales(value: str) -> list[float]:
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--scales {value!r}: expected comma-separated numbers >= 0, e.g. 0.5,1,2,4") from None
+    if not out or any(not x >= 0 or x == float("inf") for x in out):
+        raise ValueError(f"--scales {value!r}: expected comma-separated finite numbers >= 0, e.g. 0.5,1,2,4")
+    return out
+
+
+@guarded(also=(TypeError,))
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale
+    from retrofit.pipeline import load_host_model, source_features
+
+    scales = _scales(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
+    run = _resolve(args)
+    kb = _open_kb(run["kb"])
+    head = _load_head(run["head_path"], kb)
+    if head.vote is None:
+        raise ValueError(f"the head {run['head_path']} has no label vote: nothing to calibrate (train it with "
+                         "`retrofit train ... --label-vote`)")
+    host = load_host_model(run["model"])
+    classes = head.config.class_names or run.get("classes")
+    src = _source(args.data)
+    labels, _ = _labels(src, classes, "validation data", required=True)
+    cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
+    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache, name="calibrate",
+                         batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
+    host_clf = _head_inputs(run, head, fs)
+    choice = choose_vote_scale(head, fs, kb, scales=scales, metric=args.metric, host_classifier=host_clf,
+                               device=args.device)
+    if args.save:
+        head.save(args.save)
+    if args.json:
+        print(json.dumps({"scale": choice.scale, "metric": choice.metric, "n": choice.n,
+                          "trained_weight": choice.trained_weight, "weight": choice.weight,
+                          "scores": {str(k): v for k, v in choice.scores.items()}, "saved": args.save}))
+        return 0
+    print(f"| vote scale | vote weight | {choice.metric} on {choice.n} images |")
+    print("|---:|---:|---:|")
+    for s, v in choice.scores.items():
+        mark = " **chosen**" if s == choice.scale else ""
+        print(f"| {s:g} | {s * choice.trained_weight:.4g} | {100 * v:.2f}%{mark} |")
+    if args.save:
+        print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
+              file=sys.stderr)
+    else:
+        print(f"use it with: retrofit eval|predict ... --kb {run['kb']} --vote-scale {choice.scale:g} "
+              "(or --save DIR to write the calibrated head)", file=sys.stderr)
+    return 0
+
+
 @guarded(also=(TypeError,))
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
@@ -185,16 +248,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_args(p: argparse.ArgumentParser) -> None:
+def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True) -> None:
     p.add_argument("--run", default=None, metavar="DIR", help="output directory of `retrofit train` (sets the rest)")
     p.add_argument("--model", default=None, metavar="SPEC", help="host model (default: the run's)")
     p.add_argument("--head", default=None, metavar="DIR", help="saved head (default: RUN/head)")
     p.add_argument("--kb", default=None, metavar="DIR", help="knowledge base (default: the run's)")
     p.add_argument("--host-classifier", default=None, metavar="FILE",
                    help="linear host classifier (.safetensors) for models whose classes differ from the head's")
+    if not vote_scale:
+        return
     p.add_argument("--vote-scale", type=float, default=None, metavar="S",
                    help="multiply the head's learned label-vote weight by S (heads trained with --label-vote), "
-                        "e.g. after swapping in a denser KB with --kb; pick S by `retrofit eval` on validation data")
+                        "e.g. after swapping in a denser KB with --kb; `retrofit calibrate` picks S on validation data")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -212,6 +277,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default RUN/cache)")
     _runtime(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="choose a vote head's label-vote weight on validation data (after --kb swap)",
+                       description="Choose the multiple of a trained head's label-vote weight on labelled "
+                                   "validation data, e.g. after swapping in another knowledge base.",
+                       epilog=_EPILOG_CALIBRATE, formatter_class=fmt)
+    p.add_argument("--data", required=True, metavar="SOURCE", help="labelled validation data (not the test set)")
+    _load_args(p, vote_scale=False)
+    p.add_argument("--scales", default=None, metavar="S,S,...",
+                   help="candidate multiples of the learned vote weight (default: 0,0.5,1,1.5,2,3,4,6,8,12,16)")
+    p.add_argument("--metric", choices=("top1", "balanced"), default="top1",
+                   help="top1, or balanced: mean per-class top-1 (default top1)")
+    p.add_argument("--save", default=None, metavar="DIR", help="write the head with the chosen scale here")
+    p.add_argument("--no-cache", action="store_true", help="do not cache the validation features")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default RUN/cache)")
+    _runtime(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="top-k classes of images, with --explain: the neighbours behind them",
                        description="Classify image files with a retrofitted model.",

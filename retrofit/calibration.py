@@ -1,0 +1,119 @@
+"""Post-hoc calibration of a trained head's label vote on labelled validation data, no training.
+
+A head with the learned label vote (``HeadConfig(label_vote=True)``) adds ``scale * beta * log(eps + vote)`` to
+its retrieval logits. LACE training tends to settle on a vote weight below the accuracy-optimal one, and a head
+moved to another knowledge base (``head.attach``: a denser, bigger or cleaner KB) deserves another weight than
+the one its training KB taught. :func:`choose_vote_scale` picks the multiplier on labelled validation data.
+
+The fused logits ``tau/2 * (L_I + L_R + scale * V)`` are affine in the scale, so :func:`logits_by_vote_scale`
+gets every candidate from two passes over the data (scale 0 and scale 1) instead of one pass per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "score_logits"]
+
+DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
+METRICS = ("top1", "balanced")
+
+
+@dataclass
+class VoteScaleChoice:
+    """What :func:`choose_vote_scale` found."""
+
+    scale: float  # the chosen multiplier (apply with head.vote.set_scale)
+    metric: str  # "top1" or "balanced" (mean per-class top-1)
+    scores: dict[float, float] = field(default_factory=dict)  # metric of every candidate scale
+    trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies)
+    n: int = 0  # labelled samples it was chosen on
+
+    @property
+    def weight(self) -> float:
+        """The vote weight in use after ``head.vote.set_scale(self.scale)``."""
+        return self.scale * self.trained_weight
+
+
+def _vote(head: nn.Module) -> Any:
+    vote = getattr(head, "vote", None)
+    if vote is None:
+        raise ValueError("the head has no label vote (HeadConfig(label_vote=True), `retrofit train --label-vote`): "
+                         "there is no vote weight to calibrate")
+    return vote
+
+
+def logits_by_vote_scale(head: nn.Module, features: Any, scales: Sequence[float], store: Any = None, *,
+                         absolute: bool = False, **predict_kw: Any) -> dict[float, torch.Tensor]:
+    """The head's (N, C) logits on ``features`` (a :class:`retrofit.feature_cache.FeatureSet`) for every vote
+    scale in ``scales``, from two passes (:func:`retrofit.training.predict_logits` at scale 0 and 1).
+
+    ``scales`` are what ``LabelVote.set_scale`` takes, multiples of the learned vote weight; with ``absolute``,
+    vote weights (``LabelVote.set_weight``) instead. ``predict_kw`` go to ``predict_logits``
+    (``host_classifier``, ``k``, ``device``, ...). The head is left exactly as it was.
+    """
+    from retrofit.training import predict_logits
+
+    vote = _vote(head)
+    setter = vote.set_weight if absolute else vote.set_scale
+    kept = vote.weight.detach().clone(), vote.scale.clone()
+    try:
+        setter(0.0)
+        base = predict_logits(head, features, store, **predict_kw)["logits"]  # (N, C)
+        setter(1.0)
+        unit = predict_logits(head, features, store, **predict_kw)["logits"] - base  # (N, C): scale 1's vote
+    finally:
+        with torch.no_grad():
+            vote.weight.copy_(kept[0])
+        vote.scale.copy_(kept[1])
+    return {float(s): base + float(s) * unit for s in scales}
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
+    """Top-1 of (N, C) ``logits`` (``metric="top1"``) or its mean over the classes present (``"balanced"``)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    hit = (logits.argmax(1) == labels).float()  # (N,)
+    if metric == "top1":
+        return float(hit.mean())
+    return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
+
+
+def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
+                      scales: Sequence[float] = DEFAULT_SCALES, metric: str = "top1", apply: bool = True,
+                      **predict_kw: Any) -> VoteScaleChoice:
+    """The multiplier of the head's learned vote weight (``LabelVote.set_scale``) with the best ``metric`` on
+    labelled ``features`` (a FeatureSet with labels >= 0: validation data, never the test set), ties broken
+    towards 1 (the trained vote).
+
+    ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
+    first so that a balanced vote is rebalanced for it). ``apply``: set the chosen scale on the head (else the
+    head is left as it was). ``predict_kw`` go to :func:`retrofit.training.predict_logits`.
+    """
+    vote = _vote(head)
+    labels = torch.as_tensor(features.labels)
+    if labels.numel() == 0 or bool((labels < 0).any()):
+        raise ValueError(f"choose_vote_scale needs labelled samples (labels >= 0); got {labels.numel()} samples, "
+                         f"{int((labels < 0).sum())} without a label")
+    cand = [float(s) for s in scales]
+    if not cand or any(not np.isfinite(s) or s < 0 for s in cand):
+        raise ValueError(f"scales must be a non-empty list of finite numbers >= 0, got {list(scales)!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    trained = float(vote.weight.detach()) * vote.gain
+    logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
+    scores = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
+
+    def near_one(s: float) -> float:
+        return -abs(float(np.log(s))) if s > 0 else -np.inf
+
+    best = max(cand, key=lambda s: (scores[s], near_one(s)))
+    if apply:
+        vote.set_scale(best)
+    return VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))

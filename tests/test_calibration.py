@@ -1,0 +1,120 @@
+"""retrofit.calibration: the vote scale chosen on labelled data from two passes, with a real KnowledgeBase."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale, logits_by_vote_scale, score_logits
+from retrofit.feature_cache import FeatureSet
+from retrofit.head import HeadConfig, RetrievalHead
+from retrofit.knowledge_base import KnowledgeBase
+from retrofit.training import predict_logits
+
+C, D, T = 3, 8, 6
+
+
+@pytest.fixture
+def setting(tmp_path, seed):
+    """A KB whose labels are the truth (3 clusters) and queries whose host logits are pure noise: the label
+    vote is the only informative input, so more vote must score better."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(C, D, generator=g) * 3
+    y_kb = torch.arange(C).repeat(20)  # (60,)
+    kb = KnowledgeBase.create(tmp_path / "kb", D, D, T, class_names=["a", "b", "c"])
+    x = centres[y_kb] + torch.randn(len(y_kb), D, generator=g)
+    kb.add(x, x, torch.randn(len(y_kb), T, generator=g), labels=y_kb)
+    y = torch.arange(C).repeat(10)  # (30,) queries
+    fs = FeatureSet(z=centres[y] + torch.randn(len(y), D, generator=g), labels=y,
+                    host_logits=3 * torch.randn(len(y), C, generator=g))
+    head = RetrievalHead(HeadConfig(query_dim=D, image_dim=D, text_dim=T, num_classes=C, dim=8, depth=1, heads=2,
+                                    k=5, label_vote=True), kb)
+    with torch.no_grad():
+        head.readout.fc.weight.normal_(0, 0.3, generator=g)
+    head.vote.set_weight(0.5)
+    head.vote.set_scale(1.3)
+    yield head, fs, kb
+    kb.close()
+
+
+def _state(head):
+    return head.vote.weight.detach().clone(), head.vote.scale.clone()
+
+
+def test_logits_by_vote_scale_equals_one_pass_per_scale(setting):
+    head, fs, kb = setting
+    before = _state(head)
+    got = logits_by_vote_scale(head, fs, (0.0, 0.7, 2.5), kb, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_state(head), before))  # left exactly as it was
+    for s, logits in got.items():
+        head.vote.set_scale(s)
+        torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
+                                   atol=1e-5)
+    assert not torch.allclose(got[0.7], got[2.5])  # the vote reaches the logits
+    head.vote.set_scale(1.3)
+    weights = logits_by_vote_scale(head, fs, (-1.0, 4.0), kb, absolute=True, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_state(head), before))
+    for w, logits in weights.items():
+        head.vote.set_weight(w)
+        torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_choose_vote_scale_finds_the_informative_vote(setting):
+    head, fs, kb = setting
+    trained = float(head.vote.weight.detach()) * head.vote.gain
+    before = _state(head)
+    choice = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0, 16.0), apply=False, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_state(head), before))  # apply=False changes nothing
+    assert choice.n == len(fs) and choice.metric == "top1"
+    assert choice.trained_weight == pytest.approx(trained)
+    assert choice.scores[16.0] > choice.scores[0.0] + 0.3  # noise host: the vote is what classifies
+    top = max(choice.scores.values())
+    assert choice.scores[choice.scale] == top
+    tied = [s for s, v in choice.scores.items() if v == top]
+    assert choice.scale == min(tied, key=lambda s: abs(torch.tensor(s).log().item()))  # ties: nearest 1
+    assert choice.weight == pytest.approx(choice.scale * trained)
+
+    applied = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0, 16.0), metric="balanced", device="cpu")
+    assert float(head.vote.scale) == applied.scale  # applied
+    head.vote.set_scale(applied.scale)
+    assert score_logits(predict_logits(head, fs, kb, device="cpu")["logits"], fs.labels, "balanced") == \
+        pytest.approx(applied.scores[applied.scale])
+
+
+def test_choose_vote_scale_refuses_bad_input_and_changes_nothing(setting):
+    head, fs, kb = setting
+    before = _state(head)
+    unlabelled = FeatureSet(z=fs.z, labels=torch.full_like(fs.labels, -1), host_logits=fs.host_logits)
+    cases = [
+        (dict(features=unlabelled), "labelled samples"),
+        (dict(scales=(1.0, -2.0)), "scales must be"),
+        (dict(scales=()), "scales must be"),
+        (dict(scales=(float("nan"),)), "scales must be"),
+        (dict(metric="f1"), "metric must be one of"),
+    ]
+    for kw, msg in cases:
+        args = {"features": fs, "scales": DEFAULT_SCALES, **kw}
+        with pytest.raises(ValueError, match=msg):
+            choose_vote_scale(head, args.pop("features"), kb, device="cpu", **args)
+        assert all(torch.equal(a, b) for a, b in zip(_state(head), before)), kw
+    plain = RetrievalHead(HeadConfig(query_dim=D, image_dim=D, text_dim=T, num_classes=C, dim=8, depth=1, heads=2,
+                                     k=5), kb)
+    with pytest.raises(ValueError, match="no label vote"):
+        choose_vote_scale(plain, fs, kb)
+    with pytest.raises(ValueError, match="no label vote"):
+        logits_by_vote_scale(plain, fs, (1.0,), kb)
+
+
+def test_score_logits():
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 0, 0])
+    assert score_logits(logits, labels) == 0.75
+    labels = torch.tensor([0, 0, 1, 1])  # class 0: 2/2, class 1: 1/2
+    assert score_logits(logits, labels, "top1") == 0.75
+    assert score_logits(logits, labels, "balanced") == 0.75
+    labels = torch.tensor([0, 1, 1, 1])  # class 0: 1/1, class 1: 1/3
+    assert score_logits(logits, labels, "top1") == 0.5
+    assert score_logits(logits, labels, "balanced") == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="metric"):
+        score_logits(logits, labels, "macro")
