@@ -148,6 +148,10 @@ class RetrofittedModel(nn.Module):
         what = "the retriever" if self.retriever is not None else "the host backbone"
         check_fingerprints(mine, theirs, f"knowledge base keys vs {what} ({self.backbone.describe()})",
                            allow_mismatch=self.allow_fingerprint_mismatch)
+        if mine is None and theirs is not None and not self.allow_fingerprint_mismatch:
+            logger.warning("cannot check that the knowledge base's keys (%s) come from %s: its encoder is unknown; "
+                           "pass wrap(..., fingerprint=EncoderFingerprint(...)) (or retriever=, the encoder the KB "
+                           "was built with) to have it checked", theirs, what)
         self._checked_store = id(store)
 
     def retrieve(self, x: Tensor, z: Tensor, exclude: Tensor | None = None) -> Any:

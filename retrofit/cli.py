@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from retrofit._version import __version__
@@ -50,13 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
         mod = _import_command(name)
         if mod is not None:
             mod.register_kb(kb_sub)
+    # -v / -vv also after the command (`retrofit kb info KB -v`); counted on top of any given before it
+    for p in [*sub.choices.values(), *kb_sub.choices.values()]:
+        p.add_argument("-v", "--verbose", action="count", dest="verbose_after", default=argparse.SUPPRESS,
+                       help="more logging (-v info, -vv debug)")
+    parser.set_defaults(_subparsers=(sub, kb_sub))
     return parser
+
+
+def _chosen(args: argparse.Namespace) -> argparse.ArgumentParser | None:
+    """The parser of the (sub)command ``args`` were parsed for."""
+    sub, kb_sub = args._subparsers
+    if getattr(args, "kb_command", None):
+        return kb_sub.choices.get(args.kb_command)
+    return sub.choices.get(args.command) if getattr(args, "command", None) else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # an unknown option: the command's own usage, not the top level's
+        (_chosen(args) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -66,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `retrofit ... --json | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a process the pipe closed on
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -199,8 +199,19 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
 # ----------------------------------------------------------------------------------------------- text encoders
 
 
+def _quiet_weight_loading() -> None:
+    """transformers draws a "Loading weights" bar for a model that loads in milliseconds, even under --quiet."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except (ImportError, AttributeError):  # another transformers version: the bar is only noise
+        pass
+
+
 def _sentence_transformers(spec: str, name_or_path: str) -> TextEncoder:
     st = require("sentence_transformers", f"the text encoder {spec!r}")
+    _quiet_weight_loading()
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         weights = next((p / f for f in ("model.safetensors", "pytorch_model.bin") if (p / f).exists()), None)

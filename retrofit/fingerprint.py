@@ -72,8 +72,8 @@ def check_fingerprints(
     if not expected.matches(actual):
         raise FingerprintMismatchError(
             f"{what}: expected vectors from {expected}, but got vectors from {actual}. "
-            "Rebuild the knowledge base with the same encoder, or pass allow_fingerprint_mismatch=True "
-            "if you know the two spaces are compatible."
+            "Rebuild the knowledge base with the same encoder, or, if you know the two spaces are compatible, "
+            "pass allow_fingerprint_mismatch=True (command line: `retrofit train --allow-fingerprint-mismatch`)."
         )
 
 

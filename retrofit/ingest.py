@@ -97,10 +97,15 @@ class BuildSummary:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.written} written, {self.skipped} skipped, {self.duplicates} duplicates"
-                + (f", {self.near_duplicates} near duplicates" if self.near_duplicates else "")
-                + f" of {self.total} samples in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s; "
-                f"encoders {self.encode_s:.1f} s); report: {self.report}")
+        counts = (f"{self.written} written, {self.skipped} skipped, {self.duplicates} duplicates"
+                  + (f", {self.near_duplicates} near duplicates" if self.near_duplicates else "")
+                  + f" of {self.total} samples")
+        report = f"; report: {self.report}" if self.report else ""
+        if self.total and self.resumed_from >= self.total:  # nothing left to do in this run
+            return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){report}"
+        resumed = f"; resumed at sample {self.resumed_from}" if self.resumed_from else ""
+        return (f"{self.path}: {counts} in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s; encoders "
+                f"{self.encode_s:.1f} s){resumed}{report}")
 
 
 def _hash_of_source(source: str | None) -> str | None:
@@ -219,6 +224,10 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         with KnowledgeBase.open(path) as kb0:
             cfg.class_names = kb0.class_names
     labels, class_names = map_labels(src, cfg.class_names)
+    if not cfg.caption_labels and labels and all(y < 0 for y in labels):
+        log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
+                    "kNN ignore; for web data with captions, caption_labels=True (CLI: --labels-from-captions) reads "
+                    "labels from the captions", src.location)
     img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
     labeller = _caption_labeller(cfg, class_names, txt)
     fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)

@@ -198,8 +198,10 @@ def load_index(kb_dir: Path, state: IndexState, mmap: bool):
     if not p.is_file():
         raise CorruptKnowledgeBaseError(f"index file {p} is missing")
     size = p.stat().st_size
-    if size != state.size or _quick_hash(p, size) != state.quick:
-        raise CorruptKnowledgeBaseError(f"index file {p} is damaged ({size} bytes, index.json says {state.size})")
+    if size != state.size:
+        raise CorruptKnowledgeBaseError(f"index file {p} is damaged: {size} bytes, index.json says {state.size}")
+    if _quick_hash(p, size) != state.quick:
+        raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its checksum does not match index.json's")
     try:
         index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as e:

@@ -39,7 +39,7 @@ class KBSearchMixin:
         if queries.is_cuda:
             exclude = check_search_args(queries, k, self.key_dim, exclude)
         else:  # numpy for the small CPU ops: torch's thread pool wakes slowly next to faiss's OpenMP threads
-            check_search_args(queries[:0], k, self.key_dim, None)  # k and shape; values are checked below
+            check_search_args(queries, k, self.key_dim, None, values=False)  # values are checked below
             exclude = _check_exclude(exclude, queries.shape[0])
         B, device = queries.shape[0], queries.device
         m = 0 if exclude is None else exclude.shape[1]

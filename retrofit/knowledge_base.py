@@ -66,6 +66,9 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         self._bulk = 0
         self._unsaved = 0
         self._gpu_cache: dict[str, Any] = {}
+        if _create is None and not self.path.exists():
+            raise KnowledgeBaseError(f"knowledge base {self.path} does not exist; build one with `retrofit kb build "
+                                     f"SOURCE {self.path}` or KnowledgeBase.create(...)")
         if _create is None and not (self.path / "records" / "data.mdb").is_file():
             raise KnowledgeBaseError(f"{self.path} is not a retrofit knowledge base (no records/data.mdb); create one "
                                      "with KnowledgeBase.create(...) or `retrofit kb build`")
@@ -136,7 +139,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         except BlockingIOError as e:
             os.close(fd)
             raise KnowledgeBaseError(f"{self.path} is open for writing in another process (one writer at a time); "
-                                     "open it with readonly=True") from e
+                                     "wait for it to finish, or only read it: KnowledgeBase.open(path) (read-only "
+                                     "by default), `retrofit kb info|query|verify`") from e
         self._lock_fd = fd
 
     def _load(self) -> None:

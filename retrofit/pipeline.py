@@ -146,7 +146,8 @@ def _data_digest(source: Any) -> str:
     h = hashlib.sha256()
     for r in source.refs:
         h.update(f"{r.key}|{r.image}|{r.label}\n".encode())
-    for f in {r.image[0] if isinstance(r.image, tuple) else r.image for r in source.refs if r.image}:
+    # sorted: a set's order follows Python's per-process string hashing; the cache key must not (it did)
+    for f in sorted({r.image[0] if isinstance(r.image, tuple) else r.image for r in source.refs if r.image}):
         try:
             st = Path(f).stat()
             h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}\n".encode())

@@ -24,7 +24,8 @@ def _device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RetrofitError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto'")
+        raise RetrofitError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto' "
+                            "(command line: --device cpu or auto)")
     return dev
 
 

@@ -76,12 +76,16 @@ def _check_exclude(exclude: torch.Tensor | None, batch: int) -> torch.Tensor | N
     return exclude.to(torch.int64)
 
 
-def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torch.Tensor | None) -> torch.Tensor | None:
-    """Shared validation of ``search`` arguments; returns ``exclude`` as (B, m) int64 or None."""
+def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torch.Tensor | None,
+                      values: bool = True) -> torch.Tensor | None:
+    """Shared validation of ``search`` arguments; returns ``exclude`` as (B, m) int64 or None. ``values=False``
+    checks k and the shape only (the caller checks the values itself)."""
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if queries.dim() != 2 or queries.shape[1] != key_dim:
         raise ValueError(f"queries must be (B, {key_dim}), got shape {tuple(queries.shape)}")
+    if not values:
+        return None
     if not torch.isfinite(queries).all():
         raise ValueError("queries contain NaN or inf")
     return _check_exclude(exclude, queries.shape[0])

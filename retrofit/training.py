@@ -341,7 +341,8 @@ def train(
             epoch, step = epoch + 1, 0
             save(epoch, 0)
     except KeyboardInterrupt:
-        log.warning("interrupted at epoch %d step %d; saving the last checkpoint", epoch + 1, step)
+        log.warning("interrupted at epoch %d step %d; saving the last checkpoint (continue with resume=True, "
+                    "`retrofit train ... --resume`)", epoch + 1, step)
         save(epoch, step, step_rng)
         write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
         raise

@@ -140,6 +140,45 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert "not found" in err(["predict", str(tmp_path / "missing.jpg"), "--run", str(out)])
     assert "run.json" in err(["eval", "--run", str(tmp_path), "--data", str(setup / "test.tar")])
 
+    # an output directory holding a run is never silently overwritten, and --resume must keep the settings
+    done = tmp_path / "done"
+    shutil.copytree(trained, done)
+    before = (done / "head" / "model.safetensors").read_bytes()
+    msg = err(_train_args(setup, done))
+    assert "already holds a training run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (done / "head" / "model.safetensors").read_bytes() == before  # refused before any work
+    msg = err([*_train_args(setup, done, "--resume"), "--dim", "64", "--cache-dir", str(trained / "cache")])
+    assert "other settings" in msg and "dim" in msg and "--overwrite" in msg
+    assert "give one of them" in err(_train_args(setup, done, "--resume", "--overwrite"))
+    assert "no such file" in err([*_train_args(setup, tmp_path / "o2"), "--classes", "classez.txt"])
+    assert not (tmp_path / "o2").exists()
+    assert main([*_train_args(setup, done, "--overwrite"), "--epochs", "1", "--cache-dir", str(trained / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+    log = [json.loads(x) for x in (done / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]  # the old log went with the old run
+
+
+def test_feature_cache_key_does_not_depend_on_hash_seed(setup, tmp_path):
+    """The data digest that keys the feature cache is the same in every process (it iterated a set of paths)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "folder"
+    with tarfile.open(setup / "test.tar") as tf:
+        jpgs = [m for m in tf if m.name.endswith(".jpg")][:12]
+        for i, m in enumerate(jpgs):
+            d = folder / f"class{i % 3}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"im{i}.jpg").write_bytes(tf.extractfile(m).read())
+    code = ("import sys; from retrofit.sources import imagefolder_source; from retrofit.pipeline import _data_digest; "
+            "print(_data_digest(imagefolder_source(sys.argv[1])))")
+    digests = set()
+    for seed in ("1", "2", "3", "4"):
+        r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        digests.add(r.stdout.strip())
+    assert len(digests) == 1 and len(digests.pop()) == 20
+
 
 def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     """`--label-vote` trains the demo's kind of head: the vote is saved, balanced by the KB, and it learns."""
@@ -193,3 +232,7 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     for bad in ("1,-2", "a,b", ","):
         assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--scales", bad]) == 1
         assert "--scales" in capsys.readouterr().err
+    # calibrating on the head's own training data is allowed, with a warning
+    assert main(["calibrate", "--run", str(out), "--data", str(setup / "train.tar"), "--quiet", "--scales",
+                 "1,2"]) == 0
+    assert "is the head's training data" in capsys.readouterr().err

@@ -213,7 +213,10 @@ def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
     img._embed = raw
     s = build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
     assert s.resumed_from == 64 and s.written == 100
+    assert "resumed at sample 64" in str(s) and "100 written" in str(s)
     _same_kb(tmp_path / "kb", clean_kb)
+    again = build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
+    assert str(again).startswith(f"{tmp_path / 'kb'}: already complete, nothing to do")
 
 
 def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
@@ -342,6 +345,23 @@ def _web_manifest(root: Path, samples: list[dict], classes: list[str]) -> Path:
     man = root / "web.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return man
+
+
+def test_build_without_any_label_warns(tmp_path, mini_samples, cifar_classes, encoders, caplog):  # noqa: F811
+    """Web data built without caption_labels: every record is unlabelled, which the build says."""
+    rows = mini_samples[:12]
+    man = _web_manifest(tmp_path, rows, cifar_classes)
+    man.write_text("".join(json.dumps({**json.loads(line), "label": ""}) + "\n"
+                           for line in man.read_text().splitlines()))
+    with caplog.at_level("WARNING", logger="retrofit.ingest"):
+        s = build_kb(man, tmp_path / "kb", **encoders, **FAST, class_names=cifar_classes)
+    assert s.written == 12 and all(r["label"] == -1 for r in _records(tmp_path / "kb"))
+    assert any("no sample of" in r.message and "--labels-from-captions" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrofit.ingest"):  # labelled data: no such warning
+        build_kb(_web_manifest(tmp_path / "b", rows, cifar_classes), tmp_path / "kb2", **encoders, **FAST,
+                 class_names=cifar_classes)
+    assert not any("no sample of" in r.message for r in caplog.records)
 
 
 def test_labels_from_captions_for_web_data(tmp_path, mini_samples, cifar_classes, encoders, data_dir, capsys):  # noqa: F811

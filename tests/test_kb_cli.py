@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from retrofit.cli import main
@@ -39,16 +40,51 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     assert "37 live records" in capsys.readouterr().out
     assert main(["kb", "delete", path, "3"]) == 1  # already deleted
     assert "unknown or deleted ids [3]" in capsys.readouterr().err
+    assert main(["kb", "delete", path, "7,x"]) == 1
+    assert "ids: 'x' is not a record id" in capsys.readouterr().err
+    assert main(["kb", "query", path, "--ids", "a"]) == 1
+    assert "--ids: 'a' is not a record id" in capsys.readouterr().err
     assert main(["kb", "info", str(tmp_path / "nope")]) == 1
+    assert "nope does not exist; build one with `retrofit kb build SOURCE" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    assert main(["kb", "info", str(tmp_path / "other")]) == 1
     assert "not a retrofit knowledge base" in capsys.readouterr().err
+    # -v after the command works; an unknown option gets the command's own usage; a bad query names its shape
+    assert main(["kb", "info", path, "-v", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 37
+    with pytest.raises(SystemExit) as e:
+        main(["kb", "info", path, "--jsn"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "retrofit kb info" in err and "unrecognized arguments: --jsn" in err
+    np.save(tmp_path / "bad.npy", np.zeros((2, 5), dtype=np.float32))
+    assert main(["kb", "query", path, "--vectors", str(tmp_path / "bad.npy")]) == 1
+    assert "queries must be (B, 8), got shape (2, 5)" in capsys.readouterr().err
 
 
 def test_kb_cli_verify_reports_damage_and_compact_repairs(tmp_path, capsys):
     path = tmp_path / "kb"
     _kb(path)
     state = json.loads((path / "index.json").read_text())
-    (path / state["file"]).write_bytes(b"garbage")
+    f = path / state["file"]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: same size, other content
+    f.write_bytes(bytes(raw))
     assert main(["kb", "info", str(path)]) == 1
-    assert f"retrofit kb compact {path}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checksum does not match" in err and f"retrofit kb compact {path}" in err
+    f.write_bytes(b"garbage")
+    assert main(["kb", "info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{len(b'garbage')} bytes, index.json says" in err and f"retrofit kb compact {path}" in err
     assert main(["kb", "compact", str(path)]) == 0
     assert main(["kb", "verify", str(path)]) == 0
+
+
+def test_cli_error_text_is_not_cut():
+    """Messages ending in a quote keep it; only a KeyError's quoted repr loses its quotes."""
+    from retrofit.commands import _message
+
+    assert _message(ValueError("cannot identify image file 'x.txt'")) == "cannot identify image file 'x.txt'"
+    assert _message(KeyError("name")) == "name"
+    assert _message(FileNotFoundError("'a' and 'b'")) == "'a' and 'b'"

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 Command = Callable[[argparse.Namespace], int]
+
+
+def _message(e: BaseException) -> str:
+    """The error's text; a KeyError's quoted repr (``'name'``) loses its quotes, nothing else is cut."""
+    text = str(e)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(e, KeyError):
+        text = text[1:-1]
+    return text
 
 
 def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] = ()) -> Any:
@@ -22,7 +31,8 @@ def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] 
             try:
                 return f(args)
             except (RetrofitError, ValueError, FileNotFoundError, *also) as e:
-                print(f"error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr)
+                logging.getLogger("retrofit.cli").debug("the error's traceback (-vv):", exc_info=True)
+                print(f"error: {_message(e)}", file=sys.stderr)
                 return 1
 
         run.__name__ = getattr(f, "__name__", "run")

@@ -104,7 +104,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         return _fail("give exactly one of --ids or --vectors")
     with _open(args.path) as kb:
         if args.ids is not None:
-            ids = torch.tensor([int(s) for s in args.ids.split(",") if s.strip()])
+            ids = torch.tensor(_parse_ids([args.ids], "--ids"))
             queries = kb.vectors(ids, "key")
             exclude = ids[:, None]  # a record is not its own neighbour
             names = [f"id {i}" for i in ids.tolist()]
@@ -139,9 +139,22 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ids(parts: list[str], what: str) -> list[int]:
+    """Record ids from arguments like ``3 4,5``; a clear error for anything that is not an integer."""
+    ids = []
+    for part in parts:
+        for s in part.split(","):
+            if s.strip():
+                try:
+                    ids.append(int(s))
+                except ValueError:
+                    raise ValueError(f"{what}: {s.strip()!r} is not a record id; give integers, e.g. 3,4,5") from None
+    return ids
+
+
 @guarded(also=(KeyError,))
 def cmd_delete(args: argparse.Namespace) -> int:
-    ids = [int(s) for part in args.ids for s in part.split(",") if s.strip()]
+    ids = _parse_ids(args.ids, "ids")
     if not ids:
         return _fail("no ids given")
     with _open(args.path, readonly=False) as kb:

@@ -31,6 +31,9 @@ def _classes(value: str | None) -> list[str] | None:
             names = data["classes"] if isinstance(data, dict) else data
         else:
             names = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+    elif "," not in value and (p.suffix.lower() in (".json", ".txt", ".csv", ".names") or "/" in value):
+        raise FileNotFoundError(f"--classes {value!r}: no such file (give a .json list, a file with one name per "
+                                "line, or a comma list A,B,C)")
     else:
         names = [x.strip() for x in value.split(",") if x.strip()]
     if not names or not all(isinstance(n, str) for n in names):

@@ -108,9 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     src = _source(args.data)
     labels, _ = _labels(src, classes, "evaluation data", required=True)
     cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
-    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache, name="eval",
-                         exclude_self=not args.keep_self, batch_size=args.feature_batch, workers=args.workers,
-                         progress=not args.quiet)
+    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
+                         name=_cache_name("eval", args.data), exclude_self=not args.keep_self,
+                         batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, device=args.device)
     counts = run.get("train_counts")
@@ -124,13 +124,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results["host + logit adj."] = evaluate(logit_adjust(pred["host_logits"], counts), fs.labels, **kw)
     results["retrofitted"] = evaluate(pred["logits"], fs.labels, **kw)
     results["retrofitted + logit adj."] = evaluate(logit_adjust(pred["logits"], counts), fs.labels, **kw)
-    out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
+    default = "eval" if not args.kb else f"eval-{Path(args.kb).name}"  # another KB swapped in: its own folder
+    out = Path(args.out or (Path(args.run) / default if args.run else default))
     save_results(results, out / "eval.json", out / "eval.md")
     plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")
     print(json.dumps({n: {k: r[k] for k in ("top1", "top5", "many", "medium", "few", "nll", "ece")}
                       for n, r in results.items()}) if args.json else markdown_table(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'per_class.png'}", file=sys.stderr)
     return 0
+
+
+def _cache_name(what: str, data: str) -> str:
+    """Feature-cache entry name per data set: one entry per name is kept, so each data set gets its own."""
+    import hashlib
+
+    spec = str(Path(data).resolve()) if Path(data).exists() else data
+    return f"{what}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same files (patterns compared as written, paths resolved)."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def _scales(value: str) -> list[float]:
@@ -155,12 +169,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if head.vote is None:
         raise ValueError(f"the head {run['head_path']} has no label vote: nothing to calibrate (train it with "
                          "`retrofit train ... --label-vote`)")
+    if run.get("data") and _same_data(run["data"], args.data):
+        print(f"warning: {args.data} is the head's training data: every scale scores too well there and the choice "
+              "says little; give held-out validation data", file=sys.stderr)
     host = load_host_model(run["model"])
     classes = head.config.class_names or run.get("classes")
     src = _source(args.data)
     labels, _ = _labels(src, classes, "validation data", required=True)
     cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
-    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache, name="calibrate",
+    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
+                         name=_cache_name("calibrate", args.data),
                          batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
     host_clf = _head_inputs(run, head, fs)
     choice = choose_vote_scale(head, fs, kb, scales=scales, metric=args.metric, host_classifier=host_clf,

@@ -104,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_vote_balance and not args.label_vote:
         raise ValueError("--no-vote-balance only applies with --label-vote")
     out = Path(args.out)
+    _check_out(out, args)
     kb = _open_kb(args.kb)
     src = _source(args.data)
     host = load_host_model(args.model)
@@ -155,15 +156,75 @@ def cmd_train(args: argparse.Namespace) -> int:
                        k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
     run = {"model": args.model, "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
            "classes": classes, "host": mode, "train_host": tcfg.train_host, "k": args.k,
-           "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict()}
+           "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict(),
+           "head": _head_settings(args)}
+    if args.resume:
+        _check_same_run(out, run)
     (out / RUN_FILE).write_text(json.dumps(run, indent=1))
     res = train(head, fs, tcfg, store=kb, val_features=val, host_classifier=host_clf if tcfg.train_host else None,
                 out_dir=out, resume=args.resume)
     last = res.history[-1] if res.history else {}
     summary = {"epochs": len(res.history), "train_loss": last.get("train_loss"), "val_top1": last.get("val_top1"),
                "head": str(out / "head"), "samples": len(fs), "host": mode}
-    print(json.dumps(summary) if args.json else "\n".join(f"{k:<11} {v}" for k, v in summary.items()))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            if v is not None:  # no validation data: no val_top1 line
+                print(f"{k:<11} {round(v, 4) if isinstance(v, float) else v}")
     return 0
+
+
+_HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance")
+
+
+def _head_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in _HEAD_ARGS}
+
+
+def _check_out(out: Path, args: argparse.Namespace) -> None:
+    """An output directory holding a training run is continued (--resume) or replaced (--overwrite), never
+    silently overwritten; --resume without a checkpoint says it starts from scratch."""
+    import shutil
+    import sys
+
+    ckpt = out / "checkpoints" / "last"
+    has_run = ckpt.exists() or ckpt.with_name("last.old").exists()
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if has_run and not args.resume and not args.overwrite:
+        raise ValueError(f"{out} already holds a training run ({ckpt}); --resume continues it, --overwrite starts "
+                         "over in it (its head and checkpoints are replaced), or give another --out")
+    if has_run and args.overwrite:
+        for name in ("checkpoints", "head"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    if args.resume and not has_run:
+        print(f"--resume: no checkpoint in {out}; training from scratch", file=sys.stderr)
+
+
+def _check_same_run(out: Path, run: dict[str, Any]) -> None:
+    """--resume must continue the same run: the settings recorded in OUT/run.json must equal this command's."""
+    f = out / RUN_FILE
+    if not f.is_file():
+        return
+    old = json.loads(f.read_text())
+    run = json.loads(json.dumps(run))  # as it would be written: tuples become lists
+    keys = ("model", "kb", "data", "classes", "host", "train_host", "k", "head")
+    diff = [k for k in keys if k in old and old[k] != run[k]]
+    cfg_old, cfg_new = old.get("config", {}), run["config"]
+    diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
+             and k not in ("progress", "device", "epochs")]  # more epochs or another device: a fine continuation
+    if diff:
+        detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(run, k)!r}" for k in diff)
+        raise ValueError(f"--resume: {out} was trained with other settings ({detail}); resume with the same "
+                         "settings, or --overwrite to start over")
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _runtime(p: argparse.ArgumentParser) -> None:
@@ -218,7 +279,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
     p.add_argument("--noise-rate", type=float, default=0.2)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last (same settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a training run already in --out (its head/ and checkpoints/) instead of refusing")
     p.add_argument("--no-cache", action="store_true", help="no feature cache; neighbours retrieved live each step")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default OUT/cache)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
