@@ -145,11 +145,14 @@ def _open_clip_model(spec: str, arch: str, weights: str | None) -> tuple[nn.Modu
     oc = require("open_clip", f"the encoder {spec!r}")
     if arch not in oc.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r} in {spec!r}; see open_clip.list_models()")
-    if weights in (None, "random"):
+    if weights is None:  # as for timm / torchvision: untrained weights only when asked for by name
+        tags = [t for a, t in oc.list_pretrained() if a == arch]
+        raise ValueError(f"open_clip spec {spec!r} names no weights: give open_clip:{arch}@TAG (pretrained tags: "
+                         f"{tags or 'none'}), open_clip:{arch}@/path/to/checkpoint, or open_clip:{arch}@random "
+                         "(untrained, for tests)")
+    if weights == "random":
         model, _, pre = _random_init(lambda: oc.create_model_and_transforms(arch, pretrained=None))
         tag = f"random:seed{_RANDOM_SEED}"
-        if weights is None:
-            log.warning("open_clip spec %r names no weights: using random weights (give @TAG or @PATH)", spec)
     elif _is_path(weights):
         path = _checked_path(weights, spec)
         model, _, pre = oc.create_model_and_transforms(arch, pretrained=str(path))

@@ -161,6 +161,11 @@ def test_open_clip_local_checkpoint(tiny_clip):
     from PIL import Image
 
     assert img.preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    # no weights named: refused (as timm / torchvision do offline), untrained only when asked for
+    with pytest.raises(ValueError, match=f"names no weights: give open_clip:{arch}@TAG"):
+        load_image_encoder(f"open_clip:{arch}")
+    rnd = load_image_encoder(f"open_clip:{arch}@random")
+    assert rnd.fingerprint.weights.startswith("random")
 
 
 def test_offline_failures_are_immediate_and_clear():

@@ -88,3 +88,20 @@ def test_cli_error_text_is_not_cut():
     assert _message(ValueError("cannot identify image file 'x.txt'")) == "cannot identify image file 'x.txt'"
     assert _message(KeyError("name")) == "name"
     assert _message(FileNotFoundError("'a' and 'b'")) == "'a' and 'b'"
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    """README: every command has --help with an example; -v works after the command too."""
+    from retrofit.cli import build_parser
+
+    parser = build_parser()
+    sub, kb_sub = parser.get_default("_subparsers")
+    commands = [[c] for c in sub.choices if c != "kb"] + [["kb", c] for c in kb_sub.choices]
+    assert len(commands) >= 14
+    for cmd in commands:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "example" in text.lower() and f"retrofit {' '.join(cmd)} " in text, cmd
+        assert "-v, --verbose" in text, cmd

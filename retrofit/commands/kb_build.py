@@ -137,7 +137,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="label", help="manifest column with the label (index or name)")
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images (default 1)")
-    p.add_argument("--commit-every", type=int, default=4096, help="records per commit = resume granularity")
+    p.add_argument("--commit-every", type=int, default=4096,
+                   help="records per commit = resume granularity (default %(default)s)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
     p.add_argument("--near-dup", type=float, default=None, metavar="COS",
                    help="also drop records whose key has cosine >= COS with an earlier one")
@@ -163,19 +164,23 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="shards (.tar, brace patterns allowed), an ImageFolder directory, or a "
                                   ".csv/.tsv/.jsonl/.parquet manifest")
     p.add_argument("kb", help="knowledge-base directory to create (or resume)")
-    p.add_argument("--index", default="auto", choices=["auto", "hnsw", "flat"], help="ANN index kind")
+    p.add_argument("--index", default="auto", choices=["auto", "hnsw", "flat"],
+                   help="search index: hnsw, flat (exact), auto (exact below a size threshold; default %(default)s)")
     _common(p)
     p.set_defaults(func=cmd_build)
 
     p = kb_sub.add_parser("add", help="append a source to an existing knowledge base (same encoders)",
-                          description="Append to a knowledge base; the index grows incrementally (resumable).")
+                          description="Append to a knowledge base; the index grows incrementally (resumable). "
+                                      "Examples: retrofit kb add kb/cifar web.jsonl --classes classes.txt; "
+                                      "retrofit kb add kb/cifar 'more-{000000..000003}.tar'")
     p.add_argument("kb", help="existing knowledge-base directory")
     p.add_argument("source", help="shards, an ImageFolder directory, or a manifest")
     _common(p)
     p.set_defaults(func=cmd_add)
 
     p = kb_sub.add_parser("merge", help="combine knowledge bases built with the same encoders into a new one",
-                          description="Merge knowledge bases; refuses different encoder fingerprints.")
+                          description="Merge knowledge bases; refuses different encoder fingerprints or class "
+                                      "lists. Example: retrofit kb merge kb/cifar kb/web -o kb/both")
     p.add_argument("inputs", nargs="+", help="knowledge bases to merge, in order")
     p.add_argument("-o", "--out", required=True, help="new knowledge-base directory")
     p.add_argument("--no-dedup", action="store_true", help="keep records whose image is already merged")

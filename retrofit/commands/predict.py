@@ -315,7 +315,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes of images, with --explain: the neighbours behind them",
                        description="Classify image files with a retrofitted model.",
                        epilog=_EPILOG_PREDICT, formatter_class=fmt)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     _load_args(p)
     p.add_argument("--top", type=int, default=5, help="classes to show (default 5)")
     p.add_argument("--explain", action="store_true",

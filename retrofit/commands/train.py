@@ -256,29 +256,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L2 weight decay of the linear host probe (default 1e-3; larger for small data sets)")
     p.add_argument("--train-host", action="store_true", help="also train the host classifier layer jointly")
     g = p.add_argument_group("hyper-parameters (RetFormer defaults)")
-    g.add_argument("--epochs", type=int, default=25)
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--mixup", type=float, default=0.2, metavar="ALPHA", help="mixup Beta(alpha, alpha); 0 = off")
-    g.add_argument("--loss", default="ce", choices=["ce", "lace"], help="CE or logit-adjusted CE")
-    g.add_argument("--tau-la", type=float, default=1.0, help="logit-adjustment strength for --loss lace")
-    g.add_argument("--k", type=int, default=32, help="neighbours per image")
-    g.add_argument("--dim", type=int, default=512)
-    g.add_argument("--depth", type=int, default=4)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--modalities", default="image+text", choices=["image+text", "image", "text"])
+    g.add_argument("--epochs", type=int, default=25, help="training epochs (default %(default)s)")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=256, help="samples per step (default %(default)s)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up, then cosine decay (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the targets (default %(default)s)")
+    g.add_argument("--mixup", type=float, default=0.2, metavar="ALPHA",
+                   help="mixup Beta(alpha, alpha); 0 = off (default %(default)s)")
+    g.add_argument("--loss", default="ce", choices=["ce", "lace"],
+                   help="CE or logit-adjusted CE, for long-tailed data (default %(default)s)")
+    g.add_argument("--tau-la", type=float, default=1.0,
+                   help="logit-adjustment strength for --loss lace (default %(default)s)")
+    g.add_argument("--k", type=int, default=32, help="neighbours per image (default %(default)s)")
+    g.add_argument("--dim", type=int, default=512, help="model dimension d of the fusion layers (default %(default)s)")
+    g.add_argument("--depth", type=int, default=4, help="cross-fusion layers L (default %(default)s)")
+    g.add_argument("--heads", type=int, default=8, help="attention heads; must divide --dim (default %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.0, help="on the head's tokens (default %(default)s)")
+    g.add_argument("--modalities", default="image+text", choices=["image+text", "image", "text"],
+                   help="what the head reads of the neighbours; image / text: the paper's ablations "
+                        "(default %(default)s)")
     g.add_argument("--label-vote", action="store_true",
                    help="add the learned vote of the neighbours' labels to the head (not in the paper; the "
                         "CIFAR-10-LT demo's heads use it)")
     g.add_argument("--no-vote-balance", action="store_true",
                    help="with --label-vote: do not divide the vote by the KB's class frequencies")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="head initialisation and data order (default %(default)s)")
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
-    p.add_argument("--noise-rate", type=float, default=0.2)
+    p.add_argument("--noise-rate", type=float, default=0.2,
+                   help="fraction of labels --noise flips (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last (same settings)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a training run already in --out (its head/ and checkpoints/) instead of refusing")
