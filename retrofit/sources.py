@@ -231,9 +231,15 @@ def open_source(spec: str | Path, **kwargs: Any) -> Source:
     if s.endswith(".tar") or ("{" in s and ".tar" in s):
         return webdataset_source(s, **kwargs)
     if Path(s).is_dir():
+        if (Path(s) / "records" / "data.mdb").is_file():
+            raise ValueError(f"{s!r} is a knowledge base, not a data source (the order is `retrofit kb build SOURCE "
+                             "KB`; to combine knowledge bases: `retrofit kb merge`)")
         return imagefolder_source(s, **kwargs)
     if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
         return manifest_source(s, **kwargs)
+    if not Path(s).exists():
+        raise FileNotFoundError(f"data source {s!r} not found; give webdataset shards (.tar, brace patterns allowed), "
+                                "an ImageFolder directory or a .csv/.tsv/.jsonl/.parquet manifest")
     raise ValueError(f"cannot tell what kind of source {s!r} is; give webdataset shards (.tar, brace patterns "
                      "allowed), an ImageFolder directory, or a .csv/.tsv/.jsonl/.parquet manifest")
 

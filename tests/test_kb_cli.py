@@ -49,6 +49,12 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     assert main(["kb", "info", str(tmp_path / "other")]) == 1
     assert "not a retrofit knowledge base" in capsys.readouterr().err
+    # kb build: a missing source, and a KB given where the source goes (arguments swapped); nothing created
+    assert main(["kb", "build", str(tmp_path / "nothere"), str(tmp_path / "new")]) == 1
+    assert "data source" in capsys.readouterr().err
+    assert main(["kb", "build", path, str(tmp_path / "new")]) == 1
+    assert "is a knowledge base, not a data source" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     # -v after the command works; an unknown option gets the command's own usage; a bad query names its shape
     assert main(["kb", "info", path, "-v", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["records"] == 37

@@ -192,7 +192,10 @@ def test_label_mapping_by_name(tmp_path, mini_samples, cifar_classes):
 def test_bad_configuration_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="shards not found"):
         webdataset_source(str(tmp_path / "none-{000000..000002}.tar"))
-    with pytest.raises(ValueError, match="cannot tell"):
+    with pytest.raises(FileNotFoundError, match="data source .* not found"):
+        open_source(str(tmp_path / "x.txt"))
+    (tmp_path / "x.txt").write_text("not data")
+    with pytest.raises(ValueError, match="cannot tell"):  # exists, but is no kind of source
         open_source(str(tmp_path / "x.txt"))
     with pytest.raises(ValueError, match="unknown format"):
         (tmp_path / "m.xml").write_text("<x/>")

@@ -45,7 +45,7 @@ def _source(args: argparse.Namespace) -> Any:
     from retrofit.sources import imagefolder_source, manifest_source, open_source
 
     s = str(args.source)
-    if Path(s).is_dir():
+    if Path(s).is_dir() and not (Path(s) / "records" / "data.mdb").is_file():  # a KB: open_source explains
         return imagefolder_source(s, templates=args.template or ["a photo of a {}."])
     if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
         return manifest_source(s, image_col=args.image_column, caption_col=args.caption_column,

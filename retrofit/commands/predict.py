@@ -214,6 +214,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from retrofit.training import predict_logits
 
     run = _resolve(args)
+    folders = [p for p in args.images if Path(p).is_dir()]
+    if folders:
+        raise ValueError(f"{folders} are folders; give image files (e.g. {folders[0]}/*.jpg); to score a labelled "
+                         "folder, `retrofit eval --data FOLDER`")
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {missing}")
