@@ -8,6 +8,9 @@ Layout (named LMDB databases inside ``<kb>/records/``):
   row-major. Fixed-size chunks, not one vector per value: a 2 KiB value would spill to its own overflow page and
   double the bytes on disk. Record ``i`` lives in chunk ``i // chunk_records`` at row ``i % chunk_records``.
 - ``lab``: chunk number -> int64 labels of the same rows.
+- ``sum``: chunk number -> CRC-32 of its ``vec`` value and of its ``lab`` value (2 x 4 bytes, big-endian), written
+  in the same transaction as the chunk, so that ``verify`` sees bit rot inside a value. Since schema 2; chunks
+  written by schema 1 have none (``verify`` counts them, it cannot check them).
 - ``txt``: record id (8-byte big-endian) -> JSON ``{"c": caption, "s": source}`` (only when one is given).
 - ``del``: record id -> b"" for deleted records (tombstones).
 
@@ -23,6 +26,7 @@ import logging
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +37,11 @@ import numpy as np
 from retrofit._env import require
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
 
-__all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "meta_checksum", "ckey"]
+__all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "chunk_sum", "meta_checksum", "ckey"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunk checksums (``sum``); a writer upgrades a schema-1 KB on its first write
 _MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file only grows as data is written
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
@@ -58,6 +62,11 @@ class SnapshotView:
 def ckey(i: int) -> bytes:
     """LMDB key of chunk / record number ``i`` (big-endian, so LMDB order is numeric order)."""
     return struct.pack(">Q", int(i))
+
+
+def chunk_sum(vec: bytes, lab: bytes) -> bytes:
+    """The ``sum`` value of a chunk: CRC-32 of its vector bytes and of its label bytes."""
+    return struct.pack(">II", zlib.crc32(vec), zlib.crc32(lab))
 
 
 def meta_checksum(meta: dict[str, Any]) -> str:
@@ -93,6 +102,12 @@ class RecordStore:
         self.db_lab = self.env.open_db(b"lab", **txn_db)
         self.db_txt = self.env.open_db(b"txt", **txn_db)
         self.db_del = self.env.open_db(b"del", **txn_db)
+        # a schema-1 KB has no ``sum`` database: only a writer creates it (a reader must not write to the file)
+        self.db_sum = None
+        try:
+            self.db_sum = self.env.open_db(b"sum", create=not readonly and txn_db["create"])
+        except lmdb.NotFoundError:
+            pass
         self.meta: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- metadata
@@ -119,6 +134,8 @@ class RecordStore:
 
     def write_meta(self, txn, meta: dict[str, Any]) -> None:
         meta = dict(meta)
+        # this code keeps chunk checksums from here on: an older schema is upgraded (a newer one never reaches here)
+        meta["schema_version"] = max(int(meta.get("schema_version") or 0), SCHEMA_VERSION)
         meta["checksum"] = meta_checksum(meta)
         txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=self.db_meta)
 
@@ -158,6 +175,7 @@ class RecordStore:
             lab = (bytes(old_l) if old_l is not None else b"") + labels[i:i + take].astype("<i8").tobytes()
             txn.put(kv, v, db=self.db_vec)
             txn.put(kv, lab, db=self.db_lab)
+            txn.put(kv, chunk_sum(v, lab), db=self.db_sum)
             i += take
         for j, (cap, src) in enumerate(texts):
             if cap is not None or src is not None:

@@ -225,7 +225,8 @@ class KBSearchMixin:
         }
 
     def verify(self) -> dict[str, Any]:
-        """Check metadata, every record chunk (sizes, finite values, unit keys), tombstones and the index file.
+        """Check metadata, every record chunk (checksum, sizes, finite values, unit keys), tombstones and the index
+        file.
 
         Never raises for damage it finds: returns ``{"ok": bool, "problems": [...], ...}``.
         """
@@ -242,8 +243,8 @@ class KBSearchMixin:
             problems.append(f"tombstones outside 0..{nxt - 1}")
         if meta["count"] != nxt - deleted.size:
             problems.append(f"count {meta['count']} != next_id {nxt} - deleted {deleted.size}")
-        checked = 0
-        from retrofit.kb_records import ckey
+        checked = unsummed = 0
+        from retrofit.kb_records import chunk_sum, ckey
 
         with self._txn() as txn:
             for c in range((nxt + C - 1) // C):
@@ -257,6 +258,13 @@ class KBSearchMixin:
                     continue
                 if len(buf) != want * D * dt.itemsize or len(lbuf) != want * 8:
                     problems.append(f"chunk {c} has {len(buf)} bytes, expected {want * D * dt.itemsize}")
+                    continue
+                crc = txn.get(ckey(c), db=self._rec.db_sum) if self._rec.db_sum is not None else None
+                if crc is None:
+                    unsummed += 1  # written by schema 1: nothing to compare with
+                elif bytes(crc) != chunk_sum(bytes(buf), bytes(lbuf)):
+                    problems.append(f"chunk {c} (records {c * C}..{c * C + want - 1}): its bytes do not match their "
+                                    "checksum (damaged on disk); restore the KB from a copy or rebuild it")
                     continue
                 rows = np.frombuffer(buf, dtype=dt).reshape(want, D)[live].astype(np.float32)
                 if not np.isfinite(rows).all():
@@ -282,5 +290,6 @@ class KBSearchMixin:
                                     f"rebuild it with: retrofit kb compact {self.path}")
         except CorruptKnowledgeBaseError as e:
             problems.append(str(e))
-        return {"ok": not problems, "problems": problems, "records_checked": checked, "generation": meta["generation"],
+        return {"ok": not problems, "problems": problems, "records_checked": checked,
+                "chunks_without_checksum": unsummed, "generation": meta["generation"],
                 "index": index}

@@ -143,6 +143,7 @@ class KBWriteMixin:
                 if c != last:
                     txn.delete(ckey(c), db=self._rec.db_vec)
                     txn.delete(ckey(c), db=self._rec.db_lab)
+                    txn.delete(ckey(c), db=self._rec.db_sum)
             for i in self._deleted.tolist():
                 txn.delete(ckey(i), db=self._rec.db_txt)
             m["generation"] += 1

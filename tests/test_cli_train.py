@@ -139,6 +139,8 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert "corrupt" in msg and "delete" in msg
     assert "not found" in err(["predict", str(tmp_path / "missing.jpg"), "--run", str(out)])
     assert "run.json" in err(["eval", "--run", str(tmp_path), "--data", str(setup / "test.tar")])
+    assert "expected two integers MANY,FEW" in err(["eval", "--run", str(out), "--data", str(setup / "test.tar"),
+                                                    "--cutoffs", "1000"])
 
     # an output directory holding a run is never silently overwritten, and --resume must keep the settings
     done = tmp_path / "done"

@@ -304,7 +304,7 @@ def test_merge_is_all_or_nothing(tmp_path, shards, cifar_classes, encoders):
     out = tmp_path / "merged"
     with pytest.raises(ValueError, match="batch"):
         merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], out, batch=0, progress=False)
-    with pytest.raises(KnowledgeBaseError, match="not a retrofit knowledge base"):  # nothing is left at out
+    with pytest.raises(KnowledgeBaseError, match="missing does not exist"):  # nothing is left at out
         merge_kbs([tmp_path / "kb_a", tmp_path / "missing"], out, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
     import retrofit.kb_merge as km

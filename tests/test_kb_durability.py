@@ -210,3 +210,71 @@ def test_handle_used_after_fork_fails_clearly_and_parent_is_unharmed(tmp_path):
     assert len(writer) == 66
     writer.close()
     reader.close()
+
+
+def _kb_with_pattern(path, n=40, chunk=16):
+    """A float16 KB whose record 21 has a distinctive image vector (0.3 everywhere) to find on disk."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    image = torch.randn(n, 12, generator=g)
+    image[21] = 0.3
+    with KnowledgeBase.create(path, 8, 12, 4, chunk_records=chunk, index="flat") as kb:
+        kb.add(keys, image, torch.randn(n, 4, generator=g), labels=torch.arange(n) % 3)
+    return image
+
+
+def test_verify_sees_bit_rot_inside_a_chunk(tmp_path):
+    """One flipped low bit inside a stored vector: still finite, still a plausible value, so only the chunk
+    checksum can tell; verify reports the chunk, the rest of the KB stays readable."""
+    path = tmp_path / "kb"
+    image = _kb_with_pattern(path)
+    with KnowledgeBase.open(path) as kb:
+        assert kb.verify()["ok"] and kb.verify()["chunks_without_checksum"] == 0
+    f = path / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    pattern = np.full(12, 0.3, dtype=np.float16).tobytes()
+    at = raw.find(pattern)
+    assert at >= 0 and raw.find(pattern, at + 1) == -1  # exactly one copy on disk
+    raw[at + 6] ^= 0x01  # the lowest mantissa bit of one float16 of record 21
+    f.write_bytes(bytes(raw))
+    with KnowledgeBase.open(path) as kb:
+        got = kb.vectors(torch.tensor([21]), "image")[0]
+        assert torch.isfinite(got).all() and 0 < (got - image[21]).abs().max() < 1e-3  # the damage is subtle
+        report = kb.verify()
+        assert not report["ok"]
+        (problem,) = report["problems"]
+        assert problem.startswith("chunk 1 (records 16..31): its bytes do not match their checksum")
+        assert kb.vectors(torch.tensor([0]), "image")[0].tolist() == image[0].half().float().tolist()  # chunk 0 fine
+
+
+def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
+    """A KB written before chunk checksums (schema 1: no ``sum`` database) opens, verifies (its chunks counted as
+    unchecked), and a writer's first write upgrades it to schema 2 with checksums for the chunks it writes."""
+    import json
+
+    import lmdb
+
+    from retrofit.kb_records import meta_checksum
+
+    path = tmp_path / "kb"
+    _kb_with_pattern(path)
+    env = lmdb.open(str(path / "records"), max_dbs=8)  # make it what schema 1 wrote
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"sum", txn=txn), delete=True)
+        db_meta = env.open_db(b"meta", txn=txn)
+        meta = json.loads(bytes(txn.get(b"meta", db=db_meta)))
+        meta["schema_version"] = 1
+        meta["checksum"] = meta_checksum(meta)
+        txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=db_meta)
+    env.close()
+    with KnowledgeBase.open(path) as kb:  # a reader: reads it, writes nothing
+        report = kb.verify()
+        assert report["ok"] and report["chunks_without_checksum"] == 3 and report["records_checked"] == 40
+        assert kb.info()["schema_version"] == 1
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        kb.add(torch.nn.functional.normalize(torch.randn(10, 8), dim=1), torch.randn(10, 12), torch.randn(10, 4))
+    with KnowledgeBase.open(path) as kb:
+        report = kb.verify()
+        assert kb.info()["schema_version"] == 2
+        # chunks 0 and 1 untouched (no checksum), chunk 2 rewritten with its new rows, chunk 3 new
+        assert report["ok"] and report["chunks_without_checksum"] == 2 and report["records_checked"] == 50

@@ -71,6 +71,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         status = "OK" if report["ok"] else "DAMAGED"
         print(f"{status}: {report['records_checked']} records checked, generation {report['generation']}")
+        if report.get("chunks_without_checksum"):
+            print(f"  note: {report['chunks_without_checksum']} chunks were written before chunk checksums "
+                  "(schema 1): their sizes and values were checked, their bytes cannot be")
         for p in report["problems"]:
             print(f"  - {p}")
     return 0 if report["ok"] else 1

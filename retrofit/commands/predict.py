@@ -100,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.plots import plot_per_class_accuracy
     from retrofit.training import predict_logits
 
+    hi, lo = _cutoffs(args.cutoffs)  # before any work
     run = _resolve(args)
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.vote_scale)
@@ -116,7 +117,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     counts = run.get("train_counts")
     if counts is None:
         raise ValueError("training class counts unknown (no run.json): give --run DIR of the training run")
-    hi, lo = (int(x) for x in args.cutoffs.split(","))
     kw = dict(train_counts=counts, cutoffs=(hi, lo), class_names=classes)
     results = {}
     if "host_logits" in pred:
@@ -132,6 +132,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       for n, r in results.items()}) if args.json else markdown_table(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'per_class.png'}", file=sys.stderr)
     return 0
+
+
+def _cutoffs(value: str) -> tuple[int, int]:
+    """``--cutoffs MANY,FEW``: two integers, MANY >= FEW."""
+    try:
+        hi, lo = (int(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"--cutoffs {value!r}: expected two integers MANY,FEW (many > MANY, few < FEW training "
+                         "images per class), e.g. 100,20") from None
+    if hi < lo:
+        raise ValueError(f"--cutoffs {value!r}: MANY ({hi}) must be >= FEW ({lo})")
+    return hi, lo
 
 
 def _cache_name(what: str, data: str) -> str:
