@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must land in the handler below
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -104,11 +104,22 @@ class RecordStore:
         self.db_del = self.env.open_db(b"del", **txn_db)
         # a schema-1 KB has no ``sum`` database: only a writer creates it (a reader must not write to the file)
         self.db_sum = None
-        try:
-            self.db_sum = self.env.open_db(b"sum", create=not readonly and txn_db["create"])
-        except lmdb.NotFoundError:
-            pass
+        if not readonly and txn_db["create"]:
+            self.db_sum = self.env.open_db(b"sum", create=True)
+        else:
+            self.sum_db()
         self.meta: dict[str, Any] = {}
+
+    def sum_db(self) -> Any:
+        """The chunk-checksum database, or None while the KB has none (schema 1). Looked up again until found: a
+        writer may upgrade the KB after this reader opened it."""
+        if self.db_sum is None:
+            lmdb = require("lmdb", "knowledge bases")
+            try:
+                self.db_sum = self.env.open_db(b"sum", create=False)
+            except lmdb.NotFoundError:
+                pass
+        return self.db_sum
 
     # ---------------------------------------------------------------- metadata
     def read_meta(self, txn=None) -> dict[str, Any]:
@@ -175,6 +186,7 @@ class RecordStore:
             lab = (bytes(old_l) if old_l is not None else b"") + labels[i:i + take].astype("<i8").tobytes()
             txn.put(kv, v, db=self.db_vec)
             txn.put(kv, lab, db=self.db_lab)
+            assert self.db_sum is not None, "a writer always has the checksum database"
             txn.put(kv, chunk_sum(v, lab), db=self.db_sum)
             i += take
         for j, (cap, src) in enumerate(texts):

@@ -246,6 +246,7 @@ class KBSearchMixin:
         checked = unsummed = 0
         from retrofit.kb_records import chunk_sum, ckey
 
+        db_sum = self._rec.sum_db()  # a writer may have upgraded the KB since this handle opened
         with self._txn() as txn:
             for c in range((nxt + C - 1) // C):
                 want = min(C, nxt - c * C)
@@ -259,7 +260,7 @@ class KBSearchMixin:
                 if len(buf) != want * D * dt.itemsize or len(lbuf) != want * 8:
                     problems.append(f"chunk {c} has {len(buf)} bytes, expected {want * D * dt.itemsize}")
                     continue
-                crc = txn.get(ckey(c), db=self._rec.db_sum) if self._rec.db_sum is not None else None
+                crc = txn.get(ckey(c), db=db_sum) if db_sum is not None else None
                 if crc is None:
                     unsummed += 1  # written by schema 1: nothing to compare with
                 elif bytes(crc) != chunk_sum(bytes(buf), bytes(lbuf)):

@@ -154,7 +154,18 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert "give one of them" in err(_train_args(setup, done, "--resume", "--overwrite"))
     assert "no such file" in err([*_train_args(setup, tmp_path / "o2"), "--classes", "classez.txt"])
     assert not (tmp_path / "o2").exists()
+    # a refused --resume (another seed / probe setting) and an --overwrite that fails its checks change nothing
+    probe = (done / "host_probe.safetensors").read_bytes()
+    for extra in (["--seed", "1"], ["--probe-wd", "0.01"]):
+        msg = err([*_train_args(setup, done, "--resume"), *extra, "--cache-dir", str(trained / "cache")])
+        assert "other settings" in msg, extra
+        assert (done / "host_probe.safetensors").read_bytes() == probe, extra
+    assert "retrofit kb build" in err([*_train_args(setup, done, "--overwrite")[:5], "--kb", str(tmp_path / "typo"),
+                                       "--out", str(done), "--overwrite"])
+    assert (done / "head" / "model.safetensors").read_bytes() == before and (done / "checkpoints").is_dir()
+    (done / "host_classifier.safetensors").write_bytes(b"from an older --train-host run")
     assert main([*_train_args(setup, done, "--overwrite"), "--epochs", "1", "--cache-dir", str(trained / "cache")]) == 0
+    assert not (done / "host_classifier.safetensors").exists()  # eval / predict must not pick up the old layer
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
     log = [json.loads(x) for x in (done / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]  # the old log went with the old run

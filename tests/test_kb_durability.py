@@ -267,10 +267,13 @@ def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
         meta["checksum"] = meta_checksum(meta)
         txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=db_meta)
     env.close()
+    before = (path / "records" / "data.mdb").read_bytes()
     with KnowledgeBase.open(path) as kb:  # a reader: reads it, writes nothing
         report = kb.verify()
         assert report["ok"] and report["chunks_without_checksum"] == 3 and report["records_checked"] == 40
         assert kb.info()["schema_version"] == 1
+    assert (path / "records" / "data.mdb").read_bytes() == before
+    reader = KnowledgeBase.open(path)  # open across the upgrade
     with KnowledgeBase.open(path, readonly=False) as kb:
         kb.add(torch.nn.functional.normalize(torch.randn(10, 8), dim=1), torch.randn(10, 12), torch.randn(10, 4))
     with KnowledgeBase.open(path) as kb:
@@ -278,3 +281,7 @@ def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
         assert kb.info()["schema_version"] == 2
         # chunks 0 and 1 untouched (no checksum), chunk 2 rewritten with its new rows, chunk 3 new
         assert report["ok"] and report["chunks_without_checksum"] == 2 and report["records_checked"] == 50
+    reader.refresh()  # the reader opened before the upgrade checks the new checksums too
+    report = reader.verify()
+    assert report["ok"] and report["chunks_without_checksum"] == 2 and report["records_checked"] == 50
+    reader.close()

@@ -51,6 +51,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
             if run.get("host") != "none" and (Path(args.run) / name).is_file():
                 run["host_file"] = str(Path(args.run) / name)
                 break
+    run["run_kb"] = run.get("kb")  # the training run's own KB, before --kb replaces it
     for key, val in (("model", args.model), ("head_path", args.head), ("kb", args.kb)):
         if val:
             run[key] = val
@@ -124,7 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results["host + logit adj."] = evaluate(logit_adjust(pred["host_logits"], counts), fs.labels, **kw)
     results["retrofitted"] = evaluate(pred["logits"], fs.labels, **kw)
     results["retrofitted + logit adj."] = evaluate(logit_adjust(pred["logits"], counts), fs.labels, **kw)
-    default = "eval" if not args.kb else f"eval-{Path(args.kb).name}"  # another KB swapped in: its own folder
+    other_kb = args.kb and Path(args.kb).resolve() != Path(run.get("run_kb") or "").resolve()
+    default = f"eval-{Path(args.kb).resolve().name}" if other_kb else "eval"  # another KB swapped in: own folder
     out = Path(args.out or (Path(args.run) / default if args.run else default))
     save_results(results, out / "eval.json", out / "eval.md")
     plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")

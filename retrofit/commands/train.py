@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_vote_balance and not args.label_vote:
         raise ValueError("--no-vote-balance only applies with --label-vote")
     out = Path(args.out)
-    _check_out(out, args)
+    has_run = _check_out(out, args)  # refusals before any work; nothing is deleted yet
     kb = _open_kb(args.kb)
     src = _source(args.data)
     host = load_host_model(args.model)
@@ -125,6 +125,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.noise:
         fs.labels, flipped = add_label_noise(fs.labels, args.noise, args.noise_rate, C, seed=args.seed)
         print(f"label noise: {args.noise} at {args.noise_rate:.0%}: {int(flipped.sum())} labels flipped")
+    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup_alpha=args.mixup,
+                       loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
+                       k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
+    run = {"model": args.model, "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
+           "data_path": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+           "classes": classes, "host": mode, "train_host": tcfg.train_host, "k": args.k,
+           "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict(),
+           "head": _head_settings(args)}
+    if args.resume:
+        _check_same_run(out, run)  # before anything in --out is written
+    if has_run and args.overwrite:
+        _clear_run(out)  # everything validated and the features computed: only now is the old run removed
     host_clf = None
     out.mkdir(parents=True, exist_ok=True)
     if mode == "probe":
@@ -150,16 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
     torch.manual_seed(args.seed)
     head = RetrievalHead(cfg)
-    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup_alpha=args.mixup,
-                       loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and host_clf is not None,
-                       k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
-    run = {"model": args.model, "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
-           "classes": classes, "host": mode, "train_host": tcfg.train_host, "k": args.k,
-           "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict(),
-           "head": _head_settings(args)}
-    if args.resume:
-        _check_same_run(out, run)
+    assert tcfg.train_host == (args.train_host and host_clf is not None)  # decided above from the host mode
     (out / RUN_FILE).write_text(json.dumps(run, indent=1))
     res = train(head, fs, tcfg, store=kb, val_features=val, host_classifier=host_clf if tcfg.train_host else None,
                 out_dir=out, resume=args.resume)
@@ -175,17 +179,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance")
+_HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
+              "cross_fit", "noise", "noise_rate")  # what else shapes the head's inputs and targets
 
 
 def _head_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in _HEAD_ARGS}
 
 
-def _check_out(out: Path, args: argparse.Namespace) -> None:
+def _check_out(out: Path, args: argparse.Namespace) -> bool:
     """An output directory holding a training run is continued (--resume) or replaced (--overwrite), never
-    silently overwritten; --resume without a checkpoint says it starts from scratch."""
-    import shutil
+    silently overwritten; --resume without a checkpoint says it starts from scratch. Returns whether ``out`` holds
+    a run; deletes nothing (:func:`_clear_run` does, once everything else is checked)."""
     import sys
 
     ckpt = out / "checkpoints" / "last"
@@ -195,12 +200,19 @@ def _check_out(out: Path, args: argparse.Namespace) -> None:
     if has_run and not args.resume and not args.overwrite:
         raise ValueError(f"{out} already holds a training run ({ckpt}); --resume continues it, --overwrite starts "
                          "over in it (its head and checkpoints are replaced), or give another --out")
-    if has_run and args.overwrite:
-        for name in ("checkpoints", "head"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
     if args.resume and not has_run:
         print(f"--resume: no checkpoint in {out}; training from scratch", file=sys.stderr)
+    return has_run
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what a training run wrote in ``out`` (the feature cache stays: it is keyed by its inputs)."""
+    import shutil
+
+    for name in ("checkpoints", "head"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("train_log.jsonl", RUN_FILE, "host_probe.safetensors", "host_classifier.safetensors"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _check_same_run(out: Path, run: dict[str, Any]) -> None:
@@ -210,7 +222,7 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
         return
     old = json.loads(f.read_text())
     run = json.loads(json.dumps(run))  # as it would be written: tuples become lists
-    keys = ("model", "kb", "data", "classes", "host", "train_host", "k", "head")
+    keys = ("model", "kb", "data_path", "classes", "host", "train_host", "k", "head")
     diff = [k for k in keys if k in old and old[k] != run[k]]
     cfg_old, cfg_new = old.get("config", {}), run["config"]
     diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
