@@ -215,6 +215,19 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
               head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: "relabelled"), "in", 0,
                              "image+text", False, shift, True)]  # same KB name, other labels
     assert len({base, *others}) == 1 + len(others)
+    # demo.py's source is not in the key, so every DemoConfig field that training reads must be
+    import inspect
+    import re
+
+    from retrofit import demo_train
+
+    read = set(re.findall(r"\bcfg\.(\w+)", inspect.getsource(demo_train.train_head)))
+    keyed = set(re.findall(r'"(\w+)"', inspect.getsource(demo_train.head_cache_dir)))
+    assert read - keyed <= {"label_vote", "reuse_heads", "progress"}, read - keyed  # vote: its own key part
+    for name in sorted(read - {"label_vote", "reuse_heads", "progress"}):  # and changing it changes the key
+        v = getattr(cfg, name)
+        changed = DemoConfig(**{name: (not v) if isinstance(v, bool) else v * 2 + 1})
+        assert head_cache_dir(changed, data, "in", 0, "image+text", False, shift, True) != base, name
 
 
 def test_demo_command_is_registered():
