@@ -97,7 +97,6 @@ def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
 @guarded(also=(TypeError,))
 def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
-    from retrofit.pipeline import load_host_model, source_features
     from retrofit.plots import plot_per_class_accuracy
     from retrofit.training import predict_logits
 
@@ -105,20 +104,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = _resolve(args)
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.vote_scale)
-    host = load_host_model(run["model"])
-    classes = head.config.class_names or run.get("classes")
-    src = _source(args.data)
-    labels, _ = _labels(src, classes, "evaluation data", required=True)
-    cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
-    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
-                         name=_cache_name("eval", args.data), exclude_self=not args.keep_self,
-                         batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
+    fs = _labelled_features(args, run, kb, head, "evaluation", "eval", exclude_self=not args.keep_self)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, device=args.device)
     counts = run.get("train_counts")
     if counts is None:
         raise ValueError("training class counts unknown (no run.json): give --run DIR of the training run")
-    kw = dict(train_counts=counts, cutoffs=(hi, lo), class_names=classes)
+    kw = dict(train_counts=counts, cutoffs=(hi, lo), class_names=head.config.class_names or run.get("classes"))
     results = {}
     if "host_logits" in pred:
         results["host"] = evaluate(pred["host_logits"], fs.labels, **kw)
@@ -134,6 +126,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       for n, r in results.items()}) if args.json else markdown_table(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'per_class.png'}", file=sys.stderr)
     return 0
+
+
+def _labelled_features(args: argparse.Namespace, run: dict[str, Any], kb: Any, head: Any, what: str, name: str,
+                       exclude_self: bool = True) -> Any:
+    """Features of ``--data`` (labels required) with the head's k neighbours from ``kb``; cached under RUN/cache
+    (or --cache-dir) in an entry of their own per data set."""
+    from retrofit.pipeline import load_host_model, source_features
+
+    host = load_host_model(run["model"])
+    classes = head.config.class_names or run.get("classes")
+    src = _source(args.data)
+    labels, _ = _labels(src, classes, f"{what} data", required=True)
+    cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
+    return source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
+                           name=_cache_name(name, args.data), exclude_self=exclude_self,
+                           batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
 
 
 def _cutoffs(value: str) -> tuple[int, int]:
@@ -174,7 +182,6 @@ def _scales(value: str) -> list[float]:
 @guarded(also=(TypeError,))
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale
-    from retrofit.pipeline import load_host_model, source_features
 
     scales = _scales(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
     run = _resolve(args)
@@ -186,14 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if run.get("data") and _same_data(run["data"], args.data):
         print(f"warning: {args.data} is the head's training data: every scale scores too well there and the choice "
               "says little; give held-out validation data", file=sys.stderr)
-    host = load_host_model(run["model"])
-    classes = head.config.class_names or run.get("classes")
-    src = _source(args.data)
-    labels, _ = _labels(src, classes, "validation data", required=True)
-    cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
-    fs = source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
-                         name=_cache_name("calibrate", args.data),
-                         batch_size=args.feature_batch, workers=args.workers, progress=not args.quiet)
+    fs = _labelled_features(args, run, kb, head, "validation", "calibrate")
     host_clf = _head_inputs(run, head, fs)
     choice = choose_vote_scale(head, fs, kb, scales=scales, metric=args.metric, host_classifier=host_clf,
                                device=args.device)
