@@ -8,10 +8,11 @@ with its fingerprint. The spec forms are documented in :mod:`retrofit.encoders`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,29 +203,39 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
 # ----------------------------------------------------------------------------------------------- text encoders
 
 
-def _quiet_weight_loading() -> None:
-    """transformers draws a "Loading weights" bar for a model that loads in milliseconds, even under --quiet."""
+@contextlib.contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """Inside: no "Loading weights" bar from transformers (a model that loads in milliseconds draws one even under
+    --quiet). The caller's setting is restored afterwards: a library must not change it for the whole process."""
     try:
         from transformers.utils import logging as hf_logging
 
+        was = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
     except (ImportError, AttributeError):  # another transformers version: the bar is only noise
-        pass
+        yield
+        return
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _sentence_transformers(spec: str, name_or_path: str) -> TextEncoder:
     st = require("sentence_transformers", f"the text encoder {spec!r}")
-    _quiet_weight_loading()
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         weights = next((p / f for f in ("model.safetensors", "pytorch_model.bin") if (p / f).exists()), None)
         tag = file_digest(weights) if weights else "local"
         name = _st_name(p)
-        model = st.SentenceTransformer(str(p), device="cpu", local_files_only=True)
+        with _quiet_weight_loading():
+            model = st.SentenceTransformer(str(p), device="cpu", local_files_only=True)
     else:
         online = hub_reachable()
         try:
-            model = st.SentenceTransformer(name_or_path, device="cpu", local_files_only=not online)
+            with _quiet_weight_loading():
+                model = st.SentenceTransformer(name_or_path, device="cpu", local_files_only=not online)
         except Exception as e:
             if online:
                 raise

@@ -194,3 +194,19 @@ def test_bad_image_specs(spec, match):
 def test_bad_text_spec():
     with pytest.raises(ValueError, match="allowed"):
         load_text_encoder("bert")
+
+
+def test_text_encoder_loading_leaves_the_progress_bar_setting_alone():
+    """Loading MiniLM hides transformers' "Loading weights" bar, and restores the process-wide setting after."""
+    from transformers.utils import logging as hf_logging
+
+    from retrofit.encoder_families import _quiet_weight_loading
+
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        with _quiet_weight_loading():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == enabled
+        load_text_encoder("minilm")
+        assert hf_logging.is_progress_bar_enabled() == enabled
+    hf_logging.enable_progress_bar()
