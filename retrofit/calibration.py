@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "score_logits"]
+__all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "nearness_to_one",
+           "score_logits"]
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
 METRICS = ("top1", "balanced")
@@ -85,6 +86,11 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1
     return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
 
 
+def nearness_to_one(scale: float) -> float:
+    """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
+    return -abs(float(np.log(scale))) if scale > 0 else -np.inf
+
+
 def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
                       scales: Sequence[float] = DEFAULT_SCALES, metric: str = "top1", apply: bool = True,
                       **predict_kw: Any) -> VoteScaleChoice:
@@ -110,10 +116,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
     scores = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
 
-    def near_one(s: float) -> float:
-        return -abs(float(np.log(s))) if s > 0 else -np.inf
-
-    best = max(cand, key=lambda s: (scores[s], near_one(s)))
+    best = max(cand, key=lambda s: (scores[s], nearness_to_one(s)))
     if apply:
         vote.set_scale(best)
     return VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))

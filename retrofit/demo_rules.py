@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrofit.calibration import nearness_to_one, score_logits
+
 __all__ = ["balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion", "group_metrics",
            "knn_probs", "mean_std", "nearness_to_one", "top1"]
 
@@ -24,7 +26,7 @@ def group_metrics(logits: torch.Tensor, labels: torch.Tensor, counts: list[int],
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(1) == labels).float().mean())
+    return score_logits(logits, labels, "top1")
 
 
 def choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_prior: torch.Tensor,
@@ -32,11 +34,6 @@ def choose_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, log_pr
     """The post-hoc strength a in ``logits - a * log prior`` with the best validation top-1 (ties: smallest |a|)."""
     scores = [(top1(val_logits - a * log_prior, val_labels), -abs(a), a) for a in grid]
     return max(scores)[2]
-
-
-def nearness_to_one(scale: float) -> float:
-    """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
-    return -abs(float(np.log(scale))) if scale > 0 else -np.inf
 
 
 def choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_labels: torch.Tensor,
@@ -69,8 +66,7 @@ def fixed_fusion(host_la: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
 
 def balanced_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present of the per-class top-1 (what a balanced test set measures)."""
-    hit = (logits.argmax(1) == labels).float()
-    return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
+    return score_logits(logits, labels, "balanced")
 
 
 def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
