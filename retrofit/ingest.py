@@ -104,8 +104,9 @@ class BuildSummary:
         if self.total and self.resumed_from >= self.total:  # nothing left to do in this run
             return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){report}"
         resumed = f"; resumed at sample {self.resumed_from}" if self.resumed_from else ""
-        return (f"{self.path}: {counts} in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s; encoders "
-                f"{self.encode_s:.1f} s){resumed}{report}")
+        rate = (f"{self.images_per_s:.0f} images/s; encoders {self.encode_s:.1f} s" if self.encode_s
+                else f"{self.images_per_s:.0f} records/s")  # a merge encodes nothing
+        return f"{self.path}: {counts} in {self.seconds:.1f} s ({rate}){resumed}{report}"
 
 
 def _hash_of_source(source: str | None) -> str | None:

@@ -292,6 +292,10 @@ def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa
     assert main(["kb", "merge", str(tmp_path / "kb_a"), str(tmp_path / "kb_b"), "-o", str(tmp_path / "m"),
                  "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kb_size"] == 20
+    assert main(["kb", "merge", str(tmp_path / "kb_a"), str(tmp_path / "kb_b"), "-o", str(tmp_path / "m2"),
+                 "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "20 written" in line and "records/s" in line and "encoders" not in line and "report" not in line
     assert main(["kb", "build", str(tmp_path / "a.tar"), str(tmp_path / "kb_x"), "--classes", "cat,dog"]) == 1
     assert "match no class" in capsys.readouterr().err
     assert not (tmp_path / "kb_x").exists()
