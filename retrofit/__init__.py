@@ -40,6 +40,7 @@ _LAZY = {
     "train": "retrofit.training",
     "TrainConfig": "retrofit.training",
     "evaluate": "retrofit.evaluation",
+    "predict_logits": "retrofit.prediction",
     "choose_vote_scale": "retrofit.calibration",
     "data_dir": "retrofit._env",
 }

@@ -11,6 +11,7 @@ gets every candidate from two passes over the data (scale 0 and scale 1) instead
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from torch import nn
 
 __all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "nearness_to_one",
            "score_logits"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
 METRICS = ("top1", "balanced")
@@ -35,6 +38,11 @@ class VoteScaleChoice:
     scores: dict[float, float] = field(default_factory=dict)  # metric of every candidate scale
     trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies)
     n: int = 0  # labelled samples it was chosen on
+
+    @property
+    def at_largest(self) -> bool:
+        """The chosen scale is the largest candidate (and above 1): a larger one may score better still."""
+        return len(self.scores) > 1 and self.scale > 1 and self.scale == max(self.scores)
 
     @property
     def weight(self) -> float:
@@ -107,7 +115,10 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     if labels.numel() == 0 or bool((labels < 0).any()):
         raise ValueError(f"choose_vote_scale needs labelled samples (labels >= 0); got {labels.numel()} samples, "
                          f"{int((labels < 0).sum())} without a label")
-    cand = [float(s) for s in scales]
+    try:
+        cand = [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"scales must be a list of numbers >= 0, e.g. (0.5, 1, 2, 4), got {scales!r}") from None
     if not cand or any(not np.isfinite(s) or s < 0 for s in cand):
         raise ValueError(f"scales must be a non-empty list of finite numbers >= 0, got {list(scales)!r}")
     if metric not in METRICS:
@@ -119,4 +130,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     best = max(cand, key=lambda s: (scores[s], nearness_to_one(s)))
     if apply:
         vote.set_scale(best)
-    return VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))
+    choice = VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))
+    if choice.at_largest:
+        log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
+                    "beyond it", best)
+    return choice

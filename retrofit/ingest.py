@@ -71,8 +71,8 @@ class BuildConfig:
         if not -1.0 <= self.caption_min_similarity <= 1.0:
             raise ValueError("BuildConfig.caption_min_similarity is a cosine in [-1, 1], "
                              f"got {self.caption_min_similarity}")
-        if self.dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"BuildConfig.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("float16", "float32"):  # what KnowledgeBase.create stores
+            raise ValueError(f"BuildConfig.dtype must be float16 or float32, got {self.dtype!r}")
 
 
 @dataclass
@@ -208,7 +208,6 @@ def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class
 
 def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: BuildConfig | None,
             image_encoder: Any, text_encoder: Any, key_encoder: Any, overrides: dict[str, Any]) -> BuildSummary:
-    from retrofit.kb_builder import _Builder
     from retrofit.knowledge_base import KnowledgeBase
 
     t0 = time.perf_counter()
@@ -262,6 +261,38 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     else:
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
                                   index=cfg.index)
+    try:
+        summary = _run_build(kb, mode, path, src, labels, cfg, img, txt, key, build_id, labeller, state, batches)
+    except Exception:
+        if not exists:
+            _drop_if_empty(path)  # a first build that failed before its first commit leaves nothing behind
+        raise
+    summary.seconds = time.perf_counter() - t0
+    summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds, 1e-9)
+    log.info("%s", summary)
+    return summary
+
+
+def _drop_if_empty(path: Path) -> None:
+    """Remove the KB at ``path`` if it holds no record (one this build created and never committed to)."""
+    import shutil
+
+    from retrofit.knowledge_base import KnowledgeBase
+
+    try:
+        with KnowledgeBase.open(path) as kb:
+            empty = len(kb) == 0 and kb.info()["next_id"] == 0
+    except Exception:  # not even a readable KB: leave it for the user to look at
+        return
+    if empty:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s: the build failed before writing any record", path)
+
+
+def _run_build(kb: Any, mode: str, path: Path, src: Source, labels: list[int], cfg: BuildConfig, img: Any, txt: Any,
+               key: Any, build_id: str, labeller: Any, state: dict[str, Any], batches: Any) -> BuildSummary:
+    from retrofit.kb_builder import _Builder
+
     with kb:
         builder = _Builder(kb, src, labels, cfg, img, txt, key, build_id, path / REPORT_NAME, labeller)
         if builder.state["next"] != state["next"]:
@@ -276,9 +307,6 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             summary.extra["index_s"] = time.perf_counter() - t_index
         else:
             summary = builder.run(batches)  # the index is extended batch by batch
-    summary.seconds = time.perf_counter() - t0
-    summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds, 1e-9)
-    log.info("%s", summary)
     return summary
 
 

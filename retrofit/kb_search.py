@@ -16,7 +16,7 @@ import torch
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import IndexState, full_hash, search_index
 from retrofit.neighbors import Neighbors
-from retrofit.store import _check_exclude, check_search_args
+from retrofit.store import _check_exclude, as_queries, check_search_args
 
 __all__ = ["KBSearchMixin"]
 
@@ -36,6 +36,7 @@ class KBSearchMixin:
         masked slots. Tensors come back on ``queries.device``; image / text vectors as float32.
         """
         self._check_process()  # before any faiss / OpenMP work: that deadlocks in a forked child
+        queries = as_queries(queries)
         if queries.is_cuda:
             exclude = check_search_args(queries, k, self.key_dim, exclude)
         else:  # numpy for the small CPU ops: torch's thread pool wakes slowly next to faiss's OpenMP threads
@@ -203,6 +204,7 @@ class KBSearchMixin:
     # ------------------------------------------------------------------ reports
     def info(self) -> dict[str, Any]:
         """Counts, dims, dtype, fingerprints, index kind and parameters, bytes on disk."""
+        self._check_process()  # also: not closed
         m, st = self._meta, self._state
         d = self.key_dim + self.image_dim + self.text_dim
         raw = int(m["next_id"]) * d * self._rec.np_dtype.itemsize

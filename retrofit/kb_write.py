@@ -71,9 +71,15 @@ class KBWriteMixin:
                 raise ValueError(f"labels must be -1 (unknown) or class ids 0..{(hi or 0) - 1 if hi else 'C-1'}, "
                                  f"got {sorted(set(lab.tolist()))[:10]}")
         for name, lst in (("captions", captions), ("sources", sources)):
-            if lst is not None and (len(lst) != n or not all(s is None or isinstance(s, str) for s in lst)):
-                raise ValueError(f"{name} must be a list of {n} strings (or None), got {type(lst).__name__} "
-                                 f"of length {len(lst)}")
+            if lst is None:
+                continue
+            if isinstance(lst, (str, bytes)) or not hasattr(lst, "__len__"):
+                raise ValueError(f"{name} must be a list of {n} strings (or None), got one {type(lst).__name__}")
+            if len(lst) != n:
+                raise ValueError(f"{name} must be a list of {n} strings (or None), got {len(lst)} items")
+            odd = next((s for s in lst if s is not None and not isinstance(s, str)), None)
+            if odd is not None:
+                raise ValueError(f"{name} must hold strings (or None), got a {type(odd).__name__}: {odd!r:.60}")
         texts = list(zip(captions or [None] * n, sources or [None] * n))
         if meta is not None:
             if not isinstance(meta, dict):

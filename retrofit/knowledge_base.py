@@ -100,14 +100,18 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         fingerprint = fingerprint or KBFingerprint()
+        if not isinstance(fingerprint, KBFingerprint):
+            raise TypeError(f"fingerprint must be a KBFingerprint(key=..., image=..., text=...) of encoder "
+                            f"fingerprints, got {type(fingerprint).__name__}")
         for n, d in (("key", key_dim), ("image", image_dim), ("text", text_dim)):
             fp = getattr(fingerprint, n)
             if fp is not None and fp.dim != d:
                 raise ValueError(f"fingerprint.{n}.dim is {fp.dim} but {n}_dim is {d}")
         cfg = IndexConfig(kind=index, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                           recall_target=recall_target, flat_threshold=flat_threshold, mmap_bytes=mmap_bytes)
-        if class_names is not None and not all(isinstance(c, str) for c in class_names):
-            raise ValueError("class_names must be a list of strings")
+        if class_names is not None and (isinstance(class_names, str)
+                                        or not all(isinstance(c, str) for c in class_names)):
+            raise ValueError(f"class_names must be a list of strings, got {class_names!r:.80}")
         if chunk_records is None:
             itemsize = np.dtype(_DTYPES[dtype]).itemsize
             chunk_records = max(16, _CHUNK_BYTES // ((key_dim + image_dim + text_dim) * itemsize))
@@ -220,6 +224,9 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
                 f"this KnowledgeBase handle of {self.path} was opened in process {self._pid} and cannot be used in "
                 f"process {os.getpid()} after fork() (LMDB forbids it): open the knowledge base inside each worker "
                 "instead, e.g. in a DataLoader worker_init_fn")
+        if getattr(self, "_rec", None) is None:
+            raise KnowledgeBaseError(f"this KnowledgeBase handle of {self.path} is closed; open the knowledge base "
+                                     "again (KnowledgeBase.open) or keep using it inside its `with` block")
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Any]:
@@ -243,8 +250,15 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             self._sel_keep = batch  # the Not selector points into it
 
     def _check_ids(self, ids: Any) -> np.ndarray:
-        a = torch.as_tensor(ids).reshape(-1)
-        if a.is_floating_point():
+        self._check_process()  # also: not closed
+        if isinstance(ids, (list, tuple)) and not ids:
+            return np.zeros(0, dtype=np.int64)  # torch would make an empty list float32
+        try:
+            a = torch.as_tensor(ids).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"ids must be integers (an int, a list, a numpy array or a tensor), got {ids!r:.80}") \
+                from None
+        if a.is_floating_point() or a.dtype == torch.bool:
             raise ValueError(f"ids must be integers, got {a.dtype}")
         a = a.cpu().to(torch.int64).numpy()
         bad = (a < 0) | (a >= self._meta["next_id"]) | np.isin(a, self._deleted)

@@ -303,7 +303,8 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
         raise ValueError(f"{len(bad)} label(s) of {source.location} match no class of the classifier: "
                          f"{sorted(bad)[:10]}; "
                          f"allowed class names: {class_names[:20]}{' ...' if len(class_names) > 20 else ''}. "
-                         "Rename them or give a name mapping.")
+                         "Rename the data's labels (or its classes.json) to these names, or give the classifier's "
+                         "class list in the data's own names.")
     return out, list(class_names)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from retrofit.fingerprint import EncoderFingerprint
@@ -66,9 +67,28 @@ class Store(Protocol):
         ...
 
 
-def _check_exclude(exclude: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+def as_queries(queries: Any) -> torch.Tensor:
+    """Search queries as a tensor: numpy arrays and nested lists are accepted too (as float32 on the CPU)."""
+    if isinstance(queries, torch.Tensor):
+        return queries
+    try:
+        return torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"queries must be a (B, key_dim) float tensor or array, got {type(queries).__name__} "
+                         f"({e})") from None
+
+
+def _check_exclude(exclude: Any, batch: int) -> torch.Tensor | None:
     if exclude is None:
         return None
+    if not isinstance(exclude, torch.Tensor):
+        try:
+            exclude = torch.as_tensor(np.asarray(exclude))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"exclude must be (B={batch}, m) integer ids, got {type(exclude).__name__} ({e})") \
+                from None
+    if exclude.is_floating_point() or exclude.dtype == torch.bool:
+        raise ValueError(f"exclude must hold integer ids (-1 = padding), got {exclude.dtype}")
     if exclude.dim() == 1:
         exclude = exclude[:, None]
     if exclude.dim() != 2 or exclude.shape[0] != batch:
@@ -155,6 +175,7 @@ class InMemoryStore:
         self._generation += 1
 
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
+        queries = as_queries(queries)
         exclude = check_search_args(queries, k, self.key_dim, exclude)
         device, B, N = queries.device, queries.shape[0], self.keys.shape[0]
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)  # (B, Dk)

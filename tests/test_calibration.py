@@ -74,6 +74,9 @@ def test_choose_vote_scale_finds_the_informative_vote(setting):
     tied = [s for s, v in choice.scores.items() if v == top]
     assert choice.scale == min(tied, key=lambda s: abs(torch.tensor(s).log().item()))  # ties: nearest 1
     assert choice.weight == pytest.approx(choice.scale * trained)
+    assert choice.at_largest == (choice.scale == 16.0)  # the largest candidate won: a larger one may do better
+    with pytest.raises(ValueError, match="scales must be a list of numbers"):
+        choose_vote_scale(head, fs, kb, scales=2.0, device="cpu")
 
     applied = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0, 16.0), metric="balanced", device="cpu")
     assert float(head.vote.scale) == applied.scale  # applied

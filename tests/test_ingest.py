@@ -442,3 +442,22 @@ def test_caption_labels_resume_after_ctrl_c(tmp_path, mini_samples, cifar_classe
     assert s.resumed_from == 64 and s.written == 100
     assert s.extra["labels_from_captions"] == clean.extra["labels_from_captions"] > 0
     _same_kb(tmp_path / "kb", tmp_path / "clean")
+
+
+def test_first_build_failing_before_any_record_leaves_nothing(tmp_path, shards, encoders):
+    """An encoder whose preprocessing returns PIL images fails on the first batch: the KB this build created is
+    removed (a re-run with the fixed encoder would otherwise be refused as 'another build'); a later failure of
+    a build that has records keeps them for resuming."""
+    from retrofit.encoders import ImageEncoder
+
+    img = encoders["image_encoder"]
+    broken = ImageEncoder(img._embed, lambda im: im, img.fingerprint, module=img.module)  # no ToTensor
+    with pytest.raises(TypeError):
+        build_kb(shards, tmp_path / "kb", image_encoder=broken, text_encoder=encoders["text_encoder"], **FAST)
+    assert not (tmp_path / "kb").exists()
+    s = build_kb(shards, tmp_path / "kb", **encoders, **FAST)  # the fixed build goes through
+    assert s.written == 100
+    from retrofit.ingest import BuildConfig
+
+    with pytest.raises(ValueError, match="float16 or float32"):
+        BuildConfig(dtype="bfloat16").validate()

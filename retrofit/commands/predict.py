@@ -202,6 +202,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"scale": choice.scale, "metric": choice.metric, "n": choice.n,
                           "trained_weight": choice.trained_weight, "weight": choice.weight,
+                          "at_largest": choice.at_largest,
                           "scores": {str(k): v for k, v in choice.scores.items()}, "saved": args.save}))
         return 0
     print(f"| vote scale | vote weight | {choice.metric} on {choice.n} images |")
@@ -209,6 +210,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
         print(f"| {s:g} | {s * choice.trained_weight:.4g} | {100 * v:.2f}%{mark} |")
+    if choice.at_largest:
+        print(f"note: {choice.scale:g} is the largest scale tried; larger ones may score better (--scales)",
+              file=sys.stderr)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
               file=sys.stderr)
