@@ -127,6 +127,9 @@ class RetrofittedModel(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"expected images as a (B, C, H, W) tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected preprocessed float images (as the model's transforms give them), got "
+                             f"{x.dtype}; e.g. x.float() / 255 followed by the model's normalisation")
         p = _param_of(self.backbone)
         if p is not None and (x.device != p.device or (x.is_floating_point() and x.dtype != p.dtype)):
             x = x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else None)

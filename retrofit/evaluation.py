@@ -98,9 +98,13 @@ def evaluate(
     Group accuracies are over the test samples of the group's classes; a group with no class is None.
     Accuracies are fractions in [0, 1]; ``top5`` is top-min(5, C).
     """
+    logits = torch.as_tensor(logits)  # numpy arrays too
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    labels = labels.to(torch.int64).reshape(-1).cpu()
     N, C = logits.shape
     if labels.numel() != N:
         raise ValueError(f"{N} rows of logits but {labels.numel()} labels")
@@ -110,6 +114,9 @@ def evaluate(
         raise ValueError(f"labels must be in 0..{C - 1} (the logits have {C} classes), got "
                          f"{int(labels.min())}..{int(labels.max())}: a class-count mismatch between data and model")
     logits = logits.detach().double().cpu()
+    if torch.isnan(logits).any():
+        raise ValueError(f"logits hold NaN in {int(torch.isnan(logits).any(1).sum())} of {N} rows: the model's "
+                         "output is broken there (check its inputs and weights); no metric is meaningful")
     counts = _counts(train_labels, train_counts, C)
     groups = class_groups(counts, cutoffs)
     pred = logits.argmax(1)

@@ -55,6 +55,14 @@ class FeatureSet:
     meta: dict[str, Any] = field(default_factory=dict)  # free-form provenance (specs, fingerprints), JSON-able
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy arrays (and lists for labels) are taken as tensors
+            t = getattr(self, f.name)
+            if f.name != "meta" and t is not None and not isinstance(t, torch.Tensor):
+                try:
+                    setattr(self, f.name, torch.as_tensor(t))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"FeatureSet.{f.name} must be a tensor or an array, got {type(t).__name__} "
+                                     f"({e})") from None
         n = self.z.shape[0]
         if self.z.dim() != 2:
             raise ValueError(f"FeatureSet.z must be (N, D), got shape {tuple(self.z.shape)}")

@@ -129,7 +129,8 @@ class KBIndexMixin:
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Any]:
-        """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits."""
+        """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits. Inside the block,
+        ``search`` sees only the records indexed before it: records added in it are found once it exits."""
         self._check_writable()
         self._bulk += 1
         try:

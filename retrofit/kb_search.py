@@ -42,7 +42,7 @@ class KBSearchMixin:
         else:  # numpy for the small CPU ops: torch's thread pool wakes slowly next to faiss's OpenMP threads
             check_search_args(queries, k, self.key_dim, None, values=False)  # values are checked below
             exclude = _check_exclude(exclude, queries.shape[0])
-        B, device = queries.shape[0], queries.device
+        B, device, k = queries.shape[0], queries.device, int(k)  # k: any integer type (numpy's too)
         m = 0 if exclude is None else exclude.shape[1]
         kq = k + m  # over-fetch so that k results survive the per-query exclusions
         if B == 0:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -100,7 +101,7 @@ def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torc
                       values: bool = True) -> torch.Tensor | None:
     """Shared validation of ``search`` arguments; returns ``exclude`` as (B, m) int64 or None. ``values=False``
     checks k and the shape only (the caller checks the values itself)."""
-    if not isinstance(k, int) or k <= 0:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if queries.dim() != 2 or queries.shape[1] != key_dim:
         raise ValueError(f"queries must be (B, {key_dim}), got shape {tuple(queries.shape)}")
@@ -177,6 +178,7 @@ class InMemoryStore:
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
         queries = as_queries(queries)
         exclude = check_search_args(queries, k, self.key_dim, exclude)
+        k = int(k)
         device, B, N = queries.device, queries.shape[0], self.keys.shape[0]
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)  # (B, Dk)
         sims = q @ self.keys.T  # (B, N)

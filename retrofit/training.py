@@ -159,6 +159,8 @@ def check_features(fs: FeatureSet, num_classes: int, what: str, host: nn.Module 
             "head with the same classes, or a host classifier for the head's classes (train_host, or --host probe "
             "on the CLI)."
         )
+    if fs.labels.is_floating_point() or fs.labels.dtype == torch.bool:
+        raise ValueError(f"{what}: labels must be integer class ids (int64), got {fs.labels.dtype}")
     lab = fs.labels[fs.labels >= 0]
     if lab.numel() and int(lab.max()) >= num_classes:
         raise RetrofitError(f"{what}: label {int(lab.max())} is out of range for a head with {num_classes} classes "
@@ -203,6 +205,11 @@ def train(
     if host_classifier is not None:
         check_features(features.subset(slice(0, 0)), C, "host classifier", host_classifier)
     check_features(features, C, "training features", host_classifier if cfg.train_host else None)
+    qdim = getattr(getattr(head, "config", None), "query_dim", None)
+    for name, f in (("training", features), ("validation", val_features)):
+        if f is not None and qdim is not None and f.z.shape[1] != qdim:
+            raise ValueError(f"{name} features: z is {f.z.shape[1]}-d but the head takes {qdim}-d queries "
+                             f"(HeadConfig(query_dim=...)): build the head with query_dim={f.z.shape[1]}")
     if val_features is not None:
         check_features(val_features, C, "validation features", host_classifier if cfg.train_host else None)
     if (features.labels < 0).any():

@@ -67,3 +67,52 @@ def test_create_and_add_arguments(kb, tmp_path):
         with pytest.raises(ValueError, match=msg):
             k.add(keys[:2], torch.zeros(2, 2), torch.zeros(2, 2), captions=caps)
     assert len(k) == n  # nothing written
+
+
+def test_arrays_and_wrong_types_in_training_and_evaluation(kb):
+    from retrofit.evaluation import evaluate
+    from retrofit.feature_cache import FeatureSet
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.training import TrainConfig, train
+
+    k, keys = kb
+    rng = np.random.default_rng(0)
+    fs = FeatureSet(z=rng.standard_normal((8, 4)).astype(np.float32), labels=[0, 1, 2, 0, 1, 2, 0, 1])
+    assert isinstance(fs.z, torch.Tensor) and fs.labels.dtype == torch.int64  # arrays and lists are taken
+    assert k.search(keys[:1], np.int64(2)).ids.shape == (1, 2)  # numpy integers are ints
+    head = RetrievalHead(HeadConfig(query_dim=4, image_dim=2, text_dim=2, num_classes=3, dim=8, depth=1, heads=2,
+                                    k=2), k)
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="labels must be integer class ids"):
+        train(head, FeatureSet(z=fs.z, labels=fs.labels.float()), cfg, store=k)
+    with pytest.raises(ValueError, match="query_dim=5"):
+        train(head, FeatureSet(z=torch.randn(8, 5), labels=fs.labels), cfg, store=k)
+    assert train(head, fs, cfg, store=k).history  # the same call with good inputs trains
+
+    logits = rng.standard_normal((6, 3))
+    y = np.array([0, 1, 2, 0, 1, 2])
+    tc = [10, 5, 1]
+    assert evaluate(logits, y, train_counts=tc)["top1"] == evaluate(torch.from_numpy(logits), torch.from_numpy(y),
+                                                                     train_counts=tc)["top1"]
+    with pytest.raises(ValueError, match="integer class ids"):
+        evaluate(logits, y + 0.5, train_counts=tc)
+    logits[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN in 1 of 6 rows"):
+        evaluate(logits, y, train_counts=tc)
+
+
+def test_wrapped_model_wants_float_images():
+    from torch import nn
+
+    import retrofit
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    store = retrofit.InMemoryStore(48, 2, 2)
+    store.add(torch.randn(4, 48), torch.randn(4, 2), torch.randn(4, 2))
+    head = retrofit.RetrievalHead(retrofit.HeadConfig(query_dim=48, image_dim=2, text_dim=2, num_classes=5, dim=8,
+                                                      depth=1, heads=2, k=2), store)
+    clf = retrofit.wrap(model, head)
+    x = torch.rand(2, 3, 4, 4)
+    assert clf(x).shape == (2, 5)
+    with pytest.raises(ValueError, match="preprocessed float images"):
+        clf((x * 255).to(torch.uint8))
