@@ -212,6 +212,9 @@ def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
     if not isinstance(head, nn.Module) or cfg is None or not hasattr(cfg, "query_dim"):
         raise TypeError(f"head must be a retrofit.RetrievalHead, got {type(head).__name__}")
     adapter = adapter_for(model, classifier, num_classes=cfg.num_classes)
+    if getattr(adapter, "headless", False):
+        logger.warning("the host %s has no classifier (num_classes=0): there are no host logits, the retrofitted "
+                       "logits are the head's alone (zero until it is trained)", adapter.describe())
     if adapter.num_classes is not None and adapter.num_classes != cfg.num_classes:
         raise ValueError(f"the host {adapter.describe()} predicts {adapter.num_classes} classes but the head has "
                          f"num_classes={cfg.num_classes}: build the head with HeadConfig(num_classes="

@@ -298,13 +298,15 @@ def test_dtype_device_follow_the_model_and_inference_mode(seed: int) -> None:
         torch.testing.assert_close(y, model(x.double()))  # a fresh head: fused logits = host logits
 
 
-def test_headless_timm_model_gives_retrieval_logits_only(seed: int) -> None:
+def test_headless_timm_model_gives_retrieval_logits_only(seed: int, caplog) -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         z = model(x)
-    wrapped = wrap(model, make_head(z.shape[1], make_store(z.shape[1])))
+    with caplog.at_level("WARNING"):
+        wrapped = wrap(model, make_head(z.shape[1], make_store(z.shape[1])))
+    assert any("has no classifier" in r.message for r in caplog.records)  # said, not silent
     with torch.no_grad():
         out = wrapped(x, return_output=True)
     assert out.host_logits is None and out.logits.shape == (2, C)
