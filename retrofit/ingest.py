@@ -281,7 +281,7 @@ def _drop_if_empty(path: Path) -> None:
 
     try:
         with KnowledgeBase.open(path) as kb:
-            empty = len(kb) == 0 and kb.info()["next_id"] == 0
+            empty = kb.info()["next_id"] == 0  # no record was ever written
     except Exception:  # not even a readable KB: leave it for the user to look at
         return
     if empty:

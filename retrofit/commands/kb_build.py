@@ -42,11 +42,11 @@ def _classes(value: str | None) -> list[str] | None:
 
 
 def _source(args: argparse.Namespace) -> Any:
-    from retrofit.sources import imagefolder_source, manifest_source, open_source
+    from retrofit.sources import manifest_source, open_source
 
     s = str(args.source)
-    if Path(s).is_dir() and not (Path(s) / "records" / "data.mdb").is_file():  # a KB: open_source explains
-        return imagefolder_source(s, templates=args.template or ["a photo of a {}."])
+    if Path(s).is_dir():  # an ImageFolder (open_source refuses a knowledge base given here, saying so)
+        return open_source(s, templates=args.template or ["a photo of a {}."])
     if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
         return manifest_source(s, image_col=args.image_column, caption_col=args.caption_column,
                                label_col=args.label_column)

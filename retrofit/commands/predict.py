@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retrofit.commands import guarded
-from retrofit.commands.train import RUN_FILE, _labels, _open_kb, _runtime, _source
+from retrofit.commands.train import RUN_FILE, _labels, _open_kb, _runtime, _source, data_path
 
 _EPILOG_EVAL = """examples:
   retrofit eval --run runs/c10 --data cifar10/test-000000.tar
@@ -160,13 +160,7 @@ def _cache_name(what: str, data: str) -> str:
     """Feature-cache entry name per data set: one entry per name is kept, so each data set gets its own."""
     import hashlib
 
-    spec = str(Path(data).resolve()) if Path(data).exists() else data
-    return f"{what}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
-
-
-def _same_data(a: str, b: str) -> bool:
-    """Whether two data specs name the same files (patterns compared as written, paths resolved)."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+    return f"{what}-{hashlib.sha1(data_path(data).encode()).hexdigest()[:10]}"
 
 
 def _scales(value: str) -> list[float]:
@@ -190,7 +184,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if head.vote is None:
         raise ValueError(f"the head {run['head_path']} has no label vote: nothing to calibrate (train it with "
                          "`retrofit train ... --label-vote`)")
-    if run.get("data") and _same_data(run["data"], args.data):
+    trained_on = run.get("data_path") or (data_path(run["data"]) if run.get("data") else None)
+    if trained_on is not None and trained_on == data_path(args.data):
         print(f"warning: {args.data} is the head's training data: every scale scores too well there and the choice "
               "says little; give held-out validation data", file=sys.stderr)
     fs = _labelled_features(args, run, kb, head, "validation", "calibrate")

@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
                        k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
     run = {"model": args.model, "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
-           "data_path": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+           "data_path": data_path(args.data),
            "classes": classes, "host": mode, "train_host": tcfg.train_host, "k": args.k,
            "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict(),
            "head": _head_settings(args)}
@@ -185,6 +185,12 @@ _HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "n
 
 def _head_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in _HEAD_ARGS}
+
+
+def data_path(spec: str) -> str:
+    """A data spec as an absolute path when it names an existing file or folder (patterns stay as written): the
+    identity of a data set across working directories (run.json, feature-cache names, same-data checks)."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 def _check_out(out: Path, args: argparse.Namespace) -> bool:
