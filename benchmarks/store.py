@@ -92,12 +92,26 @@ def rss_split():  # (anonymous, file-backed) resident MiB
     f = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith(("RssAnon", "RssFile")))
     return int(f["RssAnon"].split()[0]) / 1024, int(f["RssFile"].split()[0]) / 1024
 r0, (a0, f0) = rss(), rss_split(); t = time.perf_counter()
-kb = KnowledgeBase.open(sys.argv[1])
+if sys.argv[2] == "kb":
+    kb = KnowledgeBase.open(sys.argv[1])
+    mapped = kb.info()["index"]["memory_mapped"]
+else:  # the reference: faiss's own reader on the same index file, mapped
+    state = json.load(open(os.path.join(sys.argv[1], "index.json")))
+    index = faiss.read_index(os.path.join(sys.argv[1], state["file"]), faiss.IO_FLAG_MMAP_IFC)
+    mapped = True
 dt = time.perf_counter() - t
 r1, (a1, f1) = rss(), rss_split()
 print(json.dumps({"open_s": dt, "open_rss_mb": r1 - r0, "open_rss_anon_mb": a1 - a0, "open_rss_file_mb": f1 - f0,
-                  "rss_mb_total": r1, "memory_mapped": kb.info()["index"]["memory_mapped"]}))
+                  "rss_mb_total": r1, "memory_mapped": mapped}))
 """
+
+
+def open_probe(kb_dir: Path, what: str) -> dict:
+    """Open in a fresh process (``kb``: KnowledgeBase.open; ``faiss``: faiss.read_index of its index file)."""
+    probe = subprocess.run([sys.executable, "-c", OPEN_PROBE, str(kb_dir), what], capture_output=True, text=True)
+    if probe.returncode:
+        raise RuntimeError(probe.stderr)
+    return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
 def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_arrays, k: int, batch: int,
@@ -110,15 +124,15 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
     kb.close()
     out[prefix + "n"] = n
     out[prefix + "build_s"] = round(time.perf_counter() - t0, 2)
-    probe = subprocess.run([sys.executable, "-c", OPEN_PROBE, str(kb_dir)], capture_output=True, text=True)
-    if probe.returncode:
-        raise RuntimeError(probe.stderr)
-    o = json.loads(probe.stdout.strip().splitlines()[-1])
+    o = open_probe(kb_dir, "kb")
     out[prefix + "open_s"] = round(o["open_s"], 3)
     out[prefix + "open_rss_mb"] = round(o["open_rss_mb"], 1)  # total: anonymous + file-backed (+ shmem)
     out[prefix + "open_rss_anon_mb"] = round(o["open_rss_anon_mb"], 1)  # heap copies (faiss levels/offsets/id map)
     out[prefix + "open_rss_file_mb"] = round(o["open_rss_file_mb"], 1)  # mapped index / LMDB pages touched
     out[prefix + "open_rss_mb_process_total"] = round(o["rss_mb_total"], 1)
+    ref = open_probe(kb_dir, "faiss")  # reference, same file, same run: faiss.read_index(IO_FLAG_MMAP_IFC)
+    out[prefix + "open_s_faiss_reader"] = round(ref["open_s"], 3)
+    out[prefix + "open_rss_mb_faiss_reader"] = round(ref["open_rss_mb"], 1)
     kb = KnowledgeBase.open(kb_dir)
     info = kb.info()
     out[prefix + "index"] = info["index"]["kind"]

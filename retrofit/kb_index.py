@@ -24,6 +24,7 @@ import numpy as np
 
 from retrofit._env import require
 from retrofit.errors import CorruptKnowledgeBaseError
+from retrofit.kb_index_map import map_hnsw
 
 __all__ = ["IndexConfig", "IndexState", "build_index", "save_index", "load_index", "search_index", "tune_ef_search",
            "EF_LADDER", "fsync_dir"]
@@ -203,7 +204,9 @@ def load_index(kb_dir: Path, state: IndexState, mmap: bool):
     if _quick_hash(p, size) != state.quick:
         raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its checksum does not match index.json's")
     try:
-        index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+        index = map_hnsw(p, state.ntotal) if mmap else None  # graph and vectors mapped, not faulted in
+        if index is None:
+            index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as e:
         raise CorruptKnowledgeBaseError(f"index file {p} cannot be read by faiss ({str(e).splitlines()[0]})") from e
     if not isinstance(index, faiss.IndexIDMap) or index.ntotal != state.ntotal:

@@ -140,7 +140,8 @@ READER = textwrap.dedent("""
 
 def test_reader_process_searches_while_writer_adds(tmp_path):
     path = tmp_path / "kb"
-    kb = KnowledgeBase.create(path, DK, DI, DT, flat_threshold=600, ef_construction=16, hnsw_m=8)
+    # mmap_bytes=1: the reader maps every index generation it refreshes to (retrofit's mapped HNSW reader)
+    kb = KnowledgeBase.create(path, DK, DI, DT, flat_threshold=600, ef_construction=16, hnsw_m=8, mmap_bytes=1)
 
     def add(b: int) -> None:
         ids = torch.arange(b * BATCH, (b + 1) * BATCH)
@@ -165,7 +166,7 @@ def test_reader_process_searches_while_writer_adds(tmp_path):
     _, iters, gens = out.split()
     assert int(iters) >= 5 and int(gens) >= 2, out
     with KnowledgeBase.open(path) as r:
-        assert len(r) == 20 * BATCH and r.verify()["ok"]
+        assert len(r) == 20 * BATCH and r.verify()["ok"] and r.info()["index"]["memory_mapped"]
         assert np.array_equal(r.labels().numpy(), np.arange(20 * BATCH) % 5)
 
 

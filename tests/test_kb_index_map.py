@@ -1,0 +1,158 @@
+"""retrofit.kb_index_map: an HNSW index file mapped without faulting its graph in (real faiss files, real KBs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrofit.errors import CorruptKnowledgeBaseError
+from retrofit.kb_index_map import map_hnsw
+from retrofit.knowledge_base import KnowledgeBase
+
+faiss = pytest.importorskip("faiss")
+
+D = 24
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((20, D)).astype("float32")
+    x = c[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, D)).astype("float32")
+    faiss.normalize_L2(x)
+    return x
+
+
+def hnsw_file(path, n: int = 3000, m: int = 16):
+    x = clustered(n, 0)
+    inner = faiss.IndexHNSWFlat(D, m, faiss.METRIC_INNER_PRODUCT)
+    inner.hnsw.efConstruction = 40
+    index = faiss.IndexIDMap(inner)
+    index.add_with_ids(x, np.arange(n, dtype=np.int64) * 5 + 3)  # ids that are not positions
+    faiss.write_index(index, str(path))
+    return index, x
+
+
+def test_mapped_index_searches_exactly_like_faiss_reader(tmp_path):
+    p = tmp_path / "i.faiss"
+    index, x = hnsw_file(p)
+    mapped = map_hnsw(p, index.ntotal)
+    assert mapped is not None and mapped.ntotal == index.ntotal
+    ref = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC)
+    q = clustered(64, 1)
+    for ef in (16, 64):
+        faiss.downcast_index(mapped.index).hnsw.efSearch = ef
+        faiss.downcast_index(ref.index).hnsw.efSearch = ef
+        d1, i1 = mapped.search(q, 10)
+        d2, i2 = ref.search(q, 10)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(d1, d2)
+    assert set(np.unique(i1)) <= set(range(3, 5 * 3000 + 3, 5))
+    h1, h2 = faiss.downcast_index(mapped.index).hnsw, faiss.downcast_index(ref.index).hnsw
+    assert (h1.entry_point, h1.max_level, h1.efConstruction) == (h2.entry_point, h2.max_level, h2.efConstruction)
+    assert not h1.neighbors.is_owned  # a view of the file, not a copy
+    # the vectors are the file's: reconstruct through the map equals the added vectors
+    np.testing.assert_array_equal(faiss.downcast_index(mapped.index).storage.reconstruct(7), x[7])
+
+
+def _damage(p, offset: int, value: bytes) -> None:
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+
+
+def _neighbors_offset(p, index) -> int:
+    """Byte offset of hnsw.neighbors' data in the file (just after its 8-byte length, which equals its size)."""
+    nb = faiss.vector_to_array(faiss.downcast_index(index.index).hnsw.neighbors)
+    blob = np.fromfile(p, dtype=np.uint8).tobytes()
+    at = blob.find(np.uint64(nb.size).tobytes() + nb[:8].tobytes())
+    assert at > 0
+    return at + 8
+
+
+def test_a_graph_id_out_of_range_is_refused(tmp_path):
+    p = tmp_path / "i.faiss"
+    index, _ = hnsw_file(p)
+    at = _neighbors_offset(p, index)
+    for bad in (index.ntotal, -2, 2**31 - 1):
+        _damage(p, at + 4 * 1000, np.int32(bad).tobytes())
+        with pytest.raises(CorruptKnowledgeBaseError, match="outside 0..2999"):
+            map_hnsw(p, index.ntotal)
+    # the same damage stops faiss's own reader too: the check is as strict as faiss's
+    with pytest.raises(RuntimeError):
+        faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC)
+
+
+def test_damaged_levels_offsets_and_lengths_are_refused(tmp_path):
+    p = tmp_path / "i.faiss"
+    index, _ = hnsw_file(p)
+    h = faiss.downcast_index(index.index).hnsw
+    levels = faiss.vector_to_array(h.levels)
+    blob = p.read_bytes()
+    lv_at = blob.find(np.uint64(levels.size).tobytes() + levels[:16].tobytes()) + 8
+    _damage(p, lv_at, np.int32(99).tobytes())  # a level past the level table
+    with pytest.raises(CorruptKnowledgeBaseError, match="levels outside"):
+        map_hnsw(p, index.ntotal)
+    p.write_bytes(blob)
+    _damage(p, lv_at, np.int32(1 if levels[0] > 1 else 2).tobytes())  # offsets no longer follow the levels
+    with pytest.raises(CorruptKnowledgeBaseError, match="offsets do not match"):
+        map_hnsw(p, index.ntotal)
+    p.write_bytes(blob)
+    assert map_hnsw(p, index.ntotal - 1) is None  # index.json names another size: load_index refuses the file
+    p.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CorruptKnowledgeBaseError, match="truncated"):
+        map_hnsw(p, index.ntotal)
+
+
+def test_other_layouts_fall_back_to_faiss(tmp_path):
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(D))
+    flat.add_with_ids(clustered(50, 2), np.arange(50, dtype=np.int64))
+    faiss.write_index(flat, str(tmp_path / "flat.faiss"))
+    assert map_hnsw(tmp_path / "flat.faiss", 50) is None
+    l2 = faiss.IndexIDMap(faiss.IndexHNSWFlat(D, 8))  # L2 metric: not what a KB writes
+    l2.add_with_ids(clustered(50, 2), np.arange(50, dtype=np.int64))
+    faiss.write_index(l2, str(tmp_path / "l2.faiss"))
+    assert map_hnsw(tmp_path / "l2.faiss", 50) is None
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert map_hnsw(tmp_path / "junk.faiss", 50) is None
+
+
+def test_knowledge_base_reader_uses_the_map_and_finds_the_same_neighbours(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(10, 16, generator=g)
+    keys = c[torch.randint(0, 10, (800,), generator=g)] + 0.4 * torch.randn(800, 16, generator=g)
+    with KnowledgeBase.create(tmp_path / "kb", 16, 4, 4, index="hnsw", ef_construction=40, mmap_bytes=1) as kb:
+        kb.add(keys, torch.randn(800, 4, generator=g), torch.randn(800, 4, generator=g))
+        kb.flush()
+        owned = kb.search(keys[:50], 8)
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert r.info()["index"]["memory_mapped"]
+        assert any(isinstance(o, np.memmap) for o in r._main.referenced_objects)  # retrofit's reader, not faiss's
+        mapped = r.search(keys[:50], 8)
+    assert torch.equal(mapped.ids, owned.ids) and torch.equal(mapped.image, owned.image)
+
+
+def test_bit_rot_in_a_kb_graph_is_refused_at_open_with_the_fix(tmp_path):
+    """Damage in the middle of a large index file (outside the first / last MiB the open-time checksum reads)."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(12_000, 16, generator=g)
+    with KnowledgeBase.create(tmp_path / "kb", 16, 2, 2, index="hnsw", ef_construction=16, mmap_bytes=1) as kb:
+        kb.add(keys, torch.zeros(12_000, 2), torch.zeros(12_000, 2))
+        kb.flush()
+        want = kb.search(keys[:20], 5).ids
+    p = next((tmp_path / "kb").glob("index-*.faiss"))
+    size = p.stat().st_size
+    assert size > 3 << 20
+    index = faiss.read_index(str(p))
+    at = _neighbors_offset(p, index)
+    nb_bytes = 4 * faiss.downcast_index(index.index).hnsw.neighbors.size()
+    mid = at + (nb_bytes // 2) // 4 * 4
+    assert (1 << 20) < mid < size - (1 << 20)
+    _damage(p, mid, np.int32(10**6).tobytes())
+    with pytest.raises(CorruptKnowledgeBaseError, match=r"outside 0..11999.*retrofit kb"):
+        KnowledgeBase.open(tmp_path / "kb")
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:  # a writer rebuilds it from the records
+        assert len(w) == 12_000
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert r.info()["index"]["memory_mapped"]
+        assert torch.equal(r.search(keys[:20], 5).ids[:, 0], want[:, 0])
