@@ -129,8 +129,8 @@ def map_hnsw(path: Path, ntotal: int) -> Any | None:
 
     import faiss
 
-    if ntotal == 0 or sys.byteorder != "little":
-        return None  # nothing to map / a byte order this reader does not handle
+    if ntotal == 0 or sys.byteorder != "little" or not hasattr(faiss, "MaybeOwnedVectorUInt8"):
+        return None  # nothing to map / a byte order this reader does not handle / a faiss without views
     f = _File(path)
     try:
         try:
