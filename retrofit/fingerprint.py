@@ -73,7 +73,8 @@ def check_fingerprints(
         raise FingerprintMismatchError(
             f"{what}: expected vectors from {expected}, but got vectors from {actual}. "
             "Rebuild the knowledge base with the same encoder, or, if you know the two spaces are compatible, "
-            "pass allow_fingerprint_mismatch=True (command line: `retrofit train --allow-fingerprint-mismatch`)."
+            "pass allow_fingerprint_mismatch=True (command line: --allow-fingerprint-mismatch on `retrofit train`, "
+            "`eval`, `calibrate` and `predict`)."
         )
 
 

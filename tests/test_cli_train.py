@@ -249,3 +249,28 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     assert main(["calibrate", "--run", str(out), "--data", str(setup / "train.tar"), "--quiet", "--scales",
                  "1,2"]) == 0
     assert "is the head's training data" in capsys.readouterr().err
+
+
+def test_eval_predict_calibrate_refuse_a_kb_from_another_encoder_unless_allowed(setup, trained, capsys, tmp_path):
+    """A KB whose keys come from another 512-d encoder (a random-weight ResNet-18) attaches only on request."""
+    from retrofit.ingest import build_kb
+
+    other = tmp_path / "kb_resnet"
+    build_kb(str(setup / "test.tar"), other, image_encoder="torchvision:resnet18@random", text_encoder="minilm",
+             progress=False, num_workers=0)
+    img = tmp_path / "x.jpg"
+    with tarfile.open(setup / "test.tar") as tf:
+        img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
+    base = ["--run", str(trained), "--kb", str(other)]
+    commands = [["eval", "--data", str(setup / "test.tar"), "--out", str(tmp_path / "ev"), "--no-cache", *base],
+                ["predict", str(img), *base]]
+    for argv in commands:
+        assert main([*argv, "--quiet"] if argv[0] == "eval" else argv) == 1
+        msg = capsys.readouterr().err
+        assert "resnet18" in msg and "darknet-tiny" in msg and "--allow-fingerprint-mismatch" in msg, argv
+        assert main([*argv, "--allow-fingerprint-mismatch", "--json"]) == 0, argv
+        capsys.readouterr()
+    calibrate = ["calibrate", "--data", str(setup / "test.tar"), "--no-cache", *base]
+    assert main(calibrate) == 1 and "--allow-fingerprint-mismatch" in capsys.readouterr().err
+    assert main([*calibrate, "--allow-fingerprint-mismatch"]) == 1  # attached; this head has no vote to calibrate
+    assert "no label vote" in capsys.readouterr().err
