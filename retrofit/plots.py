@@ -25,8 +25,13 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
     lo, hi = first["cutoffs"]["few_below"], first["cutoffs"]["many_above"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     xmin, xmax = min(counts) / 1.5, max(counts) * 1.5
-    ax.axvspan(xmin, lo, color="tab:red", alpha=0.07, lw=0)
-    ax.axvspan(hi, xmax, color="tab:green", alpha=0.07, lw=0)
+    # the groups' x ranges, clipped to the axes (a cut-off outside the data's counts leaves its group empty)
+    spans = {g: (max(a, xmin), min(b, xmax)) for g, (a, b) in
+             (("few", (xmin, lo)), ("medium", (lo, hi)), ("many", (hi, xmax)))}
+    spans = {g: ab for g, ab in spans.items() if ab[0] < ab[1]}
+    for g, color in (("few", "tab:red"), ("many", "tab:green")):
+        if g in spans:
+            ax.axvspan(*spans[g], color=color, alpha=0.07, lw=0)
     markers = ["o", "s", "^", "D", "v", "P"]
     for i, (name, r) in enumerate(results.items()):
         if [max(int(c), 1) for c in r["train_counts"]] != counts:
@@ -34,7 +39,7 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
         acc = [100 * a if a is not None else float("nan") for a in r["per_class_acc"]]
         label = f"{name} (top-1 {100 * r['top1']:.1f}%, few {_pct(r['few'])})"
         ax.scatter(counts, acc, s=28, marker=markers[i % len(markers)], alpha=0.8, label=label, zorder=3)
-        for g, (a, b) in (("few", (xmin, lo)), ("medium", (lo, hi)), ("many", (hi, xmax))):
+        for g, (a, b) in spans.items():
             if r.get(g) is not None:
                 ax.hlines(100 * r[g], a, b, colors=f"C{i}", linestyles="--", lw=1, alpha=0.8)
     ax.set_xscale("log")
@@ -43,8 +48,10 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test accuracy of the class (%)")
     ax.set_title(title or "Per-class accuracy vs training count (dashed: group means)")
-    ax.text(xmin * 1.05, 97, f"few < {lo}", fontsize=8, color="tab:red", va="top")
-    ax.text(hi * 1.05, 97, f"many > {hi}", fontsize=8, color="tab:green", va="top")
+    if "few" in spans:
+        ax.text(xmin * 1.05, 97, f"few < {lo}", fontsize=8, color="tab:red", va="top")
+    if "many" in spans:
+        ax.text(spans["many"][0] * 1.05, 97, f"many > {hi}", fontsize=8, color="tab:green", va="top")
     if len(results) >= 2:  # a thin line per class from the first series to the last: the change per class
         a_first = list(results.values())[0]["per_class_acc"]
         a_last = list(results.values())[-1]["per_class_acc"]

@@ -330,3 +330,19 @@ def test_class_balanced_training_weights_rare_classes(data, real):
     b = train(_head(), sub, _cfg(epochs=1, class_balance=1.0), store=real["store"])
     assert all(torch.isfinite(torch.tensor(b.step_losses)))
     assert a.step_losses != pytest.approx(b.step_losses, rel=1e-3)
+
+
+def test_per_class_plot_of_balanced_training_data_fits_its_figure(tmp_path):
+    """Every class with 10 training images and the default cut-offs (many > 100, few < 20): the group labels
+    outside the data's range are left out (the 'many' label used to sit far off the axes and break the layout)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(100) % 10
+    logits = torch.randn(100, 10, generator=g) + 2 * torch.nn.functional.one_hot(labels, 10)
+    r = evaluate(logits, labels, torch.arange(100) % 10)  # 10 training images per class
+    assert r["cutoffs"] == {"many_above": 100, "few_below": 20}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Tight layout not applied" is a UserWarning
+        png = plot_per_class_accuracy({"host": r, "retrofitted": r}, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
