@@ -198,17 +198,19 @@ def load_index(kb_dir: Path, state: IndexState, mmap: bool):
     p = kb_dir / state.file
     if not p.is_file():
         raise CorruptKnowledgeBaseError(f"index file {p} is missing")
-    size = p.stat().st_size
-    if size != state.size:
-        raise CorruptKnowledgeBaseError(f"index file {p} is damaged: {size} bytes, index.json says {state.size}")
-    if _quick_hash(p, size) != state.quick:
-        raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its checksum does not match index.json's")
     try:
+        size = p.stat().st_size
+        if size != state.size:
+            raise CorruptKnowledgeBaseError(f"index file {p} is damaged: {size} bytes, index.json says {state.size}")
+        if _quick_hash(p, size) != state.quick:
+            raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its checksum does not match index.json's")
         index = map_hnsw(p, state.ntotal) if mmap else None  # graph and vectors mapped, not faulted in
         if index is None:
             index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as e:
         raise CorruptKnowledgeBaseError(f"index file {p} cannot be read by faiss ({str(e).splitlines()[0]})") from e
+    except OSError as e:  # e.g. a writer replaced and removed it since index.json was read (readers retry)
+        raise CorruptKnowledgeBaseError(f"index file {p} cannot be read ({e})") from e
     if not isinstance(index, faiss.IndexIDMap) or index.ntotal != state.ntotal:
         raise CorruptKnowledgeBaseError(f"index file {p} does not hold the {state.ntotal} vectors index.json names")
     return index

@@ -2,19 +2,23 @@
 
 faiss 1.15's ``read_index(..., IO_FLAG_MMAP_IFC)`` maps the graph (``hnsw.neighbors``) and the vectors, but its
 reader then checks every neighbour id, which reads the whole graph through the mapping: ~260 bytes per vector
-(M = 32) become resident at open, 270 MB at a million vectors. :func:`map_hnsw` reads the same standard faiss
+(M = 32) become resident at open, 287 MB at a million vectors. :func:`map_hnsw` reads the same standard faiss
 file (``IndexIDMap`` over ``IndexHNSWFlat``, as :func:`retrofit.kb_index.save_index` writes it) itself: the small
 arrays (levels, offsets, ids: ~20 bytes per vector) are read into memory, the graph and the vectors become views of
-a read-only ``numpy.memmap``, and the graph's ids are checked by streaming the file through a small buffer (page
-cache, not this process's memory), so the check is as strict as faiss's and the open stays small.
+a read-only ``numpy.memmap`` of the same open file, and the graph is checked by streaming the file through a small
+buffer (page cache, not this process's memory). The checks go further than faiss's: besides every id in range and
+the offsets matching the levels, the entry point must sit on the top level and every upper-level neighbour must
+exist on that level (faiss's reader accepts both damages, and its search then reads past the graph).
 
-Anything but that exact layout gives ``None`` and the caller falls back to faiss's own reader.
+Only the faiss versions this layout was checked against use it; anything else (another version, another index
+type, another metric, trailing bytes) gives ``None`` and the caller falls back to faiss's own reader.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,11 @@ import numpy as np
 
 from retrofit.errors import CorruptKnowledgeBaseError
 
-__all__ = ["map_hnsw"]
+__all__ = ["map_hnsw", "TESTED_FAISS"]
 
+TESTED_FAISS = ("1.15",)  # faiss major.minor versions whose HNSW file layout this reader was checked against
 _CHECK_BUFFER = 1 << 18  # int32 ids per read while checking the graph (1 MiB)
+_MAX_LEVELS = 64  # longer level tables are damage (faiss draws levels with probability M ** -level)
 
 
 class _Layout(Exception):
@@ -32,148 +38,173 @@ class _Layout(Exception):
 
 
 class _File:
-    """Sequential little-endian reads of a faiss index file (faiss writes native order; x86 / ARM: little)."""
+    """Little-endian reads at a moving position of a faiss index file (faiss writes native order)."""
 
-    def __init__(self, path: Path) -> None:
-        self.f = open(path, "rb", buffering=0)  # map_hnsw closes it
-        self.size = os.fstat(self.f.fileno()).st_size
+    def __init__(self, f: Any) -> None:
+        self.f, self.fd, self.name = f, f.fileno(), f.name
+        self.size = os.fstat(self.fd).st_size
         self.pos = 0
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > self.size:
-            raise CorruptKnowledgeBaseError(f"index file {self.f.name} is truncated (needs byte {self.pos + n}, "
-                                            f"has {self.size})")
-        b = os.pread(self.f.fileno(), n, self.pos)
-        self.pos += n
-        return b
+    def damaged(self, what: str) -> CorruptKnowledgeBaseError:
+        return CorruptKnowledgeBaseError(f"index file {self.name} is damaged: {what}")
+
+    def read_into(self, out: np.ndarray, at: int) -> None:
+        if os.preadv(self.fd, [memoryview(out).cast("B")], at) != out.nbytes:
+            raise self.damaged(f"truncated at {self.size} bytes (needs {at + out.nbytes})")
 
     def scalar(self, fmt: str) -> Any:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+        n = struct.calcsize(fmt)
+        b = os.pread(self.fd, n, self.pos)
+        if len(b) != n:
+            raise self.damaged(f"truncated at {self.size} bytes (needs {self.pos + n})")
+        self.pos += n
+        return struct.unpack("<" + fmt, b)[0]
 
     def fourcc(self, expected: bytes) -> None:
-        if self.take(4) != expected:
+        if os.pread(self.fd, 4, self.pos) != expected:
             raise _Layout
+        self.pos += 4
 
     def header(self) -> tuple[int, int, int]:
         """faiss's index header: (d, ntotal, metric)."""
         d, ntotal = self.scalar("i"), self.scalar("q")
-        self.take(16 + 1)  # two unused int64, is_trained
+        self.pos += 16 + 1  # two unused int64, is_trained
         metric = self.scalar("i")
         if metric > 1:
             self.scalar("f")  # metric_arg
         return d, ntotal, metric
 
-    def vector(self, dtype: str, count: int | None = None) -> np.ndarray:
-        """A length-prefixed vector read into memory (an owned array; ``count`` checks its length)."""
-        out = np.empty(self._length(dtype, count), dtype=dtype)
-        self.f.seek(self.pos)
-        if self.f.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise CorruptKnowledgeBaseError(f"index file {self.f.name} is truncated")
+    def vector(self, dtype: str, count: int | None = None, at_most: int | None = None) -> np.ndarray:
+        """A length-prefixed vector read into memory (``count``: its required length)."""
+        out = np.empty(self._length(dtype, count, at_most), dtype=dtype)
+        self.read_into(out, self.pos)
         self.pos += out.nbytes
         return out
 
     def skip_vector(self, dtype: str, count: int | None = None) -> tuple[int, int]:
         """A length-prefixed vector left on disk: (byte offset, element count)."""
-        n = self._length(dtype, count)
+        n = self._length(dtype, count, None)
         start = self.pos
         self.pos += n * np.dtype(dtype).itemsize
-        if self.pos > self.size:
-            raise CorruptKnowledgeBaseError(f"index file {self.f.name} is truncated")
         return start, n
 
-    def _length(self, dtype: str, count: int | None) -> int:
+    def _length(self, dtype: str, count: int | None, at_most: int | None) -> int:
         n = self.scalar("Q")
-        if count is not None and n != count:
-            raise CorruptKnowledgeBaseError(f"index file {self.f.name} is damaged: a {dtype} array holds {n} "
-                                            f"values where {count} belong")
+        if (count is not None and n != count) or (at_most is not None and n > at_most):
+            raise self.damaged(f"a {dtype} array at byte {self.pos - 8} holds {n} values where "
+                               f"{count if count is not None else f'at most {at_most}'} belong")
         if self.pos + n * np.dtype(dtype).itemsize > self.size:
-            raise CorruptKnowledgeBaseError(f"index file {self.f.name} is truncated")
+            raise self.damaged(f"truncated at {self.size} bytes (an array at byte {self.pos - 8} needs "
+                               f"{self.pos + n * np.dtype(dtype).itemsize})")
         return n
 
 
-def _check_graph(f: _File, start: int, count: int, ntotal: int) -> None:
-    """Every neighbour id in [-1, ntotal), read through a small reused buffer (no mapping is touched)."""
+def _upper_slots(levels: np.ndarray, offsets: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the neighbour array of every upper-level slot (level >= 1), ascending, and their level."""
+    nodes = np.flatnonzero(levels >= 2)
+    lengths = (cum[levels[nodes]] - cum[1]).astype(np.int64)
+    total = int(lengths.sum())
+    first = offsets[nodes].astype(np.int64) + int(cum[1])
+    starts = np.repeat(first - np.cumsum(lengths) + lengths, lengths)
+    pos = starts + np.arange(total, dtype=np.int64)
+    level = np.searchsorted(cum, pos - np.repeat(offsets[nodes].astype(np.int64), lengths), side="right") - 1
+    return pos, level.astype(np.int32)
+
+
+def _check_graph(f: _File, start: int, count: int, levels: np.ndarray, offsets: np.ndarray, cum: np.ndarray) -> None:
+    """Every neighbour id in [-1, ntotal) and every upper-level neighbour on that level, read through a small reused
+    buffer (the mapping is not touched)."""
+    ntotal = levels.size
+    upper_pos, upper_level = _upper_slots(levels, offsets, cum)
     buf = np.empty(min(_CHECK_BUFFER, max(count, 1)), dtype=np.int32)
-    f.f.seek(start)
-    left = count
-    while left:
-        m = min(left, buf.size)
-        view = buf[:m]
-        if f.f.readinto(memoryview(view).cast("B")) != view.nbytes:
-            raise CorruptKnowledgeBaseError(f"index file {f.f.name} is truncated")
-        if int(view.min()) < -1 or int(view.max()) >= ntotal:
-            raise CorruptKnowledgeBaseError(f"index file {f.f.name} is damaged: its graph names vector ids outside "
-                                            f"0..{ntotal - 1}")
-        left -= m
+    done = 0
+    while done < count:
+        view = buf[:min(count - done, buf.size)]
+        f.read_into(view, start + 4 * done)
+        lo, hi = int(view.min()), int(view.max())
+        if lo < -1 or hi >= ntotal:
+            bad = lo if lo < -1 else hi
+            raise f.damaged(f"its graph names vector id {bad} (allowed -1..{ntotal - 1}) near byte "
+                            f"{start + 4 * done}")
+        a, b = np.searchsorted(upper_pos, [done, done + view.size])
+        ids = view[upper_pos[a:b] - done]
+        wrong = (ids >= 0) & (levels[np.maximum(ids, 0)] <= upper_level[a:b])
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise f.damaged(f"its graph links level {int(upper_level[a + i])} to vector {int(ids[i])}, which has "
+                            f"no such level")
+        done += view.size
 
 
-def _check_levels(name: str, levels: np.ndarray, offsets: np.ndarray, cum: np.ndarray, n_neighbors: int,
-                  entry: int, max_level: int, ntotal: int) -> None:
-    bad = CorruptKnowledgeBaseError
-    if cum.size < 2 or cum[0] != 0 or np.any(np.diff(cum) < 0):
-        raise bad(f"index file {name} is damaged: its HNSW level table is not increasing")
-    if levels.size and (int(levels.min()) < 1 or int(levels.max()) >= cum.size):
-        raise bad(f"index file {name} is damaged: HNSW levels outside 1..{cum.size - 1}")
+def _check_levels(f: _File, levels: np.ndarray, offsets: np.ndarray, cum: np.ndarray, n_neighbors: int,
+                  entry: int, max_level: int) -> None:
+    if cum.size < 2 or cum[0] != 0 or cum[1] <= 0 or np.any(np.diff(cum) < 0):
+        raise f.damaged(f"its HNSW level table {cum.tolist()} does not start 0, then a positive count, increasing")
+    if int(levels.min()) < 1 or int(levels.max()) >= cum.size:
+        raise f.damaged(f"HNSW levels outside 1..{cum.size - 1}")
     want = np.zeros(levels.size + 1, dtype=np.uint64)
     np.cumsum(cum[levels].astype(np.uint64), out=want[1:])
     if not np.array_equal(offsets, want) or int(offsets[-1]) != n_neighbors:
-        raise bad(f"index file {name} is damaged: HNSW offsets do not match its levels")
-    if ntotal and not (0 <= entry < ntotal and max_level == int(levels.max()) - 1):
-        raise bad(f"index file {name} is damaged: HNSW entry point {entry} / max level {max_level}")
+        raise f.damaged("HNSW offsets do not match its levels")
+    top = int(levels.max()) - 1
+    if max_level != top:
+        raise f.damaged(f"HNSW max level {max_level}, but its highest node is on level {top}")
+    if not 0 <= entry < levels.size or int(levels[entry]) - 1 != top:
+        raise f.damaged(f"HNSW entry point {entry} is not a node of the top level {top}")
 
 
 def map_hnsw(path: Path, ntotal: int) -> Any | None:
     """The ``IndexIDMap(IndexHNSWFlat)`` in ``path`` with its graph and vectors memory-mapped read-only, or
-    ``None`` when the file has another layout. Never add to the result (its views are read-only)."""
-    import sys
-
+    ``None`` when this reader does not know the file's layout. Raises :class:`CorruptKnowledgeBaseError` for a
+    damaged file. Never add to the result (its views are read-only)."""
     import faiss
 
-    if ntotal == 0 or sys.byteorder != "little" or not hasattr(faiss, "MaybeOwnedVectorUInt8"):
-        return None  # nothing to map / a byte order this reader does not handle / a faiss without views
-    f = _File(path)
-    try:
+    version = ".".join(getattr(faiss, "__version__", "").split(".")[:2])
+    if ntotal <= 0 or sys.byteorder != "little" or version not in TESTED_FAISS:
+        return None  # nothing to map / a byte order or faiss version this reader was not checked against
+    with open(path, "rb", buffering=0) as fh:
+        f = _File(fh)
         try:
             f.fourcc(b"IxMp")
             d, n, _ = f.header()
             f.fourcc(b"IHNf")
             d2, n2, metric = f.header()
         except (_Layout, CorruptKnowledgeBaseError):
+            return None  # faiss's reader says what it is
+        if (d2, n2) != (d, n) or metric != faiss.METRIC_INNER_PRODUCT or d <= 0:
             return None
-        if (d2, n2) != (d, n) or n != ntotal or metric != faiss.METRIC_INNER_PRODUCT:
-            return None
-        probas = f.vector("float64")
-        cum = f.vector("int32")
+        if n != ntotal:
+            raise f.damaged(f"it holds {n} vectors, index.json says {ntotal}")
+        probas = f.vector("float64", at_most=_MAX_LEVELS)
+        cum = f.vector("int32", at_most=_MAX_LEVELS + 1)
         levels = f.vector("int32", n)
         offsets = f.vector("uint64", n + 1)
-        nb_start, nb_count = f.skip_vector("int32")
+        graph = f.skip_vector("int32")
         entry, max_level, ef_construction, ef_search, _ = (f.scalar("i") for _ in range(5))
-        _check_levels(str(path), levels, offsets, cum, nb_count, entry, max_level, n)
+        _check_levels(f, levels, offsets, cum, graph[1], entry, max_level)
         try:
             f.fourcc(b"IxFI")
-            if f.header() != (d, n, metric):
-                return None
         except _Layout:
+            return None
+        if f.header() != (d, n, metric):
             return None
         codes_start, _ = f.skip_vector("float32", n * d)
         ids = f.vector("int64", n)
         if f.pos != f.size:
             return None  # trailing data: not a layout this reader knows
-        _check_graph(f, nb_start, nb_count, n)
-    finally:
-        f.f.close()
-    return _assemble(path, d, cum, probas, levels, offsets, (nb_start, nb_count), (entry, max_level, ef_construction,
-                     ef_search), codes_start, ids)
+        _check_graph(f, *graph, levels, offsets, cum)
+        # both maps come from this open file: a writer replacing the path meanwhile cannot mix two files
+        neighbors = np.memmap(fh, dtype=np.int32, mode="r", offset=graph[0], shape=(graph[1],))
+        codes = np.memmap(fh, dtype=np.uint8, mode="r", offset=codes_start, shape=(n * d * 4,))
+    return _assemble(d, cum, probas, levels, offsets, neighbors, codes, ids,
+                     (entry, max_level, ef_construction, ef_search))
 
 
-def _assemble(path: Path, d: int, cum: np.ndarray, probas: np.ndarray, levels: np.ndarray, offsets: np.ndarray,
-              graph: tuple[int, int], scalars: tuple[int, int, int, int], codes_start: int, ids: np.ndarray) -> Any:
+def _assemble(d: int, cum: np.ndarray, probas: np.ndarray, levels: np.ndarray, offsets: np.ndarray,
+              neighbors: np.memmap, codes: np.memmap, ids: np.ndarray, scalars: tuple[int, int, int, int]) -> Any:
     import faiss
 
     n = levels.size
-    nb_start, nb_count = graph
-    neighbors = np.memmap(path, dtype=np.int32, mode="r", offset=nb_start, shape=(max(nb_count, 1),))
-    codes = np.memmap(path, dtype=np.uint8, mode="r", offset=codes_start, shape=(max(n * d * 4, 1),))
     inner = faiss.IndexHNSWFlat(d, max(int(cum[1]) // 2, 1), faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexIDMap(inner)
     hnsw = inner.hnsw
@@ -181,10 +212,10 @@ def _assemble(path: Path, d: int, cum: np.ndarray, probas: np.ndarray, levels: n
                       ("offsets", offsets)):
         faiss.copy_array_to_vector(arr, getattr(hnsw, name))
     empty = faiss.MaybeOwnedVectorInt32()  # its null owner: the views' memory is kept alive from Python below
-    hnsw.neighbors = faiss.MaybeOwnedVectorInt32.create_view(faiss.swig_ptr(neighbors), nb_count, empty.owner)
+    hnsw.neighbors = faiss.MaybeOwnedVectorInt32.create_view(faiss.swig_ptr(neighbors), neighbors.size, empty.owner)
     hnsw.entry_point, hnsw.max_level, hnsw.efConstruction, hnsw.efSearch = scalars
     storage = faiss.downcast_index(inner.storage)
-    storage.codes = faiss.MaybeOwnedVectorUInt8.create_view(faiss.swig_ptr(codes), n * d * 4, empty.owner)
+    storage.codes = faiss.MaybeOwnedVectorUInt8.create_view(faiss.swig_ptr(codes), codes.size, empty.owner)
     storage.ntotal = n
     inner.ntotal = n
     faiss.copy_array_to_vector(ids, index.id_map)

@@ -51,6 +51,7 @@ def test_mapped_index_searches_exactly_like_faiss_reader(tmp_path):
     h1, h2 = faiss.downcast_index(mapped.index).hnsw, faiss.downcast_index(ref.index).hnsw
     assert (h1.entry_point, h1.max_level, h1.efConstruction) == (h2.entry_point, h2.max_level, h2.efConstruction)
     assert not h1.neighbors.is_owned  # a view of the file, not a copy
+    assert not faiss.downcast_index(faiss.downcast_index(mapped.index).storage).codes.is_owned
     # the vectors are the file's: reconstruct through the map equals the added vectors
     np.testing.assert_array_equal(faiss.downcast_index(mapped.index).storage.reconstruct(7), x[7])
 
@@ -76,7 +77,7 @@ def test_a_graph_id_out_of_range_is_refused(tmp_path):
     at = _neighbors_offset(p, index)
     for bad in (index.ntotal, -2, 2**31 - 1):
         _damage(p, at + 4 * 1000, np.int32(bad).tobytes())
-        with pytest.raises(CorruptKnowledgeBaseError, match="outside 0..2999"):
+        with pytest.raises(CorruptKnowledgeBaseError, match=rf"vector id {bad} \(allowed -1..2999\)"):
             map_hnsw(p, index.ntotal)
     # the same damage stops faiss's own reader too: the check is as strict as faiss's
     with pytest.raises(RuntimeError):
@@ -98,7 +99,8 @@ def test_damaged_levels_offsets_and_lengths_are_refused(tmp_path):
     with pytest.raises(CorruptKnowledgeBaseError, match="offsets do not match"):
         map_hnsw(p, index.ntotal)
     p.write_bytes(blob)
-    assert map_hnsw(p, index.ntotal - 1) is None  # index.json names another size: load_index refuses the file
+    with pytest.raises(CorruptKnowledgeBaseError, match="holds 3000 vectors, index.json says 2999"):
+        map_hnsw(p, index.ntotal - 1)
     p.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CorruptKnowledgeBaseError, match="truncated"):
         map_hnsw(p, index.ntotal)
@@ -115,6 +117,125 @@ def test_other_layouts_fall_back_to_faiss(tmp_path):
     assert map_hnsw(tmp_path / "l2.faiss", 50) is None
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     assert map_hnsw(tmp_path / "junk.faiss", 50) is None
+    p = tmp_path / "i.faiss"
+    index, _ = hnsw_file(p, n=300)
+    blob = p.read_bytes()
+    p.write_bytes(blob + b"\0" * 8)  # trailing bytes: a layout this reader does not know
+    assert map_hnsw(p, 300) is None
+    storage_at = blob.rfind(b"IxFI") + 4
+    p.write_bytes(blob[:storage_at] + np.int32(D + 1).tobytes() + blob[storage_at + 4:])  # storage of another width
+    assert map_hnsw(p, 300) is None
+    p.write_bytes(blob)
+    assert map_hnsw(p, 300) is not None
+
+
+def test_an_untested_faiss_version_falls_back(tmp_path, monkeypatch):
+    p = tmp_path / "i.faiss"
+    hnsw_file(p, n=200)
+    monkeypatch.setattr(faiss, "__version__", "1.99.0")
+    assert map_hnsw(p, 200) is None
+
+
+def _levels_and_offsets(index):
+    h = faiss.downcast_index(index.index).hnsw
+    return (faiss.vector_to_array(h.levels), faiss.vector_to_array(h.offsets),
+            faiss.vector_to_array(h.cum_nneighbor_per_level), h)
+
+
+def _scalars_offset(p, index) -> int:
+    """Byte offset of (entry_point, max_level, efConstruction, efSearch, upper_beam): right after the graph."""
+    return _neighbors_offset(p, index) + 4 * faiss.downcast_index(index.index).hnsw.neighbors.size()
+
+
+_SEARCH_IN_CHILD = """
+import sys, numpy as np, faiss
+from retrofit.errors import CorruptKnowledgeBaseError
+from retrofit.kb_index_map import map_hnsw
+try:
+    index = map_hnsw(sys.argv[1], int(sys.argv[2]))
+except CorruptKnowledgeBaseError as e:
+    print("refused:", e)
+    sys.exit(0)
+index.search(np.random.default_rng(0).standard_normal((64, int(sys.argv[3]))).astype("float32"), 10)
+print("searched")
+"""
+
+
+def _map_in_child(p, n: int) -> str:
+    """map_hnsw + a search in a subprocess: a damage that slips through crashes the child, not pytest."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SEARCH_IN_CHILD, str(p), str(n), str(D)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"child died with {r.returncode}: {r.stderr[-2000:]}"
+    return r.stdout
+
+
+def test_damage_faiss_accepts_but_crashes_its_search_is_refused(tmp_path):
+    """An entry point below the top level, or an upper-level link to a node without that level: faiss's reader
+    loads both, and its search then follows links that do not exist (reads past the graph: a segfault in a review's
+    reproduction); ours refuses them. The search runs in a child process, so a regression fails, not crashes."""
+    p = tmp_path / "i.faiss"
+    index, _ = hnsw_file(p)
+    levels, offsets, cum, h = _levels_and_offsets(index)
+    blob = p.read_bytes()
+    assert "searched" in _map_in_child(p, 3000)  # the undamaged file maps and searches
+    low = int(np.flatnonzero(levels == 1)[0])  # a node on level 0 only
+    at = _scalars_offset(p, index)
+    assert np.frombuffer(blob[at:at + 8], np.int32).tolist() == [h.entry_point, h.max_level]
+    _damage(p, at, np.int32(low).tobytes())
+    assert f"entry point {low} is not a node of the top level" in _map_in_child(p, 3000)
+    p.write_bytes(blob)
+    top = h.entry_point  # its level-1 list: put the level-0-only node in its first slot
+    slot = int(offsets[top]) + int(cum[1])
+    _damage(p, _neighbors_offset(p, index) + 4 * slot, np.int32(low).tobytes())
+    assert f"links level 1 to vector {low}, which has no such level" in _map_in_child(p, 3000)
+    p.write_bytes(blob)
+    _damage(p, at + 4, np.int32(h.max_level + 1).tobytes())
+    assert f"max level {h.max_level + 1}, but its highest node is on level {h.max_level}" in _map_in_child(p, 3000)
+
+
+def test_a_damaged_level_table_is_refused(tmp_path):
+    p = tmp_path / "i.faiss"
+    index, _ = hnsw_file(p, n=500)
+    _, _, cum, _ = _levels_and_offsets(index)
+    blob = p.read_bytes()
+    at = blob.find(np.uint64(cum.size).tobytes() + cum.tobytes()) + 8
+    assert at > 8
+    p.write_bytes(blob[:at + 8] + np.int32(cum[1] - 1).tobytes() + blob[at + 12:])  # cum[2] < cum[1]
+    with pytest.raises(CorruptKnowledgeBaseError, match="level table"):
+        map_hnsw(p, 500)
+    p.write_bytes(blob[:at - 8] + np.uint64(10**9).tobytes() + blob[at:])  # an absurd length: refused before reading
+    with pytest.raises(CorruptKnowledgeBaseError, match="at most 65 belong"):
+        map_hnsw(p, 500)
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_opening_leaves_the_graph_unread_where_faiss_reads_it_all(tmp_path):
+    p = tmp_path / "big.faiss"
+    index, _ = hnsw_file(p, n=20_000, m=32)
+    graph_kib = 4 * faiss.downcast_index(index.index).hnsw.neighbors.size() // 1024
+    del index
+    mapped = map_hnsw(p, 20_000)
+    ours = _resident_kib(p)
+    theirs_index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC)
+    both = _resident_kib(p)
+    print(f"resident KiB of the file's mappings: ours {ours}, with faiss's too {both}, graph {graph_kib}")
+    assert graph_kib > 4000 and ours < graph_kib // 20, (ours, graph_kib)
+    assert both - ours > graph_kib // 2, (both, ours, graph_kib)  # faiss's reader pulls the graph in
+    assert mapped.ntotal == theirs_index.ntotal == 20_000
 
 
 def test_knowledge_base_reader_uses_the_map_and_finds_the_same_neighbours(tmp_path):
@@ -149,7 +270,7 @@ def test_bit_rot_in_a_kb_graph_is_refused_at_open_with_the_fix(tmp_path):
     mid = at + (nb_bytes // 2) // 4 * 4
     assert (1 << 20) < mid < size - (1 << 20)
     _damage(p, mid, np.int32(10**6).tobytes())
-    with pytest.raises(CorruptKnowledgeBaseError, match=r"outside 0..11999.*retrofit kb"):
+    with pytest.raises(CorruptKnowledgeBaseError, match=r"vector id 1000000 \(allowed -1..11999\).*retrofit kb"):
         KnowledgeBase.open(tmp_path / "kb")
     with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:  # a writer rebuilds it from the records
         assert len(w) == 12_000
