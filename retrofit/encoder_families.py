@@ -195,8 +195,11 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
         return model.forward_head(model.forward_features(x), pre_logits=True)  # (B, 512)
 
     base = model.fingerprint
-    fp = EncoderFingerprint("darknet-tiny", base.name if base else "darknet-tiny", base.weights if base else "unknown",
-                            int(model.num_features), True, note=f"input {s}px")
+    name = base.name if base else "darknet-tiny"
+    if s != model.default_input_size:  # vectors of another input size are another space: part of the name
+        name = f"{name}@{s}"
+    fp = EncoderFingerprint("darknet-tiny", name, base.weights if base else "unknown", int(model.num_features), True,
+                            note=f"input {s}px")
     return ImageEncoder(embed, model.preprocess(s), fp, module=model)
 
 

@@ -210,3 +210,18 @@ def test_text_encoder_loading_leaves_the_progress_bar_setting_alone():
         load_text_encoder("minilm")
         assert hf_logging.is_progress_bar_enabled() == enabled
     hf_logging.enable_progress_bar()
+
+
+def test_darknet_input_size_is_part_of_the_fingerprint(darknet_enc, cifar_train_small):
+    """Vectors at 96 px are not those at 64 px: a KB built at one size is refused for a host at the other."""
+    from retrofit.errors import FingerprintMismatchError
+    from retrofit.fingerprint import check_fingerprints
+
+    at64, at96 = load_image_encoder("darknet-tiny@64"), load_image_encoder("darknet-tiny@96")
+    assert at64.fingerprint.matches(darknet_enc.fingerprint)  # the default size keeps the plain name
+    assert at96.fingerprint.name == "darknet-tiny@96" and not at96.fingerprint.matches(darknet_enc.fingerprint)
+    z64 = at64.encode(torch.stack([at64.preprocess(s["image"]) for s in cifar_train_small[:8]]))
+    z96 = at96.encode(torch.stack([at96.preprocess(s["image"]) for s in cifar_train_small[:8]]))
+    assert (z64 * z96).sum(1).mean() < 0.95  # the same images land elsewhere
+    with pytest.raises(FingerprintMismatchError, match="darknet-tiny@96"):
+        check_fingerprints(darknet_enc.fingerprint, at96.fingerprint, "host vs KB keys")
