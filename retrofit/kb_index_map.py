@@ -160,8 +160,8 @@ def map_hnsw(path: Path, ntotal: int) -> Any | None:
     import faiss
 
     version = ".".join(getattr(faiss, "__version__", "").split(".")[:2])
-    if ntotal <= 0 or sys.byteorder != "little" or version not in TESTED_FAISS:
-        return None  # nothing to map / a byte order or faiss version this reader was not checked against
+    if ntotal <= 0 or sys.byteorder != "little" or version not in TESTED_FAISS or not hasattr(os, "preadv"):
+        return None  # nothing to map / a byte order, faiss version or OS this reader was not checked against
     with open(path, "rb", buffering=0) as fh:
         f = _File(fh)
         try:
