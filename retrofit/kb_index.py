@@ -27,10 +27,11 @@ from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index_map import map_hnsw
 
 __all__ = ["IndexConfig", "IndexState", "build_index", "save_index", "load_index", "search_index", "tune_ef_search",
-           "EF_LADDER", "fsync_dir"]
+           "EF_LADDER", "HNSW_STORAGES", "fsync_dir"]
 
 log = logging.getLogger(__name__)
 
+HNSW_STORAGES = ("fp16", "float32")
 EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
@@ -40,6 +41,9 @@ class IndexConfig:
 
     kind: str = "auto"  # "auto" (flat below flat_threshold records, else HNSW), "hnsw" or "flat" (exact)
     hnsw_m: int = 32  # HNSW graph degree M
+    # how HNSW stores the keys it compares: "fp16" (faiss IndexHNSWSQ, QT_fp16: half the index file, faster search,
+    # same recall; the records hold float16 keys anyway) or "float32" (IndexHNSWFlat)
+    hnsw_storage: str = "fp16"
     ef_construction: int = 40  # HNSW efConstruction (build-time beam width)
     ef_search: int | None = None  # HNSW efSearch; None = tuned after each build against recall_target
     recall_target: float = 0.96  # recall@tune_k the automatic efSearch aims for on held-out records (0.01 margin)
@@ -50,6 +54,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "hnsw", "flat"):
             raise ValueError(f"index must be 'auto', 'hnsw' or 'flat', got {self.kind!r}")
+        if self.hnsw_storage not in HNSW_STORAGES:
+            raise ValueError(f"hnsw_storage must be one of {HNSW_STORAGES}, got {self.hnsw_storage!r}")
         for n in ("hnsw_m", "ef_construction", "tune_k", "flat_threshold"):
             v = getattr(self, n)
             if not isinstance(v, int) or v <= 0:
@@ -150,7 +156,10 @@ def build_index(kind: str, dim: int, cfg: IndexConfig):
     """An empty ``IndexIDMap`` over HNSW-flat or exact flat inner-product search."""
     faiss = _faiss()
     if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        if cfg.hnsw_storage == "fp16":
+            inner = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            inner = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = cfg.ef_construction
     elif kind == "flat":
         inner = faiss.IndexFlatIP(dim)

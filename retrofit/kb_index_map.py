@@ -3,7 +3,8 @@
 faiss 1.15's ``read_index(..., IO_FLAG_MMAP_IFC)`` maps the graph (``hnsw.neighbors``) and the vectors, but its
 reader then checks every neighbour id, which reads the whole graph through the mapping: ~260 bytes per vector
 (M = 32) become resident at open, 287 MB at a million vectors. :func:`map_hnsw` reads the same standard faiss
-file (``IndexIDMap`` over ``IndexHNSWFlat``, as :func:`retrofit.kb_index.save_index` writes it) itself: the small
+file (``IndexIDMap`` over ``IndexHNSWSQ`` with fp16 storage or over ``IndexHNSWFlat``, as
+:func:`retrofit.kb_index.save_index` writes them) itself: the small
 arrays (levels, offsets, ids: ~20 bytes per vector) are read into memory, the graph and the vectors become views of
 a read-only ``numpy.memmap`` of the same open file, and the graph is checked by streaming the file through a small
 buffer (page cache, not this process's memory). The checks go further than faiss's: besides every id in range and
@@ -60,10 +61,12 @@ class _File:
         self.pos += n
         return struct.unpack("<" + fmt, b)[0]
 
-    def fourcc(self, expected: bytes) -> None:
-        if os.pread(self.fd, 4, self.pos) != expected:
+    def fourcc(self, expected: bytes | tuple[bytes, ...]) -> bytes:
+        got = os.pread(self.fd, 4, self.pos)
+        if got not in ((expected,) if isinstance(expected, bytes) else expected):
             raise _Layout
         self.pos += 4
+        return got
 
     def header(self) -> tuple[int, int, int]:
         """faiss's index header: (d, ntotal, metric)."""
@@ -154,7 +157,7 @@ def _check_levels(f: _File, levels: np.ndarray, offsets: np.ndarray, cum: np.nda
 
 
 def map_hnsw(path: Path, ntotal: int) -> Any | None:
-    """The ``IndexIDMap(IndexHNSWFlat)`` in ``path`` with its graph and vectors memory-mapped read-only, or
+    """The ``IndexIDMap(IndexHNSWSQ fp16 | IndexHNSWFlat)`` in ``path`` with its graph and vectors mapped read-only, or
     ``None`` when this reader does not know the file's layout. Raises :class:`CorruptKnowledgeBaseError` for a
     damaged file. Never add to the result (its views are read-only)."""
     import faiss
@@ -167,7 +170,7 @@ def map_hnsw(path: Path, ntotal: int) -> Any | None:
         try:
             f.fourcc(b"IxMp")
             d, n, _ = f.header()
-            f.fourcc(b"IHNf")
+            kind = f.fourcc((b"IHNf", b"IHNs"))  # HNSW over float32 vectors / over fp16 scalar-quantised ones
             d2, n2, metric = f.header()
         except (_Layout, CorruptKnowledgeBaseError):
             return None  # faiss's reader says what it is
@@ -183,29 +186,43 @@ def map_hnsw(path: Path, ntotal: int) -> Any | None:
         entry, max_level, ef_construction, ef_search, _ = (f.scalar("i") for _ in range(5))
         _check_levels(f, levels, offsets, cum, graph[1], entry, max_level)
         try:
-            f.fourcc(b"IxFI")
+            f.fourcc(b"IxFI" if kind == b"IHNf" else b"IxSQ")
+            if f.header() != (d, n, metric) or (kind == b"IHNs" and not _fp16_quantizer(f, d)):
+                return None
         except _Layout:
             return None
-        if f.header() != (d, n, metric):
-            return None
-        codes_start, _ = f.skip_vector("float32", n * d)
+        width = 4 if kind == b"IHNf" else 2  # bytes per vector component: float32 / fp16
+        codes = f.skip_vector("float32", n * d) if width == 4 else f.skip_vector("uint8", n * d * 2)
         ids = f.vector("int64", n)
         if f.pos != f.size:
             return None  # trailing data: not a layout this reader knows
         _check_graph(f, *graph, levels, offsets, cum)
         # both maps come from this open file: a writer replacing the path meanwhile cannot mix two files
         neighbors = np.memmap(fh, dtype=np.int32, mode="r", offset=graph[0], shape=(graph[1],))
-        codes = np.memmap(fh, dtype=np.uint8, mode="r", offset=codes_start, shape=(n * d * 4,))
-    return _assemble(d, cum, probas, levels, offsets, neighbors, codes, ids,
+        code_bytes = np.memmap(fh, dtype=np.uint8, mode="r", offset=codes[0], shape=(n * d * width,))
+    return _assemble(kind, d, cum, probas, levels, offsets, neighbors, code_bytes, ids,
                      (entry, max_level, ef_construction, ef_search))
 
 
-def _assemble(d: int, cum: np.ndarray, probas: np.ndarray, levels: np.ndarray, offsets: np.ndarray,
+def _fp16_quantizer(f: _File, d: int) -> bool:
+    """Reads a ScalarQuantizer's fields: True when it is the untrained fp16 one a KB writes, at width ``d``."""
+    import faiss
+
+    qtype, _rangestat, _arg = f.scalar("i"), f.scalar("i"), f.scalar("f")
+    sq_d, code_size = f.scalar("Q"), f.scalar("Q")
+    trained = f.vector("float32", at_most=4 * d)
+    return (qtype == faiss.ScalarQuantizer.QT_fp16 and sq_d == d and code_size == 2 * d and trained.size == 0)
+
+
+def _assemble(kind: bytes, d: int, cum: np.ndarray, probas: np.ndarray, levels: np.ndarray, offsets: np.ndarray,
               neighbors: np.memmap, codes: np.memmap, ids: np.ndarray, scalars: tuple[int, int, int, int]) -> Any:
     import faiss
 
-    n = levels.size
-    inner = faiss.IndexHNSWFlat(d, max(int(cum[1]) // 2, 1), faiss.METRIC_INNER_PRODUCT)
+    n, m = levels.size, max(int(cum[1]) // 2, 1)
+    if kind == b"IHNf":
+        inner = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        inner = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexIDMap(inner)
     hnsw = inner.hnsw
     for name, arr in (("assign_probas", probas), ("cum_nneighbor_per_level", cum), ("levels", levels),

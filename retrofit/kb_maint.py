@@ -92,6 +92,12 @@ class KBIndexMixin:
         inner = faiss.downcast_index(self._main.index)
         return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
 
+    def _storage(self) -> str:
+        """How the current index stores the vectors it compares: "fp16" or "float32"."""
+        import faiss
+
+        return "fp16" if isinstance(faiss.downcast_index(self._main.index), faiss.IndexHNSWSQ) else "float32"
+
     def _catch_up(self) -> None:
         """Add records the in-memory index lacks (writer); rebuilds when the index kind should change."""
         if self._cfg.kind_for(len(self), self._kind()) != self._kind():

@@ -88,7 +88,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
     @classmethod
     def create(cls, path: str | os.PathLike, key_dim: int, image_dim: int, text_dim: int,
                fingerprint: KBFingerprint | None = None, *, class_names: list[str] | None = None,
-               dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, ef_construction: int = 40,
+               dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, hnsw_storage: str = "fp16",
+               ef_construction: int = 40,
                ef_search: int | None = None, recall_target: float = 0.96, flat_threshold: int = 20_000,
                chunk_records: int | None = None, mmap_bytes: int = 64 << 20,
                user_meta: dict[str, Any] | None = None) -> KnowledgeBase:
@@ -107,8 +108,9 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             fp = getattr(fingerprint, n)
             if fp is not None and fp.dim != d:
                 raise ValueError(f"fingerprint.{n}.dim is {fp.dim} but {n}_dim is {d}")
-        cfg = IndexConfig(kind=index, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
-                          recall_target=recall_target, flat_threshold=flat_threshold, mmap_bytes=mmap_bytes)
+        cfg = IndexConfig(kind=index, hnsw_m=hnsw_m, hnsw_storage=hnsw_storage, ef_construction=ef_construction,
+                          ef_search=ef_search, recall_target=recall_target, flat_threshold=flat_threshold,
+                          mmap_bytes=mmap_bytes)
         if class_names is not None and (isinstance(class_names, str)
                                         or not all(isinstance(c, str) for c in class_names)):
             raise ValueError(f"class_names must be a list of strings, got {class_names!r:.80}")

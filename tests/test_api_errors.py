@@ -60,7 +60,9 @@ def test_create_and_add_arguments(kb, tmp_path):
         KnowledgeBase.create(tmp_path / "a", 4, 2, 2, class_names="abc")
     with pytest.raises(TypeError, match="KBFingerprint"):
         KnowledgeBase.create(tmp_path / "b", 4, 2, 2, fingerprint=EncoderFingerprint("x", "y", "z", 4))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"hnsw_storage must be one of \('fp16', 'float32'\), got 'bf16'"):
+        KnowledgeBase.create(tmp_path / "c", 4, 2, 2, hnsw_storage="bf16")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     n = len(k)
     cases = (("ab", "got one str"), ([1, 2], r"must hold strings \(or None\), got a int"), (["a"], "got 1 items"))
     for caps, msg in cases:

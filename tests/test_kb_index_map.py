@@ -23,9 +23,13 @@ def clustered(n: int, seed: int) -> np.ndarray:
     return x
 
 
-def hnsw_file(path, n: int = 3000, m: int = 16):
+def hnsw_file(path, n: int = 3000, m: int = 16, storage: str = "fp16"):
+    """A KB-style index file: IndexIDMap over HNSW with fp16 (the default) or float32 vector storage."""
     x = clustered(n, 0)
-    inner = faiss.IndexHNSWFlat(D, m, faiss.METRIC_INNER_PRODUCT)
+    if storage == "fp16":
+        inner = faiss.IndexHNSWSQ(D, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        inner = faiss.IndexHNSWFlat(D, m, faiss.METRIC_INNER_PRODUCT)
     inner.hnsw.efConstruction = 40
     index = faiss.IndexIDMap(inner)
     index.add_with_ids(x, np.arange(n, dtype=np.int64) * 5 + 3)  # ids that are not positions
@@ -33,9 +37,10 @@ def hnsw_file(path, n: int = 3000, m: int = 16):
     return index, x
 
 
-def test_mapped_index_searches_exactly_like_faiss_reader(tmp_path):
+@pytest.mark.parametrize("storage", ["fp16", "float32"])
+def test_mapped_index_searches_exactly_like_faiss_reader(tmp_path, storage):
     p = tmp_path / "i.faiss"
-    index, x = hnsw_file(p)
+    index, x = hnsw_file(p, storage=storage)
     mapped = map_hnsw(p, index.ntotal)
     assert mapped is not None and mapped.ntotal == index.ntotal
     ref = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC)
@@ -52,8 +57,11 @@ def test_mapped_index_searches_exactly_like_faiss_reader(tmp_path):
     assert (h1.entry_point, h1.max_level, h1.efConstruction) == (h2.entry_point, h2.max_level, h2.efConstruction)
     assert not h1.neighbors.is_owned  # a view of the file, not a copy
     assert not faiss.downcast_index(faiss.downcast_index(mapped.index).storage).codes.is_owned
-    # the vectors are the file's: reconstruct through the map equals the added vectors
-    np.testing.assert_array_equal(faiss.downcast_index(mapped.index).storage.reconstruct(7), x[7])
+    # the vectors are the file's: reconstruct through the map equals faiss's (the added vectors, fp16-rounded)
+    st1, st2 = faiss.downcast_index(mapped.index).storage, faiss.downcast_index(ref.index).storage
+    np.testing.assert_array_equal(st1.reconstruct(7), st2.reconstruct(7))
+    want = x[7] if storage == "float32" else x[7].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(st1.reconstruct(7), want)
 
 
 def _damage(p, offset: int, value: bytes) -> None:
@@ -115,6 +123,11 @@ def test_other_layouts_fall_back_to_faiss(tmp_path):
     l2.add_with_ids(clustered(50, 2), np.arange(50, dtype=np.int64))
     faiss.write_index(l2, str(tmp_path / "l2.faiss"))
     assert map_hnsw(tmp_path / "l2.faiss", 50) is None
+    sq8 = faiss.IndexIDMap(faiss.IndexHNSWSQ(D, faiss.ScalarQuantizer.QT_8bit, 8, faiss.METRIC_INNER_PRODUCT))
+    sq8.train(clustered(200, 3))  # 8-bit codes: trained ranges, not what a KB writes
+    sq8.add_with_ids(clustered(50, 2), np.arange(50, dtype=np.int64))
+    faiss.write_index(sq8, str(tmp_path / "sq8.faiss"))
+    assert map_hnsw(tmp_path / "sq8.faiss", 50) is None
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     assert map_hnsw(tmp_path / "junk.faiss", 50) is None
     p = tmp_path / "i.faiss"
@@ -122,7 +135,7 @@ def test_other_layouts_fall_back_to_faiss(tmp_path):
     blob = p.read_bytes()
     p.write_bytes(blob + b"\0" * 8)  # trailing bytes: a layout this reader does not know
     assert map_hnsw(p, 300) is None
-    storage_at = blob.rfind(b"IxFI") + 4
+    storage_at = blob.rfind(b"IxSQ") + 4
     p.write_bytes(blob[:storage_at] + np.int32(D + 1).tobytes() + blob[storage_at + 4:])  # storage of another width
     assert map_hnsw(p, 300) is None
     p.write_bytes(blob)
@@ -172,12 +185,13 @@ def _map_in_child(p, n: int) -> str:
     return r.stdout
 
 
-def test_damage_faiss_accepts_but_crashes_its_search_is_refused(tmp_path):
+@pytest.mark.parametrize("storage", ["fp16", "float32"])
+def test_damage_faiss_accepts_but_crashes_its_search_is_refused(tmp_path, storage):
     """An entry point below the top level, or an upper-level link to a node without that level: faiss's reader
     loads both, and its search then follows links that do not exist (reads past the graph: a segfault in a review's
     reproduction); ours refuses them. The search runs in a child process, so a regression fails, not crashes."""
     p = tmp_path / "i.faiss"
-    index, _ = hnsw_file(p)
+    index, _ = hnsw_file(p, storage=storage)
     levels, offsets, cum, h = _levels_and_offsets(index)
     blob = p.read_bytes()
     assert "searched" in _map_in_child(p, 3000)  # the undamaged file maps and searches
@@ -238,16 +252,23 @@ def test_opening_leaves_the_graph_unread_where_faiss_reads_it_all(tmp_path):
     assert mapped.ntotal == theirs_index.ntotal == 20_000
 
 
-def test_knowledge_base_reader_uses_the_map_and_finds_the_same_neighbours(tmp_path):
+@pytest.mark.parametrize("storage", [None, "fp16", "float32"])
+def test_knowledge_base_reader_uses_the_map_and_finds_the_same_neighbours(tmp_path, storage):
     g = torch.Generator().manual_seed(0)
     c = torch.randn(10, 16, generator=g)
     keys = c[torch.randint(0, 10, (800,), generator=g)] + 0.4 * torch.randn(800, 16, generator=g)
-    with KnowledgeBase.create(tmp_path / "kb", 16, 4, 4, index="hnsw", ef_construction=40, mmap_bytes=1) as kb:
+    opts = {} if storage is None else {"hnsw_storage": storage}  # None: the default, fp16
+    with KnowledgeBase.create(tmp_path / "kb", 16, 4, 4, index="hnsw", ef_construction=40, mmap_bytes=1,
+                              **opts) as kb:
         kb.add(keys, torch.randn(800, 4, generator=g), torch.randn(800, 4, generator=g))
         kb.flush()
         owned = kb.search(keys[:50], 8)
+        want = faiss.IndexHNSWFlat if storage == "float32" else faiss.IndexHNSWSQ
+        assert isinstance(faiss.downcast_index(kb._main.index), want)
+        assert kb.info()["index"]["config"]["hnsw_storage"] == (storage or "fp16")
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert r.info()["index"]["memory_mapped"]
+        assert isinstance(faiss.downcast_index(r._main.index), want)
         assert any(isinstance(o, np.memmap) for o in r._main.referenced_objects)  # retrofit's reader, not faiss's
         mapped = r.search(keys[:50], 8)
     assert torch.equal(mapped.ids, owned.ids) and torch.equal(mapped.image, owned.image)
