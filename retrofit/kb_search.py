@@ -88,8 +88,8 @@ class KBSearchMixin:
         Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
         rows, lab = self._gather_rows(flat_ids, slice(Dk, Dk + Di + Dt))  # (B*k, Di+Dt) storage dtype
         rows_t = torch.from_numpy(rows)
-        image = rows_t[:, :Di].float().reshape(B, k, Di)  # (B, k, Di)
-        text = rows_t[:, Di:].float().reshape(B, k, Dt)  # (B, k, Dt)
+        image = torch.empty(B, k, Di, dtype=torch.float32).copy_(rows_t[:, :Di].view(B, k, Di))  # (B, k, Di) float32
+        text = torch.empty(B, k, Dt, dtype=torch.float32).copy_(rows_t[:, Di:].view(B, k, Dt))  # (B, k, Dt)
         labels = torch.from_numpy(lab).reshape(B, k)  # (B, k)
         mask_t = torch.from_numpy(mask)
         if partial:
