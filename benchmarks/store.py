@@ -115,11 +115,11 @@ def open_probe(kb_dir: Path, what: str) -> dict:
 
 
 def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_arrays, k: int, batch: int,
-            prefix: str) -> dict:
+            prefix: str, hnsw_storage: str = "fp16") -> dict:
     """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle."""
-    out: dict = {}
+    out: dict = {"hnsw_storage": hnsw_storage}
     t0 = time.perf_counter()
-    kb = KnowledgeBase.create(kb_dir, DIM, DIM, gather_arrays[1].shape[1])
+    kb = KnowledgeBase.create(kb_dir, DIM, DIM, gather_arrays[1].shape[1], hnsw_storage=hnsw_storage)
     n = build(kb)
     kb.close()
     out[prefix + "n"] = n
@@ -206,7 +206,8 @@ def synthetic(args: argparse.Namespace, root: Path) -> dict:
                 img[s:s + len(x)], txt[s:s + len(x)], lab[s:s + len(x)] = x, tx, lb
         return args.n
 
-    out = measure(root / "synthetic", build, queries, truth, (img, txt, lab), args.k, args.batch, "")
+    out = measure(root / "synthetic", build, queries, truth, (img, txt, lab), args.k, args.batch, "",
+                  args.hnsw_storage)
     out["truth_s"] = round(truth_s, 1)
     return out
 
@@ -271,7 +272,8 @@ def real(args: argparse.Namespace, root: Path) -> dict:
                        torch.zeros(len(train[s:s + BLOCK]), TEXT_DIM), labels=torch.from_numpy(labels[s:s + BLOCK]))
         return len(train)
 
-    return measure(root / "real", build, queries, truth, (img16, txt16, labels), args.k, args.batch, "real_")
+    return measure(root / "real", build, queries, truth, (img16, txt16, labels), args.k, args.batch, "real_",
+                   args.hnsw_storage)
 
 
 def main() -> None:
@@ -285,6 +287,8 @@ def main() -> None:
     p.add_argument("--no-real", action="store_true", help="skip the real_* (Tiny Darknet on CIFAR-10) figures")
     p.add_argument("--no-synthetic", action="store_true", help="only the real_* figures")
     p.add_argument("--cache", default=".retrofit_cache", help="where CIFAR-10 embeddings are cached")
+    p.add_argument("--hnsw-storage", default="fp16", choices=["fp16", "float32"],
+                   help="HNSW vector storage of the KBs (default fp16, the library's default)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)

@@ -49,6 +49,7 @@ class BuildConfig:
     require_caption: bool = True  # a sample without a caption is bad data (else its text vector is zero)
     dtype: str = "float16"  # storage dtype of the vectors
     index: str = "auto"  # "auto", "hnsw" or "flat" (KnowledgeBase.create)
+    hnsw_storage: str = "fp16"  # how an HNSW index stores the keys: "fp16" or "float32" (KnowledgeBase.create)
     # Web data has captions but no labels: give every record whose sample has no label the class its caption
     # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
     # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.
@@ -73,6 +74,9 @@ class BuildConfig:
                              f"got {self.caption_min_similarity}")
         if self.dtype not in ("float16", "float32"):  # what KnowledgeBase.create stores
             raise ValueError(f"BuildConfig.dtype must be float16 or float32, got {self.dtype!r}")
+        from retrofit.kb_index import IndexConfig
+
+        IndexConfig(kind=self.index, hnsw_storage=self.hnsw_storage)  # checks both (ValueError naming the value)
 
 
 @dataclass
@@ -260,7 +264,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         kb = KnowledgeBase.open(path, readonly=False)
     else:
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
-                                  index=cfg.index)
+                                  index=cfg.index, hnsw_storage=cfg.hnsw_storage)
     try:
         summary = _run_build(kb, mode, path, src, labels, cfg, img, txt, key, build_id, labeller, state, batches)
     except Exception:

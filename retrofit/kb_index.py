@@ -76,6 +76,23 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_meta(self) -> dict[str, Any]:
+        """What the KB metadata stores: :meth:`to_dict` less ``hnsw_storage`` at its default (a missing key reads as
+        "fp16"), so KBs with default settings stay readable by retrofit versions from before that option."""
+        d = self.to_dict()
+        if d["hnsw_storage"] == "fp16":
+            del d["hnsw_storage"]
+        return d
+
+    @classmethod
+    def from_meta(cls, d: dict[str, Any], where: Any) -> IndexConfig:
+        from retrofit.errors import KnowledgeBaseError
+
+        if unknown := set(d) - set(cls.__dataclass_fields__):
+            raise KnowledgeBaseError(f"{where}: index settings {sorted(unknown)} come from a newer retrofit; upgrade "
+                                     "retrofit to open this knowledge base")
+        return cls(**d)
+
 
 @dataclass
 class IndexState:
@@ -153,7 +170,8 @@ def full_hash(path: Path) -> str:
 
 
 def build_index(kind: str, dim: int, cfg: IndexConfig):
-    """An empty ``IndexIDMap`` over HNSW-flat or exact flat inner-product search."""
+    """An empty ``IndexIDMap`` over HNSW (fp16 or float32 storage, ``cfg.hnsw_storage``) or exact flat
+    inner-product search."""
     faiss = _faiss()
     if kind == "hnsw":
         if cfg.hnsw_storage == "fp16":

@@ -218,12 +218,11 @@ def _assemble(kind: bytes, d: int, cum: np.ndarray, probas: np.ndarray, levels: 
               neighbors: np.memmap, codes: np.memmap, ids: np.ndarray, scalars: tuple[int, int, int, int]) -> Any:
     import faiss
 
+    from retrofit.kb_index import IndexConfig, build_index
+
     n, m = levels.size, max(int(cum[1]) // 2, 1)
-    if kind == b"IHNf":
-        inner = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-    else:
-        inner = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexIDMap(inner)
+    index = build_index("hnsw", d, IndexConfig(hnsw_m=m, hnsw_storage="float32" if kind == b"IHNf" else "fp16"))
+    inner = faiss.downcast_index(index.index)
     hnsw = inner.hnsw
     for name, arr in (("assign_probas", probas), ("cum_nneighbor_per_level", cum), ("levels", levels),
                       ("offsets", offsets)):

@@ -216,7 +216,7 @@ class KBSearchMixin:
             "key_dim": self.key_dim, "image_dim": self.image_dim, "text_dim": self.text_dim, "dtype": m["dtype"],
             "chunk_records": m["chunk_records"], "class_names": m.get("class_names"),
             "fingerprint": m["fingerprint"], "user_meta": m["user_meta"],
-            "index": {"kind": self._kind(), "storage": self._storage(), "config": m["index"],
+            "index": {"kind": self._kind(), "storage": self._storage(), "config": self._cfg.to_dict(),
                       "ef_search": int(self._ef),
                       "tuned_recall": getattr(self, "_tuned_recall", None), "ntotal": int(self._main.ntotal),
                       "file": st.file if st else None, "file_generation": st.generation if st else None,

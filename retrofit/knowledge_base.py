@@ -127,7 +127,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             "schema_version": SCHEMA_VERSION, "uuid": uuid.uuid4().hex, "created": time.time(),
             "key_dim": key_dim, "image_dim": image_dim, "text_dim": text_dim, "dtype": dtype,
             "chunk_records": chunk_records, "fingerprint": fingerprint.to_dict(), "class_names": class_names,
-            "index": cfg.to_dict(), "generation": 0, "next_id": 0, "count": 0, "deleted": 0, "compactions": 0,
+            "index": cfg.to_meta(), "generation": 0, "next_id": 0, "count": 0, "deleted": 0, "compactions": 0,
             "user_meta": dict(user_meta or {}),
         }
         return cls(path, readonly=False, _create=meta)
@@ -166,7 +166,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             for f in self.path.glob("*.tmp"):
                 f.unlink()
         rec.meta = self._meta
-        self._cfg = IndexConfig(**self._meta["index"])
+        self._cfg = IndexConfig.from_meta(self._meta["index"], self.path)
         with self._txn() as txn:
             self._set_deleted(rec.deleted(txn))
         self._delta = None

@@ -298,3 +298,64 @@ def test_bit_rot_in_a_kb_graph_is_refused_at_open_with_the_fix(tmp_path):
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert r.info()["index"]["memory_mapped"]
         assert torch.equal(r.search(keys[:20], 5).ids[:, 0], want[:, 0])
+
+
+def _edit_meta(path, edit) -> None:
+    """Rewrite a KB's metadata in place (as an older or a newer retrofit would have written it)."""
+    import json
+
+    import lmdb
+
+    from retrofit.kb_records import meta_checksum
+
+    env = lmdb.open(str(path / "records"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        db_meta = env.open_db(b"meta", txn=txn)
+        meta = json.loads(bytes(txn.get(b"meta", db=db_meta)))
+        edit(meta)
+        meta["checksum"] = meta_checksum(meta)
+        txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=db_meta)
+    env.close()
+
+
+def test_a_kb_from_before_fp16_storage_keeps_working_and_compacts_to_fp16(tmp_path):
+    """An older KB: a float32 HNSW file and no hnsw_storage in its metadata. Readers map it, a writer's catch-up
+    adds to it as it is, `compact` rebuilds it as fp16 (the config's default); default KBs store no such key."""
+    from retrofit.errors import KnowledgeBaseError
+
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(900, 16, generator=g)
+    path = tmp_path / "kb"
+    with KnowledgeBase.create(path, 16, 2, 2, index="hnsw", hnsw_storage="float32", mmap_bytes=1) as kb:
+        kb.add(keys[:800], torch.zeros(800, 2), torch.zeros(800, 2))
+    _edit_meta(path, lambda m: m["index"].pop("hnsw_storage"))
+    with KnowledgeBase.open(path) as r:
+        info = r.info()["index"]
+        assert info["storage"] == "float32" and info["config"]["hnsw_storage"] == "fp16" and info["memory_mapped"]
+        assert torch.equal(r.search(keys[:5], 1).ids[:, 0], torch.arange(5))
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.add(keys[800:], torch.zeros(100, 2), torch.zeros(100, 2))
+        w.flush()
+        assert w.info()["index"]["storage"] == "float32" and len(w) == 900  # caught up in place
+        w.compact()
+        assert w.info()["index"]["storage"] == "fp16"
+    with KnowledgeBase.open(path) as r:
+        assert r.info()["index"]["storage"] == "fp16" and r.info()["index"]["memory_mapped"]
+        assert torch.equal(r.search(keys[800:805], 1).ids[:, 0], torch.arange(800, 805))
+    with KnowledgeBase.create(tmp_path / "new", 16, 2, 2) as kb:
+        pass
+    seen = {}
+    _edit_meta(tmp_path / "new", lambda m: seen.update(m["index"]))
+    assert "hnsw_storage" not in seen  # the default is not written: older retrofit versions can open it
+    _edit_meta(tmp_path / "new", lambda m: m["index"].update(from_the_future=1))
+    with pytest.raises(KnowledgeBaseError, match=r"index settings \['from_the_future'\] come from a newer retrofit"):
+        KnowledgeBase.open(tmp_path / "new")
+
+
+def test_build_config_checks_the_index_settings():
+    from retrofit.ingest import BuildConfig
+
+    with pytest.raises(ValueError, match="hnsw_storage must be one of"):
+        BuildConfig(hnsw_storage="int8").validate()
+    with pytest.raises(ValueError, match="index must be 'auto', 'hnsw' or 'flat'"):
+        BuildConfig(index="ivf").validate()

@@ -47,7 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("classes", ", ".join(info["class_names"]) if info["class_names"] else "-"),
         ("fingerprints", "; ".join(f"{k}: {v['family']}:{v['name']}@{v['weights']}" for k, v in fps.items()) or "-"),
         ("index", f"exact flat inner product ({idx['ntotal']} vectors)" if idx["kind"] == "flat" else
-                  f"HNSW M={idx['config']['hnsw_m']}, {idx['storage']} vectors ({idx['ntotal']} vectors, efSearch "
+                  f"HNSW M={idx['config']['hnsw_m']}, {idx['storage']} storage ({idx['ntotal']} vectors, efSearch "
                   f"{idx['ef_search']}"
                   + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
                      else "") + ")"),

@@ -62,13 +62,13 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     return run
 
 
-def _load_head(path: str, kb: Any, args: argparse.Namespace, vote_scale: float | None = None) -> Any:
+def _load_head(path: str, kb: Any, allow_mismatch: bool, vote_scale: float | None = None) -> Any:
     from retrofit.head import RetrievalHead
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"head {path!r} not found; train one with `retrofit train ... --out DIR` "
                                 "(the head is DIR/head)")
-    head = RetrievalHead.load(path, store=kb, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)
+    head = RetrievalHead.load(path, store=kb, allow_fingerprint_mismatch=allow_mismatch)
     if vote_scale is not None:
         if head.vote is None:
             raise ValueError(f"--vote-scale {vote_scale:g}: the head {path} has no label vote "
@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     hi, lo = _cutoffs(args.cutoffs)  # before any work
     run = _resolve(args)
     kb = _open_kb(run["kb"])
-    head = _load_head(run["head_path"], kb, args, args.vote_scale)
+    head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     fs = _labelled_features(args, run, kb, head, "evaluation", "eval", exclude_self=not args.keep_self)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, device=args.device)
@@ -180,7 +180,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     scales = _scales(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
     run = _resolve(args)
     kb = _open_kb(run["kb"])
-    head = _load_head(run["head_path"], kb, args)
+    head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch)
     if head.vote is None:
         raise ValueError(f"the head {run['head_path']} has no label vote: nothing to calibrate (train it with "
                          "`retrofit train ... --label-vote`)")
@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {missing}")
     kb = _open_kb(run["kb"])
-    head = _load_head(run["head_path"], kb, args, args.vote_scale)
+    head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     host = load_host_model(run["model"])
     images = []
     for p in args.images:
