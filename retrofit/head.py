@@ -152,6 +152,27 @@ def store_label_counts(store: Store, num_classes: int) -> torch.Tensor | None:
     return torch.bincount(labels, minlength=num_classes)
 
 
+def _check_vote_classes(c: HeadConfig, store: Store) -> None:
+    """The label vote reads the store's label ids as the head's classes: refuse a store whose ids mean others."""
+    theirs = getattr(store, "class_names", None)
+    if theirs is not None and c.class_names is not None and list(theirs) != list(c.class_names):
+        if sorted(theirs) == sorted(c.class_names):
+            i = next(j for j, (a, b) in enumerate(zip(theirs, c.class_names)) if a != b)
+            what = (f"the same {len(theirs)} classes in another order (label {i} is {theirs[i]!r} in the knowledge "
+                    f"base, {c.class_names[i]!r} for the head)")
+        else:
+            what = f"other classes (knowledge base: {list(theirs)[:6]}..., head: {list(c.class_names)[:6]}...)"
+        raise RetrofitError(f"cannot attach store: its labels name {what}; the label vote would vote for the wrong "
+                            "classes. Build the knowledge base with the head's class list (--classes / "
+                            "BuildConfig.class_names) or give the head the knowledge base's")
+    labels = getattr(store, "labels", None)
+    labels = labels() if callable(labels) else labels
+    if labels is not None and len(labels) and int(torch.as_tensor(labels).max()) >= c.num_classes:
+        raise RetrofitError(f"cannot attach store: it has label {int(torch.as_tensor(labels).max())} but the head's "
+                            f"label vote knows {c.num_classes} classes (0..{c.num_classes - 1}); build the head with "
+                            "the knowledge base's classes")
+
+
 class RetrievalHead(nn.Module):
     """Retrieval cross-fusion head (RetFormer) over the k nearest knowledge-base entries of a query.
 
@@ -214,6 +235,8 @@ class RetrievalHead(nn.Module):
         for field, theirs, what in pairs:
             check_fingerprints(getattr(c, field), theirs, f"attaching a knowledge base ({what})",
                                allow_mismatch=allow_fingerprint_mismatch)
+        if self.vote is not None:
+            _check_vote_classes(c, store)
         learned = {f: theirs for f, theirs, _ in pairs if getattr(c, f) is None and theirs is not None}
         if learned:
             self.config = replace(c, **learned)

@@ -118,3 +118,34 @@ def test_wrapped_model_wants_float_images():
     assert clf(x).shape == (2, 5)
     with pytest.raises(ValueError, match="preprocessed float images"):
         clf((x * 255).to(torch.uint8))
+
+
+def test_a_vote_head_refuses_a_kb_whose_labels_mean_other_classes(tmp_path):
+    """The label vote reads the KB's label ids as the head's classes: the same classes in another order (a KB built
+    with another --classes file), other classes, or labels past the head's classes are refused at attach."""
+    from retrofit.errors import RetrofitError
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    names = ["cat", "dog", "ship"]
+    g = torch.Generator().manual_seed(0)
+
+    def kb_with(path, class_names, labels):
+        k = KnowledgeBase.create(tmp_path / path, 4, 2, 2, index="flat", class_names=class_names)
+        k.add(torch.randn(len(labels), 4, generator=g), torch.randn(len(labels), 2), torch.randn(len(labels), 2),
+              labels=torch.tensor(labels))
+        return k
+
+    def head(num_classes=3, vote=True):
+        return RetrievalHead(HeadConfig(query_dim=4, image_dim=2, text_dim=2, num_classes=num_classes, dim=8, depth=1,
+                                        heads=2, k=2, label_vote=vote, class_names=names[:num_classes]))
+
+    good = kb_with("good", names, [0, 1, 2, 1])
+    head().attach(good)  # same classes, same order
+    with pytest.raises(RetrofitError, match=r"same 3 classes in another order \(label 0 is 'ship' in the knowledge"):
+        head().attach(kb_with("rev", names[::-1], [0, 1, 2]))
+    with pytest.raises(RetrofitError, match="other classes"):
+        head().attach(kb_with("other", ["car", "dog", "ship"], [0, 1]))
+    with pytest.raises(RetrofitError, match="label 2 but the head's label vote knows 2 classes"):
+        RetrievalHead(HeadConfig(query_dim=4, image_dim=2, text_dim=2, num_classes=2, dim=8, depth=1, heads=2, k=2,
+                                 label_vote=True)).attach(kb_with("unnamed", None, [0, 1, 2]))
+    head(vote=False).attach(kb_with("rev2", names[::-1], [0, 1, 2]))  # without the vote the ids are not read
