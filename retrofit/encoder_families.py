@@ -70,7 +70,7 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
         model, tag = _random_init(lambda: timm.create_model(name, pretrained=False)), f"random:seed{_RANDOM_SEED}"
     elif _is_path(weights):
         path = _checked_path(weights, spec)
-        model = timm.create_model(name, pretrained=False, checkpoint_path=str(path))
+        model = _timm_from_checkpoint(timm, name, path)
         tag = file_digest(path)
     else:
         full = f"{name}.{weights}" if weights else name
@@ -93,12 +93,58 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
     return ImageEncoder(embed, preprocess, fp, module=model)
 
 
-def _drop_last_linear(model: nn.Module) -> int:
-    """Replace the model's last ``nn.Linear`` (the classifier) by identity; returns its input width."""
+def _timm_from_checkpoint(timm: Any, name: str, path: Path) -> nn.Module:
+    """timm model ``name`` with the checkpoint in ``path``, built with the checkpoint's class count (a fine-tuned
+    production classifier has its own classes, not the pretrained model's)."""
+    model = timm.create_model(name, pretrained=False)
+    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    heads = [head] if isinstance(head, str) else list(head or ())
+    w = state.get(f"{heads[0]}.weight") if heads and isinstance(state, dict) else None
+    extra = {"num_classes": int(w.shape[0])} if w is not None and w.dim() == 2 else {}
+    try:
+        return timm.create_model(name, pretrained=False, checkpoint_path=str(path), **extra)
+    except RuntimeError as e:
+        raise RetrofitError(f"{path} is not a checkpoint of timm {name} ({str(e).splitlines()[0]} ...)") from e
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     last = None
     for qual, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             last = (qual, mod)
+    return last
+
+
+def torchvision_from_checkpoint(name: str, path: Path) -> nn.Module:
+    """torchvision model ``name`` with the state dict in ``path``; a classifier trained for other classes than
+    ImageNet's 1000 (a fine-tuned production model) is rebuilt with the checkpoint's class count first."""
+    tvm = require("torchvision", f"torchvision:{name}").models
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RetrofitError(f"{path} holds a {type(state).__name__}, not a state dict; save the model with "
+                            "torch.save(model.state_dict(), path)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    model = tvm.get_model(name, weights=None)
+    last = _last_linear(model)
+    w = state.get(f"{last[0]}.weight") if last else None
+    if w is not None and w.dim() == 2 and w.shape[0] != last[1].out_features:
+        model = tvm.get_model(name, weights=None, num_classes=int(w.shape[0]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RetrofitError(f"{path} is not a state dict of torchvision {name} ({str(e).splitlines()[0]} ...)") from e
+    return model
+
+
+def _drop_last_linear(model: nn.Module) -> int:
+    """Replace the model's last ``nn.Linear`` (the classifier) by identity; returns its input width."""
+    last = _last_linear(model)
     if last is None:
         raise RetrofitError(f"{type(model).__name__} has no nn.Linear classifier to remove")
     qual, lin = last
@@ -117,9 +163,7 @@ def _torchvision_encoder(spec: str, name: str, weights: str | None) -> ImageEnco
         model, tag, tf = _random_init(lambda: tvm.get_model(name, weights=None)), f"random:seed{_RANDOM_SEED}", None
     elif _is_path(weights):
         path = _checked_path(weights, spec)
-        model = tvm.get_model(name, weights=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        model = torchvision_from_checkpoint(name, path)
         tag, tf = file_digest(path), None
     else:
         enum = tvm.get_model_weights(name)

@@ -84,9 +84,10 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
             raise ValueError(f"unknown torchvision model {arch!r} in {spec!r}; see torchvision.models.list_models()")
         model = tvm.get_model(arch, weights=None)
         if weights and weights != "random":
+            from retrofit.encoder_families import torchvision_from_checkpoint
+
             path = _checkpoint(weights, spec)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            model = torchvision_from_checkpoint(arch, Path(path))
             tag = file_digest(path)
         elif weights == "random":
             tag = "random"

@@ -225,3 +225,45 @@ def test_darknet_input_size_is_part_of_the_fingerprint(darknet_enc, cifar_train_
     assert (z64 * z96).sum(1).mean() < 0.95  # the same images land elsewhere
     with pytest.raises(FingerprintMismatchError, match="darknet-tiny@96"):
         check_fingerprints(darknet_enc.fingerprint, at96.fingerprint, "host vs KB keys")
+
+
+def test_a_fine_tuned_torchvision_checkpoint_with_its_own_classes_loads(tmp_path):
+    """A production classifier fine-tuned for 10 classes (saved from DataParallel, keys prefixed 'module.') loads as
+    encoder and as host; a checkpoint of another architecture is refused with what it is."""
+    from torchvision.models import resnet18, resnet34
+
+    from retrofit.pipeline import load_host_model
+
+    torch.manual_seed(0)
+    mine = resnet18(num_classes=10).eval()
+    ckpt = tmp_path / "r18_10.pth"
+    torch.save({"module." + k: v for k, v in mine.state_dict().items()}, ckpt)
+    enc = load_image_encoder(f"torchvision:resnet18@{ckpt}")
+    assert enc.dim == 512 and enc.fingerprint.weights == file_digest(ckpt)
+    host = load_host_model(f"torchvision:resnet18@{ckpt}")
+    assert host.num_classes == 10
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(host.model(x), mine(x), atol=1e-5)  # the checkpoint's weights, classifier included
+    other = tmp_path / "r34.pth"
+    torch.save(resnet34(num_classes=10).state_dict(), other)
+    with pytest.raises(RetrofitError, match="is not a state dict of torchvision resnet18"):
+        load_image_encoder(f"torchvision:resnet18@{other}")
+
+
+def test_a_fine_tuned_timm_checkpoint_with_its_own_classes_loads(tmp_path):
+    import timm
+
+    from retrofit.pipeline import load_host_model
+
+    torch.manual_seed(0)
+    mine = timm.create_model("test_vit", pretrained=False, num_classes=10).eval()
+    ckpt = tmp_path / "vit10.pth"
+    torch.save(mine.state_dict(), ckpt)
+    enc = load_image_encoder(f"timm:test_vit@{ckpt}")
+    assert enc.fingerprint.weights == file_digest(ckpt)
+    host = load_host_model(f"timm:test_vit@{ckpt}")
+    assert host.num_classes == 10
+    x = torch.rand(2, 3, *mine.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        assert torch.allclose(host.model(x), mine(x), atol=1e-5)
