@@ -52,6 +52,10 @@ class TimmAdapter(BackboneAdapter):
     def num_classes(self) -> int | None:
         if self.headless:
             return None
+        for m in self.classifier_modules():  # the layer itself: a classifier replaced by hand leaves num_classes stale
+            n = getattr(m, "out_features", None) or getattr(m, "out_channels", None)
+            if isinstance(n, int) and n > 0:
+                return n
         n = getattr(self.model, "num_classes", None)
         return int(n) if isinstance(n, int) and n > 0 else None
 

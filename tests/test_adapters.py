@@ -345,3 +345,25 @@ def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
     assert torch.equal(out.neighbors.ids[:, 0], torch.arange(8))
     torch.testing.assert_close(out.logits, host[:8])
     assert wrapped.fingerprint == model.fingerprint
+
+
+def test_darknet_with_its_classifier_replaced_for_my_classes(data_dir, seed: int) -> None:
+    """A user's production Darknet: fc swapped for a 10-class layer (by hand or reset_classifier). Its class count
+    follows the layer (wrap once said 'predicts 1000 classes', from a stale attribute)."""
+    from retrofit.models import darknet_tiny
+
+    for how in ("assign", "reset"):
+        model = darknet_tiny(data_dir=data_dir)
+        assert model.num_classes == 1000 and len(model.class_names) == 1000
+        if how == "assign":
+            model.fc = nn.Linear(model.fc.in_features, C)
+        else:
+            model.reset_classifier(C)
+        assert model.num_classes == C and model.class_names is None  # ImageNet's names no longer apply
+        assert backbone(model).num_classes == C
+        head = RetrievalHead(HeadConfig(512, 8, 6, num_classes=C, dim=16, depth=1, heads=2, k=3), make_store(512))
+        x = torch.rand(2, 3, 64, 64)
+        with torch.inference_mode():
+            assert wrap(model, head, allow_fingerprint_mismatch=True)(x).shape == (2, C)
+    with pytest.raises(ValueError, match="positive int"):
+        model.reset_classifier(0)

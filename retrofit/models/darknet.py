@@ -68,8 +68,7 @@ class DarknetTiny(nn.Module):
         self.head_block = head_block  # (B, 512, h, w) -> (B, 128, h, w)
         self.fc = fc  # final 1x1 conv as a linear map on the pooled 128-d vector
         self.num_features = 512  # width of the pre-logits embedding (timm's attribute)
-        self.num_classes = fc.out_features
-        self.class_names = list(class_names)  # Darknet's order
+        self.class_names = list(class_names)  # Darknet's order (None once the classifier has other classes)
         self.synsets = list(synsets) if synsets is not None else None  # WordNet ids, Darknet's order
         self.default_input_size = 64
         self.pretrained_cfg = {"input_size": (3, 224, 224), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
@@ -94,6 +93,28 @@ class DarknetTiny(nn.Module):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the current classifier (``self.fc`` may have been replaced for the user's classes)."""
+        return int(self.fc.out_features)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classifier's classes: ImageNet's for Darknet's own; None once ``fc`` has other classes
+        (unless set)."""
+        return self._class_names if len(self._class_names) == self.num_classes else None
+
+    @class_names.setter
+    def class_names(self, names: list[str] | None) -> None:
+        self._class_names = list(names) if names is not None else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear classifier for ``num_classes`` classes on the 128-d pooled head (timm's API)."""
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.fc = nn.Linear(self.fc.in_features, num_classes)
+        self._class_names = []
 
     def embed_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass: ((B, 512) embedding, (B, 1000) logits)."""
