@@ -172,11 +172,15 @@ class RetrofittedModel(nn.Module):
                 keys = enc(x) if callable(enc) else self.retriever(x)  # (B, Dk)
             if keys.shape[-1] != store.key_dim:
                 src = "retriever" if self.retriever is not None else "backbone embedding"
+                hint = ("pass the encoder the KB was built with, not a classifier: e.g. "
+                        "retriever=retrofit.load_image_encoder('darknet-tiny') (its .encode gives the KB's keys)"
+                        if self.retriever is not None else
+                        "pass the encoder the KB was built with as retriever=, e.g. retrofit.load_image_encoder(spec)")
                 raise ValueError(f"the {src} gives {keys.shape[-1]}-d keys but the knowledge base's keys are "
-                                 f"{store.key_dim}-d; use the encoder the KB was built with (retriever=...)")
+                                 f"{store.key_dim}-d; {hint}")
             return store.search(F.normalize(keys.float(), dim=-1), k, exclude)
 
-    def forward(self, x: Tensor, return_output: bool = False, exclude: Tensor | None = None,
+    def forward(self, x: Tensor, *, return_output: bool = False, exclude: Tensor | None = None,
                 neighbors: Any = None) -> Any:
         """Fused logits (B, C), or the head's ``HeadOutput`` (with attention) when ``return_output``."""
         x = self._input(x)

@@ -58,6 +58,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "models":  # `retrofit.models.darknet_tiny()` without importing retrofit.models first (light until used)
+        return importlib.import_module("retrofit.models")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'retrofit' has no attribute {name!r}")

@@ -134,4 +134,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it", best)
+    if trained <= 0:
+        log.warning("the trained vote weight is %.3g: the head learned to vote against (or ignore) its neighbours' "
+                    "labels, and scales only multiply that; set a weight with head.vote.set_weight(w) (w > 0, chosen "
+                    "on validation data) or retrain the head (e.g. without mixup / label smoothing)", trained)
     return choice

@@ -367,3 +367,13 @@ def test_darknet_with_its_classifier_replaced_for_my_classes(data_dir, seed: int
             assert wrap(model, head, allow_fingerprint_mismatch=True)(x).shape == (2, C)
     with pytest.raises(ValueError, match="positive int"):
         model.reset_classifier(0)
+
+
+def test_passing_a_whole_batch_tuple_is_a_clear_type_error(seed: int) -> None:
+    """``clf(*batch)`` with (images, labels): the labels used to land in return_output (a tensor's truth value)."""
+    model, size = _tv(lambda: __import__("torchvision").models.resnet18(num_classes=C))()
+    clf = wrap(model, make_head(512, make_store(512)))
+    x, y = torch.rand(2, 3, size, size), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="positional argument"):
+        clf(x, y)
+    assert clf(x).shape == (2, C)

@@ -121,3 +121,16 @@ def test_score_logits():
     assert score_logits(logits, labels, "balanced") == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="metric"):
         score_logits(logits, labels, "macro")
+
+
+def test_a_negative_trained_vote_weight_is_flagged(setting, caplog):
+    """Scales multiply the trained weight: a head that learned to vote against its neighbours cannot be fixed by
+    a scale, and the choice says so."""
+    import logging
+
+    head, fs, kb = setting
+    head.vote.set_weight(-0.4)
+    with caplog.at_level(logging.WARNING, logger="retrofit.calibration"):
+        choice = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 2.0), apply=False, device="cpu")
+    assert choice.trained_weight == pytest.approx(-0.4)
+    assert "trained vote weight is -0.4" in caplog.text and "set_weight" in caplog.text

@@ -32,6 +32,9 @@ def test_public_api_resolves_lazily():
     assert set(retrofit.__all__) >= {"RetrievalHead", "KnowledgeBase", "wrap", "Neighbors", "EncoderFingerprint"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         retrofit.nope  # noqa: B018
+    # README writes retrofit.models.darknet_tiny() after a bare `import retrofit`
+    assert _run("import sys, retrofit; print('retrofit.models' in sys.modules, "
+                "callable(retrofit.models.darknet_tiny))").split() == ["False", "True"]
 
 
 @pytest.mark.parametrize("name", ["adapters", "kernels"])
