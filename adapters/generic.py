@@ -6,10 +6,15 @@ The model runs unchanged, once; its output is the host logits, and the input of 
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from torch import Tensor, nn
 
 from retrofit.adapters.base import BackboneAdapter
 from retrofit.errors import RetrofitError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HookAdapter", "find_classifier", "linear_layers"]
 
@@ -81,6 +86,7 @@ class HookAdapter(BackboneAdapter):
         super().__init__(model)
         self.classifier_name = classifier_name
         self._classifier = [classifier]  # a list keeps it out of this module's children (it is inside model)
+        self._checked_output = False  # the first forward warns when the model post-processes its logits
 
     @property
     def classifier(self) -> nn.Module:
@@ -88,23 +94,32 @@ class HookAdapter(BackboneAdapter):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         captured: list[Tensor] = []
+        produced: list[Tensor] = []
 
-        def grab(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        def grab(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             captured.append(inputs[0])
+            produced.append(output)
 
-        handle = self.classifier.register_forward_pre_hook(grab)
+        handle = self.classifier.register_forward_hook(grab)
         try:
-            logits = self.model(x)
+            out = self.model(x)
         finally:
             handle.remove()
         if len(captured) != 1:
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} ran "
                                 f"{len(captured)} times in one forward (expected once); pass classifier= naming the "
                                 "final layer that produces the logits")
-        if not isinstance(logits, Tensor):
-            raise RetrofitError(f"{type(self.model).__name__} returned {type(logits).__name__}, not a logits tensor; "
+        if not isinstance(out, Tensor):
+            raise RetrofitError(f"{type(self.model).__name__} returned {type(out).__name__}, not a logits tensor; "
                                 "wrap it in a module whose forward returns the (B, C) logits")
         z = captured[0].flatten(1)  # (B, D)
+        logits = produced[0].flatten(1)  # the classifier layer's own output: the logits
+        if not self._checked_output:
+            self._checked_output = True
+            if out.shape != logits.shape or not torch.equal(out.reshape(logits.shape), logits):
+                logger.warning("%s transforms its classifier's output (e.g. a softmax after %r): retrofit fuses the "
+                               "classifier layer's output, the logits, not the model's output",
+                               type(self.model).__name__, self.classifier_name)
         return z, logits
 
     def classifier_modules(self) -> list[nn.Module]:

@@ -377,3 +377,23 @@ def test_passing_a_whole_batch_tuple_is_a_clear_type_error(seed: int) -> None:
     with pytest.raises(TypeError, match="positional argument"):
         clf(x, y)
     assert clf(x).shape == (2, C)
+
+
+def test_a_model_ending_in_softmax_gives_its_logits_with_a_warning(seed: int, caplog) -> None:
+    """The host logits are the classifier layer's output, not probabilities a final Softmax makes of them."""
+    import logging
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, C), nn.Softmax(-1)).eval()
+    adapter = adapter_for(model)
+    x = torch.rand(4, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="retrofit.adapters.generic"):
+        z, logits = adapter(x)
+        adapter(x)
+    torch.testing.assert_close(logits, model[:-1](x))  # pre-softmax
+    assert caplog.text.count("transforms its classifier's output") == 1  # said once
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, C)).eval()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrofit.adapters.generic"):
+        torch.testing.assert_close(adapter_for(plain)(x)[1], plain(x))
+    assert "transforms" not in caplog.text
