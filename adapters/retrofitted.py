@@ -94,6 +94,7 @@ class RetrofittedModel(nn.Module):
         self.fingerprint = fingerprint  # encoder of z (the backbone): what the KB's keys must come from
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self._checked_store: int | None = None  # id() of the last store whose fingerprint was checked
+        self._range_checked = False  # the first batch warns about 0-255 pixel values
         self._freeze()
 
     # ------------------------------------------------------------------------------------ freezing
@@ -130,6 +131,11 @@ class RetrofittedModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected preprocessed float images (as the model's transforms give them), got "
                              f"{x.dtype}; e.g. x.float() / 255 followed by the model's normalisation")
+        if not self._range_checked and x.numel():
+            self._range_checked = True  # once: a full pass over every batch would cost
+            if float(x.detach().abs().amax()) > 20:
+                logger.warning("the images reach %.0f: 0-255 pixel values? the model expects its preprocessing "
+                               "(e.g. x / 255, then its normalisation)", float(x.detach().abs().amax()))
         p = _param_of(self.backbone)
         if p is not None and (x.device != p.device or (x.is_floating_point() and x.dtype != p.dtype)):
             x = x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else None)

@@ -397,3 +397,19 @@ def test_a_model_ending_in_softmax_gives_its_logits_with_a_warning(seed: int, ca
     with caplog.at_level(logging.WARNING, logger="retrofit.adapters.generic"):
         torch.testing.assert_close(adapter_for(plain)(x)[1], plain(x))
     assert "transforms" not in caplog.text
+
+
+def test_unscaled_pixel_values_warn_once(seed: int, caplog) -> None:
+    import logging
+
+    model, size = _tv(lambda: __import__("torchvision").models.resnet18(num_classes=C))()
+    clf = wrap(model, make_head(512, make_store(512)))
+    with caplog.at_level(logging.WARNING, logger="retrofit.adapters.retrofitted"):
+        clf(torch.rand(2, 3, size, size) * 255)
+        clf(torch.rand(2, 3, size, size) * 255)
+    assert caplog.text.count("0-255 pixel values?") == 1
+    caplog.clear()
+    clf2 = wrap(model, make_head(512, make_store(512)))
+    with caplog.at_level(logging.WARNING, logger="retrofit.adapters.retrofitted"):
+        clf2(torch.randn(2, 3, size, size))  # normalised images: no warning
+    assert "pixel values" not in caplog.text
