@@ -42,7 +42,7 @@ class _File:
     """Little-endian reads at a moving position of a faiss index file (faiss writes native order)."""
 
     def __init__(self, f: Any) -> None:
-        self.f, self.fd, self.name = f, f.fileno(), f.name
+        self.fd, self.name = f.fileno(), f.name
         self.size = os.fstat(self.fd).st_size
         self.pos = 0
 
@@ -50,8 +50,12 @@ class _File:
         return CorruptKnowledgeBaseError(f"index file {self.name} is damaged: {what}")
 
     def read_into(self, out: np.ndarray, at: int) -> None:
-        if os.preadv(self.fd, [memoryview(out).cast("B")], at) != out.nbytes:
-            raise self.damaged(f"truncated at {self.size} bytes (needs {at + out.nbytes})")
+        view, done = memoryview(out).cast("B"), 0
+        while done < out.nbytes:  # one read returns at most ~2 GiB on Linux
+            got = os.preadv(self.fd, [view[done:]], at + done)
+            if got <= 0:
+                raise self.damaged(f"truncated at {self.size} bytes (needs {at + out.nbytes})")
+            done += got
 
     def scalar(self, fmt: str) -> Any:
         n = struct.calcsize(fmt)
