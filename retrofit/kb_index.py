@@ -193,7 +193,11 @@ def inner_index(index):
 def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
     """Write ``index`` atomically and point ``index.json`` at it; removes the previous index file."""
     faiss = _faiss()
-    old = IndexState.read(kb_dir) if (kb_dir / "index.json").is_file() else None
+    try:
+        old = IndexState.read(kb_dir) if (kb_dir / "index.json").is_file() else None
+        stale = [old.file] if old is not None else []
+    except CorruptKnowledgeBaseError:  # a damaged index.json (what `kb compact` repairs): clear every index file
+        stale = [f.name for f in kb_dir.glob("index-*.faiss")]
     name = f"index-{state.generation}-{uuid.uuid4().hex[:8]}.faiss"
     tmp = kb_dir / (name + ".tmp")
     faiss.write_index(index, str(tmp))
@@ -214,8 +218,9 @@ def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
         os.fsync(f.fileno())
     os.replace(jtmp, kb_dir / "index.json")
     fsync_dir(kb_dir)
-    if old is not None and old.file != name:
-        (kb_dir / old.file).unlink(missing_ok=True)
+    for f in stale:
+        if f != name:
+            (kb_dir / f).unlink(missing_ok=True)
     return state
 
 
@@ -231,6 +236,10 @@ def load_index(kb_dir: Path, state: IndexState, mmap: bool):
             raise CorruptKnowledgeBaseError(f"index file {p} is damaged: {size} bytes, index.json says {state.size}")
         if _quick_hash(p, size) != state.quick:
             raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its checksum does not match index.json's")
+        # an index read into memory may be added to and saved (writers): a damage anywhere in it would be saved
+        # under a fresh checksum, so the whole file is checked (a mapped read-only index is checked by map_hnsw)
+        if not mmap and full_hash(p) != state.sha256:
+            raise CorruptKnowledgeBaseError(f"index file {p} is damaged: its sha256 does not match index.json's")
         index = map_hnsw(p, state.ntotal) if mmap else None  # graph and vectors mapped, not faulted in
         if index is None:
             index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC if mmap else 0)

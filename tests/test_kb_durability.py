@@ -11,8 +11,10 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 import torch
 
+from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.knowledge_base import KnowledgeBase
 
 DK, DI, DT = 16, 8, 4
@@ -286,3 +288,44 @@ def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
     report = reader.verify()
     assert report["ok"] and report["chunks_without_checksum"] == 2 and report["records_checked"] == 50
     reader.close()
+
+
+def test_damage_inside_a_loaded_index_is_never_saved_under_a_new_checksum(tmp_path):
+    """Bytes flipped in the middle of an index file (outside the first / last MiB the quick checksum reads): a
+    writer used to load it, add, and save it with a fresh sha256, after which `verify` said OK. Now loading it
+    into memory checks the whole file: readers refuse it, a writer rebuilds it from the records."""
+    path = tmp_path / "kb"
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(40_000, 16, generator=g)
+    with KnowledgeBase.create(path, 16, 2, 2, index="flat") as kb:
+        kb.add(keys, torch.zeros(40_000, 2), torch.zeros(40_000, 2))
+    p = next(path.glob("index-*.faiss"))
+    assert p.stat().st_size > 2 << 20
+    with open(p, "r+b") as f:
+        f.seek(p.stat().st_size // 2)
+        f.write(b"\x7f" * 64)
+    with pytest.raises(CorruptKnowledgeBaseError, match="sha256 does not match.*retrofit kb compact"):
+        KnowledgeBase.open(path)
+    with KnowledgeBase.open(path, readonly=False) as w:  # rebuilds from the records, then adds
+        w.add(torch.randn(10, 16, generator=g), torch.zeros(10, 2), torch.zeros(10, 2))
+    with KnowledgeBase.open(path) as r:
+        assert r.verify()["ok"]
+        assert torch.equal(r.search(keys[:50], 1).ids[:, 0], torch.arange(50))
+        assert (r.search(keys[:50], 1).scores <= 1.001).all()  # unit keys (the damage gave scores of 64)
+
+
+def test_compact_repairs_a_damaged_index_json(tmp_path):
+    path = tmp_path / "kb"
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(300, 16, generator=g)
+    with KnowledgeBase.create(path, 16, 2, 2, index="flat") as kb:
+        kb.add(keys, torch.zeros(300, 2), torch.zeros(300, 2))
+    for junk in ("not json", "{}", "[1, 2]"):
+        (path / "index.json").write_text(junk)
+        with pytest.raises(CorruptKnowledgeBaseError, match="index.json"):
+            KnowledgeBase.open(path)
+        with KnowledgeBase.open(path, readonly=False) as w:
+            w.compact()
+        with KnowledgeBase.open(path) as r:
+            assert r.verify()["ok"] and torch.equal(r.search(keys[:5], 1).ids[:, 0], torch.arange(5))
+        assert len(list(path.glob("index-*.faiss"))) == 1  # the old file went with the damaged index.json
