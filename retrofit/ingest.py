@@ -224,6 +224,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     src = source if isinstance(source, Source) else open_source(source)
     if len(src) == 0:
         raise ValueError(f"source {src.location} has no samples")
+    if cfg.require_caption and not any(r.caption for r in src.refs):
+        col = src.options.get("columns", [None, None])[1] if src.kind == "manifest" else None
+        where = f" (no {col!r} column / values in the manifest)" if col else ""
+        raise ValueError(f"no sample of {src.location} has a caption{where}, so every sample would be skipped; name "
+                         "the caption column (--caption-column; manifest_source(caption_col=...)) or build without "
+                         "captions (--allow-missing-captions; require_caption=False: zero text vectors)")
     if mode == "add" and cfg.class_names is None:
         with KnowledgeBase.open(path) as kb0:
             cfg.class_names = kb0.class_names

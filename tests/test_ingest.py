@@ -104,6 +104,12 @@ def test_build_from_imagefolder_and_manifest(tmp_path, mini_samples, cifar_class
     recs = _records(tmp_path / "kb_man")
     assert [target[r["label"]] for r in recs] == [cifar_classes[m["label"]] for m in mini_samples[::5]]
     assert [r["caption"] for r in recs] == [m["caption"].strip() for m in mini_samples[::5]]
+    # a misspelt caption column: every sample would be skipped; refused before anything is created
+    from retrofit.sources import manifest_source
+
+    with pytest.raises(ValueError, match="no 'text' column / values in the manifest.*--allow-missing-captions"):
+        build_kb(manifest_source(man, caption_col="text"), tmp_path / "kb_typo", **encoders, **FAST)
+    assert not (tmp_path / "kb_typo").exists()
 
 
 def test_bad_data_is_skipped_and_reported(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
@@ -461,3 +467,15 @@ def test_first_build_failing_before_any_record_leaves_nothing(tmp_path, shards, 
 
     with pytest.raises(ValueError, match="float16 or float32"):
         BuildConfig(dtype="bfloat16").validate()
+
+
+def test_cli_build_where_every_sample_is_bad_fails(tmp_path, mini_samples, capsys):  # noqa: F811
+    """`retrofit kb build` that writes nothing (every image undecodable) exits 1 naming the report (it exited 0)."""
+    from retrofit.cli import main
+
+    bad = [dict(s, key=f"bad{i}", jpg=s["jpg"][:50] + b"\xff\x00" * 20) for i, s in enumerate(mini_samples[:3])]
+    write_shard(tmp_path / "bad.tar", bad)
+    rc = main(["kb", "build", str(tmp_path / "bad.tar"), str(tmp_path / "kb"), "--workers", "0", "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "every one of the 3 samples was skipped" in err and REPORT_NAME in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,10 @@ def _report(summary: Any, as_json: bool) -> int:
         print(json.dumps(summary.to_dict()))
     else:
         print(summary)
+    if summary.total and summary.written == 0 and summary.skipped >= summary.total:
+        print(f"error: every one of the {summary.total} samples was skipped as bad data; see {summary.report}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
