@@ -135,10 +135,15 @@ class KBWriteMixin:
         self._meta = self._rec.meta = m
         self._set_deleted(np.union1d(self._deleted, a))
 
-    def compact(self) -> None:
-        """Rebuild the index without deleted records and drop the chunks whose records are all deleted."""
+    def compact(self, hnsw_storage: str | None = None) -> None:
+        """Rebuild the index without deleted records and drop the chunks whose records are all deleted;
+        ``hnsw_storage`` ("fp16" / "float32") changes how the rebuilt HNSW index stores the keys."""
         self._check_writable()
+        from dataclasses import replace
+
         from retrofit.kb_records import ckey
+
+        cfg = self._cfg if hnsw_storage is None else replace(self._cfg, hnsw_storage=hnsw_storage)  # validates
 
         C, nxt = self._rec.chunk, self._meta["next_id"]
         with self._rec.env.begin(write=True) as txn:
@@ -154,6 +159,8 @@ class KBWriteMixin:
                 txn.delete(ckey(i), db=self._rec.db_txt)
             m["generation"] += 1
             m["compactions"] += 1
+            m["index"] = cfg.to_meta()
             self._rec.write_meta(txn, m)
         self._meta = self._rec.meta = m
+        self._cfg = cfg
         self._rebuild()

@@ -342,6 +342,19 @@ def test_a_kb_from_before_fp16_storage_keeps_working_and_compacts_to_fp16(tmp_pa
     with KnowledgeBase.open(path) as r:
         assert r.info()["index"]["storage"] == "fp16" and r.info()["index"]["memory_mapped"]
         assert torch.equal(r.search(keys[800:805], 1).ids[:, 0], torch.arange(800, 805))
+    with KnowledgeBase.open(path, readonly=False) as w:  # either way on request, and the choice is kept
+        w.compact(hnsw_storage="float32")
+        with pytest.raises(ValueError, match="hnsw_storage must be one of"):
+            w.compact(hnsw_storage="int4")
+    from retrofit.cli import main
+
+    with KnowledgeBase.open(path, readonly=False) as w:
+        assert w.info()["index"]["config"]["hnsw_storage"] == "float32"
+        w.compact()
+        assert w.info()["index"]["storage"] == "float32"
+    assert main(["kb", "compact", str(path), "--hnsw-storage", "fp16"]) == 0
+    with KnowledgeBase.open(path) as r:
+        assert r.info()["index"]["storage"] == "fp16" and len(r) == 900
     with KnowledgeBase.create(tmp_path / "new", 16, 2, 2) as kb:
         pass
     seen = {}

@@ -174,7 +174,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     with KnowledgeBase.open(args.path, readonly=False) as kb:
         before = kb.info()
-        kb.compact()
+        kb.compact(hnsw_storage=args.hnsw_storage)
         after = kb.info()
     print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
           f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
@@ -214,4 +214,6 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
                                           "damaged or missing index)",
                           description="Rebuild the index. Example: retrofit kb compact kb/cifar10")
     p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("--hnsw-storage", default=None, choices=["fp16", "float32"],
+                   help="rebuild an HNSW index with this key storage (default: keep the KB's setting)")
     p.set_defaults(func=cmd_compact)
