@@ -111,3 +111,31 @@ def test_every_command_has_help_with_an_example(capsys):
         text = capsys.readouterr().out
         assert "example" in text.lower() and f"retrofit {' '.join(cmd)} " in text, cmd
         assert "-v, --verbose" in text, cmd
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path, capsys):
+    """ENOSPC from a real write (to /dev/full), and the same error wrapped in another (as faiss / LMDB chain them),
+    print what to do instead of a traceback; other errors still raise."""
+    import errno
+
+    from retrofit.commands import guarded
+
+    def write_to_full_disk(args):
+        with open("/dev/full", "wb", buffering=0) as f:
+            f.write(b"x" * 4096)
+
+    def chained(args):
+        try:
+            write_to_full_disk(args)
+        except OSError as e:
+            raise RuntimeError("Error in faiss::FileIOWriter: write error") from e
+
+    if not __import__("os").path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    for fn in (write_to_full_disk, chained):
+        assert guarded(fn)(None) == 1
+        err = capsys.readouterr().err
+        assert "the disk refused a write" in err and "run the same command again" in err
+    with pytest.raises(OSError) as e:
+        guarded(lambda args: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))(None)
+    assert e.value.errno == errno.EACCES

@@ -19,6 +19,21 @@ def _message(e: BaseException) -> str:
     return text
 
 
+def _disk_full(e: BaseException) -> bool:
+    """A full disk (or quota) anywhere in the exception chain: OSError ENOSPC / EDQUOT, or the text faiss and LMDB
+    give for it."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "MDB_MAP_FULL" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] = ()) -> Any:
     """Decorate a command so that a user error prints ``error: ...`` on stderr and exits 1 instead of a
     traceback: a :class:`retrofit.errors.RetrofitError`, ``ValueError`` or ``FileNotFoundError``, plus the
@@ -33,6 +48,13 @@ def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] 
             except (RetrofitError, ValueError, FileNotFoundError, *also) as e:
                 logging.getLogger("retrofit.cli").debug("the error's traceback (-vv):", exc_info=True)
                 print(f"error: {_message(e)}", file=sys.stderr)
+                return 1
+            except Exception as e:
+                if not _disk_full(e):
+                    raise
+                logging.getLogger("retrofit.cli").debug("the error's traceback (-vv):", exc_info=True)
+                print(f"error: the disk refused a write ({_message(e)}): free space (or give another path) and run "
+                      "the same command again; what was committed is kept and builds resume", file=sys.stderr)
                 return 1
 
         run.__name__ = getattr(f, "__name__", "run")
