@@ -220,6 +220,9 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     exists = path.is_dir() and any(path.iterdir())
     if mode == "add" and not exists:
         raise KnowledgeBaseError(f"{path} is not a knowledge base; create one with `retrofit kb build`")
+    if mode == "build" and exists and not (path / "records" / "data.mdb").is_file():
+        raise KnowledgeBaseError(f"{path} exists and holds other files, not a knowledge base; build into a new or "
+                                 "empty directory")
     # everything that can be wrong with the configuration is found here, before any work
     src = source if isinstance(source, Source) else open_source(source)
     if len(src) == 0:

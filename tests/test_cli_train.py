@@ -256,7 +256,7 @@ def test_eval_predict_calibrate_refuse_a_kb_from_another_encoder_unless_allowed(
     from retrofit.ingest import build_kb
 
     other = tmp_path / "kb_resnet"
-    build_kb(str(setup / "test.tar"), other, image_encoder="torchvision:resnet18@random", text_encoder="minilm",
+    build_kb(str(setup / "train.tar"), other, image_encoder="torchvision:resnet18@random", text_encoder="minilm",
              progress=False, num_workers=0)
     img = tmp_path / "x.jpg"
     with tarfile.open(setup / "test.tar") as tf:

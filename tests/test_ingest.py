@@ -110,6 +110,11 @@ def test_build_from_imagefolder_and_manifest(tmp_path, mini_samples, cifar_class
     with pytest.raises(ValueError, match="no 'text' column / values in the manifest.*--allow-missing-captions"):
         build_kb(manifest_source(man, caption_col="text"), tmp_path / "kb_typo", **encoders, **FAST)
     assert not (tmp_path / "kb_typo").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(KnowledgeBaseError, match="exists and holds other files, not a knowledge base"):
+        build_kb(man, tmp_path / "notes", **encoders, **FAST)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and len(list((tmp_path / "notes").iterdir())) == 1
 
 
 def test_bad_data_is_skipped_and_reported(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
