@@ -44,6 +44,10 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     assert "ids: 'x' is not a record id" in capsys.readouterr().err
     assert main(["kb", "query", path, "--ids", "a"]) == 1
     assert "--ids: 'a' is not a record id" in capsys.readouterr().err
+    assert main(["kb", "delete", path, "10-12,20"]) == 0  # ranges are inclusive
+    assert "deleted 4 records; 33 live" in capsys.readouterr().out
+    assert main(["kb", "delete", path, "30-25"]) == 1
+    assert "'30-25' is not a record id or range" in capsys.readouterr().err
     assert main(["kb", "info", str(tmp_path / "nope")]) == 1
     assert "nope does not exist; build one with `retrofit kb build SOURCE" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
@@ -57,7 +61,7 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
     # -v after the command works; an unknown option gets the command's own usage; a bad query names its shape
     assert main(["kb", "info", path, "-v", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["records"] == 37
+    assert json.loads(capsys.readouterr().out)["records"] == 33
     with pytest.raises(SystemExit) as e:
         main(["kb", "info", path, "--jsn"])
     assert e.value.code == 2

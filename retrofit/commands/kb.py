@@ -144,15 +144,25 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _parse_ids(parts: list[str], what: str) -> list[int]:
-    """Record ids from arguments like ``3 4,5``; a clear error for anything that is not an integer."""
-    ids = []
+    """Record ids from arguments like ``3 4,5 10-20`` (ranges inclusive); a clear error for anything else."""
+    ids: list[int] = []
     for part in parts:
         for s in part.split(","):
-            if s.strip():
-                try:
+            s = s.strip()
+            if not s:
+                continue
+            lo, dash, hi = s.partition("-") if not s.startswith("-") else (s, "", "")
+            try:
+                if dash:
+                    a, b = int(lo), int(hi)
+                    if b < a:
+                        raise ValueError
+                    ids.extend(range(a, b + 1))
+                else:
                     ids.append(int(s))
-                except ValueError:
-                    raise ValueError(f"{what}: {s.strip()!r} is not a record id; give integers, e.g. 3,4,5") from None
+            except ValueError:
+                raise ValueError(f"{what}: {s!r} is not a record id or range; give integers or ranges, e.g. "
+                                 "3,4,5 or 1488-1859") from None
     return ids
 
 
@@ -207,7 +217,7 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p = kb_sub.add_parser("delete", help="delete records by id (tombstones; compact rebuilds the index)",
                           description="Delete records. Example: retrofit kb delete kb/cifar10 3 17 42")
     p.add_argument("path", help="knowledge-base directory")
-    p.add_argument("ids", nargs="+", help="record ids (space or comma separated)")
+    p.add_argument("ids", nargs="+", help="record ids (space or comma separated; ranges like 10-20 inclusive)")
     p.set_defaults(func=cmd_delete)
 
     p = kb_sub.add_parser("compact", help="rebuild the index from the records (drops deleted records; repairs a "
