@@ -143,10 +143,14 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise KnowledgeBaseError(f"{self.path} is open for writing in another process (one writer at a time); "
-                                     "wait for it to finish, or only read it: KnowledgeBase.open(path) (read-only "
-                                     "by default), `retrofit kb info|query|verify`") from e
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise KnowledgeBaseError(f"{self.path} is open for writing in another process{who} (one writer at a "
+                                     "time); wait for it to finish, or only read it: KnowledgeBase.open(path) "
+                                     "(read-only by default), `retrofit kb info|query|verify`") from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)  # who holds the lock, for the next writer's error message
         self._lock_fd = fd
 
     def _load(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -185,8 +186,8 @@ def test_not_a_kb_newer_schema_and_second_writer(tmp_path):
     with pytest.raises(KnowledgeBaseError, match="already exists"):
         KnowledgeBase.create(tmp_path / "junk", DK, DI, DT)
     kb, _ = make(tmp_path / "kb", n=5)
-    with pytest.raises(KnowledgeBaseError, match="another process|one writer"):
-        _other_process_writer(tmp_path / "kb")
+    with pytest.raises(KnowledgeBaseError, match=rf"in another process \(process {os.getpid()}\) \(one writer"):
+        _other_process_writer(tmp_path / "kb")  # names this test's process, which holds the lock
     with kb._rec.env.begin(write=True) as txn:  # simulate a KB written by a future retrofit
         m = kb._rec.read_meta(txn)
         m["schema_version"] = 99
