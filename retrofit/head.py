@@ -137,14 +137,19 @@ class HeadOutput:
     attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked
 
 
-def store_label_counts(store: Store, num_classes: int) -> torch.Tensor | None:
-    """(C,) records per class in ``store`` (labels outside 0..C-1, e.g. -1 unknown, are not counted); None when
-    the store knows no labels (then a balanced vote is left unbalanced)."""
+def _store_labels(store: Store) -> torch.Tensor | None:
+    """(N,) int64 labels of every record in ``store``, or None when it keeps no labels."""
     labels = getattr(store, "labels", None)
     labels = labels() if callable(labels) else labels
+    return None if labels is None else torch.as_tensor(labels).reshape(-1).to(torch.int64)
+
+
+def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(C,) records per class in ``store`` (labels outside 0..C-1, e.g. -1 unknown, are not counted); None when
+    the store knows no labels (then a balanced vote is left unbalanced). ``labels``: the store's, already read."""
+    labels = _store_labels(store) if labels is None else labels
     if labels is None:
         return None
-    labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
     labels = labels[(labels >= 0) & (labels < num_classes)]
     if labels.numel() == 0:
         logger.warning("the attached store has no labels in 0..%d: the label vote is not rebalanced", num_classes - 1)
@@ -152,7 +157,7 @@ def store_label_counts(store: Store, num_classes: int) -> torch.Tensor | None:
     return torch.bincount(labels, minlength=num_classes)
 
 
-def _check_vote_classes(c: HeadConfig, store: Store) -> None:
+def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None) -> None:
     """The label vote reads the store's label ids as the head's classes: refuse a store whose ids mean others."""
     theirs = getattr(store, "class_names", None)
     if theirs is not None and c.class_names is not None and list(theirs) != list(c.class_names):
@@ -165,10 +170,8 @@ def _check_vote_classes(c: HeadConfig, store: Store) -> None:
         raise RetrofitError(f"cannot attach store: its labels name {what}; the label vote would vote for the wrong "
                             "classes. Build the knowledge base with the head's class list (--classes / "
                             "BuildConfig.class_names) or give the head the knowledge base's")
-    labels = getattr(store, "labels", None)
-    labels = labels() if callable(labels) else labels
-    if labels is not None and len(labels) and int(torch.as_tensor(labels).max()) >= c.num_classes:
-        raise RetrofitError(f"cannot attach store: it has label {int(torch.as_tensor(labels).max())} but the head's "
+    if labels is not None and labels.numel() and int(labels.max()) >= c.num_classes:
+        raise RetrofitError(f"cannot attach store: it has label {int(labels.max())} but the head's "
                             f"label vote knows {c.num_classes} classes (0..{c.num_classes - 1}); build the head with "
                             "the knowledge base's classes")
 
@@ -235,15 +238,16 @@ class RetrievalHead(nn.Module):
         for field, theirs, what in pairs:
             check_fingerprints(getattr(c, field), theirs, f"attaching a knowledge base ({what})",
                                allow_mismatch=allow_fingerprint_mismatch)
+        labels = _store_labels(store) if self.vote is not None else None  # read once: checked, then counted
         if self.vote is not None:
-            _check_vote_classes(c, store)
+            _check_vote_classes(c, store, labels)
         learned = {f: theirs for f, theirs, _ in pairs if getattr(c, f) is None and theirs is not None}
         if learned:
             self.config = replace(c, **learned)
             logger.info("head adopts the store's encoder fingerprints for %s", sorted(learned))
         self._store = store
         if self.vote is not None and self.config.vote_balance:
-            self.vote.set_label_prior(store_label_counts(store, c.num_classes))
+            self.vote.set_label_prior(store_label_counts(store, c.num_classes, labels))
         return self
 
     def detach_store(self) -> Store | None:
