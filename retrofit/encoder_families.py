@@ -93,16 +93,27 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
     return ImageEncoder(embed, preprocess, fp, module=model)
 
 
+def _state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in a checkpoint file (``{"state_dict": ...}`` unwrapped, DataParallel's ``module.`` dropped)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RetrofitError(f"{path} holds a {type(state).__name__}, not a state dict; save the model with "
+                            "torch.save(model.state_dict(), path)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def _timm_from_checkpoint(timm: Any, name: str, path: Path) -> nn.Module:
     """timm model ``name`` with the checkpoint in ``path``, built with the checkpoint's class count (a fine-tuned
     production classifier has its own classes, not the pretrained model's)."""
     model = timm.create_model(name, pretrained=False)
     head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = _state_dict(path)
     heads = [head] if isinstance(head, str) else list(head or ())
-    w = state.get(f"{heads[0]}.weight") if heads and isinstance(state, dict) else None
+    w = state.get(f"{heads[0]}.weight") if heads else None
     extra = {"num_classes": int(w.shape[0])} if w is not None and w.dim() == 2 else {}
     try:
         return timm.create_model(name, pretrained=False, checkpoint_path=str(path), **extra)
@@ -122,14 +133,7 @@ def torchvision_from_checkpoint(name: str, path: Path) -> nn.Module:
     """torchvision model ``name`` with the state dict in ``path``; a classifier trained for other classes than
     ImageNet's 1000 (a fine-tuned production model) is rebuilt with the checkpoint's class count first."""
     tvm = require("torchvision", f"torchvision:{name}").models
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise RetrofitError(f"{path} holds a {type(state).__name__}, not a state dict; save the model with "
-                            "torch.save(model.state_dict(), path)")
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _state_dict(path)
     model = tvm.get_model(name, weights=None)
     last = _last_linear(model)
     w = state.get(f"{last[0]}.weight") if last else None
