@@ -23,7 +23,7 @@ import torch
 from retrofit.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrofit.errors import KnowledgeBaseError
 from retrofit.fingerprint import check_fingerprints
-from retrofit.sources import DecodeDataset, Source, collate_decoded, map_labels, open_source
+from retrofit.sources import Source, map_labels, open_source
 from retrofit.store import KBFingerprint
 
 __all__ = ["BuildConfig", "BuildSummary", "build_kb", "add_to_kb", "merge_kbs", "REPORT_NAME"]
@@ -130,12 +130,11 @@ def _decoded_batches(src: Source, cfg: BuildConfig, img: ImageEncoder, key: Imag
     Called before the KB is opened for writing, so that the workers inherit none of its file descriptors
     (an orphaned worker of a killed build would otherwise hold the KB's writer lock).
     """
+    from retrofit.workers import decode_loader
+
     pre = [img.preprocess] + ([key.preprocess] if key is not None else [])
-    ds = DecodeDataset(src.refs, pre[0] if len(pre) == 1 else _Multi(pre), offset=start)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_decoded,
-        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
-    return iter(loader)
+    return iter(decode_loader(src.refs, pre[0] if len(pre) == 1 else _Multi(pre), batch_size=cfg.batch_size,
+                              num_workers=cfg.num_workers, offset=start, prefetch_factor=4))
 
 
 class _Multi:

@@ -136,11 +136,9 @@ def kb_image_hashes(kb: Any) -> dict[str, list[int]]:
 
 def image_batches(source: Any, preprocess: Callable, batch_size: int = 256, workers: int = 0) -> Any:
     """Decoded batches of a source in order: dicts with ``index``, ``ok``, ``images``, ``hash``, ``error``."""
-    from retrofit.sources import DecodeDataset, collate_decoded
+    from retrofit.workers import decode_loader
 
-    ds = DecodeDataset(source.refs, preprocess)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate_decoded)
+    return decode_loader(source.refs, preprocess, batch_size=batch_size, num_workers=workers)
 
 
 def _data_digest(source: Any) -> str:

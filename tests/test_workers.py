@@ -1,0 +1,137 @@
+"""Decoding workers (:mod:`retrofit.workers`) on real CIFAR-10 images: they ignore Ctrl-C (the parent shuts them
+down) and die with a parent killed by SIGKILL, instead of running on."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrofit.sources import webdataset_source
+from retrofit.workers import decode_loader
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+
+
+class _Probe:
+    """A picklable preprocess reporting, from inside the worker: SIGINT ignored?, parent-death signal, parent pid."""
+
+    def __call__(self, im):
+        sig = ctypes.c_int(-1)
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        return torch.tensor([float(ignored), float(sig.value), float(os.getppid()), float(im.size[0])])
+
+
+def _shard(data_dir: Path) -> str:
+    return str(data_dir / "cifar10" / "test-000000.tar")
+
+
+def test_workers_ignore_ctrl_c_and_die_with_their_parent(data_dir):
+    src = webdataset_source(_shard(data_dir))
+    loader = decode_loader(src.refs[:8], _Probe(), batch_size=4, num_workers=2)
+    rows = torch.cat([b["images"] for b in loader])
+    assert rows.shape == (8, 4)
+    assert rows[:, 0].eq(1).all(), "a worker still takes Ctrl-C itself"
+    assert rows[:, 2].eq(os.getpid()).all()
+    assert rows[:, 3].eq(32).all()  # real 32 px CIFAR images were decoded
+    if sys.platform.startswith("linux"):
+        assert rows[:, 1].eq(signal.SIGKILL).all(), "workers do not ask to die with their parent"
+    # the main process itself is untouched: no worker_init_fn runs there
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    rows0 = torch.cat([b["images"] for b in decode_loader(src.refs[:3], _Probe(), batch_size=4, num_workers=0)])
+    assert rows0[:, 2].eq(os.getppid()).all()
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from retrofit.sources import webdataset_source
+    from retrofit.workers import decode_loader
+
+    class Slow:
+        def __call__(self, im):
+            import torch
+            with open(os.path.join(sys.argv[2], str(os.getpid())), "w"):
+                pass
+            time.sleep(120)  # busy in a sample: torch's own watchdog cannot notice a dead parent meanwhile
+            return torch.zeros(1)
+
+    src = webdataset_source(sys.argv[1])
+    try:
+        for _ in decode_loader(src.refs, Slow(), batch_size=2, num_workers=2):
+            pass
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _start_child(tmp_path: Path, data_dir: Path) -> tuple[subprocess.Popen, list[int]]:
+    marks = tmp_path / "pids"
+    marks.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    child = subprocess.Popen([sys.executable, str(script), _shard(data_dir), str(marks)], start_new_session=True,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while len(list(marks.iterdir())) < 2:  # both workers are decoding
+        assert child.poll() is None, "the child process ended early"
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.1)
+    workers = sorted(int(p.name) for p in marks.iterdir())
+    assert all(_alive(w) for w in workers)
+    return child, workers
+
+
+def _wait_gone(pids: list[int], seconds: float = 40.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+@linux_only
+def test_kill_9_of_the_parent_takes_its_workers(tmp_path, data_dir):
+    child, workers = _start_child(tmp_path, data_dir)
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        assert _wait_gone(workers) == [], "workers outlived their killed parent"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+@linux_only
+def test_ctrl_c_to_the_process_group_ends_parent_and_workers(tmp_path, data_dir):
+    child, workers = _start_child(tmp_path, data_dir)
+    try:
+        os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 130 and "interrupted" in out
+        assert _wait_gone(workers) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
