@@ -59,6 +59,17 @@ class SnapshotView:
     lab_off: np.ndarray  # (chunks,) element offset of each label chunk in ``lab``; -1 = chunk absent
 
 
+def _damage_errors(lmdb: Any) -> tuple[type[BaseException], ...]:
+    """LMDB's errors for a file that is not (or no longer) a valid environment."""
+    return (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+            lmdb.BadDbiError, lmdb.IncompatibleError)
+
+
+def _unreadable(path: Path, e: BaseException) -> str:
+    return (f"{path.parent}: the record store {path / 'data.mdb'} is not a readable LMDB environment ({e}); "
+            "the records are lost: restore the knowledge base from a copy or rebuild it (retrofit kb build)")
+
+
 def ckey(i: int) -> bytes:
     """LMDB key of chunk / record number ``i`` (big-endian, so LMDB order is numeric order)."""
     return struct.pack(">Q", int(i))
@@ -89,26 +100,33 @@ class RecordStore:
             if entry is None:
                 # open writable whenever the files allow it, so that a later writer handle can share the env
                 ro = readonly and not os.access(self.path, os.W_OK)
-                env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
-                                lock=True, readahead=False, max_readers=512)
+                try:
+                    env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
+                                    lock=True, readahead=False, max_readers=512)
+                except _damage_errors(lmdb) as e:
+                    raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
                 entry = _ENVS[self._key] = [env, 0]
             elif not readonly and entry[0].flags().get("readonly"):
                 raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")
             entry[1] += 1
         self.env = entry[0]
-        txn_db = dict(create=not self.env.flags().get("readonly"))
-        self.db_meta = self.env.open_db(b"meta", **txn_db)
-        self.db_vec = self.env.open_db(b"vec", **txn_db)
-        self.db_lab = self.env.open_db(b"lab", **txn_db)
-        self.db_txt = self.env.open_db(b"txt", **txn_db)
-        self.db_del = self.env.open_db(b"del", **txn_db)
-        # a schema-1 KB has no ``sum`` database: only a writer creates it (a reader must not write to the file)
-        self.db_sum = None
-        if not readonly and txn_db["create"]:
-            self.db_sum = self.env.open_db(b"sum", create=True)
-        else:
-            self.sum_db()
         self.meta: dict[str, Any] = {}
+        try:
+            txn_db = dict(create=not self.env.flags().get("readonly"))
+            self.db_meta = self.env.open_db(b"meta", **txn_db)
+            self.db_vec = self.env.open_db(b"vec", **txn_db)
+            self.db_lab = self.env.open_db(b"lab", **txn_db)
+            self.db_txt = self.env.open_db(b"txt", **txn_db)
+            self.db_del = self.env.open_db(b"del", **txn_db)
+            # a schema-1 KB has no ``sum`` database: only a writer creates it (a reader must not write to the file)
+            self.db_sum = None
+            if not readonly and txn_db["create"]:
+                self.db_sum = self.env.open_db(b"sum", create=True)
+            else:
+                self.sum_db()
+        except _damage_errors(lmdb) as e:
+            self.close()
+            raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
 
     def sum_db(self) -> Any:
         """The chunk-checksum database, or None while the KB has none (schema 1). Looked up again until found: a

@@ -56,9 +56,11 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
     Create with :meth:`create`, open with :meth:`open`; use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike, readonly: bool = True, _create: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = True, _create: dict[str, Any] | None = None,
+                 _records_only: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._records_only = _records_only  # verify_path(): the records and index.json, never the index itself
         self._lock_fd: int | None = None
         self._pid = os.getpid()  # LMDB handles must not cross fork(): see _check_process
         self._snap = None  # read-only handles: the LMDB read transaction that is their snapshot
@@ -137,6 +139,19 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         """Open an existing knowledge base (``readonly=False``: this process becomes its one writer)."""
         return cls(path, readonly=readonly)
 
+    @classmethod
+    def verify_path(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """:meth:`verify` the knowledge base at ``path`` without loading its index, so that a damaged index file
+        (which :meth:`open` refuses) does not stop the check of the records: every problem found is in the report.
+        Raises only when ``path`` is not a knowledge base at all."""
+        try:
+            kb = cls(path, readonly=True, _records_only=True)
+        except CorruptKnowledgeBaseError as e:  # the metadata itself is unreadable: nothing else can be checked
+            return {"ok": False, "problems": [str(e)], "records_checked": 0, "chunks_without_checksum": 0,
+                    "generation": None, "index": {}}
+        with kb:
+            return kb.verify()
+
     def _take_writer_lock(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.path / "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -174,6 +189,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         with self._txn() as txn:
             self._set_deleted(rec.deleted(txn))
         self._delta = None
+        if self._records_only:
+            return
         problem = state_err
         if problem is None and state is None:
             problem = CorruptKnowledgeBaseError("index.json is missing")

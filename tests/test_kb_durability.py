@@ -250,6 +250,40 @@ def test_verify_sees_bit_rot_inside_a_chunk(tmp_path):
         assert kb.vectors(torch.tensor([0]), "image")[0].tolist() == image[0].half().float().tolist()  # chunk 0 fine
 
 
+def test_verify_checks_the_records_when_the_index_is_damaged_too(tmp_path, capsys):
+    """A damaged index makes open() refuse the KB; `kb verify` (KnowledgeBase.verify_path) still checks every
+    record chunk and reports both problems (it used to stop at the open with the index error alone)."""
+    import json
+
+    from retrofit.cli import main
+
+    path = tmp_path / "kb"
+    _kb_with_pattern(path)
+    f = path / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    at = raw.find(np.full(12, 0.3, dtype=np.float16).tobytes())
+    raw[at + 6] ^= 0x01  # record 21, chunk 1
+    f.write_bytes(bytes(raw))
+    index = path / json.loads((path / "index.json").read_text())["file"]
+    index.write_bytes(index.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptKnowledgeBaseError, match="retrofit kb compact"):
+        KnowledgeBase.open(path)
+    report = KnowledgeBase.verify_path(path)
+    assert not report["ok"] and report["records_checked"] == 40 - 16  # every live record but chunk 1's
+    chunk, idx = report["problems"]
+    assert chunk.startswith("chunk 1 (records 16..31): its bytes do not match their checksum")
+    assert f"{index.name} is missing or its checksum does not match" in idx
+    assert main(["kb", "verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DAMAGED: 24 records checked") and "chunk 1 (records 16..31)" in out and index.name in out
+    (path / "records" / "data.mdb").write_bytes(b"\0" * 4096)  # the records themselves are gone
+    report = KnowledgeBase.verify_path(path)
+    assert not report["ok"] and report["records_checked"] == 0
+    assert "is not a readable LMDB environment" in report["problems"][0]
+    assert main(["kb", "info", str(path)]) == 1
+    assert "restore the knowledge base from a copy or rebuild it" in capsys.readouterr().err
+
+
 def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
     """A KB written before chunk checksums (schema 1: no ``sum`` database) opens, verifies (its chunks counted as
     unchecked), and a writer's first write upgrades it to schema 2 with checksums for the chunks it writes."""

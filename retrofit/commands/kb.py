@@ -65,8 +65,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 @guarded(also=(KeyError,))
 def cmd_verify(args: argparse.Namespace) -> int:
-    with _open(args.path) as kb:
-        report = kb.verify()
+    from retrofit.knowledge_base import KnowledgeBase
+
+    report = KnowledgeBase.verify_path(args.path)  # a damaged index does not stop the check of the records
     if args.json:
         print(json.dumps(report, indent=2))
     else:
