@@ -27,13 +27,24 @@ class KBIndexMixin:
     """Index maintenance of ``KnowledgeBase``."""
 
     def _live_keys(self, start: int, upto: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, float32 keys) of live records in [start, upto), in batches."""
-        Dk = self.key_dim
+        """(ids, float32 keys) of live records in [start, upto), in batches, for the index.
+
+        Every chunk's checksum is checked on the way: a chunk damaged on disk is left out of the index (its
+        records are then never found by a search), with a warning that says how to repair the knowledge base.
+        """
+        Dk, C = self.key_dim, self._rec.chunk
+        damaged: list[int] = []
         with self._txn() as txn:
-            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, Dk), upto=upto, start=start):
+            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, Dk), upto=upto, start=start, damaged=damaged):
                 ids = np.arange(first, first + rows.shape[0], dtype=np.int64)
                 live = ~np.isin(ids, self._deleted)
                 yield ids[live], rows[live].astype(np.float32)
+        for c in damaged:
+            hi = min(c * C + C, self._meta["next_id"]) - 1
+            log.warning("%s: record chunk %d (records %d..%d) does not match its checksum (damaged on disk): its "
+                        "records are left out of the index. Restore the knowledge base from a copy, or drop them "
+                        "with `retrofit kb delete %s %d-%d` and re-add them; `retrofit kb verify %s` lists every "
+                        "damaged chunk", self.path, c, c * C, hi, self.path, c * C, hi, self.path)
 
     def _rebuild(self) -> None:
         """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""

@@ -284,6 +284,41 @@ def test_verify_checks_the_records_when_the_index_is_damaged_too(tmp_path, capsy
     assert "restore the knowledge base from a copy or rebuild it" in capsys.readouterr().err
 
 
+def test_index_rebuild_leaves_a_damaged_chunk_out_and_says_how_to_repair(tmp_path, caplog):
+    """A writer rebuilding the index (here: the index file is gone) checks every chunk's checksum: the damaged
+    chunk's records stay out of the index with a warning naming the ids and the fix; deleting them and compacting
+    leaves a KB that verifies clean (it used to index the damaged keys without a word)."""
+    import json
+    import logging
+
+    path = tmp_path / "kb"
+    image = _kb_with_pattern(path)
+    with KnowledgeBase.open(path) as kb:
+        keys = kb.vectors(torch.arange(40), "key")
+    f = path / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    at = raw.find(np.full(12, 0.3, dtype=np.float16).tobytes())
+    raw[at + 6] ^= 0x01  # record 21, chunk 1
+    f.write_bytes(bytes(raw))
+    (path / json.loads((path / "index.json").read_text())["file"]).unlink()
+    with caplog.at_level(logging.WARNING, logger="retrofit"), KnowledgeBase.open(path, readonly=False) as kb:
+        assert len(kb) == 40  # the records are all still there
+        found = kb.search(keys, 1).ids[:, 0]
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "record chunk 1 (records 16..31) does not match its checksum" in warning
+    assert f"retrofit kb delete {path} 16-31" in warning
+    assert torch.equal(found[:16], torch.arange(16)) and torch.equal(found[32:], torch.arange(32, 40))
+    assert not ((found >= 16) & (found < 32)).any()  # no damaged record is ever returned
+    from retrofit.cli import main
+
+    assert main(["kb", "delete", str(path), "16-31"]) == 0
+    assert main(["kb", "compact", str(path)]) == 0
+    with KnowledgeBase.open(path) as kb:
+        report = kb.verify()
+        assert report["ok"] and report["records_checked"] == 24, report
+        assert torch.equal(kb.vectors(torch.tensor([33]), "image")[0], image[33].half().float())
+
+
 def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
     """A KB written before chunk checksums (schema 1: no ``sum`` database) opens, verifies (its chunks counted as
     unchecked), and a writer's first write upgrades it to schema 2 with checksums for the chunks it writes."""
