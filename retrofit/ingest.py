@@ -43,7 +43,7 @@ class BuildConfig:
     class_names: list[str] | None = None  # the classifier's classes; labels are mapped onto them by name
     batch_size: int = 256  # images per encoder batch
     num_workers: int = 1  # DataLoader worker processes decoding images (0 = in the main process)
-    commit_every: int = 4096  # records per LMDB commit = resume granularity
+    commit_every: int = 4096  # commit once this many records are pending (checked per batch) = resume granularity
     dedup: bool = True  # drop exact duplicates (same image bytes, sha1)
     near_dup: float | None = None  # drop records whose key has cosine >= this with an earlier record (None = off)
     require_caption: bool = True  # a sample without a caption is bad data (else its text vector is zero)

@@ -144,7 +144,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images (default 1)")
     p.add_argument("--commit-every", type=int, default=4096,
-                   help="records per commit = resume granularity (default %(default)s)")
+                   help="commit once this many records are pending, at the end of the batch that reaches it "
+                        "(so up to --batch-size - 1 more): the resume granularity (default %(default)s)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
     p.add_argument("--near-dup", type=float, default=None, metavar="COS",
                    help="also drop records whose key has cosine >= COS with an earlier one")
