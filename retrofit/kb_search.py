@@ -16,7 +16,7 @@ import torch
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import IndexState, full_hash, search_index
 from retrofit.neighbors import Neighbors
-from retrofit.store import _check_exclude, as_queries, check_search_args
+from retrofit.store import _check_exclude, as_queries, check_query_norms, check_search_args
 
 __all__ = ["KBSearchMixin"]
 
@@ -54,7 +54,9 @@ class KBSearchMixin:
             qn = queries.detach().float().cpu().numpy()  # (B, Dk)
             if not np.isfinite(qn).all():
                 raise ValueError("queries contain NaN or inf")
-            qn = np.ascontiguousarray(qn / np.maximum(np.linalg.norm(qn, axis=1, keepdims=True), 1e-12))
+            norms = np.linalg.norm(qn, axis=1, keepdims=True)  # (B, 1)
+            check_query_norms(norms[:, 0])
+            qn = np.ascontiguousarray(qn / norms)
             parts = []
             for index in (self._main, self._delta):
                 if index is not None and index.ntotal:

@@ -109,7 +109,18 @@ def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torc
         return None
     if not torch.isfinite(queries).all():
         raise ValueError("queries contain NaN or inf")
+    check_query_norms(queries.detach().float().norm(dim=1).cpu().numpy())
     return _check_exclude(exclude, queries.shape[0])
+
+
+def check_query_norms(norms: np.ndarray) -> None:
+    """Refuse zero query vectors (norms (B,)): a zero key has no direction, and its "neighbours" would be arbitrary
+    records at score 0."""
+    zero = np.flatnonzero(norms < 1e-12)
+    if zero.size:
+        rows = ", ".join(map(str, zero[:10].tolist())) + (" ..." if zero.size > 10 else "")
+        raise ValueError(f"queries {rows} are zero vectors ({zero.size} of {norms.size}): a zero key has no direction "
+                         "to search in; check the encoder's output for these inputs")
 
 
 class InMemoryStore:

@@ -58,6 +58,8 @@ def test_in_memory_store_exact_topk_exclude_delete(seed):
     assert (nb.ids[~nb.mask] == -1).all() and (nb.image[~nb.mask] == 0).all()
     with pytest.raises(ValueError, match="k must be"):
         store.search(q, 0)
+    with pytest.raises(ValueError, match="queries 0 are zero vectors"):
+        store.search(torch.zeros(1, 8), 3)
     with pytest.raises(ValueError, match="NaN"):
         store.add(torch.full((1, 8), float("nan")), torch.zeros(1, 5), torch.zeros(1, 3))
     assert len(store) == 48

@@ -167,6 +167,10 @@ def test_bad_input_is_refused_and_leaves_the_kb_unchanged(tmp_path):
             kb.search(torch.randn(1, DK), k)
     with pytest.raises(ValueError):
         kb.search(torch.randn(1, DK + 2), 3)
+    q = torch.randn(4, DK)
+    q[[1, 3]] = 0
+    with pytest.raises(ValueError, match=r"queries 1, 3 are zero vectors \(2 of 4\)"):
+        kb.search(q, 3)  # used to return arbitrary records at score 0
     nb = kb.search(torch.randn(2, DK), 50)  # k > size: masked slots, never garbage
     assert nb.mask.sum(1).tolist() == [20, 20] and (nb.ids[:, 20:] == -1).all() and (nb.labels[:, 20:] == -1).all()
     assert (nb.image[:, 20:] == 0).all()
