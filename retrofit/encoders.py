@@ -166,7 +166,7 @@ def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
     (timm, torchvision, or a final ``nn.Linear``, optionally named by ``classifier``). ``fingerprint``
     defaults to the model's ``.fingerprint`` when it has one.
     """
-    fp = fingerprint or getattr(model, "fingerprint", None)
+    fp = fingerprint or _sized(model, preprocess, getattr(model, "fingerprint", None))
     if fp is None:
         raise ValueError(f"host_encoder needs a fingerprint for {type(model).__name__}: pass "
                          "fingerprint=EncoderFingerprint(family, name, weights, dim)")
@@ -178,6 +178,22 @@ def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
         embed = adapters.embedder(model, classifier)  # x -> z (B, D), one backbone pass
     model.eval()
     return ImageEncoder(embed, preprocess, fp, module=model)
+
+
+def _sized(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
+           fp: EncoderFingerprint | None) -> EncoderFingerprint | None:
+    """A model with a default input size (Tiny Darknet) fed at another size makes other vectors: its fingerprint
+    then carries the size in the name (``darknet-tiny@96``), as ``load_image_encoder("darknet-tiny@96")`` does."""
+    default = getattr(model, "default_input_size", None)
+    if fp is None or not isinstance(default, int) or "@" in fp.name:
+        return fp
+    from PIL import Image
+
+    out = preprocess(Image.new("RGB", (default + 7, default + 3)))  # a size no preprocess keeps by accident
+    side = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 3 else None
+    if side is None or side == default or out.shape[-2] != side:
+        return fp
+    return EncoderFingerprint(fp.family, f"{fp.name}@{side}", fp.weights, fp.dim, fp.normalized, f"input {side}px")
 
 
 def load_image_encoder(spec: str, device: str | torch.device = "cpu") -> ImageEncoder:

@@ -58,6 +58,10 @@ def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
     assert torch.allclose(host.encode(x), darknet_enc.encode(x), atol=1e-5)
     with pytest.raises(ValueError, match="needs a fingerprint"):
         host_encoder(_TimmLike(), model.preprocess(64))
+    # fed at another size, the host's vectors are another space: the fingerprint says so, as the spec's does
+    host96 = host_encoder(model, model.preprocess(96))
+    assert host96.fingerprint.name == "darknet-tiny@96" and not host96.fingerprint.matches(model.fingerprint)
+    assert host96.fingerprint.matches(load_image_encoder("darknet-tiny@96").fingerprint)
 
 
 def test_host_encoder_of_a_torchvision_classifier():
