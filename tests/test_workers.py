@@ -36,10 +36,9 @@ def _shard(data_dir: Path) -> str:
     return str(data_dir / "cifar10" / "test-000000.tar")
 
 
-def test_workers_ignore_ctrl_c_and_die_with_their_parent(data_dir):
+def test_workers_ignore_ctrl_c_and_ask_to_die_with_their_parent(data_dir):
     src = webdataset_source(_shard(data_dir))
-    loader = decode_loader(src.refs[:8], _Probe(), batch_size=4, num_workers=2)
-    rows = torch.cat([b["images"] for b in loader])
+    rows = torch.cat([b["images"] for b in decode_loader(src.refs[:8], _Probe(), batch_size=4, num_workers=2)])
     assert rows.shape == (8, 4)
     assert rows[:, 0].eq(1).all(), "a worker still takes Ctrl-C itself"
     assert rows[:, 2].eq(os.getpid()).all()
@@ -123,15 +122,59 @@ def test_kill_9_of_the_parent_takes_its_workers(tmp_path, data_dir):
 
 @linux_only
 def test_ctrl_c_to_the_process_group_ends_parent_and_workers(tmp_path, data_dir):
+    """Both workers are in the middle of a 120 s sample: the parent terminates them instead of joining each for
+    torch's 5 s timeout (10 s here) or letting them take the KeyboardInterrupt themselves."""
     child, workers = _start_child(tmp_path, data_dir)
     try:
+        t = time.monotonic()
         os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         out, _ = child.communicate(timeout=60)
+        took = time.monotonic() - t
         assert child.returncode == 130 and "interrupted" in out
         assert _wait_gone(workers) == []
+        assert took < 5.0, f"the parent took {took:.1f} s to stop its busy workers (torch's join: 5 s each)"
     finally:
         if child.poll() is None:
             child.kill()
         for w in workers:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+_MODES = textwrap.dedent("""
+    import multiprocessing, sys, threading
+    from retrofit.sources import webdataset_source
+    from retrofit.workers import decode_loader
+
+    class Size:
+        def __call__(self, im):
+            import torch
+            return torch.tensor([float(im.size[0])])
+
+    def start(out):
+        loader = decode_loader(webdataset_source(sys.argv[1]).refs[:64], Size(), batch_size=4, num_workers=2)
+        it = iter(loader)  # the workers start here
+        out.append((it, len(next(it)["index"])))  # and have run their init before this thread ends
+
+    if __name__ == "__main__":
+        its = []
+        t = threading.Thread(target=start, args=(its,))  # workers started by a thread that then ends
+        t.start(); t.join()
+        got = [its[0][1] + sum(len(b["index"]) for b in its[0][0])]
+        multiprocessing.set_start_method(sys.argv[2], force=True)
+        start(its)
+        got.append(its[1][1] + sum(len(b["index"]) for b in its[1][0]))
+        print(got, flush=True)
+""")
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_survive_other_start_methods_and_threads(tmp_path, data_dir, method):
+    """A worker's OS parent is the forkserver under that start method (the default from Python 3.14), and
+    PR_SET_PDEATHSIG follows the creating thread: neither may kill a healthy worker."""
+    script = tmp_path / "modes.py"
+    script.write_text(_MODES)
+    run = subprocess.run([sys.executable, str(script), _shard(data_dir), method], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[64, 64]"
