@@ -60,12 +60,16 @@ class SnapshotView:
 
 
 def _damage_errors(lmdb: Any) -> tuple[type[BaseException], ...]:
-    """LMDB's errors for a file that is not (or no longer) a valid environment."""
+    """LMDB's errors for a file that is not (or no longer) a valid environment, or not one this LMDB reads."""
     return (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
             lmdb.BadDbiError, lmdb.IncompatibleError)
 
 
-def _unreadable(path: Path, e: BaseException) -> str:
+def _unreadable(path: Path, e: BaseException | str) -> str:
+    name = type(e).__name__
+    if name in ("VersionMismatchError", "IncompatibleError"):  # not damage: another LMDB build wrote or holds it
+        return (f"{path.parent}: the record store {path / 'data.mdb'} was written or is held open by an "
+                f"incompatible LMDB version ({e}); open it with the same retrofit / lmdb versions that wrote it")
     return (f"{path.parent}: the record store {path / 'data.mdb'} is not a readable LMDB environment ({e}); "
             "the records are lost: restore the knowledge base from a copy or rebuild it (retrofit kb build)")
 
@@ -100,11 +104,21 @@ class RecordStore:
             if entry is None:
                 # open writable whenever the files allow it, so that a later writer handle can share the env
                 ro = readonly and not os.access(self.path, os.W_OK)
+                data = self.path / "data.mdb"
+                if not create and data.stat().st_size < 2 * 4096:  # not even LMDB's two meta pages
+                    raise CorruptKnowledgeBaseError(_unreadable(self.path, f"{data.stat().st_size} bytes"))
                 try:
                     env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
                                     lock=True, readahead=False, max_readers=512)
                 except _damage_errors(lmdb) as e:
                     raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
+                if not create:  # a truncated file: reading a page past its end would kill the process (SIGBUS)
+                    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+                    have = data.stat().st_size
+                    if have < need:
+                        env.close()
+                        raise CorruptKnowledgeBaseError(_unreadable(
+                            self.path, f"truncated: {have} bytes, its last committed page ends at {need}"))
                 entry = _ENVS[self._key] = [env, 0]
             elif not readonly and entry[0].flags().get("readonly"):
                 raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")
@@ -124,9 +138,11 @@ class RecordStore:
                 self.db_sum = self.env.open_db(b"sum", create=True)
             else:
                 self.sum_db()
-        except _damage_errors(lmdb) as e:
+        except BaseException as e:
             self.close()
-            raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
+            if isinstance(e, _damage_errors(lmdb)):
+                raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
+            raise
 
     def sum_db(self) -> Any:
         """The chunk-checksum database, or None while the KB has none (schema 1). Looked up again until found: a

@@ -276,7 +276,19 @@ def test_verify_checks_the_records_when_the_index_is_damaged_too(tmp_path, capsy
     assert main(["kb", "verify", str(path)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("DAMAGED: 24 records checked") and "chunk 1 (records 16..31)" in out and index.name in out
-    (path / "records" / "data.mdb").write_bytes(b"\0" * 4096)  # the records themselves are gone
+    data = path / "records" / "data.mdb"
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) // 2])  # truncated: reading past the end used to kill the process (SIGBUS)
+    run = subprocess.run([sys.executable, "-c", "import json, sys; from retrofit.knowledge_base import "
+                          "KnowledgeBase; print(json.dumps(KnowledgeBase.verify_path(sys.argv[1])))", str(path)],
+                         capture_output=True, text=True, timeout=120)  # a regression must fail, not crash pytest
+    assert run.returncode == 0, (run.returncode, run.stderr[-1000:])
+    report = json.loads(run.stdout)
+    assert not report["ok"] and "truncated" in report["problems"][0]
+    data.write_bytes(b"")  # empty: a reader used to re-initialise the file and then say "not a knowledge base"
+    report = KnowledgeBase.verify_path(path)
+    assert not report["ok"] and "0 bytes" in report["problems"][0] and data.stat().st_size == 0
+    data.write_bytes(b"\0" * 4096 * 3)  # the records themselves are gone
     report = KnowledgeBase.verify_path(path)
     assert not report["ok"] and report["records_checked"] == 0
     assert "is not a readable LMDB environment" in report["problems"][0]
