@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 _HOLDOUT = 256  # records set aside as held-out queries when efSearch is tuned at an index build
 
 
+def _ranges(ids: np.ndarray) -> list[str]:
+    """Sorted ids as inclusive ranges: [16..20, 22, 24..31] -> ["16-20", "22", "24-31"] (`kb delete`'s form)."""
+    breaks = np.flatnonzero(np.diff(ids) != 1)
+    starts, ends = np.r_[ids[0], ids[breaks + 1]], np.r_[ids[breaks], ids[-1]]
+    return [f"{a}-{b}" if b > a else f"{a}" for a, b in zip(starts.tolist(), ends.tolist())]
+
+
 class KBIndexMixin:
     """Index maintenance of ``KnowledgeBase``."""
 
@@ -40,11 +47,16 @@ class KBIndexMixin:
                 live = ~np.isin(ids, self._deleted)
                 yield ids[live], rows[live].astype(np.float32)
         for c in damaged:
-            hi = min(c * C + C, self._meta["next_id"]) - 1
-            log.warning("%s: record chunk %d (records %d..%d) does not match its checksum (damaged on disk): its "
-                        "records are left out of the index. Restore the knowledge base from a copy, or drop them "
-                        "with `retrofit kb delete %s %d-%d` and re-add them; `retrofit kb verify %s` lists every "
-                        "damaged chunk", self.path, c, c * C, hi, self.path, c * C, hi, self.path)
+            ids = np.arange(max(c * C, start), min(c * C + C, upto))
+            live = ids[~np.isin(ids, self._deleted)]
+            if not live.size:  # every record of it is deleted: nothing is lost from the index
+                continue
+            ranges = " ".join(_ranges(live))
+            log.warning("%s: record chunk %d does not match its checksum (damaged on disk): its live records %s are "
+                        "left out of the index. Restore the knowledge base from a copy, or drop them with "
+                        "`retrofit kb delete %s %s` and `retrofit kb compact %s`, then add them again; "
+                        "`retrofit kb verify %s` lists every damaged chunk", self.path, c, ranges, self.path, ranges,
+                        self.path, self.path)
 
     def _rebuild(self) -> None:
         """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""

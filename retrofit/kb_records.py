@@ -216,6 +216,12 @@ class RecordStore:
             if have != off:
                 raise CorruptKnowledgeBaseError(
                     f"chunk {c} holds {have} rows, expected {off}; run `retrofit kb verify {self.path.parent}`")
+            crc = txn.get(kv, db=self.db_sum) if old_v is not None else None
+            if crc is not None and bytes(crc) != chunk_sum(bytes(old_v), bytes(old_l)):
+                raise CorruptKnowledgeBaseError(  # a new checksum over the old bytes would certify the damage
+                    f"chunk {c} (records {c * C}..{c * C + have - 1}), which new records would extend, is damaged "
+                    f"on disk; nothing was written. Restore {self.path.parent} from a copy or rebuild it "
+                    f"(`retrofit kb verify {self.path.parent}` lists every damaged chunk)")
             v = (bytes(old_v) if old_v is not None else b"") + rows[i:i + take].tobytes()
             lab = (bytes(old_l) if old_l is not None else b"") + labels[i:i + take].astype("<i8").tobytes()
             txn.put(kv, v, db=self.db_vec)

@@ -305,8 +305,9 @@ def test_index_rebuild_leaves_a_damaged_chunk_out_and_says_how_to_repair(tmp_pat
 
     path = tmp_path / "kb"
     image = _kb_with_pattern(path)
-    with KnowledgeBase.open(path) as kb:
+    with KnowledgeBase.open(path, readonly=False) as kb:
         keys = kb.vectors(torch.arange(40), "key")
+        kb.delete([20])  # already deleted: the repair's ranges leave it out (`kb delete` refuses deleted ids)
     f = path / "records" / "data.mdb"
     raw = bytearray(f.read_bytes())
     at = raw.find(np.full(12, 0.3, dtype=np.float16).tobytes())
@@ -314,21 +315,41 @@ def test_index_rebuild_leaves_a_damaged_chunk_out_and_says_how_to_repair(tmp_pat
     f.write_bytes(bytes(raw))
     (path / json.loads((path / "index.json").read_text())["file"]).unlink()
     with caplog.at_level(logging.WARNING, logger="retrofit"), KnowledgeBase.open(path, readonly=False) as kb:
-        assert len(kb) == 40  # the records are all still there
+        assert len(kb) == 39  # the live records are all still there
         found = kb.search(keys, 1).ids[:, 0]
     warning = "\n".join(r.getMessage() for r in caplog.records)
-    assert "record chunk 1 (records 16..31) does not match its checksum" in warning
-    assert f"retrofit kb delete {path} 16-31" in warning
+    assert "record chunk 1 does not match its checksum (damaged on disk): its live records 16-19 21-31" in warning
+    assert f"retrofit kb delete {path} 16-19 21-31` and `retrofit kb compact {path}`" in warning
     assert torch.equal(found[:16], torch.arange(16)) and torch.equal(found[32:], torch.arange(32, 40))
     assert not ((found >= 16) & (found < 32)).any()  # no damaged record is ever returned
     from retrofit.cli import main
 
-    assert main(["kb", "delete", str(path), "16-31"]) == 0
+    assert main(["kb", "delete", str(path), "16-19", "21-31"]) == 0
+    caplog.clear()
     assert main(["kb", "compact", str(path)]) == 0
+    assert "checksum" not in caplog.text  # the chunk is gone, and it held no live record any more
     with KnowledgeBase.open(path) as kb:
         report = kb.verify()
         assert report["ok"] and report["records_checked"] == 24, report
         assert torch.equal(kb.vectors(torch.tensor([33]), "image")[0], image[33].half().float())
+
+
+def test_records_are_never_appended_to_a_damaged_chunk(tmp_path):
+    """Extending the damaged last chunk would checksum its damaged bytes afresh (verify then said OK): refused,
+    nothing written."""
+    path = tmp_path / "kb"
+    _kb_with_pattern(path, n=24)  # chunk 1 (records 16..23) is the partial last chunk, record 21 in it
+    f = path / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    raw[raw.find(np.full(12, 0.3, dtype=np.float16).tobytes()) + 6] ^= 0x01
+    f.write_bytes(bytes(raw))
+    g = torch.Generator().manual_seed(1)
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        with pytest.raises(CorruptKnowledgeBaseError, match=r"chunk 1 \(records 16..23\).*nothing was written"):
+            kb.add(torch.randn(2, 8, generator=g), torch.randn(2, 12, generator=g), torch.randn(2, 4, generator=g))
+        assert len(kb) == 24
+    report = KnowledgeBase.verify_path(path)
+    assert not report["ok"] and report["problems"][0].startswith("chunk 1 (records 16..23)")
 
 
 def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):
