@@ -58,6 +58,21 @@ class KBIndexMixin:
                         "`retrofit kb verify %s` lists every damaged chunk", self.path, c, ranges, self.path, ranges,
                         self.path, self.path)
 
+    def _damaged_live(self) -> dict[int, np.ndarray]:
+        """Chunk -> its live ids, for every record chunk whose bytes do not match their checksum (one CRC pass)."""
+        damaged: list[int] = []
+        C = self._rec.chunk
+        with self._txn() as txn:
+            for _ in self._rec.iter_chunks(txn, slice(0, 0), upto=self._meta["next_id"], damaged=damaged):
+                pass
+        out = {}
+        for c in damaged:
+            ids = np.arange(c * C, min(c * C + C, self._meta["next_id"]))
+            live = ids[~np.isin(ids, self._deleted)]
+            if live.size:
+                out[c] = live
+        return out
+
     def _rebuild(self) -> None:
         """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""
         from tqdm.auto import tqdm

@@ -74,6 +74,17 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
     kbs = [KnowledgeBase.open(p) for p in inputs]
     try:
         _check_compatible(inputs, kbs)
+        for p, kb in zip(inputs, kbs):  # the merge would store damaged records under fresh, valid checksums
+            bad = kb._damaged_live()
+            if bad:
+                from retrofit.errors import CorruptKnowledgeBaseError
+                from retrofit.kb_maint import _ranges
+
+                ids = " ".join(r for live in bad.values() for r in _ranges(live))
+                raise CorruptKnowledgeBaseError(
+                    f"{p}: record chunks {sorted(bad)} are damaged on disk (live records {ids}); nothing was merged. "
+                    f"Restore it from a copy, or drop those records (`retrofit kb delete {p} {ids}` and "
+                    f"`retrofit kb compact {p}`) and merge again")
         first = kbs[0]
         total = sum(len(kb) for kb in kbs)
         written = dups = 0

@@ -431,3 +431,28 @@ def test_compact_repairs_a_damaged_index_json(tmp_path):
         with KnowledgeBase.open(path) as r:
             assert r.verify()["ok"] and torch.equal(r.search(keys[:5], 1).ids[:, 0], torch.arange(5))
         assert len(list(path.glob("index-*.faiss"))) == 1  # the old file went with the damaged index.json
+
+
+def test_merge_refuses_an_input_with_a_damaged_chunk(tmp_path):
+    """merge_kbs read the damaged records and stored them in the output under fresh, valid checksums."""
+    from retrofit.ingest import merge_kbs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _kb_with_pattern(a)
+    with KnowledgeBase.create(b, 8, 12, 4, index="flat") as kb:
+        g = torch.Generator().manual_seed(2)
+        kb.add(torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1), torch.randn(5, 12, generator=g),
+               torch.randn(5, 4, generator=g))
+    f = a / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    raw[raw.find(np.full(12, 0.3, dtype=np.float16).tobytes()) + 6] ^= 0x01  # record 21, chunk 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CorruptKnowledgeBaseError, match=r"record chunks \[1\] are damaged.*live records 16-31"):
+        merge_kbs([a, b], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with KnowledgeBase.open(a, readonly=False) as kb:
+        kb.delete(list(range(16, 32)))
+    with KnowledgeBase.open(a, readonly=False) as kb:
+        kb.compact()
+    summary = merge_kbs([a, b], tmp_path / "out", progress=False)
+    assert summary.written == 24 + 5 and KnowledgeBase.verify_path(tmp_path / "out")["ok"]
