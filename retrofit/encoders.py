@@ -14,6 +14,7 @@ that runs in DataLoader workers.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from retrofit.fingerprint import EncoderFingerprint
 
 __all__ = ["ImageEncoder", "TextEncoder", "load_image_encoder", "load_text_encoder", "host_encoder",
            "IMAGE_FAMILIES", "TEXT_FAMILIES"]
+
+log = logging.getLogger(__name__)
 
 
 IMAGE_FAMILIES = ("timm", "torchvision", "open_clip", "darknet-tiny")
@@ -189,9 +192,15 @@ def _sized(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
         return fp
     from PIL import Image
 
-    out = preprocess(Image.new("RGB", (default + 7, default + 3)))  # a size no preprocess keeps by accident
-    side = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 3 else None
-    if side is None or side == default or out.shape[-2] != side:
+    try:  # a size no preprocess keeps by accident; a resize without a crop keeps the aspect: read the short side
+        out = preprocess(Image.new("RGB", (default + 7, default + 3)))
+        side = int(min(out.shape[-2:])) if isinstance(out, torch.Tensor) and out.dim() == 3 else None
+    except Exception as e:  # e.g. a preprocess that takes tensors, not PIL images
+        log.warning("host_encoder: could not run the preprocess on a test image (%s: %s) to read its input size; "
+                    "the fingerprint stays %s. If the model is fed at another size than %d px, pass fingerprint=",
+                    type(e).__name__, e, fp.name, default)
+        return fp
+    if side is None or side == default:
         return fp
     return EncoderFingerprint(fp.family, f"{fp.name}@{side}", fp.weights, fp.dim, fp.normalized, f"input {side}px")
 

@@ -48,15 +48,16 @@ class KBSearchMixin:
         if B == 0:
             return Neighbors.empty(0, k, self.image_dim, self.text_dim, device=device)
         if queries.is_cuda and self._kind() == "flat":
-            q = torch.nn.functional.normalize(queries.detach().float(), dim=1)  # (B, Dk)
+            q = torch.nn.functional.normalize(queries.detach().double(), dim=1).float()  # (B, Dk); float64 norm
             D, ids_ = self._search_exact_gpu(q, kq)  # (B, kq)
         else:
             qn = queries.detach().float().cpu().numpy()  # (B, Dk)
             if not np.isfinite(qn).all():
                 raise ValueError("queries contain NaN or inf")
-            norms = np.linalg.norm(qn, axis=1, keepdims=True)  # (B, 1)
+            q64 = qn.astype(np.float64)  # float64: the norm of a large finite query overflows float32
+            norms = np.linalg.norm(q64, axis=1, keepdims=True)  # (B, 1)
             check_query_norms(norms[:, 0])
-            qn = np.ascontiguousarray(qn / norms)
+            qn = np.ascontiguousarray(q64 / norms, dtype=np.float32)
             parts = []
             for index in (self._main, self._delta):
                 if index is not None and index.ntotal:

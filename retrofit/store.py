@@ -109,7 +109,7 @@ def check_search_args(queries: torch.Tensor, k: int, key_dim: int, exclude: torc
         return None
     if not torch.isfinite(queries).all():
         raise ValueError("queries contain NaN or inf")
-    check_query_norms(queries.detach().float().norm(dim=1).cpu().numpy())
+    check_query_norms(queries.detach().double().norm(dim=1).cpu().numpy())
     return _check_exclude(exclude, queries.shape[0])
 
 
@@ -191,7 +191,7 @@ class InMemoryStore:
         exclude = check_search_args(queries, k, self.key_dim, exclude)
         k = int(k)
         device, B, N = queries.device, queries.shape[0], self.keys.shape[0]
-        q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)  # (B, Dk)
+        q = torch.nn.functional.normalize(queries.detach().double().cpu(), dim=1).float()  # (B, Dk)
         sims = q @ self.keys.T  # (B, N)
         invalid = self.deleted[None, :].expand(B, N).clone()  # (B, N)
         if exclude is not None and N:

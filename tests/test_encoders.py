@@ -62,6 +62,12 @@ def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
     host96 = host_encoder(model, model.preprocess(96))
     assert host96.fingerprint.name == "darknet-tiny@96" and not host96.fingerprint.matches(model.fingerprint)
     assert host96.fingerprint.matches(load_image_encoder("darknet-tiny@96").fingerprint)
+    from torchvision import transforms as T
+
+    resized = host_encoder(model, T.Compose([T.Resize(96), T.ToTensor()]))  # no crop: the aspect is kept
+    assert resized.fingerprint.name == "darknet-tiny@96"
+    tensor_pre = host_encoder(model, lambda x: x[:, :64, :64])  # takes tensors: the size cannot be read
+    assert tensor_pre.fingerprint.name == "darknet-tiny"
 
 
 def test_host_encoder_of_a_torchvision_classifier():

@@ -171,6 +171,8 @@ def test_bad_input_is_refused_and_leaves_the_kb_unchanged(tmp_path):
     q[[1, 3]] = 0
     with pytest.raises(ValueError, match=r"queries 1, 3 are zero vectors \(2 of 4\)"):
         kb.search(q, 3)  # used to return arbitrary records at score 0
+    big = kb.vectors(torch.tensor([4, 7]), "key") * 1e20  # finite, but the float32 norm overflows
+    assert kb.search(big, 1).ids[:, 0].tolist() == [4, 7]  # it normalised to zeros and returned arbitrary ids
     nb = kb.search(torch.randn(2, DK), 50)  # k > size: masked slots, never garbage
     assert nb.mask.sum(1).tolist() == [20, 20] and (nb.ids[:, 20:] == -1).all() and (nb.labels[:, 20:] == -1).all()
     assert (nb.image[:, 20:] == 0).all()
