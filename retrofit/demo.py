@@ -132,6 +132,8 @@ class DemoConfig:
         return "cifar10_lt" + ("_ext_captions" if self.ext_labels == "captions" else "")
 
     def validate(self) -> None:
+        if isinstance(self.rows, str):
+            raise TypeError(f"rows must be a tuple of row names, e.g. ('1', '2', '4'), got the string {self.rows!r}")
         unknown = set(self.rows) - set(ROWS)
         if unknown:
             raise ValueError(f"unknown rows {sorted(unknown)}; allowed: {list(ROWS)}")

@@ -186,6 +186,8 @@ def test_table_and_config_validation():
     assert "fixed 50/50 fusion" in table
     with pytest.raises(ValueError, match="unknown rows"):
         DemoConfig(rows=("1", "9")).validate()
+    with pytest.raises(TypeError, match="got the string '1,2'"):  # it said "unknown rows [',']"
+        DemoConfig(rows="1,2").validate()
     with pytest.raises(ValueError, match="seeds"):
         DemoConfig(seeds=0).validate()
 
