@@ -95,6 +95,7 @@ class RetrofittedModel(nn.Module):
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self._checked_store: int | None = None  # id() of the last store whose fingerprint was checked
         self._range_checked = False  # the first batch warns about 0-255 pixel values
+        self._size_checked: int | None = None  # id() of the last store whose input size was compared
         self._freeze()
 
     # ------------------------------------------------------------------------------------ freezing
@@ -163,12 +164,27 @@ class RetrofittedModel(nn.Module):
                            "was built with) to have it checked", theirs, what)
         self._checked_store = id(store)
 
+    def _check_size(self, store: Any, x: Tensor) -> None:
+        """Warn once per knowledge base when the images are not the size its keys were made from (when its key
+        fingerprint records one): the neighbours would come from another vector space, silently."""
+        fp = getattr(getattr(store, "fingerprint", None), "key", None)
+        size = getattr(fp, "input_size", None)
+        if size is None or id(store) == self._size_checked or self.allow_fingerprint_mismatch:
+            return
+        self._size_checked = id(store)
+        if tuple(x.shape[-2:]) != size:
+            logger.warning("the knowledge base's keys were made from %dx%d images (%s), but the model is fed %dx%d: "
+                           "its embeddings are another vector space and the neighbours will be poor; feed images "
+                           "preprocessed as the KB's were (e.g. the encoder's .preprocess) or rebuild the KB at this "
+                           "size", size[0], size[1], fp, x.shape[-2], x.shape[-1])
+
     def retrieve(self, x: Tensor, z: Tensor, exclude: Tensor | None = None) -> Any:
         """Neighbours of each image: searched with the retriever's keys when there is one, else with z."""
         store = self.store
         if store is None:
             raise RetrofitError("the head has no knowledge base: call head.attach(kb) (or pass neighbors=)")
         self._check_store(store)
+        self._check_size(store, x)
         k = self.head.config.k
         with torch.no_grad():
             if self.retriever is None:

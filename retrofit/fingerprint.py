@@ -51,6 +51,18 @@ class EncoderFingerprint:
             raise ValueError(f"unknown EncoderFingerprint fields {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**d)
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(H, W) of the images behind the vectors when ``note`` records it as retrofit's encoders write it
+        ("input 64px", "input (3, 224, 224)"), else None."""
+        import re
+
+        if m := re.search(r"\binput (\d+)px\b", self.note):
+            return int(m.group(1)), int(m.group(1))
+        if m := re.search(r"\binput \(\d+, (\d+), (\d+)\)", self.note):
+            return int(m.group(1)), int(m.group(2))
+        return None
+
     def __str__(self) -> str:
         norm = "l2" if self.normalized else "raw"
         return f"{self.family}:{self.name}@{self.weights} (dim {self.dim}, {norm})"

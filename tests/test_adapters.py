@@ -413,3 +413,30 @@ def test_unscaled_pixel_values_warn_once(seed: int, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="retrofit.adapters.retrofitted"):
         clf2(torch.randn(2, 3, size, size))  # normalised images: no warning
     assert "pixel values" not in caplog.text
+
+
+def test_images_of_another_size_than_the_kbs_warn_once(data_dir, cifar_train_small, seed: int, caplog) -> None:
+    """A KB built by `retrofit kb build` at 64 px, a wrapped Tiny Darknet fed 32 px tensors: the host's embedding
+    is another vector space (the neighbours were silently poor). One warning per KB; none at the right size."""
+    import logging
+
+    from retrofit.encoders import load_image_encoder
+    from retrofit.models import darknet_tiny
+    from retrofit.store import KBFingerprint
+
+    enc = load_image_encoder("darknet-tiny")  # what the builder records: note "input 64px"
+    assert enc.fingerprint.input_size == (64, 64)
+    model = darknet_tiny(data_dir=data_dir)
+    x = torch.stack([model.preprocess()(s["image"]) for s in cifar_train_small[:6]])  # (6, 3, 64, 64)
+    kb = InMemoryStore(512, 8, 6, KBFingerprint(key=enc.fingerprint))
+    kb.add(enc.encode(x), torch.randn(6, 8), torch.randn(6, 6), labels=torch.arange(6))
+    clf = wrap(model, RetrievalHead(HeadConfig(512, 8, 6, num_classes=1000, dim=16, depth=1, heads=2, k=2), kb))
+    with caplog.at_level(logging.WARNING, logger="retrofit.adapters.retrofitted"), torch.inference_mode():
+        clf(x[:2])
+        assert "were made from" not in caplog.text
+        clf2 = wrap(model, RetrievalHead(HeadConfig(512, 8, 6, num_classes=1000, dim=16, depth=1, heads=2, k=2), kb))
+        small = torch.nn.functional.interpolate(x, size=32)
+        clf2(small[:2])
+        clf2(small[2:4])
+    assert caplog.text.count("keys were made from 64x64 images") == 1 and "fed 32x32" in caplog.text
+    assert load_image_encoder("darknet-tiny@96").fingerprint.input_size == (96, 96)
