@@ -32,11 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from retrofit.functional import FUSED_MAX_HEAD_DIM
+
 __all__ = ["CrossFusionAttention", "cross_fusion_attention_fused"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAX_HEAD_DIM = 128
+_MAX_HEAD_DIM = FUSED_MAX_HEAD_DIM  # 128: the dispatcher sends larger heads to the PyTorch path
 _LOG2E = 1.4426950408889634
 
 

@@ -66,11 +66,12 @@ def cross_fusion_attention_reference(
     scale = Dh**-0.5 if scale is None else scale
     acc = torch.promote_types(q_t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (a true fp64 reference)
     keep = key_mask[:, None, None, :]  # (B, 1, 1, S)
+    some = keep.any(-1, keepdim=True)  # (B, 1, 1, 1): rows with at least one key
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, S, S)
         s = s.masked_fill(~keep, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: softmax gives NaN -> 0
+        p = torch.softmax(s, dim=-1).masked_fill(~some, 0.0)  # all-masked rows (softmax NaN) -> 0; a NaN score stays
         o = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))  # (B, S, H, Dh)
         return o, p
 
@@ -145,14 +146,20 @@ def fused_kernel_status(device: torch.device | str | None = None) -> tuple[bool,
     return False, f"tensors on {device.type}: the fused kernel needs CUDA (or RETROFIT_FUSED=1 + TRITON_INTERPRET=1)"
 
 
+FUSED_MAX_HEAD_DIM = 128  # the fused kernel's largest head dim Dh (one tile per head)
+
+
 def use_fused_kernel(t: torch.Tensor) -> bool:
-    """The dispatch decision for a tensor; raises if ``RETROFIT_FUSED=1`` asks for the impossible."""
+    """The dispatch decision for a (B, S, H, Dh) tensor; raises if ``RETROFIT_FUSED=1`` asks for the impossible.
+    Unforced, a head dim the kernel does not take (Dh > 128, e.g. ``dim=512, heads=2``) goes to the PyTorch path."""
     ok, why = fused_kernel_status(t.device)
-    if fused_flag() is True and not ok:
-        raise RuntimeError(
-            f"RETROFIT_FUSED=1 but the fused kernel cannot run: {why}. Unset RETROFIT_FUSED or set it to 0."
-        )
-    return ok
+    if fused_flag() is True:
+        if not ok:
+            raise RuntimeError(
+                f"RETROFIT_FUSED=1 but the fused kernel cannot run: {why}. Unset RETROFIT_FUSED or set it to 0."
+            )
+        return True  # the kernel itself names what it does not support
+    return ok and t.shape[-1] <= FUSED_MAX_HEAD_DIM
 
 
 def cross_fusion_attention(

@@ -85,6 +85,21 @@ def test_reference_weights_are_masked_distributions():
         assert (sums[2] == 0).all()  # the all-masked row
 
 
+def test_a_nan_in_a_valid_key_is_not_hidden():
+    """The reference used to zero every attention row holding a NaN (nan_to_num meant for all-masked rows), so a
+    corrupt neighbour silently dropped the attention; the native path and the kernel return NaN. Now all agree;
+    all-masked rows still give zeros."""
+    proj_i, proj_t, res_i, res_t, mask = make_args(2, 4, 1, 4, dtype=torch.float32, all_masked_row=False)
+    mask[:] = True
+    proj_i = proj_i.detach().clone()
+    proj_i[0, 1, 1] = float("nan")  # k_i of batch row 0, key slot 1 (valid)
+    for fn in (cross_fusion_attention_reference, cross_fusion_attention_native):
+        q_i, k_i, v_i = proj_i.unbind(2)
+        q_t, k_t, v_t = proj_t.detach().unbind(2)
+        new_i, _, *_ = fn(q_t, k_i, v_i, q_i, k_t, v_t, res_i.detach(), res_t.detach(), mask)
+        assert new_i[0].isnan().all() and torch.isfinite(new_i[1]).all(), fn.__name__
+
+
 def test_dispatcher_paths(monkeypatch):
     args = make_args(2, 5, 2, 4, dtype=torch.float32)
     monkeypatch.setenv("RETROFIT_FUSED", "0")
@@ -157,3 +172,36 @@ def test_head_on_cuda_fused_matches_native(monkeypatch):
         outs[flag] = (logits.detach(), head.layers[0].qkv_i.weight.grad.clone())
     torch.testing.assert_close(outs["1"][0], outs["0"][0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(outs["1"][1], outs["0"][1], rtol=1e-3, atol=1e-3)
+
+
+def test_forced_kernel_names_an_unsupported_head_dim(monkeypatch):
+    """Forced (RETROFIT_FUSED=1), a head dim above the kernel's 128 is a clear error; see the CUDA test below for
+    the unforced default, which takes the PyTorch path instead (it used to crash at the first forward on a GPU)."""
+    pytest.importorskip("triton")
+    q_i, k_i, v_i = make_args(1, 3, 1, 256, dtype=torch.float32)[0].unbind(2)
+    args = make_args(1, 3, 1, 256, dtype=torch.float32)
+    q_t, k_t, v_t = args[1].unbind(2)
+    monkeypatch.setenv("RETROFIT_FUSED", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_fused_kernel(q_t)
+    with pytest.raises(ValueError, match="head dim Dh=256 is not supported; allowed 1..128"):
+        cross_fusion_attention(q_t, k_i, v_i, q_i, k_t, v_t, args[2], args[3], args[4])
+
+
+@pytest.mark.cuda
+def test_wide_heads_take_the_pytorch_path_on_cuda(monkeypatch):
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    monkeypatch.delenv("RETROFIT_FUSED", raising=False)
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=8, image_dim=6, text_dim=5, num_classes=3, dim=512, depth=1,
+                                    heads=2)).cuda()
+    B, k = 2, 3
+    nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.zeros(B, k),
+                   mask=torch.ones(B, k, dtype=torch.bool), image=torch.randn(B, k, 6), text=torch.randn(B, k, 5),
+                   labels=torch.zeros(B, k, dtype=torch.int64)).to("cuda")
+    z = torch.randn(B, 8, device="cuda")
+    q = torch.zeros(B, k + 1, 2, 256, device="cuda")
+    assert not use_fused_kernel(q)
+    assert torch.isfinite(head(z, neighbors=nb).logits).all()
