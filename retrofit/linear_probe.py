@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["fit_linear_probe", "cross_fit_logits"]
+__all__ = ["fit_linear_probe", "cross_fit_logits", "stratified_folds"]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +47,31 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     return layer.eval()
 
 
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
+    """(N,) fold of each sample: every class dealt round-robin over the folds in a seeded random order, each class
+    starting where the previous one stopped (fold sizes differ by at most one; classes with fewer samples than
+    folds are spread over the folds instead of all landing in fold 0)."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(labels)
+    start = 0  # the fold the next class starts at
+    for c in labels.unique():
+        rows = (labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=g)]
+        fold[rows] = (torch.arange(rows.numel()) + start) % folds
+        start = (start + rows.numel()) % folds
+    return fold
+
+
 def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, folds: int = 5, seed: int = 0,
                      weight_decay: float = 1e-3, max_iter: int = 100) -> torch.Tensor:
     """(N, C) out-of-fold logits: each sample's logits come from a linear probe fitted on the other folds.
 
-    Folds are stratified by class (each class is dealt round-robin over the folds in a seeded random order).
+    Folds are stratified by class (:func:`stratified_folds`).
     """
     if not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    g = torch.Generator().manual_seed(seed)
-    fold = torch.empty_like(labels)
-    for c in labels.unique():
-        rows = (labels == c).nonzero().flatten()
-        rows = rows[torch.randperm(rows.numel(), generator=g)]
-        fold[rows] = torch.arange(rows.numel()) % folds
+    fold = stratified_folds(labels, folds, seed)
     out = torch.empty(labels.numel(), num_classes)
     for f in range(folds):
         held = fold == f

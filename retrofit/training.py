@@ -5,7 +5,9 @@ label smoothing, mixup on the head's inputs, CE or logit-adjusted CE) over a :cl
 tensors in, a trained head out. Neighbour ids come from the feature cache (vectors gathered from the KB by
 id) or, when the feature set has none, are retrieved live each step. With ``out_dir`` it writes JSON-lines
 logs and a checkpoint every epoch (safetensors + JSON, no pickle); ``resume=True`` continues from it; a
-KeyboardInterrupt writes a last checkpoint first. Deterministic for a given seed on a given device.
+KeyboardInterrupt writes a last checkpoint first. Bit-for-bit deterministic for a given seed on the CPU (two runs,
+and an interrupted run resumed, give the same head); on CUDA the fused kernel's autotuned tile sizes and atomic
+adds (the label vote's scatter_add) can change the last bits from one process to the next.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class TrainConfig:
     train_host: bool = False  # also train the host classifier layer (the paper's backbone branch)
     host_lr: float | None = None  # lr of the host classifier when train_host (None = ``lr``)
     k: int | None = None  # neighbours per sample (None = the head's k)
-    seed: int = 0  # seeds init-time RNG, shuffling, mixup and dropout
+    seed: int = 0  # seeds shuffling, mixup and dropout (the head's initial weights: seed before building it)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # autocast (bf16, or fp16 + grad scaling) on CUDA; ignored on CPU
     eval_batch_size: int = 1024  # batch size for validation / prediction
@@ -300,7 +302,8 @@ def train(
                 if cfg.mixup_alpha > 0 and len(idx) > 1:
                     lam = float(np.random.default_rng((cfg.seed, g)).beta(cfg.mixup_alpha, cfg.mixup_alpha))
                     j = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + g))
-                    z, host_in, nb, tgt = _mix(lam, j.to(dev), z, host_in, nb, tgt)
+                    ex = features.exclude[idx].to(dev) if features.exclude is not None else None
+                    z, host_in, nb, tgt = _mix(lam, j.to(dev), z, host_in, nb, tgt, ex)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                     if cfg.train_host:
                         host_in = host(z)
@@ -360,16 +363,26 @@ def train(
     return result
 
 
-def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt):
-    """Mixup of the head's inputs: z, host logits, neighbour vectors (slot-wise) and targets."""
+def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt, exclude: torch.Tensor | None = None):
+    """Mixup of the head's inputs: z, host logits, neighbour vectors (slot-wise) and targets. ``exclude`` (b, m):
+    each sample's own KB ids; a partner's neighbour that is one of them is not mixed in (it would show a sample
+    its own entry, which the exclusion exists to prevent)."""
     from retrofit.neighbors import Neighbors
 
-    def m(t: torch.Tensor) -> torch.Tensor:
-        return lam * t + (1.0 - lam) * t[j]
+    def m(t: torch.Tensor, keep_j: torch.Tensor | None = None) -> torch.Tensor:
+        tj = t[j] if keep_j is None else t[j] * keep_j[..., None]
+        return lam * t + (1.0 - lam) * tj
 
+    keep_j = None  # (b, k): partner slots that may be mixed into each sample
+    if exclude is not None and exclude.numel():
+        keep_j = ~(nb.ids[j][:, :, None] == exclude[:, None, :]).any(-1) | (nb.ids[j] < 0)
+    mask = nb.mask | (nb.mask[j] if keep_j is None else nb.mask[j] & keep_j)
     lead = slice(None) if lam >= 0.5 else j  # ids / labels follow the dominant sample (the label vote reads them)
-    nb = Neighbors(ids=nb.ids[lead], scores=torch.maximum(nb.scores, nb.scores[j]), mask=nb.mask | nb.mask[j],
-                   image=m(nb.image), text=m(nb.text), labels=nb.labels[lead].masked_fill(~(nb.mask | nb.mask[j]), -1))
+    labels = nb.labels[lead].masked_fill(~mask, -1)
+    if keep_j is not None and lam < 0.5:  # the partner's labels: never the sample's own entry's
+        labels = labels.masked_fill(~keep_j, -1)
+    nb = Neighbors(ids=nb.ids[lead], scores=torch.maximum(nb.scores, nb.scores[j]), mask=mask,
+                   image=m(nb.image, keep_j), text=m(nb.text, keep_j), labels=labels)
     return m(z), (m(host) if host is not None else None), nb, m(tgt)
 
 
