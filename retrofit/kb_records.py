@@ -184,6 +184,32 @@ class RecordStore:
         meta["checksum"] = meta_checksum(meta)
         txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=self.db_meta)
 
+    def check_layout(self, txn, meta: dict[str, Any]) -> None:
+        """Refuse metadata that does not describe the stored records (hand-edited dims, dtype or chunk size with a
+        recomputed checksum crashed queries and made compact build a short index): field types, then the byte
+        length of the last chunk, which every commit writes together with ``next_id``."""
+        ints = ("key_dim", "image_dim", "text_dim", "chunk_records", "next_id", "count", "generation")
+        bad = [k for k in ints if not isinstance(meta.get(k), int) or isinstance(meta.get(k), bool) or meta[k] < 0]
+        bad += [k for k in ("key_dim", "image_dim", "text_dim", "chunk_records") if k not in bad and meta[k] == 0]
+        if meta.get("dtype") not in _DTYPES:
+            bad.append("dtype")
+        if bad:
+            raise CorruptKnowledgeBaseError(f"metadata of {self.path.parent} has invalid {', '.join(bad)}: "
+                                            f"{ {k: meta.get(k) for k in bad} }")
+        nxt, C = meta["next_id"], meta["chunk_records"]
+        if nxt == 0:
+            return
+        c = (nxt - 1) // C
+        want = nxt - c * C  # rows of the last chunk
+        row = (meta["key_dim"] + meta["image_dim"] + meta["text_dim"]) * np.dtype(_DTYPES[meta["dtype"]]).itemsize
+        buf, lab = txn.get(ckey(c), db=self.db_vec), txn.get(ckey(c), db=self.db_lab)
+        if buf is None or lab is None or len(buf) != want * row or len(lab) != want * 8:
+            have = "missing" if buf is None or lab is None else f"{len(buf)} bytes of vectors, {len(lab)} of labels"
+            raise CorruptKnowledgeBaseError(
+                f"metadata of {self.path.parent} does not match its records: the last chunk ({c}) should hold "
+                f"{want} rows of {row} bytes ({meta['key_dim']}+{meta['image_dim']}+{meta['text_dim']} dims, "
+                f"{meta['dtype']}, {C} records per chunk) but is {have}; restore the knowledge base from a copy")
+
     # ---------------------------------------------------------------- layout helpers
     @property
     def row_dim(self) -> int:

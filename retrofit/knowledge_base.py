@@ -187,6 +187,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         rec.meta = self._meta
         self._cfg = IndexConfig.from_meta(self._meta["index"], self.path)
         with self._txn() as txn:
+            rec.check_layout(txn, self._meta)
             self._set_deleted(rec.deleted(txn))
         self._delta = None
         if self._records_only:

@@ -456,3 +456,34 @@ def test_merge_refuses_an_input_with_a_damaged_chunk(tmp_path):
         kb.compact()
     summary = merge_kbs([a, b], tmp_path / "out", progress=False)
     assert summary.written == 24 + 5 and KnowledgeBase.verify_path(tmp_path / "out")["ok"]
+
+
+@pytest.mark.parametrize("edit", [{"image_dim": 10}, {"dtype": "float32"}, {"chunk_records": 20},
+                                  {"key_dim": "8"}, {"next_id": 41}])
+def test_metadata_that_does_not_match_the_records_is_refused(tmp_path, edit):
+    """Hand-edited metadata with a recomputed checksum: dims / dtype / chunk size that do not describe the stored
+    chunks used to crash queries (or make compact build a short index); now refused at open, and reported by
+    `kb verify`, with nothing written."""
+    import json
+
+    import lmdb
+
+    from retrofit.kb_records import meta_checksum
+
+    path = tmp_path / "kb"
+    _kb_with_pattern(path)
+    env = lmdb.open(str(path / "records"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        db_meta = env.open_db(b"meta", txn=txn)
+        meta = json.loads(bytes(txn.get(b"meta", db=db_meta)))
+        meta.update(edit)
+        meta["checksum"] = meta_checksum(meta)
+        txn.put(b"meta", json.dumps(meta, sort_keys=True).encode(), db=db_meta)
+    env.close()
+    before = (path / "records" / "data.mdb").read_bytes()
+    for readonly in (True, False):
+        with pytest.raises(CorruptKnowledgeBaseError, match="metadata of .* (does not match its records|invalid)"):
+            KnowledgeBase.open(path, readonly=readonly)
+    report = KnowledgeBase.verify_path(path)
+    assert not report["ok"] and "metadata of" in report["problems"][0]
+    assert (path / "records" / "data.mdb").read_bytes() == before
