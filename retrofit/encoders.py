@@ -192,9 +192,12 @@ def _sized(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
         return fp
     from PIL import Image
 
-    try:  # a size no preprocess keeps by accident; a resize without a crop keeps the aspect: read the short side
-        out = preprocess(Image.new("RGB", (default + 7, default + 3)))
-        side = int(min(out.shape[-2:])) if isinstance(out, torch.Tensor) and out.dim() == 3 else None
+    try:  # sizes no preprocess keeps by accident; a resize without a crop keeps the aspect: read the short side
+        sides = set()
+        for w, h in ((default + 7, default + 3), (2 * default + 5, 2 * default + 9)):
+            out = preprocess(Image.new("RGB", (w, h)))
+            sides.add(int(min(out.shape[-2:])) if isinstance(out, torch.Tensor) and out.dim() == 3 else None)
+        side = sides.pop() if len(sides) == 1 else None  # the output follows the input: no fixed size to read
     except Exception as e:  # e.g. a preprocess that takes tensors, not PIL images
         log.warning("host_encoder: could not run the preprocess on a test image (%s: %s) to read its input size; "
                     "the fingerprint stays %s. If the model is fed at another size than %d px, pass fingerprint=",

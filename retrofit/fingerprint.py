@@ -27,6 +27,10 @@ class EncoderFingerprint:
     note: str = ""  # free text (input size, layer); not compared
 
     def __post_init__(self) -> None:
+        if self.note is None:  # a null note in older JSON reads as none
+            object.__setattr__(self, "note", "")
+        if not isinstance(self.note, str):
+            raise ValueError(f"EncoderFingerprint.note must be a string, got {self.note!r}")
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"EncoderFingerprint.dim must be a positive int, got {self.dim!r}")
         for f in ("family", "name", "weights"):

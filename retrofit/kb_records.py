@@ -259,6 +259,16 @@ class RecordStore:
             if cap is not None or src is not None:
                 txn.put(ckey(start + j), json.dumps({"c": cap, "s": src}).encode(), db=self.db_txt)
 
+    def blank_chunk(self, txn, c: int, rows: int) -> None:
+        """Overwrite chunk ``c`` with ``rows`` zero rows (label -1) and their checksum, inside the caller's write
+        transaction: what ``compact`` leaves of a last chunk whose records are all deleted (a damaged one too,
+        which new records could otherwise never extend)."""
+        v = bytes(rows * self.row_dim * self.np_dtype.itemsize)
+        lab = np.full(rows, -1, dtype="<i8").tobytes()
+        txn.put(ckey(c), v, db=self.db_vec)
+        txn.put(ckey(c), lab, db=self.db_lab)
+        txn.put(ckey(c), chunk_sum(v, lab), db=self.db_sum)
+
     # ---------------------------------------------------------------- reading
     def gather(self, txn, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``ids`` (M,) restricted to columns ``cols`` -> ((M, len(cols)) KB dtype, (M,) int64 labels).

@@ -155,6 +155,8 @@ class KBWriteMixin:
                     txn.delete(ckey(c), db=self._rec.db_vec)
                     txn.delete(ckey(c), db=self._rec.db_lab)
                     txn.delete(ckey(c), db=self._rec.db_sum)
+            if nxt and dead_per_chunk[last] == nxt - last * C:  # the last chunk stays (appends extend it): its
+                self._rec.blank_chunk(txn, last, nxt - last * C)  # deleted rows become zeros under a fresh checksum
             for i in self._deleted.tolist():
                 txn.delete(ckey(i), db=self._rec.db_txt)
             m["generation"] += 1

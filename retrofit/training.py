@@ -365,24 +365,30 @@ def train(
 
 def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt, exclude: torch.Tensor | None = None):
     """Mixup of the head's inputs: z, host logits, neighbour vectors (slot-wise) and targets. ``exclude`` (b, m):
-    each sample's own KB ids; a partner's neighbour that is one of them is not mixed in (it would show a sample
-    its own entry, which the exclusion exists to prevent)."""
+    each sample's own KB ids. A mixed sample is part sample i, part partner j: a neighbour of either that is the
+    other's own entry is left out (it would show the mix an entry of its own, which the exclusion prevents)."""
     from retrofit.neighbors import Neighbors
 
-    def m(t: torch.Tensor, keep_j: torch.Tensor | None = None) -> torch.Tensor:
-        tj = t[j] if keep_j is None else t[j] * keep_j[..., None]
-        return lam * t + (1.0 - lam) * tj
-
-    keep_j = None  # (b, k): partner slots that may be mixed into each sample
+    keep_i = keep_j = None  # (b, k): own / partner slots that may enter the mix
     if exclude is not None and exclude.numel():
+        keep_i = ~(nb.ids[:, :, None] == exclude[j][:, None, :]).any(-1) | (nb.ids < 0)
         keep_j = ~(nb.ids[j][:, :, None] == exclude[:, None, :]).any(-1) | (nb.ids[j] < 0)
-    mask = nb.mask | (nb.mask[j] if keep_j is None else nb.mask[j] & keep_j)
+
+    def m(t: torch.Tensor, slots: bool = False) -> torch.Tensor:
+        ti, tj = t, t[j]
+        if slots and keep_i is not None:
+            ti, tj = ti * keep_i[..., None], tj * keep_j[..., None]
+        return lam * ti + (1.0 - lam) * tj
+
+    mask_i = nb.mask if keep_i is None else nb.mask & keep_i
+    mask_j = nb.mask[j] if keep_j is None else nb.mask[j] & keep_j
+    mask = mask_i | mask_j
     lead = slice(None) if lam >= 0.5 else j  # ids / labels follow the dominant sample (the label vote reads them)
     labels = nb.labels[lead].masked_fill(~mask, -1)
-    if keep_j is not None and lam < 0.5:  # the partner's labels: never the sample's own entry's
-        labels = labels.masked_fill(~keep_j, -1)
+    if keep_i is not None:  # never the label of an excluded entry
+        labels = labels.masked_fill(~(keep_i if lam >= 0.5 else keep_j), -1)
     nb = Neighbors(ids=nb.ids[lead], scores=torch.maximum(nb.scores, nb.scores[j]), mask=mask,
-                   image=m(nb.image, keep_j), text=m(nb.text, keep_j), labels=labels)
+                   image=m(nb.image, True), text=m(nb.text, True), labels=labels)
     return m(z), (m(host) if host is not None else None), nb, m(tgt)
 
 

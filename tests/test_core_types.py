@@ -16,6 +16,13 @@ def test_fingerprint_roundtrip_and_check():
     assert EncoderFingerprint.from_dict(a.to_dict()) == a
     b = EncoderFingerprint("timm", "resnet50", "random", 2048, note="224px")
     assert a.matches(b)  # note is not compared
+    assert b.input_size is None and a.input_size is None  # "224px" is not the form our encoders write
+    assert EncoderFingerprint("timm", "vit", "x", 8, note="input (3, 240, 320)").input_size == (240, 320)
+    assert EncoderFingerprint("darknet-tiny", "d", "x", 8, note="input 96px").input_size == (96, 96)
+    nulled = EncoderFingerprint.from_dict({**a.to_dict(), "note": None})  # it crashed input_size (every forward)
+    assert nulled.note == "" and nulled.input_size is None
+    with pytest.raises(ValueError, match="note must be a string"):
+        EncoderFingerprint("timm", "resnet50", "random", 2048, note=3)
     c = EncoderFingerprint("darknet-tiny", "darknet-tiny", "sha256:abc", 512)
     with pytest.raises(FingerprintMismatchError) as e:
         check_fingerprints(a, c, "attaching KB")

@@ -66,6 +66,8 @@ def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
 
     resized = host_encoder(model, T.Compose([T.Resize(96), T.ToTensor()]))  # no crop: the aspect is kept
     assert resized.fingerprint.name == "darknet-tiny@96"
+    native = host_encoder(model, T.ToTensor())  # images fed at their own size: no size to name (it said @67)
+    assert native.fingerprint.name == "darknet-tiny"
     tensor_pre = host_encoder(model, lambda x: x[:, :64, :64])  # takes tensors: the size cannot be read
     assert tensor_pre.fingerprint.name == "darknet-tiny"
 

@@ -350,6 +350,14 @@ def test_records_are_never_appended_to_a_damaged_chunk(tmp_path):
         assert len(kb) == 24
     report = KnowledgeBase.verify_path(path)
     assert not report["ok"] and report["problems"][0].startswith("chunk 1 (records 16..23)")
+    from retrofit.cli import main  # the repair the warnings give: delete the chunk's records, compact, add again
+
+    assert main(["kb", "delete", str(path), "16-23"]) == 0 and main(["kb", "compact", str(path)]) == 0
+    assert KnowledgeBase.verify_path(path)["ok"]
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        kb.add(torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1), torch.randn(2, 12, generator=g),
+               torch.randn(2, 4, generator=g))
+        assert len(kb) == 16 + 2 and kb.verify()["ok"]
 
 
 def test_schema_1_kb_is_read_then_upgraded_by_a_writer(tmp_path):

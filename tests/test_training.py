@@ -370,6 +370,10 @@ def test_mixup_never_shows_a_sample_its_own_entry(lam):
         assert mixed.labels[0].tolist() == [-1, 6]
     else:
         assert mixed.labels[0].tolist() == [3, 4]
+    # the mirror case: sample 1's own neighbour in slot 0 is its partner's (sample 0's) own entry, id 10
+    assert mixed.image[1, 0, 0] == pytest.approx((1 - lam) * 1.0)  # only the partner's slot 0 (id 20) remains
+    assert mixed.image[1, 1, 0] == pytest.approx(lam * 200.0 + (1 - lam) * 2.0)
+    assert mixed.labels[1].tolist() == ([-1, 6] if lam >= 0.5 else [3, 4])
     _, _, plain, _ = _mix(lam, j, z, None, nb, tgt)  # without exclusions: plain slot-wise mixup
     assert plain.image[0, 0, 0] == pytest.approx(lam * 1.0 + (1 - lam) * 100.0)
 
