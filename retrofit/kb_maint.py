@@ -39,18 +39,14 @@ class KBIndexMixin:
         Every chunk's checksum is checked on the way: a chunk damaged on disk is left out of the index (its
         records are then never found by a search), with a warning that says how to repair the knowledge base.
         """
-        Dk, C = self.key_dim, self._rec.chunk
         damaged: list[int] = []
         with self._txn() as txn:
-            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, Dk), upto=upto, start=start, damaged=damaged):
+            for first, rows, _ in self._rec.iter_chunks(txn, slice(0, self.key_dim), upto=upto, start=start,
+                                                        damaged=damaged):
                 ids = np.arange(first, first + rows.shape[0], dtype=np.int64)
                 live = ~np.isin(ids, self._deleted)
                 yield ids[live], rows[live].astype(np.float32)
-        for c in damaged:
-            ids = np.arange(max(c * C, start), min(c * C + C, upto))
-            live = ids[~np.isin(ids, self._deleted)]
-            if not live.size:  # every record of it is deleted: nothing is lost from the index
-                continue
+        for c, live in self._live_in(damaged, start, upto).items():  # chunks all deleted lose nothing: not listed
             ranges = " ".join(_ranges(live))
             log.warning("%s: record chunk %d does not match its checksum (damaged on disk): its live records %s are "
                         "left out of the index. Restore the knowledge base from a copy, or drop them with "
@@ -58,20 +54,23 @@ class KBIndexMixin:
                         "`retrofit kb verify %s` lists every damaged chunk", self.path, c, ranges, self.path, ranges,
                         self.path, self.path)
 
-    def _damaged_live(self) -> dict[int, np.ndarray]:
-        """Chunk -> its live ids, for every record chunk whose bytes do not match their checksum (one CRC pass)."""
-        damaged: list[int] = []
-        C = self._rec.chunk
-        with self._txn() as txn:
-            for _ in self._rec.iter_chunks(txn, slice(0, 0), upto=self._meta["next_id"], damaged=damaged):
-                pass
-        out = {}
-        for c in damaged:
-            ids = np.arange(c * C, min(c * C + C, self._meta["next_id"]))
+    def _live_in(self, chunks: list[int], start: int, upto: int) -> dict[int, np.ndarray]:
+        """Chunk -> its live ids in [start, upto), for those of ``chunks`` that hold any."""
+        C, out = self._rec.chunk, {}
+        for c in chunks:
+            ids = np.arange(max(c * C, start), min(c * C + C, upto))
             live = ids[~np.isin(ids, self._deleted)]
             if live.size:
                 out[c] = live
         return out
+
+    def _damaged_live(self) -> dict[int, np.ndarray]:
+        """Chunk -> its live ids, for every record chunk whose bytes do not match their checksum (one CRC pass)."""
+        damaged: list[int] = []
+        with self._txn() as txn:
+            for _ in self._rec.iter_chunks(txn, slice(0, 0), upto=self._meta["next_id"], damaged=damaged):
+                pass
+        return self._live_in(damaged, 0, self._meta["next_id"])
 
     def _rebuild(self) -> None:
         """Build the index from the records (the kind the live count calls for), tune efSearch, save it."""
