@@ -22,7 +22,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["emit", "gemm_gflops", "time_fn", "sync", "machine_info"]
+__all__ = ["emit", "gemm_gflops", "time_fn", "sync", "machine_info", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a 0 or negative size used to run, and report, a meaningless benchmark)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {v}")
+    return v
 
 
 def sync(device: torch.device | str | None = None) -> None:

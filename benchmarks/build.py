@@ -23,15 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemm_gflops
+from _common import emit, gemm_gflops, positive_int
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N samples (quick runs)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (quick runs)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader decode workers")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--size", type=int, default=64, help="Tiny Darknet input size")
+    ap.add_argument("--batch-size", type=positive_int, default=256)
+    ap.add_argument("--size", type=positive_int, default=64, help="Tiny Darknet input size")
     args = ap.parse_args()
 
     from retrofit._env import data_dir

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemm_gflops, time_fn
+from _common import emit, gemm_gflops, positive_int, time_fn
 
 from retrofit.head import HeadConfig, RetrievalHead
 from retrofit.neighbors import Neighbors
@@ -150,16 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="all = cpu, plus cuda when a GPU is present")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--query-dim", type=int, default=512)
-    p.add_argument("--image-dim", type=int, default=512)
-    p.add_argument("--text-dim", type=int, default=384)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--k", type=positive_int, default=32)
+    p.add_argument("--dim", type=positive_int, default=512)
+    p.add_argument("--depth", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--query-dim", type=positive_int, default=512)
+    p.add_argument("--image-dim", type=positive_int, default=512)
+    p.add_argument("--text-dim", type=positive_int, default=384)
+    p.add_argument("--classes", type=positive_int, default=1000)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--no-attention-paths", action="store_true",
                    help="skip the one-layer native vs einsum-reference attention timing")
     args = p.parse_args(argv)

@@ -110,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
                         "is a correctness tool, ~10-30 ms per launch, so timing it would be meaningless)"})
         return 0
 
-    from retrofit.functional import cross_fusion_attention_reference
+    from retrofit.functional import cross_fusion_attention_native, cross_fusion_attention_reference
     from retrofit.kernels.cross_fusion import cross_fusion_attention_fused
 
-    impls = {"fused": cross_fusion_attention_fused, "eager": cross_fusion_attention_reference}
+    # "native": the library's own non-fused path (scaled_dot_product_attention), what the head runs without the
+    # kernel; "eager": the einsum spec; "compiled": torch.compile of each
+    impls = {"fused": cross_fusion_attention_fused, "native": cross_fusion_attention_native,
+             "eager": cross_fusion_attention_reference}
     if not args.no_compile:
         impls["compiled"] = torch.compile(cross_fusion_attention_reference, dynamic=False)
+        impls["native_compiled"] = torch.compile(cross_fusion_attention_native, dynamic=False)
     shapes = [(32, 32)] if args.quick else [(B, k) for B in BATCHES for k in KS]
     emit(run_table(shapes, DTYPES[args.dtype], impls))
     return 0

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import head as head_bench
-from _common import emit, gemm_gflops, time_fn
+from _common import emit, gemm_gflops, positive_int, time_fn
 
 from retrofit.feature_cache import FeatureSet, NeighborVectors
 from retrofit.head import HeadConfig, RetrievalHead
@@ -40,15 +40,16 @@ TARGET = 0.35
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=2048, help="cached training samples (default 2048 = 8 steps)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs; the best epoch's rate is reported")
-    p.add_argument("--kb-size", type=int, default=20_000, help="records in the knowledge base")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--samples", type=positive_int, default=2048,
+                   help="cached training samples (default 2048 = 8 steps)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="epochs; the best epoch's rate is reported")
+    p.add_argument("--kb-size", type=positive_int, default=20_000, help="records in the knowledge base")
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--k", type=positive_int, default=32)
+    p.add_argument("--dim", type=positive_int, default=512)
+    p.add_argument("--depth", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--classes", type=positive_int, default=1000)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
