@@ -132,7 +132,8 @@ def test_ctrl_c_to_the_process_group_ends_parent_and_workers(tmp_path, data_dir)
         took = time.monotonic() - t
         assert child.returncode == 130 and "interrupted" in out
         assert _wait_gone(workers) == []
-        assert took < 5.0, f"the parent took {took:.1f} s to stop its busy workers (torch's join: 5 s each)"
+        # a liveness bound, not a speed target: torch's own shutdown joins each busy worker for 5 s (>= 10 s here)
+        assert took < 8.0, f"the parent took {took:.1f} s to stop its busy workers (torch's join: 5 s each)"
     finally:
         if child.poll() is None:
             child.kill()
