@@ -43,36 +43,54 @@ _LOG2E = 1.4426950408889634
 
 
 def _configs() -> list[triton.Config]:
-    """Autotune space on CUDA; one fixed config under the interpreter (multi-config autotune fails there)."""
+    """Autotune space on CUDA; one fixed config under the interpreter (multi-config autotune fails without a driver).
+
+    Five configs: measured on an H100 (fp16, Dh = 64), the picks were (32, 64) / (32, 32) for S = 17 .. 33 and
+    (128, 64) / (32, 64) for S = 65; every extra config costs a compile (~1 s) at the first call per shape."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages): small blocks for short sequences (k = 16, 32), larger for k >= 64
-    space = [(16, 16, 2, 1), (16, 32, 2, 1), (32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
-             (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _SPACE]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): small blocks for short sequences (k = 16, 32), larger for k >= 64
+_SPACE = [(16, 16, 2, 1), (32, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+# fp32 inputs take IEEE fp32 dots (FMA loops, no tensor cores): tiles above this BLOCK_M * BLOCK_N * BLOCK_D took
+# 20-40 s each to compile for sm_90 (the dq kernel at Dh = 128: 32 x 32 7 s, 32 x 64 19 s, 64 x 64 40 s), and
+# 128 x 64 x 128 asks for 264 KB of shared memory (an H100 has 228 KB). On an H100 the first fp32 call at
+# k = 256, Dh = 128 took 326 s to tune over the full space.
+_FP32_TILE_BUDGET = 32 * 32 * 128
 
 
 _FP64_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose blocks are much larger than the sequence (pure padding work); fp64 (multiply-sum
-    products with (M, K, N) temporaries) always takes 16 x 16 blocks."""
+    """Drop configs whose blocks are much larger than the sequence (pure padding work) and, for fp32 inputs, tiles
+    over ``_FP32_TILE_BUDGET``; fp64 (multiply-sum products with (M, K, N) temporaries) always takes 16 x 16."""
     if kwargs.get("ACC") == tl.float64:
         return [_FP64_CONFIG]
     s = named_args["S"]
     cap = max(16, triton.next_power_of_2(s))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
+    if named_args["Qt"].dtype == torch.float32:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * kwargs["BLOCK_D"] <= _FP32_TILE_BUDGET]
     return kept or configs[:1]
 
 
-# Tuned once per (S, Dh, dtypes); results are cached on disk next to Triton's compile cache.
+# Tuned once per (S, Dh, dtypes) by Triton's autotuner (results cached on disk next to its compile cache); after
+# that, _launch calls the kernel with the chosen config directly (the autotuner's per-call work is skipped).
 _AUTOTUNE = dict(configs=_configs(), key=["S", "HEAD_DIM", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune},
                  cache_results=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # forward
+#
+# Layout contract (the launchers enforce it, copying only inputs that break it): the six q / k / v tensors share
+# one set of strides (sb, ss, sh) with a unit stride on Dh, as the head's views of its two (B, S, 3, H, Dh)
+# projections do; each residual has its own (rb, rs, rh), unit stride on Dh; outputs, incoming gradients, the
+# mask and the log-sum-exp are contiguous, so their offsets come from B, S, H and Dh. Few scalar arguments keep
+# Triton's per-launch Python work small: at B = 1 the launch, not the GPU, is the cost.
 
 
 @triton.jit
@@ -87,9 +105,7 @@ def _mm(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
-              sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, srb, srs, srh, srd,
-              sob, sos, soh, sod, smb, sms,
+def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, H, S, lse_base, scale_log2, sb, ss, sh, rb, rs, rh,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               ACC: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +113,8 @@ def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
     m_ok = offs_m < S
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
+    base = b * sb + h * sh
+    q = tl.load(Q + base + offs_m[:, None] * ss + offs_d[None, :], mask=md_ok, other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, ACC)  # finite floor: an all-masked block never gives -inf - -inf
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)  # (BLOCK_M, BLOCK_D)
@@ -105,9 +122,9 @@ def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0  # (BLOCK_N,)
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
+        keep = tl.load(KM + b * S + offs_n, mask=n_ok, other=0) != 0  # (BLOCK_N,)
+        k = tl.load(K + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
         s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,20 +136,18 @@ def _fwd_tile(Q, K, V, R, OUT, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
         m_i = m_new
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
-    r = tl.load(R + b * srb + h * srh + offs_m[:, None] * srs + offs_d[None, :] * srd, mask=md_ok, other=0.0)
+    r = tl.load(R + b * rb + h * rh + offs_m[:, None] * rs + offs_d[None, :], mask=md_ok, other=0.0)
     new = r.to(ACC) + acc / l_safe[:, None]  # all-masked rows: acc = 0 -> new = res
-    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-             new.to(OUT.dtype.element_ty), mask=md_ok)
+    out = ((b * S + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]  # contiguous (B, S, H, Dh)
+    tl.store(OUT + out, new.to(OUT.dtype.element_ty), mask=md_ok)
     lse = tl.where(has_key, m_i + tl.log2(l_safe), 0.0)  # base-2 log-sum-exp of the scaled scores
     tl.store(LSE + lse_base + offs_m, lse, mask=m_ok)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _fwd_kernel(Qt, Ki, Vi, Ri, Ni, Qi, Kt, Vt, Rt, Nt, KM, LSE, B, H, S, scale_log2,
-                s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                snb, sns, snh, snd, smb, sms,
+def _fwd_kernel(Qt, Ki, Vi, Ri, Ni, Qi, Kt, Vt, Rt, Nt, KM, LSE, B, H, S, scale_log2, sb, ss, sh,
+                r0b, r0s, r0h, r1b, r1s, r1h,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -142,13 +157,11 @@ def _fwd_kernel(Qt, Ki, Vi, Ri, Ni, Qi, Kt, Vt, Rt, Nt, KM, LSE, B, H, S, scale_
     h = pid_bh % H
     lse_base = ((direction * B + b) * H + h) * S
     if direction == 0:  # image stream update: text queries over image keys / values
-        _fwd_tile(Qt, Ki, Vi, Ri, Ni, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
-                  s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                  snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _fwd_tile(Qt, Ki, Vi, Ri, Ni, KM, LSE, b, h, pid_m, H, S, lse_base, scale_log2, sb, ss, sh, r0b, r0s, r0h,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
     else:  # text stream update: image queries over text keys / values
-        _fwd_tile(Qi, Kt, Vt, Rt, Nt, KM, LSE, b, h, pid_m, S, lse_base, scale_log2,
-                  s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                  snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _fwd_tile(Qi, Kt, Vt, Rt, Nt, KM, LSE, b, h, pid_m, H, S, lse_base, scale_log2, sb, ss, sh, r1b, r1s, r1h,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -156,9 +169,7 @@ def _fwd_kernel(Qt, Ki, Vi, Ri, Ni, Qi, Kt, Vt, Rt, Nt, KM, LSE, B, H, S, scale_
 
 
 @triton.jit
-def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scale, scale_log2,
-                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sgb, sgs, sgh, sgd,
-                 sob, sos, soh, sod, smb, sms,
+def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, H, S, lse_base, scale, scale_log2, sb, ss, sh,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  ACC: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,9 +177,10 @@ def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scal
     m_ok = offs_m < S
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-    do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :] * sgd, mask=md_ok, other=0.0)
-    do = do.to(q.dtype)
+    base = b * sb + h * sh
+    rows = ((b * S + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]  # contiguous dO / dq offsets
+    q = tl.load(Q + base + offs_m[:, None] * ss + offs_d[None, :], mask=md_ok, other=0.0)
+    do = tl.load(DO + rows, mask=md_ok, other=0.0).to(q.dtype)
     lse = tl.load(LSE + lse_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
     # pass 1: delta = rowsum(P * dP) (= rowsum(dO * O) for the attention output O)
     delta = tl.zeros([BLOCK_M], ACC)
@@ -176,9 +188,9 @@ def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scal
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
+        keep = tl.load(KM + b * S + offs_n, mask=n_ok, other=0) != 0
+        k = tl.load(K + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
         s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
         dp = _mm(do, tl.trans(v), ACC, PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -189,26 +201,22 @@ def _bwd_dq_tile(Q, K, V, DO, DQ, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scal
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
+        keep = tl.load(KM + b * S + offs_n, mask=n_ok, other=0) != 0
+        k = tl.load(K + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
         s = _mm(q, tl.trans(k), ACC, PRECISION) * scale_log2
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), ACC, PRECISION)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
         dq += _mm(ds.to(k.dtype), k, ACC, PRECISION)
     dq = dq * scale
-    tl.store(DQ + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=md_ok)
     tl.store(DELTA + lse_base + offs_m, delta, mask=m_ok)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _bwd_dq_kernel(Qt, Ki, Vi, Gi, DQt, Qi, Kt, Vt, Gt, DQi, KM, LSE, DELTA, B, H, S, scale, scale_log2,
-                   s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                   s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                   snb, sns, snh, snd, smb, sms,
+def _bwd_dq_kernel(Qt, Ki, Vi, Gi, DQt, Qi, Kt, Vt, Gt, DQi, KM, LSE, DELTA, B, H, S, scale, scale_log2, sb, ss, sh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -218,19 +226,15 @@ def _bwd_dq_kernel(Qt, Ki, Vi, Gi, DQt, Qi, Kt, Vt, Gt, DQi, KM, LSE, DELTA, B, 
     h = pid_bh % H
     lse_base = ((direction * B + b) * H + h) * S
     if direction == 0:
-        _bwd_dq_tile(Qt, Ki, Vi, Gi, DQt, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scale, scale_log2,
-                     s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                     snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _bwd_dq_tile(Qt, Ki, Vi, Gi, DQt, KM, LSE, DELTA, b, h, pid_m, H, S, lse_base, scale, scale_log2, sb, ss, sh,
+                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
     else:
-        _bwd_dq_tile(Qi, Kt, Vt, Gt, DQi, KM, LSE, DELTA, b, h, pid_m, S, lse_base, scale, scale_log2,
-                     s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                     snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _bwd_dq_tile(Qi, Kt, Vt, Gt, DQi, KM, LSE, DELTA, b, h, pid_m, H, S, lse_base, scale, scale_log2, sb, ss, sh,
+                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
 
 
 @triton.jit
-def _bwd_dkdv_tile(Q, K, V, DO, DK, DV, KM, LSE, DELTA, b, h, pid_n, S, lse_base, scale, scale_log2,
-                   sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sgb, sgs, sgh, sgd,
-                   sob, sos, soh, sod, smb, sms,
+def _bwd_dkdv_tile(Q, K, V, DO, DK, DV, KM, LSE, DELTA, b, h, pid_n, H, S, lse_base, scale, scale_log2, sb, ss, sh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACC: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,17 +242,18 @@ def _bwd_dkdv_tile(Q, K, V, DO, DK, DV, KM, LSE, DELTA, b, h, pid_n, S, lse_base
     n_ok = offs_n < S
     d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
-    keep = tl.load(KM + b * smb + offs_n * sms, mask=n_ok, other=0) != 0  # (BLOCK_N,)
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
+    base = b * sb + h * sh
+    keep = tl.load(KM + b * S + offs_n, mask=n_ok, other=0) != 0  # (BLOCK_N,)
+    k = tl.load(K + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * ss + offs_d[None, :], mask=nd_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < S
         md_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-        do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :] * sgd, mask=md_ok, other=0.0)
+        q = tl.load(Q + base + offs_m[:, None] * ss + offs_d[None, :], mask=md_ok, other=0.0)
+        do = tl.load(DO + ((b * S + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :], mask=md_ok, other=0.0)
         do = do.to(q.dtype)
         lse = tl.load(LSE + lse_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
         delta = tl.load(DELTA + lse_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
@@ -259,18 +264,15 @@ def _bwd_dkdv_tile(Q, K, V, DO, DK, DV, KM, LSE, DELTA, b, h, pid_n, S, lse_base
         dst = pt * (dpt - delta[None, :])
         dk += _mm(dst.to(q.dtype), q, ACC, PRECISION)
     dk = dk * scale
-    tl.store(DK + b * sob + h * soh + offs_n[:, None] * sos + offs_d[None, :] * sod,
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * sob + h * soh + offs_n[:, None] * sos + offs_d[None, :] * sod,
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+    rows = ((b * S + offs_n[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]  # contiguous dk / dv offsets
+    tl.store(DK + rows, dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _bwd_dkdv_kernel(Qt, Ki, Vi, Gi, DKi, DVi, Qi, Kt, Vt, Gt, DKt, DVt, KM, LSE, DELTA, B, H, S, scale, scale_log2,
-                     s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                     s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                     snb, sns, snh, snd, smb, sms,
+                     sb, ss, sh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -280,26 +282,45 @@ def _bwd_dkdv_kernel(Qt, Ki, Vi, Gi, DKi, DVi, Qi, Kt, Vt, Gt, DKt, DVt, KM, LSE
     h = pid_bh % H
     lse_base = ((direction * B + b) * H + h) * S
     if direction == 0:
-        _bwd_dkdv_tile(Qt, Ki, Vi, Gi, DKi, DVi, KM, LSE, DELTA, b, h, pid_n, S, lse_base, scale, scale_log2,
-                       s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, s2b, s2s, s2h, s2d, s3b, s3s, s3h, s3d,
-                       snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _bwd_dkdv_tile(Qt, Ki, Vi, Gi, DKi, DVi, KM, LSE, DELTA, b, h, pid_n, H, S, lse_base, scale, scale_log2,
+                       sb, ss, sh, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
     else:
-        _bwd_dkdv_tile(Qi, Kt, Vt, Gt, DKt, DVt, KM, LSE, DELTA, b, h, pid_n, S, lse_base, scale, scale_log2,
-                       s4b, s4s, s4h, s4d, s5b, s5s, s5h, s5d, s6b, s6s, s6h, s6d, s7b, s7s, s7h, s7d,
-                       snb, sns, snh, snd, smb, sms, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
+        _bwd_dkdv_tile(Qi, Kt, Vt, Gt, DKt, DVt, KM, LSE, DELTA, b, h, pid_n, H, S, lse_base, scale, scale_log2,
+                       sb, ss, sh, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 
 _NAMES = ("q_t", "k_i", "v_i", "q_i", "k_t", "v_t", "res_i", "res_t")
+_BEST: dict[tuple, triton.Config] = {}  # (kernel, S, Dh, dtypes) -> the config Triton's autotuner chose
+_META: dict[tuple, dict] = {}
 
 
 def _check_inputs(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> tuple[int, int, int, int]:
-    """Validate the eight (B, S, H, Dh) tensors and the (B, S) mask; returns (B, S, H, Dh)."""
-    for name, t in tensors.items():
+    """Validate the eight (B, S, H, Dh) tensors and the (B, S) mask; returns (B, S, H, Dh). A quick test of the
+    usual case comes first; only input that fails it goes through the checks that name what is wrong."""
+    ts = tuple(tensors.values())
+    q = ts[0]
+    try:
+        shape, dtype, device = q.shape, q.dtype, q.device
+        if (len(shape) == 4 and 0 < shape[3] <= _MAX_HEAD_DIM and min(shape) > 0 and dtype in _DTYPES
+                and key_mask.dtype == torch.bool and key_mask.shape == shape[:2] and key_mask.device == device
+                and (device.type == "cuda" or _INTERPRET)
+                and all(t.shape == shape and t.device == device for t in ts)
+                and all(t.dtype == dtype for t in ts[:6]) and ts[6].dtype in _DTYPES and ts[7].dtype in _DTYPES):
+            return tuple(shape)
+    except AttributeError:  # not a tensor: the checks below name it
+        pass
+    return _explain(tensors, key_mask)
+
+
+def _explain(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """The slow path of :func:`_check_inputs`: raises naming the first thing that is wrong."""
+    for name, t in list(tensors.items()) + [("key_mask", key_mask)]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"cross_fusion_attention_fused: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in tensors.items():
         if t.dim() != 4:
             raise ValueError(f"cross_fusion_attention_fused: {name} must be 4-D (B, S, H, Dh), got shape "
                              f"{tuple(t.shape)}")
@@ -339,91 +360,119 @@ def _check_inputs(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> t
     if tuple(key_mask.shape) != (B, S):
         raise ValueError(f"cross_fusion_attention_fused: key_mask has shape {tuple(key_mask.shape)}, expected (B, S) "
                          f"= {(B, S)}")
-    for name, t in list(tensors.items()) + [("key_mask", key_mask)]:
-        _check_offsets(name, t)
     return B, S, H, Dh
 
 
-def _check_offsets(name: str, t: torch.Tensor) -> None:
-    """Kernels index with int32 offsets: the largest element offset must fit."""
-    if any(st < 0 for st in t.stride()):
-        raise ValueError(f"cross_fusion_attention_fused: {name} has a negative stride {t.stride()}")
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    if span >= 2**31:
-        raise ValueError(f"cross_fusion_attention_fused: {name} spans {span} elements (strides {t.stride()}), over "
-                         "the int32 offsets the kernel uses; split the batch")
+def _bsh_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(batch, seq, head) strides of a (B, S, H, Dh) tensor, 0 for size-1 dims (never indexed past 0); None
+    unless Dh has a unit stride (the kernels index Dh contiguously)."""
+    n, st = t.shape, t.stride()
+    if st[3] != 1 and n[3] != 1:
+        return None
+    return (0 if n[0] == 1 else st[0], 0 if n[1] == 1 else st[1], 0 if n[2] == 1 else st[2])
 
 
-def _strides(*ts: torch.Tensor) -> list[int]:
-    return [s for t in ts for s in t.stride()]
+def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Tensor):
+    """Bring the inputs to the kernels' layout contract, copying only what breaks it: the six q / k / v share one
+    set of strides with unit stride on Dh (else all six are made contiguous), each residual has unit stride on Dh,
+    the mask is contiguous. Returns (qkv, res, mask as uint8, qkv strides, residual strides)."""
+    st = _bsh_strides(qkv[0])
+    if st is None or any(_bsh_strides(t) != st for t in qkv[1:]):
+        qkv = [t.contiguous() for t in qkv]
+        st = _bsh_strides(qkv[0])
+    res_st = []
+    for j, r in enumerate(res):
+        rst = _bsh_strides(r)
+        if rst is None:
+            res[j] = r = r.contiguous()
+            rst = _bsh_strides(r)
+        res_st.append(rst)
+    B, S, H, Dh = qkv[0].shape
+    for name, s in (("q / k / v", st), ("res_i", res_st[0]), ("res_t", res_st[1]), ("the outputs", (S * H * Dh, 0, 0))):
+        span = (B - 1) * s[0] + (S - 1) * s[1] + (H - 1) * s[2] + Dh
+        if span >= 2**31:
+            raise ValueError(f"cross_fusion_attention_fused: {name} span {span} elements, over the int32 offsets "
+                             "the kernels use; split the batch")
+    km = key_mask if key_mask.is_contiguous() else key_mask.contiguous()
+    return qkv, res, km.view(torch.uint8), st, res_st
 
 
 def _meta(dtype: torch.dtype, Dh: int) -> dict:
-    return dict(
-        HEAD_DIM=Dh,
-        BLOCK_D=max(16, triton.next_power_of_2(Dh)),
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        PRECISION="ieee",  # only affects fp32 inputs: no tf32 truncation
-    )
+    m = _META.get((dtype, Dh))
+    if m is None:
+        m = _META[(dtype, Dh)] = dict(
+            HEAD_DIM=Dh,
+            BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+            ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+            PRECISION="ieee",  # only affects fp32 inputs: no tf32 truncation
+        )
+    return m
 
 
-def _grid(B: int, H: int, S: int, block: str):
-    return lambda meta: (B * H, triton.cdiv(S, meta[block]), 2)
+def _launch(kernel, block: str, B: int, H: int, S: int, args: tuple, meta: dict, key: tuple) -> None:
+    """First call per ``key``: through Triton's autotuner (which tunes, or reads its disk cache). Later calls: the
+    chosen config straight to the compiled kernel, skipping the autotuner's per-call Python work."""
+    cfg = _BEST.get(key)
+    if cfg is None:
+        kernel[lambda m: (B * H, triton.cdiv(S, m[block]), 2)](*args, **meta)
+        _BEST[key] = kernel.best_config
+        return
+    kernel.fn[(B * H, triton.cdiv(S, cfg.kwargs[block]), 2)](*args, **meta, **cfg.all_kwargs())
 
 
-def _forward(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale):
+def _forward(qkv, res, km, st, res_st, scale):
     """Launch the forward kernel; returns new_i, new_t (B, S, H, Dh) and the log-sum-exp (2, B, H, S)."""
+    q_t, k_i, v_i, q_i, k_t, v_t = qkv
+    res_i, res_t = res
     B, S, H, Dh = q_t.shape
     acc = torch.float64 if q_t.dtype == torch.float64 else torch.float32
     new_i = torch.empty((B, S, H, Dh), dtype=res_i.dtype, device=res_i.device)  # (B, S, H, Dh)
     new_t = torch.empty((B, S, H, Dh), dtype=res_t.dtype, device=res_t.device)  # (B, S, H, Dh)
     lse = torch.empty((2, B, H, S), dtype=acc, device=q_t.device)  # base-2 log-sum-exp per query row
-    km = key_mask.view(torch.uint8)  # (B, S) same bytes, no copy
-    _fwd_kernel[_grid(B, H, S, "BLOCK_M")](
-        q_t, k_i, v_i, res_i, new_i, q_i, k_t, v_t, res_t, new_t, km, lse, B, H, S, scale * _LOG2E,
-        *_strides(q_t, k_i, v_i, res_i, q_i, k_t, v_t, res_t, new_i), *km.stride(),
-        **_meta(q_t.dtype, Dh),
-    )
+    args = (q_t, k_i, v_i, res_i, new_i, q_i, k_t, v_t, res_t, new_t, km, lse, B, H, S, scale * _LOG2E, *st,
+            *res_st[0], *res_st[1])
+    _launch(_fwd_kernel, "BLOCK_M", B, H, S, args, _meta(q_t.dtype, Dh),
+            ("fwd", S, Dh, q_t.dtype, res_i.dtype, res_t.dtype))
     return new_i, new_t, lse
 
 
-def _backward(g_i, g_t, q_t, k_i, v_i, q_i, k_t, v_t, key_mask, lse, scale):
+def _backward(g_i, g_t, qkv, km, lse, st, scale):
     """Launch the two backward kernels; returns dq_t, dk_i, dv_i, dq_i, dk_t, dv_t."""
+    q_t, k_i, v_i, q_i, k_t, v_t = qkv
     B, S, H, Dh = q_t.shape
+    g_i, g_t = g_i.contiguous(), g_t.contiguous()  # autograd's gradients: contiguous already, as a rule
     grads = [torch.empty((B, S, H, Dh), dtype=q_t.dtype, device=q_t.device) for _ in range(6)]
-    dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = grads  # each (B, S, H, Dh)
+    dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = grads  # each (B, S, H, Dh), contiguous
     delta = torch.empty_like(lse)  # (2, B, H, S) rowsum(P * dP)
-    km = key_mask.view(torch.uint8)
     meta = _meta(q_t.dtype, Dh)
-    common = (B, H, S, scale, scale * _LOG2E, *_strides(q_t, k_i, v_i, g_i, q_i, k_t, v_t, g_t, dq_t), *km.stride())
-    _bwd_dq_kernel[_grid(B, H, S, "BLOCK_M")](
-        q_t, k_i, v_i, g_i, dq_t, q_i, k_t, v_t, g_t, dq_i, km, lse, delta, *common, **meta
-    )
-    _bwd_dkdv_kernel[_grid(B, H, S, "BLOCK_N")](
-        q_t, k_i, v_i, g_i, dk_i, dv_i, q_i, k_t, v_t, g_t, dk_t, dv_t, km, lse, delta, *common, **meta
-    )
+    key = (S, Dh, q_t.dtype, g_i.dtype, g_t.dtype)
+    common = (km, lse, delta, B, H, S, scale, scale * _LOG2E, *st)
+    _launch(_bwd_dq_kernel, "BLOCK_M", B, H, S, (q_t, k_i, v_i, g_i, dq_t, q_i, k_t, v_t, g_t, dq_i, *common), meta,
+            ("dq",) + key)
+    _launch(_bwd_dkdv_kernel, "BLOCK_N", B, H, S,
+            (q_t, k_i, v_i, g_i, dk_i, dv_i, q_i, k_t, v_t, g_t, dk_t, dv_t, *common), meta, ("dkdv",) + key)
     return dq_t, dk_i, dv_i, dq_i, dk_t, dv_t
 
 
 class CrossFusionAttention(torch.autograd.Function):
-    """Autograd wrapper: saves q/k/v of both directions, the mask and the log-sum-exp (not the probabilities)."""
+    """Autograd wrapper: saves q/k/v of both directions, the mask and the log-sum-exp (not the probabilities).
+    Inputs are not validated here: call :func:`cross_fusion_attention_fused`."""
 
     @staticmethod
     def forward(ctx, q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale):
-        new_i, new_t, lse = _forward(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale)
-        ctx.save_for_backward(q_t, k_i, v_i, q_i, k_t, v_t, key_mask, lse)
-        ctx.scale = scale
+        qkv, res, km, st, res_st = _layout([q_t, k_i, v_i, q_i, k_t, v_t], [res_i, res_t], key_mask)
+        new_i, new_t, lse = _forward(qkv, res, km, st, res_st, scale)
+        ctx.save_for_backward(*qkv, km, lse)
+        ctx.scale, ctx.strides = scale, st
         return new_i, new_t
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_i, g_t):
-        q_t, k_i, v_i, q_i, k_t, v_t, key_mask, lse = ctx.saved_tensors
+        *qkv, km, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         if any(need[:6]):
-            dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = _backward(
-                g_i, g_t, q_t, k_i, v_i, q_i, k_t, v_t, key_mask, lse, ctx.scale
-            )
+            dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = _backward(g_i, g_t, qkv, km, lse, ctx.strides, ctx.scale)
         else:
             dq_t = dk_i = dv_i = dq_i = dk_t = dv_t = None
         # d new / d res is the identity: the incoming gradients are the residuals' gradients.
@@ -445,10 +494,14 @@ def cross_fusion_attention_fused(
     """Fused two-direction cross-fusion attention with the residual add; returns ``(new_i, new_t)``.
 
     Same contract as :func:`retrofit.functional.cross_fusion_attention_reference` (without attention
-    weights): inputs (B, S, H, Dh) on one CUDA device (or CPU under ``TRITON_INTERPRET=1``), any strides;
-    q, k, v of both directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own
-    (as under autocast); ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new
-    contiguous (B, S, H, Dh) tensors in the residuals' dtypes; differentiable in all eight tensor inputs.
+    weights): inputs (B, S, H, Dh) on one CUDA device (or CPU under ``TRITON_INTERPRET=1``); q, k, v of both
+    directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own (as under autocast);
+    ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new contiguous (B, S, H, Dh) tensors
+    in the residuals' dtypes; differentiable in all eight tensor inputs.
+
+    Strides: the kernels read the inputs in place when the six q / k / v tensors share one layout with a unit
+    stride on Dh (the head's views of its (B, S, 3, H, Dh) projections do) and each residual has a unit stride on
+    Dh; otherwise the offending tensors are copied to contiguous memory first (a copy of the whole input, once).
     """
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)

@@ -110,7 +110,7 @@ def test_mixed_precision_residuals():
     xs[6] = xs[6].detach().float().requires_grad_()
     xs[7] = xs[7].detach().float().requires_grad_()
     g = torch.Generator().manual_seed(2)
-    grads = [torch.randn(xs[0].shape, generator=g) for _ in range(2)]
+    grads = [torch.randn(xs[0].shape, generator=g).to(DEVICE) for _ in range(2)]
     truth_out, truth_g = run(reference, [x.detach().double().requires_grad_() for x in xs], mask, grads)
     ref_out, ref_g = run(reference, xs, mask, grads)
     ker_out, ker_g = run(fused, xs, mask, grads)
@@ -328,3 +328,63 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-c", _AOT, *jobs], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("compiled") == len(jobs), r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the launch path: layout contract and the autotuner bypass
+
+
+def test_head_layout_is_read_in_place_and_odd_layouts_are_copied():
+    """The head's views of its (B, S, 3, H, Dh) projections and (B, S, d) streams go to the kernels as they are;
+    a residual with a non-unit Dh stride, or q / k / v with differing layouts, are copied (the documented rule)."""
+    B, S, H, Dh = 2, 5, 2, 16
+    qkv_i, qkv_t = (torch.randn(B, S, 3, H, Dh) for _ in range(2))
+    q_i, k_i, v_i = qkv_i.unbind(2)
+    q_t, k_t, v_t = qkv_t.unbind(2)
+    qkv = [q_t, k_i, v_i, q_i, k_t, v_t]
+    res = [torch.randn(B, S, H * Dh).view(B, S, H, Dh), torch.randn(B, S, H * Dh).view(B, S, H, Dh)]
+    mask = torch.ones(B, S, dtype=torch.bool)
+    got_qkv, got_res, km, st, res_st = cf._layout(list(qkv), list(res), mask)
+    assert all(a is b for a, b in zip(got_qkv, qkv)) and all(a is b for a, b in zip(got_res, res))
+    assert st == (S * 3 * H * Dh, 3 * H * Dh, Dh) and res_st == [(S * H * Dh, H * Dh, Dh)] * 2
+    assert km.dtype == torch.uint8 and km.data_ptr() == mask.data_ptr()
+    odd_res = torch.randn(B, S, Dh, H).transpose(2, 3)  # Dh stride H
+    odd_k = k_i.contiguous()  # same values, another layout than the other five
+    got_qkv, got_res, _, st, res_st = cf._layout([q_t, odd_k, v_i, q_i, k_t, v_t], [odd_res, res[1]], mask)
+    assert all(t.is_contiguous() for t in got_qkv) and st == (S * H * Dh, H * Dh, Dh)
+    assert got_res[0].is_contiguous() and torch.equal(got_res[0], odd_res) and got_res[1] is res[1]
+
+
+def test_later_calls_skip_the_autotuner_with_the_same_result(monkeypatch):
+    xs, mask = make_inputs(2, 6, 2, 16, torch.float32, seed=4)
+    calls = []
+    for kern in (cf._fwd_kernel, cf._bwd_dq_kernel, cf._bwd_dkdv_kernel):
+        orig = kern.run
+        monkeypatch.setattr(kern, "run", lambda *a, _o=orig, _k=kern, **kw: (calls.append(_k), _o(*a, **kw))[1])
+    monkeypatch.setattr(cf, "_BEST", {})
+    g = [torch.randn(2, 6, 2, 16).to(DEVICE) for _ in range(2)]
+    first = run(fused, xs, mask, g)
+    assert len(calls) == 3 and len(cf._BEST) == 3  # forward, dq, dk/dv: each tuned (or read) once
+    second = run(fused, xs, mask, g)
+    assert len(calls) == 3, "the second call went through the autotuner again"
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_autotune_space_prunes_padding_and_big_fp32_tiles():
+    """The CUDA autotune space, pruned per call: no blocks far larger than S, no fp32 tile over the budget (those
+    took 20-40 s each to compile and one exceeds an H100's shared memory), a single 16 x 16 config for fp64."""
+    import triton.language as tl
+
+    space = [cf.triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cf._SPACE]
+
+    def kept(S, dtype, Dh):
+        args = {"S": S, "Qt": torch.empty(0, dtype=dtype)}
+        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cf._prune(space, args, BLOCK_D=Dh, ACC=acc)]
+
+    assert kept(257, torch.float16, 128) == [(m, n) for m, n, _, _ in cf._SPACE]
+    assert kept(17, torch.float16, 64) == [(16, 16), (32, 32)]
+    assert kept(257, torch.float32, 128) == [(16, 16), (32, 32)]
+    assert kept(65, torch.float32, 64) == [(16, 16), (32, 32), (32, 64)]
+    assert kept(2, torch.float64, 16) == [(16, 16)]
