@@ -22,6 +22,11 @@ Roofline estimate (default shape: B = 256, k = 32 -> S = 33, d = 512, H = 8, fp1
   (8.9 MB each at this shape, several per direction) and fp32 copies of fp16 inputs; at B = 1 and 32 it is
   bound by its ~30 kernel launches (32 kernel-launching aten ops for fp16 inputs), which the fused forward
   replaces with one.
+
+Measured (H100 80GB HBM3, torch 2.11 / Triton 3.6, fp16, 22 Nov 2026; README has the table): at this shape the
+fused forward's kernel takes 52 us (57 % of the 2.91 TB/s copy bandwidth measured in the run, vs the 30 us
+floor at that bandwidth); the call takes ~180 us of wall time, which is the CPU's launch work, as at B = 1
+and 32. Wall time vs eager: 3.6-9.6x forward, 2.9-3.8x forward+backward over all nine shapes.
 """
 
 from __future__ import annotations
