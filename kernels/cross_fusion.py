@@ -5,8 +5,12 @@ Spec: :func:`retrofit.functional.cross_fusion_attention_reference`. For one cros
     new_i = res_i + softmax(q_t k_i^T * scale + mask) v_i     direction 0: text queries over image keys
     new_t = res_t + softmax(q_i k_t^T * scale + mask) v_t     direction 1: image queries over text keys
 
-Every tensor is (B, S, H, Dh), usually a strided view of a (B, S, H * Dh) projection: the launchers pass
-strides, nothing is copied. ``key_mask`` (B, S) bool marks attendable keys (shared by both directions).
+Every tensor is (B, S, H, Dh), usually a strided view of a (B, S, 3, H, Dh) projection: the launchers pass
+strides and read such views in place (the six q / k / v tensors share one layout with a unit stride on Dh,
+each residual has a unit stride on Dh; inputs that break this are copied once, see
+:func:`cross_fusion_attention_fused`). ``key_mask`` (B, S) bool marks attendable keys (shared by both
+directions). After the first call per (S, Dh, dtypes), which goes through Triton's autotuner, the launchers
+call the chosen config directly: at B <= 32 a call's cost is its Python launch work, not the GPU's.
 
 - Forward: ONE launch, grid (B * H, cdiv(S, BLOCK_M), 2); the last axis is the direction. Each program
   streams key blocks with an online softmax (fp32 accumulators, fp64 for fp64 inputs), adds the residual
@@ -27,6 +31,7 @@ their dot, as in flash-attention).
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -295,6 +300,7 @@ def _bwd_dkdv_kernel(Qt, Ki, Vi, Gi, DKi, DVi, Qi, Kt, Vt, Gt, DKt, DVt, KM, LSE
 _NAMES = ("q_t", "k_i", "v_i", "q_i", "k_t", "v_t", "res_i", "res_t")
 _BEST: dict[tuple, triton.Config] = {}  # (kernel, S, Dh, dtypes) -> the config Triton's autotuner chose
 _META: dict[tuple, dict] = {}
+_TUNE_LOCK = threading.Lock()
 
 
 def _check_inputs(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> tuple[int, int, int, int]:
@@ -388,7 +394,8 @@ def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Te
             rst = _bsh_strides(r)
         res_st.append(rst)
     B, S, H, Dh = qkv[0].shape
-    for name, s in (("q / k / v", st), ("res_i", res_st[0]), ("res_t", res_st[1]), ("the outputs", (S * H * Dh, 0, 0))):
+    out_st = (S * H * Dh, H * Dh, Dh)  # contiguous outputs and gradients
+    for name, s in (("q / k / v", st), ("res_i", res_st[0]), ("res_t", res_st[1]), ("the outputs", out_st)):
         span = (B - 1) * s[0] + (S - 1) * s[1] + (H - 1) * s[2] + Dh
         if span >= 2**31:
             raise ValueError(f"cross_fusion_attention_fused: {name} span {span} elements, over the int32 offsets "
@@ -414,8 +421,9 @@ def _launch(kernel, block: str, B: int, H: int, S: int, args: tuple, meta: dict,
     chosen config straight to the compiled kernel, skipping the autotuner's per-call Python work."""
     cfg = _BEST.get(key)
     if cfg is None:
-        kernel[lambda m: (B * H, triton.cdiv(S, m[block]), 2)](*args, **meta)
-        _BEST[key] = kernel.best_config
+        with _TUNE_LOCK:  # best_config is the autotuner's last pick: no other thread may tune in between
+            kernel[lambda m: (B * H, triton.cdiv(S, m[block]), 2)](*args, **meta)
+            _BEST[key] = kernel.best_config
         return
     kernel.fn[(B * H, triton.cdiv(S, cfg.kwargs[block]), 2)](*args, **meta, **cfg.all_kwargs())
 
