@@ -378,14 +378,21 @@ def _bsh_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     return (0 if n[0] == 1 else st[0], 0 if n[1] == 1 else st[1], 0 if n[2] == 1 else st[2])
 
 
-def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Tensor):
-    """Bring the inputs to the kernels' layout contract, copying only what breaks it: the six q / k / v share one
-    set of strides with unit stride on Dh (else all six are made contiguous), each residual has unit stride on Dh,
-    the mask is contiguous. Returns (qkv, res, mask as uint8, qkv strides, residual strides)."""
+def _qkv_layout(qkv: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    """The six q / k / v tensors sharing one (batch, seq, head) stride set with unit stride on Dh (else all six
+    contiguous copies), and that stride set."""
     st = _bsh_strides(qkv[0])
     if st is None or any(_bsh_strides(t) != st for t in qkv[1:]):
         qkv = [t.contiguous() for t in qkv]
         st = _bsh_strides(qkv[0])
+    return qkv, st
+
+
+def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Tensor):
+    """Bring the inputs to the kernels' layout contract, copying only what breaks it: the six q / k / v share one
+    set of strides with unit stride on Dh (else all six are made contiguous), each residual has unit stride on Dh,
+    the mask is contiguous. Returns (qkv, res, mask as uint8, qkv strides, residual strides)."""
+    qkv, st = _qkv_layout(qkv)
     res_st = []
     for j, r in enumerate(res):
         rst = _bsh_strides(r)
@@ -400,6 +407,9 @@ def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Te
         if span >= 2**31:
             raise ValueError(f"cross_fusion_attention_fused: {name} span {span} elements, over the int32 offsets "
                              "the kernels use; split the batch")
+    if 2 * B * H * S >= 2**31:  # the log-sum-exp / delta rows of both directions
+        raise ValueError(f"cross_fusion_attention_fused: 2 * B * H * S = {2 * B * H * S} query rows, over the int32 "
+                         "offsets the kernels use; split the batch")
     km = key_mask if key_mask.is_contiguous() else key_mask.contiguous()
     return qkv, res, km.view(torch.uint8), st, res_st
 
@@ -471,7 +481,7 @@ class CrossFusionAttention(torch.autograd.Function):
         qkv, res, km, st, res_st = _layout([q_t, k_i, v_i, q_i, k_t, v_t], [res_i, res_t], key_mask)
         new_i, new_t, lse = _forward(qkv, res, km, st, res_st, scale)
         ctx.save_for_backward(*qkv, km, lse)
-        ctx.scale, ctx.strides = scale, st
+        ctx.scale = scale
         return new_i, new_t
 
     @staticmethod
@@ -480,7 +490,11 @@ class CrossFusionAttention(torch.autograd.Function):
         *qkv, km, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         if any(need[:6]):
-            dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = _backward(g_i, g_t, qkv, km, lse, ctx.strides, ctx.scale)
+            # strides read again: saved-tensor hooks (torch.autograd.graph.save_on_cpu, activation offloading) may
+            # hand back other layouts than the ones saved (the six views of one projection as separate tensors)
+            qkv, st = _qkv_layout(qkv)
+            km, lse = km.contiguous(), lse.contiguous()
+            dq_t, dk_i, dv_i, dq_i, dk_t, dv_t = _backward(g_i, g_t, qkv, km, lse, st, ctx.scale)
         else:
             dq_t = dk_i = dv_i = dq_i = dk_t = dv_t = None
         # d new / d res is the identity: the incoming gradients are the residuals' gradients.

@@ -388,3 +388,50 @@ def test_autotune_space_prunes_padding_and_big_fp32_tiles():
     assert kept(257, torch.float32, 128) == [(16, 16), (32, 32)]
     assert kept(65, torch.float32, 64) == [(16, 16), (32, 32), (32, 64)]
     assert kept(2, torch.float64, 16) == [(16, 16)]
+
+
+def test_saved_tensor_hooks_that_change_layouts():
+    """``save_on_cpu(pin_memory=...)`` gives the backward the saved q / k / v as separate contiguous tensors, not
+    the projection's views they were: the backward must read their strides again (it used the forward's: NaN)."""
+    B, S, H, Dh = 2, 5, 2, 16
+    g = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(B, S, 3, H, Dh, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+    res = [torch.randn(B, S, H, Dh, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+    mask = (torch.rand(B, S, generator=g) > 0.3).to(DEVICE)
+    mask[:, 0] = True
+    gout = [torch.randn(B, S, H, Dh, generator=g).to(DEVICE) for _ in range(2)]
+
+    def grads(fn, hook: bool):
+        q_i, k_i, v_i = leaves[0].unbind(2)
+        q_t, k_t, v_t = leaves[1].unbind(2)
+        args = (q_t, k_i, v_i, q_i, k_t, v_t, *res, mask)
+        if hook:
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):  # packs into new dense tensors
+                out = fn(*args)[:2]
+        else:
+            out = fn(*args)[:2]
+        return torch.autograd.grad(out, leaves + res, gout)
+
+    want = grads(reference, hook=False)
+    for got in (grads(fused, hook=True), grads(fused, hook=False)):
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_benchmark_table_runs_and_checks_the_kernel(monkeypatch):
+    """benchmarks/kernel.py's table on one tiny shape (CPU: the interpreter, so the times mean nothing): every
+    implementation is timed, the kernel is checked against fp64 (outputs and gradients), targets are reported."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("kernel")
+
+    impls = {"fused": fused, "eager": reference}
+    out = bench.run_table([(1, 1)], torch.float32, impls, device=DEVICE, repeats=2, copy_bytes=2**20)
+    row = out["rows"][0]
+    assert row["S"] == 2 and row["fused_within_tolerance"] and out["targets"]["fused_correct_every_shape"]
+    assert row["fused_max_abs_grad_err_vs_fp64"] < 1e-4 and row["fused_fwd_us"] > 0 and row["eager_fwd_bwd_us"] > 0
+    assert {"min_speedup_vs_eager_fwd_B1_B32", "met_2x_fwd_bwd_B1_B32"} <= set(out["targets"])
+    assert row["speedup_vs_eager_fwd"] == round(row["eager_fwd_us"] / row["fused_fwd_us"], 2)
