@@ -7,6 +7,7 @@ The public API is listed in ``__all__``. Everything is imported lazily on first 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from retrofit._version import __version__
@@ -58,10 +59,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "models":  # `retrofit.models.darknet_tiny()` without importing retrofit.models first (light until used)
-        return importlib.import_module("retrofit.models")
     module = _LAZY.get(name)
     if module is None:
+        # a submodule (`retrofit.encoders.host_encoder`, `retrofit.models.darknet_tiny()`) without importing it first
+        if not name.startswith("__") and importlib.util.find_spec(f"retrofit.{name}") is not None:
+            return importlib.import_module(f"retrofit.{name}")
         raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -35,6 +35,10 @@ def test_public_api_resolves_lazily():
     # README writes retrofit.models.darknet_tiny() after a bare `import retrofit`
     assert _run("import sys, retrofit; print('retrofit.models' in sys.modules, "
                 "callable(retrofit.models.darknet_tiny))").split() == ["False", "True"]
+    # ... and every other submodule it names the same way (retrofit.encoders.host_encoder, retrofit.noise...)
+    code = ("import retrofit; print(retrofit.encoders.host_encoder.__name__, "
+            "retrofit.noise.symmetric_noise.__name__, retrofit.caption_labels.CaptionLabeller.__name__)")
+    assert _run(code).split() == ["host_encoder", "symmetric_noise", "CaptionLabeller"]
 
 
 @pytest.mark.parametrize("name", ["adapters", "kernels"])
