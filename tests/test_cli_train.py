@@ -274,3 +274,19 @@ def test_eval_predict_calibrate_refuse_a_kb_from_another_encoder_unless_allowed(
     assert main(calibrate) == 1 and "--allow-fingerprint-mismatch" in capsys.readouterr().err
     assert main([*calibrate, "--allow-fingerprint-mismatch"]) == 1  # attached; this head has no vote to calibrate
     assert "no label vote" in capsys.readouterr().err
+
+
+def test_eval_and_predict_check_the_model_given_with_model_against_the_kb(setup, trained, capsys, tmp_path):
+    """`--model` may name another host than the run's: its embeddings must match the KB's keys (a 96 px Tiny Darknet
+    against a KB made at 64 px used to be scored silently)."""
+    img = tmp_path / "x.jpg"
+    with tarfile.open(setup / "test.tar") as tf:
+        img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
+    base = ["--run", str(trained), "--model", "darknet-tiny@96"]
+    for argv in (["eval", "--data", str(setup / "test.tar"), "--out", str(tmp_path / "ev"), "--no-cache", "--quiet",
+                  *base], ["predict", str(img), *base]):
+        assert main(argv) == 1, argv
+        msg = capsys.readouterr().err
+        assert "darknet-tiny@96" in msg and "--allow-fingerprint-mismatch" in msg, (argv, msg)
+        assert main([*argv, "--allow-fingerprint-mismatch", "--json"]) == 0, argv
+        capsys.readouterr()

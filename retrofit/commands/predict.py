@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retrofit.commands import guarded
-from retrofit.commands.train import RUN_FILE, _labels, _open_kb, _runtime, _source, data_path
+from retrofit.commands.train import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 
 _EPILOG_EVAL = """examples:
   retrofit eval --run runs/c10 --data cifar10/test-000000.tar
@@ -135,6 +135,7 @@ def _labelled_features(args: argparse.Namespace, run: dict[str, Any], kb: Any, h
     from retrofit.pipeline import load_host_model, source_features
 
     host = load_host_model(run["model"])
+    _check_kb(host, kb, args.allow_fingerprint_mismatch)  # --model may name another host than the KB was made with
     classes = head.config.class_names or run.get("classes")
     src = _source(args.data)
     labels, _ = _labels(src, classes, f"{what} data", required=True)
@@ -241,6 +242,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     host = load_host_model(run["model"])
+    _check_kb(host, kb, args.allow_fingerprint_mismatch)
     images = []
     for p in args.images:
         try:
