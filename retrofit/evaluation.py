@@ -166,7 +166,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         lines.append("")
         lines.append(f"Groups by training images per class: many > {co['many_above']} ({gs['many']} classes), "
                      f"medium {co['few_below']}-{co['many_above']} ({gs['medium']}), few < {co['few_below']} "
-                     f"({gs['few']}); {any_r['n']} test samples.")
+                     f"({gs['few']}); {any_r['n']} evaluated samples.")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from retrofit.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrofit.errors import KnowledgeBaseError
+from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
 from retrofit.fingerprint import check_fingerprints
 from retrofit.sources import Source, map_labels, open_source
 from retrofit.store import KBFingerprint
@@ -30,6 +30,7 @@ __all__ = ["BuildConfig", "BuildSummary", "build_kb", "add_to_kb", "merge_kbs", 
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "build_report.jsonl"  # bad samples of builds into this KB, one JSON object per line
+SPECS_KEY = "encoder_specs"  # user_meta: the encoder specs a KB was built with ({"image", "text"[, "key"]: spec})
 _META_PREFIX = "ingest:"  # user_meta key of a build's progress: "ingest:<build id>"
 
 
@@ -232,9 +233,21 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         raise ValueError(f"no sample of {src.location} has a caption{where}, so every sample would be skipped; name "
                          "the caption column (--caption-column; manifest_source(caption_col=...)) or build without "
                          "captions (--allow-missing-captions; require_caption=False: zero text vectors)")
-    if mode == "add" and cfg.class_names is None:
+    recorded: dict[str, Any] = {}
+    if mode == "add":
         with KnowledgeBase.open(path) as kb0:
-            cfg.class_names = kb0.class_names
+            if cfg.class_names is None:
+                cfg.class_names = kb0.class_names
+            recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
+        # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026)
+        default = BuildConfig()
+        given = {"image": image_encoder, "text": text_encoder, "key": key_encoder}
+        for part, value in given.items():
+            field = f"{part}_encoder"
+            named = value is not None or field in overrides or (config is not None and
+                                                                getattr(config, field) != getattr(default, field))
+            if not named and recorded.get(part):
+                setattr(cfg, field, recorded[part])
     labels, class_names = map_labels(src, cfg.class_names)
     if not cfg.caption_labels and labels and all(y < 0 for y in labels):
         log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
@@ -249,7 +262,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     if exists:
         with KnowledgeBase.open(path) as kb:
             for part in ("key", "image", "text"):
-                check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
+                _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}))
             if class_names is not None and kb.class_names is not None and list(kb.class_names) != class_names:
                 raise ValueError(f"{path} has classes {kb.class_names[:10]}..., this build maps labels onto "
                                  f"{class_names[:10]}...; pass the KB's class names")
@@ -271,8 +284,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     if exists:
         kb = KnowledgeBase.open(path, readonly=False)
     else:
+        specs = {"image": image_encoder if image_encoder is not None else cfg.image_encoder,
+                 "text": text_encoder if text_encoder is not None else cfg.text_encoder,
+                 "key": key_encoder if key_encoder is not None else cfg.key_encoder}
+        specs = {part: v for part, v in specs.items() if isinstance(v, str)}  # encoder objects have no spec
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
-                                  index=cfg.index, hnsw_storage=cfg.hnsw_storage)
+                                  index=cfg.index, hnsw_storage=cfg.hnsw_storage, user_meta={SPECS_KEY: specs})
     try:
         summary = _run_build(kb, mode, path, src, labels, cfg, img, txt, key, build_id, labeller, state, batches)
     except Exception:
@@ -283,6 +300,24 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds, 1e-9)
     log.info("%s", summary)
     return summary
+
+
+def _check_encoder(kb: Any, fp: KBFingerprint, part: str, path: Path, recorded: dict[str, Any]) -> None:
+    """The ``part`` vectors this run would write must come from the KB's own encoder; the error names the spec that
+    made them (recorded at build) and the option that takes it."""
+    try:
+        check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
+    except FingerprintMismatchError as e:
+        option = "image_encoder" if part == "key" and "key" not in recorded else f"{part}_encoder"
+        flag = "--" + option.replace("_", "-")
+        spec = recorded.get(option.split("_")[0])
+        hint = (f"it was built with {flag} {spec}: pass that ({option}={spec!r} in Python), or leave {flag} out to "
+                "use the knowledge base's own encoders" if spec else
+                f"pass the encoder that made them ({flag} SPEC; {option}=... in Python); `retrofit kb info {path}` "
+                "shows their fingerprint")
+        raise FingerprintMismatchError(f"{part} vectors of {path}: the knowledge base holds vectors from "
+                                       f"{getattr(kb.fingerprint, part)}, this run's encoder makes "
+                                       f"{getattr(fp, part)}; {hint}") from e
 
 
 def _drop_if_empty(path: Path) -> None:

@@ -104,6 +104,9 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert full["retrofitted"]["n"] == 10 * PER_CLASS_TEST and len(full["retrofitted"]["per_class_acc"]) == 10
     assert (out / "eval" / "per_class.png").read_bytes()[:4] == b"\x89PNG"
     assert "| retrofitted |" in (out / "eval" / "eval.md").read_text()
+    assert "replacing" not in capsys.readouterr().err
+    assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--quiet"]) == 0  # the same folder
+    assert "replacing the results of an earlier eval" in capsys.readouterr().err
 
     img = tmp_path / "plane.jpg"
     with tarfile.open(setup / "test.tar") as tf:

@@ -197,6 +197,8 @@ def test_offline_failures_are_immediate_and_clear():
     ("darknet-tiny@big", "input size"),
     ("timm:test_vit@/no/such/file.pth", "does not exist"),
     ("torchvision:not_a_model@random", "unknown torchvision model"),
+    ("timm:resnt18@random", r"unknown timm model 'resnt18'.*did you mean \['resnet18'"),
+    ("timm:notamodel", "unknown timm model 'notamodel'"),  # not "the hub is not reachable"
 ])
 def test_bad_image_specs(spec, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -484,3 +484,26 @@ def test_cli_build_where_every_sample_is_bad_fails(tmp_path, mini_samples, capsy
     assert rc == 1
     err = capsys.readouterr().err
     assert "every one of the 3 samples was skipped" in err and REPORT_NAME in err
+
+
+def test_cli_add_uses_the_kbs_own_encoders(tmp_path, mini_samples, cifar_classes, capsys):  # noqa: F811
+    """`kb add` without encoder options takes the specs the KB was built with (it used the defaults and failed on
+    a KB built with another encoder, pointing to a flag `kb add` does not have); a wrong one is named with the fix."""
+    from retrofit.cli import main
+
+    for name, part in (("a", 1), ("b", 3), ("c", 5)):
+        write_shard(tmp_path / f"{name}.tar", mini_samples[part:100:10])
+    kb = str(tmp_path / "kb")
+    common = ["--classes", ",".join(cifar_classes), "--batch-size", "8", "--quiet", "--json"]
+    assert main(["kb", "build", str(tmp_path / "a.tar"), kb, "--image-encoder", "torchvision:resnet18@random",
+                 *common]) == 0
+    capsys.readouterr()
+    with KnowledgeBase.open(kb) as k:
+        assert k.user_meta["encoder_specs"] == {"image": "torchvision:resnet18@random", "text": "minilm"}
+    assert main(["kb", "add", kb, str(tmp_path / "b.tar"), *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 10
+    assert main(["kb", "add", kb, str(tmp_path / "c.tar"), "--image-encoder", "darknet-tiny", *common]) == 1
+    err = capsys.readouterr().err
+    assert "built with --image-encoder torchvision:resnet18@random" in err and "leave --image-encoder out" in err
+    with KnowledgeBase.open(kb) as k:
+        assert len(k) == 20  # the refused add wrote nothing

@@ -125,14 +125,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return _report(merge_kbs(args.inputs, args.out, dedup=not args.no_dedup, progress=not args.quiet), args.json)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-encoder", default="darknet-tiny", metavar="SPEC",
+def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
+    own = "the encoders the knowledge base was built with"  # kb add: None -> the specs recorded in the KB
+    p.add_argument("--image-encoder", default=None if add else "darknet-tiny", metavar="SPEC",
                    help="timm:NAME[@W], torchvision:NAME[@W], open_clip:ARCH[@TAG|PATH], darknet-tiny[@SIZE] "
-                        "(default: darknet-tiny)")
-    p.add_argument("--text-encoder", default="minilm", metavar="SPEC",
-                   help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH[@TAG|PATH] (default: minilm)")
+                        f"(default: {own if add else 'darknet-tiny'})")
+    p.add_argument("--text-encoder", default=None if add else "minilm", metavar="SPEC",
+                   help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH[@TAG|PATH] "
+                        f"(default: {own if add else 'minilm'})")
     p.add_argument("--key-encoder", default=None, metavar="SPEC",
-                   help="separate encoder for the search keys (default: the image encoder's vectors)")
+                   help="separate encoder for the search keys (default: " + (own if add else "the image encoder's "
+                                                                              "vectors") + ")")
     p.add_argument("--classes", default=None, metavar="FILE|A,B,...",
                    help="the classifier's class names (JSON list, one per line, or comma list); labels are "
                         "mapped onto them by name")
@@ -178,13 +181,13 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_build)
 
-    p = kb_sub.add_parser("add", help="append a source to an existing knowledge base (same encoders)",
+    p = kb_sub.add_parser("add", help="append a source to an existing knowledge base (with its own encoders)",
                           description="Append to a knowledge base; the index grows incrementally (resumable). "
                                       "Examples: retrofit kb add kb/cifar web.jsonl --classes classes.txt; "
                                       "retrofit kb add kb/cifar 'more-{000000..000003}.tar'")
     p.add_argument("kb", help="existing knowledge-base directory")
     p.add_argument("source", help="shards, an ImageFolder directory, or a manifest")
-    _common(p)
+    _common(p, add=True)
     p.set_defaults(func=cmd_add)
 
     p = kb_sub.add_parser("merge", help="combine knowledge bases built with the same encoders into a new one",

@@ -120,6 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     other_kb = args.kb and Path(args.kb).resolve() != Path(run.get("run_kb") or "").resolve()
     default = f"eval-{Path(args.kb).resolve().name}" if other_kb else "eval"  # another KB swapped in: own folder
     out = Path(args.out or (Path(args.run) / default if args.run else default))
+    if not args.out and (out / "eval.json").is_file():
+        print(f"note: replacing the results of an earlier eval in {out} (--out DIR keeps both)", file=sys.stderr)
     save_results(results, out / "eval.json", out / "eval.md")
     plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")
     print(json.dumps({n: {k: r[k] for k in ("top1", "top5", "many", "medium", "few", "nll", "ece")}
