@@ -138,7 +138,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     for q in out:
         print(f"{q['query']}: {len(q['neighbours'])} neighbours")
         for r in q["neighbours"]:
-            cls = r["class"] if r["class"] is not None else r["label"]
+            cls = r["class"] if r["class"] is not None else ("unknown" if r["label"] < 0 else r["label"])
             print(f"  {r['rank']:>3}  id {r['id']:<8} score {r['score']:+.4f}  class {cls!s:<12} "
                   f"{(r['caption'] or '')[:70]}")
     return 0
