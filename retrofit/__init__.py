@@ -62,8 +62,13 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         # a submodule (`retrofit.encoders.host_encoder`, `retrofit.models.darknet_tiny()`) without importing it first
-        if not name.startswith("__") and importlib.util.find_spec(f"retrofit.{name}") is not None:
-            return importlib.import_module(f"retrofit.{name}")
+        if name.isidentifier() and not name.startswith("__"):
+            try:
+                found = importlib.util.find_spec(f"retrofit.{name}") is not None
+            except ImportError:
+                found = False
+            if found:
+                return importlib.import_module(f"retrofit.{name}")
         raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -66,10 +66,12 @@ def _probe_dim(embed: Callable[[torch.Tensor], torch.Tensor], size: int) -> int:
 
 def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
     timm = require("timm", f"the image encoder {spec!r}")
-    if not timm.is_model(name):  # a misspelt name, before anything is said about weights or the hub
+    # a misspelt name, before anything is said about weights or the hub (names with a source prefix, hf-hub:... or
+    # local-dir:..., are timm's to resolve)
+    if ":" not in name and not timm.is_model(name):
         import difflib
 
-        near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.75)
+        near = difflib.get_close_matches(name.partition(".")[0], timm.list_models(), n=5, cutoff=0.75)
         raise ValueError(f"unknown timm model {name!r} in {spec!r}" + (f"; did you mean {near}?" if near else "") +
                          " (timm.list_models('*resnet*') lists the names)")
     if weights == "random":

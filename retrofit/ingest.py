@@ -234,20 +234,22 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                          "the caption column (--caption-column; manifest_source(caption_col=...)) or build without "
                          "captions (--allow-missing-captions; require_caption=False: zero text vectors)")
     recorded: dict[str, Any] = {}
+    from_record: set[str] = set()  # parts whose encoder this call took from the KB's record
     if mode == "add":
         with KnowledgeBase.open(path) as kb0:
             if cfg.class_names is None:
                 cfg.class_names = kb0.class_names
             recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
-        # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026)
+        # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026).
+        # A BuildConfig encoder field counts as named only when it differs from BuildConfig's default.
         default = BuildConfig()
         given = {"image": image_encoder, "text": text_encoder, "key": key_encoder}
         for part, value in given.items():
             field = f"{part}_encoder"
-            named = value is not None or field in overrides or (config is not None and
-                                                                getattr(config, field) != getattr(default, field))
+            named = value is not None or (config is not None and getattr(config, field) != getattr(default, field))
             if not named and recorded.get(part):
                 setattr(cfg, field, recorded[part])
+                from_record.add(part)
     labels, class_names = map_labels(src, cfg.class_names)
     if not cfg.caption_labels and labels and all(y < 0 for y in labels):
         log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
@@ -262,7 +264,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     if exists:
         with KnowledgeBase.open(path) as kb:
             for part in ("key", "image", "text"):
-                _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}))
+                _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}), mode,
+                               from_record)
             if class_names is not None and kb.class_names is not None and list(kb.class_names) != class_names:
                 raise ValueError(f"{path} has classes {kb.class_names[:10]}..., this build maps labels onto "
                                  f"{class_names[:10]}...; pass the KB's class names")
@@ -287,7 +290,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         specs = {"image": image_encoder if image_encoder is not None else cfg.image_encoder,
                  "text": text_encoder if text_encoder is not None else cfg.text_encoder,
                  "key": key_encoder if key_encoder is not None else cfg.key_encoder}
-        specs = {part: v for part, v in specs.items() if isinstance(v, str)}  # encoder objects have no spec
+        specs = {part: absolute_spec(v) for part, v in specs.items() if isinstance(v, str)}  # objects have none
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
                                   index=cfg.index, hnsw_storage=cfg.hnsw_storage, user_meta={SPECS_KEY: specs})
     try:
@@ -302,22 +305,48 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     return summary
 
 
-def _check_encoder(kb: Any, fp: KBFingerprint, part: str, path: Path, recorded: dict[str, Any]) -> None:
+def _check_encoder(kb: Any, fp: KBFingerprint, part: str, path: Path, recorded: dict[str, Any], mode: str,
+                   from_record: set[str]) -> None:
     """The ``part`` vectors this run would write must come from the KB's own encoder; the error names the spec that
     made them (recorded at build) and the option that takes it."""
     try:
         check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
     except FingerprintMismatchError as e:
-        option = "image_encoder" if part == "key" and "key" not in recorded else f"{part}_encoder"
+        separate_keys = part == "key" and not kb.fingerprint.key.matches(kb.fingerprint.image)
+        option = "image_encoder" if part == "key" and not separate_keys else f"{part}_encoder"
         flag = "--" + option.replace("_", "-")
-        spec = recorded.get(option.split("_")[0])
-        hint = (f"it was built with {flag} {spec}: pass that ({option}={spec!r} in Python), or leave {flag} out to "
-                "use the knowledge base's own encoders" if spec else
-                f"pass the encoder that made them ({flag} SPEC; {option}=... in Python); `retrofit kb info {path}` "
-                "shows their fingerprint")
+        which = option.split("_")[0]
+        spec = recorded.get(which)
+        if which in from_record:
+            hint = (f"this run used the spec it was built with, {spec!r}, which now makes other vectors (a checkpoint "
+                    f"path that moved or changed?): pass the encoder that made them ({flag} SPEC; {option}=... in "
+                    "Python)")
+        elif spec:
+            hint = f"it was built with {flag} {spec}: pass that ({option}={spec!r} in Python)"
+            if mode == "add":
+                hint += f", or leave {flag} out to use the knowledge base's own encoders"
+        else:
+            hint = (f"pass the encoder that made them ({flag} SPEC; {option}=... in Python); `retrofit kb info {path}` "
+                    "shows their fingerprint")
         raise FingerprintMismatchError(f"{part} vectors of {path}: the knowledge base holds vectors from "
                                        f"{getattr(kb.fingerprint, part)}, this run's encoder makes "
                                        f"{getattr(fp, part)}; {hint}") from e
+
+
+def absolute_spec(spec: str) -> str:
+    """An encoder spec with a local path in it made absolute (``torchvision:resnet50@ckpt.pth`` ->
+    ``...@/abs/ckpt.pth``, ``sentence-transformers:./model`` -> absolute): recorded specs must work from any
+    working directory. Other specs are returned as they are."""
+    from retrofit.encoder_families import _is_path
+
+    family, sep, rest = spec.partition(":")
+    if sep and family == "sentence-transformers":
+        return f"{family}:{Path(rest).expanduser().resolve()}" if Path(rest).expanduser().exists() else spec
+    head, at, weights = spec.rpartition("@")
+    if sep and family in ("timm", "torchvision", "open_clip") and at and _is_path(weights) and \
+            Path(weights).expanduser().exists():
+        return f"{head}@{Path(weights).expanduser().resolve()}"
+    return spec
 
 
 def _drop_if_empty(path: Path) -> None:

@@ -89,8 +89,12 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
         total = sum(len(kb) for kb in kbs)
         written = dups = 0
         seen: set[str] = set()
+        from retrofit.ingest import SPECS_KEY
+
+        specs = first.user_meta.get(SPECS_KEY)  # same encoders in every input (checked): `kb add` can use them
         with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
-                                  class_names=first.class_names) as dst, dst.bulk():
+                                  class_names=first.class_names,
+                                  user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():
             bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
             for kb in kbs:
                 buf: list[dict[str, Any]] = []

@@ -205,6 +205,13 @@ def test_bad_image_specs(spec, match):
         load_image_encoder(spec)
 
 
+def test_timm_names_with_a_source_prefix_are_left_to_timm():
+    """hf-hub:... / local-dir:... are timm names too (is_model() says False for them): no "unknown timm model"."""
+    with pytest.raises(Exception) as e:
+        load_image_encoder("timm:local-dir:/no/such/dir")
+    assert "unknown timm model" not in str(e.value) and "/no/such/dir" in str(e.value)
+
+
 def test_bad_text_spec():
     with pytest.raises(ValueError, match="allowed"):
         load_text_encoder("bert")

@@ -507,3 +507,37 @@ def test_cli_add_uses_the_kbs_own_encoders(tmp_path, mini_samples, cifar_classes
     assert "built with --image-encoder torchvision:resnet18@random" in err and "leave --image-encoder out" in err
     with KnowledgeBase.open(kb) as k:
         assert len(k) == 20  # the refused add wrote nothing
+    # a *build* into it with another encoder: the hint names the spec, never "leave it out" (that means the default)
+    assert main(["kb", "build", str(tmp_path / "a.tar"), kb, *common]) == 1
+    err = capsys.readouterr().err
+    assert "built with --image-encoder torchvision:resnet18@random" in err and "leave" not in err
+    # a merge keeps the specs, so `kb add` to the merged KB works too
+    assert main(["kb", "merge", kb, kb, "-o", str(tmp_path / "m"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["kb", "add", str(tmp_path / "m"), str(tmp_path / "c.tar"), *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 10
+
+
+def test_recorded_checkpoint_paths_work_from_another_directory(
+        tmp_path, mini_samples, cifar_classes, monkeypatch, capsys):  # noqa: F811
+    """A relative checkpoint path given at build is recorded absolute: `kb add` from elsewhere finds it."""
+    import torchvision
+
+    from retrofit.cli import main
+
+    for name, part in (("a", 1), ("b", 3)):
+        write_shard(tmp_path / f"{name}.tar", mini_samples[part:100:10])
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), work / "mnv3.pth")
+    common = ["--classes", ",".join(cifar_classes), "--batch-size", "8", "--quiet", "--json"]
+    monkeypatch.chdir(work)
+    assert main(["kb", "build", "../a.tar", "../kb", "--image-encoder", "torchvision:mobilenet_v3_small@mnv3.pth",
+                 *common]) == 0
+    monkeypatch.chdir(tmp_path)
+    with KnowledgeBase.open("kb") as k:
+        assert k.user_meta["encoder_specs"]["image"] == f"torchvision:mobilenet_v3_small@{work / 'mnv3.pth'}"
+    capsys.readouterr()
+    assert main(["kb", "add", "kb", "b.tar", *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 10

@@ -39,6 +39,7 @@ def test_public_api_resolves_lazily():
     code = ("import retrofit; print(retrofit.encoders.host_encoder.__name__, "
             "retrofit.noise.symmetric_noise.__name__, retrofit.caption_labels.CaptionLabeller.__name__)")
     assert _run(code).split() == ["host_encoder", "symmetric_noise", "CaptionLabeller"]
+    assert getattr(retrofit, "commands.train", None) is None and not hasattr(retrofit, "no_such_module")
 
 
 @pytest.mark.parametrize("name", ["adapters", "kernels"])

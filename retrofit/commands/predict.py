@@ -137,7 +137,8 @@ def _labelled_features(args: argparse.Namespace, run: dict[str, Any], kb: Any, h
     from retrofit.pipeline import load_host_model, source_features
 
     host = load_host_model(run["model"])
-    _check_kb(host, kb, args.allow_fingerprint_mismatch)  # --model may name another host than the KB was made with
+    if args.model:  # another host than the run's (whose check, or allowance, was made by `retrofit train`)
+        _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = head.config.class_names or run.get("classes")
     src = _source(args.data)
     labels, _ = _labels(src, classes, f"{what} data", required=True)
@@ -244,7 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     host = load_host_model(run["model"])
-    _check_kb(host, kb, args.allow_fingerprint_mismatch)
+    if args.model:
+        _check_kb(host, kb, args.allow_fingerprint_mismatch)
     images = []
     for p in args.images:
         try:
