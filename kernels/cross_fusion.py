@@ -501,6 +501,7 @@ class CrossFusionAttention(torch.autograd.Function):
         return dq_t, dk_i, dv_i, dq_i, dk_t, dv_t, g_i if need[6] else None, g_t if need[7] else None, None, None
 
 
+@torch.compiler.disable  # to torch.compile, one opaque call: dynamo failed tracing into the launcher
 def cross_fusion_attention_fused(
     q_t: torch.Tensor,
     k_i: torch.Tensor,

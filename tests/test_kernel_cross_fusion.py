@@ -435,3 +435,16 @@ def test_kernel_benchmark_table_runs_and_checks_the_kernel(monkeypatch):
     assert row["fused_max_abs_grad_err_vs_fp64"] < 1e-4 and row["fused_fwd_us"] > 0 and row["eager_fwd_bwd_us"] > 0
     assert {"min_speedup_vs_eager_fwd_B1_B32", "met_2x_fwd_bwd_B1_B32"} <= set(out["targets"])
     assert row["speedup_vs_eager_fwd"] == round(row["eager_fwd_us"] / row["fused_fwd_us"], 2)
+
+
+def test_under_torch_compile_the_kernel_runs_as_one_opaque_call():
+    """torch.compile of code calling the kernel: dynamo leaves the launcher alone (it failed tracing into it with
+    an InternalTorchDynamoError) and the outputs and gradients are the uncompiled ones."""
+    xs, mask = make_inputs(2, 5, 2, 16, torch.float32, seed=7)
+    g = [torch.randn(2, 5, 2, 16).to(DEVICE) for _ in range(2)]
+    want = run(fused, xs, mask, g)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: fused(*a), backend="eager")
+    got = run(compiled, xs, mask, g)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
