@@ -118,6 +118,10 @@ def test_knn_probs_and_fixed_fusion():
     fused = fixed_fusion(torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]), p)
     assert fused.shape == (2, 3) and torch.isfinite(fused).all()
     assert torch.allclose(fused.exp().sum(1), torch.ones(2), atol=1e-5)
+    # the rule itself: half the host's probabilities, half the vote (row 1: uniform host, vote all on class 0)
+    assert fused[1].exp().tolist() == pytest.approx([2 / 3, 1 / 6, 1 / 6], abs=1e-6)
+    host0 = torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0)
+    assert fused[0].exp().tolist() == pytest.approx((0.5 * host0 + 0.5 * p[0]).tolist(), abs=1e-6)
 
 
 def test_posthoc_choice_uses_validation_only():

@@ -113,7 +113,9 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
         img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
     assert main(["predict", str(img), "--run", str(out), "--explain", "--top", "3", "--json"]) == 0
     (pred,) = json.loads(capsys.readouterr().out)
-    assert len(pred["top"]) == 3 and abs(sum(t["prob"] for t in pred["top"])) <= 1.0 + 1e-6
+    probs = [t["prob"] for t in pred["top"]]
+    assert len(probs) == 3 and all(0 <= p <= 1 for p in probs) and probs == sorted(probs, reverse=True)
+    assert sum(probs) <= 1.0 + 1e-6 and len({t["index"] for t in pred["top"]}) == 3
     assert len(pred["neighbors"]) == 6
     assert set(pred["neighbors"][0]) == {"id", "label", "caption", "similarity", "attention"}
     assert main(["predict", str(img), "--run", str(out), "--explain"]) == 0

@@ -42,6 +42,23 @@ def test_neighbors_validation_and_ops():
     assert Neighbors.cat([n, n]).batch_size == 6
     with pytest.raises(ValueError, match="mask"):
         Neighbors(ids=n.ids, scores=n.scores, mask=n.mask[:, :2], image=n.image, text=n.text, labels=n.labels)
+    # the operations move every field together, with distinct values so a wrong slot shows
+    B, k = 3, 4
+    ids = torch.arange(B * k).view(B, k)
+    full = Neighbors(ids=ids, scores=-ids.float(), mask=ids % 3 != 1, image=torch.randn(B, k, 5),
+                     text=torch.randn(B, k, 6), labels=ids % 7)
+    parts = {"ids": full.ids, "scores": full.scores, "mask": full.mask, "image": full.image, "text": full.text,
+             "labels": full.labels}
+    t, sel = full.truncate(2), full.select(torch.tensor([2, 0]))
+    other = Neighbors(ids=ids + 100, scores=-ids.float() - 100, mask=~full.mask, image=torch.randn(B, k, 5),
+                      text=torch.randn(B, k, 6), labels=(ids + 1) % 7)
+    both = Neighbors.cat([full, other])
+    for name, value in parts.items():
+        assert torch.equal(getattr(t, name), value[:, :2]), name
+        assert torch.equal(getattr(sel, name), value[[2, 0]]), name
+        assert torch.equal(getattr(both, name), torch.cat([value, getattr(other, name)])), name
+    with pytest.raises(ValueError, match="truncate"):
+        full.truncate(5)
 
 
 def test_in_memory_store_exact_topk_exclude_delete(seed):

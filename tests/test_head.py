@@ -253,6 +253,14 @@ def test_optional_mlp_and_dropout_modes(seed):
     assert torch.equal(a, b)  # eval: dropout off, deterministic
     head.train()
     assert not torch.equal(head(z, neighbors=nb).logits, a)
+    head.eval()  # the MLPs are applied: changing either one's weights changes the output
+    for mlp in (head.layers[0].mlp_i, head.layers[0].mlp_t):
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.add_(0.5)
+        changed = head(z, neighbors=nb).logits
+        assert not torch.allclose(changed, a), "an MLP's weights do not reach the output"
+        a = changed
 
 
 def test_bf16_head_runs_and_casts(seed):
@@ -285,7 +293,8 @@ def test_label_vote_is_optional_zero_init_and_label_aware(seed):
     r = head(z, host, neighbors=unanimous).retrieval_logits
     assert torch.all(r.argmax(1) == 2)
     r.sum().backward()
-    assert head.vote.weight.grad is not None and head.vote.log_temperature.grad is not None
+    for g in (head.vote.weight.grad, head.vote.log_temperature.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_label_vote_gradients_stay_finite_with_invalid_slots(seed):

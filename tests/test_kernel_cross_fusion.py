@@ -8,12 +8,15 @@ in the tested dtype, plus ``atol``.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from retrofit.functional import cross_fusion_attention, cross_fusion_attention_reference
 
-cf = pytest.importorskip("retrofit.kernels.cross_fusion")
+pytest.importorskip("triton")  # only triton's absence skips: an error in the kernel module itself fails the tests
+cf = importlib.import_module("retrofit.kernels.cross_fusion")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("q_t", "k_i", "v_i", "q_i", "k_t", "v_t", "res_i", "res_t")
