@@ -50,7 +50,9 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
     """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept);
     returns a :class:`retrofit.ingest.BuildSummary`.
 
-    Refuses inputs whose fingerprints, dimensions or class lists differ, and an ``out`` that already exists.
+    Refuses inputs whose fingerprints, dimensions or class lists differ, and an ``out`` that already exists. The
+    new KB takes the first input's storage dtype, index settings (kind, M, HNSW storage, efConstruction, a fixed
+    efSearch, recall target) and recorded encoder specs.
     ``dedup`` drops records whose image hash (recorded at build time) was already merged. ``out`` appears
     only when the merge is complete (written as ``.<name>.merging`` beside it, then renamed).
     """
@@ -92,8 +94,14 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
         from retrofit.ingest import SPECS_KEY
 
         specs = first.user_meta.get(SPECS_KEY)  # same encoders in every input (checked): `kb add` can use them
+        info = first.info()  # the first input's storage and index settings carry over
+        c = info["index"]["config"]
+        settings = dict(dtype=info["dtype"], index=c["kind"], hnsw_m=c["hnsw_m"], hnsw_storage=c["hnsw_storage"],
+                        ef_construction=c["ef_construction"], ef_search=c["ef_search"],
+                        recall_target=c["recall_target"], flat_threshold=c["flat_threshold"],
+                        mmap_bytes=c["mmap_bytes"])
         with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
-                                  class_names=first.class_names,
+                                  class_names=first.class_names, **settings,
                                   user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():
             bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
             for kb in kbs:

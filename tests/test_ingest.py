@@ -541,3 +541,17 @@ def test_recorded_checkpoint_paths_work_from_another_directory(
     capsys.readouterr()
     assert main(["kb", "add", "kb", "b.tar", *common]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 10
+
+
+def test_merge_keeps_the_first_inputs_storage_and_index_settings(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    settings = dict(dtype="float32", index="hnsw", hnsw_m=16, hnsw_storage="float32", ef_construction=24,
+                    recall_target=0.9)
+    for name in ("a", "b"):
+        with KnowledgeBase.create(tmp_path / name, 8, 8, 4, **settings) as kb:
+            kb.add(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, 4, generator=g))
+    merge_kbs([tmp_path / "a", tmp_path / "b"], tmp_path / "m", progress=False)
+    with KnowledgeBase.open(tmp_path / "m") as m, KnowledgeBase.open(tmp_path / "a") as a:
+        assert len(m) == 80 and m.info()["dtype"] == "float32" and m.info()["index"]["kind"] == "hnsw"
+        assert m.info()["index"]["config"] == a.info()["index"]["config"]
+        assert torch.equal(m.vectors([0, 1], "image"), a.vectors([0, 1], "image"))  # float32 kept exactly
