@@ -133,9 +133,9 @@ def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
     p.add_argument("--text-encoder", default=None if add else "minilm", metavar="SPEC",
                    help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH[@TAG|PATH] "
                         f"(default: {own if add else 'minilm'})")
+    key_default = own if add else "the image encoder's vectors"
     p.add_argument("--key-encoder", default=None, metavar="SPEC",
-                   help="separate encoder for the search keys (default: " + (own if add else "the image encoder's "
-                                                                              "vectors") + ")")
+                   help=f"separate encoder for the search keys (default: {key_default})")
     p.add_argument("--classes", default=None, metavar="FILE|A,B,...",
                    help="the classifier's class names (JSON list, one per line, or comma list); labels are "
                         "mapped onto them by name")
