@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="input dtype (default fp16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--quick", action="store_true", help="only B=32, k=32")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the kernel under torch.compile(mode='reduce-overhead') (CUDA graphs)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         emit({"benchmark": "kernel", "skipped": True,
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         # dynamo's recompile limit (8) over the 9 static shapes and silently fall back to eager for the rest
         impls["compiled"] = Compiled(cross_fusion_attention_reference)
         impls["native_compiled"] = Compiled(cross_fusion_attention_native)
+    if args.graphs:
+        # the kernel as the custom op inside a compiled graph replayed as a CUDA graph: no Python launch work
+        impls["fused_graphed"] = Compiled(cross_fusion_attention_fused, mode="reduce-overhead", fullgraph=True)
     shapes = [(32, 32)] if args.quick else [(B, k) for B in BATCHES for k in KS]
     emit(run_table(shapes, DTYPES[args.dtype], impls))
     return 0
@@ -184,12 +189,12 @@ def fused_check(B: int, S: int, dtype: torch.dtype, device: str) -> dict:
 class Compiled:
     """A ``torch.compile`` baseline made afresh for each shape (static shapes, no recompile limit)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, **options):
+        self.fn, self.options = fn, options
 
     def for_shape(self):
         torch._dynamo.reset()
-        return torch.compile(self.fn, dynamic=False)
+        return torch.compile(self.fn, dynamic=False, **self.options)
 
 
 def run_table(shapes: list[tuple[int, int]], dtype: torch.dtype, impls: dict, device: str = "cuda",

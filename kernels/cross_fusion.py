@@ -10,7 +10,8 @@ strides and read such views in place (the six q / k / v tensors share one layout
 each residual has a unit stride on Dh; inputs that break this are copied once, see
 :func:`cross_fusion_attention_fused`). ``key_mask`` (B, S) bool marks attendable keys (shared by both
 directions). After the first call per (S, Dh, dtypes), which goes through Triton's autotuner, the launchers
-call the chosen config directly: at B <= 32 a call's cost is its Python launch work, not the GPU's.
+call the chosen config directly: at B <= 32 a call's cost is its Python launch work, not the GPU's. Under
+``torch.compile`` the call becomes the custom op in :mod:`retrofit.kernels.cross_fusion_op` (no graph break).
 
 - Forward: ONE launch, grid (B * H, cdiv(S, BLOCK_M), 2); the last axis is the direction. Each program
   streams key blocks with an online softmax (fp32 accumulators, fp64 for fp64 inputs), adds the residual
@@ -501,7 +502,6 @@ class CrossFusionAttention(torch.autograd.Function):
         return dq_t, dk_i, dv_i, dq_i, dk_t, dv_t, g_i if need[6] else None, g_t if need[7] else None, None, None
 
 
-@torch.compiler.disable  # to torch.compile, one opaque call: dynamo failed tracing into the launcher
 def cross_fusion_attention_fused(
     q_t: torch.Tensor,
     k_i: torch.Tensor,
@@ -525,8 +525,20 @@ def cross_fusion_attention_fused(
     Strides: the kernels read the inputs in place when the six q / k / v tensors share one layout with a unit
     stride on Dh (the head's views of its (B, S, 3, H, Dh) projections do) and each residual has a unit stride on
     Dh; otherwise the offending tensors are copied to contiguous memory first (a copy of the whole input, once).
+
+    Under ``torch.compile`` the call becomes the custom op ``torch.ops.retrofit.cross_fusion_fwd`` (see
+    :mod:`retrofit.kernels.cross_fusion_op`): one node of the compiled graph, no graph break.
     """
+    if torch.compiler.is_compiling():  # dynamo cannot trace the launcher; it keeps the custom op in its graph
+        scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
+        new_i, new_t, _ = torch.ops.retrofit.cross_fusion_fwd(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask,
+                                                              scale)
+        return new_i, new_t
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)
     scale = Dh**-0.5 if scale is None else float(scale)
     return CrossFusionAttention.apply(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale)
+
+
+# registers torch.ops.retrofit.cross_fusion_fwd / _bwd (that module imports the launchers above: keep this last)
+from retrofit.kernels import cross_fusion_op as _cross_fusion_op  # noqa: E402, F401

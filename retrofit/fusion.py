@@ -234,10 +234,10 @@ class LabelVote(nn.Module):
         w = torch.softmax(s, dim=1).nan_to_num(0.0) * valid  # (B, k)
         p = w.new_zeros(labels.shape[0], self.num_classes)  # (B, C)
         p = p.scatter_add(1, labels.clamp_min(0), w)
-        if self.label_log_prior.any():
-            p = p * (-self.label_log_prior).exp()  # (B, C) divided by the KB's (relative) class frequency
-            p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
-        return p
+        rebalanced = p * (-self.label_log_prior).exp()  # (B, C) divided by the KB's (relative) class frequency
+        rebalanced = rebalanced / rebalanced.sum(1, keepdim=True).clamp_min(1e-12)
+        # a tensor select, not an `if`: torch.compile traces it without a graph break
+        return torch.where(self.label_log_prior.any(), rebalanced, p)
 
     def forward(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``labels`` (B, k) int64, ``scores`` (B, k), ``mask`` (B, k) bool -> (B, C) vote logits."""

@@ -152,6 +152,55 @@ def test_head_through_fused_kernel_under_interpreter(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["native", "fused-kernel"])
+def test_head_compiles_without_graph_breaks(fused, monkeypatch):
+    """torch.compile(fullgraph=True) of the head with given neighbours (the label vote on, rebalanced by a KB's
+    class counts): one graph, through the PyTorch path or the fused kernel, with the eager logits and gradients."""
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    if fused == "1":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RETROFIT_FUSED", fused)
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=8, image_dim=6, text_dim=5, num_classes=3, dim=16, depth=2, heads=2,
+                                    label_vote=True))
+    torch.nn.init.normal_(head.readout.fc.weight)
+    head.vote.set_label_prior(torch.tensor([50.0, 10.0, 2.0]))
+    with torch.no_grad():
+        head.vote.weight.fill_(0.1)
+    B, k = 3, 4
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False], [True, True, True, True]])
+    nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.rand(B, k), mask=mask,
+                   image=torch.randn(B, k, 6), text=torch.randn(B, k, 5), labels=torch.randint(0, 3, (B, k)))
+    z, host = torch.randn(B, 8), torch.randn(B, 3)
+
+    def loss_and_grads(fn):
+        head.zero_grad(set_to_none=True)
+        logits = fn(z, host, nb)
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad for p in head.parameters()]
+
+    def step(z, host, nb):
+        return head(z, host, neighbors=nb).logits
+
+    want, want_g = loss_and_grads(step)
+    calls = []
+    if fused == "1":  # count the custom op's kernel launches: the compiled head must go through the kernel
+        op = importlib.import_module("retrofit.kernels.cross_fusion_op")
+        monkeypatch.setattr(op, "_forward", lambda *a, _f=op._forward: (calls.append(1), _f(*a))[1])
+    torch._dynamo.reset()
+    got, got_g = loss_and_grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    assert len(calls) == (2 if fused == "1" else 0)  # one per layer
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert sum(g is not None for g in got_g) == sum(g is not None for g in want_g) > 20
+    for a, b in zip(got_g, want_g):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 def test_head_on_cuda_fused_matches_native(monkeypatch):
     from retrofit.head import HeadConfig, RetrievalHead

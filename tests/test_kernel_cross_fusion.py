@@ -9,6 +9,7 @@ in the tested dtype, plus ``atol``.
 from __future__ import annotations
 
 import importlib
+import shutil
 
 import pytest
 import torch
@@ -432,22 +433,60 @@ def test_kernel_benchmark_table_runs_and_checks_the_kernel(monkeypatch):
     bench = importlib.import_module("kernel")
 
     impls = {"fused": fused, "eager": reference}
+    if shutil.which("g++") or shutil.which("c++") or DEVICE == "cuda":  # inductor on CPU needs a C++ compiler
+        # --graphs: the kernel inside a graph compiled with mode="reduce-overhead" (CUDA graphs on a GPU)
+        impls["fused_graphed"] = bench.Compiled(fused, mode="reduce-overhead", fullgraph=True)
     out = bench.run_table([(1, 1)], torch.float32, impls, device=DEVICE, repeats=2, copy_bytes=2**20)
     row = out["rows"][0]
+    if "fused_graphed" in impls:
+        assert row["fused_graphed_fwd_us"] > 0 and row["speedup_vs_fused_graphed_fwd_bwd"] > 0
     assert row["S"] == 2 and row["fused_within_tolerance"] and out["targets"]["fused_correct_every_shape"]
     assert row["fused_max_abs_grad_err_vs_fp64"] < 1e-4 and row["fused_fwd_us"] > 0 and row["eager_fwd_bwd_us"] > 0
     assert {"min_speedup_vs_eager_fwd_B1_B32", "met_2x_fwd_bwd_B1_B32"} <= set(out["targets"])
     assert row["speedup_vs_eager_fwd"] == round(row["eager_fwd_us"] / row["fused_fwd_us"], 2)
 
 
-def test_under_torch_compile_the_kernel_runs_as_one_opaque_call():
-    """torch.compile of code calling the kernel: dynamo leaves the launcher alone (it failed tracing into it with
-    an InternalTorchDynamoError) and the outputs and gradients are the uncompiled ones."""
+def test_custom_ops_pass_opcheck():
+    """torch.library's own checks of the custom ops torch.compile uses: schema (no input mutated or aliased), the
+    fake implementations against the real ones (shapes, dtypes, strides), the autograd registration, AOTAutograd."""
+    xs, mask = make_inputs(2, 5, 2, 16, torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.retrofit.cross_fusion_fwd.default, (*xs, mask, 0.3))
+    new_i, new_t, lse = torch.ops.retrofit.cross_fusion_fwd(*[x.detach() for x in xs], mask, 0.3)
+    g = [torch.randn_like(new_i), torch.randn_like(new_t)]
+    torch.library.opcheck(torch.ops.retrofit.cross_fusion_bwd.default,
+                          (*g, *[x.detach() for x in xs[:6]], mask, lse, 0.3))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_under_torch_compile_the_kernel_is_one_graph_node(backend, monkeypatch):
+    """torch.compile(fullgraph=True) of code calling the kernel: no graph break (the call becomes the custom op
+    retrofit::cross_fusion_fwd, its backward retrofit::cross_fusion_bwd), the kernel really runs, and outputs and
+    gradients are the eager ones."""
+    if backend == "inductor" and DEVICE == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on CPU needs a C++ compiler")
     xs, mask = make_inputs(2, 5, 2, 16, torch.float32, seed=7)
     g = [torch.randn(2, 5, 2, 16).to(DEVICE) for _ in range(2)]
     want = run(fused, xs, mask, g)
+    op = importlib.import_module("retrofit.kernels.cross_fusion_op")
+    calls = []
+
+    def counted(name):
+        real = getattr(op, name)
+        return lambda *a: (calls.append(name), real(*a))[1]
+
+    for name in ("_forward", "_backward"):
+        monkeypatch.setattr(op, name, counted(name))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: fused(*a), backend="eager")
+    compiled = torch.compile(lambda *a: fused(*a), backend=backend, fullgraph=True)
     got = run(compiled, xs, mask, g)
+    assert calls == ["_forward", "_backward"]  # through the custom ops, once each
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_under_torch_compile_bad_input_is_refused_at_compile_time():
+    xs, mask = make_inputs(1, 3, 1, 16, torch.float32)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="key_mask must be torch.bool"):
+        compiled(*xs, mask.float())
