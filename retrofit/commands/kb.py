@@ -1,4 +1,5 @@
-"""``retrofit kb info|verify|query|delete|compact PATH``: inspect and maintain a knowledge base."""
+"""``retrofit kb info|verify|query|delete|compact PATH``, ``retrofit kb copy PATH -o OUT``: inspect and maintain a
+knowledge base."""
 
 from __future__ import annotations
 
@@ -192,6 +193,22 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+@guarded(also=(KeyError,))
+def cmd_copy(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from retrofit.kb_copy import copy_kb
+
+    s = copy_kb(args.path, args.out)
+    if args.json:
+        print(json.dumps(asdict(s)))
+        return 0
+    index = "index copied" if s.index_reused else "index rebuilt / caught up from the records"
+    print(f"copied {args.path} -> {s.path}: {s.records} live records, record file {_human(s.source_bytes)} -> "
+          f"{_human(s.copy_bytes)}, {index}, {s.seconds:.1f} s")
+    return 0
+
+
 def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p = kb_sub.add_parser("info", help="counts, dims, fingerprints, index and disk use of a knowledge base",
                           description="Describe a knowledge base. Example: retrofit kb info kb/cifar10")
@@ -228,3 +245,13 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hnsw-storage", default=None, choices=["fp16", "float32"],
                    help="rebuild an HNSW index with this key storage (default: keep the KB's setting)")
     p.set_defaults(func=cmd_compact)
+
+    p = kb_sub.add_parser("copy", help="copy a knowledge base to a new directory, compacted (gives the space of "
+                                       "deleted records back to the disk; ids and index kept)",
+                          description="Copy a knowledge base with a compacted record file: LMDB never shrinks its "
+                                      "file, so after `kb delete` + `kb compact` the space stays in use until "
+                                      "copied. Example: retrofit kb copy kb/cifar10 -o kb/cifar10-small")
+    p.add_argument("path", help="knowledge-base directory (only read)")
+    p.add_argument("-o", "--out", required=True, help="new knowledge-base directory (must not exist)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.set_defaults(func=cmd_copy)
