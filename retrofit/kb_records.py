@@ -390,6 +390,20 @@ class RecordStore:
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.mdb") if f.name == "data.mdb")
 
+    def free_bytes(self) -> int:
+        """Bytes of ``data.mdb`` in pages no database uses (left by deletions and rewrites): later writes reuse
+        them, the file never shrinks; a compacting copy (``retrofit kb copy``) drops them. Counted as the file's
+        pages minus the pages of every database and LMDB's two meta pages (the free list's own few pages count
+        as free)."""
+        st = self.env.stat()
+        used = 2 + st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]  # meta pages + the main database
+        with self.env.begin() as txn:
+            for db in (self.db_meta, self.db_vec, self.db_lab, self.db_txt, self.db_del, self.sum_db()):
+                if db is not None:
+                    s = txn.stat(db)
+                    used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+        return max(0, self.disk_bytes() - used * st["psize"])
+
     def close(self) -> None:
         with _ENVS_LOCK:
             entry = _ENVS.get(self._key)

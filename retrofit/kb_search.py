@@ -226,7 +226,8 @@ class KBSearchMixin:
                       "covers_ids_below": st.next_id if st else None,
                       "memory_mapped": bool(self._mapped),
                       "pending_in_memory": int(self._delta.ntotal) if self._delta is not None else 0},
-            "bytes": {"records": rec_bytes, "index": idx_bytes, "raw_vectors": raw,
+            "bytes": {"records": rec_bytes, "records_free": self._rec.free_bytes(), "index": idx_bytes,
+                      "raw_vectors": raw,
                       "records_over_raw": round(rec_bytes / raw, 4) if raw else None},
         }
 

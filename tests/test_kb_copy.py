@@ -48,6 +48,9 @@ def test_copy_after_deleting_most_records_is_smaller_and_the_same_kb(tmp_path):
         kb.delete(list(range(0, 2600)) + list(range(2601, 3000, 2)))
         kb.compact()
     size_before = (src / "records" / "data.mdb").stat().st_size
+    with KnowledgeBase.open(src) as kb:
+        free_before = kb.info()["bytes"]["records_free"]
+    assert free_before > 0.5 * size_before  # what `kb info` reports as free and `kb copy` gives back
     s = copy_kb(src, out)
     assert s.records == 200  # ids 2600 and the even ids 2602..2998
     assert s.index_reused and s.source_bytes == size_before
@@ -57,6 +60,8 @@ def test_copy_after_deleting_most_records_is_smaller_and_the_same_kb(tmp_path):
     with KnowledgeBase.open(src) as a, KnowledgeBase.open(out) as b:
         _same_kb(a, b, [2600, 2602, 2998])
         assert b.verify()["ok"]
+        assert b.info()["bytes"]["records_free"] < 3 * 4096  # nothing left to give back
+        assert s.copy_bytes >= size_before - free_before  # every page in use was copied
         with pytest.raises(KeyError):  # deleted ids stay deleted (tombstones copied)
             b.get([5])
     with KnowledgeBase.open(out, readonly=False) as b:  # the copy is a normal KB: ids continue after the source's
@@ -135,8 +140,11 @@ def test_cli_kb_copy(tmp_path, capsys):
     _kb(src, n=300, index="flat")
     with KnowledgeBase.open(src, readonly=False) as kb:
         kb.delete(list(range(250)))
+        kb.compact()
     assert main(["kb", "copy", str(src), "-o", str(tmp_path / "c"), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["records"] == 50 and rec["path"] == str(tmp_path / "c") and rec["copy_bytes"] > 0
+    assert main(["kb", "info", str(src)]) == 0
+    assert f"retrofit kb copy {src} -o NEW" in capsys.readouterr().out  # info says the space can be given back
     assert main(["kb", "copy", str(src), "-o", str(tmp_path / "c")]) == 1
     assert "already exists" in capsys.readouterr().err

@@ -56,6 +56,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("disk", f"records {_human(b['records'])} ({b['records_over_raw']}x the raw vectors), "
                  f"index {_human(b['index'])}"),
     ]
+    if b["records_free"] >= max(1 << 16, b["records"] // 10):  # worth mentioning
+        lines.append(("free space", f"{_human(b['records_free'])} of the record file is free (deleted records): "
+                                    f"later adds reuse it; `retrofit kb copy {args.path} -o NEW` gives it back"))
     if info["user_meta"]:
         lines.append(("user meta", json.dumps(info["user_meta"])[:200]))
     w = max(len(k) for k, _ in lines)
