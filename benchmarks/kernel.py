@@ -113,7 +113,12 @@ def bench_one(fn, B: int, S: int, dtype: torch.dtype, device: str = "cuda", repe
     gargs = make_layer_inputs(B, S, dtype, requires_grad=True, device=device)
     g = [torch.randn(B, S, HEADS, DIM // HEADS, device=device, dtype=dtype) for _ in range(2)]
 
+    fresh = getattr(fn, "fresh_grads", False)
+
     def step():
+        if fresh:  # CUDA graphs: a first .grad is the graph's own output buffer, overwritten by the next replay;
+            for t in gargs[:8]:  # accumulating into it would read freed memory (pytorch/pytorch#169545)
+                t.grad = None
         out = fn(*gargs)
         torch.autograd.backward(out[:2], g)  # also accumulates the leaves' .grad, as training does
 
@@ -194,7 +199,17 @@ class Compiled:
 
     def for_shape(self):
         torch._dynamo.reset()
-        return torch.compile(self.fn, dynamic=False, **self.options)
+        fn = torch.compile(self.fn, dynamic=False, **self.options)
+        if self.options.get("mode") != "reduce-overhead":
+            return fn
+
+        def graphed(*args):
+            # each call is a new step: CUDA-graph trees may then reuse the previous call's output memory
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(*args)
+
+        graphed.fresh_grads = True  # see bench_one
+        return graphed
 
 
 def run_table(shapes: list[tuple[int, int]], dtype: torch.dtype, impls: dict, device: str = "cuda",

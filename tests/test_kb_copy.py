@@ -97,10 +97,12 @@ def test_a_failed_copy_leaves_nothing_and_a_killed_one_is_cleaned_up(tmp_path, m
         copy_kb(src, out)
     assert not out.exists() and not (tmp_path / ".copy.copying").exists()
     monkeypatch.undo()
-    (tmp_path / ".copy.copying" / "records").mkdir(parents=True)  # what a killed copy leaves
-    (tmp_path / ".copy.copying" / "records" / "data.mdb").write_bytes(b"partial")
+    left = tmp_path / ".copy.copying"  # what a killed copy leaves: its (no longer held) lock file and partial files
+    (left / "records").mkdir(parents=True)
+    (left / "records" / "data.mdb").write_bytes(b"partial")
+    (left / ".kb-copy.lock").write_bytes(b"")
     assert copy_kb(src, out).records == 200
-    assert not (tmp_path / ".copy.copying").exists()
+    assert not left.exists() and not (out / ".kb-copy.lock").exists()
     with KnowledgeBase.open(src) as a, KnowledgeBase.open(out) as b:
         _same_kb(a, b, [0, 199])
 
@@ -148,3 +150,86 @@ def test_cli_kb_copy(tmp_path, capsys):
     assert f"retrofit kb copy {src} -o NEW" in capsys.readouterr().out  # info says the space can be given back
     assert main(["kb", "copy", str(src), "-o", str(tmp_path / "c")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_copy_never_removes_what_is_not_its_own_leftover(tmp_path):
+    """A directory at the temporary name without the copy's lock file (e.g. a KB someone keeps there, or the source
+    itself) is refused, never removed; a copy in progress (lock held) makes a second copy to the same output fail."""
+    import fcntl
+    import os
+
+    src = tmp_path / ".c.copying"  # the source sits where a copy to c would write
+    _kb(src, n=30, index="flat")
+    with pytest.raises(RetrofitError, match="is \\(inside\\)"):
+        copy_kb(src, tmp_path / "c")
+    other = tmp_path / "kb"
+    _kb(other, n=30, index="flat")
+    (tmp_path / ".d.copying").mkdir()
+    (tmp_path / ".d.copying" / "keep.txt").write_text("mine")
+    with pytest.raises(RetrofitError, match="not a copy in progress"):
+        copy_kb(other, tmp_path / "d")
+    assert (tmp_path / ".d.copying" / "keep.txt").read_text() == "mine" and len(KnowledgeBase.open(src)) == 30
+    running = tmp_path / ".e.copying"
+    running.mkdir()
+    fd = os.open(str(running / ".kb-copy.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RetrofitError, match="another `kb copy` to .*e is running"):
+            copy_kb(other, tmp_path / "e")
+        assert running.exists()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("damage", ["index file", "index.json", "no index.json"])
+def test_a_source_with_a_damaged_or_missing_index_is_copied_and_gets_an_index(tmp_path, damage):
+    src, out = tmp_path / "kb", tmp_path / "copy"
+    _kb(src, n=400)
+    with KnowledgeBase.open(src) as kb:
+        q = kb.vectors(torch.tensor([7, 300]), "key")
+        want = kb.search(q, 5).ids
+    (idx,) = src.glob("index-*.faiss")
+    if damage == "index file":
+        raw = bytearray(idx.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        idx.write_bytes(bytes(raw))
+    elif damage == "index.json":
+        (src / "index.json").write_text("{not json")
+    else:
+        (src / "index.json").unlink()
+    with pytest.raises(Exception, match="damaged|missing"):
+        KnowledgeBase.open(src)  # a reader refuses the source (and `kb compact` would have to write to it)
+    s = copy_kb(src, out)
+    assert s.records == 400 and not s.index_reused
+    with KnowledgeBase.open(out) as b:
+        got = b.search(q, 5).ids
+        assert b.verify()["ok"]
+    assert torch.equal(got[:, 0], want[:, 0]) and got.tolist()[0][0] == 7 and got.tolist()[1][0] == 300
+    assert len(list(out.glob("index-*.faiss"))) == 1
+
+
+def test_a_writer_replacing_the_index_during_the_copy_leaves_a_consistent_copy(tmp_path, monkeypatch):
+    """The writer saves a new index between the copy's read of index.json and its records snapshot: the copy's
+    index.json names the file it copied (it used to copy index.json again, naming a file the copy lacked)."""
+    import shutil
+
+    from retrofit import kb_copy
+
+    src, out = tmp_path / "kb", tmp_path / "copy"
+    _kb(src, n=300)
+    with KnowledgeBase.open(src, readonly=False) as w:
+        real = shutil.copyfile
+
+        def copy_then_write(a, b, *args, **kw):
+            r = real(a, b, *args, **kw)
+            if str(a).endswith(".faiss"):
+                _add(w, 300, 20, seed=5)
+                w.flush()  # a new index file, the old one removed
+            return r
+
+        monkeypatch.setattr(kb_copy.shutil, "copyfile", copy_then_write)
+        s = copy_kb(src, out)
+    assert s.records == 320 and not s.index_reused  # caught up with the 20 records, not rebuilt
+    with KnowledgeBase.open(out) as b:
+        assert b.info()["index"]["ntotal"] == 320 and b.verify()["ok"]
+    assert len(list(out.glob("index-*.faiss"))) == 1  # no stale index file left in the copy

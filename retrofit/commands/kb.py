@@ -196,7 +196,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-@guarded(also=(KeyError,))
+@guarded(also=(KeyError, NotADirectoryError, PermissionError, FileExistsError))
 def cmd_copy(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
