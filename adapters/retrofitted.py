@@ -15,6 +15,7 @@ from retrofit.adapters.timm_adapter import TimmAdapter, is_timm_like
 from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter, is_torchvision
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
+from retrofit.store import search_store
 
 __all__ = ["RetrofittedModel", "wrap", "backbone", "adapter_for", "embedder", "Embedder"]
 
@@ -200,7 +201,7 @@ class RetrofittedModel(nn.Module):
                         "pass the encoder the KB was built with as retriever=, e.g. retrofit.load_image_encoder(spec)")
                 raise ValueError(f"the {src} gives {keys.shape[-1]}-d keys but the knowledge base's keys are "
                                  f"{store.key_dim}-d; {hint}")
-            return store.search(F.normalize(keys.float(), dim=-1), k, exclude)
+            return search_store(store, F.normalize(keys.float(), dim=-1), k, exclude)  # outside torch.compile graphs
 
     def forward(self, x: Tensor, *, return_output: bool = False, exclude: Tensor | None = None,
                 neighbors: Any = None) -> Any:

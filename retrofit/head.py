@@ -26,7 +26,7 @@ from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
 from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
-from retrofit.store import Store
+from retrofit.store import Store, search_store
 
 __all__ = ["HeadConfig", "HeadOutput", "RetrievalHead", "FORMAT_VERSION", "store_label_counts"]
 
@@ -267,7 +267,7 @@ class RetrievalHead(nn.Module):
             return Neighbors.empty(z.shape[0], 0, self.config.image_dim, self.config.text_dim, device=z.device)
         with torch.no_grad():
             q = F.normalize(z.detach().float(), dim=-1)  # (B, Dq)
-            return self._store.search(q, k, exclude)
+            return search_store(self._store, q, k, exclude)  # outside torch.compile graphs
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, host_logits: torch.Tensor | None = None, neighbors: Neighbors | None = None,

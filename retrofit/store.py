@@ -16,7 +16,7 @@ import torch
 from retrofit.fingerprint import EncoderFingerprint
 from retrofit.neighbors import Neighbors
 
-__all__ = ["Store", "KBFingerprint", "InMemoryStore"]
+__all__ = ["Store", "KBFingerprint", "InMemoryStore", "search_store"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,14 @@ class Store(Protocol):
         Returns tensors on ``queries.device``.
         """
         ...
+
+
+@torch.compiler.disable
+def search_store(store: Store, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
+    """``store.search(queries, k, exclude)``, kept out of any ``torch.compile`` graph: a store's search is faiss /
+    numpy / LMDB work that dynamo cannot trace (it failed inside ``KnowledgeBase``'s gather of the neighbours'
+    vectors). Under ``torch.compile`` the search is one graph break; the model around it still compiles."""
+    return store.search(queries, k, exclude)
 
 
 def as_queries(queries: Any) -> torch.Tensor:

@@ -324,6 +324,31 @@ def test_torch_compile_on_cpu(seed: int) -> None:
         torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_with_a_real_knowledge_base(seed: int, tmp_path) -> None:
+    """torch.compile of a wrapped model whose head searches an LMDB + faiss KnowledgeBase: dynamo traced into the
+    KB's numpy gather and crashed (AssertionError in wrap_numpy_ndarray); the search is now one graph break, the
+    backbone and the head compile around it, the logits are the eager ones."""
+    from retrofit.knowledge_base import KnowledgeBase
+
+    g = torch.Generator().manual_seed(1)
+    with KnowledgeBase.create(tmp_path / "kb", 12, 8, 6, index="flat") as kb:
+        kb.add(torch.randn(60, 12, generator=g), torch.randn(60, 8, generator=g), torch.randn(60, 6, generator=g),
+               labels=torch.randint(0, C, (60,), generator=g))
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        head = make_head(12, kb, label_vote=True)
+        torch.nn.init.normal_(head.readout.fc.weight)  # a trained-looking head: the neighbours change the logits
+        wrapped = wrap(SmallNet().eval(), head)
+        x = torch.rand(3, 3, 16, 16)
+        with torch.no_grad():
+            eager = wrapped(x)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(wrapped)(x)
+            compiled = torch.compile(wrapped, backend="aot_eager")
+            torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+        assert explained.graph_count >= 2  # backbone before and head after the search, compiled
+        assert all("search_store" in str(b.reason) for b in explained.break_reasons)  # the search is the only break
+
+
 def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
     """The real pretrained Tiny Darknet, a KB of real CIFAR-10 images embedded by it: each image finds itself."""
     from retrofit.models import darknet_tiny
