@@ -349,6 +349,22 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         finally:
             self._release()
 
+    # ------------------------------------------------------------------ copies and pickling
+    def __deepcopy__(self, memo: dict) -> KnowledgeBase:
+        """The handle itself: a KB is files on disk, like an open file. Deep copies of a model that holds it (EMA /
+        SWA averaging, ``copy.deepcopy(head)``) share it instead of failing on LMDB's transaction objects."""
+        return self
+
+    def __reduce__(self) -> tuple:
+        """Read-only handles pickle as their path and reopen (read-only) where they are unpickled: ``torch.save`` of
+        a whole model, spawned DataLoader workers. A writable handle refuses (a KB has one writer)."""
+        self._check_process()
+        if not self.readonly:
+            raise TypeError(f"a writable KnowledgeBase ({self.path}) cannot be pickled: a knowledge base has one "
+                            "writer. Attach a read-only handle (KnowledgeBase.open(path)), which pickles as its path "
+                            "and reopens where it is unpickled; or save the head alone with head.save(dir)")
+        return (type(self).open, (str(self.path.absolute()), True))
+
     def _abandon(self) -> None:
         """In a forked child: drop the inherited handles without touching them. Aborting the parent's snapshot
         or closing its environment here would free the parent's LMDB reader slot (shared memory) under it, so

@@ -327,3 +327,42 @@ def test_index_checksums_are_streamed_and_unchanged(tmp_path, size):
     quick = hashlib.sha256(str(size).encode() + data[: 1 << 20] + tail).hexdigest()[:32]
     assert _quick_hash(f, size) == "sha256:" + quick
     assert full_hash(f) == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_models_holding_a_kb_deepcopy_and_pickle(tmp_path):
+    """copy.deepcopy (EMA / SWA averaging) and torch.save of a head holding a KnowledgeBase failed on LMDB's
+    transaction objects ("cannot pickle 'Transaction' object"). Deep copies share the handle; a read-only handle
+    pickles as its path and reopens; a writable one refuses, saying what to do."""
+    import copy
+    import io
+    import pickle
+
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    w, keys = make(tmp_path / "kb", n=60)
+    with pytest.raises(TypeError, match="writable KnowledgeBase .* cannot be pickled.*read-only handle"):
+        pickle.dumps(w)
+    assert copy.deepcopy(w) is w
+    w.close()
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=DK, image_dim=DI, text_dim=DT, num_classes=3, dim=16, depth=1, heads=2,
+                                    k=5, label_vote=True), kb)
+    torch.nn.init.normal_(head.readout.fc.weight)
+    z = keys[:4] + 0.1
+    want = head(z).logits
+    twin = copy.deepcopy(head)
+    assert twin.store is kb and twin.readout.fc.weight is not head.readout.fc.weight
+    torch.testing.assert_close(twin(z).logits, want)
+    ema = torch.optim.swa_utils.AveragedModel(head)  # deep-copies the head
+    torch.testing.assert_close(ema.module(z).logits, want)
+    buf = io.BytesIO()
+    torch.save(head, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # the KB reopened by its path, read-only
+    assert loaded.store is not kb and loaded.store.readonly and len(loaded.store) == 60
+    torch.testing.assert_close(loaded(z).logits, want)
+    loaded.store.close()
+    kb.close()
+    with pytest.raises(KnowledgeBaseError, match="closed"):
+        pickle.dumps(kb)
