@@ -176,6 +176,13 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
                             "the knowledge base's classes")
 
 
+def _reapply_store_prior(head: RetrievalHead, incompatible: Any) -> None:
+    """After ``load_state_dict``: a vote balanced by its KB's class counts keeps the attached KB's prior, not the
+    one in the loaded state (the KB the weights were trained with)."""
+    if head.vote is not None and head.config.vote_balance and head._store_counts is not None:
+        head.vote.set_label_prior(head._store_counts)
+
+
 class RetrievalHead(nn.Module):
     """Retrieval cross-fusion head (RetFormer) over the k nearest knowledge-base entries of a query.
 
@@ -208,6 +215,10 @@ class RetrievalHead(nn.Module):
         else:
             self.register_buffer("tau", tau)
         self._store: Store | None = None
+        self._store_counts: torch.Tensor | None = None  # the attached store's class counts (vote_balance)
+        # load_state_dict would restore the label prior of the KB the weights were trained with; the attached KB's
+        # prior is the one the vote must use (RetrievalHead.load attaches after loading; this covers the rest)
+        self.register_load_state_dict_post_hook(_reapply_store_prior)
         if store is not None:
             self.attach(store, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
 
@@ -247,12 +258,13 @@ class RetrievalHead(nn.Module):
             logger.info("head adopts the store's encoder fingerprints for %s", sorted(learned))
         self._store = store
         if self.vote is not None and self.config.vote_balance:
-            self.vote.set_label_prior(store_label_counts(store, c.num_classes, labels))
+            self._store_counts = store_label_counts(store, c.num_classes, labels)
+            self.vote.set_label_prior(self._store_counts)
         return self
 
     def detach_store(self) -> Store | None:
-        """Forget the attached store; returns it."""
-        store, self._store = self._store, None
+        """Forget the attached store; returns it (the vote keeps that store's label prior)."""
+        store, self._store, self._store_counts = self._store, None, None
         return store
 
     def retrieve(self, z: torch.Tensor, exclude: torch.Tensor | None = None, k: int | None = None) -> Neighbors:

@@ -163,3 +163,32 @@ def test_save_load_with_label_vote(tmp_path, seed):
     assert torch.equal(back.vote.weight, head.vote.weight)
     z, nb = torch.randn(2, DQ), neighbors()
     assert torch.equal(head(z, neighbors=nb).logits, back(z, neighbors=nb).logits)
+
+
+def test_load_state_dict_keeps_the_attached_kbs_label_prior(seed):
+    """A head balanced by its KB's class counts, given the state of a head trained on another KB (the usual
+    `model.load_state_dict(torch.load(...))`): the weights come from the state, the vote's label prior stays the
+    attached KB's. It used to take the prior of the KB the weights were trained with, silently rebalancing the
+    vote over the new KB by the old one's class mix."""
+    def store(counts):
+        g = torch.Generator().manual_seed(len(counts))
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        s = InMemoryStore(DQ, DI, DT, KBFingerprint(FP_Q, FP_I, FP_T))
+        s.add(torch.randn(len(y), DQ, generator=g), torch.randn(len(y), DI, generator=g),
+              torch.randn(len(y), DT, generator=g), labels=y)
+        return s
+
+    cfg = make_config(label_vote=True, vote_balance=True)
+    skewed, even = store([200, 60, 20, 6, 2]), store([40, 40, 40, 40, 40])
+    trained = randomized(RetrievalHead(cfg, skewed))
+    fresh = RetrievalHead(cfg, even)
+    even_prior = fresh.vote.label_log_prior.clone()
+    assert not torch.allclose(trained.vote.label_log_prior, even_prior)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.vote.weight, trained.vote.weight)  # the weights are loaded
+    assert torch.equal(fresh.vote.label_log_prior, even_prior)  # the prior is the attached KB's
+    unattached = RetrievalHead(cfg)  # no KB attached: the loaded state's prior is all there is
+    unattached.load_state_dict(trained.state_dict())
+    assert torch.equal(unattached.vote.label_log_prior, trained.vote.label_log_prior)
+    z, nb = torch.randn(2, DQ), neighbors()
+    assert torch.equal(fresh(z, neighbors=nb).logits, trained.attach(even)(z, neighbors=nb).logits)
