@@ -7,6 +7,7 @@ The model runs unchanged, once; its output is the host logits, and the input of 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -95,10 +96,13 @@ class HookAdapter(BackboneAdapter):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         captured: list[Tensor] = []
         produced: list[Tensor] = []
+        me = threading.get_ident()
 
         def grab(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            captured.append(inputs[0])
-            produced.append(output)
+            # threads serving one model share its classifier: each forward records only its own thread's call
+            if torch.compiler.is_compiling() or threading.get_ident() == me:  # (compiled: traced inline)
+                captured.append(inputs[0])
+                produced.append(output)
 
         handle = self.classifier.register_forward_hook(grab)
         try:

@@ -133,7 +133,7 @@ class RetrofittedModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected preprocessed float images (as the model's transforms give them), got "
                              f"{x.dtype}; e.g. x.float() / 255 followed by the model's normalisation")
-        if not self._range_checked and x.numel():
+        if not self._range_checked and x.numel() and not torch.compiler.is_compiling():  # (a sync: eager only)
             self._range_checked = True  # once: a full pass over every batch would cost
             if float(x.detach().abs().amax()) > 20:
                 logger.warning("the images reach %.0f: 0-255 pixel values? the model expects its preprocessing "

@@ -340,13 +340,44 @@ def test_torch_compile_with_a_real_knowledge_base(seed: int, tmp_path) -> None:
         wrapped = wrap(SmallNet().eval(), head)
         x = torch.rand(3, 3, 16, 16)
         with torch.no_grad():
-            eager = wrapped(x)
             torch._dynamo.reset()
-            explained = torch._dynamo.explain(wrapped)(x)
+            explained = torch._dynamo.explain(wrapped)(x)  # first: the eager first-batch checks have not run
+            eager = wrapped(x)
             compiled = torch.compile(wrapped, backend="aot_eager")
             torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
         assert explained.graph_count >= 2  # backbone before and head after the search, compiled
         assert all("search_store" in str(b.reason) for b in explained.break_reasons)  # the search is the only break
+
+
+def test_threads_serving_one_wrapped_model(seed: int) -> None:
+    """Several threads calling one wrapped generic model (a threaded inference server): each forward captured every
+    thread's classifier call ("ran 3 times in one forward"); each now sees its own, with the serial results."""
+    import threading
+
+    wrapped = wrap(SmallNet().eval(), make_head(12, make_store(12), label_vote=True))
+    torch.nn.init.normal_(wrapped.head.readout.fc.weight)
+    xs = [torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    with torch.no_grad():
+        want = [wrapped(x) for x in xs]
+    errors: list[str] = []
+    wrong: list[int] = []
+
+    def serve(t: int) -> None:
+        try:
+            with torch.no_grad():
+                for i in range(len(xs)):
+                    j = (i + 5 * t) % len(xs)
+                    if not torch.equal(wrapped(xs[j]), want[j]):
+                        wrong.append(j)
+        except Exception as e:  # collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []
 
 
 def test_darknet_with_a_real_kb(data_dir, cifar_train_small, seed: int) -> None:
