@@ -96,7 +96,7 @@ class HookAdapter(BackboneAdapter):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         captured: list[Tensor] = []
         produced: list[Tensor] = []
-        me = threading.get_ident()
+        me = None if torch.compiler.is_compiling() else threading.get_ident()
 
         def grab(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # threads serving one model share its classifier: each forward records only its own thread's call
