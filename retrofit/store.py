@@ -68,12 +68,32 @@ class Store(Protocol):
         ...
 
 
-@torch.compiler.disable
 def search_store(store: Store, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> Neighbors:
     """``store.search(queries, k, exclude)``, kept out of any ``torch.compile`` graph: a store's search is faiss /
     numpy / LMDB work that dynamo cannot trace (it failed inside ``KnowledgeBase``'s gather of the neighbours'
     vectors). Under ``torch.compile`` the search is one graph break; the model around it still compiles."""
+    if torch.compiler.is_compiling():
+        return _search_outside_graphs(store, queries, k, exclude)
     return store.search(queries, k, exclude)
+
+
+def _search(store: Store, queries: torch.Tensor, k: int, exclude: torch.Tensor | None) -> Neighbors:
+    return store.search(queries, k, exclude)
+
+
+class _OutsideGraphs:
+    """Calls ``_search`` through ``torch.compiler.disable``, made on first use: making it imports torch._dynamo
+    (and triton), which importing retrofit must not (and an eager search never needs)."""
+
+    fn = None
+
+    def __call__(self, *args):
+        if _OutsideGraphs.fn is None:
+            _OutsideGraphs.fn = torch.compiler.disable(_search)
+        return _OutsideGraphs.fn(*args)
+
+
+_search_outside_graphs = _OutsideGraphs()
 
 
 def as_queries(queries: Any) -> torch.Tensor:
