@@ -15,6 +15,7 @@ from retrofit.adapters.timm_adapter import TimmAdapter, is_timm_like
 from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter, is_torchvision
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
+from retrofit.neighbors import Neighbors
 from retrofit.store import search_store
 
 __all__ = ["RetrofittedModel", "wrap", "backbone", "adapter_for", "embedder", "Embedder"]
@@ -146,8 +147,10 @@ class RetrofittedModel(nn.Module):
     def features(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """One backbone pass: (z (B, D) pre-logits embedding, host logits (B, C) or None)."""
         x = self._input(x)
-        if self.train_classifier:
-            return self.backbone(x)  # frozen parameters record no graph; the classifier's do
+        if self.train_classifier or x.requires_grad:
+            # frozen parameters record no graph; the classifier's do, and so do images that require grad (saliency
+            # maps, adversarial examples: gradients reach the input as through the host alone)
+            return self.backbone(x)
         with torch.no_grad():
             return self.backbone(x)
 
@@ -187,10 +190,17 @@ class RetrofittedModel(nn.Module):
         self._check_store(store)
         self._check_size(store, x)
         k = self.head.config.k
+        if k == 0:  # a head configured without neighbours: nothing to search
+            cfg = self.head.config
+            return Neighbors.empty(z.shape[0], 0, cfg.image_dim, cfg.text_dim, device=z.device)
         with torch.no_grad():
             if self.retriever is None:
                 keys = z
             else:
+                rp = _param_of(r) if (r := _retriever_module(self.retriever)) is not None else None
+                if rp is not None and rp.is_floating_point() and (x.device != rp.device or x.dtype != rp.dtype):
+                    x = x.to(device=rp.device, dtype=rp.dtype)  # an encoder object is not a submodule: .half() /
+                    # .to(device) of this model leave it where it was
                 enc = getattr(self.retriever, "encode", None)
                 keys = enc(x) if callable(enc) else self.retriever(x)  # (B, Dk)
             if keys.shape[-1] != store.key_dim:

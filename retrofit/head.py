@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -79,9 +81,10 @@ class HeadConfig:
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"HeadConfig.{n} must be a positive int, got {v!r}")
-        if not isinstance(self.k, int) or self.k < 0:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
             raise ValueError(f"HeadConfig.k must be an int >= 0, got {self.k!r}")
-        if self.key_dim is not None and (not isinstance(self.key_dim, int) or self.key_dim <= 0):
+        if self.key_dim is not None and (not isinstance(self.key_dim, int) or isinstance(self.key_dim, bool)
+                                         or self.key_dim <= 0):
             raise ValueError(f"HeadConfig.key_dim must be a positive int or None, got {self.key_dim!r}")
         if self.vote_balance and not self.label_vote:
             raise ValueError("HeadConfig.vote_balance=True rebalances the label vote: it needs label_vote=True")
@@ -89,17 +92,26 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.dim={self.dim} must be divisible by heads={self.heads}")
         if self.modalities not in MODALITIES:
             raise ValueError(f"HeadConfig.modalities={self.modalities!r} is not one of {MODALITIES}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_ratio < 0:
-            raise ValueError(f"HeadConfig.mlp_ratio must be >= 0 (0 = no MLP), got {self.mlp_ratio}")
-        if not isinstance(self.tau, (int, float)) or not self.tau > 0:
-            raise ValueError(f"HeadConfig.tau must be a positive number, got {self.tau!r}")
+        if not _real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HeadConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not _real(self.mlp_ratio) or not 0.0 <= self.mlp_ratio < math.inf:
+            raise ValueError(f"HeadConfig.mlp_ratio must be a finite number >= 0 (0 = no MLP), got {self.mlp_ratio!r}")
+        if not _real(self.tau) or not 0.0 < self.tau < math.inf:
+            raise ValueError(f"HeadConfig.tau must be a finite positive number, got {self.tau!r}")
+        for n in ("learnable_tau", "label_vote", "vote_balance"):
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"HeadConfig.{n} must be True or False, got {getattr(self, n)!r}")
         if self.class_names is not None:
+            if isinstance(self.class_names, (str, bytes)) or not isinstance(self.class_names, (list, tuple)):
+                raise ValueError(f"HeadConfig.class_names must be a list of the {self.num_classes} class names, got "
+                                 f"{self.class_names!r}")
             self.class_names = [str(c) for c in self.class_names]
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"HeadConfig.class_names has {len(self.class_names)} names "
                                  f"but num_classes={self.num_classes}")
+            dup = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+            if dup:
+                raise ValueError(f"HeadConfig.class_names names {dup} more than once; each class needs its own name")
         for n in _FINGERPRINTS:
             v = getattr(self, n)
             if isinstance(v, dict):
@@ -124,6 +136,11 @@ class HeadConfig:
         if unknown:
             raise ValueError(f"unknown HeadConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**d)
+
+
+def _real(v: Any) -> bool:
+    """A real number (numpy's too), not a bool or a string."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -233,7 +250,7 @@ class RetrievalHead(nn.Module):
 
         Raises ``ValueError`` on a dimension mismatch and :class:`FingerprintMismatchError` (naming
         both encoders) when the store's vectors come from other encoders than the head was built for.
-        Fingerprints the head does not know yet are taken from the store (and saved with the head).
+        Fingerprints and class names the head does not know yet are taken from the store (and saved with the head).
         """
         c = self.config
         for what, mine, theirs in (("key", c.search_key_dim, store.key_dim), ("image", c.image_dim, store.image_dim),
@@ -253,9 +270,13 @@ class RetrievalHead(nn.Module):
         if self.vote is not None:
             _check_vote_classes(c, store, labels)
         learned = {f: theirs for f, theirs, _ in pairs if getattr(c, f) is None and theirs is not None}
+        names = getattr(store, "class_names", None)
+        if c.class_names is None and names is not None and len(names) == c.num_classes:
+            # saved with the head: a later KB listing the classes in another order is then refused (_check_vote_classes)
+            learned["class_names"] = [str(n) for n in names]
         if learned:
             self.config = replace(c, **learned)
-            logger.info("head adopts the store's encoder fingerprints for %s", sorted(learned))
+            logger.info("head adopts the store's %s", sorted(learned))
         self._store = store
         if self.vote is not None and self.config.vote_balance:
             self._store_counts = store_label_counts(store, c.num_classes, labels)
@@ -292,7 +313,12 @@ class RetrievalHead(nn.Module):
             raise ValueError(f"host_logits must be ({B}, {c.num_classes}), got {tuple(host_logits.shape)}")
         p = self.readout.fc.weight
         if neighbors is None:
-            neighbors = self.retrieve(z, exclude)
+            neighbors = self.retrieve(z, exclude)  # labels checked at attach()
+        elif self.vote is not None and not torch.compiler.is_compiling() and neighbors.labels.numel():
+            top = int(neighbors.labels.max())  # given neighbours (a cache, another store): the vote indexes by label
+            if top >= c.num_classes:
+                raise ValueError(f"neighbour label {top} is not a class of this head (labels 0..{c.num_classes - 1}, "
+                                 "-1 = unknown): the neighbours come from a knowledge base with other classes")
         if neighbors.batch_size != B:
             raise ValueError(f"neighbors are for {neighbors.batch_size} queries but z has {B}")
         if neighbors.image.shape[2] != c.image_dim or neighbors.text.shape[2] != c.text_dim:

@@ -15,6 +15,7 @@ from torch import nn
 
 from retrofit.errors import RetrofitError
 from retrofit.feature_cache import FeatureSet, NeighborVectors, neighbors_from_ids
+from retrofit.neighbors import Neighbors
 
 __all__ = ["predict_logits"]
 
@@ -32,14 +33,18 @@ def _device(spec: str) -> torch.device:
 class _Batcher:
     """Builds the head's inputs for rows of a FeatureSet (cached or live neighbours)."""
 
-    def __init__(self, fs: FeatureSet, k: int, device: torch.device, store: Any, table: NeighborVectors | None):
+    def __init__(self, fs: FeatureSet, k: int, device: torch.device, store: Any, table: NeighborVectors | None,
+                 dims: tuple[int, int] | None = None):
         self.fs, self.k, self.device, self.store, self.table = fs, k, device, store, table
         self.keys = fs.retrieval_keys if not fs.has_neighbors else None
+        self.dims = dims  # (image_dim, text_dim): the empty neighbour sets of k = 0
 
     def __call__(self, idx: torch.Tensor):
         fs, dev = self.fs, self.device
         z = fs.z[idx].to(dev, torch.float32)  # (B, Dq)
         host = fs.host_logits[idx].to(dev, torch.float32) if fs.host_logits is not None else None  # (B, C)
+        if self.k == 0:  # a head configured without neighbours
+            return z, host, Neighbors.empty(len(idx), 0, *self.dims, device=dev)
         if fs.has_neighbors:
             k = min(self.k, fs.neighbor_ids.shape[1])
             nb = neighbors_from_ids(fs.neighbor_ids[idx, :k], fs.neighbor_scores[idx, :k],
@@ -48,6 +53,11 @@ class _Batcher:
             ex = fs.exclude[idx] if fs.exclude is not None else None
             nb = self.store.search(self.keys[idx], self.k, exclude=ex)
         return z, host, nb.to(dev, torch.float32)
+
+
+def _head_dims(head: nn.Module) -> tuple[int, int] | None:
+    c = getattr(head, "config", None)
+    return (c.image_dim, c.text_dim) if c is not None and hasattr(c, "image_dim") else None
 
 
 def _resolve_store(head: nn.Module, store: Any) -> Any:
@@ -81,12 +91,12 @@ def predict_logits(
     plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k)."""
     dev = _device(device)
     store = _resolve_store(head, store)
-    k = k or getattr(head.config, "k", 32)
-    if table is None and fs.has_neighbors:
+    k = k if k is not None else getattr(head.config, "k", 32)
+    if table is None and fs.has_neighbors and k:
         table = _vector_table(store, [fs], k, dev)
-    if not fs.has_neighbors and store is None:
+    if not fs.has_neighbors and store is None and k:
         raise RetrofitError("predict_logits needs a knowledge base (store=...) for features without cached neighbours")
-    batcher = _Batcher(fs, k, dev, store, table)
+    batcher = _Batcher(fs, k, dev, store, table, _head_dims(head))
     was_training = head.training
     head.eval()
     out: dict[str, list[torch.Tensor]] = {}

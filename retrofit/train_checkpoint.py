@@ -88,6 +88,33 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+# TrainConfig fields a resumed run may change: reporting, the device, and more epochs (a fine continuation)
+RESUME_FREE = frozenset({"progress", "log_every", "eval_batch_size", "device", "epochs"})
+
+
+def check_resume_config(path: str | Path, config: dict[str, Any]) -> None:
+    """Refuse to resume the checkpoint at ``path`` (if any) with training settings other than its own (except
+    :data:`RESUME_FREE`): another batch size, schedule or loss would silently continue a different run (a larger
+    batch size skipped the rest of the epoch). ``config``: ``TrainConfig.to_dict()``."""
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")
+    try:
+        saved = json.loads((path / "state.json").read_text()).get("config")
+    except (OSError, ValueError):  # no checkpoint, or a damaged one: load_training_state says which
+        return
+    if not isinstance(saved, dict):
+        return
+    now = json.loads(json.dumps(config))  # tuples as lists, as in the file
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
+    if diff:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+        new = ", ".join(f"{k}={now.get(k)!r}" for k in diff)
+        raise RetrofitError(f"cannot resume the checkpoint {path}: it was trained with {was}, this run asks for "
+                            f"{new}; resume with the checkpoint's TrainConfig (only {sorted(RESUME_FREE)} may "
+                            "change), or train into another output directory")
+
+
 def load_training_state(path: str | Path, head: nn.Module, host: nn.Module | None, opt: torch.optim.Optimizer,
                         scaler: Any) -> dict[str, Any] | None:
     """Restore a checkpoint into ``head`` / ``host`` / ``opt`` / ``scaler``; returns its state dict, or None

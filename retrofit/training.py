@@ -26,7 +26,7 @@ from torch import nn
 
 from retrofit.errors import RetrofitError
 from retrofit.feature_cache import FeatureSet
-from retrofit.prediction import _Batcher, _device, _resolve_store, _vector_table, predict_logits
+from retrofit.prediction import _Batcher, _device, _head_dims, _resolve_store, _vector_table, predict_logits
 
 __all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior",
            "class_balance_weights"]
@@ -198,7 +198,7 @@ def train(
     cfg.validate()
     dev = _device(cfg.device)
     C = _num_classes(head)
-    k = cfg.k or getattr(head.config, "k", 32)
+    k = cfg.k if cfg.k is not None else getattr(head.config, "k", 32)
     if len(features) == 0:
         raise ValueError("train() got an empty FeatureSet")
     if cfg.train_host and host_classifier is None:
@@ -214,16 +214,22 @@ def train(
                              f"(HeadConfig(query_dim=...)): build the head with query_dim={f.z.shape[1]}")
     if val_features is not None:
         check_features(val_features, C, "validation features", host_classifier if cfg.train_host else None)
+    if (val_features is not None and host_classifier is None
+            and (features.host_logits is None) != (val_features.host_logits is None)):
+        has, lacks = ("training", "validation") if features.host_logits is not None else ("validation", "training")
+        raise ValueError(f"the {has} features carry host logits but the {lacks} features do not: validation would "
+                         "score the head with other inputs than it trains with. Give both FeatureSets host_logits "
+                         "(the host's logits on those images) or neither, or pass host_classifier=")
     if (features.labels < 0).any():
         raise ValueError("training labels must all be known (>= 0)")
     store = _resolve_store(head, store)
-    if not features.has_neighbors and store is None:
+    if not features.has_neighbors and store is None and k:
         raise RetrofitError("features have no cached neighbours and no knowledge base was given: pass store=...")
     torch.manual_seed(cfg.seed)
     head.to(dev)
     host = host_classifier.to(dev) if host_classifier is not None else None
-    table = _vector_table(store, [features, val_features], k, dev)
-    batcher = _Batcher(features, k, dev, store, table)
+    table = _vector_table(store, [features, val_features], k, dev) if k else None
+    batcher = _Batcher(features, k, dev, store, table, _head_dims(head))
     prior = log_prior(features.labels, C).to(dev)  # (C,)
     cw = class_balance_weights(features.labels, C, cfg.class_balance).to(dev) if cfg.class_balance else None
 
@@ -233,7 +239,9 @@ def train(
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     host_lr_scale = (cfg.host_lr or cfg.lr) / cfg.lr
+    thawed: list[torch.nn.Parameter] = []  # host parameters frozen by the caller (retrofit.wrap freezes the host)
     if cfg.train_host:
+        thawed = [p for p in host.parameters() if not p.requires_grad]  # unfrozen while the loop runs
         groups.append({"params": list(host.parameters()), "weight_decay": cfg.weight_decay,
                        "lr_scale": host_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -250,6 +258,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
+            ckpt.check_resume_config(out / "checkpoints" / "last", cfg.to_dict())
             loaded = ckpt.load_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None,
                                               opt, scaler)
             if loaded is not None:
@@ -282,6 +291,8 @@ def train(
     head.train()
     if host is not None:
         host.train(cfg.train_host)
+    for p in thawed:  # train_host asks to train them: unfrozen for this run, frozen again at its end (finally)
+        p.requires_grad_(True)
     try:
         while epoch < cfg.epochs:
             perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
@@ -359,6 +370,8 @@ def train(
     finally:
         if logf is not None:
             logf.close()
+        for p in thawed:
+            p.requires_grad_(False)
     head.eval()
     return result
 

@@ -498,3 +498,49 @@ def test_images_of_another_size_than_the_kbs_warn_once(data_dir, cifar_train_sma
         clf2(small[2:4])
     assert caplog.text.count("keys were made from 64x64 images") == 1 and "fed 32x32" in caplog.text
     assert load_image_encoder("darknet-tiny@96").fingerprint.input_size == (96, 96)
+
+
+def test_gradients_reach_images_that_require_them(seed: int) -> None:
+    """Saliency maps / adversarial examples: the wrapped model ran the frozen backbone under no_grad, so x.grad stayed
+    None (the host alone gives it); now the input gradient flows through the host and the head's query."""
+    wrapped = wrap(SmallNet().eval(), make_head(12, make_store(12))).eval()
+    torch.nn.init.normal_(wrapped.head.readout.fc.weight)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    torch.nn.functional.cross_entropy(wrapped(x), torch.tensor([1, 2])).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in wrapped.backbone.parameters())  # the host stays frozen
+    with torch.no_grad():  # plain inference keeps recording nothing
+        assert not wrapped(torch.rand(2, 3, 16, 16)).requires_grad
+
+
+def test_head_without_neighbours_k0_in_wrap_predict_and_train(seed: int) -> None:
+    """HeadConfig(k=0) is a head configured without neighbours: wrap, predict_logits and train crashed asking the
+    store for 0 neighbours ("k must be a positive int, got 0")."""
+    from retrofit.feature_cache import FeatureSet
+
+    head = RetrievalHead(HeadConfig(query_dim=12, image_dim=8, text_dim=6, num_classes=C, dim=16, depth=1, heads=2,
+                                    k=0), make_store(12))
+    assert wrap(SmallNet().eval(), head)(torch.rand(2, 3, 16, 16)).shape == (2, C)
+    fs = FeatureSet(z=torch.randn(8, 12), labels=torch.arange(8) % C, host_logits=torch.randn(8, C))
+    assert retrofit.predict_logits(head, fs, device="cpu")["logits"].shape == (8, C)
+    res = retrofit.train(head, fs, retrofit.TrainConfig(epochs=1, batch_size=4, progress=False, device="cpu"))
+    assert len(res.step_losses) == 2
+
+
+def test_an_encoder_retriever_follows_the_models_dtype(seed: int) -> None:
+    """An ImageEncoder retriever (README: retriever=retrofit.load_image_encoder(spec)) is not a submodule, so
+    wrapped.bfloat16() left it in float32 while the images were cast to bfloat16 ("Input type (c10::BFloat16) and
+    bias type (float) should be the same"); the retriever now gets the images in its own dtype."""
+    from retrofit.encoders import ImageEncoder
+    from retrofit.fingerprint import EncoderFingerprint
+
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 7)).eval()
+    enc = ImageEncoder(net, lambda im: im, EncoderFingerprint("custom", "retriever", "test", 7), module=net)
+    head = make_head(12, make_store(7), key_dim=7)
+    wrapped = wrap(SmallNet().eval(), head, retriever=enc, allow_fingerprint_mismatch=True)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ids32 = wrapped(x, return_output=True).neighbors.ids
+        out = wrapped.bfloat16()(x, return_output=True)
+    assert out.logits.dtype == torch.bfloat16 and next(net.parameters()).dtype == torch.float32
+    assert torch.equal(out.neighbors.ids, ids32)  # the keys are the retriever's float32 keys, as before

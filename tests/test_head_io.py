@@ -192,3 +192,48 @@ def test_load_state_dict_keeps_the_attached_kbs_label_prior(seed):
     assert torch.equal(unattached.vote.label_log_prior, trained.vote.label_log_prior)
     z, nb = torch.randn(2, DQ), neighbors()
     assert torch.equal(fresh(z, neighbors=nb).logits, trained.attach(even)(z, neighbors=nb).logits)
+
+
+def test_a_head_without_class_names_adopts_the_kbs_and_then_refuses_a_reordered_kb(tmp_path, seed):
+    """The README's recipe builds the head without class_names: attach() now takes the KB's (as it does its
+    fingerprints), so the saved head refuses a KB listing the same classes in another order, which its label vote
+    would have read as the wrong classes."""
+    from retrofit.knowledge_base import KnowledgeBase
+
+    def kb(path, names):
+        with KnowledgeBase.create(path, DQ, DI, DT, class_names=names) as k:
+            k.add(torch.randn(6, DQ), torch.randn(6, DI), torch.randn(6, DT), labels=torch.arange(6) % 3)
+        return KnowledgeBase.open(path)
+
+    first, reordered = kb(tmp_path / "a", ["cat", "dog", "car"]), kb(tmp_path / "b", ["car", "dog", "cat"])
+    cfg = HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=3, dim=16, depth=1, heads=2, k=4,
+                     label_vote=True)
+    head = RetrievalHead(cfg, first)
+    assert head.config.class_names == ["cat", "dog", "car"]
+    head.save(tmp_path / "head")
+    with pytest.raises(RetrofitError, match="same 3 classes in another order"):
+        RetrievalHead.load(tmp_path / "head", store=reordered)
+    assert RetrievalHead.load(tmp_path / "head", store=first).store is first
+    first.close()
+    reordered.close()
+
+
+@pytest.mark.parametrize("bad", [dict(tau=float("inf")), dict(tau=float("nan")), dict(k=True), dict(key_dim=True),
+                                 dict(learnable_tau="no"), dict(label_vote=1), dict(class_names="abcde"),
+                                 dict(class_names=["a", "a", "b", "c", "d"]), dict(mlp_ratio=float("nan")),
+                                 dict(mlp_ratio="2"), dict(dropout="0.1"), dict(dropout=1.0)],
+                         ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))!r}")
+def test_head_config_refuses_odd_values_naming_them(bad):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=f"HeadConfig.{name}") as e:
+        make_config(**bad)
+    assert repr(value) in str(e.value) or name == "class_names"
+
+
+def test_given_neighbours_with_labels_outside_the_heads_classes_are_refused(seed):
+    head = RetrievalHead(make_config(label_vote=True))
+    nb = neighbors()
+    nb = Neighbors(ids=nb.ids, scores=nb.scores, mask=nb.mask, image=nb.image, text=nb.text,
+                   labels=torch.full_like(nb.labels, C))
+    with pytest.raises(ValueError, match=f"neighbour label {C} is not a class of this head \\(labels 0..{C - 1}"):
+        head(torch.randn(2, DQ), neighbors=nb)

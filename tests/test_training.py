@@ -392,3 +392,42 @@ def test_stratified_folds_spread_rare_classes():
         per = torch.bincount(fold[labels == c], minlength=5)
         assert int(per.max() - per.min()) <= 1
     assert torch.equal(fold, stratified_folds(labels, 5, seed=0))  # seeded
+
+
+def test_resume_refuses_other_settings_but_allows_more_epochs(data, real, tmp_path):
+    """train(resume=True) with another batch size and lr continued silently: the saved step was past the new
+    epoch's end, so it ran 0 steps. Settings that change the run are refused by name; more epochs continue."""
+    import dataclasses
+
+    train_fs, _, _ = data
+    train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path)
+    with pytest.raises(RetrofitError, match=r"trained with batch_size=50, lr=0\.003, this run asks for batch_size=64, "
+                                            r"lr=0\.5"):
+        train(_head(), train_fs, _cfg(epochs=1, batch_size=64, lr=0.5), store=real["store"], out_dir=tmp_path,
+              resume=True)
+    more = dataclasses.replace(_cfg(epochs=2), progress=False, log_every=7, device="cpu")
+    res = train(_head(), train_fs, more, store=real["store"], out_dir=tmp_path, resume=True)
+    assert len(res.history) == 2 and len(res.step_losses) == 4  # the second epoch's 4 steps
+
+
+def test_validation_features_must_match_the_training_features_host_logits(data, real):
+    """Training features with host logits and validation features without them scored the head without the host
+    (val_top1 far below the model's): refused, saying what to give."""
+    train_fs, val_fs, _ = data
+    bare = FeatureSet(z=val_fs.z, labels=val_fs.labels, neighbor_ids=val_fs.neighbor_ids,
+                      neighbor_scores=val_fs.neighbor_scores, neighbor_labels=val_fs.neighbor_labels)
+    with pytest.raises(ValueError, match="training features carry host logits but the validation features do not"):
+        train(_head(), train_fs, _cfg(epochs=1), store=real["store"], val_features=bare)
+
+
+def test_train_host_trains_a_host_that_wrap_froze(data, real):
+    """train(train_host=True, host_classifier=...) after retrofit.wrap (which freezes the host): the host's
+    parameters had requires_grad=False, got no gradient and never changed. They train, and are frozen again after."""
+    train_fs, _, probe = data
+    host = torch.nn.Linear(512, 10)
+    host.load_state_dict(probe.state_dict())
+    host.requires_grad_(False)  # as wrap leaves it
+    before = host.weight.detach().clone()
+    train(_head(), train_fs, _cfg(epochs=1, train_host=True), store=real["store"], host_classifier=host)
+    assert not torch.equal(host.weight, before)
+    assert not host.weight.requires_grad and not host.bias.requires_grad

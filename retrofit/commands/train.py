@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retrofit.commands import guarded
+from retrofit.train_checkpoint import RESUME_FREE
 
 RUN_FILE = "run.json"  # what `retrofit train` records in its output directory for eval / predict
 
@@ -232,7 +233,7 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
     diff = [k for k in keys if k in old and old[k] != run[k]]
     cfg_old, cfg_new = old.get("config", {}), run["config"]
     diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
-             and k not in ("progress", "device", "epochs")]  # more epochs or another device: a fine continuation
+             and k not in RESUME_FREE]  # more epochs or another device: a fine continuation
     if diff:
         detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(run, k)!r}" for k in diff)
         raise ValueError(f"--resume: {out} was trained with other settings ({detail}); resume with the same "
