@@ -31,6 +31,16 @@ def _as_2d(name: str, x: Any, n: int | None, dim: int) -> np.ndarray:
     return a
 
 
+def check_meta(meta: Any, what: str) -> None:
+    """``meta`` must be a dict that JSON stores as it is: NaN / inf would make ``kb info --json`` invalid JSON."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what} must be a dict, got {type(meta).__name__}")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serialisable without NaN / inf ({e}); nothing was written") from None
+
+
 class KBWriteMixin:
     """Write-side methods of ``KnowledgeBase``."""
 
@@ -56,7 +66,7 @@ class KBWriteMixin:
             raise ValueError("add() got an empty batch (0 records); nothing was added")
         im = _as_2d("image", image, n, self.image_dim)  # (N, Di)
         tx = _as_2d("text", text, n, self.text_dim)  # (N, Dt)
-        norms = np.linalg.norm(k, axis=1, keepdims=True)
+        norms = np.linalg.norm(k.astype(np.float64), axis=1, keepdims=True)  # float64: large float32 keys overflow
         if (norms == 0).any():
             raise ValueError(f"keys has {int((norms == 0).sum())} all-zero rows, which cannot be normalised")
         if labels is None:
@@ -80,14 +90,13 @@ class KBWriteMixin:
             odd = next((s for s in lst if s is not None and not isinstance(s, str)), None)
             if odd is not None:
                 raise ValueError(f"{name} must hold strings (or None), got a {type(odd).__name__}: {odd!r:.60}")
-        texts = list(zip(captions or [None] * n, sources or [None] * n))
+        texts = list(zip(captions if captions is not None else [None] * n,
+                         sources if sources is not None else [None] * n))  # (arrays / Series have no truth value)
         if meta is not None:
-            if not isinstance(meta, dict):
-                raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
-            json.dumps(meta)
+            check_meta(meta, "meta")
         dt = self._rec.np_dtype
         with np.errstate(over="ignore"):
-            rows = np.concatenate([k / norms, im, tx], axis=1).astype(dt)  # (N, Dk+Di+Dt)
+            rows = np.concatenate([(k / norms).astype(np.float32), im, tx], axis=1).astype(dt)  # (N, Dk+Di+Dt)
         if not np.isfinite(rows).all():
             raise ValueError(f"values exceed the {dt.name} range (max {np.finfo(dt).max:g}); nothing was added")
         with self._rec.env.begin(write=True) as txn:
@@ -108,7 +117,7 @@ class KBWriteMixin:
     def update_meta(self, meta: dict[str, Any]) -> None:
         """Merge ``meta`` into :attr:`user_meta` (one transaction)."""
         self._check_writable()
-        json.dumps(meta)
+        check_meta(meta, "meta")
         with self._rec.env.begin(write=True) as txn:
             m = self._rec.read_meta(txn)
             m["user_meta"].update(meta)

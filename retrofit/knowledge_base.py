@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
+import numbers
 import os
 import time
 import uuid
@@ -58,7 +58,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
 
     def __init__(self, path: str | os.PathLike, readonly: bool = True, _create: dict[str, Any] | None = None,
                  _records_only: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # a later os.chdir must not move the handle to another directory
         self.readonly = readonly
         self._records_only = _records_only  # verify_path(): the records and index.json, never the index itself
         self._lock_fd: int | None = None
@@ -98,7 +98,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         """Create an empty knowledge base in the new or empty directory ``path``; returns it open for writing."""
         path = Path(path)
         for n, v in (("key_dim", key_dim), ("image_dim", image_dim), ("text_dim", text_dim)):
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -119,12 +119,15 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         if chunk_records is None:
             itemsize = np.dtype(_DTYPES[dtype]).itemsize
             chunk_records = max(16, _CHUNK_BYTES // ((key_dim + image_dim + text_dim) * itemsize))
-        if not isinstance(chunk_records, int) or chunk_records <= 0:
+        if not isinstance(chunk_records, int) or isinstance(chunk_records, bool) or chunk_records <= 0:
             raise ValueError(f"chunk_records must be a positive int, got {chunk_records!r}")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
-        json.dumps(user_meta or {})
-        (path / "records").mkdir(parents=True, exist_ok=True)
+        if user_meta is not None:
+            from retrofit.kb_write import check_meta
+
+            check_meta(user_meta, "user_meta")
+        (path / "records").mkdir(parents=True, exist_ok=True)  # after every check: a refused create leaves nothing
         meta = {
             "schema_version": SCHEMA_VERSION, "uuid": uuid.uuid4().hex, "created": time.time(),
             "key_dim": key_dim, "image_dim": image_dim, "text_dim": text_dim, "dtype": dtype,
@@ -153,13 +156,21 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             return kb.verify()
 
     def _take_writer_lock(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path / "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path / "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only file system or directory: PermissionError, EROFS
+            raise KnowledgeBaseError(f"{self.path} cannot be opened for writing ({e.strerror}): it is on a read-only "
+                                     "file system or not writable by this user; open it read-only "
+                                     "(KnowledgeBase.open(path), `retrofit kb info|query|verify|copy`)") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise KnowledgeBaseError(f"{self.path} is already open for writing in this process (one writer at a "
+                                         "time): use that handle, or close it first") from e
             who = f" (process {holder})" if holder.isdigit() else ""
             raise KnowledgeBaseError(f"{self.path} is open for writing in another process{who} (one writer at a "
                                      "time); wait for it to finish, or only read it: KnowledgeBase.open(path) "
@@ -311,9 +322,9 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"ef_search must be a positive int, got {value!r}")
-        self._ef = value
+        self._ef = int(value)
 
     def __len__(self) -> int:
         return int(self._meta["count"])
@@ -330,10 +341,19 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         if not self.readonly:
             return False
         old_gen, old_file = self.generation, self._state.file
-        self._view = None  # points into the snapshot: drop it before the transaction ends
-        self._snap.abort()
+        before = dict(vars(self))  # the handle as it is: restored when the new generation cannot be loaded
+        rec_meta = self._rec.meta
+        self._view = None  # points into the old snapshot, which stays open until the new one has loaded
         self._snap = None
-        self._load_retrying()
+        try:
+            self._load_retrying()
+        except BaseException:
+            if self._snap is not None:
+                self._snap.abort()
+            self.__dict__.update(before)  # still on the old snapshot: searches keep answering from it
+            self._rec.meta = rec_meta
+            raise
+        before["_snap"].abort()
         changed = self.generation != old_gen or self._state.file != old_file
         return changed
 

@@ -212,8 +212,10 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
               "data": _data_digest(source), "n": len(source), "labels": hashlib.sha1(str(labels).encode()).hexdigest()}
     nparts = None
     if kb is not None:
+        where = getattr(kb, "path", None)  # copies of a KB (cp -r, kb copy) share its uuid, then diverge
         nparts = {"kb": kb.fingerprint, "uuid": getattr(kb, "info", lambda: {})().get("uuid"), "len": len(kb),
-                  "generation": kb.generation, "k": k, "exclude_self": exclude_self}
+                  "generation": kb.generation, "k": k, "exclude_self": exclude_self,
+                  "path": str(Path(where).resolve()) if where is not None else None}
     if live:
         fs = compute() if cache_dir is None else FeatureCache(cache_dir).get_or_compute(name, fparts, compute)
         fs = exclusions(fs) if kb is not None else fs

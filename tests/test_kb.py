@@ -366,3 +366,114 @@ def test_models_holding_a_kb_deepcopy_and_pickle(tmp_path):
     kb.close()
     with pytest.raises(KnowledgeBaseError, match="closed"):
         pickle.dumps(kb)
+
+
+def test_hnsw_search_after_most_records_are_deleted_still_finds_k(tmp_path, caplog):
+    """Tombstones stay in the HNSW graph until compact(): they took the search's candidate slots, so with 90 %
+    deleted a k = 32 search returned 10-16 live neighbours (recall 0.44). efSearch now widens with the deleted
+    share, and a warning says to compact."""
+    n = 3000
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, index="hnsw", hnsw_m=16)
+    keys = clustered(n, DK, 20, 0)
+    kb.add(keys, torch.zeros(n, DI), torch.zeros(n, DT))
+    dead = np.flatnonzero(np.random.default_rng(0).random(n) < 0.9)
+    kb.delete(dead.tolist())
+    q = clustered(50, DK, 20, 0) + 0.1 * torch.randn(50, DK, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING"):
+        nb = kb.search(q, 32)
+    assert bool(nb.mask.all())  # k live neighbours for every query (~300 are live)
+    truth = brute(kb, q, 32, dead=set(dead.tolist()))
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 32 for a, b in zip(nb.ids, truth)])
+    assert recall >= 0.9, recall
+    assert any("deleted records" in r.message and "kb compact" in r.message for r in caplog.records)
+    kb.close()
+
+
+def test_a_failed_refresh_keeps_the_reader_on_its_snapshot(tmp_path):
+    """refresh() that cannot load the new generation (a damaged index.json) left the reader answering every search
+    with nothing; it now raises and keeps the handle on its old snapshot."""
+    w, keys = make(tmp_path / "kb", n=50)
+    w.close()
+    r = KnowledgeBase.open(tmp_path / "kb")
+    want = r.search(keys[:3], 5)
+    (tmp_path / "kb" / "index.json").write_text("{damaged")
+    with pytest.raises(CorruptKnowledgeBaseError, match="index.json is damaged"):
+        r.refresh()
+    got = r.search(keys[:3], 5)
+    assert len(r) == 50 and torch.equal(got.ids, want.ids) and bool(got.mask.all())
+    r.close()
+
+
+def test_a_handle_opened_by_a_relative_path_survives_chdir(tmp_path, monkeypatch):
+    """The path was resolved against the working directory at every use: after os.chdir the writer's close()
+    wrote its index into whatever ./kb was there (another KB's readers were then refused)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    other, _ = make("kb", n=10, seed=1)  # another KB under the same relative name
+    other.close()
+    monkeypatch.chdir(tmp_path / "a")
+    w, keys = make("kb", n=30)
+    monkeypatch.chdir(tmp_path / "b")
+    w.add(keys[:5] + 0.01, torch.zeros(5, DI), torch.zeros(5, DT))
+    w.close()
+    for d, n in (("a", 35), ("b", 10)):
+        with KnowledgeBase.open(tmp_path / d / "kb") as kb:
+            assert len(kb) == n and kb.verify()["ok"]
+
+
+def test_large_finite_keys_are_normalised_not_zeroed(tmp_path):
+    kb, _ = make(tmp_path / "kb", n=20)
+    big = torch.full((1, DK), 1e20)  # finite in float32, its squared norm is not
+    (i,) = kb.add(big, torch.zeros(1, DI), torch.zeros(1, DT)).tolist()
+    assert abs(float(kb.vectors([i], "key").norm()) - 1.0) < 1e-3
+    assert kb.search(big, 1).ids.tolist() == [[i]] and kb.verify()["ok"]
+    kb.close()
+
+
+def test_refused_create_leaves_nothing_and_bad_meta_is_named(tmp_path):
+    with pytest.raises(ValueError, match="key_dim must be a positive int, got True"):
+        KnowledgeBase.create(tmp_path / "a", True, DI, DT)
+    with pytest.raises(ValueError, match="user_meta must be a dict"):
+        KnowledgeBase.create(tmp_path / "b", DK, DI, DT, user_meta=[("x", 1)])
+    with pytest.raises(ValueError, match="user_meta must be JSON-serialisable without NaN"):
+        KnowledgeBase.create(tmp_path / "c", DK, DI, DT, user_meta={"loss": float("nan")})
+    assert not any((tmp_path / d).exists() for d in "abc")  # a corrected retry is not refused
+    kb, keys = make(tmp_path / "a", n=5)
+    with pytest.raises(ValueError, match="meta must be JSON-serialisable without NaN"):
+        kb.update_meta({"lr": float("inf")})
+    with pytest.raises(ValueError, match="meta must be JSON-serialisable"):
+        kb.add(keys[:1], torch.zeros(1, DI), torch.zeros(1, DT), meta={"x": float("nan")})
+    assert len(kb) == 5 and kb.user_meta == {}
+    kb.close()
+
+
+def test_captions_as_an_array_and_a_second_writer_in_the_same_process(tmp_path):
+    kb, keys = make(tmp_path / "kb", n=5)
+    ids = kb.add(keys[:3], torch.zeros(3, DI), torch.zeros(3, DT), captions=np.array(["x", "y", "z"]).tolist(),
+                 sources=np.array(["s0", "s1", "s2"], dtype=object))  # numpy / pandas columns have no truth value
+    assert [r["source"] for r in kb.get(ids)] == ["s0", "s1", "s2"]
+    with pytest.raises(KnowledgeBaseError, match="already open for writing in this process"):
+        KnowledgeBase.open(tmp_path / "kb", readonly=False)
+    kb.ef_search = np.int64(64)  # numpy ints are ints
+    with pytest.raises(ValueError, match="ef_search must be a positive int, got True"):
+        kb.ef_search = True
+    kb.close()
+
+
+def test_a_kb_that_cannot_be_written_says_so(tmp_path, monkeypatch):
+    make(tmp_path / "kb", n=5)[0].close()
+    real_open = os.open
+
+    def read_only_fs(path, flags, *a):
+        if str(path).endswith("writer.lock"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only_fs)
+    with pytest.raises(KnowledgeBaseError, match="cannot be opened for writing .*Read-only file system.*open it "
+                                                 "read-only"):
+        KnowledgeBase.open(tmp_path / "kb", readonly=False)
+    monkeypatch.undo()
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        assert len(kb) == 5

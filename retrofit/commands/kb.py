@@ -92,17 +92,26 @@ def _load_vectors(path: str):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"vector file {p} does not exist")
-    if p.suffix == ".npy":
-        x = torch.from_numpy(np.load(p, allow_pickle=False))
-    elif p.suffix in (".pt", ".pth"):
-        x = torch.load(p, map_location="cpu", weights_only=True)
-    elif p.suffix == ".json":
-        x = torch.tensor(json.loads(p.read_text()), dtype=torch.float32)
-    else:
+    want = "one float array of query vectors, shape (B, D) or (D,)"
+    if p.suffix not in (".npy", ".pt", ".pth", ".json"):
         raise ValueError(f"vector file must be .npy, .pt or .json, got {p.name!r}")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{p} must hold one tensor of query vectors (B, D) or (D,)")
-    return x.float().reshape(-1, x.shape[-1]) if x.dim() <= 2 else x.float().flatten(0, -2)
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"it holds {a.dtype} values")
+            x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        elif p.suffix in (".pt", ".pth"):
+            x = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            x = torch.tensor(json.loads(p.read_text()), dtype=torch.float32)
+    except Exception as e:  # unreadable, not numbers, ragged: the file is not what --vectors takes
+        raise ValueError(f"--vectors {p}: cannot read {want} ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"--vectors {p} must hold {want}, got {type(x).__name__}")
+    if x.dim() not in (1, 2) or x.numel() == 0:
+        raise ValueError(f"--vectors {p} must hold {want}, got shape {tuple(x.shape)}")
+    return x.float().reshape(-1, x.shape[-1])
 
 
 @guarded(also=(KeyError,))
@@ -113,7 +122,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         return _fail("give exactly one of --ids or --vectors")
     with _open(args.path) as kb:
         if args.ids is not None:
-            ids = torch.tensor(_parse_ids([args.ids], "--ids"))
+            parsed = _parse_ids([args.ids], "--ids", kb.info()["next_id"])
+            if not parsed:
+                return _fail("--ids: no ids given")
+            ids = torch.tensor(parsed)
             queries = kb.vectors(ids, "key")
             exclude = ids[:, None]  # a record is not its own neighbour
             names = [f"id {i}" for i in ids.tolist()]
@@ -148,8 +160,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_ids(parts: list[str], what: str) -> list[int]:
-    """Record ids from arguments like ``3 4,5 10-20`` (ranges inclusive); a clear error for anything else."""
+def _parse_ids(parts: list[str], what: str, upto: int | None = None) -> list[int]:
+    """Record ids from arguments like ``3 4,5 10-20`` (ranges inclusive); a clear error for anything else.
+    ``upto``: the KB's next id; a range reaching past it is refused before it is expanded (``0-30000000000``
+    would take all memory)."""
     ids: list[int] = []
     for part in parts:
         for s in part.split(","):
@@ -162,10 +176,15 @@ def _parse_ids(parts: list[str], what: str) -> list[int]:
                     a, b = int(lo), int(hi)
                     if b < a:
                         raise ValueError
+                    if upto is not None and b >= upto:
+                        raise ValueError(f"{what}: range {s} reaches id {b}, but the knowledge base's ids end at "
+                                         f"{upto - 1}") from None
                     ids.extend(range(a, b + 1))
                 else:
                     ids.append(int(s))
-            except ValueError:
+            except ValueError as e:
+                if str(e).startswith(what):
+                    raise
                 raise ValueError(f"{what}: {s!r} is not a record id or range; give integers or ranges, e.g. "
                                  "3,4,5 or 1488-1859") from None
     return ids
@@ -173,10 +192,10 @@ def _parse_ids(parts: list[str], what: str) -> list[int]:
 
 @guarded(also=(KeyError,))
 def cmd_delete(args: argparse.Namespace) -> int:
-    ids = _parse_ids(args.ids, "ids")
-    if not ids:
-        return _fail("no ids given")
     with _open(args.path, readonly=False) as kb:
+        ids = _parse_ids(args.ids, "ids", kb.info()["next_id"])
+        if not ids:
+            return _fail("no ids given")
         kb.delete(ids)
         print(f"deleted {len(set(ids))} records; {len(kb)} live. Run `retrofit kb compact {args.path}` to "
               "rebuild the index without them.")
