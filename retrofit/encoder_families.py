@@ -179,6 +179,9 @@ def _torchvision_encoder(spec: str, name: str, weights: str | None) -> ImageEnco
         tag, tf = file_digest(path), None
     else:
         enum = tvm.get_model_weights(name)
+        if weights and weights not in enum.__members__:
+            raise ValueError(f"unknown torchvision weights {weights!r} in {spec!r}; allowed: "
+                             f"{sorted(enum.__members__)}, 'random', or a local checkpoint path")
         w = enum.DEFAULT if not weights else enum[weights]
         try:
             model = tvm.get_model(name, weights=w)
@@ -245,6 +248,8 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
         s = int(size) if size else 64
     except ValueError:
         raise ValueError(f"darknet-tiny takes an input size, e.g. darknet-tiny@64, got {spec!r}") from None
+    if s < 32:  # five 2x poolings: smaller inputs leave nothing to pool (and 0 fell back to 64 px unnoticed)
+        raise ValueError(f"darknet-tiny input size must be at least 32 px, got {s} in {spec!r}")
     model = dk.darknet_tiny(pretrained=True).eval()
 
     def embed(x: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,16 @@ class BuildConfig:
         if not -1.0 <= self.caption_min_similarity <= 1.0:
             raise ValueError("BuildConfig.caption_min_similarity is a cosine in [-1, 1], "
                              f"got {self.caption_min_similarity}")
+        import torch
+
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"BuildConfig.device {self.device!r} is not a device (CLI --device); e.g. 'cpu', "
+                             "'cuda', 'cuda:1'") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"BuildConfig.device={self.device!r} (CLI --device) but CUDA is not available here; use "
+                             "'cpu'")
         if self.dtype not in ("float16", "float32"):  # what KnowledgeBase.create stores
             raise ValueError(f"BuildConfig.dtype must be float16 or float32, got {self.dtype!r}")
         from retrofit.kb_index import IndexConfig
@@ -202,8 +212,15 @@ def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: Text
                            min_similarity=cfg.caption_min_similarity)
 
 
-def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class_names: list[str] | None) -> str:
-    ident = {"mode": mode, "source": src.describe(), "fingerprint": fp.to_dict(), "dedup": cfg.dedup,
+def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class_names: list[str] | None,
+              resolved: bool = True) -> str:
+    """The identity of a build (resumed when it matches). ``resolved``: the source's paths made absolute, so
+    ``./shard.tar`` and ``/abs/shard.tar`` resume the same build; ``False``: the id builds made before
+    23 Nov 2026 recorded (the paths as given), still recognised."""
+    where = src.describe()
+    if resolved:
+        where["location"] = ",".join(str(Path(p).resolve()) for p in src.location.split(","))
+    ident = {"mode": mode, "source": where, "fingerprint": fp.to_dict(), "dedup": cfg.dedup,
              "near_dup": cfg.near_dup, "require_caption": cfg.require_caption, "class_names": class_names}
     if cfg.caption_labels:  # only then: ids of builds made before the option existed stay the same (resume)
         ident["caption_labels"] = [cfg.class_synonyms, cfg.class_descriptions, cfg.caption_min_similarity]
@@ -263,6 +280,9 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     state = _fresh_state()
     if exists:
         with KnowledgeBase.open(path) as kb:
+            legacy = _build_id(mode, src, cfg, fp, class_names, resolved=False)
+            if meta_key not in kb.user_meta and _META_PREFIX + legacy in kb.user_meta:  # recorded before 23 Nov
+                build_id, meta_key = legacy, _META_PREFIX + legacy
             for part in ("key", "image", "text"):
                 _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}), mode,
                                from_record)

@@ -13,8 +13,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import tarfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,15 +81,17 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
     to :mod:`tarfile`.
     """
     out: list[tuple[str, int, int]] = []
+    total = path.stat().st_size
     with open(path, "rb") as f:
         pos = 0
         while True:
             f.seek(pos)
             h = f.read(512)
             if len(h) < 512 or h == b"\0" * 512:
-                return out
+                return _checked_members(path, out, pos, total)
             kind = h[156:157]
-            if kind not in (b"0", b"\0", b"5") or h[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+            if (kind not in (b"0", b"\0", b"5") or h[257:262] not in (b"ustar", b"\0\0\0\0\0")
+                    or not _header_ok(h)):
                 break  # not a plain header: let tarfile handle the whole archive
             name = h[0:100].split(b"\0", 1)[0].decode()
             prefix = h[345:500].split(b"\0", 1)[0].decode() if h[257:262] == b"ustar" else ""
@@ -95,8 +99,40 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
             if kind != b"5":
                 out.append((f"{prefix}/{name}" if prefix else name, pos + 512, size))
             pos += 512 + (size + 511) // 512 * 512
-    with tarfile.open(path) as tf:
-        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    try:
+        with tarfile.open(path, "r:") as tf:  # shards are plain tar
+            members = tf.getmembers()  # stops silently at a damaged header: the end check below catches it
+    except tarfile.TarError as e:
+        raise ValueError(f"shard {path} is not a readable tar file ({e})") from None
+    end = max((m.offset_data + (m.size + 511) // 512 * 512 for m in members), default=0)
+    return _checked_members(path, [(m.name, m.offset_data, m.size) for m in members if m.isfile()], end, total)
+
+
+def _header_ok(h: bytes) -> bool:
+    """The tar header checksum: the sum of its bytes with the checksum field read as spaces."""
+    try:
+        want = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return want == sum(h[:148]) + 8 * 32 + sum(h[156:])
+
+
+def _checked_members(path: Path, out: list[tuple[str, int, int]], end: int, total: int
+                     ) -> list[tuple[str, int, int]]:
+    """Refuse a truncated or damaged shard instead of building from part of it: every member must lie inside the
+    file, and what follows the last member may only be the zero blocks that end an archive."""
+    for name, off, size in out:
+        if off + size > total:
+            raise ValueError(f"shard {path} is truncated: member {name!r} needs bytes {off}..{off + size} but the file "
+                             f"has {total}; copy or download it again")
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(min(max(total - end, 0), 1 << 20))
+    if tail.strip(b"\0"):
+        at = end + len(tail) - len(tail.lstrip(b"\0"))
+        raise ValueError(f"shard {path} is damaged: unreadable tar data at byte {at} after {len(out)} members; "
+                         "copy or download it again")
+    return out
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -143,9 +179,32 @@ def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | Non
     if class_names is None:
         cj = paths[0].parent / "classes.json"
         if cj.is_file():
-            meta = json.loads(cj.read_text())
-            class_names = list(meta["classes"] if isinstance(meta, dict) else meta)
+            class_names = read_class_names(cj)
     return Source("webdataset", ",".join(patterns), refs, class_names)
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names from a JSON file: a list of names, ``{"classes": [...]}``, or an index map ``{"0": name}`` /
+    ``{"0": [wnid, name]}`` (ImageNet's class index); a text file: one name per line."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if Path(path).suffix.lower() != ".json":
+        return [x.strip() for x in text.splitlines() if x.strip()]
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"class names file {path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("classes"), list):
+        data = data["classes"]
+    elif isinstance(data, dict) and data and all(re.fullmatch(r"\d+", str(k)) for k in data):
+        idx = sorted(int(k) for k in data)
+        if idx != list(range(len(idx))):
+            raise ValueError(f"class names file {path}: its indices are not 0..{len(idx) - 1}")
+        data = [data[str(i)] if str(i) in data else data[i] for i in idx]
+        data = [v[-1] if isinstance(v, list) and v else v for v in data]
+    if not isinstance(data, list) or not data or not all(isinstance(n, str) for n in data):
+        raise ValueError(f"class names file {path} must hold a list of names, {{\"classes\": [...]}} or an index map "
+                         "{\"0\": name}")
+    return list(data)
 
 
 # ----------------------------------------------------------------------------------------------- ImageFolder
@@ -160,12 +219,19 @@ def imagefolder_source(root: str | Path, templates: Sequence[str] = DEFAULT_TEMP
         raise FileNotFoundError(f"ImageFolder root {str(root)!r} is not a directory")
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"caption templates must each contain '{{}}' for the class name, got {list(templates)!r}")
+    for t in templates:
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError):
+            raise ValueError(f"caption template {t!r} must hold exactly one '{{}}' (the class name) and no other "
+                             "braces") from None
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"ImageFolder root {str(root)!r} has no class sub-folders")
     refs = []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in _FOLDER_EXTS and p.is_file())
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in _FOLDER_EXTS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root / name).parts))  # ._x.jpg
         for i, p in enumerate(files):
             caption = templates[i % len(templates)].format(name.replace("_", " "))
             refs.append(SampleRef(str(p.relative_to(root)), str(p), caption, c))
@@ -178,16 +244,20 @@ def imagefolder_source(root: str | Path, templates: Sequence[str] = DEFAULT_TEMP
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv" or suffix == ".tsv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError as e:
                     raise ValueError(f"{path}:{n} is not valid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n} must be a JSON object with the columns as keys, got "
+                                     f"{type(row).__name__}")
+                rows.append(row)
         return rows
     if suffix == ".parquet":
         pq = require("pyarrow.parquet", "Parquet manifests")
@@ -206,6 +276,8 @@ def manifest_source(path: str | Path, image_col: str = "image", caption_col: str
     base = Path(root) if root is not None else path.parent
     if rows and image_col not in rows[0]:
         raise ValueError(f"manifest {str(path)!r} has no {image_col!r} column; columns: {sorted(rows[0])}")
+    if rows and label_col != "label" and not any(label_col in r for r in rows):
+        raise ValueError(f"manifest {str(path)!r} has no {label_col!r} column; columns: {sorted(rows[0])}")
     refs = []
     for n, row in enumerate(rows):
         img = row.get(image_col)
@@ -213,9 +285,14 @@ def manifest_source(path: str | Path, image_col: str = "image", caption_col: str
         cap = row.get(caption_col)
         raw = row.get(label_col)
         label: int | str | None
-        if raw is None or raw == "":
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)  # JSON / Parquet integer columns with gaps come as floats
+        if raw is None or raw == "" or (isinstance(raw, float) and math.isnan(raw)):
             label = None
-        elif isinstance(raw, int) or (isinstance(raw, str) and re.fullmatch(r"-?\d+", raw.strip())):
+        elif isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise ValueError(f"manifest {str(path)!r} row {n + 1}: label {raw!r} must be a class index or a class "
+                             "name")
+        elif isinstance(raw, int) or re.fullmatch(r"-?\d+", raw.strip()):
             label = int(raw)
         else:
             label = str(raw)
@@ -248,7 +325,8 @@ def open_source(spec: str | Path, **kwargs: Any) -> Source:
 
 
 def _norm(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
+    """Case, underscores, spaces and Unicode composition folded (macOS writes 'café' decomposed)."""
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").lower().split())
 
 
 def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int], list[str] | None]:
@@ -262,9 +340,13 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
         lookup = {_norm(n): i for i, n in enumerate(names or [])}
         out, bad = [], set()
         for r in source.refs:
-            if r.label is None:
+            if r.label is None or r.label == -1:
                 out.append(-1)
             elif isinstance(r.label, int):
+                if r.label < 0 or (names is not None and r.label >= len(names)):
+                    raise ValueError(f"sample {r.key} of {source.location} has label {r.label}; allowed: -1 (unknown) "
+                                     f"or 0..{len(names) - 1 if names is not None else 'C-1'}"
+                                     + (f" ({len(names)} classes in the data's class list)" if names else ""))
                 out.append(r.label)
             elif _norm(r.label) in lookup:
                 out.append(lookup[_norm(r.label)])
@@ -280,7 +362,7 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
     out, bad = [], set()
     for r in source.refs:
         lab = r.label
-        if lab is None:
+        if lab is None or lab == -1:  # -1: unknown, as without a class list
             out.append(-1)
             continue
         if isinstance(lab, int):
@@ -309,6 +391,21 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
 
 
 # ----------------------------------------------------------------------------------------------- decoding
+
+
+def _to_rgb(im: Any) -> Any:
+    """RGB for the encoders. 16-bit and 32-bit greyscale (PNG ``I;16``, TIFF ``I`` / ``F``) are scaled to 8 bits
+    first: PIL's convert("RGB") clips them, so a 16-bit photo came out all white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+        from PIL import Image
+
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255) else 255.0
+        if im.mode == "F" and a.max(initial=0) <= 1.0:
+            hi = 1.0
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 class DecodeDataset(torch.utils.data.Dataset):
@@ -352,7 +449,7 @@ class DecodeDataset(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                x = self.preprocess(im.convert("RGB"))
+                x = self.preprocess(_to_rgb(im))
         except Exception as e:  # any decoder failure is bad data: reported, never fatal
             return i, None, digest, f"undecodable image: {type(e).__name__}: {e}"
         return i, x, digest, None

@@ -555,3 +555,32 @@ def test_merge_keeps_the_first_inputs_storage_and_index_settings(tmp_path):
         assert len(m) == 80 and m.info()["dtype"] == "float32" and m.info()["index"]["kind"] == "hnsw"
         assert m.info()["index"]["config"] == a.info()["index"]["config"]
         assert torch.equal(m.vectors([0, 1], "image"), a.vectors([0, 1], "image"))  # float32 kept exactly
+
+
+def test_a_build_is_the_same_build_however_its_source_path_is_spelled(
+        tmp_path, mini_samples, cifar_classes, encoders, monkeypatch):  # noqa: F811
+    """Re-running (or resuming) a build as ./x.tar, /abs/x.tar or from another directory was refused as 'built from
+    other data'; the build id now holds the resolved paths (ids recorded before still match)."""
+    from retrofit import ingest
+
+    write_shard(tmp_path / "a.tar", mini_samples[0:40:4])
+    kw = dict(**encoders, **FAST, class_names=cifar_classes)
+    monkeypatch.chdir(tmp_path)
+    first = build_kb("./a.tar", "kb", **kw)
+    assert first.written == 10
+    again = build_kb(str(tmp_path / "a.tar"), tmp_path / "kb", **kw, commit_every=1000)
+    assert again.encode_s == 0.0 and again.written == 10  # already complete: nothing encoded
+    # a KB whose build was recorded under the old id (the path as given) is still recognised
+    real_id = ingest._build_id
+    monkeypatch.setattr(ingest, "_build_id", lambda *a, resolved=True: real_id(*a, resolved=False))
+    build_kb("./a.tar", "kb_old", **kw)
+    monkeypatch.setattr(ingest, "_build_id", real_id)
+    with KnowledgeBase.open(tmp_path / "kb_old") as kb:
+        (key,) = [k for k in kb.user_meta if k.startswith(ingest._META_PREFIX)]
+    cfg = ingest._config(None, {**FAST, "class_names": cifar_classes})
+    with KnowledgeBase.open(tmp_path / "kb_old") as kb:
+        fp = kb.fingerprint
+    src = ingest.open_source("./a.tar")
+    assert key != ingest._META_PREFIX + real_id("build", src, cfg, fp, cifar_classes)  # recorded the old way
+    old = build_kb("./a.tar", "kb_old", **kw, commit_every=1000)
+    assert old.encode_s == 0.0 and old.written == 10

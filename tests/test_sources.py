@@ -228,3 +228,126 @@ def test_decoding_runs_in_workers_and_reports_bad_data(tmp_path, mini_samples, c
     assert all(errors[s["key"]] is None for s in mini_samples[:5])
     ok_vals = torch.cat([b["images"][:, 0, 0, 0] for b in batches if b["images"] is not None])
     assert set(ok_vals.tolist()) <= {1.0, 2.0} and len(ok_vals) == 5
+
+
+def test_truncated_or_damaged_shards_are_refused(tmp_path, mini_samples):
+    """A shard cut short lost its last samples (and a label: the .cls past the end became 'unknown'), one with a
+    damaged header after the first member lost every later sample, both silently; both are refused now."""
+    good = tmp_path / "good-000.tar"
+    write_shard(good, mini_samples[:10])
+    raw = good.read_bytes()
+    assert len(tar_members(good)) == 30
+    cut = tmp_path / "cut-000.tar"
+    name, off, size = tar_members(good)[20]
+    cut.write_bytes(raw[: off + size // 2])  # inside a member's data (tarfile pads the file with zero records)
+    with pytest.raises(ValueError, match=r"shard .*cut-000\.tar is (truncated|damaged)"):
+        webdataset_source(str(cut))
+    first_end = 512 + (tar_members(good)[0][2] + 511) // 512 * 512
+    junk = tmp_path / "junk-000.tar"
+    junk.write_bytes(raw[:first_end] + bytes(range(256)) * 2 + raw[first_end + 512:])
+    with pytest.raises(ValueError, match=r"shard .*junk-000\.tar is damaged: unreadable tar data at byte"):
+        webdataset_source(str(junk))
+    not_tar = tmp_path / "text-000.tar"
+    not_tar.write_text("these are not the shards you are looking for\n" * 20)
+    with pytest.raises(ValueError, match="is not a readable tar file|is damaged"):
+        webdataset_source(str(not_tar))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, mini_samples):
+    """PIL's convert('RGB') clips 16-bit greyscale at 255: a 16-bit PNG became an all-white image."""
+    import numpy as np
+    from PIL import Image
+
+    from retrofit.sources import SampleRef
+
+    grey = np.asarray(Image.open(io.BytesIO(mini_samples[0]["jpg"])).convert("L"), dtype=np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "a8.png")
+    Image.fromarray((grey * 257).astype(np.uint16)).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    refs = [SampleRef(n, str(tmp_path / f"{n}.png"), None, None) for n in ("a8", "a16")]
+    ds = DecodeDataset(refs, lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)))
+    (_, x8, _, e8), (_, x16, _, e16) = ds[0], ds[1]
+    assert e8 is None and e16 is None
+    assert float((x16 - x8).abs().max()) <= 1.0 and float((x16 == 255).float().mean()) < 0.5
+
+
+def test_manifest_and_label_edge_cases(tmp_path, mini_samples, cifar_classes):
+    """Excel's BOM, integer labels read back as floats, -1 as unknown with a class list, an out-of-range index
+    caught before any work, a non-object JSONL line and a misspelt label column, each named."""
+    from retrofit.sources import SampleRef, Source
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, s in enumerate(mini_samples[:4]):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(s["jpg"])
+        rows.append({"image": f"img/{i}.jpg", "caption": s["caption"] or "x", "label": s["label"]})
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufeffimage,caption,label\n" + "".join(f"{r['image']},cap,{r['label']}\n" for r in rows),
+                   encoding="utf-8")
+    assert [r.label for r in manifest_source(bom).refs] == [r["label"] for r in rows]
+    floats = tmp_path / "floats.jsonl"
+    floats.write_text("".join(json.dumps({**r, "label": float(r["label"])}) + "\n" for r in rows[:3])
+                      + json.dumps({**rows[3], "label": float("nan")}) + "\n")  # NaN: a gap in the column
+    src = manifest_source(floats)
+    assert [r.label for r in src.refs] == [r["label"] for r in rows[:3]] + [None]
+    unknown = Source("manifest", "m", [SampleRef("a", None, "x", -1), SampleRef("b", None, "x", 0)], None)
+    assert map_labels(unknown, cifar_classes)[0] == [-1, 0]
+    wrong = Source("webdataset", "w", [SampleRef("s/k1", None, "x", 0), SampleRef("s/k2", None, "x", 5)], ["a", "b"])
+    with pytest.raises(ValueError, match=r"sample s/k2 of w has label 5; allowed: -1 \(unknown\) or 0..1"):
+        map_labels(wrong, None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + '"just a string"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 must be a JSON object"):
+        manifest_source(bad)
+    with pytest.raises(ValueError, match="has no 'lable' column"):
+        manifest_source(bom, label_col="lable")
+    boolean = tmp_path / "bool.jsonl"
+    boolean.write_text(json.dumps({**rows[0], "label": True}) + "\n")
+    with pytest.raises(ValueError, match="row 1: label True must be a class index or a class name"):
+        manifest_source(boolean)
+
+
+def test_class_lists_templates_and_folder_names(tmp_path, mini_samples):
+    """classes.json as an index map (ImageNet's class index), BOM class files, templates with other braces, NFD
+    folder names matched to NFC class names, hidden files inside class folders."""
+    import unicodedata
+
+    from retrofit.sources import read_class_names
+
+    idx = tmp_path / "index.json"
+    idx.write_text(json.dumps({"1": ["n02", "dog"], "0": ["n01", "cat"]}))
+    assert read_class_names(idx) == ["cat", "dog"]
+    txt = tmp_path / "names.txt"
+    txt.write_text("\ufeffcat\ndog\n", encoding="utf-8")
+    assert read_class_names(txt) == ["cat", "dog"]
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        read_class_names(broken)
+    root = tmp_path / "folder"
+    nfd = unicodedata.normalize("NFD", "café")
+    (root / nfd / ".thumbs").mkdir(parents=True)
+    (root / nfd / "a.jpg").write_bytes(mini_samples[0]["jpg"])
+    (root / nfd / "._a.jpg").write_bytes(b"AppleDouble")
+    (root / nfd / ".thumbs" / "t.jpg").write_bytes(mini_samples[1]["jpg"])
+    src = imagefolder_source(root)
+    assert [r.key for r in src.refs] == [f"{nfd}/a.jpg"]
+    assert map_labels(src, ["café"])[0] == [0]
+    for t in ("a {} and {}", "a {name} photo of {}"):
+        with pytest.raises(ValueError, match="must hold exactly one"):
+            imagefolder_source(root, templates=[t])
+
+
+def test_encoder_specs_and_devices_are_checked_before_work():
+    from retrofit.encoders import load_image_encoder
+    from retrofit.ingest import BuildConfig
+
+    with pytest.raises(ValueError, match="darknet-tiny input size must be at least 32 px, got 0"):
+        load_image_encoder("darknet-tiny@0")
+    with pytest.raises(ValueError, match=r"unknown torchvision weights 'NOPE'.*allowed: \['DEFAULT', 'IMAGENET1K_"):
+        load_image_encoder("torchvision:resnet18@NOPE")
+    with pytest.raises(ValueError, match="'nonsense' is not a device"):
+        BuildConfig(device="nonsense").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            BuildConfig(device="cuda").validate()

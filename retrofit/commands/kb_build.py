@@ -27,11 +27,9 @@ def _classes(value: str | None) -> list[str] | None:
         return None
     p = Path(value)
     if p.is_file():
-        if p.suffix.lower() == ".json":
-            data = json.loads(p.read_text())
-            names = data["classes"] if isinstance(data, dict) else data
-        else:
-            names = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        from retrofit.sources import read_class_names
+
+        names = read_class_names(p)
     elif "," not in value and (p.suffix.lower() in (".json", ".txt", ".csv", ".names") or "/" in value):
         raise FileNotFoundError(f"--classes {value!r}: no such file (give a .json list, a file with one name per "
                                 "line, or a comma list A,B,C)")
