@@ -100,7 +100,9 @@ class HookAdapter(BackboneAdapter):
 
         def grab(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # threads serving one model share its classifier: each forward records only its own thread's call
-            if torch.compiler.is_compiling() or threading.get_ident() == me:  # (compiled: traced inline)
+            # me is None: this forward was compiled, its thread unknown (accept the call; a hook that runs eagerly
+            # inside a compiled host reads its thread id, a graph break there)
+            if me is None or threading.get_ident() == me:
                 captured.append(inputs[0])
                 produced.append(output)
 

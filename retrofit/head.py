@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,10 @@ class HeadConfig:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"HeadConfig.class_names has {len(self.class_names)} names "
                                  f"but num_classes={self.num_classes}")
-            dup = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
-            if dup:
-                raise ValueError(f"HeadConfig.class_names names {dup} more than once; each class needs its own name")
+            dup = sorted(n for n, c in Counter(self.class_names).items() if c > 1)
+            if dup:  # a warning: heads saved before this check may hold such lists (ImageNet has two 'crane's)
+                logger.warning("HeadConfig.class_names names %s more than once: the label vote cannot tell those "
+                               "classes apart by name", dup[:10])
         for n in _FINGERPRINTS:
             v = getattr(self, n)
             if isinstance(v, dict):
@@ -196,8 +198,8 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
 def _reapply_store_prior(head: RetrievalHead, incompatible: Any) -> None:
     """After ``load_state_dict``: a vote balanced by its KB's class counts keeps the attached KB's prior, not the
     one in the loaded state (the KB the weights were trained with)."""
-    if head.vote is not None and head.config.vote_balance and head._store_counts is not None:
-        head.vote.set_label_prior(head._store_counts)
+    if head.vote is not None and head.config.vote_balance and head._store is not None:
+        head.vote.set_label_prior(head._store_counts)  # None (a KB without usable labels): rebalancing off
 
 
 class RetrievalHead(nn.Module):
@@ -271,7 +273,7 @@ class RetrievalHead(nn.Module):
             _check_vote_classes(c, store, labels)
         learned = {f: theirs for f, theirs, _ in pairs if getattr(c, f) is None and theirs is not None}
         names = getattr(store, "class_names", None)
-        if c.class_names is None and names is not None and len(names) == c.num_classes:
+        if c.class_names is None and self.vote is not None and names is not None and len(names) == c.num_classes:
             # saved with the head: a later KB listing the classes in another order is then refused (_check_vote_classes)
             learned["class_names"] = [str(n) for n in names]
         if learned:
@@ -314,7 +316,8 @@ class RetrievalHead(nn.Module):
         p = self.readout.fc.weight
         if neighbors is None:
             neighbors = self.retrieve(z, exclude)  # labels checked at attach()
-        elif self.vote is not None and not torch.compiler.is_compiling() and neighbors.labels.numel():
+        elif (self.vote is not None and neighbors.labels.device.type == "cpu" and neighbors.labels.numel()
+              and not torch.compiler.is_compiling()):  # CPU only: on a GPU the check would sync every forward
             top = int(neighbors.labels.max())  # given neighbours (a cache, another store): the vote indexes by label
             if top >= c.num_classes:
                 raise ValueError(f"neighbour label {top} is not a class of this head (labels 0..{c.num_classes - 1}, "

@@ -114,13 +114,15 @@ class KBSearchMixin:
         import faiss
 
         index = self._main
-        key = (int(index.ntotal), int(self._deleted.size))
-        if getattr(self, "_dead_index", None) is not index or self._dead_key != key:
+        if self._kind() != "hnsw":  # exact search: the selector costs no candidate slots
+            return ef
+        # recounted when the index object or the tombstones change, not on adds (new ids are live): O(N) per delete
+        if getattr(self, "_dead_index", None) is not index or self._dead_key != int(self._deleted.size):
             ids = faiss.vector_to_array(index.id_map)
             self._dead_in_main = int(np.isin(ids, self._deleted, assume_unique=True).sum())
-            self._dead_index, self._dead_key = index, key
+            self._dead_index, self._dead_key = index, int(self._deleted.size)
         dead, n = self._dead_in_main, int(index.ntotal)
-        if not dead or self._kind() != "hnsw":
+        if not dead:
             return ef
         if dead * 2 > n and not getattr(self, "_dead_warned", False):
             self._dead_warned = True

@@ -125,6 +125,9 @@ def _checked_members(path: Path, out: list[tuple[str, int, int]], end: int, tota
         if off + size > total:
             raise ValueError(f"shard {path} is truncated: member {name!r} needs bytes {off}..{off + size} but the file "
                              f"has {total}; copy or download it again")
+    if out and end + 512 > total:  # a tar ends with zero blocks: without them it was cut at a member boundary
+        raise ValueError(f"shard {path} is truncated: it ends after {len(out)} members without the end-of-archive "
+                         "blocks a complete tar has; copy or download it again (or re-create it with tar)")
     with open(path, "rb") as f:
         f.seek(end)
         tail = f.read(min(max(total - end, 0), 1 << 20))
@@ -185,7 +188,7 @@ def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | Non
 
 def read_class_names(path: Path) -> list[str]:
     """Class names from a JSON file: a list of names, ``{"classes": [...]}``, or an index map ``{"0": name}`` /
-    ``{"0": [wnid, name]}`` (ImageNet's class index); a text file: one name per line."""
+    ``{"0": [wnid, name]}`` (ImageNet's class index: the wnids); a text file: one name per line."""
     text = Path(path).read_text(encoding="utf-8-sig")
     if Path(path).suffix.lower() != ".json":
         return [x.strip() for x in text.splitlines() if x.strip()]
@@ -200,7 +203,8 @@ def read_class_names(path: Path) -> list[str]:
         if idx != list(range(len(idx))):
             raise ValueError(f"class names file {path}: its indices are not 0..{len(idx) - 1}")
         data = [data[str(i)] if str(i) in data else data[i] for i in idx]
-        data = [v[-1] if isinstance(v, list) and v else v for v in data]
+        # ImageNet's class index {"0": [wnid, name]}: the wnids, which are unique and name ImageNet's folders
+        data = [v[0] if isinstance(v, list) and v else v for v in data]
     if not isinstance(data, list) or not data or not all(isinstance(n, str) for n in data):
         raise ValueError(f"class names file {path} must hold a list of names, {{\"classes\": [...]}} or an index map "
                          "{\"0\": name}")

@@ -92,10 +92,11 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
 RESUME_FREE = frozenset({"progress", "log_every", "eval_batch_size", "device", "epochs"})
 
 
-def check_resume_config(path: str | Path, config: dict[str, Any]) -> None:
+def check_resume_config(path: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume the checkpoint at ``path`` (if any) with training settings other than its own (except
     :data:`RESUME_FREE`): another batch size, schedule or loss would silently continue a different run (a larger
-    batch size skipped the rest of the epoch). ``config``: ``TrainConfig.to_dict()``."""
+    batch size skipped the rest of the epoch). ``config``: ``TrainConfig.to_dict()``; ``defaults``: the
+    ``TrainConfig()`` defaults, standing in for fields a checkpoint from an older version did not record."""
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")
@@ -106,7 +107,8 @@ def check_resume_config(path: str | Path, config: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         return
     now = json.loads(json.dumps(config))  # tuples as lists, as in the file
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
+    saved = {**json.loads(json.dumps(defaults or {})), **saved}
+    diff = sorted(k for k in now if k in saved and k not in RESUME_FREE and saved[k] != now[k])
     if diff:
         was = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
         new = ", ".join(f"{k}={now.get(k)!r}" for k in diff)

@@ -258,7 +258,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
-            ckpt.check_resume_config(out / "checkpoints" / "last", cfg.to_dict())
+            ckpt.check_resume_config(out / "checkpoints" / "last", cfg.to_dict(), TrainConfig().to_dict())
             loaded = ckpt.load_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None,
                                               opt, scaler)
             if loaded is not None:

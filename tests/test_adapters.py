@@ -544,3 +544,21 @@ def test_an_encoder_retriever_follows_the_models_dtype(seed: int) -> None:
         out = wrapped.bfloat16()(x, return_output=True)
     assert out.logits.dtype == torch.bfloat16 and next(net.parameters()).dtype == torch.float32
     assert torch.equal(out.neighbors.ids, ids32)  # the keys are the retriever's float32 keys, as before
+
+
+def test_compiled_wrapper_around_a_host_that_runs_eagerly(seed: int) -> None:
+    """The whole wrapped model compiled while the host's own forward stays eager (torch.compiler.disable, or
+    dynamo falling back): the classifier hook, registered inside the compiled forward, ran eagerly and dropped the
+    call ('ran 0 times in one forward')."""
+
+    class EagerHost(SmallNet):
+        @torch.compiler.disable
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)
+
+    wrapped = wrap(EagerHost().eval(), make_head(12, make_store(12)))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        eager = wrapped(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(wrapped, backend="aot_eager")(x), eager)

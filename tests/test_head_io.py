@@ -220,7 +220,7 @@ def test_a_head_without_class_names_adopts_the_kbs_and_then_refuses_a_reordered_
 
 @pytest.mark.parametrize("bad", [dict(tau=float("inf")), dict(tau=float("nan")), dict(k=True), dict(key_dim=True),
                                  dict(learnable_tau="no"), dict(label_vote=1), dict(class_names="abcde"),
-                                 dict(class_names=["a", "a", "b", "c", "d"]), dict(mlp_ratio=float("nan")),
+                                 dict(mlp_ratio=float("nan")),
                                  dict(mlp_ratio="2"), dict(dropout="0.1"), dict(dropout=1.0)],
                          ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))!r}")
 def test_head_config_refuses_odd_values_naming_them(bad):
@@ -237,3 +237,34 @@ def test_given_neighbours_with_labels_outside_the_heads_classes_are_refused(seed
                    labels=torch.full_like(nb.labels, C))
     with pytest.raises(ValueError, match=f"neighbour label {C} is not a class of this head \\(labels 0..{C - 1}"):
         head(torch.randn(2, DQ), neighbors=nb)
+
+
+def test_duplicate_class_names_warn_and_old_heads_still_load(tmp_path, caplog):
+    """ImageNet names two classes 'crane': a head with such a list is allowed (saved heads hold them) but warned
+    about; the check is linear (21k names took 6 s when it counted each name)."""
+    names = [f"c{i}" for i in range(C - 1)] + ["c0"]
+    with caplog.at_level("WARNING"):
+        cfg = make_config(class_names=names)
+    assert cfg.class_names == names and any("more than once" in r.message for r in caplog.records)
+    RetrievalHead(cfg).save(tmp_path / "h")
+    assert RetrievalHead.load(tmp_path / "h").config.class_names == names
+
+
+def test_prior_hooks_and_name_adoption_edge_cases(tmp_path, seed):
+    """A KB without usable labels turns rebalancing off at attach; load_state_dict must not bring another KB's
+    prior back. A head without a label vote does not take the KB's class names (its classes are the host's)."""
+    def store(labels, prefix="class"):
+        s = InMemoryStore(DQ, DI, DT, KBFingerprint(FP_Q, FP_I, FP_T))
+        s.class_names = [f"{prefix} {i}" for i in range(C)]
+        s.add(torch.randn(len(labels), DQ), torch.randn(len(labels), DI), torch.randn(len(labels), DT),
+              labels=torch.tensor(labels))
+        return s
+
+    cfg = make_config(label_vote=True, vote_balance=True)
+    skewed = RetrievalHead(cfg, store([0] * 20 + [1, 2, 3, 4]))
+    unlabelled = RetrievalHead(cfg, store([-1] * 6))
+    assert not unlabelled.vote.label_log_prior.any()
+    unlabelled.load_state_dict(skewed.state_dict())
+    assert not unlabelled.vote.label_log_prior.any()
+    plain = RetrievalHead(make_config(class_names=None), store([0, 1, 2], prefix="kb class"))
+    assert plain.config.class_names is None

@@ -247,6 +247,11 @@ def test_truncated_or_damaged_shards_are_refused(tmp_path, mini_samples):
     junk.write_bytes(raw[:first_end] + bytes(range(256)) * 2 + raw[first_end + 512:])
     with pytest.raises(ValueError, match=r"shard .*junk-000\.tar is damaged: unreadable tar data at byte"):
         webdataset_source(str(junk))
+    second = tar_members(good)[3]  # a writer killed between two members: the file ends at a header boundary
+    edge = tmp_path / "edge-000.tar"
+    edge.write_bytes(raw[: second[1] - 512])
+    with pytest.raises(ValueError, match=r"edge-000\.tar is truncated: it ends after 3 members without"):
+        webdataset_source(str(edge))
     not_tar = tmp_path / "text-000.tar"
     not_tar.write_text("these are not the shards you are looking for\n" * 20)
     with pytest.raises(ValueError, match="is not a readable tar file|is damaged"):
@@ -316,6 +321,8 @@ def test_class_lists_templates_and_folder_names(tmp_path, mini_samples):
 
     idx = tmp_path / "index.json"
     idx.write_text(json.dumps({"1": ["n02", "dog"], "0": ["n01", "cat"]}))
+    assert read_class_names(idx) == ["n01", "n02"]  # ImageNet's folders are wnids (its names repeat: 'crane')
+    idx.write_text(json.dumps({"1": "dog", "0": "cat"}))
     assert read_class_names(idx) == ["cat", "dog"]
     txt = tmp_path / "names.txt"
     txt.write_text("\ufeffcat\ndog\n", encoding="utf-8")

@@ -405,6 +405,10 @@ def test_resume_refuses_other_settings_but_allows_more_epochs(data, real, tmp_pa
                                             r"lr=0\.5"):
         train(_head(), train_fs, _cfg(epochs=1, batch_size=64, lr=0.5), store=real["store"], out_dir=tmp_path,
               resume=True)
+    state = tmp_path / "checkpoints" / "last" / "state.json"  # a checkpoint written before class_balance existed
+    doc = json.loads(state.read_text())
+    del doc["config"]["class_balance"]
+    state.write_text(json.dumps(doc))
     more = dataclasses.replace(_cfg(epochs=2), progress=False, log_every=7, device="cpu")
     res = train(_head(), train_fs, more, store=real["store"], out_dir=tmp_path, resume=True)
     assert len(res.history) == 2 and len(res.step_losses) == 4  # the second epoch's 4 steps
