@@ -114,9 +114,10 @@ def evaluate(
         raise ValueError(f"labels must be in 0..{C - 1} (the logits have {C} classes), got "
                          f"{int(labels.min())}..{int(labels.max())}: a class-count mismatch between data and model")
     logits = logits.detach().double().cpu()
-    if torch.isnan(logits).any():
-        raise ValueError(f"logits hold NaN in {int(torch.isnan(logits).any(1).sum())} of {N} rows: the model's "
-                         "output is broken there (check its inputs and weights); no metric is meaningful")
+    if not torch.isfinite(logits).all():  # NaN, or inf (an fp16 overflow): NLL and ECE would be NaN
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise ValueError(f"logits hold NaN or inf in {bad} of {N} rows: the model's output is broken there (check "
+                         "its inputs and weights, or an fp16 overflow); no metric is meaningful")
     counts = _counts(train_labels, train_counts, C)
     groups = class_groups(counts, cutoffs)
     pred = logits.argmax(1)
@@ -170,10 +171,21 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_safe(v: Any) -> Any:
+    """NaN / inf (a metric of an empty group) as null: strict JSON readers refuse NaN."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def save_results(results: dict[str, dict[str, Any]], json_path: str | Path, markdown_path: str | Path | None = None
                  ) -> None:
     """Write ``results`` (name -> evaluate() dict) as JSON and, optionally, the markdown table."""
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(results, indent=1))
+    Path(json_path).write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False))  # NaN -> null
     if markdown_path is not None:
         Path(markdown_path).write_text(markdown_table(results))

@@ -23,7 +23,11 @@ __all__ = ["predict_logits"]
 def _device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise RetrofitError(f"device {spec!r} is not a device; allowed: 'auto', 'cpu', 'cuda', 'cuda:N' (command "
+                            "line: --device)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RetrofitError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto' "
                             "(command line: --device cpu or auto)")

@@ -295,3 +295,45 @@ def test_eval_and_predict_check_the_model_given_with_model_against_the_kb(setup,
         assert "darknet-tiny@96" in msg and "--allow-fingerprint-mismatch" in msg, (argv, msg)
         assert main([*argv, "--allow-fingerprint-mismatch", "--json"]) == 0, argv
         capsys.readouterr()
+
+
+def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, trained, capsys, tmp_path):
+    """An --overwrite with a bad setting deleted the old run (head, checkpoints), then refused; bad --device
+    strings, unwritable --out paths, --top 0, demo errors and eval without --run were tracebacks or late errors."""
+    def err(argv) -> str:
+        assert main(argv) == 1
+        return capsys.readouterr().err
+
+    done = tmp_path / "done"
+    shutil.copytree(trained, done)
+    before = sorted(p.name for p in done.iterdir())
+    for extra, says in ((["--lr", "-1"], "TrainConfig.lr must be > 0"), (["--dim", "30"], "divisible by heads"),
+                        (["--device", "bogus"], "'bogus' is not a device; allowed")):
+        assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
+        assert sorted(p.name for p in done.iterdir()) == before and (done / "head" / "model.safetensors").exists()
+    assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
+    assert "TrainConfig.batch_size" in err([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"])
+    assert not (tmp_path / "fresh" / "run.json").exists()  # nothing written for a refused run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    msg = err(["eval", "--run", str(done), "--data", str(setup / "test.tar"), "--out", str(a_file / "sub"),
+               "--quiet"])
+    assert "Not a directory" in msg or "File exists" in msg
+    assert "is not a device" in err(["eval", "--run", str(done), "--data", str(setup / "test.tar"),
+                                     "--device", "cuda:x"])
+    assert "give --run DIR" in err(["eval", "--model", "darknet-tiny", "--head", str(done / "head"), "--kb",
+                                    str(setup / "kb"), "--data", str(setup / "test.tar")])
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(a_file), "--run", str(done), "--top", "0"])
+    assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
+    assert "unknown rows ['99']" in err(["demo", "--rows", "99"])
+    assert "seeds must be an int >= 1" in err(["demo", "--seeds", "0"])
+
+
+def test_noise_note_goes_to_stderr(setup, trained, capsys, tmp_path):
+    """--json output must be JSON only: the label-noise note went to stdout."""
+    out = tmp_path / "noisy"
+    args = _train_args(setup, out, "--noise", "symmetric", "--epochs", "1", "--cache-dir", str(trained / "cache"))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["epochs"] == 1 and "label noise" in captured.err

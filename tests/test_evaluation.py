@@ -81,3 +81,22 @@ def test_errors_name_the_problem():
         evaluate(torch.zeros(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="3 classes"):
         evaluate(torch.zeros(2, 3), torch.tensor([0, 1]), train_counts=[1, 1])
+
+
+def test_infinite_logits_are_refused_and_results_are_strict_json(tmp_path):
+    """An fp16 overflow gave inf logits: evaluate reported NLL NaN and eval.json held NaN (not JSON)."""
+    import json
+    import math
+
+    from retrofit.evaluation import evaluate, save_results
+
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf in 1 of 6 rows"):
+        evaluate(logits, labels, train_counts=[5, 5, 5])
+    r = evaluate(torch.randn(6, 3), labels, train_counts=[500, 50, 5], cutoffs=(100, 20))
+    r["nll"] = float("nan")  # as an empty group's mean would be
+    save_results({"x": r}, tmp_path / "eval.json")
+    back = json.loads((tmp_path / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert back["x"]["nll"] is None and math.isfinite(back["x"]["top1"])

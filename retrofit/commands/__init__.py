@@ -34,6 +34,10 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+# a path that is a file where a folder is needed (or the reverse), or not writable: the user's to fix
+_PATH_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
 def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] = ()) -> Any:
     """Decorate a command so that a user error prints ``error: ...`` on stderr and exits 1 instead of a
     traceback: a :class:`retrofit.errors.RetrofitError`, ``ValueError`` or ``FileNotFoundError``, plus the
@@ -45,7 +49,7 @@ def guarded(fn: Command | None = None, *, also: tuple[type[BaseException], ...] 
 
             try:
                 return f(args)
-            except (RetrofitError, ValueError, FileNotFoundError, *also) as e:
+            except (RetrofitError, ValueError, FileNotFoundError, *_PATH_ERRORS, *also) as e:
                 logging.getLogger("retrofit.cli").debug("the error's traceback (-vv):", exc_info=True)
                 print(f"error: {_message(e)}", file=sys.stderr)
                 return 1

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from retrofit.commands import guarded
 
+
+@guarded
 def run(args: argparse.Namespace) -> int:
     from retrofit.demo import ROWS, DemoConfig, run_demo
 
@@ -19,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
         unknown = [r for r in cfg.rows if r not in ROWS]
         if unknown:
-            print(f"retrofit demo: unknown rows {unknown}; allowed: {', '.join(ROWS)}")
-            return 2
+            print(f"error: --rows: unknown rows {unknown}; allowed: {', '.join(ROWS)}", file=sys.stderr)
+            return 1
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
     cfg.vote_scale_on = args.vote_scale_on

@@ -98,18 +98,21 @@ def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
     from retrofit.plots import plot_per_class_accuracy
+    from retrofit.prediction import _device
     from retrofit.training import predict_logits
 
     hi, lo = _cutoffs(args.cutoffs)  # before any work
     run = _resolve(args)
+    if run.get("train_counts") is None:  # the Many / Medium / Few groups need them: said before any work
+        raise ValueError("eval needs the training class counts from the run (run.json): give --run DIR of the "
+                         "training run (--model / --head / --kb override its parts)")
+    _device(args.device)
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     fs = _labelled_features(args, run, kb, head, "evaluation", "eval", exclude_self=not args.keep_self)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, device=args.device)
-    counts = run.get("train_counts")
-    if counts is None:
-        raise ValueError("training class counts unknown (no run.json): give --run DIR of the training run")
+    counts = run["train_counts"]
     kw = dict(train_counts=counts, cutoffs=(hi, lo), class_names=head.config.class_names or run.get("classes"))
     results = {}
     if "host_logits" in pred:
@@ -135,8 +138,9 @@ def _labelled_features(args: argparse.Namespace, run: dict[str, Any], kb: Any, h
     """Features of ``--data`` (labels required) with the head's k neighbours from ``kb``; cached under RUN/cache
     (or --cache-dir) in an entry of their own per data set."""
     from retrofit.pipeline import load_host_model, source_features
+    from retrofit.prediction import _device
 
-    host = load_host_model(run["model"])
+    host = load_host_model(run["model"], _device(args.device))
     if args.model:  # another host than the run's (whose check, or allowance, was made by `retrofit train`)
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = head.config.class_names or run.get("classes")
@@ -232,6 +236,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from retrofit.feature_cache import FeatureSet
     from retrofit.pipeline import load_host_model
+    from retrofit.prediction import _device
     from retrofit.training import predict_logits
 
     run = _resolve(args)
@@ -244,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image file(s) not found: {missing}")
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
-    host = load_host_model(run["model"])
+    host = load_host_model(run["model"], _device(args.device))
     if args.model:
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
     images = []
@@ -260,6 +265,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, return_attention=args.explain, device=args.device)
     names = head.config.class_names or [str(c) for c in range(head.config.num_classes)]
+    kb_names = kb.class_names or names  # a KB's labels index its own class list (a vote-less head may differ)
     probs = pred["logits"].softmax(-1)
     top = probs.topk(min(args.top, probs.shape[1]), dim=1)
     out = []
@@ -273,7 +279,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             recs = kb.get(ids[ok]) if ok.any() else []
             sims = (torch.nn.functional.normalize(fs.z[i:i + 1], dim=1) @ kb.vectors(ids[ok], which="key").T)[0] \
                 if ok.any() else torch.zeros(0)
-            nb = [{"id": r["id"], "label": names[r["label"]] if 0 <= r["label"] < len(names) else None,
+            nb = [{"id": r["id"], "label": kb_names[r["label"]] if 0 <= r["label"] < len(kb_names) else None,
                    "caption": r["caption"], "similarity": round(float(s), 4), "attention": round(float(a), 4)}
                   for r, s, a in zip(recs, sims.tolist(), att[ok].tolist())]
             rec["neighbors"] = sorted(nb, key=lambda d: -d["attention"])
@@ -291,6 +297,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"  {n['id']:>8} {n['attention']:>9.4f} {n['similarity']:>6.3f}  {str(n['label']):<14} "
                       f"{(n['caption'] or '')[:70]}")
     return 0
+
+
+def _at_least_one(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return n
 
 
 def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True) -> None:
@@ -346,9 +362,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG_PREDICT, formatter_class=fmt)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     _load_args(p)
-    p.add_argument("--top", type=int, default=5, help="classes to show (default 5)")
+    p.add_argument("--top", type=_at_least_one, default=5, help="classes to show (default 5)")
     p.add_argument("--explain", action="store_true",
                    help="show the neighbours (id, caption, label, similarity, attention weight)")
-    p.add_argument("--explain-top", type=int, default=8, help="neighbours shown per image in the table (default 8)")
+    p.add_argument("--explain-top", type=_at_least_one, default=8,
+                   help="neighbours shown per image in the table (default 8)")
     _runtime(p)
     p.set_defaults(func=cmd_predict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from retrofit.commands.kb_build import _classes
-    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.head import RetrievalHead
+    from retrofit.ingest import absolute_spec
     from retrofit.linear_probe import cross_fit_logits, fit_linear_probe
     from retrofit.noise import add_label_noise
     from retrofit.pipeline import load_host_model, source_features
+    from retrofit.prediction import _device
     from retrofit.train_checkpoint import save_linear
     from retrofit.training import TrainConfig, train
 
@@ -108,12 +111,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     has_run = _check_out(out, args)  # refusals before any work; nothing is deleted yet
     kb = _open_kb(args.kb)
     src = _source(args.data)
-    host = load_host_model(args.model)
+    host = load_host_model(args.model, _device(args.device))  # the backbone on the run's device, too
     _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = _classes(args.classes) or kb.class_names or src.class_names
     labels, classes = _labels(src, classes, "training data", required=True)
     C = len(classes)
     mode = _host_mode(args.host, host, C)
+    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup_alpha=args.mixup,
+                       loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
+                       k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
+    # every setting checked before any work or write (a bad one used to fail after --overwrite had cleared the run)
+    tcfg.validate()
+    _device(args.device)
+    _head_config(args, 1, kb, C, classes)
     cache = None if args.no_cache else (args.cache_dir or str(out / "cache"))
     common = dict(kb=kb, k=args.k, cache_dir=cache, batch_size=args.feature_batch, workers=args.workers,
                   progress=not args.quiet)
@@ -125,12 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = source_features(host, vsrc, vlabels, name="val", **{**common, "cache_dir": cache})
     if args.noise:
         fs.labels, flipped = add_label_noise(fs.labels, args.noise, args.noise_rate, C, seed=args.seed)
-        print(f"label noise: {args.noise} at {args.noise_rate:.0%}: {int(flipped.sum())} labels flipped")
-    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup_alpha=args.mixup,
-                       loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
-                       k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
-    run = {"model": args.model, "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
+        print(f"label noise: {args.noise} at {args.noise_rate:.0%}: {int(flipped.sum())} labels flipped",
+              file=sys.stderr)  # stdout is the summary (--json: one JSON line)
+    run = {"model": absolute_spec(args.model), "kb": str(Path(args.kb).resolve()), "data": args.data, "val": args.val,
            "data_path": data_path(args.data),
            "classes": classes, "host": mode, "train_host": tcfg.train_host, "k": args.k,
            "train_counts": torch.bincount(fs.labels, minlength=C).tolist(), "config": tcfg.to_dict(),
@@ -156,12 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             val.host_logits = None
     elif args.train_host:
         host_clf = _model_linear(host, fs.z.shape[1])
-    fp = kb.fingerprint
-    cfg = HeadConfig(query_dim=fs.z.shape[1], image_dim=kb.image_dim, text_dim=kb.text_dim, num_classes=C,
-                     dim=args.dim, depth=args.depth, heads=args.heads, k=args.k, dropout=args.dropout,
-                     modalities=args.modalities, label_vote=args.label_vote,
-                     vote_balance=args.label_vote and not args.no_vote_balance, class_names=classes,
-                     query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
+    cfg = _head_config(args, fs.z.shape[1], kb, C, classes)
     torch.manual_seed(args.seed)
     head = RetrievalHead(cfg)
     assert tcfg.train_host == (args.train_host and host_clf is not None)  # decided above from the host mode
@@ -178,6 +181,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             if v is not None:  # no validation data: no val_top1 line
                 print(f"{k:<11} {round(v, 4) if isinstance(v, float) else v}")
     return 0
+
+
+def _head_config(args: argparse.Namespace, query_dim: int, kb: Any, C: int, classes: list[str]) -> Any:
+    from retrofit.head import HeadConfig
+
+    fp = kb.fingerprint
+    return HeadConfig(query_dim=query_dim, image_dim=kb.image_dim, text_dim=kb.text_dim, num_classes=C,
+                      dim=args.dim, depth=args.depth, heads=args.heads, k=args.k, dropout=args.dropout,
+                      modalities=args.modalities, label_vote=args.label_vote,
+                      vote_balance=args.label_vote and not args.no_vote_balance, class_names=classes,
+                      query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
 
 
 _HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
@@ -230,6 +244,11 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
     old = json.loads(f.read_text())
     run = json.loads(json.dumps(run))  # as it would be written: tuples become lists
     keys = ("model", "kb", "data_path", "classes", "host", "train_host", "k", "head")
+    if "model" in old and old["model"] != run["model"]:
+        from retrofit.ingest import absolute_spec
+
+        if absolute_spec(old["model"]) == run["model"]:  # recorded as typed (before 23 Nov), same checkpoint
+            old["model"] = run["model"]
     diff = [k for k in keys if k in old and old[k] != run[k]]
     cfg_old, cfg_new = old.get("config", {}), run["config"]
     diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
