@@ -140,6 +140,9 @@ def test_a_full_disk_is_one_clear_error(tmp_path, capsys):
         assert guarded(fn)(None) == 1
         err = capsys.readouterr().err
         assert "the disk refused a write" in err and "run the same command again" in err
-    with pytest.raises(OSError) as e:
-        guarded(lambda args: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))(None)
-    assert e.value.errno == errno.EACCES
+    with pytest.raises(OSError) as e:  # a fault of the machine is not the user's to fix: it propagates
+        guarded(lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "input/output error")))(None)
+    assert e.value.errno == errno.EIO
+    # a path that cannot be written (a file where a folder is needed, no permission) is: one clear line
+    assert guarded(lambda args: (_ for _ in ()).throw(OSError(errno.EACCES, "denied", "out/x")))(None) == 1
+    assert "denied" in capsys.readouterr().err
