@@ -48,10 +48,16 @@ def _counts(train_labels: torch.Tensor | None, train_counts: Any, num_classes: i
 
 def class_groups(train_counts: torch.Tensor, cutoffs: tuple[int, int] = (100, 20)) -> dict[str, torch.Tensor]:
     """Boolean (C,) masks: ``many`` count > hi, ``medium`` lo <= count <= hi, ``few`` count < lo."""
-    hi, lo = cutoffs
-    if not lo <= hi:
-        raise ValueError(f"cutoffs must be (many_above, few_below) with few_below <= many_above, got {cutoffs}")
+    try:
+        hi, lo = cutoffs
+        ok = lo <= hi
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"cutoffs must be (many_above, few_below) with few_below <= many_above, got {cutoffs!r}")
     c = torch.as_tensor(train_counts)
+    if c.dtype == torch.bool or c.is_complex() or (c.numel() and bool((c < 0).any())):
+        raise ValueError(f"train counts must be non-negative numbers of images per class, got {c.tolist()[:10]}")
     return {"many": c > hi, "medium": (c >= lo) & (c <= hi), "few": c < lo}
 
 
@@ -102,8 +108,10 @@ def evaluate(
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
     labels = torch.as_tensor(labels)
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    if not isinstance(ece_bins, int) or isinstance(ece_bins, bool) or ece_bins < 1:
+        raise ValueError(f"ece_bins must be an int >= 1, got {ece_bins!r}")
     labels = labels.to(torch.int64).reshape(-1).cpu()
     N, C = logits.shape
     if labels.numel() != N:

@@ -100,3 +100,14 @@ def test_infinite_logits_are_refused_and_results_are_strict_json(tmp_path):
     save_results({"x": r}, tmp_path / "eval.json")
     back = json.loads((tmp_path / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert back["x"]["nll"] is None and math.isfinite(back["x"]["top1"])
+
+
+@pytest.mark.parametrize("kw, says", [(dict(cutoffs=(10,)), "cutoffs must be"), (dict(ece_bins=0), "ece_bins"),
+                                      (dict(train_counts=[5, -1, 5]), "non-negative"),
+                                      (dict(labels=torch.tensor([True, False, True])), "integer class ids")])
+def test_odd_evaluate_arguments_are_named(kw, says):
+    from retrofit.evaluation import evaluate
+
+    args = dict(logits=torch.randn(3, 3), labels=torch.tensor([0, 1, 2]), train_counts=[5, 5, 5])
+    with pytest.raises(ValueError, match=says):
+        evaluate(**{**args, **kw})
