@@ -112,9 +112,17 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     """
     vote = _vote(head)
     labels = torch.as_tensor(features.labels)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"choose_vote_scale needs integer class labels, got {labels.dtype}")
     if labels.numel() == 0 or bool((labels < 0).any()):
         raise ValueError(f"choose_vote_scale needs labelled samples (labels >= 0); got {labels.numel()} samples, "
                          f"{int((labels < 0).sum())} without a label")
+    C = head.config.num_classes
+    if int(labels.max()) >= C:
+        raise ValueError(f"choose_vote_scale: label {int(labels.max())} is not a class of the head (0..{C - 1})")
+    host = getattr(features, "host_logits", None)
+    if host is not None and not bool(torch.isfinite(torch.as_tensor(host)).all()):
+        raise ValueError("choose_vote_scale: the features' host logits hold NaN or inf; no scale can be scored")
     try:
         cand = [float(s) for s in scales]
     except (TypeError, ValueError):

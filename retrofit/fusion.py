@@ -219,9 +219,12 @@ class LabelVote(nn.Module):
         if counts is None:
             self.label_log_prior.zero_()
             return
-        c = torch.as_tensor(counts, dtype=torch.float32).clamp_min(1.0)
+        c = torch.as_tensor(counts, dtype=torch.float32)
         if c.shape != (self.num_classes,):
             raise ValueError(f"label counts must have shape ({self.num_classes},), got {tuple(c.shape)}")
+        if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+            raise ValueError(f"label counts must be finite numbers >= 0, got {c.tolist()[:10]}")
+        c = c.clamp_min(1.0)
         self.label_log_prior.copy_((c / c.sum()).log() + torch.log(torch.tensor(float(self.num_classes))))
 
     def probs(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

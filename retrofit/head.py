@@ -78,6 +78,13 @@ class HeadConfig:
     text_fingerprint: EncoderFingerprint | None = None  # encoder of the KB text vectors
 
     def __post_init__(self) -> None:
+        for n in ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads", "k", "key_dim",
+                  "dropout", "mlp_ratio", "tau"):  # numpy numbers as Python ones (config.json is JSON)
+            v = getattr(self, n)
+            if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+                setattr(self, n, int(v))
+            elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+                setattr(self, n, float(v))
         for n in ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads"):
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -193,6 +200,25 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
         raise RetrofitError(f"cannot attach store: it has label {int(labels.max())} but the head's "
                             f"label vote knows {c.num_classes} classes (0..{c.num_classes - 1}); build the head with "
                             "the knowledge base's classes")
+
+
+def _check_given(nb: Neighbors, vote: bool, num_classes: int) -> None:
+    """Neighbours passed in (a cache, another store; a store's own are checked when written): labels the vote can
+    index, finite vectors and scores in the valid slots (one NaN there made the row's logits NaN and, through
+    backward, most of the head's gradients)."""
+    if vote and nb.labels.numel():
+        top = int(nb.labels.max())
+        if top >= num_classes:
+            raise ValueError(f"neighbour label {top} is not a class of this head (labels 0..{num_classes - 1}, "
+                             "-1 = unknown): the neighbours come from a knowledge base with other classes")
+    m = nb.mask
+    for name, t in (("image", nb.image), ("text", nb.text), ("scores", nb.scores)):
+        v = t[m]
+        bad = v.isnan() | (v == float("inf")) if name == "scores" else ~torch.isfinite(v)  # score -inf: least similar
+        if bad.any():
+            row, slot = (int(i) for i in m.nonzero()[int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0])])
+            raise ValueError(f"neighbour {name} holds NaN or inf in a valid slot (row {row}, slot {slot}); mask "
+                             "the slot (mask=False) or give finite vectors")
 
 
 def _reapply_store_prior(head: RetrievalHead, incompatible: Any) -> None:
@@ -316,18 +342,16 @@ class RetrievalHead(nn.Module):
         p = self.readout.fc.weight
         if neighbors is None:
             neighbors = self.retrieve(z, exclude)  # labels checked at attach()
-        elif (self.vote is not None and neighbors.labels.device.type == "cpu" and neighbors.labels.numel()
-              and not torch.compiler.is_compiling()):  # CPU only: on a GPU the check would sync every forward
-            top = int(neighbors.labels.max())  # given neighbours (a cache, another store): the vote indexes by label
-            if top >= c.num_classes:
-                raise ValueError(f"neighbour label {top} is not a class of this head (labels 0..{c.num_classes - 1}, "
-                                 "-1 = unknown): the neighbours come from a knowledge base with other classes")
+        elif neighbors.labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_given(neighbors, self.vote is not None, c.num_classes)  # CPU only: on a GPU, a sync per forward
         if neighbors.batch_size != B:
             raise ValueError(f"neighbors are for {neighbors.batch_size} queries but z has {B}")
         if neighbors.image.shape[2] != c.image_dim or neighbors.text.shape[2] != c.text_dim:
             raise ValueError(f"neighbour vectors are image {neighbors.image.shape[2]} / text {neighbors.text.shape[2]}"
                              f"-dimensional, the head expects {c.image_dim} / {c.text_dim}")
         neighbors = neighbors.to(p.device, p.dtype)
+        if host_logits is not None and host_logits.device != p.device:
+            host_logits = host_logits.to(p.device)  # as z and the neighbours: on the head's device
         retrieval_logits, attention = self._fuse(z.to(p.device, p.dtype), neighbors, return_attention)
         half_tau = self.tau / 2
         logits = half_tau * (retrieval_logits if host_logits is None else host_logits + retrieval_logits)
@@ -355,15 +379,16 @@ class RetrievalHead(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
+                "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
+        text = json.dumps(meta, indent=2)  # before any file is written: a config JSON cannot hold fails here
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = path / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
         os.replace(tmp, path / WEIGHTS_FILE)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
-                "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
         tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(text)
         os.replace(tmp, path / CONFIG_FILE)
         return path
 

@@ -134,3 +134,26 @@ def test_a_negative_trained_vote_weight_is_flagged(setting, caplog):
         choice = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 2.0), apply=False, device="cpu")
     assert choice.trained_weight == pytest.approx(-0.4)
     assert "trained vote weight is -0.4" in caplog.text and "set_weight" in caplog.text
+
+
+def test_choose_vote_scale_refuses_labels_and_logits_it_cannot_score():
+    """Labels outside the head's classes, float labels and NaN host logits gave a meaningless 'choice' (and
+    applied it)."""
+    from retrofit import choose_vote_scale
+    from retrofit.feature_cache import FeatureSet
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.store import InMemoryStore
+
+    g = torch.Generator().manual_seed(0)
+    store = InMemoryStore(8, 4, 4)
+    store.add(torch.randn(20, 8, generator=g), torch.randn(20, 4, generator=g), torch.randn(20, 4, generator=g),
+              labels=torch.arange(20) % 3)
+    head = RetrievalHead(HeadConfig(query_dim=8, image_dim=4, text_dim=4, num_classes=3, dim=8, depth=1, heads=2,
+                                    k=4, label_vote=True), store)
+    z = torch.randn(6, 8, generator=g)
+    for fs, says in ((FeatureSet(z=z, labels=torch.tensor([0, 1, 2, 9, 0, 1])), "label 9 is not a class"),
+                     (FeatureSet(z=z, labels=torch.tensor([0, 1, 2, 0, 1, 2]),
+                                 host_logits=torch.full((6, 3), float("nan"))), "NaN or inf")):
+        with pytest.raises(ValueError, match=says):
+            choose_vote_scale(head, fs)
+    assert head.vote.scale.item() == 1.0  # nothing applied

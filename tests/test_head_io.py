@@ -268,3 +268,40 @@ def test_prior_hooks_and_name_adoption_edge_cases(tmp_path, seed):
     assert not unlabelled.vote.label_log_prior.any()
     plain = RetrievalHead(make_config(class_names=None), store([0, 1, 2], prefix="kb class"))
     assert plain.config.class_names is None
+
+
+def test_numpy_numbers_in_the_config_and_a_save_that_cannot_write_json(tmp_path):
+    """HeadConfig took np.float32 tau; save() then wrote the weights and failed on the JSON, leaving new weights
+    beside an old config.json. Numpy numbers are now Python numbers, and the JSON is made before any file."""
+    import numpy as np
+
+    cfg = make_config(tau=np.float32(1.0), dropout=np.float64(0.1), query_dim=np.int64(DQ), k=np.int32(4))
+    assert type(cfg.tau) is float and type(cfg.query_dim) is int and type(cfg.k) is int
+    head = RetrievalHead(cfg)
+    head.save(tmp_path / "h")
+    assert RetrievalHead.load(tmp_path / "h").config.tau == 1.0
+    head.config.class_names = [object()] * C  # something JSON cannot hold, set after validation
+    with pytest.raises(TypeError):
+        head.save(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_non_finite_given_neighbours_and_counts_are_refused(seed):
+    """A NaN in a valid neighbour slot made that row's logits NaN and, through backward, most of the head's
+    gradients; NaN class counts made every vote NaN."""
+    head = RetrievalHead(make_config(label_vote=True))
+    nb = neighbors()
+    nb.mask[0, 1] = True
+    bad = Neighbors(ids=nb.ids, scores=nb.scores, mask=nb.mask, image=nb.image.clone(), text=nb.text,
+                    labels=nb.labels)
+    bad.image[0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"neighbour image holds NaN or inf in a valid slot \(row 0, slot 1\)"):
+        head(torch.randn(2, DQ), neighbors=bad)
+    masked = Neighbors(ids=nb.ids, scores=nb.scores, mask=nb.mask.clone(), image=bad.image, text=nb.text,
+                       labels=nb.labels)
+    masked.mask[0, 1] = False  # the same NaN in a masked slot is ignored, as documented
+    assert torch.isfinite(head(torch.randn(2, DQ), neighbors=masked).logits).all()
+    with pytest.raises(ValueError, match="label counts must be finite numbers >= 0"):
+        head.vote.set_label_prior(torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="label counts must be finite numbers >= 0"):
+        head.vote.set_label_prior(torch.tensor([1.0, -3.0, 1.0, 1.0, 1.0]))
