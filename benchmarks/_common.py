@@ -38,6 +38,19 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0 (worker counts)."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {v}")
+    return v
+
+
 def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued CUDA work (no-op on CPU)."""
     if device is not None and torch.device(device).type == "cuda":

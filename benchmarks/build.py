@@ -23,13 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemm_gflops, positive_int
+from _common import emit, gemm_gflops, nonnegative_int, positive_int
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (quick runs)")
-    ap.add_argument("--workers", type=int, default=1, help="DataLoader decode workers")
+    ap.add_argument("--workers", type=nonnegative_int, default=1, help="DataLoader decode workers")
     ap.add_argument("--batch-size", type=positive_int, default=256)
     ap.add_argument("--size", type=positive_int, default=64, help="Tiny Darknet input size")
     args = ap.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
 
     d = data_dir()
     if d is None or not (d / "cifar10").is_dir():
-        emit({"benchmark": "build", "skipped": "CIFAR-10 shards not found; set RETROFIT_DATA_DIR"})
+        emit({"benchmark": "build", "skipped": True, "reason": "CIFAR-10 shards not found; set RETROFIT_DATA_DIR"})
         return
     gflops = gemm_gflops()
     image = load_image_encoder(f"darknet-tiny@{args.size}")

@@ -20,7 +20,7 @@ retrofitted model searches with a stand-in retriever (``HeldOutKeys``) that hand
 the KB's distribution on every call: the random-weight resnet50's own embeddings are all alike and would
 search one spot of the KB over and over.
 
-    nice .venv/bin/python benchmarks/overhead.py                   # 1,000,000 entries (HNSW build: hours on 2 cores)
+    nice .venv/bin/python benchmarks/overhead.py                   # 1,000,000 entries (HNSW build: 556 s here)
     nice .venv/bin/python benchmarks/overhead.py --kb-size 50000   # a quick run
 """
 

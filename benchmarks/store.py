@@ -317,6 +317,8 @@ def main() -> None:
     p.add_argument("--hnsw-storage", default="fp16", choices=["fp16", "float32"],
                    help="HNSW vector storage of the KBs (default fp16, the library's default)")
     args = p.parse_args()
+    if args.no_real and args.no_synthetic:
+        p.error("--no-real and --no-synthetic together leave nothing to measure")
     if args.dir is not None:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

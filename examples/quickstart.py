@@ -18,7 +18,11 @@ import retrofit
 from retrofit.store import KBFingerprint
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)  # --help
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()  # the classifier you already run (1000 classes)
     backbone = retrofit.EncoderFingerprint("torchvision", "resnet18", "random", 512)  # who makes the KB keys

@@ -10,10 +10,11 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
 
 
-def test_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quickstart_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torchvision")
     pytest.importorskip("faiss")
     pytest.importorskip("lmdb")
+    monkeypatch.setattr("sys.argv", [str(EXAMPLE)])  # as `python examples/quickstart.py` (it parses --help)
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     out = capsys.readouterr().out
     assert "fused logits (8, 1000)" in out
