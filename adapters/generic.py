@@ -113,8 +113,14 @@ class HookAdapter(BackboneAdapter):
             handle.remove()
         if len(captured) != 1:
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} ran "
-                                f"{len(captured)} times in one forward (expected once); pass classifier= naming the "
-                                "final layer that produces the logits")
+                                f"{len(captured)} times in one forward (expected once): retrofit takes the input and "
+                                "output of the one call that makes the logits; pass classifier= naming that layer, "
+                                "or wrap a module whose forward calls its classifier once")
+        if captured[0].dim() > 2 and any(n != 1 for n in captured[0].shape[2:]):
+            raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} takes "
+                                f"a {tuple(captured[0].shape)} input, not (B, D) features: it runs per position or "
+                                "token (a 1x1 conv, a per-token Linear); wrap the model so that it pools first and "
+                                "ends in an nn.Linear on (B, D) features")
         if not isinstance(out, Tensor):
             raise RetrofitError(f"{type(self.model).__name__} returned {type(out).__name__}, not a logits tensor; "
                                 "wrap it in a module whose forward returns the (B, C) logits")

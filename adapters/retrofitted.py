@@ -34,10 +34,17 @@ def adapter_for(model: nn.Module, classifier: str | nn.Module | None = None,
     """
     if isinstance(model, BackboneAdapter):
         return model
+    if isinstance(model, RetrofittedModel):
+        raise RetrofitError("this model is already retrofitted (a RetrofittedModel): swap its knowledge base with "
+                            "model.head.attach(kb), or wrap the original host (model.backbone.model) with another "
+                            "head")
     if classifier is None and is_timm_like(model):
         return TimmAdapter(model)
     if classifier is None and is_torchvision(model) and type(model).__name__ in TORCHVISION_HEADS:
         return TorchvisionAdapter(model)
+    if isinstance(model, torch.jit.ScriptModule):  # (a scripted timm model is read above, through its methods)
+        raise RetrofitError(f"{type(model).__name__} is a TorchScript module: retrofit reads the eager model's "
+                            "layers; wrap the model before torch.jit.script (or load the eager one)")
     name, mod = find_classifier(model, classifier, num_classes)
     return HookAdapter(model, mod, name)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from retrofit.adapters.base import BackboneAdapter
+from retrofit.errors import RetrofitError
 
 __all__ = ["TimmAdapter", "is_timm_like"]
 
@@ -42,6 +43,10 @@ class TimmAdapter(BackboneAdapter):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         f = self.model.forward_features(x)  # the backbone, once
         z = self.model.forward_head(f, pre_logits=True)  # (B, D)
+        if z.dim() != 2:
+            raise RetrofitError(f"{type(self.model).__name__}'s pre-logits features have shape {tuple(z.shape)}, not "
+                                "(B, D): it does not pool (timm global_pool=''); create it with global_pool='avg' "
+                                "(or 'token'), or model.reset_classifier(num_classes, 'avg')")
         logits = None if self.headless else self.model.forward_head(f)  # (B, C)
         return z, logits
 

@@ -562,3 +562,36 @@ def test_compiled_wrapper_around_a_host_that_runs_eagerly(seed: int) -> None:
         eager = wrapped(x)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(wrapped, backend="aot_eager")(x), eager)
+
+
+def test_hosts_retrofit_cannot_read_are_refused_saying_what_to_do(seed: int) -> None:
+    """Found wrapping odd hosts: an unpooled timm model (global_pool='') and a per-token / 1x1-conv classifier gave
+    errors about the KB's keys; a scripted torchvision model, and a model wrapped twice, were read wrongly or
+    with a raw error."""
+    from retrofit.errors import RetrofitError
+
+    timm = pytest.importorskip("timm")
+
+    unpooled = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="").eval()
+    with torch.no_grad(), pytest.raises(RetrofitError, match=r"does not pool \(timm global_pool=''\)"):
+        wrap(unpooled, make_head(unpooled.num_features, make_store(unpooled.num_features)))(torch.rand(2, 3, 32, 32))
+
+    class PerToken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 12)
+            self.fc = nn.Linear(12, C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.embed(x.flatten(2).transpose(1, 2))  # (B, N, 12)
+            return self.fc(tokens).mean(1)  # the classifier runs per token, then the logits are pooled
+
+    with torch.no_grad(), pytest.raises(RetrofitError, match=r"takes a \(2, 16, 12\) input, not \(B, D\)"):
+        wrap(PerToken().eval(), make_head(12, make_store(12)), classifier="fc")(torch.rand(2, 3, 4, 4))
+    tv = pytest.importorskip("torchvision")
+    scripted = torch.jit.script(tv.models.resnet18(num_classes=C).eval())
+    with pytest.raises(RetrofitError, match="TorchScript module: .* wrap the model before torch.jit.script"):
+        wrap(scripted, make_head(512, make_store(512)))
+    once = wrap(SmallNet().eval(), make_head(12, make_store(12)))
+    with pytest.raises(RetrofitError, match="already retrofitted"):
+        wrap(once, make_head(12, make_store(12)))
