@@ -41,7 +41,7 @@ def adapter_for(model: nn.Module, classifier: str | nn.Module | None = None,
     if classifier is None and is_timm_like(model):
         return TimmAdapter(model)
     if classifier is None and is_torchvision(model) and type(model).__name__ in TORCHVISION_HEADS:
-        return TorchvisionAdapter(model)
+        return TorchvisionAdapter(model, num_classes)
     if isinstance(model, torch.jit.ScriptModule):  # (a scripted timm model is read above, through its methods)
         raise RetrofitError(f"{type(model).__name__} is a TorchScript module: retrofit reads the eager model's "
                             "layers; wrap the model before torch.jit.script (or load the eager one)")

@@ -44,7 +44,7 @@ class TorchvisionAdapter(HookAdapter):
 
     family = "torchvision"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, num_classes: int | None = None) -> None:
         cls = type(model).__name__
         attr = TORCHVISION_HEADS.get(cls)
         if attr is None:
@@ -57,5 +57,9 @@ class TorchvisionAdapter(HookAdapter):
                 f"naming the layer that produces the logits. nn.Linear layers of the model: "
                 f"{[n for n, _ in linear_layers(model)] or 'none'}"
             )
+        if num_classes is not None and len(inside) > 1:  # a replaced head (e.g. fc = MLP): the layer that gives C
+            fits = [(n, m) for n, m in inside if m.out_features == num_classes]
+            if len(fits) == 1:
+                inside = fits
         sub, lin = inside[-1]
         super().__init__(model, lin, f"{attr}.{sub}" if sub else attr)

@@ -595,3 +595,27 @@ def test_hosts_retrofit_cannot_read_are_refused_saying_what_to_do(seed: int) -> 
     once = wrap(SmallNet().eval(), make_head(12, make_store(12)))
     with pytest.raises(RetrofitError, match="already retrofitted"):
         wrap(once, make_head(12, make_store(12)))
+
+
+def test_a_replaced_torchvision_head_is_read_at_the_layer_that_gives_the_classes(seed: int) -> None:
+    """fc replaced by a small MLP whose output Linear is registered first: the last registered Linear (the hidden
+    one) was taken as the classifier, and following the error's advice gave a silently wrong model."""
+    tv = pytest.importorskip("torchvision")
+
+    class MLPHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(128, C)  # registered before the hidden layer
+            self.proj = nn.Linear(512, 128)
+
+        def forward(self, f: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.proj(f)))
+
+    model = tv.models.resnet18()
+    model.fc = MLPHead()
+    model.eval()
+    wrapped = wrap(model, make_head(128, make_store(128)))
+    assert "classifier 'fc.out'" in wrapped.backbone.describe()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model(x))  # a fresh head: exactly the host's logits
