@@ -589,7 +589,11 @@ def test_hosts_retrofit_cannot_read_are_refused_saying_what_to_do(seed: int) -> 
     with torch.no_grad(), pytest.raises(RetrofitError, match=r"takes a \(2, 16, 12\) input, not \(B, D\)"):
         wrap(PerToken().eval(), make_head(12, make_store(12)), classifier="fc")(torch.rand(2, 3, 4, 4))
     tv = pytest.importorskip("torchvision")
-    scripted = torch.jit.script(tv.models.resnet18(num_classes=C).eval())
+    import warnings
+
+    with warnings.catch_warnings():  # torch deprecates jit.script; users still have scripted models
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(tv.models.resnet18(num_classes=C).eval())
     with pytest.raises(RetrofitError, match="TorchScript module: .* wrap the model before torch.jit.script"):
         wrap(scripted, make_head(512, make_store(512)))
     once = wrap(SmallNet().eval(), make_head(12, make_store(12)))
