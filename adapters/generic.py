@@ -116,7 +116,8 @@ class HookAdapter(BackboneAdapter):
                                 f"{len(captured)} times in one forward (expected once): retrofit takes the input and "
                                 "output of the one call that makes the logits; pass classifier= naming that layer, "
                                 "or wrap a module whose forward calls its classifier once")
-        if captured[0].dim() > 2 and any(n != 1 for n in captured[0].shape[2:]):
+        lead = captured[0].shape[1:-1] if isinstance(self.classifier, nn.Linear) else captured[0].shape[2:]
+        if captured[0].dim() > 2 and any(n != 1 for n in lead):  # Linear: features last; conv: channels first
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} takes "
                                 f"a {tuple(captured[0].shape)} input, not (B, D) features: it runs per position or "
                                 "token (a 1x1 conv, a per-token Linear); wrap the model so that it pools first and "

@@ -57,9 +57,15 @@ class TorchvisionAdapter(HookAdapter):
                 f"naming the layer that produces the logits. nn.Linear layers of the model: "
                 f"{[n for n, _ in linear_layers(model)] or 'none'}"
             )
-        if num_classes is not None and len(inside) > 1:  # a replaced head (e.g. fc = MLP): the layer that gives C
-            fits = [(n, m) for n, m in inside if m.out_features == num_classes]
-            if len(fits) == 1:
-                inside = fits
+        if num_classes is not None and len(inside) > 1 and inside[-1][1].out_features != num_classes:
+            # a replaced head (e.g. fc = MLP registering its output layer first), or a wrong class count: say so
+            # rather than guess (a hidden layer of C outputs would be read silently)
+            fits = [f"{attr}.{n}" for n, m in inside if m.out_features == num_classes]
+            raise RetrofitError(
+                f"the last nn.Linear of torchvision {cls}.{attr} ({attr}.{inside[-1][0]}) gives "
+                f"{inside[-1][1].out_features} outputs but the head has num_classes={num_classes}; "
+                + (f"pass classifier='{fits[0]}' if that layer produces the logits" if fits else
+                   "build the head with the model's class count")
+                + f" (nn.Linear layers of {attr}: {[f'{attr}.{n}' for n, _ in inside]})")
         sub, lin = inside[-1]
         super().__init__(model, lin, f"{attr}.{sub}" if sub else attr)

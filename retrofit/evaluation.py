@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,9 @@ def evaluate(
     labels = torch.as_tensor(labels)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
-    if not isinstance(ece_bins, int) or isinstance(ece_bins, bool) or ece_bins < 1:
+    if not isinstance(ece_bins, numbers.Integral) or isinstance(ece_bins, bool) or ece_bins < 1:
         raise ValueError(f"ece_bins must be an int >= 1, got {ece_bins!r}")
+    ece_bins = int(ece_bins)
     labels = labels.to(torch.int64).reshape(-1).cpu()
     N, C = logits.shape
     if labels.numel() != N:

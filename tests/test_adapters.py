@@ -601,9 +601,13 @@ def test_hosts_retrofit_cannot_read_are_refused_saying_what_to_do(seed: int) -> 
         wrap(once, make_head(12, make_store(12)))
 
 
-def test_a_replaced_torchvision_head_is_read_at_the_layer_that_gives_the_classes(seed: int) -> None:
+def test_a_replaced_torchvision_head_names_the_layer_that_gives_the_classes(seed: int) -> None:
     """fc replaced by a small MLP whose output Linear is registered first: the last registered Linear (the hidden
-    one) was taken as the classifier, and following the error's advice gave a silently wrong model."""
+    one) was taken as the classifier, and following the error's advice gave a silently wrong model. Now the error
+    names the layer with the head's class count; a hidden layer that happens to match a wrong count is not
+    picked silently either."""
+    from retrofit.errors import RetrofitError
+
     tv = pytest.importorskip("torchvision")
 
     class MLPHead(nn.Module):
@@ -618,8 +622,10 @@ def test_a_replaced_torchvision_head_is_read_at_the_layer_that_gives_the_classes
     model = tv.models.resnet18()
     model.fc = MLPHead()
     model.eval()
-    wrapped = wrap(model, make_head(128, make_store(128)))
-    assert "classifier 'fc.out'" in wrapped.backbone.describe()
+    with pytest.raises(RetrofitError, match=r"gives 128 outputs but the head has num_classes=10; pass "
+                                            r"classifier='fc.out'"):
+        wrap(model, make_head(128, make_store(128)))
+    wrapped = wrap(model, make_head(128, make_store(128)), classifier="fc.out")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), model(x))  # a fresh head: exactly the host's logits

@@ -125,6 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tcfg.validate()
     _device(args.device)
     _head_config(args, 1, kb, C, classes)
+    if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
+        _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
     cache = None if args.no_cache else (args.cache_dir or str(out / "cache"))
     common = dict(kb=kb, k=args.k, cache_dir=cache, batch_size=args.feature_batch, workers=args.workers,
                   progress=not args.quiet)
