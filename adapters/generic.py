@@ -1,13 +1,15 @@
 """Adapter for any ``nn.Module`` classifier: a forward hook on its final ``nn.Linear`` captures the embedding.
 
-The model runs unchanged, once; its output is the host logits, and the input of the classifier layer
-(captured by a hook registered for the duration of the call) is the embedding ``z``.
+The model runs unchanged, once; the classifier layer's output is the host logits and its input (both captured by a
+hook registered for the duration of the call) the embedding ``z``. The model may return the logits, a Hugging
+Face-style output with ``.logits``, a dict with ``"logits"`` or a tuple ``(logits, ...)``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,7 @@ from retrofit.errors import RetrofitError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HookAdapter", "find_classifier", "linear_layers"]
+__all__ = ["HookAdapter", "find_classifier", "linear_layers", "model_logits"]
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -78,6 +80,21 @@ def find_classifier(model: nn.Module, classifier: str | nn.Module | None = None,
     )
 
 
+def model_logits(out: object, model_name: str = "the model") -> Tensor:
+    """The logits tensor in a model's output: the tensor itself, ``out["logits"]`` / ``out.logits`` (Hugging Face
+    ``ModelOutput``, dicts, named tuples) or the first element of a tuple or list (``(logits, aux)``)."""
+    if isinstance(out, Tensor):
+        return out
+    found = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if found is None and isinstance(out, (tuple, list)) and out:
+        found = out[0]
+    if not isinstance(found, Tensor):
+        raise RetrofitError(f"{model_name} returned {type(out).__name__}, and retrofit finds no logits tensor in it "
+                            "(it reads a tensor, a mapping or object with a 'logits' tensor, or a tuple whose first "
+                            "element is the logits); wrap it in a module whose forward returns the (B, C) logits")
+    return found
+
+
 class HookAdapter(BackboneAdapter):
     """Runs ``model(x)`` once; a forward hook on ``classifier`` records its input as ``z``."""
 
@@ -122,12 +139,10 @@ class HookAdapter(BackboneAdapter):
                                 f"a {tuple(captured[0].shape)} input, not (B, D) features: it runs per position or "
                                 "token (a 1x1 conv, a per-token Linear); wrap the model so that it pools first and "
                                 "ends in an nn.Linear on (B, D) features")
-        if not isinstance(out, Tensor):
-            raise RetrofitError(f"{type(self.model).__name__} returned {type(out).__name__}, not a logits tensor; "
-                                "wrap it in a module whose forward returns the (B, C) logits")
         z = captured[0].flatten(1)  # (B, D)
         logits = produced[0].flatten(1)  # the classifier layer's own output: the logits
         if not self._checked_output:
+            out = model_logits(out, type(self.model).__name__)
             self._checked_output = True
             if out.shape != logits.shape or not torch.equal(out.reshape(logits.shape), logits):
                 logger.warning("%s transforms its classifier's output (e.g. a softmax after %r): retrofit fuses the "

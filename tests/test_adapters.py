@@ -629,3 +629,40 @@ def test_a_replaced_torchvision_head_names_the_layer_that_gives_the_classes(seed
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), model(x))  # a fresh head: exactly the host's logits
+
+
+def test_hosts_returning_structured_outputs(seed: int) -> None:
+    """A model returning a Hugging Face-style output (``.logits``), a dict or ``(logits, aux)`` was refused ("not a
+    logits tensor") although the logits come from its classifier layer."""
+    from collections import OrderedDict
+
+    from retrofit.errors import RetrofitError
+
+    class Output(OrderedDict):  # what transformers' ModelOutput is: a mapping whose fields are also attributes
+        def __getattr__(self, name: str):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    class Structured(SmallNet):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, x: torch.Tensor):
+            logits = super().forward(x)
+            return {"output": Output(logits=logits, hidden=x.mean()), "dict": {"logits": logits, "loss": None},
+                    "tuple": (logits, x.mean()), "none": {"scores": logits}}[self.kind]
+
+    torch.manual_seed(seed)
+    x = torch.rand(3, 3, 16, 16)
+    for kind in ("output", "dict", "tuple"):
+        model = Structured(kind).eval()
+        clf = wrap(model, make_head(12, make_store(12)))
+        with torch.no_grad():
+            torch.testing.assert_close(clf(x), SmallNet.forward(model, x))  # fresh head: fused = host logits
+            z, logits = clf.backbone(x)
+        assert z.shape == (3, 12) and logits.shape == (3, C)
+    with torch.no_grad(), pytest.raises(RetrofitError, match="returned dict, and retrofit finds no logits tensor"):
+        wrap(Structured("none").eval(), make_head(12, make_store(12)))(x)
