@@ -152,7 +152,7 @@ def test_query_text_is_zero_and_modalities(seed, modalities):
         assert head.streams.proj_i is None and torch.equal(seen["I"][:, 1:], torch.zeros_like(seen["I"][:, 1:]))
 
 
-def test_store_retrieval_honours_exclude_and_casts(seed):
+def test_store_retrieval_honours_exclude_and_casts(seed, caplog):
     N = 40
     keys = F.normalize(torch.randn(N, DQ), dim=1)
     store = InMemoryStore(DQ, DI, DT)
@@ -171,7 +171,11 @@ def test_store_retrieval_honours_exclude_and_casts(seed):
     torch.testing.assert_close(explicit.logits, out.logits, rtol=0, atol=0)
     tiny = InMemoryStore(DQ, DI, DT)
     tiny.add(keys[:2], torch.randn(2, DI), torch.randn(2, DT))
-    few = head.attach(tiny)(z)  # fewer entries than k: masked slots, finite output
+    with caplog.at_level("WARNING", logger="retrofit.head"):
+        head.attach(store)
+        assert "fewer than" not in caplog.text
+        few = head.attach(tiny)(z)  # fewer entries than k: masked slots, finite output, a warning
+    assert "the attached store holds 2 entries, fewer than the head's k=5" in caplog.text
     assert few.neighbors.mask.sum(1).tolist() == [2] * 4 and torch.isfinite(few.logits).all()
     alone = make_head(k=0).attach(store)(z)  # k = 0: no search, the query tokens attend only to themselves
     assert alone.neighbors.k == 0 and torch.isfinite(alone.logits).all()
