@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from retrofit.adapters.base import BackboneAdapter
 from retrofit.adapters.generic import HookAdapter, find_classifier
 from retrofit.adapters.timm_adapter import TimmAdapter, is_timm_like
-from retrofit.adapters.torchvision_adapter import TORCHVISION_HEADS, TorchvisionAdapter, is_torchvision
+from retrofit.adapters.torchvision_adapter import (
+    TORCHVISION_HEADS,
+    HeadlessTorchvisionAdapter,
+    TorchvisionAdapter,
+    is_headless,
+    is_torchvision,
+)
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
 from retrofit.neighbors import Neighbors
@@ -41,7 +47,7 @@ def adapter_for(model: nn.Module, classifier: str | nn.Module | None = None,
     if classifier is None and is_timm_like(model):
         return TimmAdapter(model)
     if classifier is None and is_torchvision(model) and type(model).__name__ in TORCHVISION_HEADS:
-        return TorchvisionAdapter(model, num_classes)
+        return HeadlessTorchvisionAdapter(model) if is_headless(model) else TorchvisionAdapter(model, num_classes)
     if isinstance(model, torch.jit.ScriptModule):  # (a scripted timm model is read above, through its methods)
         raise RetrofitError(f"{type(model).__name__} is a TorchScript module: retrofit reads the eager model's "
                             "layers; wrap the model before torch.jit.script (or load the eager one)")
@@ -257,8 +263,9 @@ def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
         raise TypeError(f"head must be a retrofit.RetrievalHead, got {type(head).__name__}")
     adapter = adapter_for(model, classifier, num_classes=cfg.num_classes)
     if getattr(adapter, "headless", False):
-        logger.warning("the host %s has no classifier (num_classes=0): there are no host logits, the retrofitted "
-                       "logits are the head's alone (zero until it is trained)", adapter.describe())
+        logger.warning("the host %s has no classifier (timm num_classes=0, or a torchvision classifier replaced by "
+                       "nn.Identity): there are no host logits, the retrofitted logits are the head's alone (zero "
+                       "until it is trained)", adapter.describe())
     if adapter.num_classes is not None and adapter.num_classes != cfg.num_classes:
         raise ValueError(f"the host {adapter.describe()} predicts {adapter.num_classes} classes but the head has "
                          f"num_classes={cfg.num_classes}: build the head with HeadConfig(num_classes="

@@ -7,12 +7,13 @@ The classifier is the last ``nn.Linear`` inside the family's head attribute (res
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
+from retrofit.adapters.base import BackboneAdapter
 from retrofit.adapters.generic import HookAdapter, linear_layers
 from retrofit.errors import RetrofitError
 
-__all__ = ["TorchvisionAdapter", "TORCHVISION_HEADS", "is_torchvision"]
+__all__ = ["TorchvisionAdapter", "HeadlessTorchvisionAdapter", "TORCHVISION_HEADS", "is_torchvision", "is_headless"]
 
 # torchvision model class -> attribute holding its classifier (the last nn.Linear inside it is used)
 TORCHVISION_HEADS = {
@@ -37,6 +38,39 @@ TORCHVISION_HEADS = {
 
 def is_torchvision(model: nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.models")
+
+
+def is_headless(model: nn.Module) -> bool:
+    """A torchvision model whose classifier attribute was replaced by a parameter-free module (``fc =
+    nn.Identity()``, the usual way to make a feature extractor): its output is the embedding."""
+    head = getattr(model, TORCHVISION_HEADS.get(type(model).__name__, ""), None)
+    return isinstance(head, nn.Module) and not any(True for _ in head.parameters())
+
+
+class HeadlessTorchvisionAdapter(BackboneAdapter):
+    """A torchvision feature extractor (classifier replaced by ``nn.Identity``): ``z = model(x)``, no host logits."""
+
+    family = "torchvision"
+    headless = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        z = self.model(x)
+        if not isinstance(z, Tensor) or z.dim() != 2:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise RetrofitError(f"torchvision {type(self.model).__name__} with its classifier replaced by "
+                                f"{self._head_name()} returns {shape}, not (B, D) features; wrap a module that "
+                                "returns the pooled embedding")
+        return z, None
+
+    def _head_name(self) -> str:
+        attr = TORCHVISION_HEADS[type(self.model).__name__]
+        return f"{attr} = {type(getattr(self.model, attr)).__name__}"
+
+    def classifier_modules(self) -> list[nn.Module]:
+        return []
+
+    def describe(self) -> str:
+        return f"torchvision adapter of {type(self.model).__name__} (headless: {self._head_name()})"
 
 
 class TorchvisionAdapter(HookAdapter):

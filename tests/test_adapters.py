@@ -298,9 +298,20 @@ def test_dtype_device_follow_the_model_and_inference_mode(seed: int) -> None:
         torch.testing.assert_close(y, model(x.double()))  # a fresh head: fused logits = host logits
 
 
-def test_headless_timm_model_gives_retrieval_logits_only(seed: int, caplog) -> None:
-    timm = pytest.importorskip("timm")
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+def _headless(kind: str) -> nn.Module:
+    if kind == "timm":
+        return pytest.importorskip("timm").create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18(num_classes=C) if kind == "tv-resnet" else tv.models.mobilenet_v3_small(num_classes=C)
+    setattr(model, "fc" if kind == "tv-resnet" else "classifier", nn.Identity())  # the usual feature extractor
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["timm", "tv-resnet", "tv-mobilenet"])
+def test_headless_host_gives_retrieval_logits_only(kind: str, seed: int, caplog) -> None:
+    """A torchvision model with ``fc = nn.Identity()`` was refused ("holds no nn.Linear"); it is headless like a timm
+    model with num_classes=0: z is its output, no host logits."""
+    model = _headless(kind)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         z = model(x)
@@ -311,6 +322,8 @@ def test_headless_timm_model_gives_retrieval_logits_only(seed: int, caplog) -> N
         out = wrapped(x, return_output=True)
     assert out.host_logits is None and out.logits.shape == (2, C)
     torch.testing.assert_close(out.logits, out.retrieval_logits)  # tau/2 * L_R with tau = 2
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(model)(x), z)  # the embedding is the headless model's output
 
 
 def test_torch_compile_on_cpu(seed: int) -> None:
