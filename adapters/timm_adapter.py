@@ -58,7 +58,8 @@ class TimmAdapter(BackboneAdapter):
         if self.headless:
             return None
         for m in self.classifier_modules():  # the layer itself: a classifier replaced by hand leaves num_classes stale
-            n = getattr(m, "out_features", None) or getattr(m, "out_channels", None)
+            last = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d))][-1:]  # a replaced MLP: its last
+            n = (getattr(last[0], "out_features", None) or getattr(last[0], "out_channels", None)) if last else None
             if isinstance(n, int) and n > 0:
                 return n
         n = getattr(self.model, "num_classes", None)

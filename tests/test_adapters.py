@@ -679,3 +679,18 @@ def test_hosts_returning_structured_outputs(seed: int) -> None:
         assert z.shape == (3, 12) and logits.shape == (3, C)
     with torch.no_grad(), pytest.raises(RetrofitError, match="returned dict, and retrofit finds no logits tensor"):
         wrap(Structured("none").eval(), make_head(12, make_store(12)))(x)
+
+
+def test_a_timm_classifier_replaced_by_an_mlp_gives_its_class_count(seed: int) -> None:
+    """``model.fc = nn.Sequential(Linear, ReLU, Linear(., C))`` leaves timm's num_classes stale (1000): wrap refused
+    the model, naming 1000 classes."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000).eval()
+    d = model.num_features
+    model.fc = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, C))
+    clf = wrap(model, make_head(d, make_store(d)))
+    assert clf.backbone.num_classes == C
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), model(x))  # a fresh head: the host's logits
