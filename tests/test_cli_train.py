@@ -308,7 +308,8 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     shutil.copytree(trained, done)
     before = sorted(p.name for p in done.iterdir())
     for extra, says in ((["--lr", "-1"], "TrainConfig.lr must be > 0"), (["--dim", "30"], "divisible by heads"),
-                        (["--device", "bogus"], "'bogus' is not a device; allowed")):
+                        (["--device", "bogus"], "'bogus' is not a device; allowed"),
+                        (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2")):
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
         assert sorted(p.name for p in done.iterdir()) == before and (done / "head" / "model.safetensors").exists()
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())

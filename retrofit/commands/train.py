@@ -107,6 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.no_vote_balance and not args.label_vote:
         raise ValueError("--no-vote-balance only applies with --label-vote")
+    if args.cross_fit == 1 or args.cross_fit < 0:
+        raise ValueError(f"--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2, got {args.cross_fit}")
     out = Path(args.out)
     has_run = _check_out(out, args)  # refusals before any work; nothing is deleted yet
     kb = _open_kb(args.kb)
