@@ -247,6 +247,11 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     # refused: a head without a vote, bad scales; nothing written
     assert main(["calibrate", "--run", str(trained), "--data", val, "--quiet", "--save", str(tmp_path / "x")]) == 1
     assert "has no label vote" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    before = (out / "head" / "model.safetensors").read_bytes()
+    for save, says in ((out / "head", "is the head being calibrated"), (out, "exists and is not an empty directory")):
+        assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--save", str(save)]) == 1
+        assert says in capsys.readouterr().err
+    assert (out / "head" / "model.safetensors").read_bytes() == before and not (out / "model.safetensors").exists()
     for bad in ("1,-2", "a,b", ","):
         assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--scales", bad]) == 1
         assert "--scales" in capsys.readouterr().err

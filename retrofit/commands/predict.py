@@ -181,12 +181,25 @@ def _scales(value: str) -> list[float]:
     return out
 
 
+def _check_save(save: Path, head_path: Path) -> None:
+    """--save writes a whole head (weights + config): never over the head it calibrates or into a folder of other
+    files (e.g. the run folder), refused before any work."""
+    if save.exists() and save.resolve() == head_path.resolve():
+        raise ValueError(f"--save {save} is the head being calibrated: give a new directory (the trained head stays "
+                         "as it was, and the calibrated one goes next to it)")
+    if save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise ValueError(f"--save {save} exists and is not an empty directory: give a new directory for the "
+                         "calibrated head")
+
+
 @guarded(also=(TypeError,))
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale
 
     scales = _scales(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
     run = _resolve(args)
+    if args.save:
+        _check_save(Path(args.save), Path(run["head_path"]))
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch)
     if head.vote is None:
