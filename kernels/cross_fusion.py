@@ -337,8 +337,9 @@ def _explain(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> tuple[
             raise ValueError(f"cross_fusion_attention_fused: {name} has shape {tuple(t.shape)} but q_t has "
                              f"{tuple(shape)}; all eight inputs must share (B, S, H, Dh)")
     B, S, H, Dh = shape
-    if min(B, S, H, Dh) < 1:
-        raise ValueError(f"cross_fusion_attention_fused: empty input of shape {tuple(shape)}")
+    if min(S, H, Dh) < 1:  # (an empty batch, B = 0, is fine: the caller returns the residuals)
+        raise ValueError(f"cross_fusion_attention_fused: empty input of shape {tuple(shape)}; S, H and Dh must be "
+                         ">= 1")
     if Dh > _MAX_HEAD_DIM:
         raise ValueError(f"cross_fusion_attention_fused: head dim Dh={Dh} is not supported; allowed 1..{_MAX_HEAD_DIM} "
                          "(tuned for 32, 64, 128)")
@@ -536,6 +537,9 @@ def cross_fusion_attention_fused(
         return new_i, new_t
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)
+    if B == 0:  # an empty batch (the PyTorch path takes it too): nothing to attend, the launch grid would be empty
+        return (res_i.clone(memory_format=torch.contiguous_format),
+                res_t.clone(memory_format=torch.contiguous_format))
     scale = Dh**-0.5 if scale is None else float(scale)
     return CrossFusionAttention.apply(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale)
 

@@ -72,6 +72,11 @@ class FeatureSet:
                 raise ValueError(f"FeatureSet.{f.name} has {t.shape[0]} rows but z has {n}")
         if self.labels.dim() != 1:
             raise ValueError(f"FeatureSet.labels must be (N,), got shape {tuple(self.labels.shape)}")
+        for name in ("labels", "exclude", "neighbor_ids", "neighbor_labels"):  # uint8 / int32 ids: int64 (indexing)
+            t = getattr(self, name)
+            if t is not None and not t.is_floating_point() and not t.is_complex() and t.dtype not in (torch.int64,
+                                                                                                     torch.bool):
+                setattr(self, name, t.long())
 
     def __len__(self) -> int:
         return self.z.shape[0]

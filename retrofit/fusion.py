@@ -231,13 +231,19 @@ class LabelVote(nn.Module):
         """(B, C) similarity-weighted label distribution of the neighbours (all zeros when none is valid)."""
         valid = mask & (labels >= 0)  # (B, k)
         t = (self.log_temperature * self.gain).exp()
+        # fp32 at least (fp64 for an fp64 head): the prior's exp and the softmax overflow in half precision
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         # mask after dividing, from finite values: -inf / t would give the temperature a NaN gradient (inf * 0)
-        # whenever a slot is invalid (an unknown label, a masked slot), and one NaN step disables the vote for good
-        s = (scores.float().masked_fill(~valid, 0.0) / t).masked_fill(~valid, float("-inf"))  # (B, k)
-        w = torch.softmax(s, dim=1).nan_to_num(0.0) * valid  # (B, k)
+        # whenever a slot is invalid (an unknown label, a masked slot) or a valid one scores -inf (least similar:
+        # no weight), and one NaN step disables the vote for good
+        finite = valid & torch.isfinite(scores)
+        s = (scores.masked_fill(~finite, 0.0) / t).masked_fill(~finite, float("-inf"))  # (B, k)
+        w = torch.softmax(s, dim=1).nan_to_num(0.0) * finite  # (B, k)
         p = w.new_zeros(labels.shape[0], self.num_classes)  # (B, C)
         p = p.scatter_add(1, labels.clamp_min(0), w)
-        rebalanced = p * (-self.label_log_prior).exp()  # (B, C) divided by the KB's (relative) class frequency
+        # (B, C) divided by the KB's (relative) class frequency, in p's precision: a rare class's 1 / share
+        # (N / (count * C)) passes fp16's range for a KB of ~1M entries
+        rebalanced = p * (-self.label_log_prior.to(p.dtype)).exp()
         rebalanced = rebalanced / rebalanced.sum(1, keepdim=True).clamp_min(1e-12)
         # a tensor select, not an `if`: torch.compile traces it without a graph break
         return torch.where(self.label_log_prior.any(), rebalanced, p)

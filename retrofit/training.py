@@ -82,6 +82,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
             raise ValueError(f"TrainConfig.k must be a positive int or None, got {self.k!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1] (the final lr as a fraction of lr), got "
+                             f"{self.min_lr_ratio}")
+        if not 0.0 <= self.grad_clip < math.inf:
+            raise ValueError(f"TrainConfig.grad_clip must be a finite number >= 0 (0 = no clipping), got "
+                             f"{self.grad_clip}")
+        if self.host_lr is not None and not 0.0 <= self.host_lr < math.inf:
+            raise ValueError(f"TrainConfig.host_lr must be None (= lr) or a finite number >= 0, got {self.host_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,16 +130,20 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of (B, C) logits against (B, C) target distributions; with ``class_weights`` (C,)
     each sample's loss is weighted by its target's expected class weight ``targets @ class_weights``."""
-    loss = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B,)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    # a class with zero target weight adds nothing, also where its logit is -inf (0 * -inf would be NaN)
+    loss = -torch.where(targets > 0, targets * logp, 0.0).sum(-1)  # (B,)
     if class_weights is not None:
         loss = loss * (targets.float() @ class_weights)
     return loss.mean()
 
 
 def class_balance_weights(labels: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
-    """(C,) loss weights ``n_c ** -power`` scaled so that the mean weight over ``labels`` is 1."""
+    """(C,) loss weights ``n_c ** -power`` scaled so that the mean weight over ``labels`` is 1; a class with no
+    sample weighs 0 (label smoothing and mixup spread target mass over it: a single sample's weight there, the
+    largest of all, would add ``smoothing / C * w`` to every sample and undo the balance)."""
     counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float()
-    w = counts.clamp_min(1.0).pow(-float(power))  # a class with no sample gets the weight of a single one
+    w = counts.clamp_min(1.0).pow(-float(power)) * (counts > 0)
     return w * counts.sum() / (w * counts).sum().clamp_min(1e-12)
 
 
@@ -199,6 +211,10 @@ def train(
     dev = _device(cfg.device)
     C = _num_classes(head)
     k = cfg.k if cfg.k is not None else getattr(head.config, "k", 32)
+    if cfg.k is not None and cfg.k != getattr(head.config, "k", cfg.k):
+        log.warning("TrainConfig.k=%d differs from the head's k=%d: the head trains with %d neighbours but retrieves "
+                    "%d after training (head(z), predict_logits, the saved config); build the head with "
+                    "HeadConfig(k=%d) to train and predict alike", cfg.k, head.config.k, cfg.k, head.config.k, cfg.k)
     if len(features) == 0:
         raise ValueError("train() got an empty FeatureSet")
     if cfg.train_host and host_classifier is None:
@@ -238,12 +254,15 @@ def train(
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    host_lr_scale = (cfg.host_lr or cfg.lr) / cfg.lr
+    host_lr_scale = (cfg.host_lr if cfg.host_lr is not None else cfg.lr) / cfg.lr
     thawed: list[torch.nn.Parameter] = []  # host parameters frozen by the caller (retrofit.wrap freezes the host)
     if cfg.train_host:
         thawed = [p for p in host.parameters() if not p.requires_grad]  # unfrozen while the loop runs
-        groups.append({"params": list(host.parameters()), "weight_decay": cfg.weight_decay,
-                       "lr_scale": host_lr_scale})
+        for decays in (True, False):  # as in the head: the weight decays, the bias does not
+            ps = [p for p in host.parameters() if (p.dim() >= 2) == decays]
+            if ps:
+                groups.append({"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+                               "lr_scale": host_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     use_amp = cfg.amp and dev.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16

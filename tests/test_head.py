@@ -321,6 +321,40 @@ def test_label_vote_gradients_stay_finite_with_invalid_slots(seed):
     assert vote.log_temperature.grad != 0  # the valid slots of rows 0 and 2 still teach the temperature
 
 
+def test_label_vote_precision_and_least_similar_neighbours(seed):
+    """Found by a stress test: (1) an fp16 head over a KB where a class is rare gave all-NaN logits (1 / share
+    overflowed fp16 in the rebalancing, even in a fresh head); (2) a valid neighbour scoring -inf gave the
+    temperature a NaN gradient (one step disabled the vote for good); (3) an fp64 head's vote ran in fp32."""
+    from torch.autograd import gradcheck
+
+    from retrofit.fusion import LabelVote
+
+    torch.manual_seed(seed)
+    labels = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
+    scores = torch.tensor([[0.9, 0.7, float("-inf"), 0.1], [0.8, 0.6, 0.5, 0.4]])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    fresh = LabelVote(3).half()
+    fresh.set_label_prior(torch.tensor([1e6, 1e6, 1.0]))  # class 2: one record in two million
+    out = fresh(labels, scores.half(), mask)
+    assert torch.equal(out, torch.zeros_like(out))  # zero weight: adds exactly nothing, no NaN
+    fresh.set_weight(1.0)
+    assert torch.isfinite(fresh(labels, scores.half(), mask)).all()
+
+    vote = LabelVote(3)
+    vote.set_weight(1.0)
+    p = vote.probs(labels, scores, mask)
+    assert p[0, 1] > 0 and torch.allclose(p.sum(1), torch.ones(2))  # the -inf slot weighs nothing, others do
+    vote(labels, scores, mask)[:, 1].sum().backward()
+    assert torch.isfinite(vote.log_temperature.grad) and vote.log_temperature.grad != 0
+
+    v64 = LabelVote(3).double()
+    v64.set_weight(2.0)
+    assert v64.probs(labels, scores.double(), mask).dtype == torch.float64
+    lt = v64.log_temperature.detach().clone().requires_grad_()
+    f = lambda t: torch.func.functional_call(v64, {"log_temperature": t}, (labels, scores.double(), mask))
+    assert gradcheck(f, (lt,))
+
+
 def test_label_vote_rebalances_by_kb_prior(seed):
     from retrofit.fusion import LabelVote
 

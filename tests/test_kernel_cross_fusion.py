@@ -108,6 +108,20 @@ def test_everything_masked_is_finite():
     assert torch.equal(out[0], xs[6].detach()) and torch.equal(out[1], xs[7].detach())
 
 
+def test_an_empty_batch_gives_empty_outputs_like_the_reference():
+    """B = 0 (an empty last batch) worked on the PyTorch path but the kernel refused it ("empty input")."""
+    xs, mask = make_inputs(0, 5, 2, 8, torch.float32)
+    out = fused(*xs, mask)
+    ref = reference(*xs, mask)
+    for o, r in zip(out, ref[:2]):
+        assert o.shape == r.shape == (0, 5, 2, 8) and o.dtype == r.dtype
+    grads = torch.autograd.grad([o.sum() for o in out], xs, allow_unused=True)
+    assert all(g is None or g.shape == (0, 5, 2, 8) for g in grads)
+    bad, mask1 = make_inputs(1, 5, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="empty input of shape .* S, H and Dh must be >= 1"):
+        fused(*[x[:, :, :0] for x in bad], mask1)
+
+
 def test_mixed_precision_residuals():
     """Autocast-style inputs: fp16 q/k/v, fp32 residual streams (outputs and residual grads stay fp32)."""
     xs, mask = make_inputs(2, 9, 2, 32, torch.float16)

@@ -260,6 +260,10 @@ def test_lr_schedule_and_config_errors():
         TrainConfig(loss="focal").validate()
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0).validate()
+    for field, bad in (("min_lr_ratio", -1.0), ("min_lr_ratio", 1.5), ("grad_clip", -1.0), ("host_lr", -1e-3),
+                       ("grad_clip", float("inf"))):  # were accepted: a negative lr, clipping silently off
+        with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+            TrainConfig(**{field: bad}).validate()
     assert TrainConfig.from_dict(TrainConfig(lr=1e-3).to_dict()) == TrainConfig(lr=1e-3)
 
 
@@ -316,6 +320,17 @@ def test_class_balance_weights_and_loss():
     for bad in (-0.1, 1.5, "1"):
         with pytest.raises(ValueError, match="class_balance"):
             TrainConfig(class_balance=bad).validate()
+    # a class with no sample weighs 0: smoothed targets spread mass over it, and a single sample's weight there
+    # (the largest) added smoothing / C * w to every sample (tail / head weight ratio 27 -> 2 with one empty class)
+    w_empty = class_balance_weights(y, 3, 1.0)
+    assert w_empty[2] == 0 and w_empty[1] / w_empty[0] == pytest.approx(4.0)
+    smooth = tgt * 0.9 + 0.1 / 3
+    assert soft_cross_entropy(logits, smooth, w_empty) < 2 * soft_cross_entropy(logits, smooth)
+    # a class whose host logit is -inf and whose target weight is 0 adds nothing (0 * -inf was NaN)
+    masked = logits.clone()
+    masked[:, 2] = float("-inf")
+    ref = torch.nn.functional.cross_entropy(masked, y)
+    assert soft_cross_entropy(masked, tgt) == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_class_balanced_training_weights_rare_classes(data, real):
@@ -435,3 +450,23 @@ def test_train_host_trains_a_host_that_wrap_froze(data, real):
     train(_head(), train_fs, _cfg(epochs=1, train_host=True), store=real["store"], host_classifier=host)
     assert not torch.equal(host.weight, before)
     assert not host.weight.requires_grad and not host.bias.requires_grad
+    # host_lr=0.0 trains nothing of the host (0.0 was read as "unset": the full lr)
+    before = host.weight.detach().clone()
+    train(_head(), train_fs, _cfg(epochs=1, train_host=True, host_lr=0.0), store=real["store"], host_classifier=host)
+    assert torch.equal(host.weight, before)
+
+
+def test_integer_labels_of_any_width_and_a_k_that_differs_from_the_heads(data, real, caplog):
+    """uint8 / int32 labels crashed training (scatter needs int64); TrainConfig.k != HeadConfig.k trains with one k
+    and predicts with the other, now said."""
+    train_fs, _, _ = data
+    small = train_fs.subset(slice(0, 64))
+    for dtype in (torch.uint8, torch.int32):
+        fs = FeatureSet(z=small.z, labels=small.labels.to(dtype), host_logits=small.host_logits,
+                        neighbor_ids=small.neighbor_ids.int(), neighbor_scores=small.neighbor_scores,
+                        neighbor_labels=small.neighbor_labels.int())
+        assert fs.labels.dtype == fs.neighbor_ids.dtype == torch.int64
+        with caplog.at_level("WARNING", logger="retrofit.training"):
+            res = train(_head(), fs, _cfg(epochs=1, k=2), store=real["store"])
+        assert all(torch.isfinite(torch.tensor(res.step_losses)))
+    assert "TrainConfig.k=2 differs from the head's k=" in caplog.text
