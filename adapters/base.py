@@ -11,8 +11,9 @@ class BackboneAdapter(nn.Module):
     """Wraps a host classifier ``model`` (kept as the submodule ``model``, weights shared, not copied).
 
     ``forward(x)`` runs the host's backbone exactly once and returns ``(z, host_logits)``: ``z`` (B, D)
-    the pre-logits embedding, ``host_logits`` (B, C) exactly what the unwrapped model returns for ``x``
-    (None for a headless model).
+    the pre-logits embedding, ``host_logits`` (B, C) the host classifier layer's output for ``x``: what the
+    unwrapped model returns, unless it transforms that output (a final softmax: the logits before it are taken);
+    None for a headless model.
     """
 
     family: str = "generic"  # "timm", "torchvision" or "generic"

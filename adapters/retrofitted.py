@@ -254,7 +254,9 @@ def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
       checked against the KB's key fingerprint unless ``allow_fingerprint_mismatch=True``.
 
     The head is moved to the model's device and floating dtype. Raises ``ValueError`` when the head's
-    dims do not fit the model and :class:`FingerprintMismatchError` for a KB from another encoder.
+    dims do not fit the model, :class:`RetrofitError` when retrofit cannot find the model's classifier layer
+    (e.g. no ``nn.Linear`` with the head's class count) and :class:`FingerprintMismatchError` for a KB from another
+    encoder. Hosts whose features turn out unpooled or per-token are refused on the first forward call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

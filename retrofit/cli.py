@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrofit",
         description="Retrieval-augmented heads for existing image classifiers.",
-        epilog="Run `retrofit COMMAND --help` for a command's options and an example.",
+        epilog="example:\n  retrofit kb build photos/ kb/\n"
+               "  retrofit train --model darknet-tiny --data photos/ --kb kb/ --out runs/a\n\n"
+               "Run `retrofit COMMAND --help` for a command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"retrofit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -44,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         if mod is not None:
             mod.register(sub)
     kb = sub.add_parser("kb", help="create, inspect and maintain knowledge bases",
-                        description="Knowledge-base commands.")
+                        description="Knowledge-base commands.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example:\n  retrofit kb build photos/ kb/photos --image-encoder darknet-tiny\n"
+                               "  retrofit kb info kb/photos\n\n"
+                               "Run `retrofit kb KB_COMMAND --help` for a command's options and an example.")
     kb_sub = kb.add_subparsers(dest="kb_command", metavar="KB_COMMAND")
     kb.set_defaults(func=lambda args: kb.print_help() or 2)
     for name in _KB_COMMANDS:

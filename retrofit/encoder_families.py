@@ -32,8 +32,13 @@ _RANDOM_SEED = 0  # seed of ``@random`` weights, so that two random encoders of 
 # ----------------------------------------------------------------------------------------------- weights
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz", ".tar")
+
+
 def _is_path(weights: str | None) -> bool:
-    return weights is not None and (os.sep in weights or weights.startswith(".") or Path(weights).exists())
+    """A local checkpoint (a path, or a file name with a checkpoint's suffix, existing or not) rather than a hub tag."""
+    return weights is not None and (os.sep in weights or weights.startswith(".") or Path(weights).exists()
+                                    or weights.lower().endswith(_CHECKPOINT_SUFFIXES))
 
 
 def _checked_path(weights: str, spec: str) -> Path:

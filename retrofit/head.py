@@ -338,6 +338,17 @@ class RetrievalHead(nn.Module):
     # --------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, host_logits: torch.Tensor | None = None, neighbors: Neighbors | None = None,
                 exclude: torch.Tensor | None = None, return_attention: bool = False) -> HeadOutput:
+        """Fused logits for queries ``z`` (B, query_dim): ``tau/2 * (host_logits + L_R)``.
+
+        - ``host_logits`` (B, C): the host's logits ``L_I``; None gives ``tau/2 * L_R`` (a headless host).
+        - ``neighbors``: precomputed :class:`~retrofit.neighbors.Neighbors` (B, k); None searches the attached
+          store with ``normalize(z)``, skipping the KB ids in ``exclude`` (B, m) (-1 pads), e.g. a sample's own entry.
+        - ``return_attention``: also give each neighbour's attention from the query tokens (B, k), averaged over
+          layers, heads and both directions (slower: the PyTorch reference path materialises the probabilities).
+
+        Returns a :class:`HeadOutput` (logits, L_R, L_I, the neighbours used, attention). Inputs move to the head's
+        device and dtype. Raises ``ValueError`` naming the shape that does not fit.
+        """
         c = self.config
         if z.dim() != 2 or z.shape[1] != c.query_dim:
             raise ValueError(f"z must be (B, {c.query_dim}), got shape {tuple(z.shape)}")

@@ -303,16 +303,18 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         return a
 
     # ------------------------------------------------------------------ properties
-    key_dim = property(lambda self: int(self._meta["key_dim"]))
-    image_dim = property(lambda self: int(self._meta["image_dim"]))
-    text_dim = property(lambda self: int(self._meta["text_dim"]))
+    key_dim = property(lambda self: int(self._meta["key_dim"]), doc="width of the search keys (the query encoder's)")
+    image_dim = property(lambda self: int(self._meta["image_dim"]), doc="width of the stored image vectors")
+    text_dim = property(lambda self: int(self._meta["text_dim"]), doc="width of the stored text vectors")
     generation = property(lambda self: int(self._meta["generation"]), doc="increases with every committed change")
-    class_names = property(lambda self: self._meta.get("class_names"))
-    dtype = property(lambda self: self._meta["dtype"])
+    class_names = property(lambda self: self._meta.get("class_names"),
+                           doc="the class names that labels index (label i is class_names[i]), or None")
+    dtype = property(lambda self: self._meta["dtype"], doc='storage dtype of the vectors: "float16" or "float32"')
     user_meta = property(lambda self: dict(self._meta["user_meta"]), doc="free JSON metadata (e.g. build progress)")
 
     @property
     def fingerprint(self) -> KBFingerprint:
+        """The encoders of the keys, image and text vectors (checked against a head's and a backbone's)."""
         return KBFingerprint.from_dict(self._meta["fingerprint"])
 
     @property
@@ -358,6 +360,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         return changed
 
     def close(self) -> None:
+        """Flush unsaved writes (a writer) and release the files and the writer lock; idempotent. The handle is
+        unusable afterwards. Also what ``with KnowledgeBase.open(...) as kb:`` does on exit."""
         if getattr(self, "_rec", None) is None:
             return
         if os.getpid() != self._pid:

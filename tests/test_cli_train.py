@@ -318,6 +318,10 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
         assert sorted(p.name for p in done.iterdir()) == before and (done / "head" / "model.safetensors").exists()
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
+    for extra, says in ((["--noise", "symmetric", "--noise-rate", "2"], "--noise-rate must be in [0, 1]"),
+                        (["--val", str(tmp_path / "nosuch")], "nosuch")):  # found after the features were computed
+        assert says in err([*_train_args(setup, tmp_path / "fresh2"), *extra]), extra
+        assert not (tmp_path / "fresh2" / "cache").exists()
     assert "TrainConfig.batch_size" in err([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"])
     assert not (tmp_path / "fresh" / "run.json").exists()  # nothing written for a refused run
     a_file = tmp_path / "a_file"
@@ -327,8 +331,9 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     assert "Not a directory" in msg or "File exists" in msg
     assert "is not a device" in err(["eval", "--run", str(done), "--data", str(setup / "test.tar"),
                                      "--device", "cuda:x"])
-    assert "give --run DIR" in err(["eval", "--model", "darknet-tiny", "--head", str(done / "head"), "--kb",
-                                    str(setup / "kb"), "--data", str(setup / "test.tar")])
+    assert "eval needs --run DIR" in err(["eval", "--model", "darknet-tiny", "--head", str(done / "head"), "--kb",
+                                          str(setup / "kb"), "--data", str(setup / "test.tar")])
+    assert "eval needs --run DIR" in err(["eval", "--data", str(setup / "test.tar")])  # not "--model is required"
     with pytest.raises(SystemExit) as e:
         main(["predict", str(a_file), "--run", str(done), "--top", "0"])
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err

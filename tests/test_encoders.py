@@ -204,6 +204,8 @@ def test_offline_failures_are_immediate_and_clear(monkeypatch):
     ("timm:", "no model name"),
     ("darknet-tiny@big", "input size"),
     ("timm:test_vit@/no/such/file.pth", "does not exist"),
+    ("timm:test_vit@nosuch.pth", "checkpoint 'nosuch.pth' .* does not exist"),  # was "must come from the hub"
+    ("torchvision:resnet18@nosuch.safetensors", "does not exist"),
     ("torchvision:not_a_model@random", "unknown torchvision model"),
     ("timm:resnt18@random", r"unknown timm model 'resnt18'.*did you mean \['resnet18'"),
     ("timm:notamodel", "unknown timm model 'notamodel'"),  # not "the hub is not reachable"

@@ -68,6 +68,25 @@ def test_cli_info_json():
     assert isinstance(info["fused_kernel"], bool) and info["fused_kernel_reason"]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the forced kernel can run on CUDA")
+def test_cli_info_says_what_a_forced_or_bad_retrofit_fused_does():
+    """RETROFIT_FUSED=1 on a CPU said 'no' with a reason suggesting RETROFIT_FUSED=1 (every forward then raises);
+    an unknown value was a traceback."""
+    import os
+
+    def info(value: str) -> dict:
+        env = {**os.environ, "RETROFIT_FUSED": value, "TRITON_INTERPRET": "0"}
+        p = subprocess.run([sys.executable, "-m", "retrofit.cli", "info", "--json"], capture_output=True, text=True,
+                           env=env)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    forced = info("1")
+    assert forced["fused_kernel"] is False and "every head forward will raise" in forced["fused_kernel_reason"]
+    bad = info("maybe")
+    assert bad["fused_kernel"] is False and "'maybe' is not understood" in bad["fused_kernel_reason"]
+
+
 def test_cli_without_command_shows_help():
     p = subprocess.run([sys.executable, "-m", "retrofit.cli"], capture_output=True, text=True)
     assert p.returncode == 2 and "usage: retrofit" in p.stdout

@@ -34,6 +34,26 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+def at_least_one(value: str) -> int:
+    """argparse ``type=`` for counts that must be >= 1 (batch sizes, --top): the usage error names the value."""
+    return _int_at_least(value, 1)
+
+
+def nonnegative(value: str) -> int:
+    """argparse ``type=`` for counts that may be 0 (--workers)."""
+    return _int_at_least(value, 0)
+
+
+def _int_at_least(value: str, low: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = low - 1
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value!r}")
+    return n
+
+
 # a path that is a file where a folder is needed (or the reverse), or not writable: the user's to fix
 _PATH_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 

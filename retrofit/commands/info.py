@@ -24,7 +24,7 @@ def collect() -> dict[str, Any]:
     """Everything ``retrofit info`` reports, as a dict."""
     import torch
 
-    from retrofit.functional import fused_kernel_status
+    from retrofit.functional import FUSED_MAX_HEAD_DIM, fused_kernel_status
 
     faiss_gpus = 0
     try:
@@ -33,7 +33,17 @@ def collect() -> dict[str, Any]:
         faiss_gpus = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
     except Exception:
         pass
-    fused, why = fused_kernel_status()
+    from retrofit._env import fused_flag
+
+    try:
+        fused, why = fused_kernel_status()
+        if fused_flag() is True and not fused:
+            why = (f"RETROFIT_FUSED=1 forces the kernel but it cannot run here ({why}): every head forward will "
+                   "raise; unset RETROFIT_FUSED or set it to 0")
+        elif fused and fused_flag() is None:
+            why += f"; heads with dim / heads above {FUSED_MAX_HEAD_DIM} take PyTorch's attention"
+    except ValueError as e:  # a RETROFIT_FUSED value it does not understand
+        fused, why = False, str(e)
     d = data_dir()
     return {
         "retrofit": __version__,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import guarded
+from retrofit.commands import at_least_one, guarded, nonnegative
 
 _EPILOG_BUILD = """examples:
   retrofit kb build 'data/train-{000000..000004}.tar' kb/cifar --image-encoder darknet-tiny --text-encoder minilm
@@ -142,9 +142,9 @@ def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
     p.add_argument("--image-column", default="image", help="manifest column with the image path")
     p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
     p.add_argument("--label-column", default="label", help="manifest column with the label (index or name)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images (default 1)")
-    p.add_argument("--commit-every", type=int, default=4096,
+    p.add_argument("--batch-size", type=at_least_one, default=256, help="images per encoder batch (default 256)")
+    p.add_argument("--workers", type=nonnegative, default=1, help="DataLoader workers decoding images (default 1)")
+    p.add_argument("--commit-every", type=at_least_one, default=4096,
                    help="commit once this many records are pending, at the end of the batch that reaches it "
                         "(so up to --batch-size - 1 more): the resume granularity (default %(default)s)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import guarded
+from retrofit.commands import at_least_one, guarded
 from retrofit.commands.train import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 
 _EPILOG_EVAL = """examples:
@@ -102,6 +102,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.training import predict_logits
 
     hi, lo = _cutoffs(args.cutoffs)  # before any work
+    if not args.run:  # said first: the other parts' errors would lead here anyway
+        raise ValueError("eval needs --run DIR, the output of `retrofit train` (its run.json holds the training "
+                         "class counts that define Many / Medium / Few; --model / --head / --kb override its parts)")
     run = _resolve(args)
     if run.get("train_counts") is None:  # the Many / Medium / Few groups need them: said before any work
         raise ValueError("eval needs the training class counts from the run (run.json): give --run DIR of the "
@@ -312,16 +315,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
-    return n
-
-
 def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True) -> None:
     p.add_argument("--run", default=None, metavar="DIR", help="output directory of `retrofit train` (sets the rest)")
     p.add_argument("--model", default=None, metavar="SPEC", help="host model (default: the run's)")
@@ -375,10 +368,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG_PREDICT, formatter_class=fmt)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     _load_args(p)
-    p.add_argument("--top", type=_at_least_one, default=5, help="classes to show (default 5)")
+    p.add_argument("--top", type=at_least_one, default=5, help="classes to show (default 5)")
     p.add_argument("--explain", action="store_true",
                    help="show the neighbours (id, caption, label, similarity, attention weight)")
-    p.add_argument("--explain-top", type=_at_least_one, default=8,
+    p.add_argument("--explain-top", type=at_least_one, default=8,
                    help="neighbours shown per image in the table (default 8)")
     _runtime(p)
     p.set_defaults(func=cmd_predict)

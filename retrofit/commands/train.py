@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import guarded
+from retrofit.commands import at_least_one, guarded, nonnegative
 from retrofit.train_checkpoint import RESUME_FREE
 
 RUN_FILE = "run.json"  # what `retrofit train` records in its output directory for eval / predict
@@ -129,14 +129,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     _head_config(args, 1, kb, C, classes)
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
+    if args.noise and not 0.0 <= args.noise_rate <= 1.0:
+        raise ValueError(f"--noise-rate must be in [0, 1] (the fraction of labels flipped), got {args.noise_rate}")
+    if args.val:  # opened and labelled now: a bad --val used to be found after the training set's features
+        vsrc = _source(args.val)
+        vlabels, _ = _labels(vsrc, classes, "validation data", required=True)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out, said before the features (the cache goes there)
     cache = None if args.no_cache else (args.cache_dir or str(out / "cache"))
     common = dict(kb=kb, k=args.k, cache_dir=cache, batch_size=args.feature_batch, workers=args.workers,
                   progress=not args.quiet)
     fs = source_features(host, src, labels, name="train", live=args.no_cache, **common)
     val = None
     if args.val:
-        vsrc = _source(args.val)
-        vlabels, _ = _labels(vsrc, classes, "validation data", required=True)
         val = source_features(host, vsrc, vlabels, name="val", **{**common, "cache_dir": cache})
     if args.noise:
         fs.labels, flipped = add_label_noise(fs.labels, args.noise, args.noise_rate, C, seed=args.seed)
@@ -271,8 +275,8 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 def _runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
-    p.add_argument("--feature-batch", type=int, default=256, help="images per backbone batch (default 256)")
+    p.add_argument("--workers", type=nonnegative, default=0, help="DataLoader workers decoding images (default 0)")
+    p.add_argument("--feature-batch", type=at_least_one, default=256, help="images per backbone batch (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
