@@ -42,6 +42,10 @@ __all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "chunk_sum", "meta_c
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: chunk checksums (``sum``); a writer upgrades a schema-1 KB on its first write
+# LMDB reader slots: one per reading process / thread. A forked DataLoader worker that opens the KB while its
+# parent holds it open reads through the parent's environment, and each worker's slot stays listed under the
+# parent's pid (inactive, pinning nothing) until the parent closes the KB: room for thousands of worker lifetimes.
+_MAX_READERS = 4096
 _MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file only grows as data is written
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
@@ -109,7 +113,7 @@ class RecordStore:
                     raise CorruptKnowledgeBaseError(_unreadable(self.path, f"{data.stat().st_size} bytes"))
                 try:
                     env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
-                                    lock=True, readahead=False, max_readers=512)
+                                    lock=True, readahead=False, max_readers=_MAX_READERS)
                 except _damage_errors(lmdb) as e:
                     raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
                 if not create:  # a truncated file: reading a page past its end would kill the process (SIGBUS)
@@ -119,6 +123,10 @@ class RecordStore:
                         env.close()
                         raise CorruptKnowledgeBaseError(_unreadable(
                             self.path, f"truncated: {have} bytes, its last committed page ends at {need}"))
+                try:  # free the reader slots of processes that died holding them (kill -9): they pin old pages
+                    env.reader_check()
+                except lmdb.Error:
+                    pass
                 entry = _ENVS[self._key] = [env, 0]
             elif not readonly and entry[0].flags().get("readonly"):
                 raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")

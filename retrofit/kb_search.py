@@ -61,7 +61,7 @@ class KBSearchMixin:
             parts = []
             for index in (self._main, self._delta):
                 if index is not None and index.ntotal:
-                    ef = max(self._ef, kq)
+                    ef = max(self.ef_search, kq)
                     if index is self._main and self._deleted.size:
                         ef = self._ef_past_tombstones(ef)
                     parts.append(search_index(index, qn, min(kq, int(index.ntotal)), ef, self._sel))
@@ -248,7 +248,7 @@ class KBSearchMixin:
             "chunk_records": m["chunk_records"], "class_names": m.get("class_names"),
             "fingerprint": m["fingerprint"], "user_meta": m["user_meta"],
             "index": {"kind": self._kind(), "storage": self._storage(), "config": self._cfg.to_dict(),
-                      "ef_search": int(self._ef),
+                      "ef_search": self.ef_search,
                       "tuned_recall": getattr(self, "_tuned_recall", None), "ntotal": int(self._main.ntotal),
                       "file": st.file if st else None, "file_generation": st.generation if st else None,
                       "covers_ids_below": st.next_id if st else None,

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrofit._rwlock import RWLock
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
+from retrofit.kb_handles import install_thread_guards, reopen, track
 from retrofit.kb_index import IndexConfig, IndexState, load_index
 from retrofit.kb_maint import KBIndexMixin
 from retrofit.kb_records import _DTYPES, SCHEMA_VERSION, RecordStore
@@ -63,6 +65,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         self._records_only = _records_only  # verify_path(): the records and index.json, never the index itself
         self._lock_fd: int | None = None
         self._pid = os.getpid()  # LMDB handles must not cross fork(): see _check_process
+        self._ef_override: int | None = None  # ef_search set by the user (kb.ef_search = n)
+        self._rw = RWLock()  # threads sharing this handle: searches together, refresh / writes alone (_guard)
         self._snap = None  # read-only handles: the LMDB read transaction that is their snapshot
         self._view = None  # numpy views of the snapshot's record chunks (None = not built, False = unavailable)
         self._bulk = 0
@@ -85,6 +89,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         except BaseException:
             self._release()
             raise
+        track(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -319,14 +324,15 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
 
     @property
     def ef_search(self) -> int:
-        """HNSW efSearch used by :meth:`search` (raised to k + exclusions per call when smaller)."""
-        return int(self._ef)
+        """HNSW efSearch used by :meth:`search` (raised to k + exclusions per call when smaller): the KB's own
+        (tuned at index build, saved in index.json) unless set on this handle."""
+        return int(self._ef if self._ef_override is None else self._ef_override)
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"ef_search must be a positive int, got {value!r}")
-        self._ef = int(value)
+        self._ef_override = int(value)  # outlives refresh(), index rebuilds and pickling
 
     def __len__(self) -> int:
         return int(self._meta["count"])
@@ -364,14 +370,25 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         unusable afterwards. Also what ``with KnowledgeBase.open(...) as kb:`` does on exit."""
         if getattr(self, "_rec", None) is None:
             return
-        if os.getpid() != self._pid:
+        if os.getpid() != self._pid:  # (before the lock: a forked child may have inherited it held)
             self._abandon()
             return
-        try:
-            if not self.readonly and self._unsaved:
-                self.flush()
-        finally:
-            self._release()
+        with self._rw.write():  # not under a search of another thread
+            if getattr(self, "_rec", None) is None:
+                return
+            try:
+                if not self.readonly and self._unsaved:
+                    self.flush()
+            finally:
+                self._release()
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[Any]:
+        """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits. Inside the block,
+        ``search`` sees only the records indexed before it: records added in it are found once it exits. The block
+        holds the handle: other threads' calls wait for it."""
+        with self._rw.write(), super().bulk() as kb:
+            yield kb
 
     # ------------------------------------------------------------------ copies and pickling
     def __deepcopy__(self, memo: dict) -> KnowledgeBase:
@@ -380,14 +397,15 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         return self
 
     def __reduce__(self) -> tuple:
-        """Read-only handles pickle as their path and reopen (read-only) where they are unpickled: ``torch.save`` of
-        a whole model, spawned DataLoader workers. A writable handle refuses (a KB has one writer)."""
+        """Read-only handles pickle as their path (and ``ef_search`` setting) and reopen (read-only) where they are
+        unpickled: ``torch.save`` of a whole model, spawned DataLoader workers; a KB gone by then loads as a
+        :class:`~retrofit.kb_handles.MissingKnowledgeBase`. A writable handle refuses (a KB has one writer)."""
         self._check_process()
         if not self.readonly:
             raise TypeError(f"a writable KnowledgeBase ({self.path}) cannot be pickled: a knowledge base has one "
                             "writer. Attach a read-only handle (KnowledgeBase.open(path)), which pickles as its path "
                             "and reopens where it is unpickled; or save the head alone with head.save(dir)")
-        return (type(self).open, (str(self.path.absolute()), True))
+        return (reopen, (str(self.path.absolute()), self._ef_override))
 
     def _abandon(self) -> None:
         """In a forked child: drop the inherited handles without touching them. Aborting the parent's snapshot
@@ -425,3 +443,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+
+install_thread_guards(KnowledgeBase)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -363,9 +364,24 @@ def test_models_holding_a_kb_deepcopy_and_pickle(tmp_path):
     assert loaded.store is not kb and loaded.store.readonly and len(loaded.store) == 60
     torch.testing.assert_close(loaded(z).logits, want)
     loaded.store.close()
+    # the handle's ef_search setting travels with it and outlives refresh() (it was dropped: 512 came back as 32)
+    kb.ef_search = 77
+    kb.refresh()
+    assert kb.ef_search == 77 and pickle.loads(pickle.dumps(kb)).ef_search == 77
+    # a whole model saved with a KB that is gone by load time still loads, and says what to do when it searches
+    buf = io.BytesIO()
+    torch.save(head, buf)
     kb.close()
     with pytest.raises(KnowledgeBaseError, match="closed"):
         pickle.dumps(kb)
+    shutil.rmtree(tmp_path / "kb")
+    buf.seek(0)
+    orphan = torch.load(buf, weights_only=False)  # was: "knowledge base ... does not exist; build one"
+    torch.testing.assert_close(orphan.readout.fc.weight, head.readout.fc.weight)
+    with pytest.raises(KnowledgeBaseError, match="that this model was saved with no longer exists.*head.attach"):
+        orphan(z)
+    orphan.attach(make(tmp_path / "kb2", n=60)[0])
+    assert orphan(z).logits.shape == (4, 3)
 
 
 def test_hnsw_search_after_most_records_are_deleted_still_finds_k(tmp_path, caplog):

@@ -172,6 +172,59 @@ def test_reader_process_searches_while_writer_adds(tmp_path):
         assert np.array_equal(r.labels().numpy(), np.arange(20 * BATCH) % 5)
 
 
+THREADS = textwrap.dedent("""
+    import sys, threading, time, torch
+    from retrofit.knowledge_base import KnowledgeBase
+    path, mode = sys.argv[1], sys.argv[2]
+    kb = KnowledgeBase.open(path, readonly=mode == "refresh")
+    stop, errors, n = time.time() + 3.0, [], [0, 0]
+    def searcher():
+        while time.time() < stop:
+            try:
+                nb = kb.search(torch.randn(8, 16), 5)
+                m = nb.mask
+                assert torch.equal(nb.image[..., 0][m], (nb.ids[m] % 1024).float()), "vectors of another record"
+                n[0] += 1
+            except Exception as e:
+                errors.append(repr(e))
+    def changer():
+        b = 1000
+        while time.time() < stop:
+            if mode == "refresh":
+                kb.refresh()
+                time.sleep(0.002)  # a server refreshes now and then (back to back, refresh() would starve searches)
+            else:
+                ids = torch.arange(b, b + 16)
+                image = torch.zeros(16, 8); image[:, 0] = (ids % 1024).float()
+                kb.add(torch.randn(16, 16), image, torch.randn(16, 4), labels=ids % 5)
+                kb.delete([b - 5]); b += 16
+            n[1] += 1
+    ts = [threading.Thread(target=searcher) for _ in range(3)] + [threading.Thread(target=changer)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    kb.close()
+    print(n[0], n[1], len(errors), errors[:3])
+""")
+
+
+@pytest.mark.parametrize("mode", ["refresh", "write"])
+def test_threads_search_one_handle_while_another_refreshes_or_writes_it(tmp_path, mode):
+    """Found by a stress test: refresh() while other threads searched one read-only handle crashed the process
+    (SIGSEGV: the snapshot was aborted under their cursors); a writable handle adding in one thread while others
+    searched corrupted the heap (faiss add during search). A crash kills the child, not the test run."""
+    path = tmp_path / "kb"
+    with KnowledgeBase.create(path, 16, 8, 4, flat_threshold=100, ef_construction=16, hnsw_m=8,
+                              chunk_records=64) as kb:
+        ids = torch.arange(1000)
+        image = torch.zeros(1000, 8)
+        image[:, 0] = ids.float()
+        kb.add(torch.randn(1000, 16), image, torch.randn(1000, 4), labels=ids % 5)
+    run = subprocess.run([sys.executable, "-c", THREADS, str(path), mode], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"rc {run.returncode}: {run.stderr[-2000:]}"
+    searches, changes, n_errors, _ = run.stdout.split(maxsplit=3)
+    assert int(searches) > 10 and int(changes) > 2 and int(n_errors) == 0, run.stdout
+
+
 def test_handle_used_after_fork_fails_clearly_and_parent_is_unharmed(tmp_path):
     """A handle inherited through fork() refuses to work in the child (LMDB forbids it), and whatever the
     child does with it (use, close, garbage collection) leaves the parent's snapshot and writer lock intact."""
@@ -495,3 +548,63 @@ def test_metadata_that_does_not_match_the_records_is_refused(tmp_path, edit):
     report = KnowledgeBase.verify_path(path)
     assert not report["ok"] and "metadata of" in report["problems"][0]
     assert (path / "records" / "data.mdb").read_bytes() == before
+
+
+def test_rwlock_readers_share_writers_wait_and_nesting_never_deadlocks():
+    import threading
+
+    from retrofit._rwlock import RWLock
+
+    lock, order = RWLock(), []
+    with lock.read():
+        writer = threading.Thread(target=lambda: lock.write().__enter__() or order.append("w"))
+        writer.start()
+        time.sleep(0.2)
+        assert order == []  # the writer waits for the reader
+        with lock.read():  # a reader re-entering while a writer waits goes on (else: deadlock)
+            order.append("r2")
+        with pytest.raises(RuntimeError, match="cannot take its write lock"):
+            with lock.write():
+                pass
+    writer.join(5)
+    assert order == ["r2", "w"]  # the writer ran once the reader left
+    lock2 = RWLock()
+    with lock2.write(), lock2.read(), lock2.write():  # the writer reads and writes again: re-entrant
+        order.append("nested")
+    with lock2.read():
+        assert lock2._readers == 1
+
+
+FORK_WORKERS = textwrap.dedent("""
+    import sys, torch
+    from torch.utils.data import DataLoader, Dataset
+    from retrofit.knowledge_base import KnowledgeBase
+    path = sys.argv[1]
+    parent = KnowledgeBase.open(path)  # open while the workers fork, as in training
+    class Searches(Dataset):
+        kb = None
+        def __len__(self):
+            return 8
+        def __getitem__(self, i):
+            if Searches.kb is None:
+                Searches.kb = KnowledgeBase.open(path)  # each worker its own handle (what the README advises)
+            return Searches.kb.search(torch.randn(1, 16), 3).ids[0]
+    for epoch in range(3):
+        ids = torch.cat(list(DataLoader(Searches(), batch_size=4, num_workers=2, multiprocessing_context="fork")))
+        assert ids.shape == (8, 3) and (ids >= 0).all()
+    rows = [r.split() for r in parent._rec.env.readers().splitlines()[1:] if r.strip()]
+    print(sum(r[2] != "-" for r in rows))  # reader slots holding a snapshot: the parent's own only
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_dataloader_workers_leave_no_snapshot_behind(tmp_path):
+    """Found by a stress test: a forked worker's handle (it reads through the parent's LMDB environment, under the
+    parent's pid) was never closed (workers end with os._exit), so each worker left a reader slot holding its
+    snapshot: pages pinned for the parent's life, and after ~500 workers MDB_READERS_FULL for every process."""
+    path = tmp_path / "kb"
+    with KnowledgeBase.create(path, 16, 8, 4) as kb:
+        kb.add(torch.randn(50, 16), torch.randn(50, 8), torch.randn(50, 4), labels=torch.arange(50) % 5)
+    run = subprocess.run([sys.executable, "-c", FORK_WORKERS, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1", run.stdout

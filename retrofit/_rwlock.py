@@ -1,0 +1,81 @@
+"""A readers-writer lock for one ``KnowledgeBase`` handle shared by threads.
+
+Many threads may search a read-only handle at once (faiss releases the GIL), but ``refresh()`` swaps the LMDB
+snapshot and the index under them, and a writer's ``add`` grows the faiss index that a search walks: those take
+the lock exclusively. Both modes are re-entrant in the thread that holds them (the handle's methods call each
+other), and a waiting writer holds back new readers so that a steady stream of searches cannot starve it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["RWLock"]
+
+
+class RWLock:
+    """Shared (``read()``) or exclusive (``write()``) access; context managers, re-entrant per thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0  # threads holding the shared mode
+        self._writer: int | None = None  # thread holding the exclusive mode
+        self._depth = 0  # its nesting depth
+        self._waiting = 0  # writers waiting: new readers queue behind them
+        self._mine = threading.local()  # this thread's shared-mode nesting depth
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:  # the writer reads: already exclusive
+                self._depth += 1
+                nested_write = True
+            else:
+                nested_write = False
+                n = getattr(self._mine, "n", 0)
+                if n == 0:  # a thread that already reads goes on (waiting for a writer would deadlock it)
+                    while self._writer is not None or self._waiting:
+                        self._cond.wait()
+                    self._readers += 1
+                self._mine.n = n + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if nested_write:
+                    self._depth -= 1
+                else:
+                    self._mine.n -= 1
+                    if self._mine.n == 0:
+                        self._readers -= 1
+                        if self._readers == 0:
+                            self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+            else:
+                if getattr(self._mine, "n", 0):
+                    raise RuntimeError("a thread that holds a knowledge base's read lock cannot take its write lock "
+                                       "(a write or refresh() from inside a search)")
+                self._waiting += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._writer, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._writer = None
+                    self._cond.notify_all()

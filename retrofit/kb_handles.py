@@ -1,0 +1,109 @@
+"""How ``KnowledgeBase`` handles live in threads and processes: locks, exit, pickling.
+
+- Threads may share one handle. Reads of a read-only handle run together; ``refresh()`` (which swaps the snapshot
+  and index a search is walking: a crash, not an error) and ``close()`` run alone. A writable handle runs every
+  call alone: faiss's add into an index that another thread searches corrupts memory. (:class:`RWLock`)
+- A multiprocessing child (a DataLoader worker) ends with ``os._exit``: no ``__del__``, no ``atexit``. Its handles
+  are closed by a multiprocessing exit hook instead: a forked worker reads through the parent's LMDB environment,
+  under the parent's pid, so a snapshot left open there would hold a reader slot that no one frees while the parent
+  lives (pinned pages; after enough workers, MDB_READERS_FULL).
+- A read-only handle pickles as its path and ``ef_search`` override (``torch.save`` of a whole model, spawned
+  workers); unpickled where the KB no longer exists it becomes a :class:`MissingKnowledgeBase`, so that the model
+  still loads and says what to do when it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+from retrofit.errors import KnowledgeBaseError
+
+__all__ = ["install_thread_guards", "track", "reopen", "MissingKnowledgeBase"]
+
+log = logging.getLogger(__name__)
+
+_READS = ("search", "get", "vectors", "gather", "labels", "info", "verify")
+_WRITES = ("add", "update_meta", "delete", "compact", "flush", "refresh")
+
+
+def _guard(fn: Any, write: bool) -> Any:
+    @functools.wraps(fn)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with (self._rw.write() if write or not self.readonly else self._rw.read()):
+            return fn(self, *args, **kwargs)
+
+    return guarded
+
+
+def install_thread_guards(cls: type) -> None:
+    """Wrap ``cls``'s public reads in the handle's shared lock and its writes / refresh in the exclusive one."""
+    for name in _READS + _WRITES:
+        setattr(cls, name, _guard(getattr(cls, name), name in _WRITES))
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # this process's open handles
+_EXIT_HOOK_PID: int | None = None
+
+
+def track(kb: Any) -> None:
+    """Remember an open handle; in a multiprocessing child, close it when the child exits."""
+    global _EXIT_HOOK_PID
+    _OPEN.add(kb)
+    if _EXIT_HOOK_PID != os.getpid():
+        _EXIT_HOOK_PID = os.getpid()
+        import multiprocessing
+        import multiprocessing.util
+
+        if multiprocessing.parent_process() is not None:
+            multiprocessing.util.Finalize(None, _close_open_handles, exitpriority=100)
+
+
+def _close_open_handles() -> None:
+    for kb in list(_OPEN):
+        if getattr(kb, "_pid", None) == os.getpid():
+            try:
+                kb.close()
+            except Exception:  # exiting: a handle that cannot flush keeps its records (the index catches up)
+                log.debug("closing %s at exit failed", kb.path, exc_info=True)
+
+
+def reopen(path: str, ef_search: int | None = None) -> Any:
+    """Unpickle a read-only handle: open ``path`` again (with the ``ef_search`` the pickled handle was set to)."""
+    from retrofit.knowledge_base import KnowledgeBase
+
+    if not Path(path).exists():
+        log.warning("the knowledge base %s that this object was saved with no longer exists: it loads without it "
+                    "(attach another with head.attach(retrofit.KnowledgeBase.open(PATH)))", path)
+        return MissingKnowledgeBase(path)
+    kb = KnowledgeBase.open(path)
+    if ef_search is not None:
+        kb.ef_search = ef_search
+    return kb
+
+
+class MissingKnowledgeBase:
+    """Stands in for an unpickled knowledge base whose files are gone: any use says so and what to do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise KnowledgeBaseError(f"the knowledge base {self.path} that this model was saved with no longer exists: "
+                                 "restore it there, or attach another with head.attach(retrofit.KnowledgeBase.open("
+                                 "PATH)) (a head's weights never depend on its KB)")
+
+    def __len__(self) -> int:
+        return self.__getattr__("len")
+
+    def __reduce__(self) -> tuple:
+        return (reopen, (self.path, None))
+
+    def __repr__(self) -> str:
+        return f"MissingKnowledgeBase({self.path!r})"
