@@ -296,7 +296,14 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                     "re-run the original command to resume it, use `retrofit kb add` to append, or pick a new path")
             state = dict(kb.user_meta.get(meta_key) or state)
             size = len(kb)
+            unindexed = kb._main_next < kb._meta["next_id"]  # the records' tail the saved index lacks
         report = path / REPORT_NAME
+        if state.get("done") and unindexed:
+            # killed while building the final index (after the last records' commit): finish that step now, or
+            # every reader would search the unindexed records exactly, for good
+            log.info("%s: all records are in; building the index the interrupted build did not finish", path)
+            with KnowledgeBase.open(path, readonly=False) as kb, kb.bulk():
+                pass  # the end of a bulk block builds / catches up the index as the build's own end does
         if state.get("done"):
             log.info("%s: this build is already complete (%d records); nothing to do", path, size)
             return BuildSummary(str(path), len(src), state["written"], state["skipped"], state["duplicates"],

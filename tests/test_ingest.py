@@ -230,6 +230,34 @@ def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
     assert str(again).startswith(f"{tmp_path / 'kb'}: already complete, nothing to do")
 
 
+def test_a_build_interrupted_while_indexing_is_indexed_by_the_rerun(tmp_path, shards, encoders, monkeypatch):
+    """Found by a stress test: `kb build` killed while building the final index (after the commit that records
+    "done") left a KB whose index lacked the records; the re-run said "already complete" and every reader
+    searched the unindexed records exactly, for good."""
+    calls = []
+
+    def interrupted(orig):
+        def run(self, *a, **k):
+            if not self._meta["next_id"]:
+                return orig(self, *a, **k)  # the empty KB's first index, at create()
+            calls.append(1)
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) inside the final index build
+        return run
+
+    for name in ("_rebuild", "_catch_up"):
+        monkeypatch.setattr(KnowledgeBase, name, interrupted(getattr(KnowledgeBase, name)))
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(shards, tmp_path / "kb", **encoders, **FAST)
+    monkeypatch.undo()
+    with KnowledgeBase.open(tmp_path / "kb") as k:
+        progress = next(v for n, v in k.user_meta.items() if n.startswith("ingest:"))
+        assert calls and progress["done"] and len(k) == 100 and k._main_next < 100  # records in, index behind
+    again = build_kb(shards, tmp_path / "kb", **encoders, **FAST)
+    assert str(again).startswith(f"{tmp_path / 'kb'}: already complete, nothing to do")
+    with KnowledgeBase.open(tmp_path / "kb") as k:
+        assert k._main_next == 100 and k.verify()["ok"]
+
+
 def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa: F811
     write_shard(tmp_path / "a.tar", mini_samples[0:100:4])
     write_shard(tmp_path / "b.tar", mini_samples[2:100:4])
