@@ -6,9 +6,11 @@ complete, so an error, a crash or a kill never leaves a partial KB at ``out``; t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,28 @@ def _check_compatible(inputs: list[str | Path], kbs: list[Any]) -> None:
                                 f"{kb.class_names}; rebuild with the same class_names")
 
 
+@contextlib.contextmanager
+def _one_merge_into(out: Path) -> Iterator[None]:
+    """One merge into ``out`` at a time (a lock file beside it): a second one used to delete the first's work in
+    progress as a killed merge's leftover, and the first then reported success for a broken KB."""
+    import fcntl
+
+    lock = out.with_name(f".{out.name}.merging.lock")
+    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetrofitError(f"another merge into {out} is running (it writes .{out.name}.merging beside it); "
+                                "wait for it, or choose another output path") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still held: a merge that opened it before gets no lock
+    finally:
+        os.close(fd)
+
+
 def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, batch: int = 4096,
               progress: bool = True) -> Any:
     """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept);
@@ -66,70 +90,71 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
     if not isinstance(batch, int) or batch <= 0:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     out = Path(out)
-    if out.exists():
-        raise RetrofitError(f"{out} already exists; merge writes a new knowledge base: remove it or choose "
-                            "another output path")
-    tmp = out.with_name(f".{out.name}.merging")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an earlier merge that was killed
-    t0 = time.perf_counter()
-    kbs = [KnowledgeBase.open(p) for p in inputs]
-    try:
-        _check_compatible(inputs, kbs)
-        for p, kb in zip(inputs, kbs):  # the merge would store damaged records under fresh, valid checksums
-            bad = kb._damaged_live()
-            if bad:
-                from retrofit.errors import CorruptKnowledgeBaseError
-                from retrofit.kb_maint import _ranges
+    with _one_merge_into(out):
+        if out.exists():
+            raise RetrofitError(f"{out} already exists; merge writes a new knowledge base: remove it or choose "
+                                "another output path")
+        tmp = out.with_name(f".{out.name}.merging")
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an earlier merge that was killed
+        t0 = time.perf_counter()
+        kbs = [KnowledgeBase.open(p) for p in inputs]
+        try:
+            _check_compatible(inputs, kbs)
+            for p, kb in zip(inputs, kbs):  # the merge would store damaged records under fresh, valid checksums
+                bad = kb._damaged_live()
+                if bad:
+                    from retrofit.errors import CorruptKnowledgeBaseError
+                    from retrofit.kb_maint import _ranges
 
-                ids = " ".join(r for live in bad.values() for r in _ranges(live))
-                raise CorruptKnowledgeBaseError(
-                    f"{p}: record chunks {sorted(bad)} are damaged on disk (live records {ids}); nothing was merged. "
-                    f"Restore it from a copy, or drop those records (`retrofit kb delete {p} {ids}` and "
-                    f"`retrofit kb compact {p}`) and merge again")
-        first = kbs[0]
-        total = sum(len(kb) for kb in kbs)
-        written = dups = 0
-        seen: set[str] = set()
-        from retrofit.ingest import SPECS_KEY
+                    ids = " ".join(r for live in bad.values() for r in _ranges(live))
+                    raise CorruptKnowledgeBaseError(
+                        f"{p}: record chunks {sorted(bad)} are damaged on disk (live records {ids}); nothing was "
+                        f"merged. Restore it from a copy, or drop those records (`retrofit kb delete {p} {ids}` and "
+                        f"`retrofit kb compact {p}`) and merge again")
+            first = kbs[0]
+            total = sum(len(kb) for kb in kbs)
+            written = dups = 0
+            seen: set[str] = set()
+            from retrofit.ingest import SPECS_KEY
 
-        specs = first.user_meta.get(SPECS_KEY)  # same encoders in every input (checked): `kb add` can use them
-        info = first.info()  # the first input's storage and index settings carry over
-        c = info["index"]["config"]
-        settings = dict(dtype=info["dtype"], index=c["kind"], hnsw_m=c["hnsw_m"], hnsw_storage=c["hnsw_storage"],
-                        ef_construction=c["ef_construction"], ef_search=c["ef_search"],
-                        recall_target=c["recall_target"], flat_threshold=c["flat_threshold"],
-                        mmap_bytes=c["mmap_bytes"])
-        with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
-                                  class_names=first.class_names, **settings,
-                                  user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():
-            bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
+            specs = first.user_meta.get(SPECS_KEY)  # same encoders in every input (checked): `kb add` can use them
+            info = first.info()  # the first input's storage and index settings carry over
+            c = info["index"]["config"]
+            settings = dict(dtype=info["dtype"], index=c["kind"], hnsw_m=c["hnsw_m"], hnsw_storage=c["hnsw_storage"],
+                            ef_construction=c["ef_construction"], ef_search=c["ef_search"],
+                            recall_target=c["recall_target"], flat_threshold=c["flat_threshold"],
+                            mmap_bytes=c["mmap_bytes"])
+            with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
+                                      class_names=first.class_names, **settings,
+                                      user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():
+                bar = tqdm(total=total, unit="rec", desc="kb merge", disable=not progress)
+                for kb in kbs:
+                    buf: list[dict[str, Any]] = []
+                    for r in kb:  # live records in id order, with vectors
+                        bar.update(1)
+                        h = _hash_of_source(r.get("source"))
+                        if dedup and h is not None and h in seen:
+                            dups += 1
+                            continue
+                        if h is not None:
+                            seen.add(h)
+                        buf.append(r)
+                        if len(buf) >= batch:
+                            written += _add_records(dst, buf)
+                    written += _add_records(dst, buf)
+                bar.close()
+                size = len(dst)
+            os.replace(tmp, out)  # the complete KB appears at once
+            from retrofit.kb_index import fsync_dir
+
+            fsync_dir(out.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
             for kb in kbs:
-                buf: list[dict[str, Any]] = []
-                for r in kb:  # live records in id order, with vectors
-                    bar.update(1)
-                    h = _hash_of_source(r.get("source"))
-                    if dedup and h is not None and h in seen:
-                        dups += 1
-                        continue
-                    if h is not None:
-                        seen.add(h)
-                    buf.append(r)
-                    if len(buf) >= batch:
-                        written += _add_records(dst, buf)
-                written += _add_records(dst, buf)
-            bar.close()
-            size = len(dst)
-        os.replace(tmp, out)  # the complete KB appears at once
-        from retrofit.kb_index import fsync_dir
-
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        for kb in kbs:
-            kb.close()
+                kb.close()
     secs = time.perf_counter() - t0
     return BuildSummary(str(out), total, written, 0, dups, 0, secs, 0.0, total / max(secs, 1e-9), 0, "",
                         kb_size=size)

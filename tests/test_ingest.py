@@ -289,6 +289,15 @@ def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa
             c.add(kb.vectors([0], "key"), kb.vectors([0], "image"), kb.vectors([0], "text"))
     with pytest.raises(FingerprintMismatchError, match="text vectors"):
         merge_kbs([tmp_path / "kb_a", tmp_path / "kb_c"], tmp_path / "merged2", progress=False)
+    # a second merge into the same output while one runs is refused (it deleted the first's work in progress)
+    from retrofit.kb_merge import _one_merge_into
+
+    with _one_merge_into(tmp_path / "merged3"):
+        (tmp_path / ".merged3.merging").mkdir()  # the running merge's folder
+        with pytest.raises(RetrofitError, match="another merge into .*merged3 is running"):
+            merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged3", progress=False)
+        assert (tmp_path / ".merged3.merging").is_dir()
+    assert merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged3", progress=False).kb_size == 50
     with pytest.raises(FingerprintMismatchError):
         add_to_kb(tmp_path / "kb_c", str(tmp_path / "b.tar"), **kw)
 
