@@ -191,13 +191,11 @@ def inner_index(index):
 
 
 def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
-    """Write ``index`` atomically and point ``index.json`` at it; removes the previous index file."""
+    """Write ``index`` atomically and point ``index.json`` at it; removes the previous index file, and any other:
+    one that a writer killed between its rename and the ``index.json`` update left behind, never named by
+    ``index.json`` (so no reader loads it), would otherwise stay for good."""
     faiss = _faiss()
-    try:
-        old = IndexState.read(kb_dir) if (kb_dir / "index.json").is_file() else None
-        stale = [old.file] if old is not None else []
-    except CorruptKnowledgeBaseError:  # a damaged index.json (what `kb compact` repairs): clear every index file
-        stale = [f.name for f in kb_dir.glob("index-*.faiss")]
+    stale = [f.name for f in kb_dir.glob("index-*.faiss")]  # the current one (readers have it loaded) and orphans
     name = f"index-{state.generation}-{uuid.uuid4().hex[:8]}.faiss"
     tmp = kb_dir / (name + ".tmp")
     faiss.write_index(index, str(tmp))

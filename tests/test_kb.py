@@ -493,3 +493,20 @@ def test_a_kb_that_cannot_be_written_says_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert len(kb) == 5
+
+
+def test_an_index_file_orphaned_by_a_kill_is_removed_by_the_next_save(tmp_path):
+    """A writer killed between renaming its new index file into place and updating index.json left that file
+    (never named, so never loaded) on disk for good: no open, flush or compact removed it."""
+    kb, keys = make(tmp_path / "kb", n=60)
+    kb.flush()
+    named = json.loads((tmp_path / "kb" / "index.json").read_text())["file"]
+    orphan = tmp_path / "kb" / "index-99-0badc0de.faiss"
+    shutil.copyfile(tmp_path / "kb" / named, orphan)  # what the kill leaves: a complete file index.json never named
+    kb.add(keys[:5] + 1, torch.zeros(5, DI), torch.zeros(5, DT))
+    kb.flush()
+    files = sorted(p.name for p in (tmp_path / "kb").glob("index-*.faiss"))
+    assert files == [json.loads((tmp_path / "kb" / "index.json").read_text())["file"]] and not orphan.exists()
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert len(r) == 65 and r.verify()["ok"]
