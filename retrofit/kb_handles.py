@@ -28,7 +28,7 @@ __all__ = ["install_thread_guards", "track", "reopen", "MissingKnowledgeBase"]
 log = logging.getLogger(__name__)
 
 _READS = ("search", "get", "vectors", "gather", "labels", "info", "verify")
-_WRITES = ("add", "update_meta", "delete", "compact", "flush", "refresh")
+_WRITES = ("add", "update_meta", "delete", "compact", "flush")  # (refresh() and close() lock inside)
 
 
 def _guard(fn: Any, write: bool) -> Any:

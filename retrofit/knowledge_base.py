@@ -348,22 +348,31 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         self._check_process()
         if not self.readonly:
             return False
-        old_gen, old_file = self.generation, self._state.file
-        before = dict(vars(self))  # the handle as it is: restored when the new generation cannot be loaded
-        rec_meta = self._rec.meta
-        self._view = None  # points into the old snapshot, which stays open until the new one has loaded
-        self._snap = None
-        try:
-            self._load_retrying()
-        except BaseException:
-            if self._snap is not None:
-                self._snap.abort()
-            self.__dict__.update(before)  # still on the old snapshot: searches keep answering from it
-            self._rec.meta = rec_meta
-            raise
-        before["_snap"].abort()
-        changed = self.generation != old_gen or self._state.file != old_file
-        return changed
+        with self._rw.read():  # a look first, beside other threads' searches: most refreshes find nothing new
+            try:
+                state = IndexState.read(self.path)
+                same = (int(self._rec.read_meta()["generation"]) == self.generation
+                        and state is not None and state.file == self._state.file)
+            except Exception:  # the reload below raises its own, clearer error
+                same = False
+        if same:
+            return False
+        with self._rw.write():  # swapping the snapshot and index under a search would crash it
+            old_gen, old_file = self.generation, self._state.file
+            before = dict(vars(self))  # the handle as it is: restored when the new generation cannot be loaded
+            rec_meta = self._rec.meta
+            self._view = None  # points into the old snapshot, which stays open until the new one has loaded
+            self._snap = None
+            try:
+                self._load_retrying()
+            except BaseException:
+                if self._snap is not None:
+                    self._snap.abort()
+                self.__dict__.update(before)  # still on the old snapshot: searches keep answering from it
+                self._rec.meta = rec_meta
+                raise
+            before["_snap"].abort()
+            return self.generation != old_gen or self._state.file != old_file
 
     def close(self) -> None:
         """Flush unsaved writes (a writer) and release the files and the writer lock; idempotent. The handle is

@@ -265,6 +265,8 @@ def test_reader_snapshot_and_refresh_with_mapped_index(tmp_path):
         r.add(x[:1], torch.zeros(1, DI), torch.zeros(1, DT))
     kb.close()
     assert r.refresh() and r.info()["index"]["pending_in_memory"] == 0
+    snap = r._snap
+    assert not r.refresh() and r._snap is snap  # nothing new: the snapshot stays (no swap under searches)
     r.close()
 
 
