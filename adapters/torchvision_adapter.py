@@ -44,7 +44,11 @@ def is_headless(model: nn.Module) -> bool:
     """A torchvision model whose classifier attribute was replaced by a parameter-free module (``fc =
     nn.Identity()``, the usual way to make a feature extractor): its output is the embedding."""
     head = getattr(model, TORCHVISION_HEADS.get(type(model).__name__, ""), None)
-    return isinstance(head, nn.Module) and not any(True for _ in head.parameters())
+    # only pass-through modules: a quantized Linear has no nn.Parameter either, and it is a classifier
+    return isinstance(head, nn.Module) and all(isinstance(m, _PASS_THROUGH) for m in head.modules())
+
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.Sequential)
 
 
 class HeadlessTorchvisionAdapter(BackboneAdapter):

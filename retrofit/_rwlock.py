@@ -62,8 +62,9 @@ class RWLock:
                 self._depth += 1
             else:
                 if getattr(self._mine, "n", 0):
-                    raise RuntimeError("a thread that holds a knowledge base's read lock cannot take its write lock "
-                                       "(a write or refresh() from inside a search)")
+                    raise RuntimeError("a thread that holds a knowledge base's read lock cannot take its write lock: "
+                                       "a refresh() (or write) while this thread iterates or searches the handle; "
+                                       "finish or close the iteration first")
                 self._waiting += 1
                 try:
                     while self._writer is not None or self._readers:

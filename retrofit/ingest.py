@@ -302,8 +302,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             # killed while building the final index (after the last records' commit): finish that step now, or
             # every reader would search the unindexed records exactly, for good
             log.info("%s: all records are in; building the index the interrupted build did not finish", path)
-            with KnowledgeBase.open(path, readonly=False) as kb, kb.bulk():
-                pass  # the end of a bulk block builds / catches up the index as the build's own end does
+            with KnowledgeBase.open(path, readonly=False) as kb:
+                kb._finish_index(retune=True)  # as the build's own end: the index, and efSearch picked for it
         if state.get("done"):
             log.info("%s: this build is already complete (%d records); nothing to do", path, size)
             return BuildSummary(str(path), len(src), state["written"], state["skipped"], state["duplicates"],

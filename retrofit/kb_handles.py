@@ -18,12 +18,13 @@ import functools
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from retrofit.errors import KnowledgeBaseError
 
-__all__ = ["install_thread_guards", "track", "reopen", "MissingKnowledgeBase"]
+__all__ = ["install_thread_guards", "track", "reopen", "MissingKnowledgeBase", "MissingKnowledgeBaseError"]
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,35 @@ _READS = ("search", "get", "vectors", "gather", "labels", "info", "verify")
 _WRITES = ("add", "update_meta", "delete", "compact", "flush")  # (refresh() and close() lock inside)
 
 
+def _lock(kb: Any, write: bool) -> Any:
+    if kb._pid != os.getpid():  # a forked child: say so (the lock may have been held by a parent thread at the fork)
+        kb._check_process()
+    return kb._rw.write() if write or not kb.readonly else kb._rw.read()
+
+
 def _guard(fn: Any, write: bool) -> Any:
     @functools.wraps(fn)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with (self._rw.write() if write or not self.readonly else self._rw.read()):
+        with _lock(self, write):
             return fn(self, *args, **kwargs)
 
     return guarded
 
 
+def _guard_iter(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def guarded(self: Any) -> Iterator[Any]:  # held for the whole iteration: refresh() waits for it to end
+        with _lock(self, False):
+            yield from fn(self)
+
+    return guarded
+
+
 def install_thread_guards(cls: type) -> None:
-    """Wrap ``cls``'s public reads in the handle's shared lock and its writes / refresh in the exclusive one."""
+    """Wrap ``cls``'s public reads (and iteration) in the handle's shared lock and its writes in the exclusive one."""
     for name in _READS + _WRITES:
         setattr(cls, name, _guard(getattr(cls, name), name in _WRITES))
+    cls.__iter__ = _guard_iter(cls.__iter__)
 
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # this process's open handles
@@ -64,6 +81,11 @@ def track(kb: Any) -> None:
 
 
 def _close_open_handles() -> None:
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if others:  # the worker's own threads still run (and may search): leave the handles to them
+        return
     for kb in list(_OPEN):
         if getattr(kb, "_pid", None) == os.getpid():
             try:
@@ -86,6 +108,11 @@ def reopen(path: str, ef_search: int | None = None) -> Any:
     return kb
 
 
+class MissingKnowledgeBaseError(KnowledgeBaseError, AttributeError):
+    """Use of a :class:`MissingKnowledgeBase` (an AttributeError too: ``getattr(store, name, default)`` and
+    ``hasattr`` keep working, e.g. in ``retrofit.wrap``; a search says what happened)."""
+
+
 class MissingKnowledgeBase:
     """Stands in for an unpickled knowledge base whose files are gone: any use says so and what to do."""
 
@@ -95,9 +122,10 @@ class MissingKnowledgeBase:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        raise KnowledgeBaseError(f"the knowledge base {self.path} that this model was saved with no longer exists: "
-                                 "restore it there, or attach another with head.attach(retrofit.KnowledgeBase.open("
-                                 "PATH)) (a head's weights never depend on its KB)")
+        raise MissingKnowledgeBaseError(
+            f"the knowledge base {self.path} that this model was saved with no longer exists: restore it there, or "
+            "attach another with head.attach(retrofit.KnowledgeBase.open(PATH)) (a head's weights never depend on "
+            "its KB)")
 
     def __len__(self) -> int:
         return self.__getattr__("len")

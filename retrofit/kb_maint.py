@@ -181,10 +181,14 @@ class KBIndexMixin:
         finally:
             self._bulk -= 1
             if self._bulk == 0:
-                fresh = self._main_next < self._meta["next_id"]
-                if self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._main.ntotal == 0:
-                    self._rebuild()
-                elif fresh:
-                    self._catch_up()
-                    self._ef, self._tuned_recall = self._pick_ef()
-                    self.flush()
+                self._finish_index(retune=self._main_next < self._meta["next_id"])
+
+    def _finish_index(self, retune: bool) -> None:
+        """What the end of a bulk load does: rebuild the index when its kind no longer fits the size (or it is
+        empty), else catch it up; with ``retune``, pick efSearch again and save it."""
+        if self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._main.ntotal == 0:
+            self._rebuild()
+        elif retune:
+            self._catch_up()
+            self._ef, self._tuned_recall = self._pick_ef()
+            self.flush()

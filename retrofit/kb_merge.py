@@ -54,13 +54,22 @@ def _one_merge_into(out: Path) -> Iterator[None]:
     import fcntl
 
     lock = out.with_name(f".{out.name}.merging.lock")
-    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise RetrofitError(f"another merge into {out} is running (it writes .{out.name}.merging beside it); "
                                 "wait for it, or choose another output path") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # the lock file at the path (not one a finishing merge unlinked after we opened it)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         try:
             yield
         finally:

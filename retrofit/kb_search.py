@@ -7,6 +7,7 @@ A mixin of :class:`retrofit.knowledge_base.KnowledgeBase`; it relies on the attr
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = ["KBSearchMixin"]
 log = logging.getLogger(__name__)
 
 _WHICH = ("key", "image", "text")
+_GPU_LOCK = threading.Lock()
 
 
 class KBSearchMixin:
@@ -131,34 +133,45 @@ class KBSearchMixin:
                         self.path, dead, n, self.path)
         return min(n, -(-ef * n // max(n - dead, 1)))
 
+    def _gpu_keys(self, dev: torch.device) -> dict[str, Any]:
+        """Every indexed key on ``dev`` (a faiss GPU flat index when faiss-gpu is there, else a torch tensor), with
+        ids and liveness, for exact search of CUDA queries."""
+        import faiss
+
+        keys, ids = [], []
+        for index in (self._main, self._delta):
+            if index is not None and index.ntotal:
+                keys.append(faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal))
+                ids.append(faiss.vector_to_array(index.id_map).astype(np.int64))
+        x = np.concatenate(keys) if keys else np.zeros((0, self.key_dim), np.float32)  # (N, Dk)
+        idv = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        out: dict[str, Any] = dict(ids=idv, alive=torch.from_numpy(~np.isin(idv, self._deleted)).to(dev))
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            out["res"] = faiss.StandardGpuResources()
+            flat = faiss.IndexFlatIP(self.key_dim)
+            flat.add(x)
+            out["gpu"] = faiss.index_cpu_to_gpu(out["res"], dev.index or 0, flat)
+        else:
+            out["keys"] = torch.from_numpy(x).to(dev)
+        out["device"] = dev
+        return out
+
     def _search_exact_gpu(self, q: torch.Tensor, kq: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-kq on the queries' GPU: faiss-GPU when available, else torch matmul; (scores, ids) numpy."""
-        import faiss
 
         cache, dev = self._gpu_cache, q.device
         if cache.get("device") != dev:
-            cache.clear()
-            keys, ids = [], []
-            for index in (self._main, self._delta):
-                if index is not None and index.ntotal:
-                    keys.append(faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal))
-                    ids.append(faiss.vector_to_array(index.id_map).astype(np.int64))
-            x = np.concatenate(keys) if keys else np.zeros((0, self.key_dim), np.float32)  # (N, Dk)
-            idv = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-            cache.update(device=dev, ids=idv, alive=torch.from_numpy(~np.isin(idv, self._deleted)).to(dev))
-            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-                cache["res"] = faiss.StandardGpuResources()
-                flat = faiss.IndexFlatIP(self.key_dim)
-                flat.add(x)
-                cache["gpu"] = faiss.index_cpu_to_gpu(cache["res"], dev.index or 0, flat)
-            else:
-                cache["keys"] = torch.from_numpy(x).to(dev)
+            with _GPU_LOCK:  # threads searching one handle: one builds, the others wait and use it
+                if cache.get("device") != dev:
+                    cache.clear()
+                    cache.update(self._gpu_keys(dev))  # "device" comes last: seen only with the rest in place
         n = len(cache["ids"])
         if n == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
         if "gpu" in cache:  # faiss GPU: over-fetch past tombstones, then drop them below
             kk = min(n, kq + int((~cache["alive"]).sum()), 2048)
-            D, pos = cache["gpu"].search(q.cpu().numpy(), kk)
+            with _GPU_LOCK:  # a faiss GPU index and its resources serve one search at a time
+                D, pos = cache["gpu"].search(q.cpu().numpy(), kk)
             pos_t = torch.from_numpy(pos)
             ok = pos_t >= 0
             ids_ = torch.where(ok, torch.from_numpy(cache["ids"])[pos_t.clamp(min=0)], torch.full_like(pos_t, -1))

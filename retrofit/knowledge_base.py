@@ -396,6 +396,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         """Defer index updates to one build when the outermost ``with kb.bulk():`` block exits. Inside the block,
         ``search`` sees only the records indexed before it: records added in it are found once it exits. The block
         holds the handle: other threads' calls wait for it."""
+        self._check_process()  # before the lock: a forked child may have inherited it held
         with self._rw.write(), super().bulk() as kb:
             yield kb
 

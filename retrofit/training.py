@@ -238,6 +238,17 @@ def train(
                          "(the host's logits on those images) or neither, or pass host_classifier=")
     if (features.labels < 0).any():
         raise ValueError("training labels must all be known (>= 0)")
+    for name, f in (("training", features), ("validation", val_features)):
+        hl = None if f is None else f.host_logits
+        if hl is None or bool(torch.isfinite(hl).all()):
+            continue
+        if bool(torch.isnan(hl).any() | (hl == math.inf).any()):
+            raise ValueError(f"the {name} host logits hold NaN or +inf: give finite logits (-inf marks a masked "
+                             "class)")
+        if cfg.label_smoothing > 0:
+            raise ValueError(f"the {name} host logits hold -inf (masked classes) and label_smoothing="
+                             f"{cfg.label_smoothing} spreads target mass over every class: the loss would be "
+                             "infinite. Train with label_smoothing=0, or mask with a large finite value (-1e4)")
     store = _resolve_store(head, store)
     if not features.has_neighbors and store is None and k:
         raise RetrofitError("features have no cached neighbours and no knowledge base was given: pass store=...")

@@ -298,6 +298,8 @@ def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa
             merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged3", progress=False)
         assert (tmp_path / ".merged3.merging").is_dir()
     assert merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged3", progress=False).kb_size == 50
+    deep = tmp_path / "new" / "deeper" / "merged"  # a parent that does not exist yet is created (as before the lock)
+    assert merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], deep, progress=False).kb_size == 50
     with pytest.raises(FingerprintMismatchError):
         add_to_kb(tmp_path / "kb_c", str(tmp_path / "b.tar"), **kw)
 

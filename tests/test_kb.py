@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -382,6 +383,12 @@ def test_models_holding_a_kb_deepcopy_and_pickle(tmp_path):
     torch.testing.assert_close(orphan.readout.fc.weight, head.readout.fc.weight)
     with pytest.raises(KnowledgeBaseError, match="that this model was saved with no longer exists.*head.attach"):
         orphan(z)
+    import retrofit
+
+    host = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, DK), torch.nn.ReLU(), torch.nn.Linear(DK, 3))
+    clf = retrofit.wrap(host, orphan)  # wrap reads the store's attributes with defaults: it used to raise here
+    with pytest.raises(KnowledgeBaseError, match="no longer exists"):
+        clf(torch.rand(2, 3, 4, 4))
     orphan.attach(make(tmp_path / "kb2", n=60)[0])
     assert orphan(z).logits.shape == (4, 3)
 
@@ -512,3 +519,36 @@ def test_an_index_file_orphaned_by_a_kill_is_removed_by_the_next_save(tmp_path):
     kb.close()
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert len(r) == 65 and r.verify()["ok"]
+
+
+def test_iteration_is_one_snapshot_and_refresh_waits_for_it(tmp_path):
+    """Found in review: `for r in kb` was not guarded; a refresh() in another thread mid-iteration moved the handle
+    to a new generation under it (KeyError: unknown or deleted ids at record 1024)."""
+    import threading
+
+    w, _ = make(tmp_path / "kb", n=1500)
+    w.flush()
+    r = KnowledgeBase.open(tmp_path / "kb")
+    it = iter(r)
+    first = [next(it)["id"] for _ in range(5)]
+    w.delete(list(range(0, 1500, 2)))  # the writer commits a new generation
+    w.flush()
+    done = threading.Event()
+    refresher = threading.Thread(target=lambda: (r.refresh(), done.set()))
+    refresher.start()
+    time.sleep(0.3)
+    assert not done.is_set()  # refresh() waits for the iteration
+    ids = first + [rec["id"] for rec in it]
+    assert ids == list(range(1500))  # the whole iteration saw one snapshot
+    refresher.join(10)
+    assert done.is_set() and len(r) == 750
+    it2 = iter(r)
+    next(it2)
+    assert not r.refresh()  # nothing new: no need to wait for the iteration
+    w.delete([1])
+    w.flush()
+    with pytest.raises(RuntimeError, match="refresh\\(\\) .* while this thread iterates"):
+        r.refresh()  # in the iterating thread itself: said, not a deadlock
+    it2.close()
+    r.close()
+    w.close()

@@ -251,11 +251,27 @@ def test_handle_used_after_fork_fails_clearly_and_parent_is_unharmed(tmp_path):
         writer.close()
         q.put(msgs)
 
+    import threading
+
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=child, args=(q,))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_locks() -> None:  # another parent thread inside a write / refresh at the fork: the child inherits the
+        with writer._rw.write(), reader._rw.write():  # locks held, and used to hang on them instead of raising
+            held.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    held.wait(10)
     p.start()
-    msgs = q.get(timeout=60)
+    try:
+        msgs = q.get(timeout=60)
+    finally:
+        release.set()
+        holder.join(10)
     p.join(60)
     assert p.exitcode == 0
     for m in msgs:

@@ -470,3 +470,22 @@ def test_integer_labels_of_any_width_and_a_k_that_differs_from_the_heads(data, r
             res = train(_head(), fs, _cfg(epochs=1, k=2), store=real["store"])
         assert all(torch.isfinite(torch.tensor(res.step_losses)))
     assert "TrainConfig.k=2 differs from the head's k=" in caplog.text
+
+
+def test_masked_host_logits_with_label_smoothing_say_what_to_do(data, real):
+    """-inf host logits (masked classes) with the default label smoothing gave an infinite loss, reported as
+    "lower the learning rate / disable AMP"."""
+    train_fs, _, _ = data
+    small = train_fs.subset(slice(0, 64))
+    hl = small.host_logits.clone()
+    hl[:, 9] = float("-inf")
+    hl[small.labels == 9, 9] = 0.0  # the samples of class 9 keep it
+    fs = FeatureSet(z=small.z, labels=small.labels, host_logits=hl, neighbor_ids=small.neighbor_ids,
+                    neighbor_scores=small.neighbor_scores, neighbor_labels=small.neighbor_labels)
+    with pytest.raises(ValueError, match="hold -inf .* label_smoothing=0.1 spreads target mass"):
+        train(_head(), fs, _cfg(epochs=1, label_smoothing=0.1), store=real["store"])
+    res = train(_head(), fs, _cfg(epochs=1, label_smoothing=0.0, mixup_alpha=0.0), store=real["store"])
+    assert all(torch.isfinite(torch.tensor(res.step_losses)))
+    bad = FeatureSet(z=small.z, labels=small.labels, host_logits=hl.nan_to_num(nan=0.0, neginf=float("nan")))
+    with pytest.raises(ValueError, match="hold NaN or \\+inf"):
+        train(_head(), bad, _cfg(epochs=1), store=real["store"])
