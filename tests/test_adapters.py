@@ -331,7 +331,11 @@ def test_a_quantized_classifier_is_not_taken_for_a_headless_host(seed: int) -> N
     from retrofit.errors import RetrofitError
 
     tv = pytest.importorskip("torchvision")
-    model = torch.ao.quantization.quantize_dynamic(tv.models.resnet18(num_classes=C).eval(), {nn.Linear})
+    import warnings
+
+    with warnings.catch_warnings():  # torch deprecates torch.ao.quantization; users still have such models
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.ao.quantization.quantize_dynamic(tv.models.resnet18(num_classes=C).eval(), {nn.Linear})
     with pytest.raises(RetrofitError, match="ResNet.fc holds no nn.Linear"):
         wrap(model, make_head(512, make_store(512)))
 
