@@ -334,7 +334,7 @@ def test_a_quantized_classifier_is_not_taken_for_a_headless_host(seed: int) -> N
     import warnings
 
     with warnings.catch_warnings():  # torch deprecates torch.ao.quantization; users still have such models
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(tv.models.resnet18(num_classes=C).eval(), {nn.Linear})
     with pytest.raises(RetrofitError, match="ResNet.fc holds no nn.Linear"):
         wrap(model, make_head(512, make_store(512)))
