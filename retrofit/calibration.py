@@ -124,6 +124,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     if host is not None and not bool(torch.isfinite(torch.as_tensor(host)).all()):
         raise ValueError("choose_vote_scale: the features' host logits hold NaN or inf; no scale can be scored")
     try:
+        if isinstance(scales, (str, bytes)):  # "12" would be read as the scales 1 and 2
+            raise TypeError
         cand = [float(s) for s in scales]
     except (TypeError, ValueError):
         raise ValueError(f"scales must be a list of numbers >= 0, e.g. (0.5, 1, 2, 4), got {scales!r}") from None

@@ -34,7 +34,7 @@ _TABLE_KEYS = ("top1", "top5", "many", "medium", "few", "mean_per_class", "nll",
 
 def _counts(train_labels: torch.Tensor | None, train_counts: Any, num_classes: int) -> torch.Tensor:
     if train_counts is not None:
-        c = torch.as_tensor(train_counts, dtype=torch.int64).reshape(-1)
+        c = _whole_counts(train_counts)
         if c.numel() != num_classes:
             raise ValueError(f"train_counts has {c.numel()} entries but the logits have {num_classes} classes")
         return c
@@ -45,6 +45,20 @@ def _counts(train_labels: torch.Tensor | None, train_counts: Any, num_classes: i
     if lab.numel() and int(lab.max()) >= num_classes:
         raise ValueError(f"train label {int(lab.max())} is out of range for {num_classes} classes")
     return torch.bincount(lab, minlength=num_classes)
+
+
+def _whole_counts(train_counts: Any) -> torch.Tensor:
+    """(C,) int64 training images per class; fractions (class frequencies, 100.7) are refused, not truncated."""
+    c = torch.as_tensor(train_counts).reshape(-1)
+    if c.dtype == torch.bool or c.is_complex():
+        raise ValueError(f"train_counts must be numbers of training images per class, got {c.dtype}")
+    if c.is_floating_point():
+        if not bool(torch.isfinite(c).all()) or bool((c != c.round()).any()):
+            raise ValueError(f"train_counts must be whole numbers of training images per class (not frequencies), "
+                             f"got {c.tolist()[:10]}")
+    if c.numel() and bool((c < 0).any()):
+        raise ValueError(f"train_counts must be non-negative numbers of images per class, got {c.tolist()[:10]}")
+    return c.to(torch.int64)
 
 
 def class_groups(train_counts: torch.Tensor, cutoffs: tuple[int, int] = (100, 20)) -> dict[str, torch.Tensor]:
@@ -63,7 +77,16 @@ def class_groups(train_counts: torch.Tensor, cutoffs: tuple[int, int] = (100, 20
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE with ``bins`` equal-width confidence bins (top-1 confidence vs accuracy, weighted by bin size)."""
+    """ECE with ``bins`` equal-width confidence bins (top-1 confidence vs accuracy, weighted by bin size).
+    ``probs`` (N, C) probabilities (``logits.softmax(1)``), ``labels`` (N,) class ids."""
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels).reshape(-1)
+    if not isinstance(bins, numbers.Integral) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"bins must be an int >= 1, got {bins!r}")
+    if probs.dim() != 2 or probs.shape[0] != labels.numel():
+        raise ValueError(f"probs must be (N, C) with N = {labels.numel()} labels, got {tuple(probs.shape)}")
+    if probs.numel() and not bool(((probs >= -1e-6) & (probs <= 1 + 1e-6)).all()):
+        raise ValueError("probs must be probabilities in [0, 1] (logits.softmax(1)), got values outside it: logits?")
     conf, pred = probs.max(dim=1)  # (N,), (N,)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
@@ -78,7 +101,10 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 def logit_adjust(logits: torch.Tensor, train_counts: Any, tau: float = 1.0) -> torch.Tensor:
     """Post-hoc logit adjustment (Menon et al. 2021): ``logits - tau * log prior`` (prior from training counts;
     classes with no training sample count as one)."""
-    c = torch.as_tensor(train_counts, dtype=torch.float64).reshape(-1).clamp_min(1.0)
+    logits = torch.as_tensor(logits)  # numpy arrays too
+    if not logits.is_floating_point():
+        logits = logits.float()  # integer logits: the adjustment is not a whole number
+    c = _whole_counts(train_counts).double().clamp_min(1.0)
     if c.numel() != logits.shape[-1]:
         raise ValueError(f"train_counts has {c.numel()} classes but the logits have {logits.shape[-1]}")
     prior = (c / c.sum()).log().to(logits.dtype).to(logits.device)  # (C,)
@@ -124,10 +150,14 @@ def evaluate(
         raise ValueError(f"labels must be in 0..{C - 1} (the logits have {C} classes), got "
                          f"{int(labels.min())}..{int(labels.max())}: a class-count mismatch between data and model")
     logits = logits.detach().double().cpu()
-    if not torch.isfinite(logits).all():  # NaN, or inf (an fp16 overflow): NLL and ECE would be NaN
-        bad = int((~torch.isfinite(logits)).any(1).sum())
-        raise ValueError(f"logits hold NaN or inf in {bad} of {N} rows: the model's output is broken there (check "
-                         "its inputs and weights, or an fp16 overflow); no metric is meaningful")
+    # NaN or +inf (an fp16 overflow) break every metric; -inf rules a class out (fine) unless it is the true class
+    # or every class of the row
+    broken = torch.isnan(logits).any(1) | (logits == math.inf).any(1) | (logits == -math.inf).all(1)
+    broken |= logits.gather(1, labels[:, None])[:, 0] == -math.inf
+    if bool(broken.any()):
+        raise ValueError(f"logits hold NaN or +inf, or -inf on the true class, in {int(broken.sum())} of {N} rows: "
+                         "the model's output is broken there (check its inputs and weights, or an fp16 overflow); "
+                         "no metric is meaningful")
     counts = _counts(train_labels, train_counts, C)
     groups = class_groups(counts, cutoffs)
     pred = logits.argmax(1)
@@ -195,7 +225,9 @@ def _json_safe(v: Any) -> Any:
 def save_results(results: dict[str, dict[str, Any]], json_path: str | Path, markdown_path: str | Path | None = None
                  ) -> None:
     """Write ``results`` (name -> evaluate() dict) as JSON and, optionally, the markdown table."""
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    for path in (json_path, markdown_path):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False))  # NaN -> null
     if markdown_path is not None:
         Path(markdown_path).write_text(markdown_table(results))

@@ -22,8 +22,7 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                      max_iter: int = 100, seed: int = 0) -> nn.Linear:
     """Multinomial logistic regression on (N, D) features: full-batch L-BFGS on CE + wd/2 * ||W||^2."""
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    if z.dim() != 2 or z.shape[0] != labels.numel():
-        raise ValueError(f"z must be (N, D) with N = {labels.numel()} labels, got {tuple(z.shape)}")
+    z = _features(z, labels)
     if labels.numel() == 0:
         raise ValueError("fit_linear_probe got no samples")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
@@ -47,6 +46,26 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     return layer.eval()
 
 
+def _features(z: object, labels: torch.Tensor) -> torch.Tensor:
+    """``z`` as an (N, D) tensor (numpy arrays too) with one row per label, or a ValueError naming the shapes."""
+    try:
+        z = torch.as_tensor(z)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"z must be an (N, D) tensor or array, got {type(z).__name__}") from None
+    if z.dim() != 2 or z.shape[0] != labels.numel():
+        raise ValueError(f"z must be (N, D) with N = {labels.numel()} labels, got {tuple(z.shape)}")
+    return z
+
+
+def _same_fold_for_twins(z: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
+    """Identical rows of ``z`` (a duplicated image, an oversampled tail class) all go to the fold of their first
+    copy: a twin in another fold would hand the probe the held-out sample. Without duplicates ``fold`` is kept."""
+    _, group = torch.unique(z.detach().float().cpu(), dim=0, return_inverse=True)  # (N,) one id per distinct row
+    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.int64)
+    first.scatter_reduce_(0, group, torch.arange(len(group)), reduce="amin")  # each group's first row
+    return fold[first[group]]
+
+
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
     """(N,) fold of each sample: every class dealt round-robin over the folds in a seeded random order, each class
     starting where the previous one stopped (fold sizes differ by at most one; classes with fewer samples than
@@ -66,12 +85,15 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                      weight_decay: float = 1e-3, max_iter: int = 100) -> torch.Tensor:
     """(N, C) out-of-fold logits: each sample's logits come from a linear probe fitted on the other folds.
 
-    Folds are stratified by class (:func:`stratified_folds`).
+    Folds are stratified by class (:func:`stratified_folds`); identical rows of ``z`` share a fold.
     """
     if not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    fold = stratified_folds(labels, folds, seed)
+    z = _features(z, labels)
+    if labels.numel() == 0:
+        raise ValueError("cross_fit_logits got no samples")
+    fold = _same_fold_for_twins(z, stratified_folds(labels, folds, seed))
     out = torch.empty(labels.numel(), num_classes)
     for f in range(folds):
         held = fold == f

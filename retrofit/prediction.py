@@ -8,6 +8,7 @@ live from the store. ``predict_logits`` runs a trained head over a whole feature
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from retrofit.feature_cache import FeatureSet, NeighborVectors, neighbors_from_i
 from retrofit.neighbors import Neighbors
 
 __all__ = ["predict_logits"]
+
+log = logging.getLogger(__name__)
 
 
 def _device(spec: str) -> torch.device:
@@ -42,6 +45,10 @@ class _Batcher:
         self.fs, self.k, self.device, self.store, self.table = fs, k, device, store, table
         self.keys = fs.retrieval_keys if not fs.has_neighbors else None
         self.dims = dims  # (image_dim, text_dim): the empty neighbour sets of k = 0
+        if fs.has_neighbors and k > fs.neighbor_ids.shape[1]:
+            log.warning("the features carry %d cached neighbours per sample, fewer than k=%d: the head runs with %d "
+                        "(compute the features with k >= %d, or drop their neighbour ids for a live search)",
+                        fs.neighbor_ids.shape[1], k, fs.neighbor_ids.shape[1], k)
 
     def __call__(self, idx: torch.Tensor):
         fs, dev = self.fs, self.device
@@ -93,11 +100,20 @@ def predict_logits(
 ) -> dict[str, torch.Tensor]:
     """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
     plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dev = _device(device)
     store = _resolve_store(head, store)
     k = k if k is not None else getattr(head.config, "k", 32)
     if table is None and fs.has_neighbors and k:
         table = _vector_table(store, [fs], k, dev)
+    elif table is not None and fs.has_neighbors and k:  # a table built for other features: ids it lacks read zeros
+        ids = fs.neighbor_ids[:, :k].to(table.row_of.device)
+        missing = ids[(ids >= 0) & (table.rows(ids) == table.ids.numel())]
+        if missing.numel():
+            raise RetrofitError(f"table= lacks the vectors of {missing.unique().numel()} neighbour ids of these "
+                                f"features (e.g. {missing.unique()[:5].tolist()}): it was built for other features; "
+                                "leave table=None to read them from the store")
     if not fs.has_neighbors and store is None and k:
         raise RetrofitError("predict_logits needs a knowledge base (store=...) for features without cached neighbours")
     batcher = _Batcher(fs, k, dev, store, table, _head_dims(head))
@@ -105,7 +121,7 @@ def predict_logits(
     head.eval()
     out: dict[str, list[torch.Tensor]] = {}
     try:
-        for s in range(0, len(fs), batch_size):
+        for s in range(0, len(fs), batch_size) if len(fs) else [0]:  # no rows: one empty batch, (0, C) outputs
             idx = torch.arange(s, min(s + batch_size, len(fs)))
             z, host, nb = batcher(idx)
             if host_classifier is not None:

@@ -77,6 +77,8 @@ def test_choose_vote_scale_finds_the_informative_vote(setting):
     assert choice.at_largest == (choice.scale == 16.0)  # the largest candidate won: a larger one may do better
     with pytest.raises(ValueError, match="scales must be a list of numbers"):
         choose_vote_scale(head, fs, kb, scales=2.0, device="cpu")
+    with pytest.raises(ValueError, match="scales must be a list of numbers"):
+        choose_vote_scale(head, fs, kb, scales="12", device="cpu")  # was read as the scales 1 and 2
 
     applied = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0, 16.0), metric="balanced", device="cpu")
     assert float(head.vote.scale) == applied.scale  # applied

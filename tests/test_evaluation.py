@@ -93,8 +93,18 @@ def test_infinite_logits_are_refused_and_results_are_strict_json(tmp_path):
     logits = torch.randn(6, 3)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     logits[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="NaN or inf in 1 of 6 rows"):
+    with pytest.raises(ValueError, match="NaN or \\+inf, or -inf on the true class, in 1 of 6 rows"):
         evaluate(logits, labels, train_counts=[5, 5, 5])
+    # -inf rules a class out: fine (it was refused), unless it is the true class
+    ruled_out = torch.randn(6, 3)
+    ruled_out[:, 2] = float("-inf")
+    ruled_out[[2, 5], 2] = 0.0
+    r = evaluate(ruled_out, labels, train_counts=[5, 5, 5])
+    want = -torch.log_softmax(ruled_out.double(), 1).gather(1, labels[:, None]).mean()
+    assert r["nll"] == pytest.approx(float(want)) and math.isfinite(r["ece"])
+    ruled_out[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="in 1 of 6 rows"):
+        evaluate(ruled_out, labels, train_counts=[5, 5, 5])
     r = evaluate(torch.randn(6, 3), labels, train_counts=[500, 50, 5], cutoffs=(100, 20))
     r["nll"] = float("nan")  # as an empty group's mean would be
     save_results({"x": r}, tmp_path / "eval.json")
@@ -104,6 +114,8 @@ def test_infinite_logits_are_refused_and_results_are_strict_json(tmp_path):
 
 @pytest.mark.parametrize("kw, says", [(dict(cutoffs=(10,)), "cutoffs must be"), (dict(ece_bins=0), "ece_bins"),
                                       (dict(train_counts=[5, -1, 5]), "non-negative"),
+                                      (dict(train_counts=[100.7, 5, 5]), "whole numbers .*not frequencies"),
+                                      (dict(train_counts=[0.5, 0.3, 0.2]), "whole numbers"),
                                       (dict(labels=torch.tensor([True, False, True])), "integer class ids")])
 def test_odd_evaluate_arguments_are_named(kw, says):
     from retrofit.evaluation import evaluate
@@ -111,3 +123,38 @@ def test_odd_evaluate_arguments_are_named(kw, says):
     args = dict(logits=torch.randn(3, 3), labels=torch.tensor([0, 1, 2]), train_counts=[5, 5, 5])
     with pytest.raises(ValueError, match=says):
         evaluate(**{**args, **kw})
+
+
+def test_calibration_error_adjustment_and_saving_check_their_inputs(tmp_path):
+    """Found by a stress test: ECE broadcast (N, 1) labels to (N, N) and took logits for probabilities silently;
+    logit_adjust refused numpy, rounded integer logits' adjustment and clamped frequencies to one (no adjustment);
+    save_results did not create the markdown's folder."""
+    import numpy as np
+
+    from retrofit.evaluation import evaluate, expected_calibration_error, logit_adjust, save_results
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 4, generator=g)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    p = logits.softmax(1)
+    conf, pred = p.max(1)
+    want = 0.0  # by hand, 5 bins
+    for lo in np.linspace(0, 0.8, 5):
+        sel = (conf > lo) & (conf <= lo + 0.2) if lo else conf <= 0.2
+        if sel.any():
+            want += sel.float().mean() * abs(conf[sel].mean() - (pred[sel] == labels[sel]).float().mean())
+    assert expected_calibration_error(p, labels[:, None], 5) == pytest.approx(float(want), abs=1e-6)
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
+        expected_calibration_error(logits * 5, labels)
+    with pytest.raises(ValueError, match="bins must be an int >= 1"):
+        expected_calibration_error(p, labels, 0)
+    counts = [800, 200, 20, 4]
+    ref = logit_adjust(logits, counts)
+    torch.testing.assert_close(logit_adjust(logits.numpy(), counts), ref)
+    adj = logit_adjust(torch.zeros(2, 4, dtype=torch.int64), counts)
+    assert adj.is_floating_point() and adj[0, 3] == pytest.approx(-math.log(4 / 1024), rel=1e-5)
+    with pytest.raises(ValueError, match="not frequencies"):
+        logit_adjust(logits, [0.78, 0.2, 0.02, 0.004])
+    r = evaluate(logits, labels, train_counts=counts)
+    save_results({"m": r}, tmp_path / "a" / "eval.json", tmp_path / "b" / "c" / "table.md")
+    assert (tmp_path / "b" / "c" / "table.md").is_file()

@@ -302,6 +302,41 @@ def test_cross_fitted_host_logits_do_not_leak(data):
     nll_cf = torch.nn.functional.cross_entropy(train_fs.host_logits, y).item()
     assert acc_in > acc_cf + 0.2 and nll_cf > nll_in, (acc_in, acc_cf, nll_in, nll_cf)
     assert 0.2 < acc_cf < 0.9  # real, better-than-chance predictions from probes that never saw the sample
+    # every sample twice (an oversampled set): a twin in another fold handed the probe the held-out sample
+    # (out-of-fold accuracy 0.46 -> 0.71 in a stress test); twins now share a fold
+    from retrofit.linear_probe import _same_fold_for_twins, stratified_folds
+
+    z2, y2 = torch.cat([train_fs.z, train_fs.z]), torch.cat([y, y])
+    fold = _same_fold_for_twins(z2, stratified_folds(y2, 3, 0))
+    n = len(y)
+    assert torch.equal(fold[:n], fold[n:])
+    base = stratified_folds(y, 3, 0)
+    assert torch.equal(_same_fold_for_twins(train_fs.z, base), base)  # no duplicates: the folds as they were
+    with pytest.raises(ValueError, match="z must be \\(N, D\\) with N = 5 labels"):
+        cross_fit_logits(train_fs.z, y[:5], 10)
+    assert cross_fit_logits(train_fs.z[:60].numpy(), y[:60], 10, folds=2, max_iter=5).shape == (60, 10)
+
+
+def test_predict_logits_says_when_cached_neighbours_fall_short(data, real, caplog):
+    """Found by a stress test: cached neighbours fewer than k ran silently with fewer; an empty FeatureSet gave {}
+    (no 'logits'); a vector table built for other features read zero vectors for the ids it lacked."""
+    from retrofit.feature_cache import NeighborVectors
+
+    train_fs, val_fs, _ = data
+    head = _head()
+    few = val_fs.subset(slice(0, 20))
+    short = FeatureSet(z=few.z, labels=few.labels, host_logits=few.host_logits, neighbor_ids=few.neighbor_ids[:, :2],
+                       neighbor_scores=few.neighbor_scores[:, :2], neighbor_labels=few.neighbor_labels[:, :2])
+    with caplog.at_level("WARNING", logger="retrofit.prediction"):
+        out = predict_logits(head, short, store=real["store"], device="cpu")
+    assert out["neighbor_ids"].shape == (20, 2) and f"fewer than k={K}" in caplog.text
+    empty = predict_logits(head, few.subset(slice(0, 0)), store=real["store"], device="cpu")
+    assert empty["logits"].shape == (0, 10)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        predict_logits(head, few, store=real["store"], batch_size=0)
+    other = NeighborVectors(real["store"], train_fs.neighbor_ids[:3])
+    with pytest.raises(RetrofitError, match="table= lacks the vectors"):
+        predict_logits(head, few, store=real["store"], table=other, device="cpu")
 
 
 def test_class_balance_weights_and_loss():
