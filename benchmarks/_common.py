@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["emit", "gemm_gflops", "time_fn", "sync", "machine_info", "positive_int"]
+__all__ = ["emit", "gemm_gflops", "time_fn", "sync", "machine_info", "positive_int", "nonnegative_int", "parser",
+           "run"]
 
 
 def positive_int(text: str) -> int:
@@ -49,6 +50,23 @@ def nonnegative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be an int >= 0, got {v}")
     return v
+
+
+def parser(doc: str) -> Any:
+    """The script's ArgumentParser: ``--help`` shows its whole docstring (what it measures, its quick setting)."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Run ``main``; a setting the library refuses (``ValueError``, a path error) is one ``error:`` line, exit 2."""
+    try:
+        code = main()
+    except (ValueError, NotADirectoryError, FileExistsError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)
 
 
 def sync(device: torch.device | str | None = None) -> None:

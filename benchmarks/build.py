@@ -12,7 +12,6 @@ Run: ``nice .venv/bin/python benchmarks/build.py [--limit N] [--workers W] [--ba
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,11 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemm_gflops, nonnegative_int, positive_int
+from _common import emit, gemm_gflops, nonnegative_int, parser, positive_int, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (quick runs)")
     ap.add_argument("--workers", type=nonnegative_int, default=1, help="DataLoader decode workers")
     ap.add_argument("--batch-size", type=positive_int, default=256)
@@ -86,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,6 +11,9 @@ Targets: forward >= 50 % of gemm_gflops, forward+backward >= 40 %.
 
     .venv/bin/python benchmarks/head.py [--device cpu|cuda|all] [--batch 256] [--repeats 5]
 
+Quick (seconds, the demo's head size): ``--device cpu --batch 32 --k 16 --dim 64 --depth 1 --heads 4 --repeats 1
+--no-attention-paths``.
+
 Prints one JSON line.
 """
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemm_gflops, positive_int, time_fn
+from _common import emit, gemm_gflops, parser, positive_int, run, time_fn
 
 from retrofit.head import HeadConfig, RetrievalHead
 from retrofit.neighbors import Neighbors
@@ -147,7 +150,7 @@ def attention_paths(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="all = cpu, plus cuda when a GPU is present")
     p.add_argument("--batch", type=positive_int, default=256)
@@ -190,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

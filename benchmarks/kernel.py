@@ -31,14 +31,13 @@ and 32. Wall time vs eager: 3.6-9.6x forward, 2.9-3.8x forward+backward over all
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, time_fn
+from _common import emit, parser, run, time_fn
 
 BATCHES = (1, 32, 256)
 KS = (16, 32, 64)
@@ -130,7 +129,7 @@ def bench_one(fn, B: int, S: int, dtype: torch.dtype, device: str = "cuda", repe
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="input dtype (default fp16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--quick", action="store_true", help="only B=32, k=32")
@@ -269,4 +268,4 @@ def run_table(shapes: list[tuple[int, int]], dtype: torch.dtype, impls: dict, de
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, positive_int
+from _common import emit, nonnegative_int, parser, positive_int, run
 
 from retrofit.knowledge_base import KnowledgeBase
 
@@ -154,6 +154,8 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
     kb = KnowledgeBase.open(kb_dir)
     info = kb.info()
     out[prefix + "index"] = info["index"]["kind"]
+    if info["index"]["kind"] != "hnsw":  # a KB below the flat threshold: no HNSW storage to report
+        out["hnsw_storage"] = None
     out[prefix + "ef_search"] = info["index"]["ef_search"]
     out[prefix + "index_memory_mapped"] = info["index"]["memory_mapped"]
     out[prefix + "bytes_per_vector"] = round(info["bytes"]["records"] / n, 1)
@@ -185,7 +187,7 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
     out[prefix + "qps"] = round(len(q_t) / t_kb, 1)
     out[prefix + "qps_faiss_raw"] = round(len(q_t) / t_raw, 1)
     out[prefix + "qps_over_raw"] = round(t_raw / t_kb, 3)
-    out[prefix + "recall_at_32"] = round(recall(ids, truth), 4)
+    out[prefix + f"recall_at_{k}"] = round(recall(ids, truth), 4)
     out[prefix + "tuned_recall"] = info["index"]["tuned_recall"]
 
     sel = [ids[s:s + batch].reshape(-1) for s in range(0, min(len(ids), 8 * batch), batch)]
@@ -304,12 +306,12 @@ def real(args: argparse.Namespace, root: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--n", type=positive_int, default=1_000_000, help="synthetic KB size (default 1,000,000)")
     p.add_argument("--k", type=positive_int, default=32, help="neighbours per query (default 32)")
     p.add_argument("--batch", type=positive_int, default=256, help="queries per search call (default 256)")
     p.add_argument("--queries", type=positive_int, default=2048, help="held-out synthetic queries (default 2048)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--dir", default=None, help="where to build the KBs (default: a temporary directory)")
     p.add_argument("--no-real", action="store_true", help="skip the real_* (Tiny Darknet on CIFAR-10) figures")
     p.add_argument("--no-synthetic", action="store_true", help="only the real_* figures")
@@ -333,4 +335,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

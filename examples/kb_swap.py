@@ -62,7 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/kb_swap",
                    help="where the KBs and results.json go (a KB of the same samples and options is reused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # CIFAR-10's 5,000 training images per class hold the labelled, validation and web parts; 1,000 test per class
+    for name, low in (("max_per_class", 1), ("web", 1), ("val_per_class", 1), ("test_per_class", 1), ("epochs", 1)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not args.imbalance >= 1:
+        p.error(f"--imbalance must be >= 1 (most / least frequent class), got {args.imbalance}")
+    if int(args.max_per_class / args.imbalance) < 1:
+        p.error(f"--max-per-class {args.max_per_class} with --imbalance {args.imbalance:g} leaves the rarest class no "
+                "labelled image: raise --max-per-class or lower --imbalance")
+    if args.max_per_class + args.val_per_class > 5000:
+        p.error(f"--max-per-class + --val-per-class must be <= 5000 (CIFAR-10's training images per class), got "
+                f"{args.max_per_class + args.val_per_class}")
+    if args.test_per_class > 1000:
+        p.error(f"--test-per-class must be <= 1000 (CIFAR-10's test images per class), got {args.test_per_class}")
+    return args
 
 
 def split(labels: np.ndarray, args: argparse.Namespace) -> dict[str, list[int]]:

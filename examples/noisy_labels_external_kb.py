@@ -62,11 +62,13 @@ def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1, help="head-training seeds (>= 1; > 1 gives mean ± std)")
     ap.add_argument("--pool-labels", choices=("dataset", "captions"), default="dataset",
                     help="labels of the pool records: CIFAR-10's own, or read from their captions")
     ap.add_argument("--cache-dir", default=".retrofit_cache/cifar10_lt")
     args = ap.parse_args()
+    if args.seeds < 1:  # 0 ran no head at all and printed a table without the head rows
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from retrofit.demo import DemoConfig

@@ -147,9 +147,34 @@ class DemoConfig:
             raise ValueError(f"vote_scale_on must be 'val' or 'train', got {self.vote_scale_on!r}")
         if not 0.0 <= self.noise_rate < 1.0:
             raise ValueError(f"noise_rate must be in [0, 1), got {self.noise_rate}")
-        for n in ("k", "dim", "depth", "heads", "epochs", "batch_size"):
-            if not isinstance(getattr(self, n), int) or getattr(self, n) <= 0:
-                raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
+        for n in ("k", "dim", "depth", "heads", "epochs", "batch_size", "val_per_class"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        if isinstance(self.seeds, bool):
+            raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
+        if not self.rows:
+            raise ValueError(f"rows must name at least one row; allowed: {list(ROWS)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        for n in ("lr", "knn_temperature"):  # a temperature of 0 made the kNN rows chance, silently
+            if not 0.0 < getattr(self, n) < math.inf:
+                raise ValueError(f"{n} must be a finite number > 0, got {getattr(self, n)!r}")
+        if not 1.0 <= self.imbalance_factor < math.inf:
+            raise ValueError(f"imbalance_factor must be a finite number >= 1, got {self.imbalance_factor!r}")
+        for n in ("dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                raise ValueError(f"{n} must be in [0, 1), got {getattr(self, n)!r}")
+        for n in ("mlp_ratio", "mixup_alpha", "class_balance", "host_weight_decay"):
+            if not 0.0 <= getattr(self, n) < math.inf:
+                raise ValueError(f"{n} must be a finite number >= 0, got {getattr(self, n)!r}")
+        if not math.isfinite(self.tau_la):
+            raise ValueError(f"tau_la must be a finite number, got {self.tau_la!r}")
+        if not self.posthoc or any(not math.isfinite(a) for a in self.posthoc):
+            raise ValueError(f"posthoc must be a non-empty tuple of finite adjustment strengths, got {self.posthoc!r}")
+        for n in ("cache_dir", "results_dir"):
+            if not str(getattr(self, n)).strip():
+                raise ValueError(f"{n} must be a directory path, got {getattr(self, n)!r}")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -275,6 +300,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     cfg.validate()
     t0 = time.perf_counter()
     rows = set(cfg.rows)
+    Path(cfg.results_dir).mkdir(parents=True, exist_ok=True)  # an unusable results_dir, said before the work
     data = prepare(cfg)
     t_prep = time.perf_counter() - t0
     results = _fixed_rows(cfg, data, rows)

@@ -336,3 +336,22 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
             logits_by_vote_scale(plain, data, "in", "val", False, None, (1.0,))
     finally:
         data.close()
+
+
+@pytest.mark.parametrize("field, bad, says", [
+    ("knn_temperature", 0.0, "knn_temperature must be a finite number > 0"),  # made the kNN rows chance, silently
+    ("dim", 66, "dim=66 must be divisible by heads=4"),  # was found after building the KBs
+    ("posthoc", (), "posthoc must be a non-empty tuple"),  # was "max() arg is an empty sequence"
+    ("tau_la", float("nan"), "tau_la must be a finite number"),
+    ("imbalance_factor", 0.0, "imbalance_factor must be a finite number >= 1"),
+    ("rows", (), "rows must name at least one row"),
+    ("val_per_class", 0, "val_per_class must be a positive int"),
+    ("seeds", True, "seeds must be an int >= 1"),
+    ("results_dir", "", "results_dir must be a directory path"),
+    ("dropout", 1.5, "dropout must be in \\[0, 1\\)"),
+])
+def test_demo_config_refuses_bad_settings_before_any_work(field, bad, says):
+    from retrofit.demo import DemoConfig
+
+    with pytest.raises(ValueError, match=says):
+        DemoConfig(**{field: bad}).validate()

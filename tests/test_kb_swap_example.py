@@ -58,3 +58,15 @@ def test_kb_swap_example_small(data_dir, tmp_path, monkeypatch):
     for name in before:
         assert second["rows"][name] == first["rows"][name], name
     assert second["vote"]["trained_weight"] == pytest.approx(first["vote"]["trained_weight"], abs=0)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--web", "-5"], "--web must be >= 1"),  # a negative count read as "all but 5": 49,460 web pairs, silently
+    (["--imbalance", "0"], "--imbalance must be >= 1"),
+    (["--max-per-class", "10", "--imbalance", "20"], "leaves the rarest class no labelled image"),
+    (["--test-per-class", "2000"], "--test-per-class must be <= 1000"),
+])
+def test_kb_swap_example_refuses_bad_options(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        _example().parse_args(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

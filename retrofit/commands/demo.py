@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "bases are cached (first run encodes ~60,000 images). Example: retrofit demo --seeds 3",
     )
     p.add_argument("--seeds", type=int, default=None, help="head-training seeds; > 1 gives mean ± std (default 1)")
-    p.add_argument("--rows", default=None, help="comma-separated rows to run, e.g. 1,2,4,5 (default: all)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows to run, e.g. 4,5 (default: all; rows 1-3 and the fixed-fusion "
+                   "references are always computed and shown: the trained rows build on them)")
     p.add_argument("--data-dir", default=None, help="directory holding cifar10/ (default: RETROFIT_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="cache of embeddings and KBs (default .retrofit_cache/cifar10_lt)")
     p.add_argument("--results-dir", default=None, help="where the md / json / png go (default results/)")
