@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not args.imbalance >= 1:
         p.error(f"--imbalance must be >= 1 (most / least frequent class), got {args.imbalance}")
-    if int(args.max_per_class / args.imbalance) < 1:
+    if int(args.max_per_class * args.imbalance ** -1.0) < 1:  # the rarest class's count, as split() computes it
         p.error(f"--max-per-class {args.max_per_class} with --imbalance {args.imbalance:g} leaves the rarest class no "
                 "labelled image: raise --max-per-class or lower --imbalance")
     if args.max_per_class + args.val_per_class > 5000:

@@ -14,6 +14,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -49,7 +50,12 @@ def _counts(train_labels: torch.Tensor | None, train_counts: Any, num_classes: i
 
 def _whole_counts(train_counts: Any) -> torch.Tensor:
     """(C,) int64 training images per class; fractions (class frequencies, 100.7) are refused, not truncated."""
-    c = torch.as_tensor(train_counts).reshape(-1)
+    try:
+        c = torch.as_tensor(train_counts).reshape(-1)
+    except TypeError:  # numpy uint16 / uint32 / uint64 arrays
+        c = torch.as_tensor(np.asarray(train_counts).astype(np.int64)).reshape(-1)
+    if c.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        c = c.to(torch.int64)  # (comparisons are not implemented for them)
     if c.dtype == torch.bool or c.is_complex():
         raise ValueError(f"train_counts must be numbers of training images per class, got {c.dtype}")
     if c.is_floating_point():

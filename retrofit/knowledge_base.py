@@ -358,6 +358,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         if same:
             return False
         with self._rw.write():  # swapping the snapshot and index under a search would crash it
+            self._check_process()  # again: another thread may have closed the handle meanwhile
             old_gen, old_file = self.generation, self._state.file
             before = dict(vars(self))  # the handle as it is: restored when the new generation cannot be loaded
             rec_meta = self._rec.meta

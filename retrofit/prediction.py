@@ -9,6 +9,7 @@ live from the store. ``predict_logits`` runs a trained head over a whole feature
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import torch
@@ -100,8 +101,9 @@ def predict_logits(
 ) -> dict[str, torch.Tensor]:
     """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
     plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k)."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     dev = _device(device)
     store = _resolve_store(head, store)
     k = k if k is not None else getattr(head.config, "k", 32)

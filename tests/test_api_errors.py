@@ -99,7 +99,7 @@ def test_arrays_and_wrong_types_in_training_and_evaluation(kb):
     with pytest.raises(ValueError, match="integer class ids"):
         evaluate(logits, y + 0.5, train_counts=tc)
     logits[2, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or inf in 1 of 6 rows"):
+    with pytest.raises(ValueError, match="NaN or \\+inf, or -inf on the true class, in 1 of 6 rows"):
         evaluate(logits, y, train_counts=tc)
 
 

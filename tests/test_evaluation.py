@@ -155,6 +155,9 @@ def test_calibration_error_adjustment_and_saving_check_their_inputs(tmp_path):
     assert adj.is_floating_point() and adj[0, 3] == pytest.approx(-math.log(4 / 1024), rel=1e-5)
     with pytest.raises(ValueError, match="not frequencies"):
         logit_adjust(logits, [0.78, 0.2, 0.02, 0.004])
+    for typed in (np.array(counts, dtype=np.uint32), torch.tensor(counts, dtype=torch.uint32),
+                  np.array(counts, dtype=np.float32)):  # unsigned / whole float counts: as before, not refused
+        torch.testing.assert_close(logit_adjust(logits, typed), ref)
     r = evaluate(logits, labels, train_counts=counts)
     save_results({"m": r}, tmp_path / "a" / "eval.json", tmp_path / "b" / "c" / "table.md")
     assert (tmp_path / "b" / "c" / "table.md").is_file()

@@ -330,6 +330,10 @@ def test_predict_logits_says_when_cached_neighbours_fall_short(data, real, caplo
     with caplog.at_level("WARNING", logger="retrofit.prediction"):
         out = predict_logits(head, short, store=real["store"], device="cpu")
     assert out["neighbor_ids"].shape == (20, 2) and f"fewer than k={K}" in caplog.text
+    import numpy as np
+
+    assert predict_logits(head, few, store=real["store"], batch_size=np.int64(7), device="cpu")["logits"].shape == (
+        20, 10)
     empty = predict_logits(head, few.subset(slice(0, 0)), store=real["store"], device="cpu")
     assert empty["logits"].shape == (0, 10)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
