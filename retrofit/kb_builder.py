@@ -149,7 +149,8 @@ class _Builder:
             err = batch["error"][row]
             cap = ref.caption.strip() if isinstance(ref.caption, str) else None
             if err is None and not cap and self.cfg.require_caption:
-                err = "no caption" if ref.caption is None else "empty caption"
+                err = ("no caption" if ref.caption is None else "empty caption" if isinstance(ref.caption, str)
+                       else f"caption is not text ({type(ref.caption).__name__})")
             if err is not None:
                 counts["skipped"] += 1
                 report.write(json.dumps({"build": self.meta_key, "index": i, "key": ref.key, "reason": err}) + "\n")
@@ -178,7 +179,8 @@ class _Builder:
             img, keys = img[keep], keys[keep]
             if not keep_rows:
                 return
-        caps = [self.source.refs[i].caption.strip() if self.source.refs[i].caption else None for i in keep_idx]
+        caps = [c.strip() if isinstance(c := self.source.refs[i].caption, str) and c else None  # not text: none
+                for i in keep_idx]
         txt = self._encode_text(caps)  # (n, Dt)
         pending["key"].append(keys)
         pending["image"].append(img)

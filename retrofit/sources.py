@@ -398,8 +398,13 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
 
 
 def _to_rgb(im: Any) -> Any:
-    """RGB for the encoders. 16-bit and 32-bit greyscale (PNG ``I;16``, TIFF ``I`` / ``F``) are scaled to 8 bits
-    first: PIL's convert("RGB") clips them, so a 16-bit photo came out all white."""
+    """RGB for the encoders, upright. 16-bit and 32-bit greyscale (PNG ``I;16``, TIFF ``I`` / ``F``) are scaled to
+    8 bits first: PIL's convert("RGB") clips them, so a 16-bit photo came out all white. A photo's EXIF orientation
+    is applied (a phone's portrait JPEG is stored sideways: it was classified sideways)."""
+    if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation other than "normal"
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         import numpy as np
         from PIL import Image

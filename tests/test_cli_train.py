@@ -120,6 +120,21 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert set(pred["neighbors"][0]) == {"id", "label", "caption", "similarity", "attention"}
     assert main(["predict", str(img), "--run", str(out), "--explain"]) == 0
     assert "attention" in capsys.readouterr().out
+    # predict decodes as training does: a 16-bit PNG of the picture was clipped to white (another class, silently);
+    # and images go through the backbone in --feature-batch batches
+    import numpy as np
+    from PIL import Image
+
+    grey = np.asarray(Image.open(img).convert("L"), dtype=np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "g8.png")
+    Image.fromarray(grey * 257).save(tmp_path / "g16.png")
+    assert main(["predict", str(tmp_path / "g8.png"), str(tmp_path / "g16.png"), str(img), "--run", str(out),
+                 "--json", "--feature-batch", "2"]) == 0
+    g8, g16, again = json.loads(capsys.readouterr().out)
+    assert g8["top"][0]["class"] == g16["top"][0]["class"]
+    assert abs(g8["top"][0]["prob"] - g16["top"][0]["prob"]) < 0.02
+    assert [t["class"] for t in again["top"][:3]] == [t["class"] for t in pred["top"]]  # batching: the same
+    assert [t["prob"] for t in again["top"][:3]] == pytest.approx([t["prob"] for t in pred["top"]], abs=1e-6)
 
 
 def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):

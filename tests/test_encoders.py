@@ -298,3 +298,41 @@ def test_a_fine_tuned_timm_checkpoint_with_its_own_classes_loads(tmp_path):
     x = torch.rand(2, 3, *mine.pretrained_cfg["input_size"][1:])
     with torch.no_grad():
         assert torch.allclose(host.model(x), mine(x), atol=1e-5)
+
+
+def test_encoders_take_any_image_mode_and_dtype_and_give_plain_tensors(darknet_enc, minilm, cifar_train_small):
+    """Found by a stress test: preprocess gave 1- or 4-channel (or wrapped 16-bit) tensors for grey, palette,
+    RGBA and 16-bit images; encode refused fp16/fp64 batches with a raw conv error; its inference-mode tensors
+    could not train a probe or be changed in place."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = Image.open(io.BytesIO(cifar_train_small[0]["jpg"])).convert("RGB")
+    ref = darknet_enc.preprocess(rgb)
+    for im in (rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA"), rgb.convert("CMYK"),
+               Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)):
+        x = darknet_enc.preprocess(im)
+        assert x.shape == ref.shape and x.dtype == ref.dtype, im.mode
+    assert pickle.loads(pickle.dumps(darknet_enc.preprocess))(rgb).shape == ref.shape
+    batch = ref[None].repeat(2, 1, 1, 1)
+    z = darknet_enc.encode(batch)
+    assert not z.is_inference()
+    z.mul_(2)  # an ordinary tensor
+    for dtype in (torch.float16, torch.float64):
+        torch.testing.assert_close(darknet_enc.encode(batch.to(dtype)), darknet_enc.encode(batch), atol=2e-2, rtol=0)
+    with pytest.raises(ValueError, match="takes a float batch"):
+        darknet_enc.encode((batch * 255).to(torch.uint8))
+    w = torch.zeros(minilm.dim, 2, requires_grad=True)
+    (minilm.encode(["a cat", "a dog"]) @ w).sum().backward()  # was: inference tensors cannot be saved for backward
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("spec, loader", [("darknet-tiny:96", load_image_encoder),
+                                          ("minilm:all-mpnet", load_text_encoder),
+                                          ("minilm@/no/such/ckpt.bin", load_text_encoder)])
+def test_bare_family_specs_refuse_parts_they_ignored(spec, loader):
+    """"darknet-tiny:96" loaded the 64 px encoder; "minilm@ckpt" the packaged MiniLM: the extra part was ignored."""
+    with pytest.raises(ValueError, match="takes no"):
+        loader(spec)

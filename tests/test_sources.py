@@ -276,6 +276,24 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, mini_samples):
     assert float((x16 - x8).abs().max()) <= 1.0 and float((x16 == 255).float().mean()) < 0.5
 
 
+def test_exif_orientation_is_applied(tmp_path, mini_samples):
+    """A phone's portrait JPEG is stored sideways with EXIF Orientation 6: it was decoded (and classified) sideways."""
+    import numpy as np
+    from PIL import Image
+
+    from retrofit.sources import _to_rgb
+
+    up = Image.open(io.BytesIO(mini_samples[0]["jpg"])).convert("RGB").resize((40, 24))  # landscape, upright
+    stored = up.transpose(Image.Transpose.ROTATE_90)  # what the camera stores: the pixels turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        shown = _to_rgb(im)
+    assert shown.size == up.size  # (40, 24): upright again
+    assert float(np.abs(np.asarray(shown, float) - np.asarray(up, float)).mean()) < 12  # JPEG noise only
+
+
 def test_manifest_and_label_edge_cases(tmp_path, mini_samples, cifar_classes):
     """Excel's BOM, integer labels read back as floats, -1 as unknown with a class list, an out-of-range index
     caught before any work, a non-object JSONL line and a misspelt label column, each named."""

@@ -268,16 +268,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     host = load_host_model(run["model"], _device(args.device))
     if args.model:
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
-    images = []
-    for p in args.images:
-        try:
-            with Image.open(p) as im:
-                images.append(host.preprocess(im.convert("RGB")))
-        except Exception as e:
-            raise ValueError(f"cannot read image {p!r}: {e}") from e
-    z, logits = host.featurize(torch.stack(images))
-    fs = FeatureSet(z=z.float().cpu(), labels=torch.full((len(images),), -1),
-                    host_logits=logits.float().cpu() if logits is not None else None)
+    from retrofit.sources import _to_rgb
+
+    zs, ls = [], []
+    for s in range(0, len(args.images), args.feature_batch):  # batches: memory does not grow with the image count
+        images = []
+        for p in args.images[s:s + args.feature_batch]:
+            try:
+                with Image.open(p) as im:
+                    images.append(host.preprocess(_to_rgb(im)))  # decoded as training and eval decode
+            except Exception as e:
+                raise ValueError(f"cannot read image {p!r}: {e}") from e
+        z, logits = host.featurize(torch.stack(images))
+        zs.append(z.float().cpu())
+        ls.append(logits.float().cpu() if logits is not None else None)
+    fs = FeatureSet(z=torch.cat(zs), labels=torch.full((len(args.images),), -1),
+                    host_logits=torch.cat(ls) if ls[0] is not None else None)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, return_attention=args.explain, device=args.device)
     names = head.config.class_names or [str(c) for c in range(head.config.num_classes)]
