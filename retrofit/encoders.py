@@ -214,7 +214,8 @@ def _sized(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
            fp: EncoderFingerprint | None) -> EncoderFingerprint | None:
     """A model with a default input size (Tiny Darknet) fed at another size makes other vectors: its fingerprint
     then carries the size in the name (``darknet-tiny@96``), as ``load_image_encoder("darknet-tiny@96")`` does."""
-    default = getattr(model, "default_input_size", None)
+    host = getattr(getattr(model, "backbone", None), "model", None)  # a RetrofittedModel: the host inside it
+    default = getattr(model, "default_input_size", None) or getattr(host, "default_input_size", None)
     if fp is None or not isinstance(default, int) or "@" in fp.name:
         return fp
     from PIL import Image
@@ -230,7 +231,12 @@ def _sized(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
                     "the fingerprint stays %s. If the model is fed at another size than %d px, pass fingerprint=",
                     type(e).__name__, e, fp.name, default)
         return fp
-    if side is None or side == default:
+    if side is None:  # e.g. ToTensor() alone: 32 px CIFAR images make other vectors than the 64 px default
+        log.warning("host_encoder: the preprocess keeps each image's own size, so the vectors depend on it and the "
+                    "fingerprint (%s, %d px by default) cannot say which size the KB was built at; resize to a fixed "
+                    "size in the preprocess, or pass fingerprint= naming it", fp.name, default)
+        return fp
+    if side == default:
         return fp
     return EncoderFingerprint(fp.family, f"{fp.name}@{side}", fp.weights, fp.dim, fp.normalized, f"input {side}px")
 

@@ -47,7 +47,7 @@ def test_darknet_tiny_encoder(darknet_enc, cifar_train_small):
         enc.encode(x[0])
 
 
-def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
+def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small, caplog):
     from retrofit.models.darknet import darknet_tiny
 
     model = darknet_tiny(pretrained=True)
@@ -65,8 +65,15 @@ def test_host_encoder_matches_darknet(darknet_enc, cifar_train_small):
 
     resized = host_encoder(model, T.Compose([T.Resize(96), T.ToTensor()]))  # no crop: the aspect is kept
     assert resized.fingerprint.name == "darknet-tiny@96"
-    native = host_encoder(model, T.ToTensor())  # images fed at their own size: no size to name (it said @67)
-    assert native.fingerprint.name == "darknet-tiny"
+    with caplog.at_level("WARNING", logger="retrofit.encoders"):
+        native = host_encoder(model, T.ToTensor())  # images fed at their own size: no size to name (it said @67)
+    assert native.fingerprint.name == "darknet-tiny" and "keeps each image's own size" in caplog.text  # said
+    import retrofit
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    wrapped = retrofit.wrap(model, RetrievalHead(HeadConfig(query_dim=512, image_dim=8, text_dim=4, num_classes=1000,
+                                                            dim=16, depth=1, heads=2, k=2)))
+    assert host_encoder(wrapped, model.preprocess(96)).fingerprint.name == "darknet-tiny@96"  # was darknet-tiny
     tensor_pre = host_encoder(model, lambda x: x[:, :64, :64])  # takes tensors: the size cannot be read
     assert tensor_pre.fingerprint.name == "darknet-tiny"
 
