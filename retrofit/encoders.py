@@ -45,7 +45,7 @@ class _RGBFirst:
         self.inner = inner
 
     def __call__(self, im: Any) -> torch.Tensor:
-        if hasattr(im, "getexif"):  # a PIL image (tensors go straight through)
+        if hasattr(im, "getexif") and not getattr(im, "retrofit_rgb", False):  # a PIL image not converted yet
             from retrofit.sources import _to_rgb
 
             im = _to_rgb(im)
@@ -84,10 +84,19 @@ class ImageEncoder:
         if not batch.is_floating_point():
             raise ValueError(f"ImageEncoder.encode takes a float batch (the output of its preprocess), got "
                              f"{batch.dtype}: uint8 pixels need preprocess (scaling and normalisation) first")
-        p = next(self.module.parameters(), None) if self.module is not None else None
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        z = self._embed(batch.to(self.device, dtype)).float()  # (B, dim); the model's dtype (fp16 batches too)
+        dtype = self._input_dtype()
+        z = self._embed(batch.to(self.device, dtype or batch.dtype)).float()  # (B, dim)
         return F.normalize(z, dim=-1) if self.fingerprint.normalized else z
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype of the model's first conv / linear layer, which takes the batch (an fp16 batch into an fp32
+        model failed); None when unknown (no module): the batch keeps its own."""
+        if self.module is None:
+            return None
+        for m in self.module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.is_floating_point():
+                return m.weight.dtype
+        return None
 
     def __repr__(self) -> str:
         return f"ImageEncoder({self.fingerprint})"
@@ -147,7 +156,7 @@ def _split_spec(spec: str, families: Sequence[str], what: str) -> tuple[str, str
                              + ", ".join(f if f in ("darknet-tiny", "minilm") else f + ":NAME" for f in families))
         return family, "", (w or None)
     name, _, weights = rest.partition("@")
-    if family in ("darknet-tiny", "minilm"):  # "darknet-tiny:96" loaded the 64 px encoder, the name ignored
+    if family in ("darknet-tiny", "minilm") and family in families:  # "darknet-tiny:96" loaded 64 px, name ignored
         hint = "darknet-tiny or darknet-tiny@SIZE (input pixels)" if family == "darknet-tiny" else "minilm"
         raise ValueError(f"{what} spec {spec!r}: {family} takes no model name; use {hint}")
     if family not in families:
@@ -194,7 +203,9 @@ def host_encoder(model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
 
     ``model``: a ``RetrofittedModel`` (its ``.features``) or any classifier ``retrofit.adapters`` handles
     (timm, torchvision, or a final ``nn.Linear``, optionally named by ``classifier``). ``fingerprint``
-    defaults to the model's ``.fingerprint`` when it has one.
+    defaults to the model's ``.fingerprint`` when it has one; a model with a default input size (Tiny Darknet)
+    fed at another one by ``preprocess`` gets that size in the name (``darknet-tiny@96``), and a model wrapped
+    for serving at that size then needs the same fingerprint: ``wrap(model, head, fingerprint=enc.fingerprint)``.
     """
     fp = fingerprint or _sized(model, preprocess, getattr(model, "fingerprint", None))
     if fp is None:

@@ -401,10 +401,13 @@ def _to_rgb(im: Any) -> Any:
     """RGB for the encoders, upright. 16-bit and 32-bit greyscale (PNG ``I;16``, TIFF ``I`` / ``F``) are scaled to
     8 bits first: PIL's convert("RGB") clips them, so a 16-bit photo came out all white. A photo's EXIF orientation
     is applied (a phone's portrait JPEG is stored sideways: it was classified sideways)."""
-    if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation other than "normal"
-        from PIL import ImageOps
+    try:
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation other than "normal"
+            from PIL import ImageOps
 
-        im = ImageOps.exif_transpose(im)
+            im = ImageOps.exif_transpose(im)
+    except Exception:  # an EXIF block PIL cannot parse: the pixels are still good, decoded as they are stored
+        pass
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         import numpy as np
         from PIL import Image
@@ -414,7 +417,9 @@ def _to_rgb(im: Any) -> Any:
         if im.mode == "F" and a.max(initial=0) <= 1.0:
             hi = 1.0
         im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    return im.convert("RGB")
+    out = im.convert("RGB")
+    out.retrofit_rgb = True  # done: an encoder's preprocess (encoders._RGBFirst) does not convert it again
+    return out
 
 
 class DecodeDataset(torch.utils.data.Dataset):

@@ -331,6 +331,11 @@ def test_encoders_take_any_image_mode_and_dtype_and_give_plain_tensors(darknet_e
         torch.testing.assert_close(darknet_enc.encode(batch.to(dtype)), darknet_enc.encode(batch), atol=2e-2, rtol=0)
     with pytest.raises(ValueError, match="takes a float batch"):
         darknet_enc.encode((batch * 255).to(torch.uint8))
+    from retrofit.encoders import ImageEncoder
+
+    lin = torch.nn.Linear(12, 8).to(torch.bfloat16)
+    bare = ImageEncoder(lambda x: lin(x.flatten(1)), darknet_enc.preprocess, darknet_enc.fingerprint)  # no module
+    assert bare.encode(torch.rand(2, 3, 2, 2, dtype=torch.bfloat16)).shape == (2, 8)  # the batch's dtype is kept
     w = torch.zeros(minilm.dim, 2, requires_grad=True)
     (minilm.encode(["a cat", "a dog"]) @ w).sum().backward()  # was: inference tensors cannot be saved for backward
     assert w.grad is not None

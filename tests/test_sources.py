@@ -292,6 +292,11 @@ def test_exif_orientation_is_applied(tmp_path, mini_samples):
         shown = _to_rgb(im)
     assert shown.size == up.size  # (40, 24): upright again
     assert float(np.abs(np.asarray(shown, float) - np.asarray(up, float)).mean()) < 12  # JPEG noise only
+    for fmt in ("PNG", "JPEG"):  # an EXIF block PIL cannot parse: decoded as stored (reading it raised)
+        buf = io.BytesIO()
+        up.save(buf, fmt, exif=b"Exif\0\0not a TIFF header", **({"dpi": (72, 72)} if fmt == "JPEG" else {}))
+        with Image.open(buf) as im:
+            assert _to_rgb(im).size == up.size
 
 
 def test_manifest_and_label_edge_cases(tmp_path, mini_samples, cifar_classes):
