@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -156,6 +157,32 @@ def _info(path: Path) -> dict[str, Any]:
     return json.loads((path / _DONE).read_text()) if _done(path) else {}
 
 
+def _load_or_empty(path: Path) -> dict[str, torch.Tensor]:
+    """A cache file's tensors; {} (recomputed) when it is missing or damaged (a run killed while writing it, before
+    writes were atomic: every later run failed on it)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        log.warning("%s is unreadable (%s): recomputing it", path, e)
+        return {}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a temporary name and rename: a kill mid-write leaves the old file (or none), never a cut one."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _labeller_digest(data_root: Path, text_encoder: str) -> str:
     """The pool's caption labels depend on the labeller's code, the class texts and the text encoder."""
     import hashlib
@@ -231,8 +258,6 @@ def _encode(refs: list[Any], enc: Any, batch: int = 256, progress: bool = True) 
 
 def prepare(cfg: Any) -> DemoData:
     """Split, knowledge bases and cached tensors for ``cfg`` (a :class:`retrofit.demo.DemoConfig`)."""
-    from safetensors.torch import load_file, save_file
-
     from retrofit._env import data_dir
     from retrofit.feature_cache import cache_key
     from retrofit.ingest import merge_kbs
@@ -293,7 +318,7 @@ def prepare(cfg: Any) -> DemoData:
     # ---- embeddings and host logits
     t = time.perf_counter()
     feat_path = root / "features.safetensors"
-    tensors = load_file(str(feat_path)) if feat_path.is_file() else {}
+    tensors = _load_or_empty(feat_path)
     from retrofit.knowledge_base import KnowledgeBase
 
     with KnowledgeBase.open(root / "kb_in") as kb_in:
@@ -306,13 +331,13 @@ def prepare(cfg: Any) -> DemoData:
         if f"z_{part}" not in tensors:
             z = _encode(refs, enc.image, progress=cfg.progress)
             tensors[f"z_{part}"] = z.half().float()  # rounded as the KB stores vectors (float16)
-            save_file({k: tensors[k].contiguous() for k in ("z_val", "z_test") if k in tensors}, str(feat_path))
+            _save_atomic({k: tensors[k].contiguous() for k in ("z_val", "z_test") if k in tensors}, feat_path)
     times["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     # host logits depend on the probe's wd and, for the training images, on the folds of cross_fit_logits
     # ("-f2": classes spread over the folds from where the previous class stopped; the earlier files started at 0)
     host_path = root / f"host-wd{cfg.host_weight_decay:g}-f2.safetensors"
-    host = load_file(str(host_path)) if host_path.is_file() else {}
+    host = _load_or_empty(host_path)
     for tag, y in (("", y_train[split.lt]), ("_noisy", noisy)):
         if f"host{tag}_lt" in host:
             continue
@@ -323,7 +348,7 @@ def prepare(cfg: Any) -> DemoData:
                 host[f"host{tag}_{part}"] = probe(tensors[f"z_{part}"]).float()
         host[f"host{tag}_lt"] = cross_fit_logits(tensors["z_lt"], yl, len(names), folds=5,
                                                  weight_decay=cfg.host_weight_decay)
-        save_file({k: v.contiguous() for k, v in host.items()}, str(host_path))
+        _save_atomic({k: v.contiguous() for k, v in host.items()}, host_path)
     tensors.update(host)
     times["host"] = time.perf_counter() - t
     log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})

@@ -179,6 +179,10 @@ class NeighborVectors:
         return self.image[r], self.text[r]
 
 
+def _complete(entry: Path) -> bool:
+    return (entry / "tensors.safetensors").is_file() and (entry / "meta.json").is_file()
+
+
 class FeatureCache:
     """On-disk cache of ``FeatureSet`` parts under ``root`` (see the module docstring)."""
 
@@ -191,6 +195,13 @@ class FeatureCache:
         return self.root / f"{name}.{kind}-{key}"
 
     def _write(self, kind: str, name: str, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Store an entry; a cache that cannot be written (full disk, read-only) costs the reuse, not the result."""
+        try:
+            self._write_entry(kind, name, key, tensors, meta)
+        except OSError as e:
+            log.warning("could not store cache entry %s (%s): continuing without it", self._dir(kind, name, key), e)
+
+    def _write_entry(self, kind: str, name: str, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -199,16 +210,29 @@ class FeatureCache:
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
             (tmp / "meta.json").write_text(json.dumps(_canonical(meta), indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists() and not _complete(final):  # (entries are renamed in whole: not from this code)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                if not _complete(final):  # another process is removing it as stale (its run uses other settings)
+                    log.warning("could not store cache entry %s (%s): continuing without it", final, e)
+                # else another process stored the same entry first (same key: the same content): keep theirs
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        for stale in self.root.glob(f"{name}.{kind}-*"):  # same name, other key: out of date
-            if stale != final and stale.is_dir():
+        for stale in self._entries(name, kind):  # same name, other key: out of date
+            if stale != final:
                 log.info("removing stale cache entry %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
+
+    def _entries(self, name: str, kind: str | None = None) -> list[Path]:
+        """The entry folders of ``name`` (of ``kind``, or both): by exact prefix, not a glob ("train" is not
+        "train.v2"; "t[1]" is a name, not a pattern)."""
+        if not self.root.is_dir():
+            return []
+        prefixes = tuple(f"{name}.{k}-" for k in ((kind,) if kind else ("features", "neighbors")))
+        return [d for d in self.root.iterdir() if d.name.startswith(prefixes) and d.is_dir()]
 
     def _read(self, kind: str, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         from safetensors.torch import load_file
@@ -239,6 +263,9 @@ class FeatureCache:
         """
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"cache entry name {name!r} must be a plain non-empty file name")
+        if self.root.exists() and not self.root.is_dir():  # said before the work, not after it
+            raise NotADirectoryError(f"feature cache {self.root} is a file, not a directory: give another cache "
+                                     "directory (--cache-dir), or --no-cache")
         fkey = cache_key(feature_parts)
         got = self._read("features", name, fkey)
         if got is None:
@@ -273,13 +300,10 @@ class FeatureCache:
         """Remove cached entries (of ``name``, or all); returns how many were removed."""
         if not self.root.is_dir():
             return 0
-        pattern = f"{name}.*" if name else "*.*-*"
-        gone = 0
-        for d in self.root.glob(pattern):
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
-                gone += 1
-        return gone
+        entries = self._entries(name) if name else [d for d in self.root.glob("*.*-*") if d.is_dir()]
+        for d in entries:
+            shutil.rmtree(d, ignore_errors=True)
+        return len(entries)
 
 
 def retrieve(fs: FeatureSet, store: Any, k: int, batch_size: int = 1024, progress: bool = False) -> FeatureSet:

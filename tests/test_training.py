@@ -528,3 +528,37 @@ def test_masked_host_logits_with_label_smoothing_say_what_to_do(data, real):
     bad = FeatureSet(z=small.z, labels=small.labels, host_logits=hl.nan_to_num(nan=0.0, neginf=float("nan")))
     with pytest.raises(ValueError, match="hold NaN or \\+inf"):
         train(_head(), bad, _cfg(epochs=1), store=real["store"])
+
+
+def test_feature_cache_under_concurrent_runs_damage_and_odd_names(tmp_path):
+    """Found by a stress test: two runs filling one cache crashed each other (rename onto the other's entry); a
+    cache dir that is a file failed only after the backbone pass; clear("train") also removed "train.v2", and a
+    name with glob characters was never cleared; the demo's own cache files, cut by a kill, stopped every run."""
+    from retrofit.demo_data import _load_or_empty, _save_atomic
+
+    z = torch.randn(6, 4)
+    calls = []
+
+    def compute() -> FeatureSet:
+        calls.append(1)
+        return FeatureSet(z=z, labels=torch.arange(6))
+
+    cache = FeatureCache(tmp_path / "c")
+    fs = cache.get_or_compute("train", {"a": 1}, compute)
+    entry = next((tmp_path / "c").glob("train.features-*"))
+    # another process stores the same entry while this one computes: its write keeps theirs, no error
+    cache._write("features", "train", entry.name.split("-", 1)[1], fs.tensors(("z", "labels")), {"n": 6})
+    assert torch.equal(cache.get_or_compute("train", {"a": 1}, compute).z, z) and len(calls) == 1
+    for name in ("train.v2", "t[1]"):
+        cache.get_or_compute(name, {"a": 1}, compute)
+    assert cache.clear("train") == 1 and cache.clear("t[1]") == 1
+    assert [p.name.split(".features")[0] for p in (tmp_path / "c").glob("*.features-*")] == ["train.v2"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        FeatureCache(tmp_path / "afile").get_or_compute("train", {"a": 1}, compute)
+    assert len(calls) == 3  # refused before computing
+    path = tmp_path / "host.safetensors"
+    _save_atomic({"x": z}, path)
+    assert torch.equal(_load_or_empty(path)["x"], z)
+    path.write_bytes(path.read_bytes()[:40])  # cut short by a kill (before writes were atomic)
+    assert _load_or_empty(path) == {}  # recomputed, not a failure of every later run
