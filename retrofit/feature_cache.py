@@ -179,6 +179,14 @@ class NeighborVectors:
         return self.image[r], self.text[r]
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _complete(entry: Path) -> bool:
     return (entry / "tensors.safetensors").is_file() and (entry / "meta.json").is_file()
 
@@ -209,6 +217,7 @@ class FeatureCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=self.root))
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+            meta = {**meta, "sha256": _sha256(tmp / "tensors.safetensors")}  # damage inside the data is caught
             (tmp / "meta.json").write_text(json.dumps(_canonical(meta), indent=1))
             if final.exists() and not _complete(final):  # (entries are renamed in whole: not from this code)
                 shutil.rmtree(final, ignore_errors=True)
@@ -241,7 +250,11 @@ class FeatureCache:
         if not (d / "tensors.safetensors").is_file() or not (d / "meta.json").is_file():
             return None
         try:
-            return load_file(str(d / "tensors.safetensors")), json.loads((d / "meta.json").read_text())
+            meta = json.loads((d / "meta.json").read_text())
+            want = meta.get("sha256")  # (entries written before checksums have none)
+            if want is not None and _sha256(d / "tensors.safetensors") != want:
+                raise ValueError("its tensors do not match their checksum")
+            return load_file(str(d / "tensors.safetensors")), meta
         except Exception as e:  # a damaged entry is recomputed, never trusted
             log.warning("cache entry %s is unreadable (%s); recomputing it", d, e)
             shutil.rmtree(d, ignore_errors=True)

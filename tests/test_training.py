@@ -553,10 +553,17 @@ def test_feature_cache_under_concurrent_runs_damage_and_odd_names(tmp_path):
         cache.get_or_compute(name, {"a": 1}, compute)
     assert cache.clear("train") == 1 and cache.clear("t[1]") == 1
     assert [p.name.split(".features")[0] for p in (tmp_path / "c").glob("*.features-*")] == ["train.v2"]
+    # flipped bytes inside an entry's tensor data (bit rot): caught by its checksum and recomputed (they loaded)
+    data = next((tmp_path / "c").glob("train.v2.features-*")) / "tensors.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-8:] = bytes(8)
+    data.write_bytes(bytes(raw))
+    n = len(calls)
+    assert torch.equal(cache.get_or_compute("train.v2", {"a": 1}, compute).z, z) and len(calls) == n + 1
     (tmp_path / "afile").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
         FeatureCache(tmp_path / "afile").get_or_compute("train", {"a": 1}, compute)
-    assert len(calls) == 3  # refused before computing
+    assert len(calls) == 4  # refused before computing
     path = tmp_path / "host.safetensors"
     _save_atomic({"x": z}, path)
     assert torch.equal(_load_or_empty(path)["x"], z)
