@@ -24,9 +24,15 @@ call the chosen config directly: at B <= 32 a call's cost is its Python launch w
   stored. The residuals' gradients are the incoming gradients themselves (d new / d res = identity), so
   they are returned without a kernel or a copy.
 
-fp32 inputs use IEEE fp32 dots (no tf32), so fp32 results match the reference to fp32 rounding; fp16/bf16
+fp32 inputs use IEEE fp32 dots (no tf32), so fp32 outputs match the reference to fp32 rounding; fp16/bf16
 inputs use tensor-core dots with fp32 accumulation (P and dS are rounded to the input dtype before
-their dot, as in flash-attention).
+their dot, as in flash-attention). The backward recomputes P as ``exp2(s - lse)`` from the log-sum-exp stored
+in fp32 (as flash-attention does), whose rounding grows with the scores' size: with scaled scores of magnitude
+~70 (inputs 4x unit scale at Dh = 16) the fp32 gradients' error is ~2.7x the fp32 reference's (1.8e-4 against
+6.6e-5 in a stress test), ~5x at ~300; at unit-scale inputs it is within the tests' rule (2x + 1e-5). Scaled
+scores below -1e30 (base 2) count as masked. The kernels' gradients are not differentiable again: a backward
+with ``create_graph=True`` raises (use ``RETROFIT_FUSED=0``). Under ``TRITON_INTERPRET=1`` bf16 q / k / v are
+refused: the interpreter computes bf16 dots wrong.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ __all__ = ["CrossFusionAttention", "cross_fusion_attention_fused"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# q / k / v dtypes the kernel takes here: Triton's CPU interpreter computes bf16 dot products wrong (errors of
+# ~1e9 against fp64), so under TRITON_INTERPRET=1 bf16 q / k / v are refused rather than answered wrongly
+_QKV_DTYPES = tuple(d for d in _DTYPES if not (_INTERPRET and d == torch.bfloat16))
 _MAX_HEAD_DIM = FUSED_MAX_HEAD_DIM  # 128: the dispatcher sends larger heads to the PyTorch path
 _LOG2E = 1.4426950408889634
 
@@ -311,7 +320,7 @@ def _check_inputs(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> t
     q = ts[0]
     try:
         shape, dtype, device = q.shape, q.dtype, q.device
-        if (len(shape) == 4 and 0 < shape[3] <= _MAX_HEAD_DIM and min(shape) > 0 and dtype in _DTYPES
+        if (len(shape) == 4 and 0 < shape[3] <= _MAX_HEAD_DIM and min(shape) > 0 and dtype in _QKV_DTYPES
                 and key_mask.dtype == torch.bool and key_mask.shape == shape[:2] and key_mask.device == device
                 and (device.type == "cuda" or _INTERPRET)
                 and all(t.shape == shape and t.device == device for t in ts)
@@ -346,6 +355,10 @@ def _explain(tensors: dict[str, torch.Tensor], key_mask: torch.Tensor) -> tuple[
     dtype = tensors["q_t"].dtype
     if dtype not in _DTYPES:
         raise ValueError(f"cross_fusion_attention_fused: dtype {dtype} is not supported; allowed {list(_DTYPES)}")
+    if dtype not in _QKV_DTYPES:
+        raise ValueError("cross_fusion_attention_fused: bf16 q / k / v under TRITON_INTERPRET=1 are not supported: "
+                         "Triton's CPU interpreter computes bf16 dot products wrong. Use fp16 / fp32 / fp64 there, "
+                         "or RETROFIT_FUSED=0 (the PyTorch path takes bf16); on CUDA the kernel takes bf16")
     for name, t in tensors.items():
         if name.startswith("res_"):  # residuals may be wider (autocast: fp16 projections, fp32 streams)
             if t.dtype not in _DTYPES:
@@ -487,8 +500,8 @@ class CrossFusionAttention(torch.autograd.Function):
         return new_i, new_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_i, g_t):
+        no_double_backward()
         *qkv, km, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         if any(need[:6]):
@@ -501,6 +514,17 @@ class CrossFusionAttention(torch.autograd.Function):
             dq_t = dk_i = dv_i = dq_i = dk_t = dv_t = None
         # d new / d res is the identity: the incoming gradients are the residuals' gradients.
         return dq_t, dk_i, dv_i, dq_i, dk_t, dv_t, g_i if need[6] else None, g_t if need[7] else None, None, None
+
+
+def no_double_backward() -> None:
+    """Raise when a backward runs with ``create_graph=True`` (grad mode on): the kernels' gradients are not
+    differentiable, and ``@once_differentiable`` would hand a gradient penalty ``None`` for them, silently, under
+    ``autograd.grad(..., allow_unused=True)``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused cross-fusion kernel has no double backward (a backward with create_graph=True, as in a "
+            "gradient penalty): run with RETROFIT_FUSED=0, whose PyTorch path supports it"
+        )
 
 
 def cross_fusion_attention_fused(
@@ -521,7 +545,8 @@ def cross_fusion_attention_fused(
     weights): inputs (B, S, H, Dh) on one CUDA device (or CPU under ``TRITON_INTERPRET=1``); q, k, v of both
     directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own (as under autocast);
     ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new contiguous (B, S, H, Dh) tensors
-    in the residuals' dtypes; differentiable in all eight tensor inputs.
+    in the residuals' dtypes; differentiable in all eight tensor inputs, once (a backward with
+    ``create_graph=True`` raises; the PyTorch path, ``RETROFIT_FUSED=0``, has double backward).
 
     Strides: the kernels read the inputs in place when the six q / k / v tensors share one layout with a unit
     stride on Dh (the head's views of its (B, S, 3, H, Dh) projections do) and each residual has a unit stride on

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retrofit.kernels.cross_fusion import _NAMES, _backward, _check_inputs, _forward, _layout, _qkv_layout
+from retrofit.kernels.cross_fusion import (
+    _NAMES,
+    _backward,
+    _check_inputs,
+    _forward,
+    _layout,
+    _qkv_layout,
+    no_double_backward,
+)
 
 __all__ = ["cross_fusion_fwd", "cross_fusion_bwd"]
 
@@ -71,6 +79,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 def _autograd_backward(ctx: Any, g_i: Tensor, g_t: Tensor, _g_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    no_double_backward()
     *qkv, key_mask, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     if any(need[:6]):

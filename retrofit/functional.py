@@ -56,12 +56,15 @@ def cross_fusion_attention_reference(
 
     ``key_mask`` (B, S) bool is True for keys that may be attended to (the same slots in both streams).
     Scores and softmax are computed in fp32 (fp64 for fp64 inputs); a query whose keys are all masked gets
-    a zero attention output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh).
+    a zero attention output (so ``new = res``), never NaN. ``scale`` defaults to 1/sqrt(Dh). Masked slots must
+    hold finite values (the head zeroes them): a NaN / inf there can reach the outputs or the gradients on every
+    path (a zero probability times an infinite value), here and in the kernel alike.
 
     Returns ``(new_i, new_t, weights)``; ``weights`` is None unless ``need_weights``, then the
     probabilities ``(p_i, p_t)``, each (B, H, S, S) fp32: ``p_i`` for the image-stream update (text
     queries over image keys), ``p_t`` for the text-stream update.
     """
+    _check_mask(key_mask, q_t)
     Dh = q_t.shape[-1]
     scale = Dh**-0.5 if scale is None else scale
     acc = torch.promote_types(q_t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (a true fp64 reference)
@@ -101,6 +104,7 @@ def cross_fusion_attention_native(
     ``scaled_dot_product_attention`` guarantees this for fully masked rows; the tests check it).
     fp16 / bf16 inputs are attended in their own dtype with fp32 accumulation; the residual add is fp32.
     """
+    _check_mask(key_mask, q_t)
     mask = key_mask[:, None, None, :]  # (B, 1, 1, S) bool, True = attend
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,6 +117,18 @@ def cross_fusion_attention_native(
     if res_i.dtype in (torch.float32, torch.float64):
         return res_i + o_i, res_t + o_t  # (B, S, H, Dh)
     return (res_i.float() + o_i.float()).to(res_i.dtype), (res_t.float() + o_t.float()).to(res_t.dtype)
+
+
+def _check_mask(key_mask: object, q: torch.Tensor) -> None:
+    """``key_mask`` must be a (B, S) bool tensor: a float 0/1 mask would be *added* to the scores by
+    ``scaled_dot_product_attention`` (masking nothing), silently."""
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        what = key_mask.dtype if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+        raise ValueError(f"cross_fusion_attention: key_mask must be a torch.bool tensor (True = attendable), got {what}"
+                         "; convert a 0/1 mask with mask.bool()")
+    if tuple(key_mask.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"cross_fusion_attention: key_mask has shape {tuple(key_mask.shape)}, expected (B, S) = "
+                         f"{tuple(q.shape[:2])}")
 
 
 _TRITON_IMPORTABLE: bool | None = None  # cached find_spec result (a plain global: torch.compile traces it cleanly)

@@ -100,6 +100,16 @@ def test_a_nan_in_a_valid_key_is_not_hidden():
         assert new_i[0].isnan().all() and torch.isfinite(new_i[1]).all(), fn.__name__
 
 
+def test_a_mask_that_is_not_bool_is_refused_on_every_path():
+    """SDPA adds a float mask to the scores: a 0/1 float mask masked nothing on the native path, silently."""
+    proj_i, proj_t, res_i, res_t, mask = make_args(2, 5, 1, 4, dtype=torch.float32)
+    for fn in (cross_fusion_attention_reference, cross_fusion_attention_native, cross_fusion_attention):
+        with pytest.raises(ValueError, match="key_mask must be a torch.bool tensor .* got torch.float32"):
+            run(fn, proj_i, proj_t, res_i, res_t, mask.float())
+        with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\), expected \(B, S\) = \(2, 5\)"):
+            run(fn, proj_i, proj_t, res_i, res_t, mask[:, :4])
+
+
 def test_dispatcher_paths(monkeypatch):
     args = make_args(2, 5, 2, 4, dtype=torch.float32)
     monkeypatch.setenv("RETROFIT_FUSED", "0")

@@ -219,6 +219,32 @@ def test_launcher_errors():
         fused(*xs[:7], None, mask)
 
 
+def test_double_backward_is_refused_not_silently_dropped():
+    """The kernel's gradients are not differentiable: a gradient penalty (create_graph=True) used to get None
+    for them under allow_unused=True, silently. It raises, naming the way out; the PyTorch path has it."""
+    xs, mask = make_inputs(2, 5, 1, 16, torch.float32)
+    for fn in (fused, lambda *a: cf.CrossFusionAttention.apply(*a, 16**-0.5)):
+        out = fn(*xs, mask)
+        with pytest.raises(RuntimeError, match="no double backward .* RETROFIT_FUSED=0"):
+            torch.autograd.grad(out[0].pow(2).sum(), xs[:3], create_graph=True, allow_unused=True)
+    new_i, _, _ = reference(*xs, mask)  # the reference's double backward: a real second derivative
+    (g,) = torch.autograd.grad(new_i.pow(2).sum(), xs[0], create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), xs[1])
+    assert gg.abs().sum() > 0
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bf16 guard (CPU only)")
+def test_bf16_under_the_interpreter_is_refused():
+    """Triton's interpreter computes bf16 dots wrong (errors ~1e9 against fp64): refused, not answered."""
+    xs, mask = make_inputs(2, 5, 1, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 q / k / v under TRITON_INTERPRET=1 are not supported"):
+        fused(*xs, mask)
+    res = [x.detach().bfloat16() for x in xs[6:]]  # bf16 residuals with fp32 q / k / v: no bf16 dot, accepted
+    xs32 = [x.detach().float() for x in xs[:6]]
+    new_i, _ = fused(*xs32, *res, mask)
+    assert new_i.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # CUDA only (skipped without a GPU)
 
