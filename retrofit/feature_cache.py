@@ -37,7 +37,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FEATURE_FIELDS = ("z", "labels", "host_logits", "keys", "exclude")
-_NEIGHBOR_FIELDS = ("neighbor_ids", "neighbor_scores", "neighbor_labels")
+# ``exclude`` too: the neighbour step sets the self-exclusion ids (they come from the KB), and training reads them
+# again (mixup keeps a mixed sample from its partner's own entry): a cache hit lost them
+_NEIGHBOR_FIELDS = ("neighbor_ids", "neighbor_scores", "neighbor_labels", "exclude")
 
 
 @dataclass
@@ -292,7 +294,7 @@ class FeatureCache:
             fs = FeatureSet(**tensors, meta=meta.get("meta", {}))
         if compute_neighbors is None:
             return fs
-        nkey = cache_key({"features": fkey, **(neighbor_parts or {})})
+        nkey = cache_key({"features": fkey, **(neighbor_parts or {}), "entry": 2})  # 2: stores ``exclude``
         got = self._read("neighbors", name, nkey)
         if got is None:
             self.misses += 1
@@ -307,6 +309,8 @@ class FeatureCache:
                 raise RetrofitError(f"cache entry {self._dir('neighbors', name, nkey)} does not match its features; "
                                     "delete it")
             fs = fs.with_neighbors(tensors["neighbor_ids"], tensors["neighbor_scores"], tensors["neighbor_labels"])
+            if "exclude" in tensors:
+                fs = replace(fs, exclude=tensors["exclude"])
         return fs
 
     def clear(self, name: str | None = None) -> int:

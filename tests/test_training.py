@@ -124,6 +124,19 @@ def test_cache_hit_and_invalidation(real, tmp_path):
     from dataclasses import replace
     get(FeatureCache(tmp_path), replace(model.fingerprint, weights="sha256:0000"))
     assert calls == {"encoder": 8, "search": 3}
+    # a neighbour step that sets the self-exclusion ids itself (retrofit.pipeline's does: they come from the KB):
+    # a cache hit keeps them (it lost them, and training's mixup reads them)
+    def with_exclude(fs):
+        calls["search"] += 1
+        return retrieve(replace(fs, exclude=torch.arange(len(fs))[:, None]), store, K)
+
+    def get2(cache):
+        return cache.get_or_compute("plain", {"data": "no exclude"},
+                                    lambda: replace(extract_features(featurize, batches()), exclude=None),
+                                    {"kb": store.fingerprint, "generation": store.generation}, with_exclude)
+
+    fresh, cached = get2(FeatureCache(tmp_path)), get2(FeatureCache(tmp_path))
+    assert calls["search"] == 4 and cached.exclude is not None and torch.equal(fresh.exclude, cached.exclude)
 
 
 def test_training_reduces_loss_then_evaluate_and_plot(data, real, tmp_path):
