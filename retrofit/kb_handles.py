@@ -116,14 +116,17 @@ class MissingKnowledgeBaseError(KnowledgeBaseError, AttributeError):
 class MissingKnowledgeBase:
     """Stands in for an unpickled knowledge base whose files are gone: any use says so and what to do."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, reason: str | None = None) -> None:
         self.path = path
+        self.reason = reason  # why a KB that does exist there was not attached (it no longer fits the model)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        what = ("no longer exists" if self.reason is None
+                else f"was changed since and no longer fits this model ({self.reason})")
         raise MissingKnowledgeBaseError(
-            f"the knowledge base {self.path} that this model was saved with no longer exists: restore it there, or "
+            f"the knowledge base {self.path} that this model was saved with {what}: restore it there, or "
             "attach another with head.attach(retrofit.KnowledgeBase.open(PATH)) (a head's weights never depend on "
             "its KB)")
 

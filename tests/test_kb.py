@@ -393,6 +393,39 @@ def test_models_holding_a_kb_deepcopy_and_pickle(tmp_path):
     assert orphan(z).logits.shape == (4, 3)
 
 
+def test_an_unpickled_model_checks_the_kb_it_reopens(tmp_path):
+    """Unpickling reopens a KB by its path: one rebuilt there since (another class list, other encoders) was used
+    as is, with the pickled vote prior, although head.attach refuses it. The KB is attached again: one that fits
+    gives its own class prior, one that does not is left out, saying why, and the model still loads."""
+    import pickle
+
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    w, keys = make(tmp_path / "kb", n=60)  # labels 0, 1, 2 in turn: a flat prior
+    w.close()
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=DK, image_dim=DI, text_dim=DT, num_classes=3, dim=16, depth=1, heads=2,
+                                    k=5, label_vote=True, vote_balance=True), kb)
+    blob = pickle.dumps(head)
+    kb.close()
+
+    def rebuild(class_names, labels):
+        shutil.rmtree(tmp_path / "kb")
+        with KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, class_names=class_names) as new:
+            new.add(keys, torch.zeros(60, DI), torch.zeros(60, DT), labels=labels)
+
+    rebuild(["a", "b", "c"], (torch.arange(60) >= 50).long())  # same classes, 50 x a, 10 x b, no c
+    fits = pickle.loads(blob)
+    assert len(fits.store) == 60 and fits.vote.label_log_prior[0] > 0 > fits.vote.label_log_prior[1]
+    fits.store.close()
+    rebuild(["c", "b", "a"], torch.arange(60) % 3)  # the classes in another order: the vote would read them wrong
+    stale = pickle.loads(blob)
+    with pytest.raises(KnowledgeBaseError, match="was changed since and no longer fits this model .*another order"):
+        stale(keys[:2])
+    assert stale.readout.fc.weight.shape == head.readout.fc.weight.shape
+
+
 def test_hnsw_search_after_most_records_are_deleted_still_finds_k(tmp_path, caplog):
     """Tombstones stay in the HNSW graph until compact(): they took the search's candidate slots, so with 90 %
     deleted a k = 32 search returned 10-16 live neighbours (recall 0.44). efSearch now widens with the deleted
