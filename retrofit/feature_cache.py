@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from retrofit.errors import RetrofitError
+from retrofit.fingerprint import file_sha256
 
 __all__ = [
     "FeatureSet", "FeatureCache", "NeighborVectors", "cache_key", "extract_features", "neighbors_from_ids", "retrieve",
@@ -181,12 +182,6 @@ class NeighborVectors:
         return self.image[r], self.text[r]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _complete(entry: Path) -> bool:
@@ -219,7 +214,7 @@ class FeatureCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=self.root))
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-            meta = {**meta, "sha256": _sha256(tmp / "tensors.safetensors")}  # damage inside the data is caught
+            meta = {**meta, "sha256": file_sha256(tmp / "tensors.safetensors")}  # damage inside the data is caught
             (tmp / "meta.json").write_text(json.dumps(_canonical(meta), indent=1))
             if final.exists() and not _complete(final):  # (entries are renamed in whole: not from this code)
                 shutil.rmtree(final, ignore_errors=True)
@@ -254,7 +249,7 @@ class FeatureCache:
         try:
             meta = json.loads((d / "meta.json").read_text())
             want = meta.get("sha256")  # (entries written before checksums have none)
-            if want is not None and _sha256(d / "tensors.safetensors") != want:
+            if want is not None and file_sha256(d / "tensors.safetensors") != want:
                 raise ValueError("its tensors do not match their checksum")
             return load_file(str(d / "tensors.safetensors")), meta
         except Exception as e:  # a damaged entry is recomputed, never trusted

@@ -94,10 +94,15 @@ def check_fingerprints(
         )
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """``sha256:<16 hex>`` of a file's bytes, for ``EncoderFingerprint.weights`` of a local checkpoint."""
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (64 hex digits): the checksums of saved heads, checkpoints and cache entries."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
-    return "sha256:" + h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """``sha256:<16 hex>`` of a file's bytes, for ``EncoderFingerprint.weights`` of a local checkpoint."""
+    return "sha256:" + file_sha256(path, chunk)[:16]

@@ -26,7 +26,7 @@ from torch import nn
 
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
-from retrofit.fingerprint import EncoderFingerprint, check_fingerprints
+from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, file_sha256
 from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store, search_store
@@ -306,6 +306,7 @@ class RetrievalHead(nn.Module):
             self.config = replace(c, **learned)
             logger.info("head adopts the store's %s", sorted(learned))
         self._store = store
+        self._allow_mismatch = allow_fingerprint_mismatch  # kept for the re-attach after unpickling
         size = len(store)
         if size < c.k:  # not an error: a KB may grow later; but the head was trained with k neighbours each
             logger.warning("the attached store holds %d entries, fewer than the head's k=%d: each query gets at most "
@@ -315,6 +316,25 @@ class RetrievalHead(nn.Module):
             self._store_counts = store_label_counts(store, c.num_classes, labels)
             self.vote.set_label_prior(self._store_counts)
         return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (pickle, ``copy.deepcopy``, ``torch.load`` of a whole model) reopens a KnowledgeBase from its
+        path, which may hold another KB by now: attach it again, so its checks run (encoders, class list) and a
+        balanced vote reads its class prior. One that fails them is left out, as a
+        :class:`~retrofit.kb_handles.MissingKnowledgeBase` saying why (the model still loads)."""
+        super().__setstate__(state)
+        store = self.__dict__.get("_store")
+        if store is None or type(store).__name__ == "MissingKnowledgeBase":
+            return
+        self._store = None
+        try:
+            self.attach(store, allow_fingerprint_mismatch=self.__dict__.get("_allow_mismatch", False))
+        except (RetrofitError, ValueError) as e:
+            from retrofit.kb_handles import MissingKnowledgeBase
+
+            path = str(getattr(store, "path", "(in memory)"))
+            logger.warning("the knowledge base %s no longer fits this head (%s): it loads without it", path, e)
+            self._store = MissingKnowledgeBase(path, reason=str(e).splitlines()[0])
 
     def detach_store(self) -> Store | None:
         """Forget the attached store; returns it (the vote keeps that store's label prior)."""
@@ -397,14 +417,15 @@ class RetrievalHead(nn.Module):
         path = Path(path)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
                 "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
-        text = json.dumps(meta, indent=2)  # before any file is written: a config JSON cannot hold fails here
+        json.dumps(meta)  # before any file is written: a config JSON cannot hold fails here
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = path / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        meta["weights_sha256"] = file_sha256(tmp)  # load checks it: a flipped byte in the weights loaded silently
         os.replace(tmp, path / WEIGHTS_FILE)
         tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / CONFIG_FILE)
         return path
 
@@ -438,6 +459,10 @@ class RetrievalHead(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise RetrofitError(f"{cfg_file} holds an invalid head config: {e}") from e
         device = "cpu" if map_location is None else str(torch.device(map_location))
+        want = meta.get("weights_sha256")  # (heads saved before checksums have none)
+        if want is not None and file_sha256(w_file) != want:
+            raise RetrofitError(f"{w_file} does not match the checksum in {cfg_file}: the file was damaged or replaced "
+                                "after the head was saved; restore it, or re-save the head")
         try:
             state = load_file(str(w_file), device=device)
         except (SafetensorError, OSError, ValueError) as e:

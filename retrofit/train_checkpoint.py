@@ -8,6 +8,7 @@ temporary directory and renamed into place, so an interrupted write never leaves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from retrofit.errors import RetrofitError
+from retrofit.fingerprint import file_sha256
 
-__all__ = ["rng_snapshot", "save_training_state", "load_training_state", "save_linear", "load_linear"]
+__all__ = ["run_signature", "rng_snapshot", "trim_log", "save_training_state", "load_training_state", "save_linear",
+           "load_linear"]
 
 _FORMAT = 1
 
@@ -52,6 +55,40 @@ def _weights(head: nn.Module, host: nn.Module | None) -> dict[str, torch.Tensor]
     return w
 
 
+_FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+
+
+def _check_state(doc: Any, path: Path) -> None:
+    """``state.json`` as this module writes it, or ValueError saying what is not (the caller names the file)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"state.json holds a {type(doc).__name__}, not an object")
+    for n in ("epoch", "step", "global_step"):
+        v = doc.get(n)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{n} is {v!r}, not a count")
+    if not isinstance(doc.get("history"), list):
+        raise ValueError("history is missing")
+    opt = doc.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) or "scalars" not in opt:
+        raise ValueError("the optimizer's settings are missing")
+    for f, want in (doc.get("sha256") or {}).items():  # (checkpoints written before checksums have none)
+        if f in _FILES and file_sha256(path / f) != want:
+            raise ValueError(f"{f} does not match its checksum (damaged on disk)")
+
+
+def _check_moments(opt: torch.optim.Optimizer) -> None:
+    """Every loaded optimizer moment has its parameter's shape (load_state_dict does not check; a wrong one failed
+    at the first step, or broadcast)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, t in opt.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                    raise ValueError(f"optimizer moment {name} has shape {tuple(t.shape)} for a parameter of shape "
+                                     f"{tuple(p.shape)}")
+
+
 def rng_snapshot() -> dict[str, torch.Tensor]:
     """The CPU and CUDA generator states, to store with a checkpoint."""
     rng = {"cpu": torch.get_rng_state()}
@@ -76,7 +113,8 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
     save_file(opt_t, str(tmp / "optimizer.safetensors"))
     save_file(rng if rng is not None else rng_snapshot(), str(tmp / "rng.safetensors"))
     doc = {"format": _FORMAT, **state, "optimizer": opt_meta, "has_host": host is not None,
-           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+           "sha256": {f: file_sha256(tmp / f) for f in _FILES}}  # checked on load: a flipped byte loaded silently
     with open(tmp / "state.json", "w") as f:
         json.dump(doc, f, indent=1)
         f.flush()
@@ -88,22 +126,60 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+# HeadConfig fields a resumed run must share with its checkpoint (the weights' shapes catch only some of them; tau is
+# a buffer the checkpoint would overwrite, leaving a config that says otherwise); fingerprints / class names are not:
+# attaching the KB fills them in
+_RESUME_HEAD_FIELDS = ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads", "k", "dropout",
+                       "modalities", "tau", "learnable_tau", "mlp_ratio", "label_vote", "vote_balance", "key_dim")
+
+
+def run_signature(features: Any, head: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's run depends on besides its TrainConfig: the training data (size, a digest of the
+    labels, whether host logits / cached neighbours come with it) and the head's settings."""
+    sig: dict[str, Any] = {"n": len(features),
+                           "labels_sha1": hashlib.sha1(features.labels.cpu().numpy().tobytes()).hexdigest()[:16],
+                           "host_logits": features.host_logits is not None,
+                           "cached_neighbors": features.has_neighbors}
+    hc = getattr(head, "config", None)
+    if hasattr(hc, "to_dict"):
+        d = hc.to_dict()
+        sig.update({f"head.{f}": d[f] for f in _RESUME_HEAD_FIELDS if f in d})
+    return sig
+
+
 # TrainConfig fields a resumed run may change: reporting, the device, and more epochs (a fine continuation)
 RESUME_FREE = frozenset({"progress", "log_every", "eval_batch_size", "device", "epochs"})
 
 
-def check_resume_config(path: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+def check_resume_config(path: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None,
+                        run: dict[str, Any] | None = None) -> None:
     """Refuse to resume the checkpoint at ``path`` (if any) with training settings other than its own (except
     :data:`RESUME_FREE`): another batch size, schedule or loss would silently continue a different run (a larger
     batch size skipped the rest of the epoch). ``config``: ``TrainConfig.to_dict()``; ``defaults``: the
-    ``TrainConfig()`` defaults, standing in for fields a checkpoint from an older version did not record."""
+    ``TrainConfig()`` defaults, standing in for fields a checkpoint from an older version did not record.
+    ``run``: what else the run depends on (the training data's size and labels, the head's settings), compared
+    with the checkpoint's when it recorded them: a smaller data set left the saved step past the epoch's end (an
+    epoch of no steps, then lr 0)."""
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")
     try:
-        saved = json.loads((path / "state.json").read_text()).get("config")
+        doc = json.loads((path / "state.json").read_text())
     except (OSError, ValueError):  # no checkpoint, or a damaged one: load_training_state says which
         return
+    if not isinstance(doc, dict):
+        return
+    saved_run = doc.get("run")
+    if run is not None and isinstance(saved_run, dict):
+        now_run = json.loads(json.dumps(run))
+        diff = sorted(k for k in now_run if k in saved_run and saved_run[k] != now_run[k])
+        if diff:
+            was = ", ".join(f"{k}={saved_run.get(k)!r}" for k in diff)
+            new = ", ".join(f"{k}={now_run.get(k)!r}" for k in diff)
+            raise RetrofitError(f"cannot resume the checkpoint {path}: it was trained with {was}, this run has "
+                                f"{new}; resume with the same training data and head, or train into another "
+                                "output directory")
+    saved = doc.get("config")
     if not isinstance(saved, dict):
         return
     now = json.loads(json.dumps(config))  # tuples as lists, as in the file
@@ -135,6 +211,9 @@ def load_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
         weights = load_file(str(path / "weights.safetensors"))
         opt_t = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
+        _check_state(doc, path)
+        if not isinstance(rng.get("cpu"), torch.Tensor):
+            raise ValueError("rng.safetensors lacks the CPU generator state")
     except Exception as e:
         raise RetrofitError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); {fix}") from e
     if doc.get("format") != _FORMAT:
@@ -148,17 +227,52 @@ def load_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
         if host is not None:
             host.load_state_dict({n[5:]: t for n, t in weights.items() if n.startswith("host.")})
         opt.load_state_dict(_unflatten_optimizer(opt_t, doc["optimizer"]))
-    except (RuntimeError, ValueError, KeyError) as e:
+        _check_moments(opt)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise RetrofitError(f"checkpoint {path} does not fit this head (a different head configuration?): "
                             f"{str(e).splitlines()[0]}; {fix}") from e
     if scaler is not None and doc.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(doc["scaler"])
-    torch.set_rng_state(rng["cpu"])
+    try:
+        torch.set_rng_state(rng["cpu"])
+    except (RuntimeError, TypeError) as e:
+        raise RetrofitError(f"checkpoint {path}: rng.safetensors holds no usable CPU generator state ({e}); "
+                            f"{fix}") from e
     if torch.cuda.is_available():
         states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
-    return {n: doc[n] for n in ("epoch", "step", "global_step", "history")}
+    partial = doc.get("partial")
+    ok = isinstance(partial, list) and len(partial) == 2 and all(isinstance(x, (int, float)) for x in partial)
+    epochs = (doc.get("config") or {}).get("epochs") if isinstance(doc.get("config"), dict) else None
+    return {**{n: doc[n] for n in ("epoch", "step", "global_step", "history")}, "partial": partial if ok else None,
+            "epochs": epochs}
+
+
+def trim_log(path: str | Path, epoch: int, global_step: int) -> int:
+    """Drop the records of ``train_log.jsonl`` at ``path`` that a resume from a checkpoint at (``epoch`` done,
+    ``global_step``) will write again (a kill between an epoch's log record and its checkpoint left duplicates);
+    returns how many. The file is replaced atomically; unreadable lines are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            ahead = ((rec.get("event") == "epoch" and rec.get("epoch", 0) > epoch)
+                     or (rec.get("event") == "step" and rec.get("global_step", 0) > global_step))
+        except (ValueError, AttributeError, TypeError):
+            ahead = False
+        if ahead:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
 
 
 def save_linear(path: str | Path, layer: nn.Module) -> None:

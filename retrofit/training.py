@@ -197,10 +197,12 @@ def train(
     ``host_classifier`` (a linear layer on ``z``) supplies the host logits: trained jointly with
     ``config.train_host``, applied frozen when ``features`` carry no host logits, unused otherwise.
     ``store`` is the knowledge base (default: the head's attached one) — used to read the vectors of cached
-    neighbour ids, or searched live when ``features`` has no neighbour ids. ``val_features`` are evaluated after
-    every epoch (top-1, NLL). With ``out_dir``: ``train_log.jsonl``, ``checkpoints/last/`` each epoch and
-    ``head/`` (``RetrievalHead.save``) after every epoch and on interrupt; ``resume=True`` continues from
-    ``checkpoints/last`` (bit-for-bit the same weights as an uninterrupted run on the same device).
+    neighbour ids, or searched live when ``features`` has no neighbour ids; a :class:`RetrievalHead` not attached
+    to it is attached first (``head.attach(store)``: encoders checked, a balanced vote takes its class prior).
+    ``val_features`` are evaluated after every epoch (top-1, NLL). With ``out_dir``: ``train_log.jsonl``,
+    ``checkpoints/last/`` each epoch and ``head/`` (``RetrievalHead.save``) after every epoch and on interrupt;
+    ``resume=True`` continues from ``checkpoints/last`` (bit-for-bit the same weights as an uninterrupted run on the
+    same device).
     """
     from tqdm.auto import tqdm
 
@@ -252,6 +254,10 @@ def train(
     store = _resolve_store(head, store)
     if not features.has_neighbors and store is None and k:
         raise RetrofitError("features have no cached neighbours and no knowledge base was given: pass store=...")
+    if store is not None and hasattr(head, "attach") and head.store is not store:
+        # the head trains with this KB, so it is attached to it: the encoders are checked and a balanced vote
+        # trains with this KB's class prior (it trained with none, then was served with the KB's prior on load)
+        head.attach(store)
     torch.manual_seed(cfg.seed)
     head.to(dev)
     host = host_classifier.to(dev) if host_classifier is not None else None
@@ -286,14 +292,20 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
     if out is not None:
+        for path, what in ((out, "out_dir"), (out / "head", "out_dir/head (where the trained head is saved)")):
+            if path.exists() and not path.is_dir():  # said before training, not when the first epoch is saved
+                raise RetrofitError(f"{what} {path} is a file, not a directory: give another out_dir")
         out.mkdir(parents=True, exist_ok=True)
         if resume:
-            ckpt.check_resume_config(out / "checkpoints" / "last", cfg.to_dict(), TrainConfig().to_dict())
+            ckpt.check_resume_config(out / "checkpoints" / "last", cfg.to_dict(), TrainConfig().to_dict(),
+                                     ckpt.run_signature(features, head))
             loaded = ckpt.load_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None,
                                               opt, scaler)
             if loaded is not None:
                 state = loaded
                 log.info("resuming from epoch %d step %d", state["epoch"], state["step"])
+                _check_resumed_epochs(state, cfg, spe, warm)
+                ckpt.trim_log(out / "train_log.jsonl", state["epoch"], state["global_step"])
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     logf = open(out / "train_log.jsonl", "a") if out is not None else None
@@ -306,7 +318,8 @@ def train(
     def save(epoch: int, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
         if out is not None:
             ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
-                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict()}, rng)
+                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict(),
+                                              "run": ckpt.run_signature(features, head)}, rng)
             if hasattr(head, "save"):  # the latest weights, loadable by RetrievalHead.load / `retrofit predict`
                 head.save(out / "head")
             if cfg.train_host:
@@ -318,6 +331,7 @@ def train(
                    "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
     epoch, step = state["epoch"], state["step"]
     step_rng = None
+    ep_sum, ep_n = 0.0, 0
     head.train()
     if host is not None:
         host.train(cfg.train_host)
@@ -328,7 +342,11 @@ def train(
             perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             bar = tqdm(total=spe, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                        leave=False)
-            t0, seen, ep_loss, ep_n = time.perf_counter(), 0, 0.0, 0
+            t0, seen = time.perf_counter(), 0
+            # this epoch's summed loss (a tensor: adding to it never waits for the GPU) and sample count; resumed
+            # mid-epoch (or during its validation): those of the steps run before the interrupt
+            ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)
+            ep_sum = torch.tensor(float(ep_sum), dtype=torch.float64, device=dev)
             while step < spe:
                 step_rng = ckpt.rng_snapshot()  # an interrupted step is redone from this state on resume
                 g = state["global_step"]
@@ -366,13 +384,16 @@ def train(
                     torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]],
                                                    cfg.grad_clip)
                 scaler.step(opt)
-                scaler.update()
-                lv = float(loss.detach())
-                result.step_losses.append(lv)
-                ep_loss, ep_n, seen = ep_loss + lv * len(idx), ep_n + len(idx), seen + len(idx)
+                # the step is applied: counted before anything that can wait (float(loss) waits for the GPU, where
+                # a Ctrl-C lands), or a resume would apply it a second time
                 step += 1
                 state["global_step"] = g + 1
                 step_rng = None
+                ep_sum, ep_n = ep_sum + loss.detach().double() * len(idx), ep_n + len(idx)
+                scaler.update()
+                lv = float(loss.detach())
+                result.step_losses.append(lv)
+                seen += len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{lv:.4f}", sps=f"{rate:.0f}")
                 bar.update(1)
@@ -380,7 +401,7 @@ def train(
                     write_log({"event": "step", "epoch": epoch + 1, "step": step, "global_step": state["global_step"],
                                "loss": lv, "lr": lr, "samples_per_s": rate})
             bar.close()
-            rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": ep_loss / max(ep_n, 1),
+            rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": float(ep_sum) / max(ep_n, 1),
                    "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "lr": lr_at(
                        state["global_step"] - 1, total, warm, cfg.lr, cfg.min_lr_ratio)}
             if val_features is not None:
@@ -390,8 +411,10 @@ def train(
             write_log(rec)
             log.info("epoch %d: %s", epoch + 1, {k_: round(v, 4) for k_, v in rec.items() if isinstance(v, float)})
             epoch, step = epoch + 1, 0
+            state["partial"] = None
             save(epoch, 0)
     except KeyboardInterrupt:
+        state["partial"] = [float(ep_sum), ep_n] if step > 0 else None  # this epoch's loss so far, for the resume
         log.warning("interrupted at epoch %d step %d; saving the last checkpoint (continue with resume=True, "
                     "`retrofit train ... --resume`)", epoch + 1, step)
         save(epoch, step, step_rng)
@@ -433,6 +456,22 @@ def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt, exclude: torch.Tensor | 
     nb = Neighbors(ids=nb.ids[lead], scores=torch.maximum(nb.scores, nb.scores[j]), mask=mask,
                    image=m(nb.image, True), text=m(nb.text, True), labels=labels)
     return m(z), (m(host) if host is not None else None), nb, m(tgt)
+
+
+def _check_resumed_epochs(state: dict[str, Any], cfg: TrainConfig, spe: int, warm: int) -> None:
+    """A resume may ask for more epochs (the cosine schedule is stretched: said, with the lr jump), never for fewer
+    than the checkpoint has run (it returned the checkpoint's head as the result of a shorter run, silently)."""
+    done, step, was = state["epoch"], state["step"], state.pop("epochs", None)
+    if cfg.epochs < done or (cfg.epochs == done and step > 0):
+        raise RetrofitError(f"cannot resume with epochs={cfg.epochs}: the checkpoint has run {done} epoch(s)"
+                            + (f" and {step} step(s) of the next" if step else "") + "; resume with epochs >= "
+                            f"{done + (step > 0)}, or train into another output directory")
+    if isinstance(was, int) and was != cfg.epochs and state["global_step"] > 0:
+        g = state["global_step"]
+        old, new = (lr_at(g, e * spe, warm, cfg.lr, cfg.min_lr_ratio) for e in (was, cfg.epochs))
+        log.warning("resuming a %d-epoch run as a %d-epoch one: the cosine schedule is stretched, the lr goes from "
+                    "%.3g to %.3g at this step (not the run a straight %d-epoch training gives)", was, cfg.epochs, old,
+                    new, cfg.epochs)
 
 
 def _validate(head, fs, store, host, k, cfg, table) -> dict[str, float]:

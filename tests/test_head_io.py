@@ -80,7 +80,17 @@ def test_load_errors(tmp_path):
         RetrievalHead.load(d)
     (d / "config.json").write_text(cfg)
     data = (d / "model.safetensors").read_bytes()
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x40  # inside the tensor data: it parsed and loaded, silently
+    (d / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(RetrofitError, match="does not match the checksum in .*config.json.*damaged or replaced"):
+        RetrievalHead.load(d)
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RetrofitError, match="does not match the checksum"):
+        RetrievalHead.load(d)
+    del meta["weights_sha256"]  # a head saved before checksums: the file's own structure still tells
+    meta["format_version"] = FORMAT_VERSION
+    (d / "config.json").write_text(json.dumps(meta))
     with pytest.raises(RetrofitError, match="corrupt or truncated"):
         RetrievalHead.load(d)
     RetrievalHead(make_config(depth=1)).save(tmp_path / "other")  # weights of a different shape

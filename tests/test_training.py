@@ -211,6 +211,41 @@ def test_interrupt_leaves_checkpoint_and_resume_matches(data, real, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{n} differs after resume")
 
 
+def test_resume_after_an_interrupt_past_the_optimizer_step(data, real, tmp_path, monkeypatch):
+    """A Ctrl-C after the optimizer step but before the step was counted (float(loss) waits for the GPU there)
+    made a resume apply that step twice (one inside the optimizer's own update cannot be made atomic). The resumed
+    epoch's train_loss also averaged only the steps after the resume, and a kill between an epoch's log record and
+    its checkpoint left that record twice in the log."""
+    train_fs, _, _ = data
+    cfg = _cfg(epochs=2)
+    straight = _head()
+    ref = train(straight, train_fs, cfg, store=real["store"])
+    real_update, calls = torch.amp.GradScaler.update, {"n": 0}
+
+    def update_then_stop(self, *a, **kw):  # right after the optimizer step, as a Ctrl-C landing there
+        real_update(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2 of 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", update_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path)
+    monkeypatch.setattr(torch.amp.GradScaler, "update", real_update)
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 2, 6)
+    log_path = tmp_path / "train_log.jsonl"
+    with open(log_path, "a") as f:  # as if killed after logging epoch 2 but before its checkpoint
+        f.write(json.dumps({"event": "epoch", "epoch": 2, "train_loss": 9.9}) + "\n")
+    resumed = _head(seed=99)
+    res = train(resumed, train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    assert [h["train_loss"] for h in res.history] == pytest.approx([h["train_loss"] for h in ref.history])
+    epochs = [r["epoch"] for r in map(json.loads, log_path.read_text().splitlines()) if r["event"] == "epoch"]
+    assert epochs == [1, 2]
+
+
 def test_corrupt_checkpoint_is_named(data, real, tmp_path):
     train_fs, _, _ = data
     train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path)
@@ -222,8 +257,61 @@ def test_corrupt_checkpoint_is_named(data, real, tmp_path):
     other = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=10, dim=32, depth=1,
                                      heads=4, k=K))
     train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path / "b")
+    with pytest.raises(RetrofitError, match="trained with head.depth=2, head.dim=64, .*this run has head.depth=1"):
+        train(other, train_fs, _cfg(epochs=2), store=real["store"], out_dir=tmp_path / "b", resume=True)
+    state = tmp_path / "b" / "checkpoints" / "last" / "state.json"
+    doc = json.loads(state.read_text())
+    del doc["run"]  # a checkpoint from before run signatures: the weights' shapes still tell
+    state.write_text(json.dumps(doc))
     with pytest.raises(RetrofitError, match="does not fit this head"):
         train(other, train_fs, _cfg(epochs=2), store=real["store"], out_dir=tmp_path / "b", resume=True)
+
+
+def test_damaged_checkpoints_are_named_not_raw_errors(data, real, tmp_path):
+    """A damaged state.json gave AttributeError / KeyError / TypeError, a flipped byte in the weights loaded
+    silently, an optimizer moment of another shape failed at the first step: each is a RetrofitError naming the
+    checkpoint and what is wrong."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    train_fs, _, _ = data
+    good = tmp_path / "good"
+    train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=good)
+
+    def resume_after(name, damage, match):
+        out = tmp_path / name
+        shutil.copytree(good, out)
+        last = out / "checkpoints" / "last"
+        damage(last)
+        with pytest.raises(RetrofitError, match=match) as e:
+            train(_head(), train_fs, _cfg(epochs=2), store=real["store"], out_dir=out, resume=True)
+        assert str(last) in str(e.value) and "delete" in str(e.value)
+
+    def edit(f):
+        def damage(last):
+            doc = json.loads((last / "state.json").read_text())
+            doc = f(doc)
+            (last / "state.json").write_text(json.dumps(doc))
+        return damage
+
+    def flip(last):
+        raw = bytearray((last / "weights.safetensors").read_bytes())
+        raw[-9] ^= 0x40  # inside the tensor data: the file still parses
+        (last / "weights.safetensors").write_bytes(bytes(raw))
+
+    def moment(last):
+        t = load_file(str(last / "optimizer.safetensors"))
+        key = next(n for n in t if n.endswith("exp_avg") and t[n].dim() == 2)
+        t[key] = t[key][:1].clone()
+        save_file(t, str(last / "optimizer.safetensors"))
+        edit(lambda d: {**d, "sha256": None})(last)  # as a checkpoint written before checksums
+
+    resume_after("list", edit(lambda d: []), "state.json holds a list")
+    resume_after("epoch", edit(lambda d: {**d, "epoch": "1"}), "epoch is '1', not a count")
+    resume_after("history", edit(lambda d: {k: v for k, v in d.items() if k != "history"}), "history is missing")
+    resume_after("flip", flip, "weights.safetensors does not match its checksum")
+    resume_after("moment", moment, r"optimizer moment exp_avg has shape \(1, \d+\)")
 
 
 def test_class_count_mismatch(data, real):
@@ -461,7 +549,7 @@ def test_stratified_folds_spread_rare_classes():
     assert torch.equal(fold, stratified_folds(labels, 5, seed=0))  # seeded
 
 
-def test_resume_refuses_other_settings_but_allows_more_epochs(data, real, tmp_path):
+def test_resume_refuses_other_settings_but_allows_more_epochs(data, real, tmp_path, caplog):
     """train(resume=True) with another batch size and lr continued silently: the saved step was past the new
     epoch's end, so it ran 0 steps. Settings that change the run are refused by name; more epochs continue."""
     import dataclasses
@@ -476,9 +564,26 @@ def test_resume_refuses_other_settings_but_allows_more_epochs(data, real, tmp_pa
     doc = json.loads(state.read_text())
     del doc["config"]["class_balance"]
     state.write_text(json.dumps(doc))
+    # other training data or another head: refused by name too (half the data left the saved step past the
+    # epoch's end: an epoch of no steps, then lr 0; a head with tau=4 got the checkpoint's tau 2 and said 4)
+    with pytest.raises(RetrofitError, match=r"trained with labels_sha1=.*n=200, this run has labels_sha1=.*n=100"):
+        train(_head(), train_fs.subset(slice(0, 100)), _cfg(epochs=1), store=real["store"], out_dir=tmp_path,
+              resume=True)
+    shuffled = dataclasses.replace(train_fs, labels=train_fs.labels.roll(1))
+    with pytest.raises(RetrofitError, match=r"trained with labels_sha1="):
+        train(_head(), shuffled, _cfg(epochs=1), store=real["store"], out_dir=tmp_path, resume=True)
+    torch.manual_seed(0)
+    other = RetrievalHead(dataclasses.replace(_head().config, tau=4.0))
+    with pytest.raises(RetrofitError, match=r"trained with head\.tau=2\.0, this run has head\.tau=4\.0"):
+        train(other, train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path, resume=True)
     more = dataclasses.replace(_cfg(epochs=2), progress=False, log_every=7, device="cpu")
-    res = train(_head(), train_fs, more, store=real["store"], out_dir=tmp_path, resume=True)
+    with caplog.at_level("WARNING", logger="retrofit.training"):
+        res = train(_head(), train_fs, more, store=real["store"], out_dir=tmp_path, resume=True)
     assert len(res.history) == 2 and len(res.step_losses) == 4  # the second epoch's 4 steps
+    assert "resuming a 1-epoch run as a 2-epoch one: the cosine schedule is stretched" in caplog.text
+    # fewer epochs than the checkpoint ran: it returned the 2-epoch head as a 1-epoch run's, silently
+    with pytest.raises(RetrofitError, match=r"cannot resume with epochs=1: the checkpoint has run 2 epoch\(s\)"):
+        train(_head(), train_fs, _cfg(epochs=1), store=real["store"], out_dir=tmp_path, resume=True)
 
 
 def test_validation_features_must_match_the_training_features_host_logits(data, real):
@@ -582,3 +687,28 @@ def test_feature_cache_under_concurrent_runs_damage_and_odd_names(tmp_path):
     assert torch.equal(_load_or_empty(path)["x"], z)
     path.write_bytes(path.read_bytes()[:40])  # cut short by a kill (before writes were atomic)
     assert _load_or_empty(path) == {}  # recomputed, not a failure of every later run
+
+
+def test_a_head_trains_and_predicts_with_the_prior_of_the_kb_it_is_given(real, data):
+    """``train(head, fs, store=kb)`` on a head not attached to ``kb`` trained a balanced vote without the KB's class
+    prior (all zeros), which loading the head with its KB then switched on: served logits differed from trained
+    ones. ``predict_logits(head, fs, store=other)`` used the attached KB's prior with the other KB's neighbours."""
+    _, val_fs, _ = data
+    s, y = real["store"], real["labels"][:N_KB]
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:2 + 2 * c] for c in range(10)]).sort().values
+    lt = InMemoryStore(512, 512, 384, s.fingerprint)  # a long-tailed KB: 2 .. 20 entries per class
+    lt.add(s.keys[keep], s.image[keep], s.text[keep], s.labels[keep])
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=10, dim=32, depth=1,
+                                    heads=2, k=K, label_vote=True, vote_balance=True))
+    fs = retrieve(FeatureSet(z=real["z"][N_KB:], labels=real["labels"][N_KB:], host_logits=val_fs.host_logits), lt, K)
+    train(head, fs, _cfg(epochs=2, batch_size=25, lr=5e-2), store=lt)
+    prior = head.vote.label_log_prior.clone()
+    assert head.store is lt and prior[0] < 0 < prior[9]  # trained with the long-tailed KB's prior
+    head.attach(s)
+    want = predict_logits(head, val_fs)["logits"]  # served with the balanced KB: its (flat) prior
+    head.attach(lt)
+    got = predict_logits(head, val_fs, s)["logits"]
+    assert torch.allclose(got, want, atol=1e-6) and head.vote.effective_weight != 0
+    assert not torch.allclose(got, predict_logits(head, retrieve(val_fs, lt, K))["logits"])
+    assert head.store is lt and torch.equal(head.vote.label_log_prior, prior)  # back to the KB it is attached to
