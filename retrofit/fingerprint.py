@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from retrofit.errors import FingerprintMismatchError
 
 __all__ = ["EncoderFingerprint", "check_fingerprints", "file_digest"]
@@ -100,6 +102,16 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """The sha256 (64 hex digits) of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
-from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, file_sha256
+from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, tensors_sha256
 from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store, search_store
@@ -261,6 +261,7 @@ class RetrievalHead(nn.Module):
             self.register_buffer("tau", tau)
         self._store: Store | None = None
         self._store_counts: torch.Tensor | None = None  # the attached store's class counts (vote_balance)
+        self._allow_mismatch = False  # attach(allow_fingerprint_mismatch=...) of the attached store
         # load_state_dict would restore the label prior of the KB the weights were trained with; the attached KB's
         # prior is the one the vote must use (RetrievalHead.load attaches after loading; this covers the rest)
         self.register_load_state_dict_post_hook(_reapply_store_prior)
@@ -317,6 +318,23 @@ class RetrievalHead(nn.Module):
             self.vote.set_label_prior(self._store_counts)
         return self
 
+    def attached_to(self, store: Store, allow_fingerprint_mismatch: bool | None = None) -> RetrievalHead:
+        """A view of this head attached to ``store``: it shares every weight (training one trains the other) but has
+        its own KB and label prior, so one head can serve two KBs at once, from two threads too; ``self`` is left
+        as it is. The checks of :meth:`attach` run (``allow_fingerprint_mismatch`` None = as this head was
+        attached)."""
+        import copy
+
+        view = copy.copy(self)  # shares the parameter / buffer / module dicts: the ones attach changes are replaced
+        view._modules = dict(self._modules)
+        if self.vote is not None:
+            vote = copy.copy(self.vote)
+            vote._buffers = {**self.vote._buffers, "label_log_prior": self.vote.label_log_prior.clone()}
+            view._modules["vote"] = vote
+        allow = self.__dict__.get("_allow_mismatch", False) if allow_fingerprint_mismatch is None else \
+            allow_fingerprint_mismatch
+        return view.attach(store, allow_fingerprint_mismatch=allow)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling (pickle, ``copy.deepcopy``, ``torch.load`` of a whole model) reopens a KnowledgeBase from its
         path, which may hold another KB by now: attach it again, so its checks run (encoders, class list) and a
@@ -327,8 +345,8 @@ class RetrievalHead(nn.Module):
         if store is None or type(store).__name__ == "MissingKnowledgeBase":
             return
         self._store = None
-        try:
-            self.attach(store, allow_fingerprint_mismatch=self.__dict__.get("_allow_mismatch", False))
+        try:  # (a head pickled before the flag was kept may have been attached with the mismatch allowed: allowed)
+            self.attach(store, allow_fingerprint_mismatch=self.__dict__.get("_allow_mismatch", True))
         except (RetrofitError, ValueError) as e:
             from retrofit.kb_handles import MissingKnowledgeBase
 
@@ -417,15 +435,17 @@ class RetrievalHead(nn.Module):
         path = Path(path)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
                 "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
-        json.dumps(meta)  # before any file is written: a config JSON cannot hold fails here
+        text = json.dumps(meta, indent=2)  # before any file is written: a config JSON cannot hold fails here
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
-        meta["weights_sha256"] = file_sha256(tmp)  # load checks it: a flipped byte in the weights loaded silently
+        # the tensors' checksum travels inside the weights file (one atomic rename: a kill before the config is
+        # written cannot pair new weights with an old checksum); load checks it (a flipped byte loaded silently)
+        save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                                             "tensors_sha256": tensors_sha256(state)})
         os.replace(tmp, path / WEIGHTS_FILE)
         tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(text)
         os.replace(tmp, path / CONFIG_FILE)
         return path
 
@@ -433,7 +453,7 @@ class RetrievalHead(nn.Module):
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None,
              store: Store | None = None, allow_fingerprint_mismatch: bool = False) -> RetrievalHead:
         """Load a head written by :meth:`save` (bit-exact; never unpickles). ``map_location``: device."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -459,14 +479,16 @@ class RetrievalHead(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise RetrofitError(f"{cfg_file} holds an invalid head config: {e}") from e
         device = "cpu" if map_location is None else str(torch.device(map_location))
-        want = meta.get("weights_sha256")  # (heads saved before checksums have none)
-        if want is not None and file_sha256(w_file) != want:
-            raise RetrofitError(f"{w_file} does not match the checksum in {cfg_file}: the file was damaged or replaced "
-                                "after the head was saved; restore it, or re-save the head")
         try:
-            state = load_file(str(w_file), device=device)
+            with safe_open(str(w_file), "pt") as f:
+                want = (f.metadata() or {}).get("tensors_sha256")  # (heads saved before checksums have none)
+            state = load_file(str(w_file))
         except (SafetensorError, OSError, ValueError) as e:
             raise RetrofitError(f"{w_file} is corrupt or truncated ({e}); re-save the head") from e
+        if want is not None and tensors_sha256(state) != want:
+            raise RetrofitError(f"{w_file} does not match its checksum: its tensors were damaged after the head was "
+                                "saved; restore the file, or re-save the head")
+        state = {n: t.to(device) for n, t in state.items()}
         head = cls(config)
         if config.label_vote and "vote.scale" not in state:  # heads saved before the vote scale existed
             state["vote.scale"] = torch.ones((), device=device)

@@ -8,10 +8,8 @@ live from the store. ``predict_logits`` runs a trained head over a whole feature
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import numbers
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,24 +76,14 @@ def _resolve_store(head: nn.Module, store: Any) -> Any:
     return store if store is not None else getattr(head, "store", None)
 
 
-@contextlib.contextmanager
-def serving_store(head: nn.Module, store: Any) -> Iterator[None]:
-    """``head`` attached to ``store`` inside the block (its checks run; a balanced vote takes ``store``'s class
-    prior), then back to what it was attached to. A no-op when ``store`` is None, already attached, or ``head``
-    is not a :class:`~retrofit.head.RetrievalHead`. Scoring a head against a KB it is not attached to used the
-    attached KB's vote prior (or none) with the other KB's neighbours: logits it was never trained or served with."""
-    if store is None or not hasattr(head, "attach") or head.store is store:
-        yield
-        return
-    vote = getattr(head, "vote", None)
-    saved = (head._store, head._store_counts, head.config, None if vote is None else vote.label_log_prior.clone())
-    head.attach(store)
-    try:
-        yield
-    finally:
-        head._store, head._store_counts, head.config = saved[:3]
-        if vote is not None:
-            vote.label_log_prior.copy_(saved[3])
+def serving_view(head: nn.Module, store: Any) -> nn.Module:
+    """``head`` itself when ``store`` is None, already attached, or ``head`` is not a :class:`RetrievalHead`; else
+    ``head.attached_to(store)``: the same weights attached to ``store`` (its checks run, a balanced vote reads its
+    class prior) without changing ``head``, which other threads may be serving. Scoring a head with another KB's
+    neighbours used the attached KB's vote prior (or none): logits it was never trained or served with."""
+    if store is None or not hasattr(head, "attached_to") or head.store is store:
+        return head
+    return head.attached_to(store)
 
 
 def _vector_table(store: Any, sets: list[FeatureSet], k: int, device: torch.device) -> NeighborVectors | None:
@@ -123,8 +111,8 @@ def predict_logits(
 ) -> dict[str, torch.Tensor]:
     """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
     plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k). ``store`` defaults to the
-    head's attached KB; another one is attached for the call only (:func:`serving_store`: checked, and a balanced
-    vote reads its class prior), the head is left attached as it was."""
+    head's attached KB; another one is used through a view of the head attached to it (:func:`serving_view`: checked,
+    and a balanced vote reads its class prior); the head itself is left as it was."""
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)
@@ -146,22 +134,22 @@ def predict_logits(
     was_training = head.training
     head.eval()
     out: dict[str, list[torch.Tensor]] = {}
+    model = serving_view(head, store)
     try:
-        with serving_store(head, store):
-            for s in range(0, len(fs), batch_size) if len(fs) else [0]:  # no rows: one empty batch, (0, C) outputs
-                idx = torch.arange(s, min(s + batch_size, len(fs)))
-                z, host, nb = batcher(idx)
-                if host_classifier is not None:
-                    host = host_classifier.to(dev)(z)
-                kw = {"return_attention": True} if return_attention else {}
-                o = head(z, host_logits=host, neighbors=nb, **kw)
-                parts = {"logits": o.logits, "retrieval_logits": o.retrieval_logits, "neighbor_ids": nb.ids}
-                if host is not None:
-                    parts["host_logits"] = host
-                if return_attention and getattr(o, "attention", None) is not None:
-                    parts["attention"] = o.attention
-                for name, t in parts.items():
-                    out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
+        for s in range(0, len(fs), batch_size) if len(fs) else [0]:  # no rows: one empty batch, (0, C) outputs
+            idx = torch.arange(s, min(s + batch_size, len(fs)))
+            z, host, nb = batcher(idx)
+            if host_classifier is not None:
+                host = host_classifier.to(dev)(z)
+            kw = {"return_attention": True} if return_attention else {}
+            o = model(z, host_logits=host, neighbors=nb, **kw)
+            parts = {"logits": o.logits, "retrieval_logits": o.retrieval_logits, "neighbor_ids": nb.ids}
+            if host is not None:
+                parts["host_logits"] = host
+            if return_attention and getattr(o, "attention", None) is not None:
+                parts["attention"] = o.attention
+            for name, t in parts.items():
+                out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
     finally:
         head.train(was_training)
     return {n: torch.cat(v) for n, v in out.items()}

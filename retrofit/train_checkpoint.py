@@ -257,7 +257,7 @@ def trim_log(path: str | Path, epoch: int, global_step: int) -> int:
     if not path.is_file():
         return 0
     keep, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():  # bytes: a damaged line (not UTF-8) is kept as it is
         try:
             rec = json.loads(line)
             ahead = ((rec.get("event") == "epoch" and rec.get("epoch", 0) > epoch)
@@ -270,7 +270,7 @@ def trim_log(path: str | Path, epoch: int, global_step: int) -> int:
             keep.append(line)
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_bytes(b"".join(line + b"\n" for line in keep))
         os.replace(tmp, path)
     return dropped
 

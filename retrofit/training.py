@@ -257,7 +257,7 @@ def train(
     if store is not None and hasattr(head, "attach") and head.store is not store:
         # the head trains with this KB, so it is attached to it: the encoders are checked and a balanced vote
         # trains with this KB's class prior (it trained with none, then was served with the KB's prior on load)
-        head.attach(store)
+        head.attach(store, allow_fingerprint_mismatch=head.__dict__.get("_allow_mismatch", False))
     torch.manual_seed(cfg.seed)
     head.to(dev)
     host = host_classifier.to(dev) if host_classifier is not None else None
@@ -331,7 +331,8 @@ def train(
                    "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
     epoch, step = state["epoch"], state["step"]
     step_rng = None
-    ep_sum, ep_n = 0.0, 0
+    ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)  # (an interrupt before the loop
+    # reloads them keeps them: a second Ctrl-C right after a resume saved an empty partial loss)
     head.train()
     if host is not None:
         host.train(cfg.train_host)

@@ -237,12 +237,27 @@ def test_resume_after_an_interrupt_past_the_optimizer_step(data, real, tmp_path,
     log_path = tmp_path / "train_log.jsonl"
     with open(log_path, "a") as f:  # as if killed after logging epoch 2 but before its checkpoint
         f.write(json.dumps({"event": "epoch", "epoch": 2, "train_loss": 9.9}) + "\n")
+    with open(log_path, "ab") as f:  # and a damaged line (not UTF-8): kept, it no longer stops the resume
+        f.write(b"\xff\xfe garbage\n")
+    import tqdm.auto
+
+    real_bar = tqdm.auto.tqdm
+
+    def bar_then_stop(*a, **kw):  # a second Ctrl-C right after resuming, before the epoch's loop starts
+        monkeypatch.setattr(tqdm.auto, "tqdm", real_bar)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", bar_then_stop)
+    with pytest.raises(KeyboardInterrupt):  # (it saved an empty partial loss for the epoch)
+        train(_head(seed=5), train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
     resumed = _head(seed=99)
     res = train(resumed, train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{n} differs after resume"
     assert [h["train_loss"] for h in res.history] == pytest.approx([h["train_loss"] for h in ref.history])
-    epochs = [r["epoch"] for r in map(json.loads, log_path.read_text().splitlines()) if r["event"] == "epoch"]
+    lines = log_path.read_bytes().splitlines()
+    assert b"\xff\xfe garbage" in lines
+    epochs = [r["epoch"] for r in map(json.loads, (x for x in lines if b"garbage" not in x)) if r["event"] == "epoch"]
     assert epochs == [1, 2]
 
 
@@ -711,4 +726,21 @@ def test_a_head_trains_and_predicts_with_the_prior_of_the_kb_it_is_given(real, d
     got = predict_logits(head, val_fs, s)["logits"]
     assert torch.allclose(got, want, atol=1e-6) and head.vote.effective_weight != 0
     assert not torch.allclose(got, predict_logits(head, retrieve(val_fs, lt, K))["logits"])
-    assert head.store is lt and torch.equal(head.vote.label_log_prior, prior)  # back to the KB it is attached to
+    assert head.store is lt and torch.equal(head.vote.label_log_prior, prior)  # the head itself never changed
+    view = head.attached_to(s)  # what predict_logits uses: same weights, its own KB and prior; head untouched
+    assert view.store is s and head.store is lt and torch.equal(head.vote.label_log_prior, prior)
+    assert view.readout.fc.weight is head.readout.fc.weight
+    assert torch.allclose(predict_logits(view, val_fs)["logits"], want, atol=1e-6)
+    # a head attached with the encoder check waived keeps it waived where the library attaches for it
+    import copy
+    from dataclasses import replace
+
+    from retrofit.fingerprint import EncoderFingerprint
+
+    other_text = EncoderFingerprint("open_clip", "ViT-B-32", "openai", 384)
+    odd = [InMemoryStore(512, 512, 384, replace(s.fingerprint, text=other_text)) for _ in range(2)]
+    for st in odd:
+        st.add(s.keys, s.image, s.text, s.labels)
+    head.attach(odd[0], allow_fingerprint_mismatch=True)
+    assert predict_logits(head, val_fs, odd[1])["logits"].shape == (100, 10)  # raised FingerprintMismatchError
+    assert copy.deepcopy(head).store is not None and head.store is odd[0]
