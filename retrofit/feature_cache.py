@@ -145,7 +145,7 @@ class NeighborVectors:
 
     Built once per run from the unique ids (one read of the store), then ``gather(ids)`` is a tensor index
     that works the same for every store and device, and is far smaller than caching (N, k, D) vectors.
-    Per batch it costs about what a vectorised KB read does, under 1 % of a training step (benchmarks/train.py).
+    Per batch it costs about what a vectorised KB read does: ~1 ms of the demo head's ~26 ms CPU training step.
     """
 
     def __init__(self, store: Any, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
@@ -178,8 +178,9 @@ class NeighborVectors:
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image (B, k, Di), text (B, k, Dt)) for neighbour ids (B, k)."""
-        r = self.rows(ids)
-        return self.image[r], self.text[r]
+        r = self.rows(ids).reshape(-1)  # index_select: ~3x faster than advanced indexing on CPU, same values
+        return (self.image.index_select(0, r).view(*ids.shape, self.image.shape[1]),
+                self.text.index_select(0, r).view(*ids.shape, self.text.shape[1]))
 
 
 

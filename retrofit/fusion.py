@@ -62,13 +62,18 @@ class FusionStreams(nn.Module):
         """
         B, k = mask.shape
         keep = mask[..., None]  # (B, k, 1)
+        # every slot valid (the usual case): the masking is the identity, and its copies of the (B, k, D) neighbour
+        # vectors cost more than the projections on a CPU (checked there only: on a GPU, bool() is a sync)
+        full = mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all())
         q_tok = self.proj_q(z)[:, None]  # (B, 1, d)
         if self.proj_i is not None:
-            img_tok = self.proj_i(image.masked_fill(~keep, 0)).masked_fill(~keep, 0)  # (B, k, d)
+            img_tok = (self.proj_i(image) if full
+                       else self.proj_i(image.masked_fill(~keep, 0)).masked_fill(~keep, 0))  # (B, k, d)
         else:
             img_tok = q_tok.new_zeros(B, k, self.dim)  # (B, k, d)
         if self.proj_t is not None:
-            txt_tok = self.proj_t(text.masked_fill(~keep, 0)).masked_fill(~keep, 0)  # (B, k, d)
+            txt_tok = (self.proj_t(text) if full
+                       else self.proj_t(text.masked_fill(~keep, 0)).masked_fill(~keep, 0))  # (B, k, d)
         else:
             txt_tok = q_tok.new_zeros(B, k, self.dim)  # (B, k, d)
         xi = self.drop(torch.cat([q_tok, img_tok], dim=1))  # (B, S, d)
