@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrofit._version import __version__
 from retrofit.errors import (
@@ -19,6 +19,22 @@ from retrofit.errors import (
     RetrofitError,
 )
 from retrofit.fingerprint import EncoderFingerprint
+
+if TYPE_CHECKING:  # what type checkers see (py.typed); at run time these are imported on first use (__getattr__)
+    from retrofit._env import data_dir  # noqa: F401
+    from retrofit.adapters import RetrofittedModel, wrap  # noqa: F401
+    from retrofit.calibration import choose_vote_scale  # noqa: F401
+    from retrofit.encoders import load_image_encoder, load_text_encoder  # noqa: F401
+    from retrofit.evaluation import evaluate  # noqa: F401
+    from retrofit.fusion import CrossFusionLayer  # noqa: F401
+    from retrofit.head import HeadConfig, HeadOutput, RetrievalHead  # noqa: F401
+    from retrofit.ingest import add_to_kb, build_kb  # noqa: F401
+    from retrofit.kb_merge import merge_kbs  # noqa: F401
+    from retrofit.knowledge_base import KnowledgeBase  # noqa: F401
+    from retrofit.neighbors import Neighbors  # noqa: F401
+    from retrofit.prediction import predict_logits  # noqa: F401
+    from retrofit.store import InMemoryStore, KBFingerprint, Store  # noqa: F401
+    from retrofit.training import TrainConfig, train  # noqa: F401
 
 # public name -> module that defines it (imported on first attribute access)
 _LAZY = {

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,9 @@ def long_tail_split(labels: Sequence[int] | np.ndarray, imbalance_factor: float 
                          groups=class_groups(class_counts(imbalance_factor, int(per_class.max()), num_classes)))
 
 
-def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Top-1 accuracy (%) overall and per group (``groups[c]`` = group of class c), plus per class."""
+def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """Top-1 accuracy (%) overall and per group (``groups[c]`` = group of class c): floats under ``overall``,
+    ``many``, ``medium``, ``few``; the list of per-class accuracies under ``per_class``."""
     pred, labels = np.asarray(pred), np.asarray(labels)
     ok = pred == labels
     out = {"overall": 100.0 * float(ok.mean())}

@@ -133,7 +133,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of (N, C) ``logits`` against (N,) ``labels`` (see ``METRIC_KEYS``).
 
-    Groups come from ``train_labels`` (or ``train_counts`` (C,)) with ``cutoffs = (many_above, few_below)``.
+    Groups come from ``train_labels`` or ``train_counts`` (C,) (one of the two is required) with
+    ``cutoffs = (many_above, few_below)``.
     Group accuracies are over the test samples of the group's classes; a group with no class is None.
     Accuracies are fractions in [0, 1]; ``top5`` is top-min(5, C).
     """

@@ -7,8 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from retrofit.errors import FingerprintMismatchError
 
 __all__ = ["EncoderFingerprint", "check_fingerprints", "file_digest"]
@@ -107,6 +105,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def tensors_sha256(tensors: dict) -> str:
     """The sha256 (64 hex digits) of named tensors: names, dtypes, shapes and bytes, in name order."""
+    import torch  # (here: ``import retrofit`` does not import torch)
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

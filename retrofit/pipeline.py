@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,11 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
     sets only the self-exclusion ids (no neighbour ids): training then searches the KB at every step."""
     if len(labels) != len(source):
         raise ValueError(f"{len(labels)} labels for {len(source)} samples")
+    for i, y in enumerate(labels):  # before the backbone pass over every image, not after it
+        if not isinstance(y, numbers.Integral) or isinstance(y, bool) or y < -1:
+            raise ValueError(f"labels[{i}] is {y!r}; labels must be class indices >= 0 (-1 = unknown): a manifest's "
+                             "class names become indices with retrofit.sources.map_labels(source, class_names)")
+    labels = [int(y) for y in labels]
     calls = {"n": 0}
 
     def compute() -> FeatureSet:

@@ -55,8 +55,8 @@ class _Batcher:
         fs, dev = self.fs, self.device
         z = fs.z[idx].to(dev, torch.float32)  # (B, Dq)
         host = fs.host_logits[idx].to(dev, torch.float32) if fs.host_logits is not None else None  # (B, C)
-        if self.k == 0:  # a head configured without neighbours
-            return z, host, Neighbors.empty(len(idx), 0, *self.dims, device=dev)
+        if self.k == 0:  # a head configured without neighbours (a head without a config: no vectors either)
+            return z, host, Neighbors.empty(len(idx), 0, *(self.dims or (0, 0)), device=dev)
         if fs.has_neighbors:
             k = min(self.k, fs.neighbor_ids.shape[1])
             nb = neighbors_from_ids(fs.neighbor_ids[idx, :k], fs.neighbor_scores[idx, :k],
@@ -118,7 +118,7 @@ def predict_logits(
     batch_size = int(batch_size)
     dev = _device(device)
     store = _resolve_store(head, store)
-    k = k if k is not None else getattr(head.config, "k", 32)
+    k = k if k is not None else getattr(getattr(head, "config", None), "k", 32)  # (any nn.Module head: k=32)
     if table is None and fs.has_neighbors and k:
         table = _vector_table(store, [fs], k, dev)
     elif table is not None and fs.has_neighbors and k:  # a table built for other features: ids it lacks read zeros

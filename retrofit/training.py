@@ -212,8 +212,8 @@ def train(
     cfg.validate()
     dev = _device(cfg.device)
     C = _num_classes(head)
-    k = cfg.k if cfg.k is not None else getattr(head.config, "k", 32)
-    if cfg.k is not None and cfg.k != getattr(head.config, "k", cfg.k):
+    k = cfg.k if cfg.k is not None else getattr(getattr(head, "config", None), "k", 32)  # (any nn.Module head: 32)
+    if cfg.k is not None and cfg.k != getattr(getattr(head, "config", None), "k", cfg.k):
         log.warning("TrainConfig.k=%d differs from the head's k=%d: the head trains with %d neighbours but retrieves "
                     "%d after training (head(z), predict_logits, the saved config); build the head with "
                     "HeadConfig(k=%d) to train and predict alike", cfg.k, head.config.k, cfg.k, head.config.k, cfg.k)

@@ -363,3 +363,19 @@ def test_noise_note_goes_to_stderr(setup, trained, capsys, tmp_path):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["epochs"] == 1 and "label noise" in captured.err
+
+
+def test_source_features_refuses_class_name_labels_before_any_work(setup, monkeypatch):
+    """The README's recipe passed a manifest's labels (class names) to source_features, which ran the backbone over
+    every image and then failed in torch.tensor; refused first, naming map_labels. map_labels gives the indices."""
+    from retrofit.pipeline import load_host_model, source_features
+    from retrofit.sources import map_labels, open_source
+
+    src = open_source(str(setup / "train.tar"))
+    host = load_host_model("darknet-tiny")
+    monkeypatch.setattr(host, "featurize", lambda *a: pytest.fail("the backbone ran before the labels were checked"))
+    names = ["cat"] * len(src)
+    with pytest.raises(ValueError, match=r"labels\[0\] is 'cat'.*retrofit.sources.map_labels"):
+        source_features(host, src, names, k=0, progress=False)
+    labels, classes = map_labels(src, None)
+    assert all(isinstance(y, int) and 0 <= y < len(classes) for y in labels)

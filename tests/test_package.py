@@ -18,8 +18,13 @@ def _run(code: str) -> str:
 
 
 def test_import_is_light():
-    code = "import sys, retrofit; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
-    assert _run(code).strip() == ""
+    code = "import sys, retrofit; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY + ["torch"],)
+    assert _run(code).strip() == ""  # not even torch (~1.3 s): the CLI's --help and `retrofit info` start fast
+
+
+def test_python_dash_m_retrofit_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "retrofit", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and retrofit.__version__ in out.stdout + out.stderr
 
 
 def test_public_api_resolves_lazily():
@@ -109,3 +114,16 @@ def test_fused_flag_values(monkeypatch):
     monkeypatch.setenv("RETROFIT_FUSED", "maybe")
     with pytest.raises(ValueError, match="RETROFIT_FUSED='maybe'"):
         fused_flag()
+
+
+def test_type_checkers_see_every_lazy_name_where_it_lives():
+    """py.typed: the lazy names resolve through __getattr__ (typed Any); the TYPE_CHECKING imports give type checkers
+    the real ones. They must list exactly the lazy names, each from the module that defines it."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(retrofit.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    seen = {a.name: imp.module for imp in block.body if isinstance(imp, ast.ImportFrom) for a in imp.names}
+    assert seen == retrofit._LAZY
+    assert (Path(retrofit.__file__).parent / "py.typed").is_file()

@@ -744,3 +744,28 @@ def test_a_head_trains_and_predicts_with_the_prior_of_the_kb_it_is_given(real, d
     head.attach(odd[0], allow_fingerprint_mismatch=True)
     assert predict_logits(head, val_fs, odd[1])["logits"].shape == (100, 10)  # raised FingerprintMismatchError
     assert copy.deepcopy(head).store is not None and head.store is odd[0]
+
+
+def test_predict_logits_takes_a_head_without_a_config(data, real):
+    """predict_logits / train take any nn.Module head; one without a HeadConfig crashed on head.config (no k given)
+    or on the empty neighbour set's dims (k=0)."""
+    from torch import nn
+
+    from retrofit.head import HeadOutput
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(512, 10)
+
+        def forward(self, z, host_logits=None, neighbors=None):
+            r = self.fc(z) + 0 * neighbors.scores.sum()  # uses the neighbours it is given (k of them)
+            return HeadOutput(logits=r if host_logits is None else host_logits + r, retrieval_logits=r,
+                              host_logits=host_logits, neighbors=neighbors)
+
+    _, val_fs, _ = data
+    torch.manual_seed(0)
+    plain = Plain()
+    for k in (None, 0, 3):
+        out = predict_logits(plain, val_fs, real["store"], k=k, device="cpu")
+        assert out["logits"].shape == (100, 10) and out["neighbor_ids"].shape[1] == (K if k is None else k)

@@ -1,0 +1,5 @@
+"""``python -m retrofit ...``: the ``retrofit`` command line."""
+
+from retrofit.cli import main
+
+raise SystemExit(main())
