@@ -29,6 +29,11 @@ import torch.nn.functional as F
 __all__ = ["CaptionLabeller", "class_prototypes"]
 
 
+def _fold(word: str) -> str:
+    """A class name or synonym as the labeller compares them: underscores as spaces, stripped, lower case."""
+    return str(word).replace("_", " ").strip().lower()
+
+
 def class_prototypes(class_names: Sequence[str], synonyms: Sequence[Sequence[str]] | None = None,
                      descriptions: Sequence[str | None] | None = None,
                      template: str = "a photo of a {}.") -> tuple[list[str], list[int]]:
@@ -37,8 +42,12 @@ def class_prototypes(class_names: Sequence[str], synonyms: Sequence[Sequence[str
     names = list(class_names)
     if not names:
         raise ValueError("class_names is empty; give the classifier's class names")
-    if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"class_names must be distinct non-empty strings, got {names[:20]}")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"class_names must be non-empty strings, got {names[:20]}")
+    folded = [_fold(n) for n in names]  # "sports_car" / "Sports car " are one prototype: two classes would share it
+    if len(set(folded)) != len(names):
+        dup = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+        raise ValueError(f"class_names must be distinct (case, spaces and underscores aside), got {dup[:20]}")
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
     for what, seq in (("synonyms", synonyms), ("descriptions", descriptions)):
@@ -52,15 +61,19 @@ def class_prototypes(class_names: Sequence[str], synonyms: Sequence[Sequence[str
             raise ValueError(f"the description of class {names[c]!r} must be a string or None, got {entry!r}")
     texts: list[str] = []
     owner: list[int] = []
+    owner_of: dict[str, int] = {}  # folded word -> the class whose prototype it is
     for c, name in enumerate(names):
         words = [name, *(synonyms[c] if synonyms is not None else ())]
-        seen: set[str] = set()
         for w in words:
-            w = str(w).replace("_", " ").strip()
-            if w and w.lower() not in seen:
-                seen.add(w.lower())
-                texts.append(template.format(w))
-                owner.append(c)
+            w, key = str(w).replace("_", " ").strip(), _fold(w)
+            if not w or owner_of.get(key) == c:  # (a class's own duplicates are dropped)
+                continue
+            if key in owner_of:  # a caption saying it would be labelled the first class, never this one
+                raise ValueError(f"{w!r} names two classes, {names[owner_of[key]]!r} and {name!r} (as a class name "
+                                 "or synonym); remove it from one of them")
+            owner_of[key] = c
+            texts.append(template.format(w))
+            owner.append(c)
         if descriptions is not None and descriptions[c]:
             texts.append(str(descriptions[c]))
             owner.append(c)

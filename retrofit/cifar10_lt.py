@@ -54,13 +54,18 @@ PER_CLASS = 5000
 
 def class_counts(imbalance_factor: float = 100.0, n_max: int = PER_CLASS, num_classes: int = NUM_CLASSES) -> list[int]:
     """Training images per class: ``floor(n_max * (1/IF) ** (c / (C-1)))``."""
-    if imbalance_factor < 1:
+    if not imbalance_factor >= 1:  # (NaN too)
         raise ValueError(f"imbalance_factor must be >= 1 (1 = balanced), got {imbalance_factor}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     # the small epsilon keeps exact products (IF=100, c=9: 50.0) from flooring to 49 by rounding error
-    return [int(math.floor(n_max * (1.0 / imbalance_factor) ** (c / (num_classes - 1)) + 1e-6))
-            for c in range(num_classes)]
+    counts = [int(math.floor(n_max * (1.0 / imbalance_factor) ** (c / (num_classes - 1)) + 1e-6))
+              for c in range(num_classes)]
+    if min(counts) < 1:
+        raise ValueError(f"imbalance_factor {imbalance_factor} leaves the rarest class with {min(counts)} of {n_max} "
+                         f"images; allowed: 1 <= imbalance_factor <= {n_max} (a class with no training image has "
+                         "no tail to study)")
+    return counts
 
 
 def class_groups(counts: Sequence[int], many: int = 1000, few: int = 200) -> np.ndarray:
@@ -88,7 +93,10 @@ class LongTailSplit:
 def long_tail_split(labels: Sequence[int] | np.ndarray, imbalance_factor: float = 100.0, val_per_class: int = 20,
                     seed: int = 0, num_classes: int = NUM_CLASSES) -> LongTailSplit:
     """The CIFAR-10-LT split of training ``labels`` given in the original order."""
-    y = np.asarray(labels, dtype=np.int64)
+    y = np.asarray(labels)
+    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):  # 0.5 was truncated to class 0, silently
+        raise ValueError(f"labels must be class indices (whole numbers), got {y[y != np.round(y)][:5].tolist()}")
+    y = y.astype(np.int64)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels must be a non-empty 1-d sequence, got shape {y.shape}")
     if y.min() < 0 or y.max() >= num_classes:
@@ -119,9 +127,10 @@ def long_tail_split(labels: Sequence[int] | np.ndarray, imbalance_factor: float 
     if held:
         logger.info("held %d long-tail images out for validation (classes without enough images outside it)", held)
     counts = [int(k.size) for k in lt]
+    # groups from the counts the subset really has (after a large val_per_class took images out of it, the nominal
+    # counts' groups no longer described it: 900 images still "Many"); at the default they are the same
     return LongTailSplit(lt=np.sort(np.concatenate(lt)), val=np.sort(np.concatenate(val)),
-                         pool=np.sort(np.concatenate(pool)), counts=counts,
-                         groups=class_groups(class_counts(imbalance_factor, int(per_class.max()), num_classes)))
+                         pool=np.sort(np.concatenate(pool)), counts=counts, groups=class_groups(counts))
 
 
 def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, Any]:

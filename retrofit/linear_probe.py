@@ -9,6 +9,7 @@ much. ``cross_fit_logits`` gives every training sample logits from a linear clas
 from __future__ import annotations
 
 import logging
+import numbers
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
                      max_iter: int = 100, seed: int = 0) -> nn.Linear:
     """Multinomial logistic regression on (N, D) features: full-batch L-BFGS on CE + wd/2 * ||W||^2."""
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    labels = _labels(labels)
     z = _features(z, labels)
     if labels.numel() == 0:
         raise ValueError("fit_linear_probe got no samples")
@@ -46,6 +47,15 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     return layer.eval()
 
 
+def _labels(labels: object) -> torch.Tensor:
+    """(N,) int64 class indices; float labels only when whole numbers (1.7 was truncated to class 1, silently)."""
+    t = torch.as_tensor(labels).reshape(-1)
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        bad = t[t != t.round()][:5].tolist()
+        raise ValueError(f"labels must be class indices (whole numbers), got {bad}")
+    return t.to(torch.int64)
+
+
 def _features(z: object, labels: torch.Tensor) -> torch.Tensor:
     """``z`` as an (N, D) tensor (numpy arrays too) with one row per label, or a ValueError naming the shapes."""
     try:
@@ -54,6 +64,10 @@ def _features(z: object, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"z must be an (N, D) tensor or array, got {type(z).__name__}") from None
     if z.dim() != 2 or z.shape[0] != labels.numel():
         raise ValueError(f"z must be (N, D) with N = {labels.numel()} labels, got {tuple(z.shape)}")
+    if z.numel() and not bool(torch.isfinite(z).all()):  # L-BFGS failed deep inside its line search on them
+        rows = (~torch.isfinite(z)).any(1).nonzero().flatten()
+        raise ValueError(f"z holds NaN or inf in {rows.numel()} row(s) (e.g. {rows[:5].tolist()}): give finite "
+                         "features")
     return z
 
 
@@ -87,13 +101,17 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
 
     Folds are stratified by class (:func:`stratified_folds`); identical rows of ``z`` share a fold.
     """
-    if not isinstance(folds, int) or folds < 2:
+    if not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    folds = int(folds)
+    labels = _labels(labels)
     z = _features(z, labels)
     if labels.numel() == 0:
         raise ValueError("cross_fit_logits got no samples")
     fold = _same_fold_for_twins(z, stratified_folds(labels, folds, seed))
+    if int(fold.unique().numel()) < 2:  # every row identical (a dead backbone?), or a single sample
+        raise ValueError(f"cross_fit_logits needs at least 2 distinct feature rows to fit out-of-fold probes; all "
+                         f"{labels.numel()} rows are identical (identical rows share a fold)")
     out = torch.empty(labels.numel(), num_classes)
     for f in range(folds):
         held = fold == f

@@ -14,16 +14,20 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
     """Per-class accuracy against the class's training count (log x), one series per named result
     (e.g. ``{"host": evaluate(...), "retrofitted": evaluate(...)}``), with the Many / Medium / Few cut-offs
     shaded and each series' group means drawn as steps. Writes a PNG; returns its path."""
-    mpl = require("matplotlib", "plots")
-    mpl.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if not results:
         raise ValueError("plot_per_class_accuracy needs at least one result")
     first = next(iter(results.values()))
     counts = [max(int(c), 1) for c in first["train_counts"]]
     lo, hi = first["cutoffs"]["few_below"], first["cutoffs"]["many_above"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    # a Figure with its own Agg canvas, outside pyplot: the caller's backend and figures are left alone (switching
+    # the process to Agg silenced a notebook's later plt.show())
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     xmin, xmax = min(counts) / 1.5, max(counts) * 1.5
     # the groups' x ranges, clipped to the axes (a cut-off outside the data's counts leaves its group empty)
     spans = {g: (max(a, xmin), min(b, xmax)) for g, (a, b) in
@@ -71,7 +75,6 @@ def plot_per_class_accuracy(results: dict[str, dict[str, Any]], path: str | Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path
 
 

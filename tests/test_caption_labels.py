@@ -34,6 +34,12 @@ def test_prototypes_cover_names_synonyms_and_descriptions():
         class_prototypes(["cat"], descriptions=[["a feline"]])
     with pytest.raises(ValueError, match="distinct"):
         class_prototypes(["cat", "cat"])
+    # one prototype owned by two classes: a caption saying it was always the first class (accepted before)
+    for names in (["sports_car", "sports car"], ["Cat", "cat"], ["cat", "cat "]):
+        with pytest.raises(ValueError, match=r"distinct \(case, spaces and underscores aside\)"):
+            class_prototypes(names)
+    with pytest.raises(ValueError, match="'automobile' names two classes, 'car' and 'automobile'"):
+        class_prototypes(["car", "automobile"], synonyms=[["automobile"], []])
 
 
 def test_labels_real_captions_like_the_documented_rates(labeller, cifar_train_small):

@@ -67,7 +67,15 @@ def test_split_rejects_bad_labels():
     with pytest.raises(ValueError, match="labels must lie"):
         long_tail_split(np.array([0, 1, 12]))
     with pytest.raises(ValueError, match="too few"):
-        long_tail_split(np.repeat(np.arange(10), 5), 10, val_per_class=20)
+        long_tail_split(np.repeat(np.arange(10), 5), 5, val_per_class=20)
+    y = np.repeat(np.arange(10), 100)
+    with pytest.raises(ValueError, match=r"whole numbers\), got \[0\.5"):  # was truncated to class 0, silently
+        long_tail_split(y + 0.5, 10)
+    for bad in (float("nan"), float("inf"), 1e6):  # NaN crashed; inf / 1e6 gave classes with no image at all
+        with pytest.raises(ValueError, match="imbalance_factor"):
+            class_counts(bad)
+    s = long_tail_split(y, 10, val_per_class=60)  # class 0 keeps 40: the groups follow the counts it really has
+    assert s.counts[0] == 40 and s.groups.tolist() == class_groups(s.counts).tolist()
 
 
 def test_shard_reading(data_dir, train):

@@ -43,3 +43,20 @@ def test_errors():
         asymmetric_noise(torch.tensor([0, 1]), 0.1, 2, flips={0: 0})
     with pytest.raises(ValueError, match="allowed"):
         add_label_noise(torch.tensor([0, 1]), "pairwise", 0.1, 2)
+
+
+def test_numpy_numbers_are_taken_and_fractional_classes_refused():
+    """numpy ints (labels.max() + 1) and 0-d tensor rates were refused; labels 1.7 were truncated to class 1 and a
+    flip 1.5 -> 2 flipped nothing, silently."""
+    import numpy as np
+
+    y = np.arange(40) % 4
+    noisy, flipped = symmetric_noise(y, torch.tensor(0.25), y.max() + 1, seed=np.int64(3))
+    same, _ = symmetric_noise(torch.from_numpy(y), 0.25, 4, seed=3)
+    assert torch.equal(noisy, same) and int(flipped.sum()) == 10
+    with pytest.raises(ValueError, match=r"labels must be class indices \(whole numbers\), got \[1\.7"):
+        symmetric_noise(torch.tensor([0.0, 1.7, 2.0]), 0.5, 4)
+    with pytest.raises(ValueError, match=r"flip 1\.5 -> 2 is invalid"):
+        asymmetric_noise(torch.from_numpy(y), 0.5, 4, flips={1.5: 2})
+    with pytest.raises(ValueError, match="noise rate must be a number in"):
+        symmetric_noise(torch.from_numpy(y), float("nan"), 4)

@@ -174,7 +174,15 @@ def test_training_reduces_loss_then_evaluate_and_plot(data, real, tmp_path):
     for r in back.values():
         assert set(METRIC_KEYS) <= set(r), set(METRIC_KEYS) - set(r)
     assert "| retrofitted |" in markdown_table(results)
-    png = plot_per_class_accuracy(results, tmp_path / "per_class.png")
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # the caller's own backend (a notebook's inline one, say)
+    try:
+        png = plot_per_class_accuracy(results, tmp_path / "per_class.png")
+        assert matplotlib.get_backend() == "svg"  # untouched (it was switched to Agg: later plt.show() went silent)
+    finally:
+        matplotlib.use(backend)
     raw = png.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 5000
     import matplotlib.image
@@ -769,3 +777,21 @@ def test_predict_logits_takes_a_head_without_a_config(data, real):
     for k in (None, 0, 3):
         out = predict_logits(plain, val_fs, real["store"], k=k, device="cpu")
         assert out["logits"].shape == (100, 10) and out["neighbor_ids"].shape[1] == (K if k is None else k)
+
+
+def test_linear_probe_refuses_what_it_cannot_fit(data):
+    """NaN features failed deep inside L-BFGS ("cannot be converted to type float without overflow"), identical
+    rows said "got no samples", labels 1.7 were truncated to class 1, numpy fold counts were refused."""
+    import numpy as np
+
+    train_fs, _, _ = data
+    z, y = train_fs.z[:60].clone(), train_fs.labels[:60]
+    z[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"z holds NaN or inf in 1 row\(s\) \(e\.g\. \[3\]\)"):
+        cross_fit_logits(z, y, 10, folds=3, max_iter=5)
+    with pytest.raises(ValueError, match="all 20 rows are identical"):
+        cross_fit_logits(torch.ones(20, 8), torch.arange(20) % 2, 2, folds=3, max_iter=5)
+    with pytest.raises(ValueError, match=r"labels must be class indices \(whole numbers\), got \[1\.7"):
+        fit_linear_probe(train_fs.z[:3], torch.tensor([0.0, 1.7, 2.0]), 10, max_iter=5)
+    ok = cross_fit_logits(train_fs.z[:60], y.double(), 10, folds=np.int64(3), max_iter=5)  # whole floats, numpy int
+    assert ok.shape == (60, 10)
