@@ -26,7 +26,7 @@ from torch import nn
 
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
-from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, tensors_sha256
+from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, file_sha256, tensors_sha256
 from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store, search_store
@@ -321,16 +321,22 @@ class RetrievalHead(nn.Module):
         return self
 
     def attached_to(self, store: Store, allow_fingerprint_mismatch: bool | None = None) -> RetrievalHead:
-        """A view of this head attached to ``store``: it shares every weight (training one trains the other) but has
-        its own KB and label prior, so one head can serve two KBs at once, from two threads too; ``self`` is left
-        as it is. The checks of :meth:`attach` run (``allow_fingerprint_mismatch`` None = as this head was
-        attached)."""
-        import copy
+        """A view of this head attached to ``store``: it shares every weight (training one trains the other; the
+        vote's scale too) but has its own KB and label prior, so one head can serve two KBs at once, from two threads
+        too; ``self`` is left as it is. Train / eval mode is shared through the submodules: switch the original's.
+        The checks of :meth:`attach` run (``allow_fingerprint_mismatch`` None = as this head was attached)."""
+        def shallow(module: nn.Module) -> nn.Module:  # its own attribute and hook dicts, the same tensors / children
+            twin = object.__new__(type(module))  # (not copy.copy: that runs __setstate__, which re-attaches self)
+            twin.__dict__.update(module.__dict__)
+            for name, value in module.__dict__.items():
+                if "hook" in name and isinstance(value, dict):  # hooks registered on the view stay on the view
+                    twin.__dict__[name] = type(value)(value)
+            return twin
 
-        view = copy.copy(self)  # shares the parameter / buffer / module dicts: the ones attach changes are replaced
+        view = shallow(self)  # shares the parameters, buffers and submodules; the ones attach changes are replaced
         view._modules = dict(self._modules)
         if self.vote is not None:
-            vote = copy.copy(self.vote)
+            vote = shallow(self.vote)
             vote._buffers = {**self.vote._buffers, "label_log_prior": self.vote.label_log_prior.clone()}
             view._modules["vote"] = vote
         allow = self.__dict__.get("_allow_mismatch", False) if allow_fingerprint_mismatch is None else \
@@ -484,6 +490,9 @@ class RetrievalHead(nn.Module):
         try:
             with safe_open(str(w_file), "pt") as f:
                 want = (f.metadata() or {}).get("tensors_sha256")  # (heads saved before checksums have none)
+            if want is None and meta.get("weights_sha256") is not None:  # (a short-lived format kept it in the config)
+                if file_sha256(w_file) != meta["weights_sha256"]:
+                    raise ValueError("the file does not match the checksum in config.json")
             state = load_file(str(w_file))
         except (SafetensorError, OSError, ValueError) as e:
             raise RetrofitError(f"{w_file} is corrupt or truncated ({e}); re-save the head") from e

@@ -164,11 +164,16 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
     sets only the self-exclusion ids (no neighbour ids): training then searches the KB at every step."""
     if len(labels) != len(source):
         raise ValueError(f"{len(labels)} labels for {len(source)} samples")
+    if hasattr(labels, "tolist"):  # a tensor / array of labels: Python numbers
+        labels = labels.tolist()
+    checked = []
     for i, y in enumerate(labels):  # before the backbone pass over every image, not after it
-        if not isinstance(y, numbers.Integral) or isinstance(y, bool) or y < -1:
+        whole = isinstance(y, numbers.Integral) or (isinstance(y, float) and y.is_integer())
+        if isinstance(y, bool) or not whole or y < -1:
             raise ValueError(f"labels[{i}] is {y!r}; labels must be class indices >= 0 (-1 = unknown): a manifest's "
                              "class names become indices with retrofit.sources.map_labels(source, class_names)")
-    labels = [int(y) for y in labels]
+        checked.append(int(y))
+    labels = checked
     calls = {"n": 0}
 
     def compute() -> FeatureSet:

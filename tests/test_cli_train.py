@@ -379,3 +379,12 @@ def test_source_features_refuses_class_name_labels_before_any_work(setup, monkey
         source_features(host, src, names, k=0, progress=False)
     labels, classes = map_labels(src, None)
     assert all(isinstance(y, int) and 0 <= y < len(classes) for y in labels)
+    # index labels in any container pass the check (a tensor's 0-d elements were refused by the first version)
+    import torch
+
+    from retrofit.errors import RetrofitError
+
+    monkeypatch.setattr("retrofit.pipeline.image_batches", lambda *a, **kw: [])  # stop right after the check
+    for given in (labels, torch.tensor(labels, dtype=torch.int32), torch.tensor(labels).double().numpy()):
+        with pytest.raises(RetrofitError, match="no decodable image"):
+            source_features(host, src, given, k=0, progress=False)

@@ -465,3 +465,20 @@ def test_vote_balance_follows_the_attached_store(seed):
     assert torch.all(plain.vote.label_log_prior == 0)
     with pytest.raises(ValueError, match="label_vote"):
         HeadConfig(**{**cfg, "label_vote": False}, vote_balance=True)
+    # a view on another KB (head.attached_to): its own store and prior; the head is not touched at all (the first
+    # version re-attached the head's own KB on the way, rewriting its prior, and shared its hook dicts)
+    head.attach(skewed)
+    with torch.no_grad():
+        head.vote.label_log_prior.fill_(0.5)  # a prior set by hand: must survive
+    view = head.attached_to(balanced)
+    assert view.store is balanced and head.store is skewed
+    assert torch.all(head.vote.label_log_prior == 0.5)
+    assert torch.allclose(view.vote.label_log_prior, torch.zeros(C), atol=1e-6)
+    assert view.vote.weight is head.vote.weight and view.readout is head.readout
+    fired = []
+    view.register_forward_hook(lambda *a: fired.append(1))
+    z = torch.randn(2, DQ)
+    head(z)
+    assert not fired
+    view(z)
+    assert fired == [1]

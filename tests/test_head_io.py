@@ -323,3 +323,24 @@ def test_a_save_killed_before_its_config_still_loads(tmp_path):
     (d / "model.safetensors").write_bytes((tmp_path / "next" / "model.safetensors").read_bytes())
     loaded = RetrievalHead.load(d)
     assert torch.equal(loaded.streams.proj_q.weight, second.streams.proj_q.weight)
+
+
+def test_heads_with_the_checksum_in_their_config_are_still_checked(tmp_path):
+    """A short-lived format kept the weights' sha256 in config.json (not in the safetensors header): still checked."""
+    from safetensors.torch import load_file, save_file
+
+    from retrofit.fingerprint import file_sha256
+
+    torch.manual_seed(0)
+    d = RetrievalHead(make_config()).save(tmp_path / "h")
+    w = d / "model.safetensors"
+    save_file(load_file(str(w)), str(w), metadata={"format": "retrofit-head", "format_version": str(FORMAT_VERSION)})
+    meta = json.loads((d / "config.json").read_text())
+    meta["weights_sha256"] = file_sha256(w)
+    (d / "config.json").write_text(json.dumps(meta))
+    RetrievalHead.load(d)  # intact: loads
+    raw = bytearray(w.read_bytes())
+    raw[-5] ^= 0x40
+    w.write_bytes(bytes(raw))
+    with pytest.raises(RetrofitError, match="does not match the checksum in config.json"):
+        RetrievalHead.load(d)
