@@ -43,7 +43,14 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
         loss.backward()
         return loss
 
-    opt.step(closure)
+    first = float(opt.step(closure).detach())  # the loss at the start
+    with torch.no_grad():
+        last = float(nn.functional.cross_entropy(layer(x), labels) + 0.5 * weight_decay * layer.weight.pow(2).sum())
+    if labels.unique().numel() > 1 and last > 0.98 * first:
+        # L-BFGS's tolerances are absolute: on features of a tiny scale or far from zero it stops at its start
+        log.warning("the linear probe barely fitted (loss %.4g -> %.4g): features with mean norm %.3g and mean "
+                    "%.3g; if that scale is tiny or the offset large, standardise them first", first, last,
+                    float(x.norm(dim=1).mean()), float(x.mean()))
     return layer.eval()
 
 

@@ -795,3 +795,15 @@ def test_linear_probe_refuses_what_it_cannot_fit(data):
         fit_linear_probe(train_fs.z[:3], torch.tensor([0.0, 1.7, 2.0]), 10, max_iter=5)
     ok = cross_fit_logits(train_fs.z[:60], y.double(), 10, folds=np.int64(3), max_iter=5)  # whole floats, numpy int
     assert ok.shape == (60, 10)
+
+
+def test_a_linear_probe_that_stops_at_its_start_says_so(data, caplog):
+    """On features of a tiny scale L-BFGS's absolute tolerances stop it at its start (out-of-fold accuracy 1.0 ->
+    0.43 at scale 1e-5 on easy data), silently: it warns; a normal fit does not."""
+    train_fs, _, _ = data
+    with caplog.at_level("WARNING", logger="retrofit.linear_probe"):
+        fit_linear_probe(train_fs.z, train_fs.labels, 10, max_iter=20)
+    assert "barely fitted" not in caplog.text
+    with caplog.at_level("WARNING", logger="retrofit.linear_probe"):
+        fit_linear_probe(train_fs.z * 1e-6, train_fs.labels, 10, max_iter=20)
+    assert "the linear probe barely fitted" in caplog.text and "standardise them" in caplog.text
