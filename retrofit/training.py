@@ -331,6 +331,16 @@ def train(
                    "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
     epoch, step = state["epoch"], state["step"]
     step_rng = None
+    unlogged = None  # (loss, epoch, step, lr) of a counted step whose records are not written yet
+
+    def record_step(loss_t: torch.Tensor, ep: int, st: int, lr_: float, rate: float | None) -> float:
+        lv_ = float(loss_t)  # (waits for the GPU)
+        result.step_losses.append(lv_)
+        if state["global_step"] % cfg.log_every == 0:
+            write_log({"event": "step", "epoch": ep + 1, "step": st, "global_step": state["global_step"], "loss": lv_,
+                       "lr": lr_, "samples_per_s": rate})
+        return lv_
+
     ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)  # (an interrupt before the loop
     # reloads them keeps them: a second Ctrl-C right after a resume saved an empty partial loss)
     head.train()
@@ -391,16 +401,13 @@ def train(
                 state["global_step"] = g + 1
                 step_rng = None
                 ep_sum, ep_n = ep_sum + loss.detach().double() * len(idx), ep_n + len(idx)
+                unlogged = (loss.detach(), epoch, step, lr)  # the step's records, written even if interrupted now
                 scaler.update()
-                lv = float(loss.detach())
-                result.step_losses.append(lv)
                 seen += len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
+                lv, unlogged = record_step(*unlogged, rate), None
                 bar.set_postfix(loss=f"{lv:.4f}", sps=f"{rate:.0f}")
                 bar.update(1)
-                if state["global_step"] % cfg.log_every == 0:
-                    write_log({"event": "step", "epoch": epoch + 1, "step": step, "global_step": state["global_step"],
-                               "loss": lv, "lr": lr, "samples_per_s": rate})
             bar.close()
             rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": float(ep_sum) / max(ep_n, 1),
                    "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "lr": lr_at(
@@ -415,6 +422,8 @@ def train(
             state["partial"] = None
             save(epoch, 0)
     except KeyboardInterrupt:
+        if unlogged is not None:  # a step applied and counted, interrupted before its records were written
+            record_step(*unlogged, None)
         state["partial"] = [float(ep_sum), ep_n] if step > 0 else None  # this epoch's loss so far, for the resume
         log.warning("interrupted at epoch %d step %d; saving the last checkpoint (continue with resume=True, "
                     "`retrofit train ... --resume`)", epoch + 1, step)
