@@ -310,9 +310,9 @@ def train(
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     logf = open(out / "train_log.jsonl", "a") if out is not None else None
 
-    def write_log(rec: dict[str, Any]) -> None:
+    def write_log(rec: dict[str, Any] | str) -> None:
         if logf is not None:
-            logf.write(json.dumps(rec) + "\n")
+            logf.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
             logf.flush()
 
     def save(epoch: int, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
@@ -334,11 +334,16 @@ def train(
     unlogged = None  # (loss, epoch, step, lr) of a counted step whose records are not written yet
 
     def record_step(loss_t: torch.Tensor, ep: int, st: int, lr_: float, rate: float | None) -> float:
-        lv_ = float(loss_t)  # (waits for the GPU)
-        result.step_losses.append(lv_)
+        nonlocal unlogged
+        lv_ = float(loss_t)  # (waits for the GPU: where a Ctrl-C lands)
+        line = None
         if state["global_step"] % cfg.log_every == 0:
-            write_log({"event": "step", "epoch": ep + 1, "step": st, "global_step": state["global_step"], "loss": lv_,
-                       "lr": lr_, "samples_per_s": rate})
+            line = json.dumps({"event": "step", "epoch": ep + 1, "step": st, "global_step": state["global_step"],
+                               "loss": lv_, "lr": lr_, "samples_per_s": rate})
+        unlogged = None  # from here the records are written once: an interrupt in the handler's redo cannot repeat
+        result.step_losses.append(lv_)
+        if line is not None:
+            write_log(line)
         return lv_
 
     ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)  # (an interrupt before the loop
@@ -405,7 +410,7 @@ def train(
                 scaler.update()
                 seen += len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                lv, unlogged = record_step(*unlogged, rate), None
+                lv = record_step(*unlogged, rate)
                 bar.set_postfix(loss=f"{lv:.4f}", sps=f"{rate:.0f}")
                 bar.update(1)
             bar.close()

@@ -144,7 +144,21 @@ def test_large_cpu_batches_run_in_slices_with_the_same_outputs(model, seed: int)
     with torch.inference_mode():
         sliced = model.forward_features(x)  # 70 > 64 images per slice: two slices
         whole = model.features(x.contiguous(memory_format=torch.channels_last))
+        lone = torch.rand(129, 3, 64, 64)  # 64 + 64 + 1: the lone image joins the last slice (its bits differed)
+        assert torch.equal(model.forward_features(lone), model.features(lone.contiguous(
+            memory_format=torch.channels_last)))
     assert torch.equal(sliced, whole) and x.shape[0] > dk._CPU_SLICE_PIXELS // (64 * 64)
+    with torch.no_grad():  # traced at 70 images, run at 10: the trace must not bake the slicing in (it failed)
+        class Features(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, t: torch.Tensor) -> torch.Tensor:
+                return self.model.forward_features(t)
+
+        traced = torch.jit.trace(Features(), x, check_trace=False)
+        assert torch.allclose(traced(x[:10]), whole[:10], atol=1e-5)
     calls = []
     hook = model.features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:

@@ -809,3 +809,53 @@ def test_a_linear_probe_that_stops_at_its_start_says_so(data, caplog):
     with caplog.at_level("WARNING", logger="retrofit.linear_probe"):
         fit_linear_probe(train_fs.z * 1e-6, train_fs.labels, 10, max_iter=20)
     assert "the linear probe barely fitted" in caplog.text and "standardise them" in caplog.text
+
+
+def test_an_interrupt_while_a_step_is_logged_never_duplicates_it(data, real, tmp_path, monkeypatch):
+    """A Ctrl-C landing while a step's record is prepared is redone by the interrupt handler, once; past that point
+    (the write itself) the handler does not write it again (it duplicated the record, for good)."""
+    train_fs, _, _ = data
+    cfg = _cfg(epochs=2)
+    real_dumps, hit = json.dumps, []
+
+    def dumps_then_stop(obj, *a, **kw):
+        if isinstance(obj, dict) and obj.get("event") == "step" and obj.get("global_step") == 4 and not hit:
+            hit.append(1)
+            raise KeyboardInterrupt
+        return real_dumps(obj, *a, **kw)
+
+    monkeypatch.setattr(json, "dumps", dumps_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path)
+    monkeypatch.setattr(json, "dumps", real_dumps)
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
+    recs = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["global_step"] for r in recs if r["event"] == "step"]
+    assert steps == [2, 4, 6, 8]
+    # and a Ctrl-C in the write's flush (the record is out): not written again
+    out2, hit = tmp_path / "b", []
+
+    class StopAfterStep4:  # the training log's file, interrupted right after step 4's record is flushed
+        def __init__(self, *a, **kw):
+            self.f = open(*a, **kw)
+
+        def write(self, text):
+            self.last = text
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+            if '"global_step": 4,' in getattr(self, "last", "") and not hit:
+                hit.append(1)
+                raise KeyboardInterrupt
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr("retrofit.training.open", StopAfterStep4, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=out2)
+    monkeypatch.delattr("retrofit.training.open")
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=out2, resume=True)
+    recs = [json.loads(x) for x in (out2 / "train_log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
