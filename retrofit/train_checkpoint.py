@@ -169,28 +169,24 @@ def check_resume_config(path: str | Path, config: dict[str, Any], defaults: dict
         return
     if not isinstance(doc, dict):
         return
-    saved_run = doc.get("run")
-    if run is not None and isinstance(saved_run, dict):
-        now_run = json.loads(json.dumps(run))
-        diff = sorted(k for k in now_run if k in saved_run and saved_run[k] != now_run[k])
-        if diff:
-            was = ", ".join(f"{k}={saved_run.get(k)!r}" for k in diff)
-            new = ", ".join(f"{k}={now_run.get(k)!r}" for k in diff)
-            raise RetrofitError(f"cannot resume the checkpoint {path}: it was trained with {was}, this run has "
-                                f"{new}; resume with the same training data and head, or train into another "
-                                "output directory")
-    saved = doc.get("config")
-    if not isinstance(saved, dict):
-        return
-    now = json.loads(json.dumps(config))  # tuples as lists, as in the file
-    saved = {**json.loads(json.dumps(defaults or {})), **saved}
-    diff = sorted(k for k in now if k in saved and k not in RESUME_FREE and saved[k] != now[k])
+    if run is not None and isinstance(doc.get("run"), dict):
+        _refuse_changes(path, doc["run"], run, frozenset(), "has", "resume with the same training data and head")
+    if isinstance(doc.get("config"), dict):
+        saved = {**json.loads(json.dumps(defaults or {})), **doc["config"]}
+        _refuse_changes(path, saved, config, RESUME_FREE, "asks for",
+                        f"resume with the checkpoint's TrainConfig (only {sorted(RESUME_FREE)} may change)")
+
+
+def _refuse_changes(path: Path, saved: dict[str, Any], now: dict[str, Any], free: frozenset, verb: str,
+                    fix: str) -> None:
+    """RetrofitError naming every key (not in ``free``) whose value differs between ``saved`` and ``now``."""
+    now = json.loads(json.dumps(now))  # tuples as lists, as in the file
+    diff = sorted(k for k in now if k in saved and k not in free and saved[k] != now[k])
     if diff:
         was = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
         new = ", ".join(f"{k}={now.get(k)!r}" for k in diff)
-        raise RetrofitError(f"cannot resume the checkpoint {path}: it was trained with {was}, this run asks for "
-                            f"{new}; resume with the checkpoint's TrainConfig (only {sorted(RESUME_FREE)} may "
-                            "change), or train into another output directory")
+        raise RetrofitError(f"cannot resume the checkpoint {path}: it was trained with {was}, this run {verb} {new}; "
+                            f"{fix}, or train into another output directory")
 
 
 def load_training_state(path: str | Path, head: nn.Module, host: nn.Module | None, opt: torch.optim.Optimizer,
