@@ -183,8 +183,6 @@ class NeighborVectors:
                 self.text.index_select(0, r).view(*ids.shape, self.text.shape[1]))
 
 
-
-
 def _complete(entry: Path) -> bool:
     return (entry / "tensors.safetensors").is_file() and (entry / "meta.json").is_file()
 

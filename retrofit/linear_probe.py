@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["fit_linear_probe", "cross_fit_logits", "stratified_folds"]
+__all__ = ["fit_linear_probe", "cross_fit_logits", "stratified_folds", "class_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
                      max_iter: int = 100, seed: int = 0) -> nn.Linear:
     """Multinomial logistic regression on (N, D) features: full-batch L-BFGS on CE + wd/2 * ||W||^2."""
-    labels = _labels(labels)
+    labels = class_indices(labels)
     z = _features(z, labels)
     if labels.numel() == 0:
         raise ValueError("fit_linear_probe got no samples")
@@ -54,7 +54,7 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     return layer.eval()
 
 
-def _labels(labels: object) -> torch.Tensor:
+def class_indices(labels: object) -> torch.Tensor:
     """(N,) int64 class indices; float labels only when whole numbers (1.7 was truncated to class 1, silently)."""
     t = torch.as_tensor(labels).reshape(-1)
     if t.is_floating_point() and not bool((t == t.round()).all()):
@@ -111,7 +111,7 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     if not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
     folds = int(folds)
-    labels = _labels(labels)
+    labels = class_indices(labels)
     z = _features(z, labels)
     if labels.numel() == 0:
         raise ValueError("cross_fit_logits got no samples")

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from retrofit.linear_probe import class_indices
+
 __all__ = ["symmetric_noise", "asymmetric_noise", "CIFAR10_FLIPS", "add_label_noise"]
 
 # the usual CIFAR-10 asymmetric flips (Patrini et al. 2017): truck -> automobile, bird -> airplane,
@@ -31,10 +33,7 @@ def _check(labels: torch.Tensor, rate: float, num_classes: int) -> tuple[torch.T
     num_classes = _whole(num_classes, "num_classes")
     if num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    t = torch.as_tensor(labels).reshape(-1)
-    if t.is_floating_point() and not bool((t == t.round()).all()):  # 1.7 was truncated to class 1, silently
-        raise ValueError(f"labels must be class indices (whole numbers), got {t[t != t.round()][:5].tolist()}")
-    labels = t.to(torch.int64)
+    labels = class_indices(labels)  # (1.7 was truncated to class 1, silently)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     return labels, float(rate), num_classes
