@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import re
-import tarfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from retrofit._env import require
+from retrofit.tar_shards import mapped_file, tar_members
 
 __all__ = ["SampleRef", "Source", "webdataset_source", "imagefolder_source", "manifest_source", "open_source",
            "map_labels", "DecodeDataset", "collate_decoded", "IMAGE_EXTS"]
@@ -74,70 +74,6 @@ def expand_pattern(pattern: str) -> list[str]:
     return [pattern]
 
 
-def tar_members(path: Path) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular files of a tar, in order.
-
-    Plain ustar headers are parsed directly (fast); anything else (GNU long names, pax headers) falls back
-    to :mod:`tarfile`.
-    """
-    out: list[tuple[str, int, int]] = []
-    total = path.stat().st_size
-    with open(path, "rb") as f:
-        pos = 0
-        while True:
-            f.seek(pos)
-            h = f.read(512)
-            if len(h) < 512 or h == b"\0" * 512:
-                return _checked_members(path, out, pos, total)
-            kind = h[156:157]
-            if (kind not in (b"0", b"\0", b"5") or h[257:262] not in (b"ustar", b"\0\0\0\0\0")
-                    or not _header_ok(h)):
-                break  # not a plain header: let tarfile handle the whole archive
-            name = h[0:100].split(b"\0", 1)[0].decode()
-            prefix = h[345:500].split(b"\0", 1)[0].decode() if h[257:262] == b"ustar" else ""
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            if kind != b"5":
-                out.append((f"{prefix}/{name}" if prefix else name, pos + 512, size))
-            pos += 512 + (size + 511) // 512 * 512
-    try:
-        with tarfile.open(path, "r:") as tf:  # shards are plain tar
-            members = tf.getmembers()  # stops silently at a damaged header: the end check below catches it
-    except tarfile.TarError as e:
-        raise ValueError(f"shard {path} is not a readable tar file ({e})") from None
-    end = max((m.offset_data + (m.size + 511) // 512 * 512 for m in members), default=0)
-    return _checked_members(path, [(m.name, m.offset_data, m.size) for m in members if m.isfile()], end, total)
-
-
-def _header_ok(h: bytes) -> bool:
-    """The tar header checksum: the sum of its bytes with the checksum field read as spaces."""
-    try:
-        want = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
-    return want == sum(h[:148]) + 8 * 32 + sum(h[156:])
-
-
-def _checked_members(path: Path, out: list[tuple[str, int, int]], end: int, total: int
-                     ) -> list[tuple[str, int, int]]:
-    """Refuse a truncated or damaged shard instead of building from part of it: every member must lie inside the
-    file, and what follows the last member may only be the zero blocks that end an archive."""
-    for name, off, size in out:
-        if off + size > total:
-            raise ValueError(f"shard {path} is truncated: member {name!r} needs bytes {off}..{off + size} but the file "
-                             f"has {total}; copy or download it again")
-    if out and end + 512 > total:  # a tar ends with zero blocks: without them it was cut at a member boundary
-        raise ValueError(f"shard {path} is truncated: it ends after {len(out)} members without the end-of-archive "
-                         "blocks a complete tar has; copy or download it again (or re-create it with tar)")
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read(min(max(total - end, 0), 1 << 20))
-    if tail.strip(b"\0"):
-        at = end + len(tail) - len(tail.lstrip(b"\0"))
-        raise ValueError(f"shard {path} is damaged: unreadable tar data at byte {at} after {len(out)} members; "
-                         "copy or download it again")
-    return out
-
-
 def _split_key(name: str) -> tuple[str, str]:
     """webdataset's convention: the key is the path up to the first dot of the basename."""
     d, _, base = name.rpartition("/")
@@ -155,17 +91,22 @@ def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | Non
         raise FileNotFoundError(f"webdataset shards not found: {missing or patterns}")
     refs: list[SampleRef] = []
     for path in paths:
-        members: dict[str, dict[str, tuple[int, int]]] = {}
-        for name, off, size in tar_members(path):
-            key, ext = _split_key(name)
-            members.setdefault(key, {})[ext] = (off, size)
-        with open(path, "rb") as f:
+        spath = str(path)
+        with mapped_file(path) as buf:  # headers, captions and labels read from one map: no call per member
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            for name, off, size in tar_members(path, buf):
+                key, ext = _split_key(name)
+                members.setdefault(key, {})[ext] = (off, size)
+
             def read(loc: tuple[int, int]) -> bytes:
-                f.seek(loc[0])
-                return f.read(loc[1])
+                return buf[loc[0]:loc[0] + loc[1]]
 
             for key, m in members.items():
-                img = next(((str(path), *m[e]) for e in IMAGE_EXTS if e in m), None)
+                img = None
+                for e in IMAGE_EXTS:
+                    if e in m:
+                        img = (spath, *m[e])
+                        break
                 caption = None
                 if "txt" in m:
                     caption = read(m["txt"]).decode("utf-8", errors="replace")

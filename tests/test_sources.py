@@ -149,6 +149,32 @@ def test_tar_index_matches_tarfile(tmp_path, mini_samples, data_dir):
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
     assert [m[0] for m in tar_members(long)] == ["d" * 120 + "/x.jpg"]
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert tar_members(empty) == []
+
+
+def test_tar_header_checksums_checked_in_blocks(tmp_path, mini_samples, monkeypatch):
+    """Header checksums are verified in bulk (numpy, in blocks of headers) after the walk: a header whose bytes no
+    longer match its checksum, in any block, sends the shard to tarfile's reader, which refuses it."""
+    import retrofit.tar_shards as ts
+
+    monkeypatch.setattr(ts, "_CHECK_ROWS", 4)  # several blocks for a 21-member shard
+    path = tmp_path / "s-000.tar"
+    write_shard(path, mini_samples[:7])
+    with tarfile.open(path) as tf:
+        expected = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    assert tar_members(path) == expected
+    raw = bytearray(path.read_bytes())
+    for which in (0, 5, 17):  # first block, a middle block, the last block
+        bad = bytearray(raw)
+        head = expected[which][1] - 512
+        bad[head + 3] ^= 0x01  # one bit of the member's name: the stored checksum no longer matches
+        broken = tmp_path / f"bad{which}-000.tar"
+        broken.write_bytes(bytes(bad))
+        assert ts._plain_members(bytes(bad)) is None  # not trusted by the fast path
+        with pytest.raises(ValueError, match=r"bad\d+-000\.tar is (not a readable tar file|damaged)"):
+            webdataset_source(str(broken))
 
 
 def test_imagefolder_templates(tmp_path, mini_samples, cifar_classes):
