@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["BackboneAdapter"]
+__all__ = ["BackboneAdapter", "PASS_THROUGH"]
+
+# modules that leave features as they are: a classifier made only of these is no classifier (a feature extractor)
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.Sequential)
 
 
 class BackboneAdapter(nn.Module):

@@ -8,8 +8,10 @@ Face-style output with ``.logits``, a dict with ``"logits"`` or a tuple ``(logit
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +24,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["HookAdapter", "find_classifier", "linear_layers", "model_logits"]
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """``nn.Linear``, or its quantized form (``torch.ao.quantization``: dynamic or static; no nn.Parameter)."""
+    if isinstance(m, nn.Linear):
+        return True
+    q = sys.modules.get("torch.ao.nn.quantized")  # (loaded by torch itself; not imported here if it ever is not)
+    return q is not None and isinstance(m, q.Linear)
+
+
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every ``nn.Linear`` of ``model`` with its qualified name, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Every ``nn.Linear`` (or quantized Linear) of ``model`` with its qualified name, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if _is_linear(m)]
 
 
 def _describe(layers: list[tuple[str, nn.Linear]], limit: int = 12) -> str:
@@ -95,6 +105,10 @@ def model_logits(out: object, model_name: str = "the model") -> Tensor:
     return found
 
 
+def _dequantized(t: Tensor) -> Tensor:
+    return t.dequantize() if t.is_quantized else t
+
+
 class HookAdapter(BackboneAdapter):
     """Runs ``model(x)`` once; a forward hook on ``classifier`` records its input as ``z``."""
 
@@ -115,15 +129,16 @@ class HookAdapter(BackboneAdapter):
         produced: list[Tensor] = []
         me = None if torch.compiler.is_compiling() else threading.get_ident()
 
-        def grab(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
             # threads serving one model share its classifier: each forward records only its own thread's call
             # me is None: this forward was compiled, its thread unknown (accept the call; a hook that runs eagerly
             # inside a compiled host reads its thread id, a graph break there)
             if me is None or threading.get_ident() == me:
-                captured.append(inputs[0])
+                # the input: first positional argument, or the one passed by keyword (self.fc(input=f))
+                captured.append(args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None))
                 produced.append(output)
 
-        handle = self.classifier.register_forward_hook(grab)
+        handle = self.classifier.register_forward_hook(grab, with_kwargs=True)
         try:
             out = self.model(x)
         finally:
@@ -133,18 +148,30 @@ class HookAdapter(BackboneAdapter):
                                 f"{len(captured)} times in one forward (expected once): retrofit takes the input and "
                                 "output of the one call that makes the logits; pass classifier= naming that layer, "
                                 "or wrap a module whose forward calls its classifier once")
-        lead = captured[0].shape[1:-1] if isinstance(self.classifier, nn.Linear) else captured[0].shape[2:]
-        if captured[0].dim() > 2 and any(n != 1 for n in lead):  # Linear: features last; conv: channels first
+        inp, res = captured[0], produced[0]
+        if not isinstance(inp, Tensor) or not isinstance(res, Tensor):
+            raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} was "
+                                "called without a tensor input or returned no tensor; pass classifier= naming the "
+                                "layer that maps (B, D) features to (B, C) logits")
+        inp, res = _dequantized(inp), _dequantized(res)  # a quantized host: float embedding and logits
+        if inp.dim() == 1 and x.shape[0] == 1:  # a host that squeezes its batch of one away (f.squeeze())
+            inp, res = inp[None], res.reshape(1, -1)
+        lead = inp.shape[1:-1] if _is_linear(self.classifier) else inp.shape[2:]
+        if inp.dim() > 2 and any(n != 1 for n in lead):  # Linear: features last; conv: channels first
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} takes "
-                                f"a {tuple(captured[0].shape)} input, not (B, D) features: it runs per position or "
+                                f"a {tuple(inp.shape)} input, not (B, D) features: it runs per position or "
                                 "token (a 1x1 conv, a per-token Linear); wrap the model so that it pools first and "
                                 "ends in an nn.Linear on (B, D) features")
-        z = captured[0].flatten(1)  # (B, D)
-        logits = produced[0].flatten(1)  # the classifier layer's own output: the logits
+        z = inp.flatten(1)  # (B, D)
+        logits = res.flatten(1)  # the classifier layer's own output: the logits
+        if not torch.jit.is_tracing() and (z.shape[0] != x.shape[0] or logits.shape[0] != x.shape[0]):
+            raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} maps "
+                                f"{tuple(inp.shape)} to {tuple(res.shape)} for a batch of {x.shape[0]} images: "
+                                "retrofit needs one (D,) embedding and one (C,) logits row per image")
         if not self._checked_output:
-            out = model_logits(out, type(self.model).__name__)
+            out = _dequantized(model_logits(out, type(self.model).__name__))
             self._checked_output = True
-            if out.shape != logits.shape or not torch.equal(out.reshape(logits.shape), logits):
+            if out.numel() != logits.numel() or not torch.equal(out.reshape(logits.shape), logits):
                 logger.warning("%s transforms its classifier's output (e.g. a softmax after %r): retrofit fuses the "
                                "classifier layer's output, the logits, not the model's output",
                                type(self.model).__name__, self.classifier_name)
@@ -156,12 +183,12 @@ class HookAdapter(BackboneAdapter):
     @property
     def num_classes(self) -> int | None:
         n = getattr(self.classifier, "out_features", None)
-        return int(n) if isinstance(n, int) else None
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     @property
     def embed_dim(self) -> int | None:
-        n = getattr(self.classifier, "in_features", None)
-        return int(n) if isinstance(n, int) else None
+        n = getattr(self.classifier, "in_features", None)  # 0: an nn.LazyLinear before its first call (unknown)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     def describe(self) -> str:
         return f"{self.family} adapter of {type(self.model).__name__} (classifier {self.classifier_name!r})"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -87,6 +89,10 @@ def _param_of(module: nn.Module) -> Tensor | None:
     return next(iter(module.parameters()), None)
 
 
+# host model -> the live RetrofittedModels around it (their train_classifier settings must agree)
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[RetrofittedModel]] = weakref.WeakKeyDictionary()
+
+
 class RetrofittedModel(nn.Module):
     """A frozen host classifier whose logits are fused with a trained :class:`RetrievalHead`.
 
@@ -112,9 +118,23 @@ class RetrofittedModel(nn.Module):
         self._range_checked = False  # the first batch warns about 0-255 pixel values
         self._size_checked: int | None = None  # id() of the last store whose input size was compared
         self._freeze()
+        self.train(head.training)  # the head's mode: a loaded head (eval) serves as is, a fresh one trains
 
     # ------------------------------------------------------------------------------------ freezing
     def _freeze(self) -> None:
+        host = self.backbone.model
+        others = [w for w in _WRAPPERS.get(host, ()) if w.train_classifier != self.train_classifier]
+        if others:  # a dropped wrapper may live on in a reference cycle until the collector runs
+            del others
+            gc.collect()
+            others = [w for w in _WRAPPERS.get(host, ()) if w.train_classifier != self.train_classifier]
+        if others:  # freezing is a flag on the shared host's parameters: the other model would silently lose it
+            raise RetrofitError(
+                f"this {type(host).__name__} is already wrapped by another RetrofittedModel with train_classifier="
+                f"{others[0].train_classifier}; wrapping it with train_classifier={self.train_classifier} would "
+                f"{'freeze' if others[0].train_classifier else 'unfreeze'} the classifier layer that model trains "
+                "through the same host. Wrap a copy (copy.deepcopy(model)), or use one setting for both")
+        _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
         self.backbone.requires_grad_(False)
         if (r := _retriever_module(self.retriever)) is not None:
             r.requires_grad_(False)
@@ -125,7 +145,6 @@ class RetrofittedModel(nn.Module):
                     f"train_classifier=True, but the {self.backbone.describe()} has no classifier layer")
             for m in mods:
                 m.requires_grad_(True)
-        self.train(self.training)
 
     def train(self, mode: bool = True) -> RetrofittedModel:
         """Set train mode on the head only: the backbone (and retriever) always stay in eval mode."""
@@ -263,6 +282,11 @@ def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
     cfg = getattr(head, "config", None)
     if not isinstance(head, nn.Module) or cfg is None or not hasattr(cfg, "query_dim"):
         raise TypeError(f"head must be a retrofit.RetrievalHead, got {type(head).__name__}")
+    lazy = [n for n, t in model.named_parameters() if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise RetrofitError(f"{type(model).__name__} has parameters not yet initialised ({', '.join(lazy[:3])}: "
+                            "nn.LazyLinear or another lazy module): run the model once on a batch of images, then "
+                            "wrap it")
     adapter = adapter_for(model, classifier, num_classes=cfg.num_classes)
     if getattr(adapter, "headless", False):
         logger.warning("the host %s has no classifier (timm num_classes=0, or a torchvision classifier replaced by "

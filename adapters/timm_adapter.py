@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from retrofit.adapters.base import BackboneAdapter
+from retrofit.adapters.base import PASS_THROUGH, BackboneAdapter
 from retrofit.errors import RetrofitError
 
 __all__ = ["TimmAdapter", "is_timm_like"]
@@ -29,6 +29,11 @@ def _as_modules(clf: object) -> list[nn.Module]:
     return []
 
 
+def _width(layer: nn.Module, side: str) -> object:
+    """A Linear's ``{side}_features`` or a conv's ``{side}_channels`` (side: "in" / "out"); None for other layers."""
+    return getattr(layer, f"{side}_features", getattr(layer, f"{side}_channels", None))
+
+
 class TimmAdapter(BackboneAdapter):
     """``(forward_head(f, pre_logits=True), forward_head(f))`` with ``f = forward_features(x)``."""
 
@@ -37,8 +42,9 @@ class TimmAdapter(BackboneAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         mods = _as_modules(model.get_classifier())
-        # a headless timm model (num_classes=0) has an Identity classifier: no host logits
-        self.headless = not any(any(True for _ in m.parameters()) for m in mods)
+        # a headless timm model (num_classes=0) has an Identity classifier: no host logits. Judged by module type,
+        # not by parameters: a quantized Linear, or a nearest-class-mean layer holding buffers, has none either
+        self.headless = all(isinstance(c, PASS_THROUGH) for m in mods for c in m.modules())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         f = self.model.forward_features(x)  # the backbone, once
@@ -51,17 +57,20 @@ class TimmAdapter(BackboneAdapter):
         return z, logits
 
     def classifier_modules(self) -> list[nn.Module]:
-        return _as_modules(self.model.get_classifier())
+        return [] if self.headless else _as_modules(self.model.get_classifier())
 
     @property
     def num_classes(self) -> int | None:
         if self.headless:
             return None
         for m in self.classifier_modules():  # the layer itself: a classifier replaced by hand leaves num_classes stale
-            last = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d))][-1:]  # a replaced MLP: its last
-            n = (getattr(last[0], "out_features", None) or getattr(last[0], "out_channels", None)) if last else None
-            if isinstance(n, int) and n > 0:
-                return n
+            layers = [c for c in m.modules() if isinstance(_width(c, "out"), int)]
+            if layers:
+                # a replaced MLP: the output layer's width is the one no other layer takes in (its registration
+                # order says nothing); when that is ambiguous, the head checks the logits' width on the first call
+                ins = {_width(c, "in") for c in layers}
+                outs = {_width(c, "out") for c in layers if len(layers) == 1 or _width(c, "out") not in ins}
+                return outs.pop() if len(outs) == 1 and min(outs) > 0 else None
         n = getattr(self.model, "num_classes", None)
         return int(n) if isinstance(n, int) and n > 0 else None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from retrofit.adapters.base import BackboneAdapter
+from retrofit.adapters.base import PASS_THROUGH, BackboneAdapter
 from retrofit.adapters.generic import HookAdapter, linear_layers
 from retrofit.errors import RetrofitError
 
@@ -41,14 +41,15 @@ def is_torchvision(model: nn.Module) -> bool:
 
 
 def is_headless(model: nn.Module) -> bool:
-    """A torchvision model whose classifier attribute was replaced by a parameter-free module (``fc =
-    nn.Identity()``, the usual way to make a feature extractor): its output is the embedding."""
+    """A torchvision model whose classifier was removed, the usual way to make a feature extractor: the classifier
+    attribute replaced by a parameter-free module (``fc = nn.Identity()``), or the last layer of a ``Sequential``
+    classifier replaced (``classifier[-1] = nn.Identity()``, which leaves hidden layers before it: mobilenet_v3,
+    vgg, maxvit). Its output is then the embedding."""
     head = getattr(model, TORCHVISION_HEADS.get(type(model).__name__, ""), None)
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Identity):
+        return True
     # only pass-through modules: a quantized Linear has no nn.Parameter either, and it is a classifier
-    return isinstance(head, nn.Module) and all(isinstance(m, _PASS_THROUGH) for m in head.modules())
-
-
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.Sequential)
+    return isinstance(head, nn.Module) and all(isinstance(m, PASS_THROUGH) for m in head.modules())
 
 
 class HeadlessTorchvisionAdapter(BackboneAdapter):
@@ -59,6 +60,8 @@ class HeadlessTorchvisionAdapter(BackboneAdapter):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         z = self.model(x)
+        if isinstance(z, Tensor) and z.dim() > 2 and all(n == 1 for n in z.shape[2:]):
+            z = z.flatten(1)  # convnext with classifier = Identity: the pooled (B, D, 1, 1) map
         if not isinstance(z, Tensor) or z.dim() != 2:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise RetrofitError(f"torchvision {type(self.model).__name__} with its classifier replaced by "

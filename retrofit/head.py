@@ -460,7 +460,8 @@ class RetrievalHead(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None,
              store: Store | None = None, allow_fingerprint_mismatch: bool = False) -> RetrievalHead:
-        """Load a head written by :meth:`save` (bit-exact; never unpickles). ``map_location``: device."""
+        """Load a head written by :meth:`save` (bit-exact; never unpickles), in eval mode. ``map_location``:
+        device."""
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
@@ -509,4 +510,4 @@ class RetrievalHead(nn.Module):
             raise RetrofitError(f"{w_file} does not match the config in {cfg_file}: {e}") from e
         if store is not None:
             head.attach(store, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-        return head
+        return head.eval()  # ready to serve (dropout off); retrofit.train switches it to training itself

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint
 from retrofit.neighbors import Neighbors
 
@@ -72,6 +73,15 @@ def search_store(store: Store, queries: torch.Tensor, k: int, exclude: torch.Ten
     """``store.search(queries, k, exclude)``, kept out of any ``torch.compile`` graph: a store's search is faiss /
     numpy / LMDB work that dynamo cannot trace (it failed inside ``KnowledgeBase``'s gather of the neighbours'
     vectors). Under ``torch.compile`` the search is one graph break; the model around it still compiles."""
+    if torch.compiler.is_exporting():
+        raise RetrofitError("torch.export cannot hold a knowledge-base search (faiss / LMDB work outside any graph): "
+                            "export the host (model.backbone) and run the search and the head eagerly, or pass the "
+                            "neighbours in: head(z, host_logits, neighbors=store.search(...))")
+    if torch.jit.is_tracing() and not isinstance(store, InMemoryStore):
+        raise RetrofitError(f"torch.jit.trace would record the neighbours this {type(store).__name__} finds for the "
+                            "example input as constants, and the traced model would reuse them for every input: "
+                            "trace the host (model.backbone) and run the search and the head eagerly (an "
+                            "InMemoryStore, whose search is torch code, can be traced)")
     if torch.compiler.is_compiling():
         return _search_outside_graphs(store, queries, k, exclude)
     return store.search(queries, k, exclude)

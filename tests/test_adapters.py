@@ -326,20 +326,6 @@ def test_headless_host_gives_retrieval_logits_only(kind: str, seed: int, caplog)
         torch.testing.assert_close(embedder(model)(x), z)  # the embedding is the headless model's output
 
 
-def test_a_quantized_classifier_is_not_taken_for_a_headless_host(seed: int) -> None:
-    """A dynamically quantized fc has no nn.Parameter either: it was taken as headless (its logits became z)."""
-    from retrofit.errors import RetrofitError
-
-    tv = pytest.importorskip("torchvision")
-    import warnings
-
-    with warnings.catch_warnings():  # torch deprecates torch.ao.quantization; users still have such models
-        warnings.simplefilter("ignore")
-        model = torch.ao.quantization.quantize_dynamic(tv.models.resnet18(num_classes=C).eval(), {nn.Linear})
-    with pytest.raises(RetrofitError, match="ResNet.fc holds no nn.Linear"):
-        wrap(model, make_head(512, make_store(512)))
-
-
 def test_torch_compile_on_cpu(seed: int) -> None:
     model = SmallNet().eval()
     wrapped = wrap(model, make_head(12, make_store(12)))
