@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,20 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
 
 def _state_dict(path: Path) -> dict[str, Any]:
     """The state dict in a checkpoint file (``{"state_dict": ...}`` unwrapped, DataParallel's ``module.`` dropped)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only: a pickled model object is refused (its classes are globals)
+        if "Unsupported global" in str(e):
+            raise RetrofitError(f"{path} holds a pickled model object, not a state dict (weights only are loaded: "
+                                "unpickling runs code); save it with torch.save(model.state_dict(), path)") from None
+        raise RetrofitError(f"{path} is not a PyTorch checkpoint (not a file torch.save wrote); save one with "
+                            "torch.save(model.state_dict(), path)") from None
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, ValueError, OSError) as e:  # empty, truncated, damaged
+        raise RetrofitError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else 'empty or truncated'}); copy it again or "
+                            "save one with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

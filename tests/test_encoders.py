@@ -348,3 +348,21 @@ def test_bare_family_specs_refuse_parts_they_ignored(spec, loader):
     """"darknet-tiny:96" loaded the 64 px encoder; "minilm@ckpt" the packaged MiniLM: the extra part was ignored."""
     with pytest.raises(ValueError, match="takes no"):
         loader(spec)
+
+
+def test_checkpoints_that_are_not_state_dicts_say_so(tmp_path):
+    """A whole pickled model (torch.save(model)), a file that is no checkpoint, an empty or truncated one: raw
+    UnpicklingError / OSError tracebacks (the CLI printed them whole); now one RetrofitError saying what to save."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    torch.save(model, tmp_path / "full.pth")
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    (tmp_path / "junk.pth").write_text("x\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "sd.pth").read_bytes()[:5000])
+    expect = {"full": "holds a pickled model object, not a state dict", "junk": "is not a PyTorch checkpoint",
+              "empty": "is not a readable PyTorch checkpoint", "cut": "is not a readable PyTorch checkpoint"}
+    for name, msg in expect.items():
+        with pytest.raises(RetrofitError, match=f"{name}.pth {msg}.*torch.save\\(model.state_dict\\(\\), path\\)"):
+            load_image_encoder(f"torchvision:resnet18@{tmp_path / name}.pth")
