@@ -90,6 +90,11 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             self._release()
             raise
         track(self)
+        if (missing := self._unindexed()) and _create is None:
+            log.warning("%s: %d of its %d live records are not in the index (record chunks damaged on disk were left "
+                        "out when the index was rebuilt): searches never return them. `retrofit kb verify %s` names "
+                        "the chunks; restore the knowledge base from a copy to get them back", self.path, missing,
+                        len(self), self.path)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -277,6 +282,20 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         else:
             with self._rec.env.begin(buffers=True) as txn:
                 yield txn
+
+    def _unindexed(self, exact: bool = False) -> int:
+        """Live records that no index holds: damaged record chunks a rebuild left out (0 for a sound KB). Without
+        ``exact``, a lower bound that costs nothing (deleted records still in the index hide as many missing ones);
+        ``exact`` reads the indexes' id maps."""
+        indexes = [i for i in (getattr(self, "_main", None), self._delta) if i is not None]
+        if not indexes or self._bulk:  # records only, or a bulk load whose index is built at its end
+            return 0
+        held = sum(int(i.ntotal) for i in indexes)
+        if exact and self._deleted.size:
+            import faiss
+
+            held -= sum(int(np.isin(faiss.vector_to_array(i.id_map), self._deleted).sum()) for i in indexes)
+        return max(0, len(self) - held)
 
     def _set_deleted(self, deleted: np.ndarray) -> None:
         self._deleted = np.sort(np.asarray(deleted, dtype=np.int64))

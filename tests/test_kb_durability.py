@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -401,6 +402,36 @@ def test_index_rebuild_leaves_a_damaged_chunk_out_and_says_how_to_repair(tmp_pat
         report = kb.verify()
         assert report["ok"] and report["records_checked"] == 24, report
         assert torch.equal(kb.vectors(torch.tensor([33]), "image")[0], image[33].half().float())
+
+
+def test_records_left_out_of_the_index_are_reported_everywhere(tmp_path, caplog, capsys):
+    """After a compaction left a damaged chunk's records out of the index, `kb compact` exited 0, `kb info` showed
+    them as live, and every later search, eval or predict ran without them, silently (a new user's walkthrough)."""
+    import json
+    import logging
+
+    from retrofit.cli import main
+
+    path = tmp_path / "kb"
+    _kb_with_pattern(path)
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        kb.delete([20, 35])  # one tombstone inside the damaged chunk, one outside: the count stays exact
+    f = path / "records" / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    raw[raw.find(np.full(12, 0.3, dtype=np.float16).tobytes()) + 6] ^= 0x01  # record 21, chunk 1 (ids 16..31)
+    f.write_bytes(bytes(raw))
+    with KnowledgeBase.open(path) as kb:  # the index predates the damage: every live record is still in it
+        assert kb.info()["index"]["unindexed_records"] == 0
+    assert main(["kb", "compact", str(path)]) == 1
+    assert "error: 15 live records were left out of the index" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrofit"), KnowledgeBase.open(path) as kb:
+        assert len(kb) == 38 and kb.info()["index"]["unindexed_records"] == 15
+    assert "15 of its 38 live records are not in the index" in caplog.text
+    assert main(["kb", "info", str(path)]) == 0
+    assert re.search(r"NOT INDEXED +15 live records are in no index", capsys.readouterr().out)
+    assert main(["kb", "info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["unindexed_records"] == 15
 
 
 def test_records_are_never_appended_to_a_damaged_chunk(tmp_path):

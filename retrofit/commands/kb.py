@@ -56,6 +56,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("disk", f"records {_human(b['records'])} ({b['records_over_raw']}x the raw vectors), "
                  f"index {_human(b['index'])}"),
     ]
+    if idx["unindexed_records"]:
+        lines.append(("NOT INDEXED", f"{idx['unindexed_records']} live records are in no index (damaged record "
+                                     "chunks left out): searches never return them; `retrofit kb verify "
+                                     f"{args.path}` names the chunks"))
     if b["records_free"] >= max(1 << 16, b["records"] // 10):  # worth mentioning
         lines.append(("free space", f"{_human(b['records_free'])} of the record file is free (deleted records): "
                                     f"later adds reuse it; `retrofit kb copy {args.path} -o NEW` gives it back"))
@@ -212,6 +216,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
         after = kb.info()
     print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
           f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
+    if missing := after["index"]["unindexed_records"]:
+        print(f"error: {missing} live records were left out of the index (damaged record chunks, named above): "
+              f"searches will not return them; restore {args.path} from a copy, or delete them and add them again",
+              file=sys.stderr)
+        return 1
     return 0
 
 
