@@ -283,6 +283,13 @@ class RetrievalHead(nn.Module):
         both encoders) when the store's vectors come from other encoders than the head was built for.
         Fingerprints and class names the head does not know yet are taken from the store (and saved with the head).
         """
+        if isinstance(store, (str, os.PathLike)):
+            raise TypeError(f"store must be a knowledge base handle, got the path {os.fspath(store)!r}: open it with "
+                            "retrofit.KnowledgeBase.open(path) and pass that (keep it open while the head serves)")
+        if type(store).__name__ != "MissingKnowledgeBase" and not all(  # (that one raises its own error, with why)
+                hasattr(store, a) for a in ("search", "key_dim", "image_dim", "text_dim", "fingerprint")):
+            raise TypeError(f"store must be a retrofit.KnowledgeBase or InMemoryStore (a retrofit Store: search, "
+                            f"key_dim, image_dim, text_dim, fingerprint), got {type(store).__name__}")
         c = self.config
         for what, mine, theirs in (("key", c.search_key_dim, store.key_dim), ("image", c.image_dim, store.image_dim),
                                    ("text", c.text_dim, store.text_dim)):

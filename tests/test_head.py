@@ -482,3 +482,12 @@ def test_vote_balance_follows_the_attached_store(seed):
     assert not fired
     view(z)
     assert fired == [1]
+
+
+def test_a_path_or_another_object_as_store_is_a_clear_type_error() -> None:
+    """``RetrievalHead(cfg, store="kb/")`` raised AttributeError: 'str' object has no attribute 'key_dim'."""
+    cfg = HeadConfig(query_dim=8, image_dim=8, text_dim=4, num_classes=3, dim=16, depth=1, heads=2, k=4)
+    with pytest.raises(TypeError, match=r"got the path 'kb/r18': open it with retrofit.KnowledgeBase.open\(path\)"):
+        RetrievalHead(cfg, store="kb/r18")
+    with pytest.raises(TypeError, match="must be a retrofit.KnowledgeBase or InMemoryStore .* got dict"):
+        RetrievalHead(cfg).attach({"key_dim": 8})
