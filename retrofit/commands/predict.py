@@ -102,9 +102,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from retrofit.training import predict_logits
 
     hi, lo = _cutoffs(args.cutoffs)  # before any work
-    if not args.run:  # said first: the other parts' errors would lead here anyway
-        raise ValueError("eval needs --run DIR, the output of `retrofit train` (its run.json holds the training "
-                         "class counts that define Many / Medium / Few; --model / --head / --kb override its parts)")
     run = _resolve(args)
     if run.get("train_counts") is None:  # the Many / Medium / Few groups need them: said before any work
         raise ValueError("eval needs the training class counts from the run (run.json): give --run DIR of the "
@@ -321,8 +318,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True) -> None:
-    p.add_argument("--run", default=None, metavar="DIR", help="output directory of `retrofit train` (sets the rest)")
+def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True, run_required: bool = False) -> None:
+    if run_required:  # eval: the run's training class counts define Many / Medium / Few
+        p.add_argument("--run", required=True, metavar="DIR",
+                       help="output directory of `retrofit train` (sets the rest; required: its run.json holds the "
+                            "training class counts that define Many / Medium / Few)")
+    else:
+        p.add_argument("--run", default=None, metavar="DIR",
+                       help="output directory of `retrofit train` (sets the rest)")
     p.add_argument("--model", default=None, metavar="SPEC", help="host model (default: the run's)")
     p.add_argument("--head", default=None, metavar="DIR", help="saved head (default: RUN/head)")
     p.add_argument("--kb", default=None, metavar="DIR", help="knowledge base (default: the run's)")
@@ -343,7 +346,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a trained head against its host on labelled data.",
                        epilog=_EPILOG_EVAL, formatter_class=fmt)
     p.add_argument("--data", required=True, metavar="SOURCE", help="labelled evaluation data")
-    _load_args(p)
+    _load_args(p, run_required=True)
     p.add_argument("--cutoffs", default="100,20", metavar="MANY,FEW",
                    help="many > MANY, few < FEW training images per class (default 100,20: ImageNet-LT)")
     p.add_argument("--out", default=None, metavar="DIR", help="where eval.json / eval.md / per_class.png go")
