@@ -118,7 +118,10 @@ class BuildSummary:
         report = f"; report: {self.report}" if self.report else ""
         if self.total and self.resumed_from >= self.total:  # nothing left to do in this run
             return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){report}"
-        resumed = f"; resumed at sample {self.resumed_from}" if self.resumed_from else ""
+        resumed = (f"; resumed at sample {self.resumed_from} (the counts include the earlier runs')"
+                   if self.resumed_from else "")
+        if self.extra.get("labels_from_captions") is not None:
+            counts += f"; {self.extra['labels_from_captions']} labelled from their captions"
         rate = (f"{self.images_per_s:.0f} images/s; encoders {self.encode_s:.1f} s" if self.encode_s
                 else f"{self.images_per_s:.0f} records/s")  # a merge encodes nothing
         return f"{self.path}: {counts} in {self.seconds:.1f} s ({rate}){resumed}{report}"

@@ -438,6 +438,7 @@ def test_labels_from_captions_for_web_data(tmp_path, mini_samples, cifar_classes
     unknown = sum(labels[n] == -1 for n in read) / len(read)
     assert 0.6 <= right <= 0.95 and 0.0 < unknown <= 0.25, (right, unknown)
     assert s.extra["labels_from_captions"] == sum(labels[n] >= 0 for n in read)
+    assert f"; {s.extra['labels_from_captions']} labelled from their captions" in str(s)  # not only in --json
     # without the option the same rows stay unlabelled
     plain = build_kb(man, tmp_path / "kb_plain", **encoders, **FAST, class_names=cifar_classes)
     assert plain.written == 100 and "labels_from_captions" not in plain.extra
