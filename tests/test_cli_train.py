@@ -184,8 +184,14 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
                                        "--out", str(done), "--overwrite"])
     assert (done / "head" / "model.safetensors").read_bytes() == before and (done / "checkpoints").is_dir()
     (done / "host_classifier.safetensors").write_bytes(b"from an older --train-host run")
+    for d in ("eval", "eval-web", "eval-notes"):  # the old head's eval results; a user's own directory
+        (done / d).mkdir(exist_ok=True)
+    (done / "eval" / "eval.json").write_text("{}")
+    (done / "eval-web" / "eval.json").write_text("{}")
     assert main([*_train_args(setup, done, "--overwrite"), "--epochs", "1", "--cache-dir", str(trained / "cache")]) == 0
     assert not (done / "host_classifier.safetensors").exists()  # eval / predict must not pick up the old layer
+    assert not (done / "eval").exists() and not (done / "eval-web").exists()  # stale results looked current
+    assert (done / "eval-notes").is_dir()  # not written by `retrofit eval`: kept
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
     log = [json.loads(x) for x in (done / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]  # the old log went with the old run

@@ -240,6 +240,9 @@ def _clear_run(out: Path) -> None:
 
     for name in ("checkpoints", "head"):
         shutil.rmtree(out / name, ignore_errors=True)
+    for d in [out / "eval", *out.glob("eval-*")]:  # `retrofit eval`'s results of the old head would look current
+        if (d / "eval.json").is_file():
+            shutil.rmtree(d, ignore_errors=True)
     for name in ("train_log.jsonl", RUN_FILE, "host_probe.safetensors", "host_classifier.safetensors"):
         (out / name).unlink(missing_ok=True)
 
