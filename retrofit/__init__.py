@@ -92,5 +92,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # the public API and the submodules already imported (not this file's own helpers: Any, importlib, ...)
+    mods = {n for n, v in globals().items()
+            if not n.startswith("_") and getattr(v, "__name__", "").startswith("retrofit.")}
+    return sorted(set(__all__) | mods)
 

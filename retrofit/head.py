@@ -320,8 +320,8 @@ class RetrievalHead(nn.Module):
         size = len(store)
         if size < c.k:  # not an error: a KB may grow later; but the head was trained with k neighbours each
             logger.warning("the attached store holds %d entries, fewer than the head's k=%d: each query gets at most "
-                           "%d neighbours (the rest are masked), which the head did not see in training if it was "
-                           "trained with k", size, c.k, size)
+                           "%d neighbours (the rest are masked); a head trained on a full set of %d neighbours "
+                           "was never shown queries with fewer", size, c.k, size, c.k)
         if self.vote is not None and self.config.vote_balance:
             self._store_counts = store_label_counts(store, c.num_classes, labels)
             self.vote.set_label_prior(self._store_counts)

@@ -45,6 +45,9 @@ def test_public_api_resolves_lazily():
             "retrofit.noise.symmetric_noise.__name__, retrofit.caption_labels.CaptionLabeller.__name__)")
     assert _run(code).split() == ["host_encoder", "symmetric_noise", "CaptionLabeller"]
     assert getattr(retrofit, "commands.train", None) is None and not hasattr(retrofit, "no_such_module")
+    # dir() lists the API, not the helpers __init__ imports for itself (tab completion showed Any, importlib, ...)
+    names = set(dir(retrofit))
+    assert names >= set(retrofit.__all__) and not names & {"Any", "TYPE_CHECKING", "importlib", "annotations"}
 
 
 @pytest.mark.parametrize("name", ["adapters", "kernels"])
