@@ -143,7 +143,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     choice = VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
-                    "beyond it", best)
+                    "beyond it (`retrofit calibrate --scales`)", best)
     if trained <= 0:
         log.warning("the trained vote weight is %.3g: the head learned to vote against (or ignore) its neighbours' "
                     "labels, and scales only multiply that; set a weight with head.vote.set_weight(w) (w > 0, chosen "

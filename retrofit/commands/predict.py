@@ -225,14 +225,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print("|---:|---:|---:|")
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
-        print(f"| {s:g} | {s * choice.trained_weight:.4g} | {100 * v:.2f}%{mark} |")
-    if choice.at_largest:
-        print(f"note: {choice.scale:g} is the largest scale tried; larger ones may score better (--scales)",
-              file=sys.stderr)
-    if choice.trained_weight <= 0:
-        print(f"note: the trained vote weight is {choice.trained_weight:.3g} (the head learned to vote against or "
-              "ignore its neighbours' labels); a scale only multiplies it. Retrain the head (e.g. with --mixup 0 "
-              "--label-smoothing 0), or set a positive weight in Python: head.vote.set_weight(w)", file=sys.stderr)
+        print(f"| {s:g} | {s * choice.trained_weight + 0.0:.4g} | {100 * v:.2f}%{mark} |")  # (+0.0: no "-0")
+    # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
               file=sys.stderr)
