@@ -396,3 +396,23 @@ def test_source_features_refuses_class_name_labels_before_any_work(setup, monkey
     for given in (labels, torch.tensor(labels, dtype=torch.int32), torch.tensor(labels).double().numpy()):
         with pytest.raises(RetrofitError, match="no decodable image"):
             source_features(host, src, given, k=0, progress=False)
+
+
+def test_a_run_stopped_before_its_last_epoch_is_named_by_predict(setup, trained, capsys, tmp_path):
+    """RUN/head holds the latest weights, also after a Ctrl-C at epoch 48 of 400: `eval` / `predict` used such a
+    half-trained head without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("cache"))
+    img = tmp_path / "x.jpg"
+    with tarfile.open(setup / "test.tar") as tf:
+        img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
+    assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
+    assert "stopped after" not in capsys.readouterr().err  # a finished run: nothing to say
+    state = run / "checkpoints" / "last" / "state.json"
+    doc = json.loads(state.read_text())
+    doc["epoch"] = 1  # as a run interrupted in its second epoch leaves it
+    state.write_text(json.dumps(doc))
+    assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
+    assert "stopped after 1 of 2 epochs (interrupted)" in capsys.readouterr().err

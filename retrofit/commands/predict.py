@@ -38,6 +38,18 @@ _EPILOG_PREDICT = """examples:
 """
 
 
+def _warn_if_unfinished(run_dir: Path) -> None:
+    """RUN/head holds the latest weights, also of a run stopped by Ctrl-C: say so when it did not finish."""
+    try:
+        st = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
+        done, planned = int(st["epoch"]), int(st["config"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint (an older run) or unreadable: nothing to say
+        return
+    if done < planned:
+        print(f"warning: the training run {run_dir} stopped after {done} of {planned} epochs (interrupted): its head "
+              f"is partly trained; `retrofit train ... --out {run_dir} --resume` finishes it", file=sys.stderr)
+
+
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     """--run DIR supplies model / head / kb / classes / host classifier unless given explicitly."""
     run: dict[str, Any] = {}
@@ -47,6 +59,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
             raise FileNotFoundError(f"{f} not found: --run must be an output directory of `retrofit train`")
         run = json.loads(f.read_text())
         run["head_path"] = str(Path(args.run) / "head")
+        if not args.head:
+            _warn_if_unfinished(Path(args.run))
         for name in ("host_classifier.safetensors", "host_probe.safetensors"):
             if run.get("host") != "none" and (Path(args.run) / name).is_file():
                 run["host_file"] = str(Path(args.run) / name)
