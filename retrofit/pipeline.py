@@ -31,7 +31,7 @@ __all__ = ["HostModel", "load_host_model", "kb_image_hashes", "source_features",
 
 log = logging.getLogger(__name__)
 
-_FAMILIES = "timm:NAME[@CHECKPOINT], torchvision:NAME[@CHECKPOINT], darknet-tiny[@SIZE], or module:function"
+_FAMILIES = "timm:NAME[@CHECKPOINT], torchvision:NAME[@CHECKPOINT], darknet-tiny[@SIZE], or MODULE:FUNCTION"
 
 
 @dataclass
@@ -103,7 +103,12 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
         try:
             fn = getattr(importlib.import_module(family), arch)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"model {spec!r}: cannot import {arch!r} from module {family!r} ({e}); allowed: "
+            hint = ""
+            if isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
+                hint = (f"; {family}.py in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. "
+                        "retrofit ...`)" if family != "module" else
+                        "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py")
+            raise ValueError(f"model {spec!r}: cannot import {arch!r} from module {family!r} ({e}){hint}; allowed: "
                              f"{_FAMILIES}") from e
         out = fn()
         model, pre = (out if isinstance(out, tuple) else (out, None))

@@ -148,7 +148,10 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
                                                                                "--out", str(tmp_path / "o")])
     msg = err(["train", "--model", "nosuchfamily:net", "--data", str(setup / "train.tar"), "--kb", str(setup / "kb"),
                "--out", str(tmp_path / "o")])
-    assert "nosuchfamily" in msg and "darknet-tiny" in msg
+    assert "nosuchfamily" in msg and "darknet-tiny" in msg and "found with PYTHONPATH=." in msg
+    msg = err(["train", "--model", "module:mymodel.make", "--data", str(setup / "train.tar"), "--kb",
+               str(setup / "kb"), "--out", str(tmp_path / "o")])
+    assert "MODULE:FUNCTION means your module's name, e.g. mymodel:make" in msg  # the literal word was typed
     msg = err([*_train_args(setup, tmp_path / "o"), "--host", "model"])
     assert "class-count mismatch" in msg and "1000" in msg and "--host probe" in msg
     out = tmp_path / "run"

@@ -290,7 +290,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a RetrievalHead on a frozen host classifier and a knowledge base.",
                        epilog=_EPILOG_TRAIN, formatter_class=fmt)
     p.add_argument("--model", required=True, metavar="SPEC",
-                   help="timm:NAME[@CKPT], torchvision:NAME[@CKPT], darknet-tiny[@SIZE] or module:function")
+                   help="timm:NAME[@CKPT], torchvision:NAME[@CKPT], darknet-tiny[@SIZE] or MODULE:FUNCTION "
+                        "(e.g. mymodel:make)")
     p.add_argument("--data", required=True, metavar="SOURCE", help="training data: shards, ImageFolder or manifest")
     p.add_argument("--val", default=None, metavar="SOURCE", help="validation data, evaluated after every epoch")
     p.add_argument("--kb", required=True, metavar="DIR", help="knowledge base (retrofit kb build)")
