@@ -250,9 +250,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     if cfg.require_caption and not any(r.caption for r in src.refs):
         col = src.options.get("columns", [None, None])[1] if src.kind == "manifest" else None
         where = f" (no {col!r} column / values in the manifest)" if col else ""
-        raise ValueError(f"no sample of {src.location} has a caption{where}, so every sample would be skipped; name "
-                         "the caption column (--caption-column; manifest_source(caption_col=...)) or build without "
-                         "captions (--allow-missing-captions; require_caption=False: zero text vectors)")
+        fix = {"manifest": "name the caption column (--caption-column; manifest_source(caption_col=...)) or ",
+               "imagefolder": "give caption templates over the class names (--template 'a photo of a {}.') or ",
+               "webdataset": "add .txt (or .json with a 'caption' key) members to the shards, or "}.get(src.kind, "")
+        raise ValueError(f"no sample of {src.location} has a caption{where}, so every sample would be skipped; "
+                         f"{fix}build without captions (--allow-missing-captions; require_caption=False: zero text "
+                         "vectors)")
     recorded: dict[str, Any] = {}
     from_record: set[str] = set()  # parts whose encoder this call took from the KB's record
     if mode == "add":

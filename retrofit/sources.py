@@ -220,9 +220,11 @@ def manifest_source(path: str | Path, image_col: str = "image", caption_col: str
     rows = _read_rows(path)
     base = Path(root) if root is not None else path.parent
     if rows and image_col not in rows[0]:
-        raise ValueError(f"manifest {str(path)!r} has no {image_col!r} column; columns: {sorted(rows[0])}")
+        raise ValueError(f"manifest {str(path)!r} has no {image_col!r} column; columns: {sorted(rows[0])} (name the "
+                         "image path column with --image-column / manifest_source(image_col=...))")
     if rows and label_col != "label" and not any(label_col in r for r in rows):
-        raise ValueError(f"manifest {str(path)!r} has no {label_col!r} column; columns: {sorted(rows[0])}")
+        raise ValueError(f"manifest {str(path)!r} has no {label_col!r} column; columns: {sorted(rows[0])} (name the "
+                         "label column with --label-column / manifest_source(label_col=...))")
     refs = []
     for n, row in enumerate(rows):
         img = row.get(image_col)

@@ -624,3 +624,12 @@ def test_a_build_is_the_same_build_however_its_source_path_is_spelled(
     assert key != ingest._META_PREFIX + real_id("build", src, cfg, fp, cifar_classes)  # recorded the old way
     old = build_kb("./a.tar", "kb_old", **kw, commit_every=1000)
     assert old.encode_s == 0.0 and old.written == 10
+
+
+def test_a_source_without_captions_is_told_the_fix_for_its_kind(tmp_path, mini_samples, encoders):  # noqa: F811
+    """Shards without caption members were told to pass --caption-column, which only manifests have."""
+    write_shard(tmp_path / "nocap-000000.tar", [dict(s, caption=None) for s in mini_samples[:5]])
+    with pytest.raises(ValueError, match=r"has a caption, so every sample would be skipped; add \.txt .* members to "
+                                         r"the shards, or build without captions \(--allow-missing-captions"):
+        build_kb(str(tmp_path / "nocap-000000.tar"), tmp_path / "kb", **encoders, **FAST)
+    assert not (tmp_path / "kb").exists()
