@@ -192,7 +192,7 @@ class RetrofittedModel(nn.Module):
         theirs = getattr(getattr(store, "fingerprint", None), "key", None)
         mine = getattr(self.retriever, "fingerprint", None) if self.retriever is not None else self.fingerprint
         what = "the retriever" if self.retriever is not None else "the host backbone"
-        check_fingerprints(mine, theirs, f"knowledge base keys vs {what} ({self.backbone.describe()})",
+        check_fingerprints(mine, theirs, f"{what} ({self.backbone.describe()}) vs the knowledge base keys",
                            allow_mismatch=self.allow_fingerprint_mismatch)
         if mine is None and theirs is not None and not self.allow_fingerprint_mismatch:
             logger.warning("cannot check that the knowledge base's keys (%s) come from %s: its encoder is unknown; "
