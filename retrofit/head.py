@@ -178,7 +178,9 @@ def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | No
         return None
     labels = labels[(labels >= 0) & (labels < num_classes)]
     if labels.numel() == 0:
-        logger.warning("the attached store has no labels in 0..%d: the label vote is not rebalanced", num_classes - 1)
+        logger.warning("the attached store has no labels in 0..%d (every record unlabelled): the label vote reads "
+                       "nothing from its neighbours and gives every class the same vote (no effect); build the KB "
+                       "with labels (or --labels-from-captions)", num_classes - 1)
         return None
     return torch.bincount(labels, minlength=num_classes)
 
