@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["BackboneAdapter", "PASS_THROUGH"]
+__all__ = ["BackboneAdapter", "PASS_THROUGH", "holds_weights"]
 
-# modules that leave features as they are: a classifier made only of these is no classifier (a feature extractor)
-PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.Sequential)
+# modules that pass features through unchanged (at inference)
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
+
+
+def holds_weights(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule holds weights: parameters, buffers (a nearest-class-mean layer's prototypes)
+    or packed quantized weights (a quantized Linear has neither). A classifier without any is no classifier but an
+    empty head (timm's ``num_classes=0``: Identity, pooling, dropout, a ModuleList of them): a feature extractor."""
+    return any(any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+               or callable(getattr(m, "weight", None)) or hasattr(m, "_packed_params") for m in module.modules())
 
 
 class BackboneAdapter(nn.Module):

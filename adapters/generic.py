@@ -21,10 +21,10 @@ from retrofit.errors import RetrofitError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HookAdapter", "find_classifier", "linear_layers", "model_logits"]
+__all__ = ["HookAdapter", "find_classifier", "is_linear", "linear_layers", "model_logits"]
 
 
-def _is_linear(m: nn.Module) -> bool:
+def is_linear(m: nn.Module) -> bool:
     """``nn.Linear``, or its quantized form (``torch.ao.quantization``: dynamic or static; no nn.Parameter)."""
     if isinstance(m, nn.Linear):
         return True
@@ -34,7 +34,7 @@ def _is_linear(m: nn.Module) -> bool:
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` (or quantized Linear) of ``model`` with its qualified name, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if _is_linear(m)]
+    return [(n, m) for n, m in model.named_modules() if is_linear(m)]
 
 
 def _describe(layers: list[tuple[str, nn.Linear]], limit: int = 12) -> str:
@@ -156,7 +156,7 @@ class HookAdapter(BackboneAdapter):
         inp, res = _dequantized(inp), _dequantized(res)  # a quantized host: float embedding and logits
         if inp.dim() == 1 and x.shape[0] == 1:  # a host that squeezes its batch of one away (f.squeeze())
             inp, res = inp[None], res.reshape(1, -1)
-        lead = inp.shape[1:-1] if _is_linear(self.classifier) else inp.shape[2:]
+        lead = inp.shape[1:-1] if is_linear(self.classifier) else inp.shape[2:]
         if inp.dim() > 2 and any(n != 1 for n in lead):  # Linear: features last; conv: channels first
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} takes "
                                 f"a {tuple(inp.shape)} input, not (B, D) features: it runs per position or "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import logging
+import threading
 import weakref
 from typing import Any
 
@@ -89,8 +89,9 @@ def _param_of(module: nn.Module) -> Tensor | None:
     return next(iter(module.parameters()), None)
 
 
-# host model -> the live RetrofittedModels around it (their train_classifier settings must agree)
+# host model -> the live RetrofittedModels around it (a wrap with the other train_classifier setting warns)
 _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[RetrofittedModel]] = weakref.WeakKeyDictionary()
+_WRAPPERS_LOCK = threading.Lock()
 
 
 class RetrofittedModel(nn.Module):
@@ -122,29 +123,41 @@ class RetrofittedModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ freezing
     def _freeze(self) -> None:
-        host = self.backbone.model
-        others = [w for w in _WRAPPERS.get(host, ()) if w.train_classifier != self.train_classifier]
-        if others:  # a dropped wrapper may live on in a reference cycle until the collector runs
-            del others
-            gc.collect()
-            others = [w for w in _WRAPPERS.get(host, ()) if w.train_classifier != self.train_classifier]
-        if others:  # freezing is a flag on the shared host's parameters: the other model would silently lose it
-            raise RetrofitError(
-                f"this {type(host).__name__} is already wrapped by another RetrofittedModel with train_classifier="
-                f"{others[0].train_classifier}; wrapping it with train_classifier={self.train_classifier} would "
-                f"{'freeze' if others[0].train_classifier else 'unfreeze'} the classifier layer that model trains "
-                "through the same host. Wrap a copy (copy.deepcopy(model)), or use one setting for both")
-        _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
-        self.backbone.requires_grad_(False)
-        if (r := _retriever_module(self.retriever)) is not None:
-            r.requires_grad_(False)
+        mods = self.backbone.classifier_modules() if self.train_classifier else []
         if self.train_classifier:
-            mods = self.backbone.classifier_modules()
             if not mods:
                 raise RetrofitError(
                     f"train_classifier=True, but the {self.backbone.describe()} has no classifier layer")
-            for m in mods:
-                m.requires_grad_(True)
+            if not any(p.is_floating_point() for m in mods for p in m.parameters()):
+                raise RetrofitError(f"train_classifier=True, but the classifier layer of the {self.backbone.describe()}"
+                                    " has no trainable parameters (a quantized layer?): train the float model's "
+                                    "classifier, then quantize")
+        self._warn_shared_host()
+        self.backbone.requires_grad_(False)
+        if (r := _retriever_module(self.retriever)) is not None:
+            r.requires_grad_(False)
+        for m in mods:
+            m.requires_grad_(True)
+
+    def _warn_shared_host(self) -> None:
+        """Register this model with its host; warn when a live model around the same host has the other
+        ``train_classifier``: freezing is a flag of the shared parameters, so this wrap changes that model too."""
+        host = self.backbone.model
+        with _WRAPPERS_LOCK:
+            others = [w for w in _WRAPPERS.get(host, ())
+                      if w is not self and w.train_classifier != self.train_classifier]
+            _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
+        if others:
+            logger.warning("this %s is also wrapped by another RetrofittedModel with train_classifier=%s: this wrap %s "
+                           "its classifier layer for both (requires_grad is a flag of the shared parameters); wrap a "
+                           "copy (copy.deepcopy(model)) to keep them apart", type(host).__name__,
+                           others[0].train_classifier, "unfreezes" if self.train_classifier else "freezes")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy (deepcopy, pickle, torch.load) counts too
+        super().__setstate__(state)
+        if isinstance(getattr(self, "backbone", None), nn.Module):
+            with _WRAPPERS_LOCK:
+                _WRAPPERS.setdefault(self.backbone.model, weakref.WeakSet()).add(self)
 
     def train(self, mode: bool = True) -> RetrofittedModel:
         """Set train mode on the head only: the backbone (and retriever) always stay in eval mode."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from retrofit.adapters.base import PASS_THROUGH, BackboneAdapter
+from retrofit.adapters.base import BackboneAdapter, holds_weights
 from retrofit.errors import RetrofitError
 
 __all__ = ["TimmAdapter", "is_timm_like"]
@@ -42,9 +42,9 @@ class TimmAdapter(BackboneAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         mods = _as_modules(model.get_classifier())
-        # a headless timm model (num_classes=0) has an Identity classifier: no host logits. Judged by module type,
-        # not by parameters: a quantized Linear, or a nearest-class-mean layer holding buffers, has none either
-        self.headless = all(isinstance(c, PASS_THROUGH) for m in mods for c in m.modules())
+        # a headless timm model (num_classes=0) has an empty classifier (Identity, pooling, ...): no host logits.
+        # Not judged by parameters alone: a quantized Linear, or a nearest-class-mean layer holding buffers, has none
+        self.headless = not any(holds_weights(m) for m in mods)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         f = self.model.forward_features(x)  # the backbone, once

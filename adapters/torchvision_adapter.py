@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from retrofit.adapters.base import PASS_THROUGH, BackboneAdapter
-from retrofit.adapters.generic import HookAdapter, linear_layers
+from retrofit.adapters.base import PASS_THROUGH, BackboneAdapter, holds_weights
+from retrofit.adapters.generic import HookAdapter, is_linear, linear_layers
 from retrofit.errors import RetrofitError
 
 __all__ = ["TorchvisionAdapter", "HeadlessTorchvisionAdapter", "TORCHVISION_HEADS", "is_torchvision", "is_headless"]
@@ -46,10 +46,16 @@ def is_headless(model: nn.Module) -> bool:
     classifier replaced (``classifier[-1] = nn.Identity()``, which leaves hidden layers before it: mobilenet_v3,
     vgg, maxvit). Its output is then the embedding."""
     head = getattr(model, TORCHVISION_HEADS.get(type(model).__name__, ""), None)
-    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Identity):
+    if not isinstance(head, nn.Module):
+        return False
+    if not holds_weights(head):  # (a quantized Linear has no nn.Parameter either, and it is a classifier)
         return True
-    # only pass-through modules: a quantized Linear has no nn.Parameter either, and it is a classifier
-    return isinstance(head, nn.Module) and all(isinstance(m, PASS_THROUGH) for m in head.modules())
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Identity):
+        # the last layer replaced: what is left ends in a hidden layer's activation / norm. Not when a Linear still
+        # ends it: fusing (Linear, BatchNorm1d) for quantization leaves (Linear, Identity), a classifier
+        before = [m for m in list(head)[:-1] if not isinstance(m, PASS_THROUGH)]
+        return bool(before) and not is_linear(before[-1])
+    return False
 
 
 class HeadlessTorchvisionAdapter(BackboneAdapter):

@@ -165,17 +165,17 @@ def shard_paths(data_dir: str | Path, split: str = "train") -> list[Path]:
 def iter_shard(path: str | Path) -> Iterator[dict]:
     """Samples of one shard in order: dicts with ``key``, ``index`` (original index), ``jpg`` (bytes),
     ``label`` (int) and ``caption`` (str or None)."""
-    from retrofit.tar_shards import mapped_file, tar_members
+    from retrofit.tar_shards import open_shard, tar_members
 
     cur: dict | None = None
-    with mapped_file(Path(path)) as buf:
-        for name, offset, size in tar_members(Path(path), buf):
+    with open_shard(Path(path)) as reader:
+        for name, offset, size in tar_members(Path(path), reader):
             key, _, ext = name.partition(".")
             if cur is None or cur["key"] != key:
                 if cur is not None:
                     yield _finish(cur)
                 cur = {"key": key}
-            cur[ext] = buf[offset:offset + size]
+            cur[ext] = reader.read(offset, size)
     if cur is not None:
         yield _finish(cur)
 

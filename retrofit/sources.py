@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from retrofit._env import require
-from retrofit.tar_shards import mapped_file, tar_members
+from retrofit.tar_shards import open_shard, tar_members
 
 __all__ = ["SampleRef", "Source", "webdataset_source", "imagefolder_source", "manifest_source", "open_source",
            "map_labels", "DecodeDataset", "collate_decoded", "IMAGE_EXTS"]
@@ -92,14 +92,14 @@ def webdataset_source(pattern: str | Sequence[str], class_names: list[str] | Non
     refs: list[SampleRef] = []
     for path in paths:
         spath = str(path)
-        with mapped_file(path) as buf:  # headers, captions and labels read from one map: no call per member
+        with open_shard(path) as reader:  # headers, captions and labels through one buffer: no call per member
             members: dict[str, dict[str, tuple[int, int]]] = {}
-            for name, off, size in tar_members(path, buf):
+            for name, off, size in tar_members(path, reader):
                 key, ext = _split_key(name)
                 members.setdefault(key, {})[ext] = (off, size)
 
             def read(loc: tuple[int, int]) -> bytes:
-                return buf[loc[0]:loc[0] + loc[1]]
+                return reader.read(*loc)
 
             for key, m in members.items():
                 img = None

@@ -74,14 +74,16 @@ def search_store(store: Store, queries: torch.Tensor, k: int, exclude: torch.Ten
     numpy / LMDB work that dynamo cannot trace (it failed inside ``KnowledgeBase``'s gather of the neighbours'
     vectors). Under ``torch.compile`` the search is one graph break; the model around it still compiles."""
     if torch.compiler.is_exporting():
-        raise RetrofitError("torch.export cannot hold a knowledge-base search (faiss / LMDB work outside any graph): "
-                            "export the host (model.backbone) and run the search and the head eagerly, or pass the "
-                            "neighbours in: head(z, host_logits, neighbors=store.search(...))")
+        raise RetrofitError("torch.export cannot hold a knowledge-base search (data-dependent work, for a "
+                            "KnowledgeBase outside torch altogether): export the host part (clf.backbone, which gives "
+                            "(z, host logits)) and run the search and the head eagerly: "
+                            "head(z, host_logits, neighbors=store.search(z, k))")
     if torch.jit.is_tracing() and not isinstance(store, InMemoryStore):
         raise RetrofitError(f"torch.jit.trace would record the neighbours this {type(store).__name__} finds for the "
                             "example input as constants, and the traced model would reuse them for every input: "
-                            "trace the host (model.backbone) and run the search and the head eagerly (an "
-                            "InMemoryStore, whose search is torch code, can be traced)")
+                            "trace or export the host part (clf.backbone; a headless host's gives (z, None), which "
+                            "only torch.export takes) and run the search and the head eagerly (an InMemoryStore, "
+                            "whose search is torch code, can be traced)")
     if torch.compiler.is_compiling():
         return _search_outside_graphs(store, queries, k, exclude)
     return store.search(queries, k, exclude)

@@ -440,7 +440,7 @@ def train(
             logf.close()
         for p in thawed:
             p.requires_grad_(False)
-    head.eval()
+        head.eval()  # trained or interrupted: the head comes back ready to serve
     return result
 
 

@@ -106,6 +106,36 @@ def test_timm_mlp_classifier_registered_out_of_order(seed: int) -> None:
         torch.testing.assert_close(clf(x), model(x))
 
 
+@pytest.mark.parametrize("name", ["repvit_m1", "sequencer2d_s", "crossvit_tiny_240"])
+def test_timm_heads_emptied_by_num_classes_0_are_headless(name: str, seed: int) -> None:
+    """timm's num_classes=0 leaves other empty heads than Identity (a ModuleList of Identity, Dropout + Identity,
+    a pooling head): a first version of the check by module type read them as classifiers (review, 22 Nov)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    d = model.num_features
+    clf = wrap(model, make_head(d, make_store(d)))
+    assert clf.backbone.headless and clf.backbone.num_classes is None
+    if name == "repvit_m1":
+        with torch.no_grad():
+            assert clf(torch.rand(2, 3, 64, 64)).shape == (2, C)
+
+
+def test_a_fused_linear_batchnorm_classifier_is_not_headless(seed: int) -> None:
+    """Fusing fc = (Linear, BatchNorm1d) for quantization leaves (Linear, Identity): still a classifier, not a
+    feature extractor whose 'embedding' would be the logits (review, 22 Nov)."""
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18()
+    model.fc = nn.Sequential(nn.Linear(512, C), nn.BatchNorm1d(C))
+    model.eval()
+    fused = torch.ao.quantization.fuse_modules(model, [["fc.0", "fc.1"]])
+    assert isinstance(fused.fc[1], nn.Identity)
+    clf = wrap(fused, make_head(512, make_store(512)))
+    assert not getattr(clf.backbone, "headless", False) and clf.backbone.classifier_name == "fc.0"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), fused(x))
+
+
 def test_headless_timm_host_refuses_train_classifier(seed: int) -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
@@ -182,22 +212,36 @@ def test_lazy_host_and_logits_of_shape_b_c_1_1(seed: int, caplog) -> None:
     assert "transforms its classifier's output" not in caplog.text
 
 
-def test_a_host_shared_by_two_wrappers_keeps_one_train_classifier_setting(seed: int) -> None:
+def test_a_host_shared_by_two_wrappers_with_other_train_classifier_warns(seed: int, caplog) -> None:
     """``wrap(m, h1, train_classifier=True)`` then ``wrap(m, h2)`` froze the classifier the first model trains (the
-    flag lives on the shared host's parameters), silently; a wrapper that is gone no longer counts."""
+    flag lives on the shared host's parameters), silently. It warns now (a first version refused, which a review
+    showed refusing spuriously: a re-wrap in a loop, a wrapper kept alive by a traceback); copies count too; a
+    quantized classifier cannot be trained and says so."""
+    import copy
     import gc
 
     model = SmallNet().eval()
-    first = wrap(model, make_head(12, make_store(12)), train_classifier=True)
-    with pytest.raises(RetrofitError, match="already wrapped by another RetrofittedModel with train_classifier=True"):
-        wrap(model, make_head(12, make_store(12)))
-    assert model.out.weight.requires_grad  # the refused wrap changed nothing
-    same = wrap(model, make_head(12, make_store(12)), train_classifier=True)  # the same setting: fine
-    assert same.train_classifier
-    del first, same
-    gc.collect()
-    frozen = wrap(model, make_head(12, make_store(12)))
-    assert not model.out.weight.requires_grad and not frozen.train_classifier
+    with caplog.at_level(logging.WARNING):
+        first = wrap(model, make_head(12, make_store(12)), train_classifier=True)
+        same = wrap(model, make_head(12, make_store(12)), train_classifier=True)  # the same setting: quiet
+        assert "also wrapped" not in caplog.text and same.train_classifier
+        frozen = wrap(model, make_head(12, make_store(12)))
+        assert "also wrapped by another RetrofittedModel with train_classifier=True: this wrap freezes" in caplog.text
+        assert not model.out.weight.requires_grad and not frozen.train_classifier
+        del first, same, frozen
+        gc.collect()
+        caplog.clear()
+        twin = copy.deepcopy(wrap(model, make_head(12, make_store(12)), train_classifier=True))
+        gc.collect()
+        wrap(twin.backbone.model, make_head(12, make_store(12)))  # the copy's own host
+        assert "this wrap freezes" in caplog.text
+    q = _quantize_dynamic(SmallNet().eval())
+    with pytest.raises(RetrofitError, match="has no trainable parameters \\(a quantized layer\\?\\)"):
+        wrap(q, make_head(12, make_store(12)), train_classifier=True)
+    with caplog.at_level(logging.WARNING):  # a refused wrap registered nothing: the next one is quiet
+        caplog.clear()
+        wrap(q, make_head(12, make_store(12)))
+        assert "also wrapped" not in caplog.text
 
 
 def test_the_wrapped_model_takes_the_heads_mode(seed: int, tmp_path) -> None:
