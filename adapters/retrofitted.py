@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -143,10 +144,13 @@ class RetrofittedModel(nn.Module):
         """Register this model with its host; warn when a live model around the same host has the other
         ``train_classifier``: freezing is a flag of the shared parameters, so this wrap changes that model too."""
         host = self.backbone.model
-        with _WRAPPERS_LOCK:
-            others = [w for w in _WRAPPERS.get(host, ())
-                      if w is not self and w.train_classifier != self.train_classifier]
-            _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
+        try:
+            with _WRAPPERS_LOCK:
+                others = [w for w in _WRAPPERS.get(host, ())
+                          if w is not self and w.train_classifier != self.train_classifier]
+                _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
+        except TypeError:  # a host that cannot be hashed (it defines __eq__ without __hash__): not tracked
+            return
         if others:
             logger.warning("this %s is also wrapped by another RetrofittedModel with train_classifier=%s: this wrap %s "
                            "its classifier layer for both (requires_grad is a flag of the shared parameters); wrap a "
@@ -156,7 +160,7 @@ class RetrofittedModel(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:  # a copy (deepcopy, pickle, torch.load) counts too
         super().__setstate__(state)
         if isinstance(getattr(self, "backbone", None), nn.Module):
-            with _WRAPPERS_LOCK:
+            with _WRAPPERS_LOCK, contextlib.suppress(TypeError):  # (an unhashable host: not tracked)
                 _WRAPPERS.setdefault(self.backbone.model, weakref.WeakSet()).add(self)
 
     def train(self, mode: bool = True) -> RetrofittedModel:

@@ -29,6 +29,15 @@ def _as_modules(clf: object) -> list[nn.Module]:
     return []
 
 
+def _classifier(model: nn.Module) -> list[nn.Module]:
+    """``model.get_classifier()`` as a list of modules; [] when it fails (timm's efficientvit_m* / shvit with
+    num_classes=0 raise AttributeError there: their emptied head has no such layer)."""
+    try:
+        return _as_modules(model.get_classifier())
+    except AttributeError:
+        return []
+
+
 def _width(layer: nn.Module, side: str) -> object:
     """A Linear's ``{side}_features`` or a conv's ``{side}_channels`` (side: "in" / "out"); None for other layers."""
     return getattr(layer, f"{side}_features", getattr(layer, f"{side}_channels", None))
@@ -41,7 +50,7 @@ class TimmAdapter(BackboneAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        mods = _as_modules(model.get_classifier())
+        mods = _classifier(model)
         # a headless timm model (num_classes=0) has an empty classifier (Identity, pooling, ...): no host logits.
         # Not judged by parameters alone: a quantized Linear, or a nearest-class-mean layer holding buffers, has none
         self.headless = not any(holds_weights(m) for m in mods)
@@ -57,7 +66,7 @@ class TimmAdapter(BackboneAdapter):
         return z, logits
 
     def classifier_modules(self) -> list[nn.Module]:
-        return [] if self.headless else _as_modules(self.model.get_classifier())
+        return [] if self.headless else _classifier(self.model)
 
     @property
     def num_classes(self) -> int | None:

@@ -33,6 +33,13 @@ TORCHVISION_HEADS = {
     "AlexNet": "classifier",
     "MaxVit": "classifier",
     "MNASNet": "classifier",
+    # torchvision.models.quantization (float or converted to int8)
+    "QuantizableResNet": "fc",
+    "QuantizableShuffleNetV2": "fc",
+    "QuantizableGoogLeNet": "fc",
+    "QuantizableInception3": "fc",
+    "QuantizableMobileNetV2": "classifier",
+    "QuantizableMobileNetV3": "classifier",
 }
 
 

@@ -106,10 +106,11 @@ def test_timm_mlp_classifier_registered_out_of_order(seed: int) -> None:
         torch.testing.assert_close(clf(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["repvit_m1", "sequencer2d_s", "crossvit_tiny_240"])
+@pytest.mark.parametrize("name", ["repvit_m1", "sequencer2d_s", "crossvit_tiny_240", "efficientvit_m0"])
 def test_timm_heads_emptied_by_num_classes_0_are_headless(name: str, seed: int) -> None:
     """timm's num_classes=0 leaves other empty heads than Identity (a ModuleList of Identity, Dropout + Identity,
-    a pooling head): a first version of the check by module type read them as classifiers (review, 22 Nov)."""
+    a pooling head): a first version of the check by module type read them as classifiers (review, 22 Nov);
+    efficientvit_m*'s get_classifier() raises AttributeError then (a timm bug): read as no classifier."""
     timm = pytest.importorskip("timm")
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     d = model.num_features
@@ -118,6 +119,23 @@ def test_timm_heads_emptied_by_num_classes_0_are_headless(name: str, seed: int) 
     if name == "repvit_m1":
         with torch.no_grad():
             assert clf(torch.rand(2, 3, 64, 64)).shape == (2, C)
+
+
+def test_torchvision_quantizable_models_are_read_by_family(seed: int) -> None:
+    """torchvision.models.quantization's classes were not in the family table: with fc = Identity they were refused
+    ("no nn.Linear layer") instead of read as feature extractors."""
+    tq = pytest.importorskip("torchvision.models.quantization")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tq.resnet18(weights=None, quantize=True, num_classes=C).eval()
+    x = torch.rand(2, 3, 32, 32)
+    clf = wrap(model, make_head(512, make_store(512)))
+    assert clf.backbone.family == "torchvision" and clf.backbone.num_classes == C
+    model.fc = nn.Identity()
+    headless = wrap(model, make_head(512, make_store(512)))
+    assert headless.backbone.headless
+    with torch.no_grad():
+        assert headless(x).shape == (2, C)
 
 
 def test_a_fused_linear_batchnorm_classifier_is_not_headless(seed: int) -> None:

@@ -408,3 +408,37 @@ def test_encoder_specs_and_devices_are_checked_before_work():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             BuildConfig(device="cuda").validate()
+
+
+def test_a_shard_cut_while_it_is_read_is_refused(tmp_path, mini_samples):
+    """A shard truncated while it was listed was listed in part (the size read at open passed the end checks); with
+    the earlier memory map it killed the process (SIGBUS). Refused now, as a shard cut before listing is."""
+    import os
+
+    import retrofit.tar_shards as ts
+
+    path = tmp_path / "s-000.tar"
+    write_shard(path, mini_samples[:40])
+    full = tar_members(path)
+    with ts.open_shard(path) as reader:
+        reader.BLOCK = 1024  # several blocks for a small shard
+        assert reader.read(0, 512)[:3] == full[0][0][:3].encode()
+        os.truncate(path, path.stat().st_size // 2)
+        with pytest.raises(ValueError, match=r"s-000\.tar got shorter while it was read .*copy or download it again"):
+            ts.tar_members(path, reader)
+
+
+def test_an_old_style_directory_entry_is_not_a_member(tmp_path):
+    """A v7 directory entry (type '\\0', name ending in '/') was listed as an empty file; tarfile reads it as a
+    directory."""
+    path = tmp_path / "v7.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        d = tarfile.TarInfo("dd/")
+        d.type = tarfile.AREGTYPE  # the old form: a regular-file type whose name ends in '/'
+        tf.addfile(d)
+        f = tarfile.TarInfo("dd/a.txt")
+        f.size = 3
+        tf.addfile(f, io.BytesIO(b"abc"))
+    with tarfile.open(path) as tf:
+        expected = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    assert tar_members(path) == expected == [("dd/a.txt", 1024, 3)]
