@@ -336,7 +336,7 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     done = tmp_path / "done"
     shutil.copytree(trained, done)
     before = sorted(p.name for p in done.iterdir())
-    for extra, says in ((["--lr", "-1"], "TrainConfig.lr must be > 0"), (["--dim", "30"], "divisible by heads"),
+    for extra, says in ((["--lr", "-1"], "--lr must be > 0"), (["--dim", "30"], "divisible by --heads 4"),
                         (["--device", "bogus"], "'bogus' is not a device; allowed"),
                         (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2")):
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
@@ -346,7 +346,9 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
                         (["--val", str(tmp_path / "nosuch")], "nosuch")):  # found after the features were computed
         assert says in err([*_train_args(setup, tmp_path / "fresh2"), *extra]), extra
         assert not (tmp_path / "fresh2" / "cache").exists()
-    assert "TrainConfig.batch_size" in err([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"])
+    assert "--batch-size must be" in err([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"])
+    # the options the user typed, not the config classes' field names (HeadConfig.dim=32 ... heads=5)
+    assert "--dim 32 must be divisible by --heads 5" in err([*_train_args(setup, tmp_path / "fresh"), "--heads", "5"])
     assert not (tmp_path / "fresh" / "run.json").exists()  # nothing written for a refused run
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                        loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
                        k=args.k, seed=args.seed, device=args.device, amp=not args.no_amp, progress=not args.quiet)
     # every setting checked before any work or write (a bad one used to fail after --overwrite had cleared the run)
-    tcfg.validate()
+    try:
+        tcfg.validate()
+        _head_config(args, 1, kb, C, classes)
+    except ValueError as e:  # the config classes name their fields: say the options the user typed
+        raise ValueError(_as_options(str(e))) from None
     _device(args.device)
-    _head_config(args, 1, kb, C, classes)
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
     if args.noise and not 0.0 <= args.noise_rate <= 1.0:
@@ -200,6 +204,17 @@ def _head_config(args: argparse.Namespace, query_dim: int, kb: Any, C: int, clas
                       modalities=args.modalities, label_vote=args.label_vote,
                       vote_balance=args.label_vote and not args.no_vote_balance, class_names=classes,
                       query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
+
+
+# config fields whose option has another name
+_OPTION_OF = {"mixup_alpha": "mixup", "amp": "no-amp"}
+
+
+def _as_options(msg: str) -> str:
+    """``HeadConfig.dim=64 must be divisible by heads=5`` -> ``--dim 64 must be divisible by --heads 5``."""
+    msg = re.sub(r"\b(?:HeadConfig|TrainConfig)\.(\w+)(=?)", lambda m: "--" + _OPTION_OF.get(
+        m.group(1), m.group(1)).replace("_", "-") + (" " if m.group(2) else ""), msg)
+    return re.sub(r"\bby (heads|depth|dim)=", r"by --\1 ", msg)
 
 
 _HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
