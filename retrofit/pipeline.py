@@ -182,7 +182,7 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
     calls = {"n": 0}
 
     def compute() -> FeatureSet:
-        zs, hs, ys, hashes, rows = [], [], [], [], []
+        zs, hs, ys, hashes, rows, skipped = [], [], [], [], [], []
         from tqdm.auto import tqdm
 
         loader = image_batches(source, host.preprocess, batch_size, workers)
@@ -190,6 +190,7 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
             for i, err in zip(b["index"], b["error"]):
                 if err:
                     log.warning("skipping %s: %s", source.refs[i].key, err)
+                    skipped.append(source.refs[i].key)
             if not b["ok"]:
                 continue
             calls["n"] += 1
@@ -205,7 +206,7 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
             raise RetrofitError(f"no decodable image in {source.location}")
         return FeatureSet(z=torch.cat(zs), labels=torch.tensor(ys, dtype=torch.int64),
                           host_logits=torch.cat(hs) if hs else None,
-                          meta={"rows": rows, "image_hash": hashes, "source": source.describe()})
+                          meta={"rows": rows, "image_hash": hashes, "source": source.describe(), "skipped": skipped})
 
     def exclusions(fs: FeatureSet) -> FeatureSet:
         if exclude_self:
@@ -243,4 +244,7 @@ def source_features(host: HostModel, source: Any, labels: list[int], *, kb: Any 
         fs = cache.get_or_compute(name, fparts, compute, nparts, neighbours if kb is not None else None)
         log.info("feature cache %s: %d hits, %d misses", cache_dir, cache.hits, cache.misses)
     fs.meta["encoder_batches"] = calls["n"]
+    if calls["n"] == 0 and (gone := fs.meta.get("skipped")):  # from the cache: its skips were warned when computed
+        log.warning("%s: %d undecodable sample(s) of %s are left out (e.g. %s; found when these cached features "
+                    "were computed)", name, len(gone), source.location, ", ".join(map(str, gone[:3])))
     return fs

@@ -421,3 +421,28 @@ def test_a_run_stopped_before_its_last_epoch_is_named_by_predict(setup, trained,
     state.write_text(json.dumps(doc))
     assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
     assert "stopped after 1 of 2 epochs (interrupted)" in capsys.readouterr().err
+
+
+def test_undecodable_images_are_named_again_when_features_come_from_the_cache(setup, tmp_path, caplog):
+    """Undecodable images were warned about when the features were computed, then silently missing on every
+    rerun that read the cache (a new user's eval)."""
+    import logging
+
+    from retrofit.pipeline import load_host_model, source_features
+    from retrofit.sources import imagefolder_source
+
+    with tarfile.open(setup / "test.tar") as tf:
+        jpgs = [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")][:2]
+    for cls, data in (("cat", jpgs[0]), ("dog", jpgs[1])):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        (tmp_path / "data" / cls / "a.jpg").write_bytes(data)
+    (tmp_path / "data" / "dog" / "zero.png").write_bytes(b"")
+    src = imagefolder_source(tmp_path / "data")
+    host = load_host_model("darknet-tiny")
+    for run in ("computed", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="retrofit"):
+            fs = source_features(host, src, [r.label for r in src.refs], progress=False, cache_dir=tmp_path / "c")
+        assert len(fs) == 2, run
+        assert "zero.png" in caplog.text, run
+    assert "1 undecodable sample(s)" in caplog.text and "found when these cached features were computed" in caplog.text
