@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: chunk checksums (``sum``); a writer upgrades a schema-1 KB on its first write
 # LMDB reader slots: one per reading process / thread. A forked DataLoader worker that opens the KB while its
-# parent holds it open reads through the parent's environment, and each worker's slot stays listed under the
-# parent's pid (inactive, pinning nothing) until the parent closes the KB: room for thousands of worker lifetimes.
-_MAX_READERS = 4096
+# parent holds it open reads through the parent's environment (py-lmdb refuses a second one for the same files),
+# and each worker's slot stays listed under the parent's pid (inactive, pinning nothing) until the parent closes
+# the KB: 32,768 slots (a 2 MiB lock file) are room for ~32,000 worker lifetimes; then `begin` says what to do.
+_MAX_READERS = 1 << 15
 _MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file only grows as data is written
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
@@ -132,6 +133,7 @@ class RecordStore:
                 raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")
             entry[1] += 1
         self.env = entry[0]
+        self._readers_full = lmdb.ReadersFullError
         self.meta: dict[str, Any] = {}
         try:
             txn_db = dict(create=not self.env.flags().get("readonly"))
@@ -164,10 +166,22 @@ class RecordStore:
         return self.db_sum
 
     # ---------------------------------------------------------------- metadata
+    def begin(self, **kw: Any) -> Any:
+        """``env.begin(**kw)``; a full reader table is a :class:`KnowledgeBaseError` saying why and what to do."""
+        try:
+            return self.env.begin(**kw)
+        except self._readers_full as e:
+            raise KnowledgeBaseError(
+                f"{self.path.parent}: LMDB's reader table is full ({self.env.max_readers()} slots). Each forked "
+                "process (a DataLoader worker) that opened this KB while this process held it open leaves its slot "
+                "listed under this process until it closes the KB: close every handle of it here (kb.close(), "
+                "which frees them) and open it again; DataLoaders with persistent_workers=True or the 'spawn' "
+                "start method leave none") from e
+
     def read_meta(self, txn=None) -> dict[str, Any]:
         """The committed metadata (checked: schema version and checksum)."""
         if txn is None:
-            with self.env.begin() as t:
+            with self.begin() as t:
                 return self.read_meta(t)
         raw = txn.get(b"meta", db=self.db_meta)
         if raw is None:
@@ -405,7 +419,7 @@ class RecordStore:
         as free)."""
         st = self.env.stat()
         used = 2 + st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]  # meta pages + the main database
-        with self.env.begin() as txn:
+        with self.begin() as txn:
             for db in (self.db_meta, self.db_vec, self.db_lab, self.db_txt, self.db_del, self.sum_db()):
                 if db is not None:
                     s = txn.stat(db)

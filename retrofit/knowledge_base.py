@@ -199,7 +199,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         except CorruptKnowledgeBaseError as e:
             state_err = e
         if self.readonly:
-            self._snap = rec.env.begin(buffers=True)
+            self._snap = rec.begin(buffers=True)
             self._meta = rec.read_meta(self._snap)
         else:
             self._meta = rec.read_meta()
@@ -280,7 +280,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         if self._snap is not None:
             yield self._snap
         else:
-            with self._rec.env.begin(buffers=True) as txn:
+            with self._rec.begin(buffers=True) as txn:
                 yield txn
 
     def _unindexed(self, exact: bool = False) -> int:

@@ -655,3 +655,42 @@ def test_forked_dataloader_workers_leave_no_snapshot_behind(tmp_path):
     run = subprocess.run([sys.executable, "-c", FORK_WORKERS, str(path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split()[-1] == "1", run.stdout
+
+
+def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path):
+    """Each forked worker that opens the KB while its parent holds it open leaves an LMDB reader slot listed under
+    the parent (py-lmdb reads through the parent's environment there and never frees it). Once the table was full
+    (after 4,095 worker lifetimes, a serving soak found), the parent's refresh() and open failed with a raw
+    lmdb.ReadersFullError; it is a KnowledgeBaseError naming the cause and the fix, and closing the parent's
+    handles frees the slots (a table of 4 here; 32,768 by default)."""
+    script = textwrap.dedent(f"""
+        import multiprocessing as mp, torch
+        import retrofit.kb_records as kr
+        kr._MAX_READERS = 4
+        from retrofit.errors import KnowledgeBaseError
+        from retrofit.knowledge_base import KnowledgeBase
+        P = {str(tmp_path / "kb")!r}
+        with KnowledgeBase.create(P, 8, 4, 4) as kb:
+            kb.add(torch.nn.functional.normalize(torch.randn(20, 8), dim=1), torch.randn(20, 4), torch.randn(20, 4))
+        held = KnowledgeBase.open(P)
+        def worker():
+            with KnowledgeBase.open(P) as kb:
+                kb.search(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), 3)
+        for _ in range(4):
+            p = mp.get_context("fork").Process(target=worker)
+            p.start()
+            p.join()
+        try:
+            KnowledgeBase.open(P)
+            print("OPENED")
+        except KnowledgeBaseError as e:
+            print("REFUSED", e)
+        held.close()
+        with KnowledgeBase.open(P) as kb:
+            print("REOPENED", len(kb))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED" in run.stdout and "LMDB's reader table is full (4 slots)" in run.stdout, run.stdout
+    assert "close every handle of it here (kb.close(), which frees them)" in run.stdout
+    assert "REOPENED 20" in run.stdout
