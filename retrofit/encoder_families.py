@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,17 +110,28 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
 
 def _state_dict(path: Path) -> dict[str, Any]:
     """The state dict in a checkpoint file (``{"state_dict": ...}`` unwrapped, DataParallel's ``module.`` dropped)."""
+    if Path(path).suffix == ".safetensors":  # (timm loads these too)
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # any failure of a damaged file: say what it is
+            raise RetrofitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}); "
+                                "copy it again or save one with safetensors.torch.save_file") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only: a pickled model object is refused (its classes are globals)
-        if "Unsupported global" in str(e):
-            raise RetrofitError(f"{path} holds a pickled model object, not a state dict (weights only are loaded: "
-                                "unpickling runs code); save it with torch.save(model.state_dict(), path)") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except pickle.UnpicklingError as e:
+        if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):  # weights only: classes are refused
+            raise RetrofitError(
+                f"{path} holds Python objects besides tensors ({found.group(1)}), which retrofit does not unpickle "
+                "(unpickling runs code): a pickled model (torch.save(model)) or a training checkpoint with extras "
+                "(args, metrics). Save the weights alone: torch.save(model.state_dict(), path), or, for a file you "
+                "trust, torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)") from None
         raise RetrofitError(f"{path} is not a PyTorch checkpoint (not a file torch.save wrote); save one with "
                             "torch.save(model.state_dict(), path)") from None
-    except FileNotFoundError:
-        raise
-    except (RuntimeError, EOFError, ValueError, OSError) as e:  # empty, truncated, damaged
+    except Exception as e:  # empty, truncated, damaged, text: torch's weights-only unpickler raises many kinds
         raise RetrofitError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else 'empty or truncated'}); copy it again or "
                             "save one with torch.save(model.state_dict(), path)") from None

@@ -116,17 +116,18 @@ class BuildSummary:
                   + (f", {self.near_duplicates} near duplicates" if self.near_duplicates else "")
                   + f" of {self.total} samples")
         report = f"; report: {self.report}" if self.report else ""
+        labelled = ""
+        if self.extra.get("labels_from_captions") is not None:
+            labelled = f"; {self.extra['labels_from_captions']} labelled from their captions"
         if self.total and self.resumed_from >= self.total:  # nothing left to do in this run
-            return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){report}"
+            return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){labelled}{report}"
         resumed = (f"; resumed at sample {self.resumed_from} (the counts include the earlier runs')"
                    if self.resumed_from else "")
-        if self.extra.get("labels_from_captions") is not None:
-            counts += f"; {self.extra['labels_from_captions']} labelled from their captions"
         rate = (f"{self.images_per_s:.0f} images/s; encoders {self.encode_s:.1f} s" if self.encode_s
                 else f"{self.images_per_s:.0f} records/s")  # a merge encodes nothing
         if (load := self.extra.get("load_s") or 0.0) >= 0.5:
             rate += f"; plus {load:.1f} s loading the encoders, not in the rate"
-        return f"{self.path}: {counts} in {self.seconds:.1f} s ({rate}){resumed}{report}"
+        return f"{self.path}: {counts} in {self.seconds:.1f} s ({rate}){labelled}{resumed}{report}"
 
 
 def _hash_of_source(source: str | None) -> str | None:

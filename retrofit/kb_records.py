@@ -149,10 +149,21 @@ class RecordStore:
             else:
                 self.sum_db()
         except BaseException as e:
+            # (opening a database takes a reader slot when the environment is read-only)
+            full = self._readers_full_message() if isinstance(e, lmdb.ReadersFullError) else None
             self.close()
             if isinstance(e, _damage_errors(lmdb)):
                 raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
+            if full is not None:
+                raise KnowledgeBaseError(full) from e
             raise
+
+    def _readers_full_message(self) -> str:
+        return (f"{self.path.parent}: LMDB's reader table is full ({self.env.max_readers()} slots). Each forked "
+                "process (a DataLoader worker) that opened this KB while this process held it open leaves its slot "
+                "listed under this process until it closes the KB: close every handle of it here (kb.close(), "
+                "which frees them) and open it again; DataLoaders with persistent_workers=True or the 'spawn' "
+                "start method leave none")
 
     def sum_db(self) -> Any:
         """The chunk-checksum database, or None while the KB has none (schema 1). Looked up again until found: a
@@ -163,6 +174,8 @@ class RecordStore:
                 self.db_sum = self.env.open_db(b"sum", create=False)
             except lmdb.NotFoundError:
                 pass
+            except lmdb.ReadersFullError as e:
+                raise KnowledgeBaseError(self._readers_full_message()) from e
         return self.db_sum
 
     # ---------------------------------------------------------------- metadata
@@ -171,12 +184,7 @@ class RecordStore:
         try:
             return self.env.begin(**kw)
         except self._readers_full as e:
-            raise KnowledgeBaseError(
-                f"{self.path.parent}: LMDB's reader table is full ({self.env.max_readers()} slots). Each forked "
-                "process (a DataLoader worker) that opened this KB while this process held it open leaves its slot "
-                "listed under this process until it closes the KB: close every handle of it here (kb.close(), "
-                "which frees them) and open it again; DataLoaders with persistent_workers=True or the 'spawn' "
-                "start method leave none") from e
+            raise KnowledgeBaseError(self._readers_full_message()) from e
 
     def read_meta(self, txn=None) -> dict[str, Any]:
         """The committed metadata (checked: schema version and checksum)."""

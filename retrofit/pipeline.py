@@ -102,12 +102,18 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
     elif family and arch:
         try:
             fn = getattr(importlib.import_module(family), arch)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, TypeError) as e:  # (TypeError: a relative name, ./mymodel.py)
             hint = ""
-            if isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
-                hint = (f"; {family}.py in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. "
-                        "retrofit ...`)" if family != "module" else
-                        "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py")
+            if family == "module":
+                hint = "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py"
+            elif family.endswith(".py") or "/" in family or family.startswith("."):
+                name = Path(family).stem if family.endswith(".py") else family.strip("./")
+                hint = f"; MODULE is a module name, not a file: {name}:{arch}"
+            elif isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
+                file = family.replace(".", "/") + ".py"
+                hint = (f"; {file} in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. retrofit "
+                        "...`)" if Path(file).is_file() else f"; put the module {family!r} on the Python path "
+                        "(PYTHONPATH, or pip install its package)")
             raise ValueError(f"model {spec!r}: cannot import {arch!r} from module {family!r} ({e}){hint}; allowed: "
                              f"{_FAMILIES}") from e
         out = fn()

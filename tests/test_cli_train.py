@@ -148,7 +148,11 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
                                                                                "--out", str(tmp_path / "o")])
     msg = err(["train", "--model", "nosuchfamily:net", "--data", str(setup / "train.tar"), "--kb", str(setup / "kb"),
                "--out", str(tmp_path / "o")])
-    assert "nosuchfamily" in msg and "darknet-tiny" in msg and "found with PYTHONPATH=." in msg
+    assert "nosuchfamily" in msg and "darknet-tiny" in msg and "put the module 'nosuchfamily' on the Python path" in msg
+    (tmp_path / "mymodel.py").write_text("def make():\n    pass\n")
+    msg = err(["train", "--model", f"{tmp_path / 'mymodel.py'}:make", "--data", str(setup / "train.tar"), "--kb",
+               str(setup / "kb"), "--out", str(tmp_path / "o")])
+    assert "MODULE is a module name, not a file: mymodel:make" in msg
     msg = err(["train", "--model", "module:mymodel.make", "--data", str(setup / "train.tar"), "--kb",
                str(setup / "kb"), "--out", str(tmp_path / "o")])
     assert "MODULE:FUNCTION means your module's name, e.g. mymodel:make" in msg  # the literal word was typed
@@ -195,7 +199,9 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     assert not (done / "host_classifier.safetensors").exists()  # eval / predict must not pick up the old layer
     assert not (done / "eval").exists() and not (done / "eval-web").exists()  # stale results looked current
     assert (done / "eval-notes").is_dir()  # not written by `retrofit eval`: kept
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+    cap = capsys.readouterr()
+    assert json.loads(cap.out.strip().splitlines()[-1])["epochs"] == 1
+    assert "removed the old head's evaluation results in" in cap.err and "eval, eval-web" in cap.err
     log = [json.loads(x) for x in (done / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]  # the old log went with the old run
 

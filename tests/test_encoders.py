@@ -353,16 +353,25 @@ def test_bare_family_specs_refuse_parts_they_ignored(spec, loader):
 def test_checkpoints_that_are_not_state_dicts_say_so(tmp_path):
     """A whole pickled model (torch.save(model)), a file that is no checkpoint, an empty or truncated one: raw
     UnpicklingError / OSError tracebacks (the CLI printed them whole); now one RetrofitError saying what to save."""
+    import argparse
+
     from torchvision.models import resnet18
 
     model = resnet18(num_classes=10)
     torch.save(model, tmp_path / "full.pth")
     torch.save(model.state_dict(), tmp_path / "sd.pth")
+    # a training script's checkpoint: the state dict with extras (timm's and torchvision's scripts save args)
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "ck.pth")
     (tmp_path / "junk.pth").write_text("x\n")
+    (tmp_path / "text.pth").write_text("README: weights go here\n")  # IndexError inside torch's unpickler
+    (tmp_path / "hello.pth").write_text("hello world\n")  # KeyError there
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "sd.pth").read_bytes()[:5000])
-    expect = {"full": "holds a pickled model object, not a state dict", "junk": "is not a PyTorch checkpoint",
-              "empty": "is not a readable PyTorch checkpoint", "cut": "is not a readable PyTorch checkpoint"}
+    expect = {"full": r"holds Python objects besides tensors \(torchvision.models.resnet.ResNet\)",
+              "ck": r"holds Python objects besides tensors \(argparse.Namespace\).*save the weights alone",
+              "junk": "is not a PyTorch checkpoint", "text": "is not a readable PyTorch checkpoint",
+              "hello": "is not a readable PyTorch checkpoint", "empty": "is not a readable PyTorch checkpoint",
+              "cut": "is not a readable PyTorch checkpoint"}
     for name, msg in expect.items():
-        with pytest.raises(RetrofitError, match=f"{name}.pth {msg}.*torch.save\\(model.state_dict\\(\\), path\\)"):
+        with pytest.raises(RetrofitError, match=f"(?i){name}.pth {msg}.*torch.save"):
             load_image_encoder(f"torchvision:resnet18@{tmp_path / name}.pth")

@@ -657,7 +657,8 @@ def test_forked_dataloader_workers_leave_no_snapshot_behind(tmp_path):
     assert run.stdout.split()[-1] == "1", run.stdout
 
 
-def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path):
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path, read_only):
     """Each forked worker that opens the KB while its parent holds it open leaves an LMDB reader slot listed under
     the parent (py-lmdb reads through the parent's environment there and never frees it). Once the table was full
     (after 4,095 worker lifetimes, a serving soak found), the parent's refresh() and open failed with a raw
@@ -672,6 +673,10 @@ def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path):
         P = {str(tmp_path / "kb")!r}
         with KnowledgeBase.create(P, 8, 4, 4) as kb:
             kb.add(torch.nn.functional.normalize(torch.randn(20, 8), dim=1), torch.randn(20, 4), torch.randn(20, 4))
+        if {read_only!r}:  # a KB on a read-only volume: a read-only environment, whose databases take reader slots
+            import os
+            real_access = os.access
+            os.access = lambda p, m, **kw: False if m == os.W_OK else real_access(p, m, **kw)
         held = KnowledgeBase.open(P)
         def worker():
             with KnowledgeBase.open(P) as kb:
@@ -693,4 +698,4 @@ def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "REFUSED" in run.stdout and "LMDB's reader table is full (4 slots)" in run.stdout, run.stdout
     assert "close every handle of it here (kb.close(), which frees them)" in run.stdout
-    assert "REOPENED 20" in run.stdout
+    assert "REOPENED 20" in run.stdout, run.stdout

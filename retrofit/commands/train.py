@@ -211,10 +211,21 @@ _OPTION_OF = {"mixup_alpha": "mixup", "amp": "no-amp"}
 
 
 def _as_options(msg: str) -> str:
-    """``HeadConfig.dim=64 must be divisible by heads=5`` -> ``--dim 64 must be divisible by --heads 5``."""
-    msg = re.sub(r"\b(?:HeadConfig|TrainConfig)\.(\w+)(=?)", lambda m: "--" + _OPTION_OF.get(
-        m.group(1), m.group(1)).replace("_", "-") + (" " if m.group(2) else ""), msg)
+    """``HeadConfig.dim=64 must be divisible by heads=5`` -> ``--dim 64 must be divisible by --heads 5``; other
+    field names in the message that are options too (``warmup_epochs``) become theirs (``--warmup-epochs``)."""
+    def option(field: str) -> str:
+        return "--" + _OPTION_OF.get(field, field).replace("_", "-")
+
+    msg = re.sub(r"\b(?:HeadConfig|TrainConfig)\.(\w+)(=?)", lambda m: option(m.group(1)) + (" " if m.group(2)
+                                                                                               else ""), msg)
+    msg = re.sub(r"(?<![-\w.])(\w+_\w+)\b", lambda m: option(m.group(1)) if m.group(1) in _OPTION_FIELDS
+                 else m.group(1), msg)  # (snake_case names only: 'dim' or 'k' could be plain words)
+    msg = msg.replace("a positive int or None", "a positive int")  # (None is the Python API's default)
     return re.sub(r"\bby (heads|depth|dim)=", r"by --\1 ", msg)
+
+
+# config fields the command line sets under the option of the same name (snake_case -> --kebab-case)
+_OPTION_FIELDS = {"warmup_epochs", "weight_decay", "mixup_alpha", "label_smoothing", "batch_size", "tau_la"}
 
 
 _HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
@@ -255,9 +266,14 @@ def _clear_run(out: Path) -> None:
 
     for name in ("checkpoints", "head"):
         shutil.rmtree(out / name, ignore_errors=True)
+    gone = []
     for d in [out / "eval", *out.glob("eval-*")]:  # `retrofit eval`'s results of the old head would look current
         if (d / "eval.json").is_file():
             shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    if gone:
+        print(f"--overwrite: removed the old head's evaluation results in {out}: {', '.join(sorted(gone))}",
+              file=sys.stderr)
     for name in ("train_log.jsonl", RUN_FILE, "host_probe.safetensors", "host_classifier.safetensors"):
         (out / name).unlink(missing_ok=True)
 
@@ -353,7 +369,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of labels --noise flips (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last (same settings)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a training run already in --out (its head/ and checkpoints/) instead of refusing")
+                   help="replace a training run already in --out (its head/, checkpoints/ and the eval results in "
+                        "eval*/ folders) instead of refusing")
     p.add_argument("--no-cache", action="store_true", help="no feature cache; neighbours retrieved live each step")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default OUT/cache)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
