@@ -108,19 +108,11 @@ def _timm_encoder(spec: str, name: str, weights: str | None) -> ImageEncoder:
     return ImageEncoder(embed, preprocess, fp, module=model)
 
 
-def _state_dict(path: Path) -> dict[str, Any]:
-    """The state dict in a checkpoint file (``{"state_dict": ...}`` unwrapped, DataParallel's ``module.`` dropped)."""
-    if Path(path).suffix == ".safetensors":  # (timm loads these too)
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path)))
-        except Exception as e:  # any failure of a damaged file: say what it is
-            raise RetrofitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}); "
-                                "copy it again or save one with safetensors.torch.save_file") from None
+def _torch_state(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, its failures as one RetrofitError saying what the file is."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError, RecursionError):
         raise
     except pickle.UnpicklingError as e:
         if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):  # weights only: classes are refused
@@ -135,6 +127,22 @@ def _state_dict(path: Path) -> dict[str, Any]:
         raise RetrofitError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else 'empty or truncated'}); copy it again or "
                             "save one with torch.save(model.state_dict(), path)") from None
+
+
+def _state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in a checkpoint file (``{"state_dict": ...}`` unwrapped, DataParallel's ``module.`` dropped)."""
+    if Path(path).suffix.lower() == ".safetensors":  # (timm loads these too)
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = dict(load_file(str(path)))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+            raise
+        except Exception as e:  # any failure of a damaged file: say what it is
+            raise RetrofitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}); "
+                                "copy it again or save one with safetensors.torch.save_file") from None
+    else:
+        state = _torch_state(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -107,8 +107,13 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
             if family == "module":
                 hint = "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py"
             elif family.endswith(".py") or "/" in family or family.startswith("."):
-                name = Path(family).stem if family.endswith(".py") else family.strip("./")
-                hint = f"; MODULE is a module name, not a file: {name}:{arch}"
+                file = Path(family if family.endswith(".py") else family + ".py")
+                if file.is_absolute():
+                    hint = (f"; MODULE is a module name, not a file: PYTHONPATH={file.parent} retrofit ... --model "
+                            f"{file.stem}:{arch}")
+                else:
+                    parts = [q for q in file.with_suffix("").parts if q not in (".", "..")]
+                    hint = f"; MODULE is a module name, not a file: {'.'.join(parts)}:{arch} (with PYTHONPATH=.)"
             elif isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
                 file = family.replace(".", "/") + ".py"
                 hint = (f"; {file} in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. retrofit "

@@ -152,7 +152,7 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     (tmp_path / "mymodel.py").write_text("def make():\n    pass\n")
     msg = err(["train", "--model", f"{tmp_path / 'mymodel.py'}:make", "--data", str(setup / "train.tar"), "--kb",
                str(setup / "kb"), "--out", str(tmp_path / "o")])
-    assert "MODULE is a module name, not a file: mymodel:make" in msg
+    assert "MODULE is a module name, not a file: PYTHONPATH=" in msg and "--model mymodel:make" in msg
     msg = err(["train", "--model", "module:mymodel.make", "--data", str(setup / "train.tar"), "--kb",
                str(setup / "kb"), "--out", str(tmp_path / "o")])
     assert "MODULE:FUNCTION means your module's name, e.g. mymodel:make" in msg  # the literal word was typed

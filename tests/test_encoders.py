@@ -375,3 +375,34 @@ def test_checkpoints_that_are_not_state_dicts_say_so(tmp_path):
     for name, msg in expect.items():
         with pytest.raises(RetrofitError, match=f"(?i){name}.pth {msg}.*torch.save"):
             load_image_encoder(f"torchvision:resnet18@{tmp_path / name}.pth")
+
+
+def test_safetensors_checkpoints_load_like_torch_ones(tmp_path, monkeypatch):
+    """A .safetensors checkpoint (timm's own format) was refused as "not a PyTorch checkpoint"; then, one saved from
+    DataParallel (module. keys) or with an upper-case suffix was (review, 22 Nov). A MemoryError while loading a good
+    file is not blamed on the file."""
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    import retrofit.encoder_families as fam
+
+    torch.manual_seed(0)
+    mine = resnet18(num_classes=10).eval()
+    sd = {k: v.contiguous() for k, v in mine.state_dict().items()}
+    save_file(sd, tmp_path / "plain.safetensors")
+    save_file({"module." + k: v for k, v in sd.items()}, tmp_path / "DP.SAFETENSORS")
+    for name in ("plain.safetensors", "DP.SAFETENSORS"):
+        got = fam._state_dict(tmp_path / name)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name
+        assert load_image_encoder(f"torchvision:resnet18@{tmp_path / name}").dim == 512
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RetrofitError, match="bad.safetensors is not a readable safetensors file"):
+        fam._state_dict(tmp_path / "bad.safetensors")
+    torch.save(sd, tmp_path / "sd.pth")
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(fam.torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        fam._state_dict(tmp_path / "sd.pth")
