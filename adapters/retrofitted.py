@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
@@ -144,24 +143,28 @@ class RetrofittedModel(nn.Module):
         """Register this model with its host; warn when a live model around the same host has the other
         ``train_classifier``: freezing is a flag of the shared parameters, so this wrap changes that model too."""
         host = self.backbone.model
-        try:
-            with _WRAPPERS_LOCK:
-                others = [w for w in _WRAPPERS.get(host, ())
-                          if w is not self and w.train_classifier != self.train_classifier]
-                _WRAPPERS.setdefault(host, weakref.WeakSet()).add(self)
-        except TypeError:  # a host that cannot be hashed (it defines __eq__ without __hash__): not tracked
-            return
+        others = [w for w in self._register() if w.train_classifier != self.train_classifier]
         if others:
             logger.warning("this %s is also wrapped by another RetrofittedModel with train_classifier=%s: this wrap %s "
                            "its classifier layer for both (requires_grad is a flag of the shared parameters); wrap a "
                            "copy (copy.deepcopy(model)) to keep them apart", type(host).__name__,
                            others[0].train_classifier, "unfreezes" if self.train_classifier else "freezes")
 
+    def _register(self) -> list[RetrofittedModel]:
+        """Add this model to its host's live wrappers; the others already there."""
+        try:
+            with _WRAPPERS_LOCK:
+                wrappers = _WRAPPERS.setdefault(self.backbone.model, weakref.WeakSet())
+                others = [w for w in wrappers if w is not self]
+                wrappers.add(self)
+        except TypeError:  # a host that cannot be hashed (it defines __eq__ without __hash__): not tracked
+            return []
+        return others
+
     def __setstate__(self, state: dict[str, Any]) -> None:  # a copy (deepcopy, pickle, torch.load) counts too
         super().__setstate__(state)
         if isinstance(getattr(self, "backbone", None), nn.Module):
-            with _WRAPPERS_LOCK, contextlib.suppress(TypeError):  # (an unhashable host: not tracked)
-                _WRAPPERS.setdefault(self.backbone.model, weakref.WeakSet()).add(self)
+            self._register()
 
     def train(self, mode: bool = True) -> RetrofittedModel:
         """Set train mode on the head only: the backbone (and retriever) always stay in eval mode."""

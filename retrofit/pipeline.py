@@ -68,6 +68,26 @@ def _checkpoint(weights: str, spec: str) -> Path:
     return p
 
 
+def _import_hint(family: str, arch: str, e: BaseException) -> str:
+    """What to do when ``MODULE:FUNCTION`` did not import: the literal word typed, a file given for a module, or a
+    module not on the path."""
+    if family == "module":
+        return "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py"
+    if family.endswith(".py") or "/" in family or family.startswith("."):
+        file = Path(family if family.endswith(".py") else family + ".py")
+        if file.is_absolute():
+            return (f"; MODULE is a module name, not a file: PYTHONPATH={file.parent} retrofit ... --model "
+                    f"{file.stem}:{arch}")
+        parts = [q for q in file.with_suffix("").parts if q not in (".", "..")]
+        return f"; MODULE is a module name, not a file: {'.'.join(parts)}:{arch} (with PYTHONPATH=.)"
+    if isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
+        file = family.replace(".", "/") + ".py"
+        if Path(file).is_file():
+            return f"; {file} in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. retrofit ...`)"
+        return f"; put the module {family!r} on the Python path (PYTHONPATH, or pip install its package)"
+    return ""
+
+
 def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
     """Load the host classifier named by ``spec`` (see the module docstring)."""
     from retrofit.adapters import backbone
@@ -103,22 +123,7 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
         try:
             fn = getattr(importlib.import_module(family), arch)
         except (ImportError, AttributeError, TypeError) as e:  # (TypeError: a relative name, ./mymodel.py)
-            hint = ""
-            if family == "module":
-                hint = "; MODULE:FUNCTION means your module's name, e.g. mymodel:make for make() in mymodel.py"
-            elif family.endswith(".py") or "/" in family or family.startswith("."):
-                file = Path(family if family.endswith(".py") else family + ".py")
-                if file.is_absolute():
-                    hint = (f"; MODULE is a module name, not a file: PYTHONPATH={file.parent} retrofit ... --model "
-                            f"{file.stem}:{arch}")
-                else:
-                    parts = [q for q in file.with_suffix("").parts if q not in (".", "..")]
-                    hint = f"; MODULE is a module name, not a file: {'.'.join(parts)}:{arch} (with PYTHONPATH=.)"
-            elif isinstance(e, ModuleNotFoundError) and e.name == family.split(".")[0]:
-                file = family.replace(".", "/") + ".py"
-                hint = (f"; {file} in the current directory is found with PYTHONPATH=. (e.g. `PYTHONPATH=. retrofit "
-                        "...`)" if Path(file).is_file() else f"; put the module {family!r} on the Python path "
-                        "(PYTHONPATH, or pip install its package)")
+            hint = _import_hint(family, arch, e)
             raise ValueError(f"model {spec!r}: cannot import {arch!r} from module {family!r} ({e}){hint}; allowed: "
                              f"{_FAMILIES}") from e
         out = fn()

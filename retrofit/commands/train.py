@@ -208,6 +208,8 @@ def _head_config(args: argparse.Namespace, query_dim: int, kb: Any, C: int, clas
 
 # config fields whose option has another name
 _OPTION_OF = {"mixup_alpha": "mixup", "amp": "no-amp"}
+# config fields the command line sets under the option of the same name (snake_case -> --kebab-case)
+_OPTION_FIELDS = {"warmup_epochs", "weight_decay", "mixup_alpha", "label_smoothing", "batch_size", "tau_la"}
 
 
 def _as_options(msg: str) -> str:
@@ -223,9 +225,6 @@ def _as_options(msg: str) -> str:
     msg = msg.replace("a positive int or None", "a positive int")  # (None is the Python API's default)
     return re.sub(r"\bby (heads|depth|dim)=", r"by --\1 ", msg)
 
-
-# config fields the command line sets under the option of the same name (snake_case -> --kebab-case)
-_OPTION_FIELDS = {"warmup_epochs", "weight_decay", "mixup_alpha", "label_smoothing", "batch_size", "tau_la"}
 
 
 _HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
