@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 HNSW_STORAGES = ("fp16", "float32")
 EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+_VISITED_WARN = 0.5  # an HNSW search visiting more than this share of the vectors is no faster than flat
 
 
 @dataclass
@@ -296,10 +297,17 @@ def tune_ef_search(index, cfg: IndexConfig, queries: np.ndarray | None = None, n
     for ef in [e for e in EF_LADDER if e >= k]:
         params = faiss.SearchParametersHNSW()
         params.efSearch = ef
+        faiss.cvar.hnsw_stats.reset()
         got = top(hnsw.search(q, k + extra, params=params)[1])
         best = (ef, float(np.mean([len(t & g) / k for t, g in zip(truth, got)])))
         if best[1] >= cfg.recall_target:
             break
     if best[1] < cfg.recall_target:
         log.warning("efSearch %d reaches recall@%d %.3f only (target %.2f)", best[0], k, best[1], cfg.recall_target)
+    visited = faiss.cvar.hnsw_stats.ndis / max(len(q), 1) / n  # distance computations per query, as a share of n
+    if visited > _VISITED_WARN:
+        log.warning("the HNSW index compares each query with %.0f%% of its %d vectors at efSearch %d (recall@%d "
+                    "%.3f): no faster than exact search on these keys, which the graph cannot narrow down (random "
+                    "or near-duplicate vectors?). index='flat' (KnowledgeBase.create, `retrofit kb build --index flat`) "
+                    "keeps exact search", 100 * visited, n, best[0], k, best[1])
     return best

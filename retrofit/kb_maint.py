@@ -78,6 +78,10 @@ class KBIndexMixin:
 
         current = self._kind() if getattr(self, "_main", None) is not None else None
         n, kind = len(self), self._cfg.kind_for(len(self), current)
+        if current is not None and kind != current and self._main.ntotal:  # a switch, not the first build
+            log.info("%d records: the index changes from %s to %s (flat_threshold %d)", n,
+                     "exact (flat)" if current == "flat" else "HNSW", "HNSW" if kind == "hnsw" else "exact (flat)",
+                     self._cfg.flat_threshold)
         index = build_index(kind, self.key_dim, self._cfg)
         t0 = time.perf_counter()
         # HNSW with automatic efSearch: set ~256 random records aside, tune on them as held-out queries, add them last

@@ -80,16 +80,31 @@ def test_hnsw_recall_on_clustered_data_and_ef_at_least_k(tmp_path):
     kb.close()
 
 
-def test_auto_switches_from_exact_to_hnsw(tmp_path):
+def test_auto_switches_from_exact_to_hnsw(tmp_path, caplog):
     kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, flat_threshold=500, ef_construction=40)
     x = clustered(800, DK, 10, seed=2)
     kb.add(x[:400], torch.zeros(400, DI), torch.zeros(400, DT))
     assert kb.info()["index"]["kind"] == "flat"
-    kb.add(x[400:], torch.zeros(400, DI), torch.zeros(400, DT))
+    with caplog.at_level("INFO", logger="retrofit"):
+        kb.add(x[400:], torch.zeros(400, DI), torch.zeros(400, DT))
     assert kb.info()["index"]["kind"] == "hnsw" and kb.info()["index"]["ntotal"] == 800
+    assert "800 records: the index changes from exact (flat) to HNSW (flat_threshold 500)" in caplog.text
+    assert "no faster than exact search" not in caplog.text  # clustered keys: the graph narrows the search
     kb.close()
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert r.info()["index"]["kind"] == "hnsw" and len(r) == 800
+
+
+def test_hnsw_on_keys_it_cannot_narrow_down_says_exact_search_is_as_fast(tmp_path, caplog):
+    # random 256-d keys: to reach the recall target the graph search compares each query with most of the vectors
+    kb = KnowledgeBase.create(tmp_path / "kb", 256, DI, DT, index="hnsw", hnsw_m=16, ef_construction=40)
+    with caplog.at_level("WARNING", logger="retrofit"), kb.bulk():
+        kb.add(torch.randn(4000, 256, generator=torch.Generator().manual_seed(0)), torch.zeros(4000, DI),
+               torch.zeros(4000, DT))
+    info = kb.info()["index"]
+    assert info["kind"] == "hnsw" and info["tuned_recall"] >= 0.96
+    assert "no faster than exact search on these keys" in caplog.text and "--index flat" in caplog.text, caplog.text
+    kb.close()
 
 
 def test_delete_exclude_compact_reopen(tmp_path):
