@@ -103,15 +103,16 @@ def load_host_model(spec: str, device: str | torch.device = "cpu") -> HostModel:
 
         if arch not in tvm.list_models():
             raise ValueError(f"unknown torchvision model {arch!r} in {spec!r}; see torchvision.models.list_models()")
-        model = tvm.get_model(arch, weights=None)
         if weights and weights != "random":
             from retrofit.encoder_families import torchvision_from_checkpoint
 
             path = _checkpoint(weights, spec)
             model = torchvision_from_checkpoint(arch, Path(path))
             tag = file_digest(path)
-        elif weights == "random":
-            tag = "random"
+        elif weights == "random":  # seeded as the image encoder of the same spec: the same network in every process
+            from retrofit.encoder_families import _RANDOM_SEED, _random_init
+
+            model, tag = _random_init(lambda: tvm.get_model(arch, weights=None)), f"random:seed{_RANDOM_SEED}"
         else:
             raise RetrofitError(f"{spec!r}: give the classifier's weights as a local file, torchvision:{arch}@PATH "
                                 "(pretrained downloads are not available offline)")

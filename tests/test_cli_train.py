@@ -342,7 +342,10 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     done = tmp_path / "done"
     shutil.copytree(trained, done)
     before = sorted(p.name for p in done.iterdir())
+    names = json.loads((setup / "classes.json").read_text())["classes"]
+    (tmp_path / "reversed.txt").write_text("\n".join(names[::-1]))  # the KB's classes in another order
     for extra, says in ((["--lr", "-1"], "--lr must be > 0"), (["--dim", "30"], "divisible by --heads 4"),
+                        (["--classes", str(tmp_path / "reversed.txt"), "--label-vote"], "in another order"),
                         (["--device", "bogus"], "'bogus' is not a device; allowed"),
                         (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2")):
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra

@@ -289,6 +289,25 @@ def test_a_fine_tuned_torchvision_checkpoint_with_its_own_classes_loads(tmp_path
         load_image_encoder(f"torchvision:resnet18@{other}")
 
 
+def test_a_random_torchvision_host_is_the_same_network_in_every_process_and_as_the_kb_encoder():
+    """torchvision:NAME@random as host was unseeded: other weights on every load (eval, predict gave other results
+    on every call) and a fingerprint ('random') that no KB built with the same spec ('random:seed0') matched."""
+    from retrofit.fingerprint import check_fingerprints
+    from retrofit.pipeline import load_host_model
+
+    torch.manual_seed(123)
+    a = load_host_model("torchvision:resnet18@random")
+    torch.manual_seed(456)  # the caller's RNG state does not matter
+    b = load_host_model("torchvision:resnet18@random")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    enc = load_image_encoder("torchvision:resnet18@random")
+    check_fingerprints(a.fingerprint, enc.fingerprint, "host vs KB keys")  # raises on a mismatch
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(a.adapter(x)[0], enc.module(x), atol=1e-5)  # the KB's keys are the host's embedding
+
+
 def test_a_fine_tuned_timm_checkpoint_with_its_own_classes_loads(tmp_path):
     import timm
 

@@ -127,9 +127,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     # every setting checked before any work or write (a bad one used to fail after --overwrite had cleared the run)
     try:
         tcfg.validate()
-        _head_config(args, 1, kb, C, classes)
+        cfg0 = _head_config(args, 1, kb, C, classes)
     except ValueError as e:  # the config classes name their fields: say the options the user typed
         raise ValueError(_as_options(str(e))) from None
+    if args.label_vote:  # a KB whose label ids mean other classes, refused before the features are extracted
+        from retrofit.head import _check_vote_classes, _store_labels
+
+        _check_vote_classes(cfg0, kb, _store_labels(kb))
     _device(args.device)
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
@@ -157,8 +161,12 @@ def cmd_train(args: argparse.Namespace) -> int:
            "head": _head_settings(args)}
     if args.resume:
         _check_same_run(out, run)  # before anything in --out is written
+    cfg = _head_config(args, fs.z.shape[1], kb, C, classes)
+    torch.manual_seed(args.seed)
+    head = RetrievalHead(cfg)
+    head.attach(kb, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)  # dims, encoders, vote classes
     if has_run and args.overwrite:
-        _clear_run(out)  # everything validated and the features computed: only now is the old run removed
+        _clear_run(out)  # all checked, the head attached, the features computed: only now is the old run removed
     host_clf = None
     out.mkdir(parents=True, exist_ok=True)
     if mode == "probe":
@@ -176,9 +184,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             val.host_logits = None
     elif args.train_host:
         host_clf = _model_linear(host, fs.z.shape[1])
-    cfg = _head_config(args, fs.z.shape[1], kb, C, classes)
-    torch.manual_seed(args.seed)
-    head = RetrievalHead(cfg)
     assert tcfg.train_host == (args.train_host and host_clf is not None)  # decided above from the host mode
     (out / RUN_FILE).write_text(json.dumps(run, indent=1))
     res = train(head, fs, tcfg, store=kb, val_features=val, host_classifier=host_clf if tcfg.train_host else None,
