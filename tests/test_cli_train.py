@@ -455,3 +455,39 @@ def test_undecodable_images_are_named_again_when_features_come_from_the_cache(se
         assert len(fs) == 2, run
         assert "zero.png" in caplog.text, run
     assert "1 undecodable sample(s)" in caplog.text and "found when these cached features were computed" in caplog.text
+
+
+def test_host_auto_keeps_the_models_classifier_only_for_the_datas_classes(tmp_path, monkeypatch, capsys):
+    """--host auto compared class counts only: a model whose 10 outputs are other classes (or the data's in
+    another order) gave the run its logits as the host's, silently."""
+    from retrofit.commands.train import _host_mode
+    from retrofit.errors import RetrofitError
+    from retrofit.pipeline import load_host_model
+
+    (tmp_path / "tinyhosts.py").write_text(
+        "from torch import nn\n"
+        "def _net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
+        "def named():\n"
+        "    m = _net()\n"
+        "    m.class_names = ['cat', 'dog', 'fox', 'owl']\n"
+        "    return m\n"
+        "def unnamed():\n"
+        "    return _net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    named, unnamed = load_host_model("tinyhosts:named"), load_host_model("tinyhosts:unnamed")
+    assert named.class_names == ["cat", "dog", "fox", "owl"] and unnamed.class_names is None
+    capsys.readouterr()
+    assert _host_mode("auto", named, ["cat", "dog", "fox", "owl"]) == "model"
+    assert capsys.readouterr().err == ""
+    assert _host_mode("auto", named, ["dog", "cat", "fox", "owl"]) == "probe"
+    err = capsys.readouterr().err
+    assert "names its output 0 'cat', the data's class 0 is 'dog' (the same classes in another order)" in err
+    assert _host_mode("auto", named, ["ant", "bee", "cow", "elk"]) == "probe"
+    assert "another order" not in capsys.readouterr().err
+    assert _host_mode("auto", unnamed, ["ant", "bee", "cow", "elk"]) == "model"
+    assert "without class names; its outputs are taken as the data's classes in order" in capsys.readouterr().err
+    assert _host_mode("auto", named, ["a", "b", "c"]) == "probe"  # another class count: a probe, as before
+    with pytest.raises(RetrofitError, match="class mismatch: model 'tinyhosts:named' names its output 0 'cat'"):
+        _host_mode("model", named, ["dog", "cat", "fox", "owl"])
+    assert _host_mode("probe", named, ["cat", "dog", "fox", "owl"]) == "probe"

@@ -66,15 +66,37 @@ def _check_kb(host: Any, kb: Any, allow: bool) -> None:
                        f"{getattr(kb, 'path', '')}", allow_mismatch=allow)
 
 
-def _host_mode(mode: str, host: Any, num_classes: int) -> str:
-    if mode == "auto":
-        return "model" if host.num_classes == num_classes else "probe"
-    if mode == "model" and host.num_classes != num_classes:
-        from retrofit.errors import RetrofitError
+def _host_mode(mode: str, host: Any, classes: list[str]) -> str:
+    """``--host auto`` -> "model" when the model's own classifier predicts the data's classes, else "probe";
+    an explicit ``--host model`` whose classifier predicts other classes is refused."""
+    from retrofit.errors import RetrofitError
 
+    C, theirs = len(classes), getattr(host, "class_names", None)
+    named = theirs is not None and len(theirs) == C
+    other = named and [str(n) for n in theirs] != [str(n) for n in classes]
+    if named and other:
+        i = next(j for j, (a, b) in enumerate(zip(theirs, classes)) if str(a) != str(b))
+        what = (f"model {host.spec!r} names its output {i} {theirs[i]!r}, the data's class {i} is {classes[i]!r}"
+                + (" (the same classes in another order)" if sorted(map(str, theirs)) == sorted(classes) else ""))
+    if mode == "auto":
+        if host.num_classes != C:
+            return "probe"
+        if other:
+            print(f"--host auto: {what}: fitting a linear host classifier on the embeddings instead of the model's "
+                  "own (--host probe); --classes in the model's order keeps its classifier", file=sys.stderr)
+            return "probe"
+        if not named:
+            print(f"--host auto: model {host.spec!r} has a {C}-class classifier without class names; its outputs are "
+                  f"taken as the data's classes in order ({', '.join(classes[:4])}{', ...' if C > 4 else ''}); "
+                  "--host probe fits a new one instead", file=sys.stderr)
+        return "model"
+    if mode == "model" and host.num_classes != C:
         raise RetrofitError(f"class-count mismatch: model {host.spec!r} predicts {host.num_classes} classes but the "
-                            f"data has {num_classes}; use --host probe (a linear host classifier fitted on the "
+                            f"data has {C}; use --host probe (a linear host classifier fitted on the "
                             "embeddings) or a model trained on these classes")
+    if mode == "model" and other:
+        raise RetrofitError(f"class mismatch: {what}; give --classes in the model's order, or use --host probe "
+                            "(a linear host classifier fitted on the embeddings)")
     return mode
 
 
@@ -119,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     classes = _classes(args.classes) or kb.class_names or src.class_names
     labels, classes = _labels(src, classes, "training data", required=True)
     C = len(classes)
-    mode = _host_mode(args.host, host, C)
+    mode = _host_mode(args.host, host, classes)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
                        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, mixup_alpha=args.mixup,
                        loss=args.loss, tau_la=args.tau_la, train_host=args.train_host and mode != "none",
