@@ -188,6 +188,13 @@ def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | No
 def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None) -> None:
     """The label vote reads the store's label ids as the head's classes: refuse a store whose ids mean others."""
     theirs = getattr(store, "class_names", None)
+    if (theirs is None and hasattr(store, "class_names") and c.class_names is not None and labels is not None
+            and bool((labels >= 0).any())):  # (a KB built without a class list; an InMemoryStore keeps none)
+        names = ", ".join(f"{i}={n}" for i, n in enumerate(c.class_names[:3]))
+        logger.warning("the knowledge base's labels carry no class names: the label vote reads its label i as the "
+                       "head's class i (%s, ...); if they were numbered in another order the vote is wrong. Build "
+                       "the knowledge base with the class list (--classes / BuildConfig.class_names) to have this "
+                       "checked", names)
     if theirs is not None and c.class_names is not None and list(theirs) != list(c.class_names):
         if sorted(theirs) == sorted(c.class_names):
             i = next(j for j, (a, b) in enumerate(zip(theirs, c.class_names)) if a != b)

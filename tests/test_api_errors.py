@@ -149,3 +149,22 @@ def test_a_vote_head_refuses_a_kb_whose_labels_mean_other_classes(tmp_path):
         RetrievalHead(HeadConfig(query_dim=4, image_dim=2, text_dim=2, num_classes=2, dim=8, depth=1, heads=2, k=2,
                                  label_vote=True)).attach(kb_with("unnamed", None, [0, 1, 2]))
     head(vote=False).attach(kb_with("rev2", names[::-1], [0, 1, 2]))  # without the vote the ids are not read
+
+
+def test_a_vote_head_warns_that_a_kb_without_class_names_cannot_be_checked(tmp_path, caplog):
+    """A KB built from integer labels without a class list was read by a named vote head as its own numbering,
+    without a word (a user's 0=airplane, 1=car, 2=bird met a head whose class 1 was bird)."""
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    kb = KnowledgeBase.create(tmp_path / "unnamed", 4, 2, 2, index="flat")
+    kb.add(torch.randn(3, 4), torch.randn(3, 2), torch.randn(3, 2), labels=torch.tensor([0, 1, 2]))
+    cfg = dict(query_dim=4, image_dim=2, text_dim=2, num_classes=3, dim=8, depth=1, heads=2, k=2, label_vote=True)
+    with caplog.at_level("WARNING", logger="retrofit"):
+        RetrievalHead(HeadConfig(**cfg, class_names=["airplane", "bird", "car"])).attach(kb)
+    assert "labels carry no class names: the label vote reads its label i as the head's class i (0=airplane, " \
+           "1=bird, 2=car, ...)" in caplog.text and "--classes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrofit"):
+        RetrievalHead(HeadConfig(**cfg)).attach(kb)  # a head without names: nothing to compare
+        RetrievalHead(HeadConfig(**{**cfg, "label_vote": False}, class_names=["a", "b", "c"])).attach(kb)
+    assert "no class names" not in caplog.text

@@ -491,3 +491,22 @@ def test_host_auto_keeps_the_models_classifier_only_for_the_datas_classes(tmp_pa
     with pytest.raises(RetrofitError, match="class mismatch: model 'tinyhosts:named' names its output 0 'cat'"):
         _host_mode("model", named, ["dog", "cat", "fox", "owl"])
     assert _host_mode("probe", named, ["cat", "dog", "fox", "owl"]) == "probe"
+
+
+def test_integer_labels_read_in_the_kbs_class_order_are_announced(setup, tmp_path, capsys):
+    """A manifest of class numbers trained against a KB's class list read them as positions in that list without
+    a word (the user's 1=car became bird)."""
+    with tarfile.open(setup / "train.tar") as tf:
+        jpgs = [m for m in tf if m.name.endswith(".jpg")][:3]
+        for i, m in enumerate(jpgs):
+            (tmp_path / f"{i}.jpg").write_bytes(tf.extractfile(m).read())
+    (tmp_path / "m.csv").write_text("image,label\n0.jpg,0\n1.jpg,1\n2.jpg,2\n")
+    argv = ["train", "--model", "darknet-tiny", "--data", str(tmp_path / "m.csv"), "--kb", str(setup / "kb"),
+            "--out", str(tmp_path / "o"), "--lr", "-1"]  # refused right after the labels are read
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "labels are class numbers without names: they are read as positions in the knowledge base's class " \
+           "list (0=airplane, 1=automobile, 2=bird, 3=cat, ...)" in err and "--lr must be > 0" in err
+    (tmp_path / "c.txt").write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n")
+    assert main([*argv, "--classes", str(tmp_path / "c.txt")]) == 1  # the user's own list: nothing to say
+    assert "class numbers without names" not in capsys.readouterr().err

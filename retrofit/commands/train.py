@@ -140,6 +140,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = _classes(args.classes) or kb.class_names or src.class_names
     labels, classes = _labels(src, classes, "training data", required=True)
+    if not args.classes and kb.class_names and src.class_names is None and any(
+            isinstance(r.label, int) and r.label >= 0 for r in src.refs):
+        print("note: the training data's labels are class numbers without names: they are read as positions in the "
+              f"knowledge base's class list ({', '.join(f'{i}={n}' for i, n in enumerate(classes[:4]))}, ...); "
+              "pass --classes in your numbering's order if it is another", file=sys.stderr)
     C = len(classes)
     mode = _host_mode(args.host, host, classes)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
