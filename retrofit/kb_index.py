@@ -307,7 +307,7 @@ def tune_ef_search(index, cfg: IndexConfig, queries: np.ndarray | None = None, n
     visited = faiss.cvar.hnsw_stats.ndis / max(len(q), 1) / n  # distance computations per query, as a share of n
     if visited > _VISITED_WARN:
         log.warning("the HNSW index compares each query with %.0f%% of its %d vectors at efSearch %d (recall@%d "
-                    "%.3f): no faster than exact search on these keys, which the graph cannot narrow down (random "
-                    "or near-duplicate vectors?). index='flat' (KnowledgeBase.create, `retrofit kb build --index flat`) "
-                    "keeps exact search", 100 * visited, n, best[0], k, best[1])
+                    "%.3f): no faster than exact search on these keys, which the graph cannot narrow down "
+                    "(random or near-duplicate vectors?). index='flat' (KnowledgeBase.create, `retrofit kb build "
+                    "--index flat`) keeps exact search", 100 * visited, n, best[0], k, best[1])
     return best
