@@ -210,27 +210,70 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     raise ValueError(f"manifest {str(path)!r}: unknown format {suffix!r}; allowed: .csv, .tsv, .jsonl, .parquet")
 
 
-def manifest_source(path: str | Path, image_col: str = "image", caption_col: str = "caption",
-                    label_col: str = "label", root: str | Path | None = None) -> Source:
-    """Rows of a CSV / JSONL / Parquet manifest with an image path (relative to ``root``, default the
-    manifest's folder), a caption and a label (class index or name) column."""
+# column names a manifest commonly uses for each role, the default first; matched without case
+_COLUMN_ALIASES = {
+    "image": ("image", "path", "filepath", "file_path", "filename", "file_name", "file", "image_path", "img",
+              "img_path", "image_file"),
+    "caption": ("caption", "text", "title", "description"),
+    "label": ("label", "class", "class_name", "category", "target", "labels", "y"),
+}
+_COLUMN_OPTION = {"image": "--image-column / manifest_source(image_col=...)",
+                  "caption": "--caption-column / manifest_source(caption_col=...)",
+                  "label": "--label-column / manifest_source(label_col=...)"}
+
+
+def _column(rows: list[dict[str, Any]], given: str | None, role: str, path: Path) -> str | None:
+    """The manifest column for ``role``: ``given`` (which must exist), else the role's name ("image", "caption",
+    "label") or the one common alias present (``path``, ``filename``, ``class``, ...); None when the manifest has no
+    such column (captions and labels are optional)."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    if not rows:
+        return given or role
+    if given is not None:
+        if given not in cols:
+            raise ValueError(f"manifest {str(path)!r} has no {given!r} column; columns: {sorted(cols)} (name the "
+                             f"{role} column with {_COLUMN_OPTION[role]})")
+        return given
+    by_lower = {str(c).lower(): c for c in cols}
+    found = [by_lower[a] for a in _COLUMN_ALIASES[role] if a in by_lower]
+    if found and found[0] == role:
+        return role
+    if len(found) > 1:
+        raise ValueError(f"manifest {str(path)!r}: columns {found} could each be the {role} column; name it with "
+                         f"{_COLUMN_OPTION[role]}")
+    if found:
+        log.info("manifest %s: %r is the %s column", path.name, found[0], role)
+        return found[0]
+    if role == "image":
+        raise ValueError(f"manifest {str(path)!r} has no image path column (looked for "
+                         f"{list(_COLUMN_ALIASES['image'])}); columns: {sorted(cols)} (name it with "
+                         f"{_COLUMN_OPTION['image']})")
+    return None
+
+
+def manifest_source(path: str | Path, image_col: str | None = None, caption_col: str | None = None,
+                    label_col: str | None = None, root: str | Path | None = None) -> Source:
+    """Rows of a CSV / TSV / JSONL / Parquet manifest with an image path (relative to ``root``, default the
+    manifest's folder), a caption and a label (class index or name) column. A column not named is found by its
+    usual names: ``image`` (or ``path``, ``filepath``, ``filename``, ``file`` ...), ``caption`` (or ``text``,
+    ``title``, ``description``) and ``label`` (or ``class``, ``category``, ``target`` ...); captions and labels
+    are optional."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} not found")
     rows = _read_rows(path)
     base = Path(root) if root is not None else path.parent
-    if rows and image_col not in rows[0]:
-        raise ValueError(f"manifest {str(path)!r} has no {image_col!r} column; columns: {sorted(rows[0])} (name the "
-                         "image path column with --image-column / manifest_source(image_col=...))")
-    if rows and label_col != "label" and not any(label_col in r for r in rows):
-        raise ValueError(f"manifest {str(path)!r} has no {label_col!r} column; columns: {sorted(rows[0])} (name the "
-                         "label column with --label-column / manifest_source(label_col=...))")
+    image_col = _column(rows, image_col, "image", path)
+    caption_col = _column(rows, caption_col, "caption", path)
+    label_col = _column(rows, label_col, "label", path)
     refs = []
     for n, row in enumerate(rows):
         img = row.get(image_col)
         img_path = str(base / str(img)) if img not in (None, "") else None
-        cap = row.get(caption_col)
-        raw = row.get(label_col)
+        cap = row.get(caption_col) if caption_col is not None else None
+        raw = row.get(label_col) if label_col is not None else None
         label: int | str | None
         if isinstance(raw, float) and raw.is_integer():
             raw = int(raw)  # JSON / Parquet integer columns with gaps come as floats

@@ -510,3 +510,16 @@ def test_integer_labels_read_in_the_kbs_class_order_are_announced(setup, tmp_pat
     (tmp_path / "c.txt").write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n")
     assert main([*argv, "--classes", str(tmp_path / "c.txt")]) == 1  # the user's own list: nothing to say
     assert "class numbers without names" not in capsys.readouterr().err
+    # a manifest's own column names: train / eval / calibrate take --image-column / --label-column (the error
+    # told the user to pass --image-column, which only `kb build` had)
+    (tmp_path / "m2.csv").write_text("pic,cls\n0.jpg,0\n1.jpg,1\n2.jpg,2\n")
+    argv[4] = str(tmp_path / "m2.csv")
+    assert main(argv) == 1
+    assert "has no image path column" in capsys.readouterr().err
+    assert main([*argv, "--image-column", "pic", "--label-column", "cls"]) == 1
+    err = capsys.readouterr().err
+    assert "read as positions in the knowledge base's class list" in err and "--lr must be > 0" in err
+    for command in ("eval", "calibrate"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0 and "--image-column" in capsys.readouterr().out

@@ -107,7 +107,7 @@ def test_build_from_imagefolder_and_manifest(tmp_path, mini_samples, cifar_class
     # a misspelt caption column: every sample would be skipped; refused before anything is created
     from retrofit.sources import manifest_source
 
-    with pytest.raises(ValueError, match="no 'text' column / values in the manifest.*--allow-missing-captions"):
+    with pytest.raises(ValueError, match="has no 'text' column; columns: .* --caption-column"):
         build_kb(manifest_source(man, caption_col="text"), tmp_path / "kb_typo", **encoders, **FAST)
     assert not (tmp_path / "kb_typo").exists()
     (tmp_path / "notes").mkdir()

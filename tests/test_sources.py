@@ -356,6 +356,26 @@ def test_manifest_and_label_edge_cases(tmp_path, mini_samples, cifar_classes):
         manifest_source(bad)
     with pytest.raises(ValueError, match="has no 'lable' column"):
         manifest_source(bom, label_col="lable")
+    # columns under their usual other names are found; two candidates for one role are refused, naming both
+    other = tmp_path / "other.csv"
+    other.write_text("Path,Class,text\n" + "".join(f"{r['image']},{r['label']},cap {i}\n" for i, r in enumerate(rows)))
+    src = manifest_source(other)
+    assert [r.label for r in src.refs] == [r["label"] for r in rows] and src.refs[1].caption == "cap 1"
+    assert all(Path(r.image).is_file() for r in src.refs) and src.options["columns"] == ["Path", "text", "Class"]
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("filename\n" + "".join(f"{r['image']}\n" for r in rows))
+    src = manifest_source(unlabelled)
+    assert [r.label for r in src.refs] == [None] * 4 and [r.caption for r in src.refs] == [None] * 4
+    two = tmp_path / "two.csv"
+    two.write_text("path,filename,label\n" + "".join(f"{r['image']},{r['image']},0\n" for r in rows))
+    with pytest.raises(ValueError, match=r"columns \['path', 'filename'\] could each be the image column; name it "
+                                         "with --image-column"):
+        manifest_source(two)
+    assert len(manifest_source(two, image_col="filename")) == 4
+    none = tmp_path / "none.csv"
+    none.write_text("picture,label\n" + "".join(f"{r['image']},0\n" for r in rows))
+    with pytest.raises(ValueError, match=r"has no image path column \(looked for \['image', 'path'.*--image-column"):
+        manifest_source(none)
     boolean = tmp_path / "bool.jsonl"
     boolean.write_text(json.dumps({**rows[0], "label": True}) + "\n")
     with pytest.raises(ValueError, match="row 1: label True must be a class index or a class name"):

@@ -34,6 +34,25 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+def manifest_column_args(p: argparse.ArgumentParser, caption: bool = False) -> None:
+    """--image-column / --label-column (and --caption-column) for commands that read CSV / JSONL / Parquet
+    manifests; unset, the usual names are looked for (image, path, filename ...; label, class, target ...)."""
+    p.add_argument("--image-column", default=None, metavar="NAME",
+                   help="manifest column with the image path (default: image, path, filepath, filename, file ...)")
+    if caption:
+        p.add_argument("--caption-column", default=None, metavar="NAME",
+                       help="manifest column with the caption (default: caption, text, title or description)")
+    p.add_argument("--label-column", default=None, metavar="NAME",
+                   help="manifest column with the label, index or name (default: label, class, category, target ...)")
+
+
+def manifest_columns(args: argparse.Namespace) -> dict[str, Any]:
+    """The manifest_source() keyword arguments of the column options given."""
+    return {k: v for k, v in (("image_col", getattr(args, "image_column", None)),
+                              ("caption_col", getattr(args, "caption_column", None)),
+                              ("label_col", getattr(args, "label_column", None))) if v is not None}
+
+
 def at_least_one(value: str) -> int:
     """argparse ``type=`` for counts that must be >= 1 (batch sizes, --top): the usage error names the value."""
     return _int_at_least(value, 1)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import at_least_one, guarded, nonnegative
+from retrofit.commands import at_least_one, guarded, manifest_column_args, manifest_columns, nonnegative
 
 _EPILOG_BUILD = """examples:
   retrofit kb build 'data/train-{000000..000004}.tar' kb/cifar --image-encoder darknet-tiny --text-encoder minilm
@@ -47,8 +47,7 @@ def _source(args: argparse.Namespace) -> Any:
     if Path(s).is_dir():  # an ImageFolder (open_source refuses a knowledge base given here, saying so)
         return open_source(s, templates=args.template or ["a photo of a {}."])
     if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
-        return manifest_source(s, image_col=args.image_column, caption_col=args.caption_column,
-                               label_col=args.label_column)
+        return manifest_source(s, **manifest_columns(args))
     return open_source(s)
 
 
@@ -139,9 +138,7 @@ def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
                         "mapped onto them by name")
     p.add_argument("--template", action="append", default=None, metavar="TEXT",
                    help="ImageFolder caption template with {} for the class name (repeatable)")
-    p.add_argument("--image-column", default="image", help="manifest column with the image path")
-    p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
-    p.add_argument("--label-column", default="label", help="manifest column with the label (index or name)")
+    manifest_column_args(p, caption=True)
     p.add_argument("--batch-size", type=at_least_one, default=256, help="images per encoder batch (default 256)")
     p.add_argument("--workers", type=nonnegative, default=1, help="DataLoader workers decoding images (default 1)")
     p.add_argument("--commit-every", type=at_least_one, default=4096,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import at_least_one, guarded
+from retrofit.commands import at_least_one, guarded, manifest_column_args
 from retrofit.commands.train import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 
 _EPILOG_EVAL = """examples:
@@ -158,7 +158,7 @@ def _labelled_features(args: argparse.Namespace, run: dict[str, Any], kb: Any, h
     if args.model:  # another host than the run's (whose check, or allowance, was made by `retrofit train`)
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = head.config.class_names or run.get("classes")
-    src = _source(args.data)
+    src = _source(args.data, args)
     labels, _ = _labels(src, classes, f"{what} data", required=True)
     cache = None if args.no_cache else (args.cache_dir or (str(Path(args.run) / "cache") if args.run else None))
     return source_features(host, src, labels, kb=kb, k=head.config.k, cache_dir=cache,
@@ -354,6 +354,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a trained head against its host on labelled data.",
                        epilog=_EPILOG_EVAL, formatter_class=fmt)
     p.add_argument("--data", required=True, metavar="SOURCE", help="labelled evaluation data")
+    manifest_column_args(p)
     _load_args(p, run_required=True)
     p.add_argument("--cutoffs", default="100,20", metavar="MANY,FEW",
                    help="many > MANY, few < FEW training images per class (default 100,20: ImageNet-LT)")
@@ -369,6 +370,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "validation data, e.g. after swapping in another knowledge base.",
                        epilog=_EPILOG_CALIBRATE, formatter_class=fmt)
     p.add_argument("--data", required=True, metavar="SOURCE", help="labelled validation data (not the test set)")
+    manifest_column_args(p)
     _load_args(p, vote_scale=False)
     p.add_argument("--scales", default=None, metavar="S,S,...",
                    help="candidate multiples of the learned vote weight (default: 0,0.5,1,1.5,2,3,4,6,8,12,16)")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import at_least_one, guarded, nonnegative
+from retrofit.commands import at_least_one, guarded, manifest_column_args, manifest_columns, nonnegative
 from retrofit.train_checkpoint import RESUME_FREE
 
 RUN_FILE = "run.json"  # what `retrofit train` records in its output directory for eval / predict
@@ -38,13 +38,15 @@ def _open_kb(path: str) -> Any:
     return KnowledgeBase.open(path)
 
 
-def _source(spec: str) -> Any:
-    from retrofit.sources import open_source
+def _source(spec: str, args: argparse.Namespace | None = None) -> Any:
+    from retrofit.sources import manifest_source, open_source
 
     s = str(spec)
     if not any(c in s for c in "{*") and not Path(s).exists():
         raise FileNotFoundError(f"data {s!r} not found; give webdataset shards (.tar, brace patterns allowed), an "
                                 "ImageFolder directory or a .csv/.jsonl/.parquet manifest")
+    if Path(s).is_file() and Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+        return manifest_source(s, **(manifest_columns(args) if args is not None else {}))
     return open_source(s)
 
 
@@ -135,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     has_run = _check_out(out, args)  # refusals before any work; nothing is deleted yet
     kb = _open_kb(args.kb)
-    src = _source(args.data)
+    src = _source(args.data, args)
     host = load_host_model(args.model, _device(args.device))  # the backbone on the run's device, too
     _check_kb(host, kb, args.allow_fingerprint_mismatch)
     classes = _classes(args.classes) or kb.class_names or src.class_names
@@ -167,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.noise and not 0.0 <= args.noise_rate <= 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1] (the fraction of labels flipped), got {args.noise_rate}")
     if args.val:  # opened and labelled now: a bad --val used to be found after the training set's features
-        vsrc = _source(args.val)
+        vsrc = _source(args.val, args)
         vlabels, _ = _labels(vsrc, classes, "validation data", required=True)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out, said before the features (the cache goes there)
     cache = None if args.no_cache else (args.cache_dir or str(out / "cache"))
@@ -356,6 +358,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(e.g. mymodel:make)")
     p.add_argument("--data", required=True, metavar="SOURCE", help="training data: shards, ImageFolder or manifest")
     p.add_argument("--val", default=None, metavar="SOURCE", help="validation data, evaluated after every epoch")
+    manifest_column_args(p)  # (for --data and --val)
     p.add_argument("--kb", required=True, metavar="DIR", help="knowledge base (retrofit kb build)")
     p.add_argument("--out", required=True, metavar="DIR", help="output: head/, checkpoints/, train_log.jsonl")
     p.add_argument("--classes", default=None, metavar="FILE|A,B,...", help="class names (default: KB's / data's)")
