@@ -120,7 +120,10 @@ class BuildSummary:
         if self.extra.get("labels_from_captions") is not None:
             labelled = f"; {self.extra['labels_from_captions']} labelled from their captions"
         if self.total and self.resumed_from >= self.total:  # nothing left to do in this run
-            return f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){labelled}{report}"
+            again = (" (records of it deleted since? `retrofit kb add --again` / add_to_kb(again=True) adds what "
+                     "the knowledge base lacks)") if self.extra.get("mode") == "add" else ""
+            return (f"{self.path}: already complete, nothing to do ({counts}; {self.kb_size} records){labelled}"
+                    f"{report}{again}")
         resumed = (f"; resumed at sample {self.resumed_from} (the counts include the earlier runs')"
                    if self.resumed_from else "")
         rate = (f"{self.images_per_s:.0f} images/s; encoders {self.encode_s:.1f} s" if self.encode_s
@@ -234,7 +237,8 @@ def _build_id(mode: str, src: Source, cfg: BuildConfig, fp: KBFingerprint, class
 
 
 def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: BuildConfig | None,
-            image_encoder: Any, text_encoder: Any, key_encoder: Any, overrides: dict[str, Any]) -> BuildSummary:
+            image_encoder: Any, text_encoder: Any, key_encoder: Any, overrides: dict[str, Any],
+            again: bool = False) -> BuildSummary:
     from retrofit.knowledge_base import KnowledgeBase
 
     t0 = time.perf_counter()
@@ -288,7 +292,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)
     build_id = _build_id(mode, src, cfg, fp, class_names)
     meta_key = _META_PREFIX + build_id
-    state = _fresh_state()
+    state, restart = _fresh_state(), False
     if exists:
         with KnowledgeBase.open(path) as kb:
             legacy = _build_id(mode, src, cfg, fp, class_names, resolved=False)
@@ -306,6 +310,9 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                     f"{path} already holds a knowledge base built from other data or settings ({len(kb)} records); "
                     "re-run the original command to resume it, use `retrofit kb add` to append, or pick a new path")
             state = dict(kb.user_meta.get(meta_key) or state)
+            restart = again and bool(state.get("done"))  # a completed add read anew (an unfinished one resumes)
+            if restart:
+                state = _fresh_state()
             size = len(kb)
             unindexed = kb._main_next < kb._meta["next_id"]  # the records' tail the saved index lacks
         report = path / REPORT_NAME
@@ -320,10 +327,13 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             return BuildSummary(str(path), len(src), state["written"], state["skipped"], state["duplicates"],
                                 state["near_duplicates"], time.perf_counter() - t0, 0.0, 0.0, state["next"],
                                 str(report), kb_size=size,
-                                extra={"labels_from_captions": state.get("caption_labelled", 0)} if labeller else {})
+                                extra={"mode": mode, **({"labels_from_captions": state.get("caption_labelled", 0)}
+                                                        if labeller else {})})
     batches = _decoded_batches(src, cfg, img, key, state["next"])  # workers start before the KB is opened
     if exists:
         kb = KnowledgeBase.open(path, readonly=False)
+        if restart:  # recorded first: a run killed from here on resumes this fresh add (duplicates are skipped)
+            kb.update_meta({meta_key: state})
     else:
         specs = {"image": image_encoder if image_encoder is not None else cfg.image_encoder,
                  "text": text_encoder if text_encoder is not None else cfg.text_encoder,
@@ -439,11 +449,16 @@ def build_kb(source: str | Path | Source, path: str | Path, config: BuildConfig 
 
 def add_to_kb(path: str | Path, source: str | Path | Source, config: BuildConfig | None = None, *,
               image_encoder: ImageEncoder | str | None = None, text_encoder: TextEncoder | str | None = None,
-              key_encoder: ImageEncoder | str | None = None, **options: Any) -> BuildSummary:
+              key_encoder: ImageEncoder | str | None = None, again: bool = False, **options: Any) -> BuildSummary:
     """Append ``source`` to the existing KB at ``path`` with the same encoders (checked by fingerprint);
     the index grows incrementally. Resumable like :func:`build_kb`; exact duplicates of records already in
-    the KB are dropped."""
-    return _ingest("add", source, path, config, image_encoder, text_encoder, key_encoder, options)
+    the KB are dropped. An add of the same source with the same settings that completed before does nothing,
+    unless ``again``: then the source is read anew and what the KB lacks (records deleted since) is added, images
+    still in it being skipped as duplicates (with ``dedup``, the default)."""
+    if again and not _config(config, options).dedup:
+        raise ValueError("again=True (--again) needs dedup: without it every image still in the knowledge base "
+                         "would be added a second time")
+    return _ingest("add", source, path, config, image_encoder, text_encoder, key_encoder, options, again=again)
 
 
 from retrofit.kb_merge import merge_kbs  # noqa: E402  (re-exported: merge lives in its own module)

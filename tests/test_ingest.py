@@ -270,6 +270,16 @@ def test_add_and_merge(tmp_path, mini_samples, cifar_classes, encoders):  # noqa
         assert kb.search(q, 1).ids[:, 0].tolist() == [10, 45]
     again = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw, commit_every=1000)
     assert again.written == 25 and again.encode_s == 0.0  # the same add, already complete: nothing new
+    assert "already complete" in str(again) and "`retrofit kb add --again`" in str(again)
+    # records deleted since: --again reads the source anew and adds only what the KB lacks
+    with KnowledgeBase.open(tmp_path / "kb_a", readonly=False) as kb:
+        gone = [r["caption"] for r in kb.get(list(range(30, 35)))]
+        kb.delete(list(range(30, 35)))
+    back = add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw, again=True)
+    assert (back.written, back.duplicates, back.kb_size) == (5, 20, 50)
+    assert sorted(r["caption"] for r in _records(tmp_path / "kb_a")[-5:]) == sorted(gone)
+    with pytest.raises(ValueError, match="needs dedup"):
+        add_to_kb(tmp_path / "kb_a", str(tmp_path / "b.tar"), **kw, again=True, dedup=False)
     # merge: in-domain KB + another pool; duplicates by image hash dropped
     build_kb(str(tmp_path / "b.tar"), tmp_path / "kb_b", **kw)
     m = merge_kbs([tmp_path / "kb_a", tmp_path / "kb_b"], tmp_path / "merged", progress=False)

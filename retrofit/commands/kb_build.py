@@ -112,7 +112,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from retrofit.ingest import add_to_kb
 
     source = _source(args)
-    return _report(add_to_kb(args.kb, source, **_options(args)), args.json)
+    return _report(add_to_kb(args.kb, source, again=args.again, **_options(args)), args.json)
 
 
 @guarded
@@ -182,6 +182,9 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
                                       "retrofit kb add kb/cifar 'more-{000000..000003}.tar'")
     p.add_argument("kb", help="existing knowledge-base directory")
     p.add_argument("source", help="shards, an ImageFolder directory, or a manifest")
+    p.add_argument("--again", action="store_true",
+                   help="read a source added before anew and add what the KB lacks (records deleted since); "
+                        "images still in it are skipped as duplicates")
     _common(p, add=True)
     p.set_defaults(func=cmd_add)
 
