@@ -204,7 +204,8 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
             what = f"other classes (knowledge base: {list(theirs)[:6]}..., head: {list(c.class_names)[:6]}...)"
         raise RetrofitError(f"cannot attach store: its labels name {what}; the label vote would vote for the wrong "
                             "classes. Build the knowledge base with the head's class list (--classes / "
-                            "BuildConfig.class_names) or give the head the knowledge base's")
+                            "BuildConfig.class_names) or give the head the knowledge base's class list (train "
+                            "--classes in its order)")
     if labels is not None and labels.numel() and int(labels.max()) >= c.num_classes:
         raise RetrofitError(f"cannot attach store: it has label {int(labels.max())} but the head's "
                             f"label vote knows {c.num_classes} classes (0..{c.num_classes - 1}); build the head with "
@@ -329,8 +330,8 @@ class RetrievalHead(nn.Module):
         size = len(store)
         if size < c.k:  # not an error: a KB may grow later; but the head was trained with k neighbours each
             logger.warning("the attached store holds %d entries, fewer than the head's k=%d: each query gets at most "
-                           "%d neighbours (the rest are masked); a head trained on a full set of %d neighbours "
-                           "was never shown queries with fewer", size, c.k, size, c.k)
+                           "%d neighbours (the rest are masked); a head trained against a store of %d or more "
+                           "entries has never seen queries with fewer", size, c.k, size, c.k)
         if self.vote is not None and self.config.vote_balance:
             self._store_counts = store_label_counts(store, c.num_classes, labels)
             self.vote.set_label_prior(self._store_counts)

@@ -344,7 +344,8 @@ def map_labels(source: Source, class_names: list[str] | None) -> tuple[list[int]
                 bad.add(r.label)
         if bad:
             raise ValueError(f"labels {sorted(bad)[:10]} of {source.location} are class names, but no class list "
-                             "was given: pass class_names=[...] (the classifier's classes)")
+                             "was given: pass the classifier's classes (--classes FILE|A,B,...; class_names=[...] "
+                             "in Python)")
         return out, names
     target = {_norm(n): i for i, n in enumerate(class_names)}
     if len(target) != len(class_names):

@@ -135,6 +135,15 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert abs(g8["top"][0]["prob"] - g16["top"][0]["prob"]) < 0.02
     assert [t["class"] for t in again["top"][:3]] == [t["class"] for t in pred["top"]]  # batching: the same
     assert [t["prob"] for t in again["top"][:3]] == pytest.approx([t["prob"] for t in pred["top"]], abs=1e-6)
+    # one unreadable file among several: the others are still predicted, it is named, and the status is 1
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["predict", str(tmp_path / "broken.jpg"), str(img), "--run", str(out), "--json"]) == 1
+    cap = capsys.readouterr()
+    bad, good = json.loads(cap.out)
+    assert bad["image"].endswith("broken.jpg") and "cannot read image" in bad["error"] and "broken.jpg" in cap.err
+    assert [t["class"] for t in good["top"][:3]] == [t["class"] for t in pred["top"]]
+    assert main(["predict", str(tmp_path / "broken.jpg"), "--run", str(out)]) == 1
+    assert "no image could be read (1 given)" in capsys.readouterr().err
 
 
 def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
@@ -364,6 +373,7 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     msg = err(["eval", "--run", str(done), "--data", str(setup / "test.tar"), "--out", str(a_file / "sub"),
                "--quiet"])
     assert "Not a directory" in msg or "File exists" in msg
+    assert f"--out {str(a_file)!r} is a file; give a directory" in err(_train_args(setup, a_file))  # was [Errno 17]
     assert "is not a device" in err(["eval", "--run", str(done), "--data", str(setup / "test.tar"),
                                      "--device", "cuda:x"])
     for argv in (["eval", "--model", "darknet-tiny", "--head", str(done / "head"), "--kb", str(setup / "kb"),

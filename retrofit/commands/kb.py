@@ -61,7 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                                      "chunks left out): searches never return them; `retrofit kb verify "
                                      f"{args.path}` names the chunks"))
     if b["records_free"] >= max(1 << 16, b["records"] // 10):  # worth mentioning
-        lines.append(("free space", f"{_human(b['records_free'])} of the record file is free (deleted records): "
+        lines.append(("free space", f"{_human(b['records_free'])} of the record file is free (deleted records, "
+                                    "rewritten chunks): "
                                     f"later adds reuse it; `retrofit kb copy {args.path} -o NEW` gives it back"))
     if info["user_meta"]:
         lines.append(("user meta", json.dumps(info["user_meta"])[:200]))

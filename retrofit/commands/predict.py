@@ -275,19 +275,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
     from retrofit.sources import _to_rgb
 
-    zs, ls = [], []
+    zs, ls, read, failed = [], [], [], {}
     for s in range(0, len(args.images), args.feature_batch):  # batches: memory does not grow with the image count
         images = []
         for p in args.images[s:s + args.feature_batch]:
             try:
                 with Image.open(p) as im:
                     images.append(host.preprocess(_to_rgb(im)))  # decoded as training and eval decode
-            except Exception as e:
-                raise ValueError(f"cannot read image {p!r}: {e}") from e
+                read.append(p)
+            except Exception as e:  # one bad file does not cost the others their predictions
+                failed[p] = f"cannot read image {p!r}: {e}"
+                print(f"error: {failed[p]}", file=sys.stderr)
+        if not images:
+            continue
         z, logits = host.featurize(torch.stack(images))
         zs.append(z.float().cpu())
         ls.append(logits.float().cpu() if logits is not None else None)
-    fs = FeatureSet(z=torch.cat(zs), labels=torch.full((len(args.images),), -1),
+    if not read:
+        raise ValueError(f"no image could be read ({len(failed)} given); see the errors above")
+    fs = FeatureSet(z=torch.cat(zs), labels=torch.full((len(read),), -1),
                     host_logits=torch.cat(ls) if ls[0] is not None else None)
     host_clf = _head_inputs(run, head, fs)
     pred = predict_logits(head, fs, kb, host_classifier=host_clf, return_attention=args.explain, device=args.device)
@@ -296,7 +302,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     probs = pred["logits"].softmax(-1)
     top = probs.topk(min(args.top, probs.shape[1]), dim=1)
     out = []
-    for i, path in enumerate(args.images):
+    for i, path in enumerate(read):
         rec: dict[str, Any] = {"image": path, "top": [{"class": names[c], "index": int(c), "prob": float(p)}
                                                      for p, c in zip(top.values[i].tolist(), top.indices[i].tolist())]}
         if args.explain:
@@ -311,11 +317,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   for r, s, a in zip(recs, sims.tolist(), att[ok].tolist())]
             rec["neighbors"] = sorted(nb, key=lambda d: -d["attention"])
         out.append(rec)
+    if failed:  # in the order given, each unreadable image with its error
+        done = {r["image"]: r for r in out}
+        out = [done[p] if p in done else {"image": p, "error": failed[p]} for p in args.images]
+    status = 1 if failed else 0  # partial results: printed, and the exit status says that some failed
     if args.json:
         print(json.dumps(out, indent=1))
-        return 0
+        return status
     for rec in out:
         print(rec["image"])
+        if "error" in rec:
+            print(f"  error: {rec['error']}")
+            continue
         for t in rec["top"]:
             print(f"  {t['prob']:7.2%}  {t['class']}")
         if args.explain:
@@ -323,7 +336,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for n in rec["neighbors"][:args.explain_top]:
                 print(f"  {n['id']:>8} {n['attention']:>9.4f} {n['similarity']:>6.3f}  {str(n['label']):<14} "
                       f"{(n['caption'] or '')[:70]}")
-    return 0
+    return status
 
 
 def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True, run_required: bool = False) -> None:

@@ -281,6 +281,8 @@ def _check_out(out: Path, args: argparse.Namespace) -> bool:
     a run; deletes nothing (:func:`_clear_run` does, once everything else is checked)."""
     import sys
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the run (created if missing)")
     ckpt = out / "checkpoints" / "last"
     has_run = ckpt.exists() or ckpt.with_name("last.old").exists()
     if args.resume and args.overwrite:
