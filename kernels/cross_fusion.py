@@ -29,9 +29,14 @@ inputs use tensor-core dots with fp32 accumulation (P and dS are rounded to the 
 their dot, as in flash-attention). The backward recomputes P as ``exp2(s - lse)`` from the log-sum-exp stored
 in fp32 (as flash-attention does), whose rounding grows with the scores' size: with scaled scores of magnitude
 ~70 (inputs 4x unit scale at Dh = 16) the fp32 gradients' error is ~2.7x the fp32 reference's (1.8e-4 against
-6.6e-5 in a stress test), ~5x at ~300; at unit-scale inputs it is within the tests' rule (2x + 1e-5). Scaled
-scores below -1e30 (base 2) count as masked. The kernels' gradients are not differentiable again: a backward
-with ``create_graph=True`` raises (use ``RETROFIT_FUSED=0``). Under ``TRITON_INTERPRET=1`` bf16 q / k / v are
+6.6e-5 in a stress test), ~5x at ~300; a later review measured up to ~7x at scores ~55 (Dh = 64) and ~17x at
+~900; at unit-scale inputs it is within the tests' rule (2x + 1e-5). In fp16 the backward rounds dS and the
+upstream gradient to fp16 for its dots (as flash-attention does): where they pass 65504 (upstream gradients
+scaled by a large GradScaler factor onto large values) the gradients overflow to inf / NaN where the fp32
+reference stays finite; GradScaler then skips the step and lowers its scale, and bf16 has no such limit.
+Scaled scores below -1e30 (base 2) count as masked. The kernels' gradients are not differentiable again: a
+backward with ``create_graph=True`` raises; PyTorch's math attention has double backward (``RETROFIT_FUSED=0``
+inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``). Under ``TRITON_INTERPRET=1`` bf16 q / k / v are
 refused: the interpreter computes bf16 dots wrong.
 """
 
@@ -523,7 +528,9 @@ def no_double_backward() -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             "the fused cross-fusion kernel has no double backward (a backward with create_graph=True, as in a "
-            "gradient penalty): run with RETROFIT_FUSED=0, whose PyTorch path supports it"
+            "gradient penalty): run with RETROFIT_FUSED=0 inside `with torch.nn.attention.sdpa_kernel("
+            "torch.nn.attention.SDPBackend.MATH):` (PyTorch's math attention has double backward; its fused "
+            "attention kernels do not)"
         )
 
 
@@ -546,7 +553,7 @@ def cross_fusion_attention_fused(
     directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own (as under autocast);
     ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new contiguous (B, S, H, Dh) tensors
     in the residuals' dtypes; differentiable in all eight tensor inputs, once (a backward with
-    ``create_graph=True`` raises; the PyTorch path, ``RETROFIT_FUSED=0``, has double backward).
+    ``create_graph=True`` raises; ``RETROFIT_FUSED=0`` inside ``sdpa_kernel(SDPBackend.MATH)`` has double backward).
 
     Strides: the kernels read the inputs in place when the six q / k / v tensors share one layout with a unit
     stride on Dh (the head's views of its (B, S, 3, H, Dh) projections do) and each residual has a unit stride on
@@ -560,6 +567,9 @@ def cross_fusion_attention_fused(
         new_i, new_t, _ = torch.ops.retrofit.cross_fusion_fwd(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask,
                                                               scale)
         return new_i, new_t
+    from retrofit.functional import _check_scale
+
+    scale = _check_scale(scale)
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)
     if B == 0:  # an empty batch (the PyTorch path takes it too): nothing to attend, the launch grid would be empty

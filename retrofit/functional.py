@@ -18,6 +18,7 @@ PyTorch path otherwise. Asking for attention weights always uses the reference.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -105,6 +106,7 @@ def cross_fusion_attention_native(
     fp16 / bf16 inputs are attended in their own dtype with fp32 accumulation; the residual add is fp32.
     """
     _check_mask(key_mask, q_t)
+    scale = _check_scale(scale)
     mask = key_mask[:, None, None, :]  # (B, 1, 1, S) bool, True = attend
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -114,8 +116,8 @@ def cross_fusion_attention_native(
 
     o_i = attend(q_t, k_i, v_i)  # image stream update: text queries, image keys/values
     o_t = attend(q_i, k_t, v_t)  # text stream update: image queries, text keys/values
-    if res_i.dtype in (torch.float32, torch.float64):
-        return res_i + o_i, res_t + o_t  # (B, S, H, Dh)
+    if res_i.dtype in (torch.float32, torch.float64):  # (the residuals' dtype, also for fp64 q / k / v)
+        return (res_i + o_i).to(res_i.dtype), (res_t + o_t).to(res_t.dtype)  # (B, S, H, Dh)
     return (res_i.float() + o_i.float()).to(res_i.dtype), (res_t.float() + o_t.float()).to(res_t.dtype)
 
 
@@ -129,6 +131,21 @@ def _check_mask(key_mask: object, q: torch.Tensor) -> None:
     if tuple(key_mask.shape) != tuple(q.shape[:2]):
         raise ValueError(f"cross_fusion_attention: key_mask has shape {tuple(key_mask.shape)}, expected (B, S) = "
                          f"{tuple(q.shape[:2])}")
+
+
+def _check_scale(scale: object) -> float | None:
+    """``scale``: None (1/sqrt(Dh)) or a finite real number. A tensor is refused: the fused kernel would take its
+    value and drop its gradient, silently (the reference differentiates it), and the native path cannot take it."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        what = f"a tensor ({scale.dtype}, requires_grad={scale.requires_grad})" if isinstance(scale, torch.Tensor) \
+            else repr(scale)
+        raise TypeError(f"cross_fusion_attention: scale must be a Python number or None (1/sqrt(Dh)), got {what}; "
+                        "pass float(scale) (a learned temperature is not differentiated here: scale the queries)")
+    if not math.isfinite(scale):
+        raise ValueError(f"cross_fusion_attention: scale must be finite, got {scale!r}")
+    return float(scale)
 
 
 _TRITON_IMPORTABLE: bool | None = None  # cached find_spec result (a plain global: torch.compile traces it cleanly)
@@ -196,6 +213,7 @@ def cross_fusion_attention(
     Order: the fused kernel (see the module docstring), else the PyTorch native path, and the einsum
     reference whenever ``need_weights`` (only it materialises the probabilities).
     """
+    scale = _check_scale(scale)
     if not need_weights and use_fused_kernel(q_t):
         from retrofit.kernels.cross_fusion import cross_fusion_attention_fused
 

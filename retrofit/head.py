@@ -212,6 +212,16 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
                             "the knowledge base's classes")
 
 
+def _check_real(t: object, name: str, what: str) -> None:
+    """A head input must be a real floating-point tensor: numpy arrays, integer / bool tensors (labels, uint8
+    images?) and complex ones (their imaginary part would be dropped with only a warning) are refused."""
+    if not isinstance(t, torch.Tensor):
+        hint = f" (torch.from_numpy({name.split('.')[0]}))" if type(t).__module__ == "numpy" else ""
+        raise TypeError(f"{name} must be a torch.Tensor of {what}, got {type(t).__name__}{hint}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor of {what}, got {t.dtype}")
+
+
 def _check_given(nb: Neighbors, vote: bool, num_classes: int) -> None:
     """Neighbours passed in (a cache, another store; a store's own are checked when written): labels the vote can
     index, finite vectors and scores in the valid slots (one NaN there made the row's logits NaN and, through
@@ -413,6 +423,15 @@ class RetrievalHead(nn.Module):
         device and dtype. Raises ``ValueError`` naming the shape that does not fit.
         """
         c = self.config
+        _check_real(z, "z", f"(B, {c.query_dim}) embeddings")
+        if host_logits is not None:
+            _check_real(host_logits, "host_logits", f"(B, {c.num_classes}) logits")
+        if neighbors is not None:
+            if not isinstance(neighbors, Neighbors):
+                raise TypeError(f"neighbors must be a retrofit Neighbors (a store's search result), got "
+                                f"{type(neighbors).__name__}; None searches the attached store")
+            _check_real(neighbors.image, "neighbors.image", "neighbour vectors")
+            _check_real(neighbors.text, "neighbors.text", "neighbour vectors")
         if z.dim() != 2 or z.shape[1] != c.query_dim:
             raise ValueError(f"z must be (B, {c.query_dim}), got shape {tuple(z.shape)}")
         B = z.shape[0]

@@ -110,6 +110,24 @@ def test_a_mask_that_is_not_bool_is_refused_on_every_path():
             run(fn, proj_i, proj_t, res_i, res_t, mask[:, :4])
 
 
+def test_a_tensor_or_non_finite_scale_is_refused_and_the_output_takes_the_residuals_dtype():
+    """A tensor scale lost its gradient in the fused kernel, silently (float(scale)), and was a TypeError deep in
+    SDPA on the native path; fp64 q / k / v with fp32 residuals gave fp64 outputs on the native path only."""
+    proj_i, proj_t, res_i, res_t, mask = make_args(2, 5, 1, 4, dtype=torch.float64)
+    for fn in (cross_fusion_attention_native, cross_fusion_attention):
+        with pytest.raises(TypeError, match=r"scale must be a Python number or None .* got a tensor .*float\(scale\)"):
+            run(fn, proj_i, proj_t, res_i, res_t, mask, scale=torch.tensor(0.5, requires_grad=True))
+        with pytest.raises(ValueError, match="scale must be finite, got nan"):
+            run(fn, proj_i, proj_t, res_i, res_t, mask, scale=float("nan"))
+    want = run(cross_fusion_attention_reference, proj_i, proj_t, res_i, res_t, mask, scale=0.5)
+    got = run(cross_fusion_attention, proj_i, proj_t, res_i, res_t, mask, scale=0.5)  # an int or float is taken
+    torch.testing.assert_close(got[0], want[0])
+    r32_i, r32_t = res_i.detach().float().requires_grad_(), res_t.detach().float().requires_grad_()
+    for fn in (cross_fusion_attention_reference, cross_fusion_attention_native, cross_fusion_attention):
+        new_i, new_t = run(fn, proj_i, proj_t, r32_i, r32_t, mask)[:2]
+        assert new_i.dtype == new_t.dtype == torch.float32, fn.__name__
+
+
 def test_dispatcher_paths(monkeypatch):
     args = make_args(2, 5, 2, 4, dtype=torch.float32)
     monkeypatch.setenv("RETROFIT_FUSED", "0")

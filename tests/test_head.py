@@ -191,6 +191,23 @@ def test_no_store_no_neighbours_and_bad_inputs():
         head(torch.randn(2, DQ + 1, dtype=torch.float64), neighbors=make_neighbors(2))
     with pytest.raises(ValueError, match="host_logits"):
         head(torch.randn(2, DQ, dtype=torch.float64), torch.randn(2, C + 1), neighbors=make_neighbors(2))
+    # found by a review: these were cast (an int / bool z, a complex one losing its imaginary part with a warning)
+    # or failed with AttributeError deep inside
+    import dataclasses
+
+    z, nb = torch.randn(2, DQ, dtype=torch.float64), make_neighbors(2)
+    for bad, says in ((z.long(), "z must be a floating-point tensor of .* got torch.int64"),
+                      (z.bool(), "got torch.bool"), (z.to(torch.complex128), "got torch.complex128"),
+                      (z.numpy(), r"z must be a torch.Tensor .* got ndarray \(torch.from_numpy\(z\)\)")):
+        with pytest.raises(TypeError, match=says):
+            head(bad, neighbors=nb)
+    with pytest.raises(TypeError, match="host_logits must be a floating-point tensor"):
+        head(z, torch.zeros(2, C, dtype=torch.long), neighbors=nb)
+    with pytest.raises(TypeError, match="neighbors must be a retrofit Neighbors .* got dict"):
+        head(z, neighbors={"ids": nb.ids})
+    with pytest.raises(TypeError, match="neighbors.image must be a floating-point tensor"):
+        head(z, neighbors=dataclasses.replace(nb, image=nb.image.to(torch.complex128)))
+    assert torch.isfinite(head(z.float(), neighbors=nb).logits).all()  # a float32 z is taken (cast to the head's)
     with pytest.raises(ValueError, match="divisible"):
         HeadConfig(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=30, heads=4)
     with pytest.raises(ValueError, match="modalities"):

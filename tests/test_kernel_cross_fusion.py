@@ -217,6 +217,8 @@ def test_launcher_errors():
         fused(*xs, mask.to("meta"))
     with pytest.raises(TypeError, match="res_t must be a torch.Tensor"):
         fused(*xs[:7], None, mask)
+    with pytest.raises(TypeError, match="scale must be a Python number"):  # its gradient was dropped, silently
+        fused(*xs, mask, torch.tensor(0.25, requires_grad=True))
 
 
 def test_double_backward_is_refused_not_silently_dropped():
@@ -225,12 +227,23 @@ def test_double_backward_is_refused_not_silently_dropped():
     xs, mask = make_inputs(2, 5, 1, 16, torch.float32)
     for fn in (fused, lambda *a: cf.CrossFusionAttention.apply(*a, 16**-0.5)):
         out = fn(*xs, mask)
-        with pytest.raises(RuntimeError, match="no double backward .* RETROFIT_FUSED=0"):
+        with pytest.raises(RuntimeError, match="no double backward .* RETROFIT_FUSED=0 inside .*SDPBackend.MATH"):
             torch.autograd.grad(out[0].pow(2).sum(), xs[:3], create_graph=True, allow_unused=True)
     new_i, _, _ = reference(*xs, mask)  # the reference's double backward: a real second derivative
     (g,) = torch.autograd.grad(new_i.pow(2).sum(), xs[0], create_graph=True)
     (gg,) = torch.autograd.grad(g.pow(2).sum(), xs[1])
     assert gg.abs().sum() > 0
+    # the way out the error names gives the same second derivative (RETROFIT_FUSED=0 alone, the advice before,
+    # failed: PyTorch's fused CPU attention has no double backward)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from retrofit.functional import cross_fusion_attention_native
+
+    with sdpa_kernel(SDPBackend.MATH):
+        new_i, _ = cross_fusion_attention_native(*xs, mask)
+        (g2,) = torch.autograd.grad(new_i.pow(2).sum(), xs[0], create_graph=True)
+        (gg2,) = torch.autograd.grad(g2.pow(2).sum(), xs[1])
+    torch.testing.assert_close(gg2, gg, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bf16 guard (CPU only)")
