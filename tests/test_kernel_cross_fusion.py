@@ -75,8 +75,8 @@ def check_against_fp64(xs, mask, scale=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
     "B,k,H,Dh",
-    [(1, 1, 2, 32), (2, 7, 2, 32), (2, 31, 1, 64), (2, 32, 2, 32), (1, 100, 1, 32)],
-    ids=["k1-one-row", "k7", "k31-dh64", "k32", "k100"],
+    [(1, 1, 2, 32), (2, 7, 2, 32), (2, 31, 1, 64), (2, 32, 2, 32), (1, 63, 1, 16), (1, 100, 1, 32)],
+    ids=["k1-one-row", "k7", "k31-dh64", "k32", "k63-s64", "k100"],
 )
 def test_forward_and_gradients_match_reference(B, k, H, Dh, dtype):
     xs, mask = make_inputs(B, k + 1, H, Dh, dtype)
@@ -172,11 +172,39 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "transposed", "offset"])
+def test_broadcast_transposed_and_offset_inputs(layout):
+    """Layouts a caller may hand in (found untested by a review): one key/value set broadcast over the batch
+    (stride 0), (B, H, S, Dh) tensors seen transposed, and views with a storage offset."""
+    B, S, H, Dh = 2, 9, 2, 16
+    g = torch.Generator().manual_seed(5)
+    shape = {"expanded": (1, S, H, Dh), "transposed": (B, H, S, Dh), "offset": (B, S + 1, H, Dh)}[layout]
+    leaves = [torch.randn(shape, generator=g).to(DEVICE).requires_grad_() for _ in NAMES]
+
+    def view(x):
+        return {"expanded": lambda: x.expand(B, S, H, Dh), "transposed": lambda: x.transpose(1, 2),
+                "offset": lambda: x[:, 1:]}[layout]()
+
+    mask = torch.rand(B, S, generator=g).to(DEVICE) > 0.3
+    mask[:, 0] = True
+    gout = [torch.randn(B, S, H, Dh, generator=g).to(DEVICE) for _ in range(2)]
+    outs = {}
+    for name, fn in (("fused", fused), ("reference", reference)):
+        o = fn(*[view(x) for x in leaves], mask)[:2]
+        outs[name] = [x.detach() for x in o] + list(torch.autograd.grad(o, leaves, gout))
+    for a, b in zip(outs["fused"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_fp64():
-    """The kernel supports fp64 (fp64 accumulators, IEEE dots), so gradcheck runs through it directly."""
+    """The kernel supports fp64 (fp64 accumulators, IEEE dots), so gradcheck runs through it directly; also
+    over several key blocks (S = 40 > BLOCK_N) with a row that has no attendable key (fast mode: random
+    directions, few launches)."""
     xs, mask = make_inputs(1, 3, 1, 2, torch.float64, p_drop=0.0)
     mask[0, 2] = False
     assert torch.autograd.gradcheck(lambda *a: fused(*a, mask), tuple(xs), eps=1e-6, atol=1e-6)
+    xs, mask = make_inputs(2, 40, 1, 3, torch.float64, masked_rows=(1,))
+    assert torch.autograd.gradcheck(lambda *a: fused(*a, mask), tuple(xs), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_dispatcher_uses_kernel_when_forced(monkeypatch):
