@@ -202,7 +202,7 @@ def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: Text
             raise ValueError("class_synonyms / class_descriptions are only used with caption_labels=True "
                              "(--labels-from-captions)")
         return None
-    if not class_names:
+    if not class_names or not cfg.class_names:  # given (or the KB's): not guessed from a few labelled rows
         raise ValueError("caption_labels needs the class names to recognise in captions: pass class_names "
                          "(--classes)")
     syn, desc = cfg.class_synonyms or {}, cfg.class_descriptions or {}

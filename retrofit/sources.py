@@ -288,7 +288,14 @@ def manifest_source(path: str | Path, image_col: str | None = None, caption_col:
             label = str(raw)
         refs.append(SampleRef(f"{path.name}:{n}", img_path, None if cap is None else str(cap), label))
     opts = {"columns": [image_col, caption_col, label_col]}
-    return Source("manifest", str(path), refs, None, opts)
+    names = None
+    if not any(isinstance(r.label, int) for r in refs):  # class names only: their sorted set is the class list
+        spelled = {_norm(r.label): r.label for r in refs if isinstance(r.label, str)}  # (as an ImageFolder's folders)
+        if spelled:
+            names = sorted(spelled.values())
+            log.info("manifest %s: %d classes named in its labels, in sorted order (pass class_names / --classes to "
+                     "give the classifier's own order)", path.name, len(names))
+    return Source("manifest", str(path), refs, names, opts)
 
 
 def open_source(spec: str | Path, **kwargs: Any) -> Source:

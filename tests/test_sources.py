@@ -211,9 +211,17 @@ def test_label_mapping_by_name(tmp_path, mini_samples, cifar_classes):
     assert [target[j] for j in labels] == [cifar_classes[r.label] for r in src.refs]
     with pytest.raises(ValueError, match=r"match no class.*'airplane'"):
         map_labels(src, [c for c in cifar_classes if c != "airplane"])
+    # a manifest of class names without a class list: its labels' sorted set is the class order (as an
+    # ImageFolder's folder names); it was refused, so that kb build / train needed --classes
     man = manifest_source(make_manifest(tmp_path / "m", mini_samples[:5], cifar_classes))
-    with pytest.raises(ValueError, match="no class list"):
-        map_labels(man, None)
+    labels, names = map_labels(man, None)
+    assert names == sorted({cifar_classes[s["label"]] for s in mini_samples[:5]})
+    assert [names[j] for j in labels] == [cifar_classes[s["label"]] for s in mini_samples[:5]]
+    from retrofit.sources import SampleRef, Source
+
+    mixed = Source("manifest", "m", [SampleRef("a", None, "x", "cat"), SampleRef("b", None, "x", 1)], None)
+    with pytest.raises(ValueError, match="no class list"):  # numbers and names mixed: no order can be guessed
+        map_labels(mixed, None)
 
 
 def test_bad_configuration_errors(tmp_path):
