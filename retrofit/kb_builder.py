@@ -219,14 +219,24 @@ class _Builder:
             return
         state = dict(self.state, next=pos, written=self.state["written"] + n,
                      done=pos >= len(self.source.refs), updated=time.time())
-        if n:
-            lab = torch.tensor(pending["label"], dtype=torch.int64)
-            self.kb.add(torch.cat(pending["key"]), torch.cat(pending["image"]), torch.cat(pending["text"]),
-                        labels=lab, captions=pending["caption"], sources=pending["source"],
-                        meta={self.meta_key: state})
-        else:
-            self.kb.update_meta({self.meta_key: state})
+        try:
+            if n:
+                lab = torch.tensor(pending["label"], dtype=torch.int64)
+                self.kb.add(torch.cat(pending["key"]), torch.cat(pending["image"]), torch.cat(pending["text"]),
+                            labels=lab, captions=pending["caption"], sources=pending["source"],
+                            meta={self.meta_key: state})
+            else:
+                self.kb.update_meta({self.meta_key: state})
+        except BaseException:
+            # interrupted after the commit (add() updates the index after it): the records are in, so the
+            # interrupt handler must not write them a second time
+            if (self.kb.user_meta.get(self.meta_key) or {}).get("updated") == state["updated"]:
+                self._committed(state, pending)
+            raise
+        self._committed(state, pending)
+        log.info("committed %d records; source position %d/%d", n, pos, len(self.source.refs))
+
+    def _committed(self, state: dict[str, Any], pending: dict[str, list]) -> None:
         self.state = state
         for v in pending.values():
             v.clear()
-        log.info("committed %d records; source position %d/%d", n, pos, len(self.source.refs))

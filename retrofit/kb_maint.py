@@ -106,13 +106,16 @@ class KBIndexMixin:
             if have:
                 index.add_with_ids(np.concatenate(buf_x), np.concatenate(buf_ids))
                 bar.update(have)
-        self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
+        ef = None
         if tune:
             hx = np.concatenate(held_x)
-            self._ef, self._tuned_recall = tune_ef_search(index, self._cfg, queries=hx)
+            ef = tune_ef_search(index, self._cfg, queries=hx)
             index.add_with_ids(hx, np.concatenate(held_ids))
-        else:
-            self._ef, self._tuned_recall = self._pick_ef()
+        # the handle takes the new index only now, complete: an interrupt above (Ctrl-C while tuning) left it the
+        # old one, whole, and the next add or open rebuilds (it took the index before the held-out records were
+        # added back, and saved it without them)
+        self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
+        self._ef, self._tuned_recall = ef if ef is not None else self._pick_ef()
         log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
                  time.perf_counter() - t0, self._ef)
         self._gpu_cache.clear()
@@ -146,11 +149,7 @@ class KBIndexMixin:
             return
         if self._mapped:  # never add to a mapped index: faiss would abort
             raise AssertionError("internal: writer holds a memory-mapped index")
-        added = 0
-        for ids, x in self._live_keys(self._main_next, self._meta["next_id"]):
-            self._main.add_with_ids(x, ids)
-            added += len(ids)
-        self._main_next = self._meta["next_id"]
+        added = self._add_chunks(self._main, "_main_next")
         self._unsaved += added
         self._gpu_cache.clear()
         if self._bulk == 0 and self._unsaved >= max(4096, self._main.ntotal // 4):
@@ -160,10 +159,30 @@ class KBIndexMixin:
         """Readers: exact search over records newer than the index file (never touches a mapped index)."""
         if self._delta is None:
             self._delta = build_index("flat", self.key_dim, self._cfg)
-        for ids, x in self._live_keys(start, self._meta["next_id"]):
-            self._delta.add_with_ids(x, ids)
-        self._delta_next = self._meta["next_id"]
+        self._delta_next = start
+        self._add_chunks(self._delta, "_delta_next")
         self._gpu_cache.clear()
+
+    def _add_chunks(self, index: Any, upto_attr: str) -> int:
+        """Add the live records from ``self.<upto_attr>`` on to ``index`` chunk by chunk, moving the attribute past
+        each chunk as it goes in, so that an interrupt (Ctrl-C) between chunks leaves the handle's index and its
+        "ids below this are in" mark in step (a second catch-up added the chunks in before the interrupt again:
+        the same id twice in one result row, saved with the index). Returns the count added."""
+        end, added, cur, before = self._meta["next_id"], 0, None, index.ntotal
+        try:
+            for ids, x in self._live_keys(getattr(self, upto_attr), end):
+                cur = ids
+                index.add_with_ids(x, ids)
+                added += len(ids)
+                setattr(self, upto_attr, int(ids[-1]) + 1)
+                cur = None
+            setattr(self, upto_attr, end)
+        finally:
+            # interrupted between a chunk's add and the mark: the index's count says whether the chunk went in
+            if cur is not None and index.ntotal - before == added + len(cur):
+                added += len(cur)
+                setattr(self, upto_attr, int(cur[-1]) + 1)
+        return added
 
     def flush(self) -> None:
         """Write the in-memory index to disk atomically (writers; done automatically at close and bulk exit)."""

@@ -8,6 +8,7 @@ A mixin of :class:`retrofit.knowledge_base.KnowledgeBase`; it relies on the attr
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from retrofit.errors import KnowledgeBaseError
 
 __all__ = ["KBWriteMixin"]
+
+log = logging.getLogger(__name__)
 
 
 def _as_2d(name: str, x: Any, n: int | None, dim: int) -> np.ndarray:
@@ -99,17 +102,21 @@ class KBWriteMixin:
             rows = np.concatenate([(k / norms).astype(np.float32), im, tx], axis=1).astype(dt)  # (N, Dk+Di+Dt)
         if not np.isfinite(rows).all():
             raise ValueError(f"values exceed the {dt.name} range (max {np.finfo(dt).max:g}); nothing was added")
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            start = m["next_id"]
-            self._rec.append(txn, start, rows, lab, texts)
-            m["next_id"] += n
-            m["count"] += n
-            m["generation"] += 1
-            if meta:
-                m["user_meta"].update(meta)
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
+        try:
+            with self._rec.env.begin(write=True) as txn:
+                m = self._rec.read_meta(txn)
+                start = m["next_id"]
+                self._rec.append(txn, start, rows, lab, texts)
+                m["next_id"] += n
+                m["count"] += n
+                m["generation"] += 1
+                if meta:
+                    m["user_meta"].update(meta)
+                self._rec.write_meta(txn, m)
+            self._meta = self._rec.meta = m
+        except BaseException:
+            self._sync_meta()  # an interrupt can land just after the commit: the handle must know it happened
+            raise
         if self._bulk == 0:
             self._catch_up()
         return torch.arange(start, start + n, dtype=torch.int64)
@@ -118,12 +125,23 @@ class KBWriteMixin:
         """Merge ``meta`` into :attr:`user_meta` (one transaction)."""
         self._check_writable()
         check_meta(meta, "meta")
-        with self._rec.env.begin(write=True) as txn:
-            m = self._rec.read_meta(txn)
-            m["user_meta"].update(meta)
-            m["generation"] += 1
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
+        try:
+            with self._rec.env.begin(write=True) as txn:
+                m = self._rec.read_meta(txn)
+                m["user_meta"].update(meta)
+                m["generation"] += 1
+                self._rec.write_meta(txn, m)
+            self._meta = self._rec.meta = m
+        except BaseException:
+            self._sync_meta()
+            raise
+
+    def _sync_meta(self) -> None:
+        """Re-read the committed metadata (after a write that failed or was interrupted, perhaps after its commit)."""
+        try:
+            self._meta = self._rec.meta = self._rec.read_meta()
+        except Exception:  # the original error is the one to report
+            log.debug("could not re-read the metadata after a failed write", exc_info=True)
 
     def delete(self, ids: torch.Tensor | list[int]) -> None:
         """Tombstone records (filtered from search at once; :meth:`compact` rebuilds the index without them)."""

@@ -646,3 +646,32 @@ def test_a_source_without_captions_is_told_the_fix_for_its_kind(tmp_path, mini_s
                                          r"the shards, or build without captions \(--allow-missing-captions"):
         build_kb(str(tmp_path / "nocap-000000.tar"), tmp_path / "kb", **encoders, **FAST)
     assert not (tmp_path / "kb").exists()
+
+
+def test_ctrl_c_after_a_commit_of_kb_add_writes_nothing_twice(tmp_path, mini_samples, cifar_classes, encoders,
+                                                              monkeypatch):  # noqa: F811
+    """Found by a crash soak: Ctrl-C while add() updated the index, after the LMDB commit, made the builder's
+    interrupt handler commit the same records again (duplicates, kept by the resume)."""
+    import retrofit.kb_maint as km
+
+    write_shard(tmp_path / "a.tar", mini_samples[0:40])
+    write_shard(tmp_path / "b.tar", mini_samples[40:100])
+    kw = dict(**encoders, **FAST, class_names=cifar_classes)
+    build_kb(str(tmp_path / "a.tar"), tmp_path / "kb", **kw)
+    real, calls = km.KBIndexMixin._catch_up, [0]
+
+    def catch_up(self):
+        real(self)
+        calls[0] += 1
+        if calls[0] == 2:  # the second commit's records are in (and indexed): then the Ctrl-C lands
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(km.KBIndexMixin, "_catch_up", catch_up)
+    with pytest.raises(KeyboardInterrupt):
+        add_to_kb(tmp_path / "kb", str(tmp_path / "b.tar"), **{**kw, "batch_size": 16}, commit_every=16)
+    monkeypatch.undo()
+    sources = [r["source"] for r in _records(tmp_path / "kb")]
+    assert len(sources) == len(set(sources)) == 40 + 32  # two commits of 16, each once
+    add_to_kb(tmp_path / "kb", str(tmp_path / "b.tar"), **{**kw, "batch_size": 16}, commit_every=16)  # resume
+    sources = [r["source"] for r in _records(tmp_path / "kb")]
+    assert len(sources) == len(set(sources)) == 100
