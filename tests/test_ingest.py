@@ -648,8 +648,8 @@ def test_a_source_without_captions_is_told_the_fix_for_its_kind(tmp_path, mini_s
     assert not (tmp_path / "kb").exists()
 
 
-def test_ctrl_c_after_a_commit_of_kb_add_writes_nothing_twice(  # noqa: F811
-        tmp_path, mini_samples, cifar_classes, encoders, monkeypatch):
+def test_kb_add_ctrl_c_after_a_commit_adds_nothing_twice(tmp_path, mini_samples, cifar_classes, encoders,  # noqa: F811
+                                                         monkeypatch):
     """Found by a crash soak: Ctrl-C while add() updated the index, after the LMDB commit, made the builder's
     interrupt handler commit the same records again (duplicates, kept by the resume)."""
     import retrofit.kb_maint as km
