@@ -112,9 +112,20 @@ class RecordStore:
                 data = self.path / "data.mdb"
                 if not create and data.stat().st_size < 2 * 4096:  # not even LMDB's two meta pages
                     raise CorruptKnowledgeBaseError(_unreadable(self.path, f"{data.stat().st_size} bytes"))
+                opts = dict(map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create, readahead=False,
+                            max_readers=_MAX_READERS)
                 try:
-                    env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create,
-                                    lock=True, readahead=False, max_readers=_MAX_READERS)
+                    try:
+                        env = lmdb.open(str(self.path), lock=True, **opts)
+                    except lmdb.ReadonlyError:
+                        if not ro:
+                            raise
+                        # a KB this user may only read (another user's, read-only media): LMDB cannot write its
+                        # lock file, so read without it, as LMDB allows for read-only media
+                        env = lmdb.open(str(self.path), lock=False, **opts)
+                        log.warning("%s: opened without LMDB's reader lock (%s/lock.mdb is not writable by this "
+                                    "user): reads are exact only while no other process writes the knowledge base",
+                                    self.path.parent, self.path)
                 except _damage_errors(lmdb) as e:
                     raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
                 if not create:  # a truncated file: reading a page past its end would kill the process (SIGBUS)

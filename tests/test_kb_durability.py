@@ -757,3 +757,49 @@ def test_an_interrupted_index_update_leaves_a_handle_that_keeps_working(tmp_path
     rows = kb.search(q, 4).ids
     assert all(len(set(r.tolist())) == 4 for r in rows) and rows[:, 0].tolist() == [100, 101]
     kb.close()
+
+
+def test_a_kb_this_user_may_only_read_is_readable(tmp_path):
+    """Found by a crash soak: a KB whose files the user cannot write (another user's; README: open it read-only)
+    could not even be read: every read command died with lmdb.ReadonlyError (LMDB writes its lock file)."""
+    import shutil
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    if as_root and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no way to be a user who cannot write")
+    where = tempfile.mkdtemp(prefix="retrofit-ro-")  # (pytest's tmp_path is private to its user)
+    try:
+        os.chmod(where, 0o755)
+        kb = KnowledgeBase.create(os.path.join(where, "kb"), DK, DI, DT, index="flat")
+        kb.add(torch.randn(20, DK), torch.zeros(20, DI), torch.zeros(20, DT), labels=torch.arange(20) % 3)
+        kb.close()
+        code = textwrap.dedent("""
+            import sys
+            from retrofit.errors import KnowledgeBaseError
+            from retrofit.knowledge_base import KnowledgeBase
+            with KnowledgeBase.open(sys.argv[1]) as kb:
+                print("read", len(kb), kb.search(kb.vectors([3], "key"), 1).ids.tolist(), kb.verify()["ok"])
+            try:
+                KnowledgeBase.open(sys.argv[1], readonly=False)
+            except KnowledgeBaseError as e:
+                print("write refused:", e)
+        """)
+        if as_root:  # nobody cannot write root's files
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
+        else:
+            for dirpath, _, files in os.walk(where):
+                os.chmod(dirpath, 0o555)
+                for f in files:
+                    os.chmod(os.path.join(dirpath, f), 0o444)
+            argv = [sys.executable, "-c", code]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.run([*argv, os.path.join(where, "kb")], capture_output=True, text=True, timeout=120,
+                           env=env, cwd=where)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "read 20 [[3]] True" in p.stdout and "opened without LMDB's reader lock" in p.stderr
+        assert "write refused:" in p.stdout and "open it read-only" in p.stdout
+    finally:
+        for dirpath, _, _ in os.walk(where):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(where, ignore_errors=True)
