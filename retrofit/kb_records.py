@@ -19,6 +19,7 @@ Every read copies out of the ``buffers=True`` views while the transaction is sti
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -196,6 +197,24 @@ class RecordStore:
             return self.env.begin(**kw)
         except self._readers_full as e:
             raise KnowledgeBaseError(self._readers_full_message()) from e
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        """A write transaction, committed when the block exits. LMDB failing to write it (a full disk, a file-size
+        limit or a failing device: LMDB reports a short write as an I/O error) is a :class:`KnowledgeBaseError`
+        saying that nothing of it was committed; the knowledge base stays as it was."""
+        import lmdb
+
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.ReadersFullError:
+            raise
+        except lmdb.Error as e:
+            raise KnowledgeBaseError(
+                f"writing to {self.path.parent} failed ({e}); a full disk, a file-size limit (ulimit -f) or a "
+                "failing device gives this. Nothing of this write was committed and the knowledge base is as it "
+                "was: free space and run it again (`retrofit kb verify` checks the records)") from e
 
     def read_meta(self, txn=None) -> dict[str, Any]:
         """The committed metadata (checked: schema version and checksum)."""

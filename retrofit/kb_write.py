@@ -103,7 +103,7 @@ class KBWriteMixin:
         if not np.isfinite(rows).all():
             raise ValueError(f"values exceed the {dt.name} range (max {np.finfo(dt).max:g}); nothing was added")
         try:
-            with self._rec.env.begin(write=True) as txn:
+            with self._rec.write() as txn:
                 m = self._rec.read_meta(txn)
                 start = m["next_id"]
                 self._rec.append(txn, start, rows, lab, texts)
@@ -126,7 +126,7 @@ class KBWriteMixin:
         self._check_writable()
         check_meta(meta, "meta")
         try:
-            with self._rec.env.begin(write=True) as txn:
+            with self._rec.write() as txn:
                 m = self._rec.read_meta(txn)
                 m["user_meta"].update(meta)
                 m["generation"] += 1
@@ -149,7 +149,7 @@ class KBWriteMixin:
         a = np.unique(self._check_ids(ids))
         if a.size == 0:
             return
-        with self._rec.env.begin(write=True) as txn:
+        with self._rec.write() as txn:
             m = self._rec.read_meta(txn)
             from retrofit.kb_records import ckey
 
@@ -173,7 +173,7 @@ class KBWriteMixin:
         cfg = self._cfg if hnsw_storage is None else replace(self._cfg, hnsw_storage=hnsw_storage)  # validates
 
         C, nxt = self._rec.chunk, self._meta["next_id"]
-        with self._rec.env.begin(write=True) as txn:
+        with self._rec.write() as txn:
             m = self._rec.read_meta(txn)
             dead_per_chunk = np.bincount(self._deleted // C, minlength=(nxt + C - 1) // C)
             last = (nxt - 1) // C

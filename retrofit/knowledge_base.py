@@ -83,7 +83,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         try:
             self._rec = RecordStore(self.path / "records", readonly=readonly, create=_create is not None)
             if _create is not None:
-                with self._rec.env.begin(write=True) as txn:
+                with self._rec.write() as txn:
                     self._rec.write_meta(txn, _create)
             self._load_retrying()
         except BaseException:

@@ -803,3 +803,31 @@ def test_a_kb_this_user_may_only_read_is_readable(tmp_path):
         for dirpath, _, _ in os.walk(where):
             os.chmod(dirpath, 0o755)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_write_the_disk_refuses_is_a_clear_error_and_commits_nothing(tmp_path):
+    """Found by a crash soak (a file-size limit standing in for a full disk): the write failed with a raw
+    lmdb.Error 'mdb_txn_commit: Input/output error' (LMDB's word for a short write) and the CLI's traceback."""
+    code = textwrap.dedent(f"""
+        import resource, signal, sys, torch
+        from retrofit.errors import KnowledgeBaseError
+        from retrofit.knowledge_base import KnowledgeBase
+        kb = KnowledgeBase.create(sys.argv[1], 64, 64, 64, index="flat")
+        kb.add(torch.randn(100, 64), torch.randn(100, 64), torch.randn(100, 64))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+        try:
+            kb.add(torch.randn(40000, 64), torch.randn(40000, 64), torch.randn(40000, 64))  # ~15 MB of records
+        except KnowledgeBaseError as e:
+            print("refused:", e)
+        print("records", len(kb))
+    """)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kb")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "refused: writing to" in p.stdout and "Nothing of this write was committed" in p.stdout, p.stdout
+    assert "records 100" in p.stdout
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as kb:  # as it was, and writable again
+        assert len(kb) == 100 and kb.verify()["ok"]
+        kb.add(torch.randn(10, 64), torch.randn(10, 64), torch.randn(10, 64))
+        assert len(kb) == 110
