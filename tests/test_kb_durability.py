@@ -808,7 +808,7 @@ def test_a_kb_this_user_may_only_read_is_readable(tmp_path):
 def test_a_write_the_disk_refuses_is_a_clear_error_and_commits_nothing(tmp_path):
     """Found by a crash soak (a file-size limit standing in for a full disk): the write failed with a raw
     lmdb.Error 'mdb_txn_commit: Input/output error' (LMDB's word for a short write) and the CLI's traceback."""
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import resource, signal, sys, torch
         from retrofit.errors import KnowledgeBaseError
         from retrofit.knowledge_base import KnowledgeBase
