@@ -92,9 +92,11 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         track(self)
         if (missing := self._unindexed()) and _create is None:
             log.warning("%s: %d of its %d live records are not in the index (record chunks damaged on disk were left "
-                        "out when the index was rebuilt): searches never return them. `retrofit kb verify %s` names "
-                        "the chunks; restore the knowledge base from a copy to get them back", self.path, missing,
-                        len(self), self.path)
+                        "out when the index was rebuilt, or an index update interrupted under retrofit < 23 Nov 2026 "
+                        "was saved): searches never return them. `retrofit kb verify %s` names damaged chunks "
+                        "(restore the knowledge base from a copy to get them back); when it finds none, `retrofit kb "
+                        "compact %s` rebuilds the index from the records", self.path, missing, len(self), self.path,
+                        self.path)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -58,8 +58,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     if idx["unindexed_records"]:
         lines.append(("NOT INDEXED", f"{idx['unindexed_records']} live records are in no index (damaged record "
-                                     "chunks left out): searches never return them; `retrofit kb verify "
-                                     f"{args.path}` names the chunks"))
+                                     "chunks left out, or an interrupted index update saved): searches never "
+                                     f"return them; `retrofit kb verify {args.path}` names damaged chunks; if "
+                                     f"none, `retrofit kb compact {args.path}` rebuilds the index"))
     if b["records_free"] >= max(1 << 16, b["records"] // 10):  # worth mentioning
         lines.append(("free space", f"{_human(b['records_free'])} of the record file is free (deleted records, "
                                     "rewritten chunks): "
