@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 
 import torch
@@ -134,11 +135,11 @@ def _check_mask(key_mask: object, q: torch.Tensor) -> None:
 
 
 def _check_scale(scale: object) -> float | None:
-    """``scale``: None (1/sqrt(Dh)) or a finite real number. A tensor is refused: the fused kernel would take its
-    value and drop its gradient, silently (the reference differentiates it), and the native path cannot take it."""
+    """``scale``: None (1/sqrt(Dh)) or a finite real number (numpy scalars too). A tensor is refused: the fused
+    kernel would take its value and drop its gradient, silently, where the reference differentiates it."""
     if scale is None:
         return None
-    if isinstance(scale, torch.Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, torch.Tensor) or isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         what = f"a tensor ({scale.dtype}, requires_grad={scale.requires_grad})" if isinstance(scale, torch.Tensor) \
             else repr(scale)
         raise TypeError(f"cross_fusion_attention: scale must be a Python number or None (1/sqrt(Dh)), got {what}; "

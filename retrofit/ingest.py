@@ -195,14 +195,14 @@ def _encoders(cfg: BuildConfig, image: ImageEncoder | str | None, text: TextEnco
     return img, txt, k
 
 
-def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: TextEncoder) -> Any:
+def _caption_labeller(cfg: BuildConfig, class_names: list[str] | None, txt: TextEncoder, guessed: bool = False) -> Any:
     """The CaptionLabeller of a ``caption_labels`` build (None otherwise); bad settings raise before any work."""
     if not cfg.caption_labels:
         if cfg.class_synonyms or cfg.class_descriptions:
             raise ValueError("class_synonyms / class_descriptions are only used with caption_labels=True "
                              "(--labels-from-captions)")
         return None
-    if not class_names or not cfg.class_names:  # given (or the KB's): not guessed from a few labelled rows
+    if not class_names or guessed:  # given, the KB's or the source's own: not guessed from a few labelled rows
         raise ValueError("caption_labels needs the class names to recognise in captions: pass class_names "
                          "(--classes)")
     syn, desc = cfg.class_synonyms or {}, cfg.class_descriptions or {}
@@ -269,6 +269,10 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         with KnowledgeBase.open(path) as kb0:
             if cfg.class_names is None:
                 cfg.class_names = kb0.class_names
+            if cfg.class_names is None and src.classes_guessed:
+                raise ValueError(f"the labels of {src.location} are class names, but {path} has no class list (its "
+                                 "labels are numbers whose names it does not know): pass the class names in the "
+                                 "order of its numbering (--classes FILE|A,B,...; class_names=[...] in Python)")
             recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
         # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026).
         # A BuildConfig encoder field counts as named only when it differs from BuildConfig's default.
@@ -287,7 +291,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                     "labels from the captions", src.location)
     t_load = time.perf_counter()
     img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
-    labeller = _caption_labeller(cfg, class_names, txt)
+    labeller = _caption_labeller(cfg, class_names, txt, guessed=cfg.class_names is None and src.classes_guessed)
     load_s = time.perf_counter() - t_load  # loading encoders given by spec: not part of the rate
     fp = KBFingerprint(key=(key or img).fingerprint, image=img.fingerprint, text=txt.fingerprint)
     build_id = _build_id(mode, src, cfg, fp, class_names)

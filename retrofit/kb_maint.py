@@ -171,6 +171,8 @@ class KBIndexMixin:
         end, added, cur, before = self._meta["next_id"], 0, None, index.ntotal
         try:
             for ids, x in self._live_keys(getattr(self, upto_attr), end):
+                if not len(ids):  # a chunk (or its tail) whose records are all deleted
+                    continue
                 cur = ids
                 index.add_with_ids(x, ids)
                 added += len(ids)

@@ -55,6 +55,9 @@ class Source:
     refs: list[SampleRef]  # samples in build order
     class_names: list[str] | None = None  # names of integer labels (index -> name), when known
     options: dict[str, Any] = field(default_factory=dict)  # settings that change the records (for resume checks)
+    # class_names is the sorted set of the labels' names (a manifest of names without a class list), not a list
+    # the data came with: a knowledge base that numbers its labels otherwise must not read them by it
+    classes_guessed: bool = False
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -254,19 +257,20 @@ def _column(rows: list[dict[str, Any]], given: str | None, role: str, path: Path
 
 
 def manifest_source(path: str | Path, image_col: str | None = None, caption_col: str | None = None,
-                    label_col: str | None = None, root: str | Path | None = None) -> Source:
+                    label_col: str | None = None, root: str | Path | None = None, captions: bool = True) -> Source:
     """Rows of a CSV / TSV / JSONL / Parquet manifest with an image path (relative to ``root``, default the
     manifest's folder), a caption and a label (class index or name) column. A column not named is found by its
     usual names: ``image`` (or ``path``, ``filepath``, ``filename``, ``file`` ...), ``caption`` (or ``text``,
     ``title``, ``description``) and ``label`` (or ``class``, ``category``, ``target`` ...); captions and labels
-    are optional."""
+    are optional. ``captions=False``: captions are not read (training and evaluation data), so no caption column
+    is looked for."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} not found")
     rows = _read_rows(path)
     base = Path(root) if root is not None else path.parent
     image_col = _column(rows, image_col, "image", path)
-    caption_col = _column(rows, caption_col, "caption", path)
+    caption_col = _column(rows, caption_col, "caption", path) if captions else None
     label_col = _column(rows, label_col, "label", path)
     refs = []
     for n, row in enumerate(rows):
@@ -287,15 +291,18 @@ def manifest_source(path: str | Path, image_col: str | None = None, caption_col:
         else:
             label = str(raw)
         refs.append(SampleRef(f"{path.name}:{n}", img_path, None if cap is None else str(cap), label))
-    opts = {"columns": [image_col, caption_col, label_col]}
+    # (a column not found is recorded under its default name, as before columns were looked for: build ids, which
+    # hash these options, stay those of builds started before)
+    opts = {"columns": [image_col, caption_col or "caption", label_col or "label"]}
     names = None
-    if not any(isinstance(r.label, int) for r in refs):  # class names only: their sorted set is the class list
-        spelled = {_norm(r.label): r.label for r in refs if isinstance(r.label, str)}  # (as an ImageFolder's folders)
+    if not any(isinstance(r.label, int) and r.label != -1 for r in refs):  # names (or -1, unknown) only: their
+        # sorted set is the class list, as an ImageFolder's folders are
+        spelled = {_norm(r.label): r.label for r in refs if isinstance(r.label, str)}
         if spelled:
             names = sorted(spelled.values())
             log.info("manifest %s: %d classes named in its labels, in sorted order (pass class_names / --classes to "
                      "give the classifier's own order)", path.name, len(names))
-    return Source("manifest", str(path), refs, names, opts)
+    return Source("manifest", str(path), refs, names, opts, classes_guessed=names is not None)
 
 
 def open_source(spec: str | Path, **kwargs: Any) -> Source:

@@ -489,6 +489,7 @@ def test_host_auto_keeps_the_models_classifier_only_for_the_datas_classes(tmp_pa
     assert named.class_names == ["cat", "dog", "fox", "owl"] and unnamed.class_names is None
     capsys.readouterr()
     assert _host_mode("auto", named, ["cat", "dog", "fox", "owl"]) == "model"
+    assert _host_mode("auto", named, ["Cat", "dog", "Fox", "owl"]) == "model"  # matched as labels are: no case
     assert capsys.readouterr().err == ""
     assert _host_mode("auto", named, ["dog", "cat", "fox", "owl"]) == "probe"
     err = capsys.readouterr().err
@@ -521,8 +522,9 @@ def test_integer_labels_read_in_the_kbs_class_order_are_announced(setup, tmp_pat
     assert main([*argv, "--classes", str(tmp_path / "c.txt")]) == 1  # the user's own list: nothing to say
     assert "class numbers without names" not in capsys.readouterr().err
     # a manifest's own column names: train / eval / calibrate take --image-column / --label-column (the error
-    # told the user to pass --image-column, which only `kb build` had)
-    (tmp_path / "m2.csv").write_text("pic,cls\n0.jpg,0\n1.jpg,1\n2.jpg,2\n")
+    # told the user to pass --image-column, which only `kb build` had); they read no captions, so two
+    # caption-like columns are no reason to refuse the manifest
+    (tmp_path / "m2.csv").write_text("pic,cls,title,description\n0.jpg,0,a,b\n1.jpg,1,a,b\n2.jpg,2,a,b\n")
     argv[4] = str(tmp_path / "m2.csv")
     assert main(argv) == 1
     assert "has no image path column" in capsys.readouterr().err

@@ -122,6 +122,10 @@ def test_a_tensor_or_non_finite_scale_is_refused_and_the_output_takes_the_residu
     want = run(cross_fusion_attention_reference, proj_i, proj_t, res_i, res_t, mask, scale=0.5)
     got = run(cross_fusion_attention, proj_i, proj_t, res_i, res_t, mask, scale=0.5)  # an int or float is taken
     torch.testing.assert_close(got[0], want[0])
+    import numpy as np
+
+    got = run(cross_fusion_attention, proj_i, proj_t, res_i, res_t, mask, scale=np.float32(0.5))  # numpy too
+    torch.testing.assert_close(got[0], want[0])
     r32_i, r32_t = res_i.detach().float().requires_grad_(), res_t.detach().float().requires_grad_()
     for fn in (cross_fusion_attention_reference, cross_fusion_attention_native, cross_fusion_attention):
         new_i, new_t = run(fn, proj_i, proj_t, r32_i, r32_t, mask)[:2]

@@ -675,3 +675,35 @@ def test_kb_add_ctrl_c_after_a_commit_adds_nothing_twice(tmp_path, mini_samples,
     add_to_kb(tmp_path / "kb", str(tmp_path / "b.tar"), **{**kw, "batch_size": 16}, commit_every=16)  # resume
     sources = [r["source"] for r in _records(tmp_path / "kb")]
     assert len(sources) == len(set(sources)) == 100
+
+
+def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini_samples, cifar_classes,  # noqa: F811
+                                                                  encoders):
+    """Found by a review of the class-list inference for manifests of class names: (a) added to a KB that numbers
+    its labels without names, the manifest's sorted names numbered cats 0 and dogs 1, silently; (b) caption
+    labelling refused the class list a webdataset source brings (classes.json)."""
+    import csv
+
+    img = tmp_path / "img"
+    img.mkdir()
+    rows = []
+    for s in mini_samples[:20]:
+        (img / f"{s['key']}.jpg").write_bytes(s["jpg"])
+        rows.append({"image": f"img/{s['key']}.jpg", "caption": s["caption"] or "x", "label": s["label"]})
+    with open(tmp_path / "ints.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "caption", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    s = build_kb(str(tmp_path / "ints.csv"), tmp_path / "kb", **encoders, **FAST)  # numbers, no class list
+    assert s.written == 20
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        assert kb.class_names is None
+    names = make_manifest(tmp_path / "names", mini_samples[20:30], cifar_classes)  # labels 'cat', 'dog', ...
+    with pytest.raises(ValueError, match=r"are class names, but .*kb has no class list .*--classes"):
+        add_to_kb(tmp_path / "kb", str(names), **encoders, **FAST)
+    assert len(_records(tmp_path / "kb")) == 20
+    assert add_to_kb(tmp_path / "kb", str(names), **encoders, **FAST, class_names=cifar_classes).written == 10
+    # (b) a webdataset's classes.json is the data's own list: caption labelling takes it
+    web = make_shards(tmp_path / "web", [dict(m, label=-1) for m in mini_samples[:12]], cifar_classes, n=1)
+    s = build_kb(web, tmp_path / "kb_web", **encoders, **FAST, caption_labels=True)
+    assert s.written == 12 and s.extra["labels_from_captions"] > 0

@@ -831,3 +831,18 @@ def test_a_write_the_disk_refuses_is_a_clear_error_and_commits_nothing(tmp_path)
         assert len(kb) == 100 and kb.verify()["ok"]
         kb.add(torch.randn(10, 64), torch.randn(10, 64), torch.randn(10, 64))
         assert len(kb) == 110
+
+
+def test_a_catch_up_over_a_chunk_whose_records_are_all_deleted(tmp_path):
+    """Found by a review: the interrupt-safe catch-up took the last id of each chunk it added, and a chunk with no
+    live record left (added and deleted before the index caught up) made every open of the KB fail (IndexError),
+    kb compact included."""
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT, index="flat", chunk_records=16)
+    kb.add(torch.randn(32, DK), torch.zeros(32, DI), torch.zeros(32, DT))
+    with kb.bulk():  # index updates deferred to the end of the block
+        kb.add(torch.randn(32, DK), torch.zeros(32, DI), torch.zeros(32, DT))  # ids 32..63: chunks 2 and 3
+        kb.delete(list(range(32, 48)))  # chunk 2 has no live record now
+    assert len(kb) == 48 and kb.search(kb.vectors([50], "key"), 1).ids.tolist() == [[50]]
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert len(r) == 48 and r.search(r.vectors([60], "key"), 1).ids.tolist() == [[60]]

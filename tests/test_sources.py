@@ -380,6 +380,20 @@ def test_manifest_and_label_edge_cases(tmp_path, mini_samples, cifar_classes):
                                          "with --image-column"):
         manifest_source(two)
     assert len(manifest_source(two, image_col="filename")) == 4
+    # a column not found is recorded under its default name, as before columns were looked for: build ids hash
+    # these options, and a build started before (a web manifest without labels) must resume, not be refused
+    assert manifest_source(unlabelled).options["columns"] == ["filename", "caption", "label"]
+    # training / evaluation data do not read captions: two caption-like columns are no reason to refuse them
+    titled = tmp_path / "titled.csv"
+    titled.write_text("image,label,title,description\n" + "".join(f"{r['image']},0,t,d\n" for r in rows))
+    with pytest.raises(ValueError, match="could each be the caption column"):
+        manifest_source(titled)
+    assert [r.caption for r in manifest_source(titled, captions=False).refs] == [None] * 4
+    # -1 (unknown) among class names still lets the names give the class list
+    neg = tmp_path / "neg.csv"
+    neg.write_text("image,label\n" + "".join(f"{r['image']},{'-1' if i == 0 else 'cat'}\n"
+                                              for i, r in enumerate(rows)))
+    assert map_labels(manifest_source(neg), None) == ([-1, 0, 0, 0], ["cat"])
     none = tmp_path / "none.csv"
     none.write_text("picture,label\n" + "".join(f"{r['image']},0\n" for r in rows))
     with pytest.raises(ValueError, match=r"has no image path column \(looked for \['image', 'path'.*--image-column"):

@@ -46,7 +46,7 @@ def _source(spec: str, args: argparse.Namespace | None = None) -> Any:
         raise FileNotFoundError(f"data {s!r} not found; give webdataset shards (.tar, brace patterns allowed), an "
                                 "ImageFolder directory or a .csv/.jsonl/.parquet manifest")
     if Path(s).is_file() and Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
-        return manifest_source(s, **(manifest_columns(args) if args is not None else {}))
+        return manifest_source(s, captions=False, **(manifest_columns(args) if args is not None else {}))
     return open_source(s)
 
 
@@ -72,14 +72,16 @@ def _host_mode(mode: str, host: Any, classes: list[str]) -> str:
     """``--host auto`` -> "model" when the model's own classifier predicts the data's classes, else "probe";
     an explicit ``--host model`` whose classifier predicts other classes is refused."""
     from retrofit.errors import RetrofitError
+    from retrofit.sources import _norm  # names compare as labels are matched: case, underscores, spaces folded
 
     C, theirs = len(classes), getattr(host, "class_names", None)
     named = theirs is not None and len(theirs) == C
-    other = named and [str(n) for n in theirs] != [str(n) for n in classes]
+    other = named and [_norm(str(n)) for n in theirs] != [_norm(n) for n in classes]
     if named and other:
-        i = next(j for j, (a, b) in enumerate(zip(theirs, classes)) if str(a) != str(b))
+        i = next(j for j, (a, b) in enumerate(zip(theirs, classes)) if _norm(str(a)) != _norm(b))
+        same = sorted(_norm(str(n)) for n in theirs) == sorted(_norm(n) for n in classes)
         what = (f"model {host.spec!r} names its output {i} {theirs[i]!r}, the data's class {i} is {classes[i]!r}"
-                + (" (the same classes in another order)" if sorted(map(str, theirs)) == sorted(classes) else ""))
+                + (" (the same classes in another order)" if same else ""))
     if mode == "auto":
         if host.num_classes != C:
             return "probe"
