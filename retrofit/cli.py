@@ -74,6 +74,14 @@ def _chosen(args: argparse.Namespace) -> argparse.ArgumentParser | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the parser imports the commands (a Ctrl-C right after the start)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # an unknown option: the command's own usage, not the top level's

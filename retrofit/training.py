@@ -12,10 +12,14 @@ adds (the label vote's scatter_add) can change the last bits from one process to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +75,25 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if not self.lr > 0:
+        def number(name: str) -> float:  # NaN passed every comparison below (nan < 0 is False), inf some
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
+            return v
+
+        if not number("lr") > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
+        if not 0.0 <= number("label_smoothing") < 1.0:
             raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.mixup_alpha < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ValueError("TrainConfig.mixup_alpha, warmup_epochs and weight_decay must be >= 0, got "
-                             f"{self.mixup_alpha}, {self.warmup_epochs}, {self.weight_decay}")
+        for name in ("mixup_alpha", "warmup_epochs", "weight_decay"):
+            if number(name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        number("tau_la")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.class_balance, (int, float)) or not 0.0 <= self.class_balance <= 1.0:
             raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
@@ -241,6 +257,11 @@ def train(
     if (features.labels < 0).any():
         raise ValueError("training labels must all be known (>= 0)")
     for name, f in (("training", features), ("validation", val_features)):
+        if f is not None and not bool(torch.isfinite(f.z).all()):  # (training said "lower the learning rate";
+            bad = torch.nonzero(~torch.isfinite(f.z).all(dim=1)).flatten()  # validation scored NaN rows silently)
+            raise ValueError(f"the {name} features (embeddings z) hold NaN or inf in {len(bad)} of {len(f.z)} rows "
+                             f"(first: {bad[:5].tolist()}): the backbone gave non-finite embeddings for those "
+                             "images; check them and the model (fp16 overflow?)")
         hl = None if f is None else f.host_logits
         if hl is None or bool(torch.isfinite(hl).all()):
             continue
@@ -308,7 +329,10 @@ def train(
                 ckpt.trim_log(out / "train_log.jsonl", state["epoch"], state["global_step"])
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-    logf = open(out / "train_log.jsonl", "a") if out is not None else None
+    fresh = state["epoch"] == 0 and state["step"] == 0 and not state["history"]
+    # a run from scratch starts its log anew (resumed without a checkpoint, e.g. killed before the first one, it
+    # appended to the old log: two starts, steps logged twice); a resumed one continues it
+    logf = open(out / "train_log.jsonl", "w" if fresh else "a") if out is not None else None
 
     def write_log(rec: dict[str, Any] | str) -> None:
         if logf is not None:
@@ -317,13 +341,16 @@ def train(
 
     def save(epoch: int, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
         if out is not None:
-            ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
-                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict(),
-                                              "run": ckpt.run_signature(features, head)}, rng)
+            # the head (and host layer) first, the checkpoint last: a kill between them leaves the checkpoint one
+            # epoch behind, which the resume redoes and saves again (the other order left a finished run's head/
+            # one epoch stale for good: a resume with nothing left to train never wrote it)
             if hasattr(head, "save"):  # the latest weights, loadable by RetrievalHead.load / `retrofit predict`
                 head.save(out / "head")
             if cfg.train_host:
                 ckpt.save_linear(out / "host_classifier.safetensors", host)
+            ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
+                                     scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict(),
+                                              "run": ckpt.run_signature(features, head)}, rng)
 
     result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
     if state["epoch"] == 0 and state["step"] == 0:
@@ -392,22 +419,25 @@ def train(
                 loss = soft_cross_entropy(logits, tgt, cw)
                 if not torch.isfinite(loss):
                     raise RetrofitError(f"training loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                        "lower the learning rate (--lr) or disable AMP (--no-amp)")
+                                        "lower the learning rate (--lr)"
+                                        + (" or disable AMP (--no-amp)" if use_amp else ""))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]],
                                                    cfg.grad_clip)
-                scaler.step(opt)
-                # the step is applied: counted before anything that can wait (float(loss) waits for the GPU, where
-                # a Ctrl-C lands), or a resume would apply it a second time
-                step += 1
-                state["global_step"] = g + 1
-                step_rng = None
-                ep_sum, ep_n = ep_sum + loss.detach().double() * len(idx), ep_n + len(idx)
-                unlogged = (loss.detach(), epoch, step, lr)  # the step's records, written even if interrupted now
-                scaler.update()
+                with _interrupt_after():  # a Ctrl-C waits for the step to be applied AND counted: on CPU AdamW
+                    # updates the parameters one by one, and one landing midway was saved as "before the step",
+                    # which the resume then applied a second time
+                    scaler.step(opt)
+                    # counted before anything that can wait (float(loss) waits for the GPU, where a Ctrl-C lands)
+                    step += 1
+                    state["global_step"] = g + 1
+                    step_rng = None
+                    ep_sum, ep_n = ep_sum + loss.detach().double() * len(idx), ep_n + len(idx)
+                    unlogged = (loss.detach(), epoch, step, lr)  # the step's records, written even if interrupted
+                    scaler.update()
                 seen += len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 lv = record_step(*unlogged, rate)
@@ -420,11 +450,13 @@ def train(
             if val_features is not None:
                 rec.update(_validate(head, val_features, store, host, k, cfg, table))
                 head.train()
-            state["history"].append(rec)
-            write_log(rec)
             log.info("epoch %d: %s", epoch + 1, {k_: round(v, 4) for k_, v in rec.items() if isinstance(v, float)})
-            epoch, step = epoch + 1, 0
-            state["partial"] = None
+            with _interrupt_after():  # the epoch's record and the move to the next epoch go together (an interrupt
+                # between them saved the record with the epoch still to finish: the resume recorded it twice)
+                state["history"].append(rec)
+                write_log(rec)
+                epoch, step = epoch + 1, 0
+                state["partial"] = None
             save(epoch, 0)
     except KeyboardInterrupt:
         if unlogged is not None:  # a step applied and counted, interrupted before its records were written
@@ -442,6 +474,24 @@ def train(
             p.requires_grad_(False)
         head.eval()  # trained or interrupted: the head comes back ready to serve
     return result
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: the block's updates happen all or none.
+    Only the main thread receives signals; elsewhere (and under a custom SIGINT handler) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt, exclude: torch.Tensor | None = None):

@@ -355,6 +355,11 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     (tmp_path / "reversed.txt").write_text("\n".join(names[::-1]))  # the KB's classes in another order
     for extra, says in ((["--lr", "-1"], "--lr must be > 0"), (["--dim", "30"], "divisible by --heads 4"),
                         (["--classes", str(tmp_path / "reversed.txt"), "--label-vote"], "in another order"),
+                        (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
+                        (["--seed", "-1"], "--seed must be an int in [0, 2**32)"),
+                        (["--noise-rate", "0.5"], "--noise-rate is the fraction of labels --noise flips"),
+                        (["--host", "none", "--train-host"], "--train-host trains the host classifier, but --host "
+                                                             "none"),
                         (["--device", "bogus"], "'bogus' is not a device; allowed"),
                         (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2")):
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
@@ -535,3 +540,14 @@ def test_integer_labels_read_in_the_kbs_class_order_are_announced(setup, tmp_pat
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0 and "--image-column" in capsys.readouterr().out
+
+
+def test_a_ctrl_c_while_the_commands_are_imported_is_no_traceback(monkeypatch, capsys):
+    """A Ctrl-C within the first second (the parser imports the commands) gave a raw KeyboardInterrupt traceback."""
+    import retrofit.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info"]) == 130 and "interrupted" in capsys.readouterr().err

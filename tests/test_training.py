@@ -859,3 +859,129 @@ def test_an_interrupt_while_a_step_is_logged_never_duplicates_it(data, real, tmp
     train(_head(), train_fs, cfg, store=real["store"], out_dir=out2, resume=True)
     recs = [json.loads(x) for x in (out2 / "train_log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_real_ctrl_c_inside_the_optimizer_step_waits_for_the_whole_step(data, real, tmp_path, monkeypatch):
+    """Found by a kill soak: on CPU AdamW updates the parameters one by one, and a Ctrl-C landing midway left some
+    updated, saved as 'before the step', which the resume applied again (the final head differed)."""
+    import os
+    import signal
+
+    import torch.optim.adam as adam
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has another handler here")
+    train_fs, _, _ = data
+    cfg = _cfg(epochs=2)
+    straight = _head()
+    train(straight, train_fs, cfg, store=real["store"])
+    orig, calls = adam._single_tensor_adam, {"n": 0}
+
+    def half_then_ctrl_c(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw):
+        calls["n"] += 1
+        if calls["n"] != 7:  # (2 parameter groups a step: the 4th step's first group)
+            return orig(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+        m = len(params) // 2
+        orig(params[:m], grads[:m], exp_avgs[:m], exp_avg_sqs[:m], max_exp_avg_sqs[:m], state_steps[:m], **kw)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, between two parameters' updates
+        return orig(params[m:], grads[m:], exp_avgs[m:], exp_avg_sqs[m:], max_exp_avg_sqs[m:], state_steps[m:], **kw)
+
+    monkeypatch.setattr(adam, "_single_tensor_adam", half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert state["global_step"] == 4  # the step went in whole, and was counted
+    resumed = _head(seed=99)
+    train(resumed, train_fs, cfg, store=real["store"], out_dir=tmp_path, resume=True)
+    assert _same_weights(straight, resumed)
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing in train() handles it."""
+
+
+def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the_same_run(data, real, tmp_path,
+                                                                                          monkeypatch):
+    """Found by a kill soak: (a) killed between the last epoch's checkpoint and its head save, the resume had nothing
+    left to train and left head/ one epoch stale for good; (b) killed before the first checkpoint, the resume
+    (from scratch) appended to the dead run's log: two starts, steps logged twice; (c) an interrupt right after an
+    epoch's record went into the history saved it with the epoch unfinished: the resume recorded it twice."""
+    import retrofit.train_checkpoint as ckpt
+    import retrofit.training as rt
+
+    train_fs, _, _ = data
+    cfg = _cfg(epochs=2)
+    straight = _head()
+    ref = train(straight, train_fs, cfg, store=real["store"])
+    real_save, saves = ckpt.save_training_state, {"n": 0}
+
+    def killed_at_the_last_checkpoint(*a, **kw):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise _Killed
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(ckpt, "save_training_state", killed_at_the_last_checkpoint)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "a")
+    monkeypatch.undo()
+    train(_head(seed=7), train_fs, cfg, store=real["store"], out_dir=tmp_path / "a", resume=True)
+    assert _same_weights(straight, RetrievalHead.load(tmp_path / "a" / "head"))  # head/ is the finished run's
+
+    real_dumps = json.dumps
+
+    def killed_after_step_2(obj, *a, **kw):
+        if isinstance(obj, dict) and obj.get("event") == "step" and obj.get("global_step") == 4:
+            raise _Killed  # (step 2's record is in the log; no checkpoint yet)
+        return real_dumps(obj, *a, **kw)
+
+    monkeypatch.setattr(json, "dumps", killed_after_step_2)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "checkpoints" / "last").exists()
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b", resume=True)  # from scratch
+    recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "start" for r in recs) == 1
+    assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
+
+    real_info = rt.log.info
+
+    def ctrl_c_at_epoch_1s_record(msg, *a, **kw):
+        if msg.startswith("epoch %d") and a[0] == 1:
+            raise KeyboardInterrupt
+        return real_info(msg, *a, **kw)
+
+    monkeypatch.setattr(rt.log, "info", ctrl_c_at_epoch_1s_record)
+    with pytest.raises(KeyboardInterrupt):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "c")
+    monkeypatch.undo()
+    res = train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "c", resume=True)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    assert [h["train_loss"] for h in res.history] == pytest.approx([h["train_loss"] for h in ref.history])
+
+
+def test_non_finite_features_and_settings_are_refused_before_training(data, real):
+    """NaN in the embeddings said 'lower the learning rate' (training) or was scored silently (validation); NaN
+    settings passed every check (nan < 0 is False) and failed mid-run, after `train --overwrite` had cleared the
+    old run."""
+    import dataclasses
+
+    train_fs, val_fs, _ = data
+    bad = train_fs.z.clone()
+    bad[3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"training features .* NaN or inf in 1 of .* rows \(first: \[3\]\)"):
+        train(_head(), dataclasses.replace(train_fs, z=bad), _cfg(epochs=1), store=real["store"])
+    vbad = val_fs.z.clone()
+    vbad[0] = float("inf")
+    with pytest.raises(ValueError, match="validation features"):
+        train(_head(), train_fs, _cfg(epochs=1), store=real["store"], val_features=dataclasses.replace(val_fs, z=vbad))
+    for field, value in (("warmup_epochs", float("nan")), ("lr", float("inf")), ("weight_decay", float("nan")),
+                         ("tau_la", float("nan")), ("mixup_alpha", float("nan")), ("seed", -1), ("betas", (0.9, 1.5))):
+        with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+            _cfg(**{field: value}).validate()

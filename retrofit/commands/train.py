@@ -168,8 +168,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     _device(args.device)
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
+    if args.noise_rate is not None and not args.noise:
+        raise ValueError("--noise-rate is the fraction of labels --noise flips: give --noise symmetric|asymmetric too")
+    args.noise_rate = 0.2 if args.noise_rate is None else args.noise_rate  # (run.json records 0.2 without --noise)
     if args.noise and not 0.0 <= args.noise_rate <= 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1] (the fraction of labels flipped), got {args.noise_rate}")
+    if args.train_host and mode == "none":
+        raise ValueError("--train-host trains the host classifier, but --host none gives the head none: drop one")
     if args.val:  # opened and labelled now: a bad --val used to be found after the training set's features
         vsrc = _source(args.val, args)
         vlabels, _ = _labels(vsrc, classes, "validation data", required=True)
@@ -403,8 +408,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --label-vote: do not divide the vote by the KB's class frequencies")
     g.add_argument("--seed", type=int, default=0, help="head initialisation and data order (default %(default)s)")
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
-    p.add_argument("--noise-rate", type=float, default=0.2,
-                   help="fraction of labels --noise flips (default %(default)s)")
+    p.add_argument("--noise-rate", type=float, default=None,
+                   help="fraction of labels --noise flips (default 0.2)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last (same settings)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a training run already in --out (its head/, checkpoints/ and the eval results in "
