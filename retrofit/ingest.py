@@ -269,10 +269,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         with KnowledgeBase.open(path) as kb0:
             if cfg.class_names is None:
                 cfg.class_names = kb0.class_names
-            if cfg.class_names is None and src.classes_guessed:
-                raise ValueError(f"the labels of {src.location} are class names, but {path} has no class list (its "
-                                 "labels are numbers whose names it does not know): pass the class names in the "
-                                 "order of its numbering (--classes FILE|A,B,...; class_names=[...] in Python)")
+            if cfg.class_names is None and (src.classes_guessed or src.kind == "imagefolder"):
+                # (numbered by the names' sorted order, which need not be the order of the KB's label numbers)
+                what = "folder names" if src.kind == "imagefolder" else "class names"
+                raise ValueError(f"the labels of {src.location} are {what}, but {path} has no class list to number "
+                                 "them by: pass the class names (--classes FILE|A,B,...; class_names=[...] in "
+                                 "Python), in the order of the label numbers its records already have")
             recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
         # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026).
         # A BuildConfig encoder field counts as named only when it differs from BuildConfig's default.

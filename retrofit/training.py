@@ -16,6 +16,8 @@ import contextlib
 import json
 import logging
 import math
+import numbers
+import os
 import signal
 import threading
 import time
@@ -38,6 +40,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "so
 log = logging.getLogger(__name__)
 
 _LOSSES = ("ce", "lace")
+_U64 = 1 << 64  # torch generators take seeds below this: derived seeds wrap (any seed below it is taken)
 
 
 @dataclass
@@ -77,8 +80,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         def number(name: str) -> float:  # NaN passed every comparison below (nan < 0 is False), inf some
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"TrainConfig.{name} must be a number, got {v!r}")
+            if not math.isfinite(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
+            if not isinstance(v, (int, float)):  # a numpy scalar: a plain float, as the run's JSON records need
+                v = float(v)
+                setattr(self, name, v)
             return v
 
         if not number("lr") > 0:
@@ -92,8 +100,9 @@ class TrainConfig:
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < _U64:
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
+        self.seed = int(self.seed)  # (a numpy int: a plain int for the run's JSON)
         if not isinstance(self.class_balance, (int, float)) or not 0.0 <= self.class_balance <= 1.0:
             raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
@@ -257,11 +266,8 @@ def train(
     if (features.labels < 0).any():
         raise ValueError("training labels must all be known (>= 0)")
     for name, f in (("training", features), ("validation", val_features)):
-        if f is not None and not bool(torch.isfinite(f.z).all()):  # (training said "lower the learning rate";
-            bad = torch.nonzero(~torch.isfinite(f.z).all(dim=1)).flatten()  # validation scored NaN rows silently)
-            raise ValueError(f"the {name} features (embeddings z) hold NaN or inf in {len(bad)} of {len(f.z)} rows "
-                             f"(first: {bad[:5].tolist()}): the backbone gave non-finite embeddings for those "
-                             "images; check them and the model (fp16 overflow?)")
+        if f is not None:
+            check_finite_features(f, name)
         hl = None if f is None else f.host_logits
         if hl is None or bool(torch.isfinite(hl).all()):
             continue
@@ -329,10 +335,23 @@ def train(
                 ckpt.trim_log(out / "train_log.jsonl", state["epoch"], state["global_step"])
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    # a run from scratch drops an older log's records (resumed without a checkpoint, e.g. killed before the first
+    # one, it appended to the dead run's log: two starts, steps logged twice), but only when its first checkpoint
+    # replaces the old one: a run that fails before that leaves the old run's log and checkpoint as they were
     fresh = state["epoch"] == 0 and state["step"] == 0 and not state["history"]
-    # a run from scratch starts its log anew (resumed without a checkpoint, e.g. killed before the first one, it
-    # appended to the old log: two starts, steps logged twice); a resumed one continues it
-    logf = open(out / "train_log.jsonl", "w" if fresh else "a") if out is not None else None
+    log_path = out / "train_log.jsonl" if out is not None else None
+    old_log_end = log_path.stat().st_size if fresh and log_path is not None and log_path.is_file() else 0
+    logf = open(log_path, "a") if log_path is not None else None
+
+    def drop_old_log() -> None:
+        nonlocal logf, old_log_end
+        if not old_log_end or logf is None:
+            return
+        logf.close()
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_bytes(log_path.read_bytes()[old_log_end:])  # this run's records only
+        os.replace(tmp, log_path)
+        logf, old_log_end = open(log_path, "a"), 0
 
     def write_log(rec: dict[str, Any] | str) -> None:
         if logf is not None:
@@ -351,6 +370,7 @@ def train(
             ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
                                      scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict(),
                                               "run": ckpt.run_signature(features, head)}, rng)
+            drop_old_log()
 
     result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
     if state["epoch"] == 0 and state["step"] == 0:
@@ -382,7 +402,8 @@ def train(
         p.requires_grad_(True)
     try:
         while epoch < cfg.epochs:
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            gen = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) % _U64)
+            perm = torch.randperm(N, generator=gen)
             bar = tqdm(total=spe, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                        leave=False)
             t0, seen = time.perf_counter(), 0
@@ -403,7 +424,8 @@ def train(
                 tgt.scatter_add_(1, y[:, None], torch.full_like(tgt[:, :1], 1.0 - cfg.label_smoothing))
                 if cfg.mixup_alpha > 0 and len(idx) > 1:
                     lam = float(np.random.default_rng((cfg.seed, g)).beta(cfg.mixup_alpha, cfg.mixup_alpha))
-                    j = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + g))
+                    gen = torch.Generator().manual_seed((cfg.seed * 7_919 + g) % _U64)
+                    j = torch.randperm(len(idx), generator=gen)
                     ex = features.exclude[idx].to(dev) if features.exclude is not None else None
                     z, host_in, nb, tgt = _mix(lam, j.to(dev), z, host_in, nb, tgt, ex)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
@@ -474,6 +496,17 @@ def train(
             p.requires_grad_(False)
         head.eval()  # trained or interrupted: the head comes back ready to serve
     return result
+
+
+def check_finite_features(f: FeatureSet, name: str) -> None:
+    """Refuse NaN / inf embeddings, naming the rows (training said "lower the learning rate"; validation scored
+    them silently)."""
+    if bool(torch.isfinite(f.z).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(f.z).all(dim=1)).flatten()
+    raise ValueError(f"the {name} features (embeddings z) hold NaN or inf in {len(bad)} of {len(f.z)} rows "
+                     f"(first: {bad[:5].tolist()}): the backbone gave non-finite embeddings for those images; check "
+                     "them and the model (fp16 overflow?)")
 
 
 @contextlib.contextmanager

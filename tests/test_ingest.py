@@ -699,8 +699,11 @@ def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert kb.class_names is None
     names = make_manifest(tmp_path / "names", mini_samples[20:30], cifar_classes)  # labels 'cat', 'dog', ...
-    with pytest.raises(ValueError, match=r"are class names, but .*kb has no class list .*--classes"):
+    with pytest.raises(ValueError, match=r"are class names, but .*kb has no class list to number them by.*--classes"):
         add_to_kb(tmp_path / "kb", str(names), **encoders, **FAST)
+    folder = make_imagefolder(tmp_path / "folder", mini_samples[30:36], cifar_classes)  # the same for folder names
+    with pytest.raises(ValueError, match=r"are folder names, but .*kb has no class list"):
+        add_to_kb(tmp_path / "kb", str(folder), **encoders, **FAST)
     assert len(_records(tmp_path / "kb")) == 20
     assert add_to_kb(tmp_path / "kb", str(names), **encoders, **FAST, class_names=cifar_classes).written == 10
     # (b) a webdataset's classes.json is the data's own list: caption labelling takes it

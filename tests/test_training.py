@@ -876,7 +876,7 @@ def test_a_real_ctrl_c_inside_the_optimizer_step_waits_for_the_whole_step(data, 
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         pytest.skip("SIGINT has another handler here")
     train_fs, _, _ = data
-    cfg = _cfg(epochs=2)
+    cfg = _cfg(epochs=2, device="cpu")  # (on CUDA, AdamW takes its foreach path, not the one patched here)
     straight = _head()
     train(straight, train_fs, cfg, store=real["store"])
     orig, calls = adam._single_tensor_adam, {"n": 0}
@@ -949,6 +949,14 @@ def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the
     recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "start" for r in recs) == 1
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
+    # a new run over that finished one, failing before its first checkpoint: the old run's log is kept with its
+    # checkpoint (the log was emptied at the start, the checkpoint stayed the old run's)
+    monkeypatch.setattr(json, "dumps", killed_after_step_2)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r["event"] == "epoch"] == [1, 2]
 
     real_info = rt.log.info
 

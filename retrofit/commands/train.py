@@ -169,7 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
     if args.noise_rate is not None and not args.noise:
-        raise ValueError("--noise-rate is the fraction of labels --noise flips: give --noise symmetric|asymmetric too")
+        raise ValueError("--noise-rate is the fraction of labels --noise flips: give --noise symmetric|asymmetric "
+                         "too, or leave --noise-rate out")
     args.noise_rate = 0.2 if args.noise_rate is None else args.noise_rate  # (run.json records 0.2 without --noise)
     if args.noise and not 0.0 <= args.noise_rate <= 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1] (the fraction of labels flipped), got {args.noise_rate}")
@@ -201,6 +202,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     head = RetrievalHead(cfg)
     head.attach(kb, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)  # dims, encoders, vote classes
+    from retrofit.training import check_finite_features
+
+    check_finite_features(fs, "training")  # (train() checks too: after --overwrite had cleared the old run)
+    if val is not None:
+        check_finite_features(val, "validation")
     if has_run and args.overwrite:
         _clear_run(out)  # all checked, the head attached, the features computed: only now is the old run removed
     host_clf = None
@@ -333,6 +339,10 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
 
         if absolute_spec(old["model"]) == run["model"]:  # recorded as typed (before 23 Nov), same checkpoint
             old["model"] = run["model"]
+    for rec in (old, run):  # without --noise the rate is unused (runs before 23 Nov recorded whatever was typed)
+        h = rec.get("head")
+        if isinstance(h, dict) and h.get("noise") is None:
+            h.pop("noise_rate", None)
     diff = [k for k in keys if k in old and old[k] != run[k]]
     cfg_old, cfg_new = old.get("config", {}), run["config"]
     diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
