@@ -274,7 +274,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                 what = "folder names" if src.kind == "imagefolder" else "class names"
                 raise ValueError(f"the labels of {src.location} are {what}, but {path} has no class list to number "
                                  "them by: pass the class names (--classes FILE|A,B,...; class_names=[...] in "
-                                 "Python), in the order of the label numbers its records already have")
+                                 "Python; in the order of its records' label numbers, if they have any)")
             recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
         # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026).
         # A BuildConfig encoder field counts as named only when it differs from BuildConfig's default.

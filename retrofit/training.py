@@ -12,17 +12,12 @@ adds (the label vote's scatter_add) can change the last bits from one process to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import numbers
-import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +28,7 @@ from torch import nn
 from retrofit.errors import RetrofitError
 from retrofit.feature_cache import FeatureSet
 from retrofit.prediction import _Batcher, _device, _head_dims, _resolve_store, _vector_table, predict_logits
+from retrofit.train_log import TrainLog, interrupt_after
 
 __all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "soft_cross_entropy", "log_prior",
            "class_balance_weights"]
@@ -40,7 +36,12 @@ __all__ = ["TrainConfig", "TrainResult", "train", "predict_logits", "lr_at", "so
 log = logging.getLogger(__name__)
 
 _LOSSES = ("ce", "lace")
-_U64 = 1 << 64  # torch generators take seeds below this: derived seeds wrap (any seed below it is taken)
+_U64 = 1 << 64  # torch generators take seeds below this: derived seeds wrap
+
+
+def _plain(v: Any) -> Any:
+    """A numpy scalar as the Python number it holds; anything else as it is."""
+    return v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") else v
 
 
 @dataclass
@@ -73,6 +74,12 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> None:
+        for f in fields(self):  # numpy numbers (a sweep's np.float32 lr) become plain ones: the run's JSON takes them
+            v = getattr(self, f.name)
+            if isinstance(v, (tuple, list)):
+                setattr(self, f.name, type(v)(_plain(x) for x in v))
+            else:
+                setattr(self, f.name, _plain(v))
         if self.loss not in _LOSSES:
             raise ValueError(f"TrainConfig.loss={self.loss!r}; allowed: {_LOSSES}")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
@@ -84,9 +91,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a number, got {v!r}")
             if not math.isfinite(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
-            if not isinstance(v, (int, float)):  # a numpy scalar: a plain float, as the run's JSON records need
-                v = float(v)
-                setattr(self, name, v)
             return v
 
         if not number("lr") > 0:
@@ -100,9 +104,8 @@ class TrainConfig:
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < _U64:
-            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
-        self.seed = int(self.seed)  # (a numpy int: a plain int for the run's JSON)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.class_balance, (int, float)) or not 0.0 <= self.class_balance <= 1.0:
             raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
@@ -332,50 +335,34 @@ def train(
                 state = loaded
                 log.info("resuming from epoch %d step %d", state["epoch"], state["step"])
                 _check_resumed_epochs(state, cfg, spe, warm)
-                ckpt.trim_log(out / "train_log.jsonl", state["epoch"], state["global_step"])
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-    # a run from scratch drops an older log's records (resumed without a checkpoint, e.g. killed before the first
-    # one, it appended to the dead run's log: two starts, steps logged twice), but only when its first checkpoint
-    # replaces the old one: a run that fails before that leaves the old run's log and checkpoint as they were
-    fresh = state["epoch"] == 0 and state["step"] == 0 and not state["history"]
-    log_path = out / "train_log.jsonl" if out is not None else None
-    old_log_end = log_path.stat().st_size if fresh and log_path is not None and log_path.is_file() else 0
-    logf = open(log_path, "a") if log_path is not None else None
-
-    def drop_old_log() -> None:
-        nonlocal logf, old_log_end
-        if not old_log_end or logf is None:
-            return
-        logf.close()
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_bytes(log_path.read_bytes()[old_log_end:])  # this run's records only
-        os.replace(tmp, log_path)
-        logf, old_log_end = open(log_path, "a"), 0
-
-    def write_log(rec: dict[str, Any] | str) -> None:
-        if logf is not None:
-            logf.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
-            logf.flush()
+    resumed = state["epoch"] or state["step"] or state["history"]  # (a checkpoint at its very start: from scratch)
+    tlog = TrainLog(out, state if resumed else None)
+    state["run_id"] = tlog.run_id
+    write_log = tlog.write
 
     def save(epoch: int, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
         if out is not None:
             # the head (and host layer) first, the checkpoint last: a kill between them leaves the checkpoint one
             # epoch behind, which the resume redoes and saves again (the other order left a finished run's head/
             # one epoch stale for good: a resume with nothing left to train never wrote it)
-            if hasattr(head, "save"):  # the latest weights, loadable by RetrievalHead.load / `retrofit predict`
-                head.save(out / "head")
-            if cfg.train_host:
-                ckpt.save_linear(out / "host_classifier.safetensors", host)
+            save_weights()  # the latest weights, loadable by RetrievalHead.load / `retrofit predict`
             ckpt.save_training_state(out / "checkpoints" / "last", head, host if cfg.train_host else None, opt,
                                      scaler, {**state, "epoch": epoch, "step": step, "config": cfg.to_dict(),
                                               "run": ckpt.run_signature(features, head)}, rng)
-            drop_old_log()
+            tlog.checkpointed()
+
+    def save_weights() -> None:  # the head (and host layer) files only
+        if hasattr(head, "save"):
+            head.save(out / "head")
+        if cfg.train_host:
+            ckpt.save_linear(out / "host_classifier.safetensors", host)
 
     result = TrainResult(head=head, host_classifier=host, history=state["history"], out_dir=out)
-    if state["epoch"] == 0 and state["step"] == 0:
-        write_log({"event": "start", "n": N, "steps_per_epoch": spe, "k": k, "device": str(dev),
-                   "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
+    if not resumed:
+        write_log({"event": "start", "run_id": tlog.run_id, "n": N, "steps_per_epoch": spe, "k": k,
+                   "device": str(dev), "cached_neighbors": features.has_neighbors, "config": cfg.to_dict()})
     epoch, step = state["epoch"], state["step"]
     step_rng = None
     unlogged = None  # (loss, epoch, step, lr) of a counted step whose records are not written yet
@@ -387,10 +374,11 @@ def train(
         if state["global_step"] % cfg.log_every == 0:
             line = json.dumps({"event": "step", "epoch": ep + 1, "step": st, "global_step": state["global_step"],
                                "loss": lv_, "lr": lr_, "samples_per_s": rate})
-        unlogged = None  # from here the records are written once: an interrupt in the handler's redo cannot repeat
-        result.step_losses.append(lv_)
-        if line is not None:
-            write_log(line)
+        with interrupt_after():  # written once: a Ctrl-C here waits (between the two lines it lost the record)
+            unlogged = None  # from here the handler does not redo the records
+            result.step_losses.append(lv_)
+            if line is not None:
+                write_log(line)
         return lv_
 
     ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)  # (an interrupt before the loop
@@ -401,6 +389,8 @@ def train(
     for p in thawed:  # train_host asks to train them: unfrozen for this run, frozen again at its end (finally)
         p.requires_grad_(True)
     try:
+        if out is not None and epoch >= cfg.epochs:  # resumed with nothing left to train: the checkpoint's weights
+            save_weights()  # are the run's; a kill before a checkpoint (a run started over it) left other ones
         while epoch < cfg.epochs:
             gen = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) % _U64)
             perm = torch.randperm(N, generator=gen)
@@ -449,7 +439,7 @@ def train(
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]],
                                                    cfg.grad_clip)
-                with _interrupt_after():  # a Ctrl-C waits for the step to be applied AND counted: on CPU AdamW
+                with interrupt_after():  # a Ctrl-C waits for the step to be applied AND counted: on CPU AdamW
                     # updates the parameters one by one, and one landing midway was saved as "before the step",
                     # which the resume then applied a second time
                     scaler.step(opt)
@@ -473,7 +463,7 @@ def train(
                 rec.update(_validate(head, val_features, store, host, k, cfg, table))
                 head.train()
             log.info("epoch %d: %s", epoch + 1, {k_: round(v, 4) for k_, v in rec.items() if isinstance(v, float)})
-            with _interrupt_after():  # the epoch's record and the move to the next epoch go together (an interrupt
+            with interrupt_after():  # the epoch's record and the move to the next epoch go together (an interrupt
                 # between them saved the record with the epoch still to finish: the resume recorded it twice)
                 state["history"].append(rec)
                 write_log(rec)
@@ -490,8 +480,7 @@ def train(
         write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
         raise
     finally:
-        if logf is not None:
-            logf.close()
+        tlog.close()
         for p in thawed:
             p.requires_grad_(False)
         head.eval()  # trained or interrupted: the head comes back ready to serve
@@ -507,24 +496,6 @@ def check_finite_features(f: FeatureSet, name: str) -> None:
     raise ValueError(f"the {name} features (embeddings z) hold NaN or inf in {len(bad)} of {len(f.z)} rows "
                      f"(first: {bad[:5].tolist()}): the backbone gave non-finite embeddings for those images; check "
                      "them and the model (fp16 overflow?)")
-
-
-@contextlib.contextmanager
-def _interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: the block's updates happen all or none.
-    Only the main thread receives signals; elsewhere (and under a custom SIGINT handler) the block runs as is."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
 
 
 def _mix(lam: float, j: torch.Tensor, z, host, nb, tgt, exclude: torch.Tensor | None = None):

@@ -852,10 +852,10 @@ def test_an_interrupt_while_a_step_is_logged_never_duplicates_it(data, real, tmp
         def close(self):
             self.f.close()
 
-    monkeypatch.setattr("retrofit.training.open", StopAfterStep4, raising=False)
+    monkeypatch.setattr("retrofit.train_log.open", StopAfterStep4, raising=False)
     with pytest.raises(KeyboardInterrupt):
         train(_head(), train_fs, cfg, store=real["store"], out_dir=out2)
-    monkeypatch.delattr("retrofit.training.open")
+    monkeypatch.delattr("retrofit.train_log.open")
     train(_head(), train_fs, cfg, store=real["store"], out_dir=out2, resume=True)
     recs = [json.loads(x) for x in (out2 / "train_log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
@@ -911,6 +911,8 @@ def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the
     left to train and left head/ one epoch stale for good; (b) killed before the first checkpoint, the resume
     (from scratch) appended to the dead run's log: two starts, steps logged twice; (c) an interrupt right after an
     epoch's record went into the history saved it with the epoch unfinished: the resume recorded it twice."""
+    import os
+
     import retrofit.train_checkpoint as ckpt
     import retrofit.training as rt
 
@@ -949,13 +951,44 @@ def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the
     recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "start" for r in recs) == 1
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
-    # a new run over that finished one, failing before its first checkpoint: the old run's log is kept with its
-    # checkpoint (the log was emptied at the start, the checkpoint stayed the old run's)
+    # a new run over that finished one, failing before its first checkpoint: the old run's log stays as it was,
+    # with its checkpoint (it was emptied, or had the new run's records appended)
+    before = (tmp_path / "b" / "train_log.jsonl").read_bytes()
     monkeypatch.setattr(json, "dumps", killed_after_step_2)
     with pytest.raises(_Killed):
         train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
     monkeypatch.undo()
+    assert (tmp_path / "b" / "train_log.jsonl").read_bytes() == before
+    # ... and killed between its head/ and its first checkpoint: the resume (of the old, finished run) has nothing
+    # to train but puts the finished run's weights back in head/ (they stayed the new run's, for good)
+    finished = RetrievalHead.load(tmp_path / "b" / "head")
+    saves["n"] = 1  # the next checkpoint save is the "second": killed
+    monkeypatch.setattr(ckpt, "save_training_state", killed_at_the_last_checkpoint)
+    with pytest.raises(_Killed):
+        train(_head(seed=3), train_fs, _cfg(epochs=2, seed=4), store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    assert not _same_weights(finished, RetrievalHead.load(tmp_path / "b" / "head"))
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b", resume=True)
+    assert _same_weights(finished, RetrievalHead.load(tmp_path / "b" / "head"))
+    assert (tmp_path / "b" / "train_log.jsonl").read_bytes() == before  # (the dead run's pending log: dropped)
+    assert not (tmp_path / "b" / "train_log.jsonl.new").exists()
+    # a run from scratch killed right after its first checkpoint, before its log replaced the old one: the resume
+    # finishes the switch (the old run's records were kept for good)
+    real_replace = os.replace
+
+    def killed_at_the_switch(src, dst):
+        if str(src).endswith("train_log.jsonl.new"):
+            raise _Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_switch)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b", resume=True)
     recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "start" for r in recs) == 1
+    assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
     assert [r["epoch"] for r in recs if r["event"] == "epoch"] == [1, 2]
 
     real_info = rt.log.info
