@@ -125,7 +125,7 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
         if not held.any():
             continue
         probe = fit_linear_probe(z[~held], labels[~held], num_classes, weight_decay=weight_decay,
-                                 max_iter=max_iter, seed=seed + f)
+                                 max_iter=max_iter, seed=(seed + f) % (1 << 64))  # (seeds < 2**64 taken)
         with torch.no_grad():
             out[held] = probe(z[held].float().cpu())
         log.info("cross-fit fold %d/%d: %d held out", f + 1, folds, int(held.sum()))

@@ -241,8 +241,18 @@ def load_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
     partial = doc.get("partial")
     ok = isinstance(partial, list) and len(partial) == 2 and all(isinstance(x, (int, float)) for x in partial)
     epochs = (doc.get("config") or {}).get("epochs") if isinstance(doc.get("config"), dict) else None
+    run_id = doc.get("run_id") if isinstance(doc.get("run_id"), str) else None  # (none before 23 Nov 2026)
     return {**{n: doc[n] for n in ("epoch", "step", "global_step", "history")}, "partial": partial if ok else None,
-            "epochs": epochs}
+            "epochs": epochs, "run_id": run_id}
+
+
+def saved_run_id(path: str | Path) -> str | None:
+    """The ``run_id`` of the checkpoint at ``path`` (None: none, unreadable, or saved before run ids)."""
+    try:
+        doc = json.loads((Path(path) / "state.json").read_text())
+        return doc.get("run_id") if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def trim_log(path: str | Path, epoch: int, global_step: int) -> int:

@@ -39,8 +39,8 @@ def interrupt_after() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
+    try:  # (installed inside: whatever stops the block, the default handler comes back)
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -61,7 +61,9 @@ class TrainLog:
     """The JSON-lines log of a run in ``out`` (None: no log). ``state``: the checkpoint's training state of a
     resumed run (its ``run_id`` is read), or None for a run from scratch (a ``run_id`` is made: :attr:`run_id`)."""
 
-    def __init__(self, out: Path | None, state: dict[str, Any] | None) -> None:
+    def __init__(self, out: Path | None, state: dict[str, Any] | None, checkpoint_run_id: str | None = None) -> None:
+        """``checkpoint_run_id``: the run id of the checkpoint in ``out`` (a run from scratch first finishes the log
+        switch of the run that checkpoint belongs to, if a kill interrupted it)."""
         self.path = out / LOG_NAME if out is not None else None
         self._pending: Path | None = None  # a run from scratch's log, waiting for its first checkpoint
         self.run_id = state.get("run_id") if state is not None else uuid.uuid4().hex
@@ -69,12 +71,13 @@ class TrainLog:
         if self.path is None:
             return
         new = self.path.with_name(LOG_NAME + ".new")
+        owner = self.run_id if state is not None else checkpoint_run_id  # the run the checkpoint in out belongs to
+        if new.is_file():  # a run from scratch killed between its first checkpoint and its log's rename: finished
+            if owner is not None and _run_id_of(new) == owner:  # now (a later run from scratch wiped it)
+                os.replace(new, self.path)
+            else:  # a run that died before its first checkpoint: not the checkpoint's
+                new.unlink()
         if state is not None:  # resumed
-            if new.is_file():  # a run from scratch killed between its first checkpoint and the log's rename
-                if self.run_id is not None and _run_id_of(new) == self.run_id:
-                    os.replace(new, self.path)
-                else:  # a run that died before its first checkpoint: not this checkpoint's
-                    new.unlink()
             trim_log(self.path, state["epoch"], state["global_step"])
             self._f = open(self.path, "a")
         elif self.path.is_file() and self.path.stat().st_size:

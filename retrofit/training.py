@@ -41,7 +41,9 @@ _U64 = 1 << 64  # torch generators take seeds below this: derived seeds wrap
 
 def _plain(v: Any) -> Any:
     """A numpy scalar as the Python number it holds; anything else as it is."""
-    return v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") else v
+    if isinstance(v, np.ndarray):
+        return tuple(v.tolist())
+    return v.item() if isinstance(v, np.generic) else v
 
 
 @dataclass
@@ -104,8 +106,8 @@ class TrainConfig:
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < _U64:
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.class_balance, (int, float)) or not 0.0 <= self.class_balance <= 1.0:
             raise ValueError(f"TrainConfig.class_balance must be in [0, 1], got {self.class_balance!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
@@ -338,7 +340,8 @@ def train(
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     resumed = state["epoch"] or state["step"] or state["history"]  # (a checkpoint at its very start: from scratch)
-    tlog = TrainLog(out, state if resumed else None)
+    tlog = TrainLog(out, state if resumed else None,
+                    ckpt.saved_run_id(out / "checkpoints" / "last") if out is not None and not resumed else None)
     state["run_id"] = tlog.run_id
     write_log = tlog.write
 

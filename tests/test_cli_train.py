@@ -356,7 +356,7 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
     for extra, says in ((["--lr", "-1"], "--lr must be > 0"), (["--dim", "30"], "divisible by --heads 4"),
                         (["--classes", str(tmp_path / "reversed.txt"), "--label-vote"], "in another order"),
                         (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
-                        (["--seed", "-1"], "--seed must be an int in [0, 2**63)"),
+                        (["--seed", "-1"], "--seed must be an int in [0, 2**64)"),
                         (["--noise-rate", "0.5"], "--noise-rate is the fraction of labels --noise flips"),
                         (["--host", "none", "--train-host"], "--train-host trains the host classifier, but --host "
                                                              "none"),

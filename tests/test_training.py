@@ -985,9 +985,16 @@ def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the
     with pytest.raises(_Killed):
         train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
     monkeypatch.undo()
+    # another run from scratch, killed before its own first checkpoint, first finishes that switch (it wiped the
+    # pending log, and the resume kept the older run's records with the new run's weights)
+    monkeypatch.setattr(json, "dumps", killed_after_step_2)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
     train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b", resume=True)
     recs = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
-    assert sum(r["event"] == "start" for r in recs) == 1
+    assert [r.get("run_id") for r in recs if r["event"] == "start"] == [ckpt.saved_run_id(tmp_path / "b" / "checkpoints"
+                                                                                          / "last")]
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
     assert [r["epoch"] for r in recs if r["event"] == "epoch"] == [1, 2]
 
@@ -1023,6 +1030,12 @@ def test_non_finite_features_and_settings_are_refused_before_training(data, real
     with pytest.raises(ValueError, match="validation features"):
         train(_head(), train_fs, _cfg(epochs=1), store=real["store"], val_features=dataclasses.replace(val_fs, z=vbad))
     for field, value in (("warmup_epochs", float("nan")), ("lr", float("inf")), ("weight_decay", float("nan")),
-                         ("tau_la", float("nan")), ("mixup_alpha", float("nan")), ("seed", -1), ("betas", (0.9, 1.5))):
+                         ("tau_la", float("nan")), ("mixup_alpha", float("nan")), ("seed", -1), ("seed", 1 << 64),
+                         ("betas", (0.9, 1.5))):
         with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
             _cfg(**{field: value}).validate()
+    import numpy as np
+
+    c = _cfg(lr=np.float32(0.5), grad_clip=np.float64(1.0), seed=np.int64(3), betas=np.array([0.9, 0.99]))
+    c.validate()  # numpy numbers (a sweep's) become plain ones: the run's JSON failed on them mid-run
+    assert json.dumps(c.to_dict()) and type(c.lr) is float and type(c.seed) is int and c.betas == (0.9, 0.99)
