@@ -61,9 +61,11 @@ class TrainLog:
     """The JSON-lines log of a run in ``out`` (None: no log). ``state``: the checkpoint's training state of a
     resumed run (its ``run_id`` is read), or None for a run from scratch (a ``run_id`` is made: :attr:`run_id`)."""
 
-    def __init__(self, out: Path | None, state: dict[str, Any] | None, checkpoint_run_id: str | None = None) -> None:
+    def __init__(self, out: Path | None, state: dict[str, Any] | None, checkpoint_run_id: str | None = None,
+                 has_checkpoint: bool = False) -> None:
         """``checkpoint_run_id``: the run id of the checkpoint in ``out`` (a run from scratch first finishes the log
-        switch of the run that checkpoint belongs to, if a kill interrupted it)."""
+        switch of the run that checkpoint belongs to, if a kill interrupted it); ``has_checkpoint``: ``out`` holds
+        one (a run from scratch keeps its log aside until it replaces it, even when no older log is there)."""
         self.path = out / LOG_NAME if out is not None else None
         self._pending: Path | None = None  # a run from scratch's log, waiting for its first checkpoint
         self.run_id = state.get("run_id") if state is not None else uuid.uuid4().hex
@@ -80,7 +82,7 @@ class TrainLog:
         if state is not None:  # resumed
             trim_log(self.path, state["epoch"], state["global_step"])
             self._f = open(self.path, "a")
-        elif self.path.is_file() and self.path.stat().st_size:
+        elif has_checkpoint or (self.path.is_file() and self.path.stat().st_size):
             self._pending = new
             self._f = open(new, "w")
         else:

@@ -41,8 +41,8 @@ _U64 = 1 << 64  # torch generators take seeds below this: derived seeds wrap
 
 def _plain(v: Any) -> Any:
     """A numpy scalar as the Python number it holds; anything else as it is."""
-    if isinstance(v, np.ndarray):
-        return tuple(v.tolist())
+    if isinstance(v, np.ndarray):  # one number (0-d or 1 element), or a sequence (betas)
+        return v.item() if v.size == 1 else tuple(v.tolist())
     return v.item() if isinstance(v, np.generic) else v
 
 
@@ -340,8 +340,9 @@ def train(
     elif resume:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     resumed = state["epoch"] or state["step"] or state["history"]  # (a checkpoint at its very start: from scratch)
-    tlog = TrainLog(out, state if resumed else None,
-                    ckpt.saved_run_id(out / "checkpoints" / "last") if out is not None and not resumed else None)
+    last = out / "checkpoints" / "last" if out is not None else None
+    tlog = TrainLog(out, state if resumed else None, ckpt.saved_run_id(last) if last is not None else None,
+                    has_checkpoint=last is not None and (last / "state.json").is_file())
     state["run_id"] = tlog.run_id
     write_log = tlog.write
 

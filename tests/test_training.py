@@ -997,6 +997,16 @@ def test_a_kill_anywhere_in_a_save_or_before_the_first_checkpoint_resumes_to_the
                                                                                           / "last")]
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
     assert [r["epoch"] for r in recs if r["event"] == "epoch"] == [1, 2]
+    # a checkpoint whose log was deleted by hand: a run from scratch that dies before its first checkpoint leaves
+    # no records in a log the resume of that checkpoint then continues
+    (tmp_path / "b" / "train_log.jsonl").unlink()
+    monkeypatch.setattr(json, "dumps", killed_after_step_2)
+    with pytest.raises(_Killed):
+        train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    train(_head(), train_fs, cfg, store=real["store"], out_dir=tmp_path / "b", resume=True)
+    assert not (tmp_path / "b" / "train_log.jsonl").exists() or "start" not in (tmp_path / "b" / "train_log.jsonl"
+                                                                                 ).read_text()
 
     real_info = rt.log.info
 
@@ -1036,6 +1046,8 @@ def test_non_finite_features_and_settings_are_refused_before_training(data, real
             _cfg(**{field: value}).validate()
     import numpy as np
 
-    c = _cfg(lr=np.float32(0.5), grad_clip=np.float64(1.0), seed=np.int64(3), betas=np.array([0.9, 0.99]))
+    c = _cfg(lr=np.float32(0.5), grad_clip=np.float64(1.0), seed=np.int64(3), betas=np.array([0.9, 0.99]),
+             weight_decay=np.array(0.01), tau_la=np.array([1.5]))
     c.validate()  # numpy numbers (a sweep's) become plain ones: the run's JSON failed on them mid-run
     assert json.dumps(c.to_dict()) and type(c.lr) is float and type(c.seed) is int and c.betas == (0.9, 0.99)
+    assert (c.weight_decay, c.tau_la) == (0.01, 1.5)
