@@ -213,6 +213,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     raise ValueError(f"manifest {str(path)!r}: unknown format {suffix!r}; allowed: .csv, .tsv, .jsonl, .parquet")
 
 
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")  # what open_source reads as a manifest
+
 # column names a manifest commonly uses for each role, the default first; matched without case
 _COLUMN_ALIASES = {
     "image": ("image", "path", "filepath", "file_path", "filename", "file_name", "file", "image_path", "img",
@@ -316,7 +318,7 @@ def open_source(spec: str | Path, **kwargs: Any) -> Source:
             raise ValueError(f"{s!r} is a knowledge base, not a data source (the order is `retrofit kb build SOURCE "
                              "KB`; to combine knowledge bases: `retrofit kb merge`)")
         return imagefolder_source(s, **kwargs)
-    if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+    if Path(s).suffix.lower() in MANIFEST_SUFFIXES:
         return manifest_source(s, **kwargs)
     if not Path(s).exists():
         raise FileNotFoundError(f"data source {s!r} not found; give webdataset shards (.tar, brace patterns allowed), "

@@ -41,12 +41,12 @@ def _classes(value: str | None) -> list[str] | None:
 
 
 def _source(args: argparse.Namespace) -> Any:
-    from retrofit.sources import manifest_source, open_source
+    from retrofit.sources import MANIFEST_SUFFIXES, manifest_source, open_source
 
     s = str(args.source)
     if Path(s).is_dir():  # an ImageFolder (open_source refuses a knowledge base given here, saying so)
         return open_source(s, templates=args.template or ["a photo of a {}."])
-    if Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+    if Path(s).suffix.lower() in MANIFEST_SUFFIXES:
         return manifest_source(s, **manifest_columns(args))
     return open_source(s)
 

@@ -39,13 +39,13 @@ def _open_kb(path: str) -> Any:
 
 
 def _source(spec: str, args: argparse.Namespace | None = None) -> Any:
-    from retrofit.sources import manifest_source, open_source
+    from retrofit.sources import MANIFEST_SUFFIXES, manifest_source, open_source
 
     s = str(spec)
     if not any(c in s for c in "{*") and not Path(s).exists():
         raise FileNotFoundError(f"data {s!r} not found; give webdataset shards (.tar, brace patterns allowed), an "
                                 "ImageFolder directory or a .csv/.jsonl/.parquet manifest")
-    if Path(s).is_file() and Path(s).suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+    if Path(s).is_file() and Path(s).suffix.lower() in MANIFEST_SUFFIXES:
         return manifest_source(s, captions=False, **(manifest_columns(args) if args is not None else {}))
     return open_source(s)
 
