@@ -10,6 +10,7 @@ measured in the same run right before each head timing; a fraction is the median
 Targets: forward >= 50 % of gemm_gflops, forward+backward >= 40 %.
 
     .venv/bin/python benchmarks/head.py [--device cpu|cuda|all] [--batch 256] [--repeats 5]
+        [--variants default native compiled graphs]   # CUDA: with / without the kernel, torch.compile, CUDA graphs
 
 Quick (seconds, the demo's head size): ``--device cpu --batch 32 --k 16 --dim 64 --depth 1 --heads 4 --repeats 1
 --no-attention-paths``.
@@ -20,6 +21,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -74,17 +76,48 @@ def count_flops(args: argparse.Namespace) -> tuple[int, int]:
     return fwd.get_total_flops(), step.get_total_flops()
 
 
-def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tuple[int, int]) -> dict:
+VARIANTS = {
+    "default": "the head as users call it (on CUDA: the fused Triton kernel when it applies)",
+    "native": "RETROFIT_FUSED=0: the PyTorch path (scaled_dot_product_attention), no fused kernel",
+    "compiled": "torch.compile(head, fullgraph=True) (the kernel as a custom op inside the graph)",
+    "graphs": "torch.compile(head, fullgraph=True, mode='reduce-overhead'): replayed as CUDA graphs",
+}
+
+
+def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tuple[int, int],
+            variant: str = "default") -> dict:
+    import os
+
     head = make_head(args, device, dtype)
     z, host, nb, y = make_inputs(args, device, dtype)
+    saved = os.environ.get("RETROFIT_FUSED")
+    if variant == "native":
+        os.environ["RETROFIT_FUSED"] = "0"
+    try:
+        return _measure(args, head, (z, host, nb, y), device, dtype, flops, variant)
+    finally:
+        if variant == "native":
+            os.environ.pop("RETROFIT_FUSED") if saved is None else os.environ.__setitem__("RETROFIT_FUSED", saved)
+
+
+def _measure(args, head, inputs, device: str, dtype: torch.dtype, flops: tuple[int, int], variant: str) -> dict:
+    z, host, nb, y = inputs
+    call = head
+    if variant in ("compiled", "graphs"):
+        torch._dynamo.reset()
+        call = torch.compile(head, fullgraph=True, **({"mode": "reduce-overhead"} if variant == "graphs" else {}))
 
     def forward() -> None:
+        if variant == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode():
-            head(z, host, neighbors=nb)
+            call(z, host, neighbors=nb)
 
     def step() -> None:
+        if variant == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         head.zero_grad(set_to_none=True)
-        F.cross_entropy(head(z, host, neighbors=nb).logits.float(), y).backward()
+        F.cross_entropy(call(z, host, neighbors=nb).logits.float(), y).backward()
 
     gemm_dtype = torch.float32 if device == "cpu" else dtype
     min_s = 0.5 * (device != "cpu")
@@ -102,6 +135,7 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tu
     step_frac = statistics.median(flops[1] / t / 1e9 / g for t, g in zip(t_step, gemm))
     return {
         "dtype": str(dtype).removeprefix("torch."),
+        "variant": variant,
         "fwd_s": round(min(t_fwd), 4),
         "fwd_median_s": round(statistics.median(t_fwd), 4),
         "fwd_bwd_s": round(min(t_step), 4),
@@ -163,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dim", type=positive_int, default=384)
     p.add_argument("--classes", type=positive_int, default=1000)
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default"],
+                   help="on CUDA, the ways of running the head to time (default: default); "
+                        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--no-attention-paths", action="store_true",
                    help="skip the one-layer native vs einsum-reference attention timing")
     args = p.parse_args(argv)
@@ -186,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         from retrofit.functional import fused_kernel_status
 
         record["cuda_attention"] = fused_kernel_status("cuda")[1]
-        record["cuda"] = {str(dt).removeprefix("torch."): measure(args, "cuda", dt, flops)
-                          for dt in (torch.float32, torch.bfloat16)}
+        record["cuda"] = {}
+        for dt in (torch.float32, torch.bfloat16):
+            name = str(dt).removeprefix("torch.")
+            for v in args.variants:
+                r = measure(args, "cuda", dt, flops, v)
+                print(json.dumps(r), file=sys.stderr, flush=True)  # each as it is done: a stopped run keeps it
+                record["cuda"][name if v == "default" else f"{name}_{v}"] = r
     emit(record)
     return 0
 

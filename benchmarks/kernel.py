@@ -6,7 +6,8 @@ forward+backward time per layer; bytes moved and FLOPs per shape (formulas below
 a fraction of the device's copy bandwidth measured in the same run (and of the nominal peak when the GPU
 is known). Prints one JSON line. Without CUDA it prints one JSON line saying it skipped and why.
 
-Run: ``.venv/bin/python benchmarks/kernel.py [--dtype fp16|bf16|fp32] [--no-compile] [--quick]``.
+Run: ``.venv/bin/python benchmarks/kernel.py [--dtype fp16|bf16|fp32] [--no-compile] [--graphs] [--quick]
+[--batch B ...] [--k K ...]``. Each row is also printed to stderr as it completes.
 
 Roofline estimate (default shape: B = 256, k = 32 -> S = 33, d = 512, H = 8, fp16), per layer:
 
@@ -31,13 +32,14 @@ and 32. Wall time vs eager: 3.6-9.6x forward, 2.9-3.8x forward+backward over all
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, parser, run, time_fn
+from _common import emit, parser, positive_int, run, time_fn
 
 BATCHES = (1, 32, 256)
 KS = (16, 32, 64)
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="input dtype (default fp16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--quick", action="store_true", help="only B=32, k=32")
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=list(BATCHES), metavar="B",
+                    help=f"batch sizes (default: {' '.join(map(str, BATCHES))})")
+    ap.add_argument("--k", type=positive_int, nargs="+", default=list(KS), metavar="K",
+                    help=f"neighbour counts, S = k + 1 (default: {' '.join(map(str, KS))})")
     ap.add_argument("--graphs", action="store_true",
                     help="also time the kernel under torch.compile(mode='reduce-overhead') (CUDA graphs)")
     args = ap.parse_args(argv)
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.graphs:
         # the kernel as the custom op inside a compiled graph replayed as a CUDA graph: no Python launch work
         impls["fused_graphed"] = Compiled(cross_fusion_attention_fused, mode="reduce-overhead", fullgraph=True)
-    shapes = [(32, 32)] if args.quick else [(B, k) for B in BATCHES for k in KS]
+    shapes = [(32, 32)] if args.quick else [(B, k) for B in args.batch for k in args.k]
     emit(run_table(shapes, DTYPES[args.dtype], impls))
     return 0
 
@@ -233,6 +239,8 @@ def run_table(shapes: list[tuple[int, int]], dtype: torch.dtype, impls: dict, de
                 if f"{phase}_gpu_s" in t:
                     row[f"{impl}_{phase}_gpu_us"] = round(t[f"{phase}_gpu_s"] * 1e6, 2)
         row.update(fused_check(B, S, dtype, device))
+        # each row as soon as it is done (stderr): a run stopped at a time limit keeps what it measured
+        print(json.dumps(row), file=sys.stderr, flush=True)
         for phase in ("fwd", "fwd_bwd"):
             # bandwidth from the kernels' GPU time where measured (the wall time at small B is the CPU's launch work)
             bw = row[f"{phase}_bytes"] / (row.get(f"fused_{phase}_gpu_us", row[f"fused_{phase}_us"]) * 1e-6)
