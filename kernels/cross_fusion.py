@@ -24,20 +24,20 @@ call the chosen config directly: at B <= 32 a call's cost is its Python launch w
   stored. The residuals' gradients are the incoming gradients themselves (d new / d res = identity), so
   they are returned without a kernel or a copy.
 
-fp32 inputs use IEEE fp32 dots (no tf32), so fp32 outputs match the reference to fp32 rounding; fp16/bf16
-inputs use tensor-core dots with fp32 accumulation (P and dS are rounded to the input dtype before
-their dot, as in flash-attention). The backward recomputes P as ``exp2(s - lse)`` from the log-sum-exp stored
-in fp32 (as flash-attention does), whose rounding grows with the scores' size: with scaled scores of magnitude
-~70 (inputs 4x unit scale at Dh = 16) the fp32 gradients' error is ~2.7x the fp32 reference's (1.8e-4 against
-6.6e-5 in a stress test), ~5x at ~300; a later review measured up to ~7x at scores ~55 (Dh = 64) and ~17x at
-~900; at unit-scale inputs it is within the tests' rule (2x + 1e-5). In fp16 the backward rounds dS and the
-upstream gradient to fp16 for its dots (as flash-attention does): where they pass 65504 (upstream gradients
-scaled by a large GradScaler factor onto large values) the gradients overflow to inf / NaN where the fp32
-reference stays finite; GradScaler then skips the step and lowers its scale, and bf16 has no such limit.
-Scaled scores below -1e30 (base 2) count as masked. The kernels' gradients are not differentiable again: a
-backward with ``create_graph=True`` raises; PyTorch's math attention has double backward (``RETROFIT_FUSED=0``
-inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``). Under ``TRITON_INTERPRET=1`` bf16 q / k / v are
-refused: the interpreter computes bf16 dots wrong.
+fp32 inputs use IEEE fp32 dots (no tf32: slow, so the dispatcher runs fp32 only when forced), so fp32 outputs match
+the reference to fp32 rounding; fp16/bf16 inputs use tensor-core dots with fp32 accumulation (P and dS are rounded
+to the input dtype before their dot, as in flash-attention). The backward recomputes P as ``exp2(s - lse)`` from the
+log-sum-exp stored in fp32 (as flash-attention does), whose rounding grows with the scores' size: with scaled scores
+of magnitude ~70 (inputs 4x unit scale at Dh = 16) the fp32 gradients' error is ~2.7x the fp32 reference's (1.8e-4
+against 6.6e-5 in a stress test), ~5x at ~300; a later review measured up to ~7x at scores ~55 (Dh = 64) and ~17x at
+~900; at unit-scale inputs it is within the tests' rule (2x + 1e-5). In fp16 the backward rounds dS and the upstream
+gradient to fp16 for its dots (as flash-attention does): where they pass 65504 (upstream gradients scaled by a large
+GradScaler factor onto large values) the gradients overflow to inf / NaN where the fp32 reference stays finite;
+GradScaler then skips the step and lowers its scale, and bf16 has no such limit. Scaled scores below -1e30 (base 2)
+count as masked. The kernels' gradients are not differentiable again: a backward with ``create_graph=True`` raises;
+PyTorch's math attention has double backward (``RETROFIT_FUSED=0`` inside
+``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``). Under ``TRITON_INTERPRET=1`` bf16 q / k / v are refused: the
+interpreter computes bf16 dots wrong.
 """
 
 from __future__ import annotations

@@ -169,6 +169,8 @@ def test_head_through_fused_kernel_under_interpreter(monkeypatch):
     nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.zeros(B, k), mask=mask,
                    image=torch.randn(B, k, 6), text=torch.randn(B, k, 5), labels=torch.zeros(B, k, dtype=torch.int64))
     z = torch.randn(B, 8)
+    if torch.cuda.is_available():  # the kernel runs compiled on the GPU (the interpreter is the CPU's stand-in)
+        head, nb, z = head.cuda(), nb.to("cuda"), z.cuda()
     monkeypatch.setenv("RETROFIT_FUSED", "0")
     want = head(z, neighbors=nb).logits
     monkeypatch.setenv("RETROFIT_FUSED", "1")
@@ -208,6 +210,8 @@ def test_head_compiles_without_graph_breaks(fused, monkeypatch):
     nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.rand(B, k), mask=mask,
                    image=torch.randn(B, k, 6), text=torch.randn(B, k, 5), labels=torch.randint(0, 3, (B, k)))
     z, host = torch.randn(B, 8), torch.randn(B, 3)
+    if fused == "1" and torch.cuda.is_available():  # RETROFIT_FUSED=1 needs CUDA tensors there (no interpreter)
+        head, nb, z, host = head.cuda(), nb.to("cuda"), z.cuda(), host.cuda()
 
     def loss_and_grads(fn):
         head.zero_grad(set_to_none=True)
@@ -290,3 +294,38 @@ def test_wide_heads_take_the_pytorch_path_on_cuda(monkeypatch):
     q = torch.zeros(B, k + 1, 2, 256, device="cuda")
     assert not use_fused_kernel(q)
     assert torch.isfinite(head(z, neighbors=nb).logits).all()
+
+
+@pytest.mark.cuda
+def test_unforced_kernel_runs_for_half_precision_only_on_cuda(monkeypatch):
+    """Unforced, fp16 / bf16 (autocast) take the kernel on CUDA; fp32 / fp64 take PyTorch's attention (the
+    kernel's IEEE fp32 path took 1.7-2.9x PyTorch's GPU time on an H100); RETROFIT_FUSED=1 still forces the kernel."""
+    from retrofit.head import HeadConfig, RetrievalHead
+    from retrofit.neighbors import Neighbors
+
+    cf = importlib.import_module("retrofit.kernels.cross_fusion")
+    monkeypatch.delenv("RETROFIT_FUSED", raising=False)
+    for dtype, want in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False),
+                        (torch.float64, False)):
+        assert use_fused_kernel(torch.zeros(2, 5, 4, 64, device="cuda", dtype=dtype)) is want, dtype
+    torch.manual_seed(0)
+    head = RetrievalHead(HeadConfig(query_dim=8, image_dim=6, text_dim=5, num_classes=3, dim=64, depth=1,
+                                    heads=2)).cuda()
+    B, k = 2, 3
+    nb = Neighbors(ids=torch.zeros(B, k, dtype=torch.int64), scores=torch.zeros(B, k),
+                   mask=torch.ones(B, k, dtype=torch.bool), image=torch.randn(B, k, 6), text=torch.randn(B, k, 5),
+                   labels=torch.zeros(B, k, dtype=torch.int64)).to("cuda")
+    z = torch.randn(B, 8, device="cuda")
+    calls = []
+    monkeypatch.setattr(cf.CrossFusionAttention, "apply",
+                        lambda *a, _apply=cf.CrossFusionAttention.apply: (calls.append(1), _apply(*a))[1])
+    fp32 = head(z, neighbors=nb).logits
+    assert not calls
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = head(z, neighbors=nb).logits
+    assert len(calls) == 1
+    monkeypatch.setenv("RETROFIT_FUSED", "1")
+    forced = head(z, neighbors=nb).logits
+    assert len(calls) == 2
+    torch.testing.assert_close(forced, fp32, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(amp.float(), fp32, rtol=5e-2, atol=5e-2)
