@@ -55,7 +55,7 @@ _ENVS: dict[str, list[Any]] = {}
 _ENVS_LOCK = threading.Lock()
 
 
-@dataclass
+@dataclass(repr=False)
 class SnapshotView:
     """Zero-copy numpy views of all record chunks of one read transaction (valid only while it is open)."""
 
@@ -63,6 +63,12 @@ class SnapshotView:
     vec_off: np.ndarray  # (chunks,) element offset of each vector chunk in ``vec``; -1 = chunk absent
     lab: np.ndarray  # (elements,) int64 view of the map over the label chunks
     lab_off: np.ndarray  # (chunks,) element offset of each label chunk in ``lab``; -1 = chunk absent
+
+    def __repr__(self) -> str:
+        # never the arrays' values: once the KB is closed the map is gone and reading them is a segfault (a
+        # traceback printer showing a frame's arguments, pytest's or a debugger's, did exactly that)
+        return (f"SnapshotView(vec=<LMDB map view {self.vec.shape} {self.vec.dtype}>, "
+                f"chunks={int((self.vec_off >= 0).sum())})")
 
 
 def _damage_errors(lmdb: Any) -> tuple[type[BaseException], ...]:

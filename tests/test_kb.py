@@ -298,6 +298,37 @@ def test_exact_search_on_gpu_matches_cpu(tmp_path):
     kb.close()
 
 
+def test_traceback_locals_after_close_do_not_read_the_unmapped_records(tmp_path):
+    """An error inside the reader's zero-copy gather, printed after the KB is closed by a printer that shows each
+    frame's arguments (pytest's tracebacks, debuggers, capture_locals): the view's repr read the unmapped LMDB map
+    and the process died with a segfault (seen on a GPU machine's test run). Run in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import traceback
+        import numpy as np, torch
+        from retrofit.knowledge_base import KnowledgeBase
+        kb = KnowledgeBase.create({str(tmp_path / 'kb')!r}, 64, 64, 32, chunk_records=100)
+        kb.add(torch.randn(300, 64), torch.randn(300, 64), torch.randn(300, 32))
+        kb.close()
+        r = KnowledgeBase.open({str(tmp_path / 'kb')!r})
+        r.search(torch.randn(2, 64), 3)
+        assert r._view, "the zero-copy views are not in use: this test would check nothing"
+        try:
+            r._rec.gather_view(r._view, np.array([10**6]), slice(None))  # a chunk the snapshot lacks
+        except Exception as e:
+            err = e
+        r.close()
+        text = "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format())
+        assert "SnapshotView(" in text and "missing" in text, text
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_reader_vectorised_gather_equals_transaction_reads(tmp_path):
     kb = KnowledgeBase.create(tmp_path / "kb", 64, 64, 32, chunk_records=100)  # values on overflow pages
     g = torch.Generator().manual_seed(5)
