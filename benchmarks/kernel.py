@@ -29,7 +29,7 @@ fused forward's kernel takes 52 us (57 % of the 2.91 TB/s copy bandwidth measure
 floor at that bandwidth); the call takes ~180 us of wall time, which is the CPU's launch work, as at B = 1
 and 32. Wall time vs eager: 3.6-9.6x forward, 2.9-3.8x forward+backward over all nine shapes.
 Again on 23 Nov 2026 with ``--graphs`` (the compile baselines too; README has the table): 4.3-6.9x / 2.7-4.6x eager;
-the kernel's GPU time 3-4x below ``torch.compile`` of the non-fused path in the forward at B = 256. fp32
+the kernel's forward GPU time at B = 256 2.0-3.7x below the fastest other implementation's (compiled or not). fp32
 (``--dtype fp32``) is the exception: its IEEE fp32 dots make forward+backward at B = 256 2.1-2.5x eager's GPU time,
 so fp32 tensors take PyTorch's attention unless ``RETROFIT_FUSED=1``.
 """
