@@ -31,21 +31,22 @@ LOG_NAME = "train_log.jsonl"
 
 @contextlib.contextmanager
 def interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: the block's updates happen all or none.
-    Only the main thread receives signals; elsewhere, and under a SIGINT handler other than Python's default one
-    (``asyncio.run``, a shell that ignores SIGINT), the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    """Hold a Ctrl-C (SIGINT) until the block has run, then hand it to the handler that was there: the block's
+    updates happen all or none. Python's default handler then raises KeyboardInterrupt; ``asyncio.run``'s cancels
+    its task on the first and raises on the second (each held signal is delivered, in order). Only the main thread
+    receives signals; elsewhere, and where SIGINT is ignored or not handled by Python, the block runs as it is."""
+    prev = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(prev):
         yield
         return
-    held: list[int] = []
-    try:  # (installed inside: whatever stops the block, the default handler comes back)
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    held: list[tuple[int, Any]] = []
+    try:  # (installed inside: whatever stops the block, the previous handler comes back)
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, prev)
+    for signum, frame in held:
+        prev(signum, frame)
 
 
 def _run_id_of(path: Path) -> str | None:

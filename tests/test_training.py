@@ -1051,3 +1051,44 @@ def test_non_finite_features_and_settings_are_refused_before_training(data, real
     c.validate()  # numpy numbers (a sweep's) become plain ones: the run's JSON failed on them mid-run
     assert json.dumps(c.to_dict()) and type(c.lr) is float and type(c.seed) is int and c.betas == (0.9, 0.99)
     assert (c.weight_decay, c.tau_la) == (0.01, 1.5)
+
+
+def test_interrupt_after_holds_ctrl_c_under_other_handlers_and_hands_it_on():
+    """interrupt_after held a Ctrl-C only under Python's default handler: inside ``asyncio.run`` (which installs
+    its own) a second Ctrl-C raised in the middle of the block (an optimizer step applied by half). Now any Python
+    handler gets the held signals after the block, in order."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from retrofit.train_log import interrupt_after
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has another handler here")
+    calls = []
+    prev = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (the handler runs between two bytecodes of this thread: time for it to come)
+            assert calls == []  # held
+        assert calls == [signal.SIGINT]  # handed on once the block was done
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # that handler is back
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+    done = []
+
+    async def main():
+        with interrupt_after():
+            for _ in range(2):  # two presses: asyncio's handler cancels on the first, raises on the second
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            done.append("block")
+        await asyncio.sleep(5)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert done == ["block"]  # the block ran whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
