@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-attention-paths", action="store_true",
                    help="skip the one-layer native vs einsum-reference attention timing")
     args = p.parse_args(argv)
+    if args.variants != ["default"] and args.device == "cpu":
+        p.error("--variants applies to the CUDA timings; with --device cpu the head runs as called")
 
     flops = count_flops(args)
     record: dict = {
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA GPU on this machine")
         from retrofit.functional import fused_kernel_status
 
-        record["cuda_attention"] = fused_kernel_status("cuda")[1]
+        record["cuda_attention"] = (fused_kernel_status("cuda")[1] + "; float32 runs take PyTorch's attention "
+                                    "unless RETROFIT_FUSED=1, bfloat16 the kernel")
         record["cuda"] = {}
         for dt in (torch.float32, torch.bfloat16):
             name = str(dt).removeprefix("torch.")

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", action="store_true",
                     help="also time the kernel under torch.compile(mode='reduce-overhead') (CUDA graphs)")
     args = ap.parse_args(argv)
+    if args.quick and (args.batch != list(BATCHES) or args.k != list(KS)):
+        ap.error("--quick is B = 32, k = 32: give it or --batch / --k, not both")
     if not torch.cuda.is_available():
         emit({"benchmark": "kernel", "skipped": True,
               "reason": "no CUDA device: the fused Triton kernel only runs compiled on a GPU (the CPU interpreter "

@@ -355,17 +355,21 @@ class RecordStore:
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(sc)]))
         get = txn.get
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            sel = order[s:e]
-            kv = ckey(int(sc[s]))
-            buf = get(kv, db=self.db_vec)
-            lbuf = get(kv, db=self.db_lab)
-            if buf is None or lbuf is None:
-                raise CorruptKnowledgeBaseError(f"records chunk {int(sc[s])} is missing in {self.path.parent}")
-            arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
-            r = row_of[sel]
-            out[sel] = arr[r, cols]
-            lab[sel] = np.frombuffer(lbuf, dtype="<i8")[r]
+        arr = None
+        try:
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                sel = order[s:e]
+                kv = ckey(int(sc[s]))
+                buf = get(kv, db=self.db_vec)
+                lbuf = get(kv, db=self.db_lab)
+                if buf is None or lbuf is None:
+                    raise CorruptKnowledgeBaseError(f"records chunk {int(sc[s])} is missing in {self.path.parent}")
+                arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
+                r = row_of[sel]
+                out[sel] = arr[r, cols]
+                lab[sel] = np.frombuffer(lbuf, dtype="<i8")[r]
+        finally:
+            arr = None  # a view of the map: an error's traceback must not hold it past the KB's close (snapshot_view)
         return out, lab
 
     def snapshot_view(self, txn) -> SnapshotView | None:
@@ -374,29 +378,36 @@ class RecordStore:
         Valid only while ``txn`` stays open (the owner drops it before ending the transaction). None when a chunk
         is not aligned for its dtype (small values stored inside LMDB leaf pages); callers then use :meth:`gather`.
         """
-        views = []
-        for db, dt, width in ((self.db_vec, self.np_dtype, self.row_dim), (self.db_lab, np.dtype("<i8"), 1)):
-            keys, addr, size = [], [], []
-            with txn.cursor(db=db) as cur:
-                for k, v in cur.iternext(keys=True, values=True):
-                    keys.append(struct.unpack(">Q", bytes(k))[0])
-                    a = np.frombuffer(v, dtype=np.uint8)
-                    addr.append(a.__array_interface__["data"][0])
-                    size.append(a.nbytes)
-            if not keys:
-                return None
-            addr_a, size_a = np.asarray(addr, dtype=np.int64), np.asarray(size, dtype=np.int64)
-            if (addr_a % dt.itemsize).any():
-                return None
-            lo, hi = int(addr_a.min()), int((addr_a + size_a).max())
-            flat = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), dtype=dt)  # the map, no copy
-            # rows may start at any element: an overlapping strided view gives row i = elements i .. i + width
-            rows = np.lib.stride_tricks.as_strided(flat, shape=(max(flat.shape[0] - width + 1, 1), width),
-                                                   strides=(dt.itemsize, dt.itemsize), writeable=False)
-            off = np.full(max(keys) + 1, -1, dtype=np.int64)
-            off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
-            views.append((rows, off))
-        return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
+        views: list = []
+        a = flat = rows = None
+        try:
+            for db, dt, width in ((self.db_vec, self.np_dtype, self.row_dim), (self.db_lab, np.dtype("<i8"), 1)):
+                keys, addr, size = [], [], []
+                with txn.cursor(db=db) as cur:
+                    for k, v in cur.iternext(keys=True, values=True):
+                        keys.append(struct.unpack(">Q", bytes(k))[0])
+                        a = np.frombuffer(v, dtype=np.uint8)
+                        addr.append(a.__array_interface__["data"][0])
+                        size.append(a.nbytes)
+                if not keys:
+                    return None
+                addr_a, size_a = np.asarray(addr, dtype=np.int64), np.asarray(size, dtype=np.int64)
+                if (addr_a % dt.itemsize).any():
+                    return None
+                lo, hi = int(addr_a.min()), int((addr_a + size_a).max())
+                flat = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), dtype=dt)  # the map, no copy
+                # rows may start at any element: an overlapping strided view gives row i = elements i .. i + width
+                rows = np.lib.stride_tricks.as_strided(flat, shape=(max(flat.shape[0] - width + 1, 1), width),
+                                                       strides=(dt.itemsize, dt.itemsize), writeable=False)
+                off = np.full(max(keys) + 1, -1, dtype=np.int64)
+                off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
+                views.append((rows, off))
+            return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
+        finally:
+            # an error here leaves this frame in its traceback: no local may still view the map once the KB is
+            # closed (a traceback printer showing locals would read unmapped memory: a segfault)
+            a = flat = rows = None
+            views.clear()
 
     def gather_view(self, view: SnapshotView, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`gather`, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no Python loop)."""
@@ -446,12 +457,16 @@ class RecordStore:
                 if crc is not None and bytes(crc) != chunk_sum(bytes(buf), bytes(lbuf)):
                     damaged.append(c)
                     continue
-            arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
-            labs = np.frombuffer(lbuf, dtype="<i8")
-            lo = max(start - c * C, 0)
-            hi = min(upto - c * C, arr.shape[0])
-            if hi > lo:
-                yield c * C + lo, arr[lo:hi, cols].copy(), labs[lo:hi].copy()
+            try:
+                arr = np.frombuffer(buf, dtype=dt).reshape(-1, D)
+                labs = np.frombuffer(lbuf, dtype="<i8")
+                lo = max(start - c * C, 0)
+                hi = min(upto - c * C, arr.shape[0])
+                got = (c * C + lo, arr[lo:hi, cols].copy(), labs[lo:hi].copy()) if hi > lo else None
+            finally:
+                arr = labs = None  # views of the map: never kept in this frame (a traceback may hold it; see above)
+            if got is not None:
+                yield got
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.mdb") if f.name == "data.mdb")

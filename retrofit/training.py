@@ -328,13 +328,14 @@ def train(
                 state["partial"] = None
             save(epoch, 0)
     except KeyboardInterrupt:
-        if unlogged is not None:  # a step applied and counted, interrupted before its records were written
-            record_step(*unlogged, None)
-        state["partial"] = [float(ep_sum), ep_n] if step > 0 else None  # this epoch's loss so far, for the resume
-        log.warning("interrupted at epoch %d step %d; saving the last checkpoint (continue with resume=True, "
-                    "`retrofit train ... --resume`)", epoch + 1, step)
-        save(epoch, step, step_rng)
-        write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
+        with interrupt_after():  # a second Ctrl-C waits for the last checkpoint (it stopped the save before)
+            if unlogged is not None:  # a step applied and counted, interrupted before its records were written
+                record_step(*unlogged, None)
+            state["partial"] = [float(ep_sum), ep_n] if step > 0 else None  # this epoch's loss so far, for resume
+            log.warning("interrupted at epoch %d step %d; saving the last checkpoint (continue with resume=True, "
+                        "`retrofit train ... --resume`)", epoch + 1, step)
+            save(epoch, step, step_rng)
+            write_log({"event": "interrupted", "epoch": epoch + 1, "step": step})
         raise
     finally:
         tlog.close()

@@ -299,9 +299,10 @@ def test_exact_search_on_gpu_matches_cpu(tmp_path):
 
 
 def test_traceback_locals_after_close_do_not_read_the_unmapped_records(tmp_path):
-    """An error inside the reader's zero-copy gather, printed after the KB is closed by a printer that shows each
-    frame's arguments (pytest's tracebacks, debuggers, capture_locals): the view's repr read the unmapped LMDB map
-    and the process died with a segfault (seen on a GPU machine's test run). Run in a child process."""
+    """An error inside the reader's zero-copy gather, or while its views are made, printed after the KB is closed by
+    a printer that shows each frame's arguments or locals (pytest's tracebacks, debuggers, capture_locals): the
+    views' repr read the unmapped LMDB map and the process died with a segfault (seen on a GPU machine's test run;
+    the second case found by a review). Run in a child process."""
     import subprocess
     import sys
     import textwrap
@@ -323,6 +324,23 @@ def test_traceback_locals_after_close_do_not_read_the_unmapped_records(tmp_path)
         r.close()
         text = "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format())
         assert "SnapshotView(" in text and "missing" in text, text
+        # an error while the views are being made (a Ctrl-C, a MemoryError): that frame's locals viewed the map too
+        import sys
+        real_full = np.full
+        def full(*a, **kw):
+            if sys._getframe(1).f_code.co_name == "snapshot_view":
+                raise MemoryError("stand-in")
+            return real_full(*a, **kw)
+        np.full = full
+        r = KnowledgeBase.open({str(tmp_path / 'kb')!r})
+        try:
+            r.search(torch.randn(2, 64), 3)
+        except MemoryError as e:
+            err = e
+        np.full = real_full
+        r.close()
+        text = "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format())
+        assert "snapshot_view" in text, text
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

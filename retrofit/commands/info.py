@@ -41,8 +41,8 @@ def collect() -> dict[str, Any]:
             why = (f"RETROFIT_FUSED=1 forces the kernel but it cannot run here ({why}): every head forward will "
                    "raise; unset RETROFIT_FUSED or set it to 0")
         elif fused and fused_flag() is None:
-            why += (f"; fp16 / bf16 only (mixed precision): fp32 heads, and heads with dim / heads above "
-                    f"{FUSED_MAX_HEAD_DIM}, take PyTorch's attention")
+            why += (f"; fp16 / bf16 only (autocast or a half-precision head): fp32 computation, and heads with "
+                    f"dim / heads above {FUSED_MAX_HEAD_DIM}, take PyTorch's attention")
     except ValueError as e:  # a RETROFIT_FUSED value it does not understand
         fused, why = False, str(e)
     d = data_dir()
