@@ -19,7 +19,10 @@ class RWLock:
     """Shared (``read()``) or exclusive (``write()``) access; context managers, re-entrant per thread."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # taken with ``with self._lock`` (C code throughout): Python checks for signals where a Python-level
+        # __exit__ starts, so a Ctrl-C in Condition.__exit__ could leave the lock itself held (a hang)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0  # threads holding the shared mode
         self._writer: int | None = None  # thread holding the exclusive mode
         self._depth = 0  # its nesting depth
@@ -29,54 +32,59 @@ class RWLock:
     @contextmanager
     def read(self) -> Iterator[None]:
         me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:  # the writer reads: already exclusive
-                self._depth += 1
-                nested_write = True
-            else:
-                nested_write = False
-                n = getattr(self._mine, "n", 0)
-                if n == 0:  # a thread that already reads goes on (waiting for a writer would deadlock it)
-                    while self._writer is not None or self._waiting:
-                        self._cond.wait()
-                    self._readers += 1
-                self._mine.n = n + 1
-        try:
+        taken = None  # what this call took, set in the same locked block as the counts (released in the finally):
+        try:  # an exception (a Ctrl-C) between taking and the try left a read hold behind for good
+            with self._lock:
+                if self._writer == me:  # the writer reads: already exclusive
+                    self._depth += 1
+                    taken = "write"
+                else:
+                    n = getattr(self._mine, "n", 0)
+                    if n == 0:  # a thread that already reads goes on (waiting for a writer would deadlock it)
+                        while self._writer is not None or self._waiting:
+                            self._cond.wait()
+                        self._readers += 1
+                    self._mine.n = n + 1
+                    taken = "read"
             yield
         finally:
-            with self._cond:
-                if nested_write:
-                    self._depth -= 1
-                else:
-                    self._mine.n -= 1
-                    if self._mine.n == 0:
-                        self._readers -= 1
-                        if self._readers == 0:
-                            self._cond.notify_all()
+            if taken is not None:
+                with self._lock:
+                    if taken == "write":
+                        self._depth -= 1
+                    else:
+                        self._mine.n -= 1
+                        if self._mine.n == 0:
+                            self._readers -= 1
+                            if self._readers == 0:
+                                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
         me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:
-                self._depth += 1
-            else:
-                if getattr(self._mine, "n", 0):
-                    raise RuntimeError("a thread that holds a knowledge base's read lock cannot take its write lock: "
-                                       "a refresh() (or write) while this thread iterates or searches the handle; "
-                                       "finish or close the iteration first")
-                self._waiting += 1
-                try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
-                finally:
-                    self._waiting -= 1
-                self._writer, self._depth = me, 1
+        taken = False
         try:
+            with self._lock:
+                if self._writer == me:
+                    self._depth += 1
+                else:
+                    if getattr(self._mine, "n", 0):
+                        raise RuntimeError("a thread that holds a knowledge base's read lock cannot take its write "
+                                           "lock: a refresh() (or write) while this thread iterates or searches the "
+                                           "handle; finish or close the iteration first")
+                    self._waiting += 1
+                    try:
+                        while self._writer is not None or self._readers:
+                            self._cond.wait()
+                    finally:
+                        self._waiting -= 1
+                    self._writer, self._depth = me, 1
+                taken = True
             yield
         finally:
-            with self._cond:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._writer = None
-                    self._cond.notify_all()
+            if taken:
+                with self._lock:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self._writer = None
+                        self._cond.notify_all()

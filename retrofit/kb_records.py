@@ -27,6 +27,7 @@ import logging
 import os
 import struct
 import threading
+import traceback
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -397,12 +398,18 @@ class RecordStore:
                 lo, hi = int(addr_a.min()), int((addr_a + size_a).max())
                 flat = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), dtype=dt)  # the map, no copy
                 # rows may start at any element: an overlapping strided view gives row i = elements i .. i + width
-                rows = np.lib.stride_tricks.as_strided(flat, shape=(max(flat.shape[0] - width + 1, 1), width),
-                                                       strides=(dt.itemsize, dt.itemsize), writeable=False)
+                # (made by the C constructor: numpy's as_strided is Python, and a Ctrl-C in its frame left a
+                # traceback holding a view of the map, a segfault when printed with locals after close)
+                rows = np.ndarray((flat.shape[0] - width + 1, width), dtype=dt, buffer=flat,
+                                  strides=(dt.itemsize, dt.itemsize))
+                rows.flags.writeable = False
                 off = np.full(max(keys) + 1, -1, dtype=np.int64)
                 off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
                 views.append((rows, off))
             return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
+        except BaseException as e:  # the frames it went through (numpy's, say) may hold views of the map too
+            traceback.clear_frames(e.__traceback__.tb_next if e.__traceback__ is not None else None)
+            raise
         finally:
             # an error here leaves this frame in its traceback: no local may still view the map once the KB is
             # closed (a traceback printer showing locals would read unmapped memory: a segfault)

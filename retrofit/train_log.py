@@ -12,69 +12,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from retrofit._interrupts import interrupt_after
 from retrofit.train_checkpoint import trim_log
 
 __all__ = ["TrainLog", "interrupt_after"]
 
 LOG_NAME = "train_log.jsonl"
-
-
-class _Held:
-    """The process's one SIGINT holder while any interrupt_after block is open (blocks may nest, or interleave
-    across asyncio tasks): the handler it replaced, the signals held, the open blocks."""
-
-    depth = 0
-    prev: Any = None
-    signals: list[tuple[int, Any]] = []
-
-    @staticmethod
-    def hold(signum: int, frame: Any) -> None:
-        _Held.signals.append((signum, frame))
-
-
-@contextlib.contextmanager
-def interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block has run, then hand it to the handler that was there: the block's
-    updates happen all or none. Python's default handler then raises KeyboardInterrupt; ``asyncio.run``'s cancels
-    its task on the first and raises on the second (each held signal is delivered, in order). Blocks open at the
-    same time (nested, or in several asyncio tasks) hold until the last of them is done. A block left by an
-    exception drops what it held (the exception stops the work anyway). Only the main thread receives signals;
-    elsewhere, and where SIGINT is ignored or not handled by Python, the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if _Held.depth == 0:
-        prev = signal.getsignal(signal.SIGINT)
-        if not callable(prev):
-            yield
-            return
-        _Held.prev, _Held.signals = prev, []
-        signal.signal(signal.SIGINT, _Held.hold)
-    _Held.depth += 1
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        _Held.depth -= 1
-        if _Held.depth == 0:
-            prev, held = _Held.prev, _Held.signals
-            _Held.prev, _Held.signals = None, []
-            if signal.getsignal(signal.SIGINT) is _Held.hold:  # (a handler set inside the block stays)
-                signal.signal(signal.SIGINT, prev)
-            if ok:
-                for signum, frame in held:
-                    prev(signum, frame)
 
 
 def _run_id_of(path: Path) -> str | None:

@@ -622,6 +622,38 @@ def test_rwlock_readers_share_writers_wait_and_nesting_never_deadlocks():
         assert lock2._readers == 1
 
 
+
+def test_rwlock_an_interrupt_as_it_is_taken_leaves_no_hold():
+    """A Ctrl-C handled right after the lock was taken: Python handles a pending signal when a Python function
+    starts, and the first one after the taking was Condition.__exit__, before the release was armed (a review
+    interrupted kb.get at random times: close() then raised 'cannot take its write lock', once it hung). A tracer
+    raises KeyboardInterrupt at the first Python call after the lock's state changed; nothing may stay held."""
+    import sys
+
+    from retrofit._rwlock import RWLock
+
+    for mode in ("read", "write"):
+        lock, hits = RWLock(), []
+
+        def tracer(frame, event, arg, lock=lock, hits=hits):
+            if event == "call" and not hits and (lock._readers or lock._writer is not None):
+                hits.append(frame.f_code.co_name)
+                raise KeyboardInterrupt
+            return None
+
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with getattr(lock, mode)():
+                    pass
+        finally:
+            sys.settrace(None)
+        assert hits, mode
+        assert (lock._readers, lock._writer, lock._depth, getattr(lock._mine, "n", 0)) == (0, None, 0, 0), (mode, hits)
+        with lock.write():  # usable: nothing left held
+            pass
+
+
 FORK_WORKERS = textwrap.dedent("""
     import sys, torch
     from torch.utils.data import DataLoader, Dataset
