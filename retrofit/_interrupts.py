@@ -6,7 +6,9 @@ process-wide holder replaces the SIGINT handler while any block is open; blocks 
 asyncio tasks. When the last one closes, the previous handler comes back and gets each held signal, in order:
 Python's default handler raises KeyboardInterrupt, ``asyncio.run``'s cancels its task on the first and raises on
 the second. A third Ctrl-C while held goes through at once (a save stuck on a full disk can still be stopped; the
-second prints that).
+second prints that). A block inside a generator that is dropped unfinished is closed by its finalizer, where
+Python only prints an exception: a Ctrl-C it held is then printed ("Exception ignored ... KeyboardInterrupt") and
+lost; an explicit ``close()`` raises it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ class _Held:
             sys.stderr.write("Ctrl-C: held until the step or checkpoint being written is complete; press it again "
                              "to stop at once (that write is then lost)\n")
         elif len(_Held.signals) >= _PASS_THROUGH:
-            prev, _Held.signals = _Held.prev, []
-            signal.signal(signal.SIGINT, prev)  # the user insists: the handler as it was, and this signal to it now
-            prev(signum, frame)
+            # the user insists: the handler as it was, and every press to it now (asyncio's raises on its second)
+            prev, held, _Held.signals = _Held.prev, _Held.signals, []
+            signal.signal(signal.SIGINT, prev)
+            for s, f in held:
+                prev(s, f)
 
 
 def _forked_child() -> None:
@@ -61,7 +65,8 @@ if hasattr(os, "register_at_fork"):
 class interrupt_after:
     """Hold a Ctrl-C (SIGINT) until the block has run, then hand it to the handler that was there: the block's
     updates happen all or none (see the module docstring). A block left by a KeyboardInterrupt (a third Ctrl-C)
-    drops the others held; any other exception does not stop their delivery. Only the main thread receives
+    drops the others held; any other exception does not stop their delivery (see the module docstring for a generator
+dropped unfinished). Only the main thread receives
     signals; elsewhere, and where SIGINT is ignored or not handled by Python, the block runs as it is. A generator
     suspended inside a block holds Ctrl-C until it finishes or is closed."""
 
@@ -69,13 +74,15 @@ class interrupt_after:
         self._active = False
         if threading.current_thread() is not threading.main_thread():
             return self
-        if _Held.depth == 0:
-            current = signal.getsignal(signal.SIGINT)
-            if current is not _Held.hold:  # (else: a block closed in another thread left the holder in place)
-                if not callable(current):
-                    return self
-                _Held.prev, _Held.signals = current, []
+        current = signal.getsignal(signal.SIGINT)
+        if current is not _Held.hold:  # (is: an open block's, or one a block closed in another thread left)
+            if callable(current):  # at depth 0, or after a pass-through or a handler set inside an open block
+                _Held.prev = current
+                if _Held.depth == 0:
+                    _Held.signals = []
                 signal.signal(signal.SIGINT, _Held.hold)
+            elif _Held.depth == 0:
+                return self
         _Held.depth += 1
         self._active, self._generation = True, _Held.generation
         return self
@@ -92,16 +99,6 @@ class interrupt_after:
             signal.signal(signal.SIGINT, prev)  # first: a Ctrl-C from here on goes to it, none is lost in between
         held, _Held.signals, _Held.prev = _Held.signals, [], None
         if not held or (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
-            return
-        if exc_type is not None and issubclass(exc_type, GeneratorExit):
-            # a generator's block closed, maybe by its finalizer, where an exception is only printed: the signal
-            # again in 50 ms, from another thread (from this one it is handled at once, in the finalizer), as a
-            # Ctrl-C pressed just after
-            import _thread
-
-            t = threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,))
-            t.daemon = True
-            t.start()
             return
         for signum, frame in held:
             prev(signum, frame)

@@ -20,8 +20,10 @@ class RWLock:
 
     def __init__(self) -> None:
         # taken with ``with self._lock`` (C code throughout): Python checks for signals where a Python-level
-        # __exit__ starts, so a Ctrl-C in Condition.__exit__ could leave the lock itself held (a hang)
-        self._lock = threading.Lock()
+        # __exit__ starts, so a Ctrl-C in Condition.__exit__ could leave the lock itself held (a hang). An RLock
+        # (never re-entered here): Condition.wait re-takes it in C, where a plain Lock's re-take is Python and a
+        # second Ctrl-C could skip it (the release after would then free a lock not held)
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._readers = 0  # threads holding the shared mode
         self._writer: int | None = None  # thread holding the exclusive mode
@@ -78,6 +80,8 @@ class RWLock:
                             self._cond.wait()
                     finally:
                         self._waiting -= 1
+                        if not self._waiting:  # (a writer that gave up, a Ctrl-C: the readers queued behind it go)
+                            self._cond.notify_all()
                     self._writer, self._depth = me, 1
                 taken = True
             yield

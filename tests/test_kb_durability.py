@@ -654,6 +654,50 @@ def test_rwlock_an_interrupt_as_it_is_taken_leaves_no_hold():
             pass
 
 
+
+def test_rwlock_a_ctrl_c_as_a_waiting_writer_wakes_keeps_the_lock_sound():
+    """A review: with a plain Lock under the condition, Condition.wait re-took it in Python code, where a second
+    Ctrl-C could skip the re-take; the release after then freed a lock not held (RuntimeError, or another thread's
+    lock). A tracer raises KeyboardInterrupt at any Python call made while the woken writer re-takes the lock."""
+    import sys
+    import threading
+
+    from retrofit._rwlock import RWLock
+
+    lock, hits, inside = RWLock(), [], threading.Event()
+    release = threading.Event()
+
+    def reader():
+        with lock.read():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    inside.wait(5)
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in ("_acquire_restore", "_is_owned") and not hits:
+            hits.append(frame.f_code.co_name)
+            raise KeyboardInterrupt
+        return None
+
+    threading.Timer(0.2, release.set).start()
+    sys.settrace(tracer)
+    try:
+        try:
+            with lock.write():
+                got = True
+        except KeyboardInterrupt:
+            got = False
+    finally:
+        sys.settrace(None)
+    t.join(5)
+    assert got and not hits  # (the re-take is C code now: nothing there for a signal to interrupt)
+    assert (lock._readers, lock._writer, lock._depth, lock._waiting) == (0, None, 0, 0)
+    with lock.write():
+        pass
+
 FORK_WORKERS = textwrap.dedent("""
     import sys, torch
     from torch.utils.data import DataLoader, Dataset

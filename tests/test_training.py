@@ -1193,26 +1193,54 @@ def test_a_second_ctrl_c_waits_for_the_last_checkpoint(data, real, tmp_path, mon
     assert recs[-1]["event"] == "interrupted"
 
 
-def test_a_ctrl_c_held_in_an_abandoned_generator_block_still_arrives():
-    """A generator whose block held a Ctrl-C and was dropped (`for x in gen(): break`): its finalizer closes the block,
-    where an exception is only printed: the Ctrl-C was lost (a review). It now comes again just after."""
+def test_a_ctrl_c_held_in_a_closed_generator_block_arrives_and_blocks_after_a_pass_through_hold():
+    """Reviews: a generator's block closed by ``close()`` dropped the Ctrl-C it held (GeneratorExit counted as an
+    error); after a third Ctrl-C went through inside an open block, later blocks held nothing; under asyncio the
+    third press only cancelled the task (a stuck block ran on)."""
+    import asyncio
     import os
     import signal
     import time
 
-    from retrofit._interrupts import interrupt_after
+    from retrofit._interrupts import _Held, interrupt_after
 
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         pytest.skip("SIGINT has another handler here")
+
+    def press(n):
+        for _ in range(n):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
 
     def gen():
         with interrupt_after():
             yield 1
             yield 2
 
+    g = gen()
+    next(g)
+    press(1)
     with pytest.raises(KeyboardInterrupt):
-        for _ in gen():
-            os.kill(os.getpid(), signal.SIGINT)
-            break
-        time.sleep(2)
+        g.close()
+    assert _Held.depth == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_after():  # an outer block stays open
+            with pytest.raises(KeyboardInterrupt):
+                with interrupt_after():
+                    press(3)  # the third goes through
+            with interrupt_after():
+                press(1)  # held again
+                reached.append("after")
+    assert reached == ["after"] and _Held.depth == 0
+
+    async def stuck():
+        with interrupt_after():
+            press(3)  # asyncio's handler: the first cancels, the second raises; the third press gives it both
+            reached.append("not reached")
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(stuck())
+    assert reached == ["after"] and _Held.depth == 0
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
