@@ -65,10 +65,10 @@ if hasattr(os, "register_at_fork"):
 class interrupt_after:
     """Hold a Ctrl-C (SIGINT) until the block has run, then hand it to the handler that was there: the block's
     updates happen all or none (see the module docstring). A block left by a KeyboardInterrupt (a third Ctrl-C)
-    drops the others held; any other exception does not stop their delivery (see the module docstring for a generator
-dropped unfinished). Only the main thread receives
-    signals; elsewhere, and where SIGINT is ignored or not handled by Python, the block runs as it is. A generator
-    suspended inside a block holds Ctrl-C until it finishes or is closed."""
+    drops the others held; any other exception does not stop their delivery (the module docstring says what a
+    generator dropped unfinished does). Only the main thread receives signals; elsewhere, and where SIGINT is
+    ignored or not handled by Python, the block runs as it is. A generator suspended inside a block holds Ctrl-C
+    until it finishes or is closed. Used as a function: ``with interrupt_after(): ...``."""
 
     def __enter__(self) -> interrupt_after:
         self._active = False
