@@ -87,17 +87,12 @@ VARIANTS = {
 def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, flops: tuple[int, int],
             variant: str = "default") -> dict:
     import os
+    from unittest import mock
 
     head = make_head(args, device, dtype)
     z, host, nb, y = make_inputs(args, device, dtype)
-    saved = os.environ.get("RETROFIT_FUSED")
-    if variant == "native":
-        os.environ["RETROFIT_FUSED"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"RETROFIT_FUSED": "0"} if variant == "native" else {}):  # restored after
         return _measure(args, head, (z, host, nb, y), device, dtype, flops, variant)
-    finally:
-        if variant == "native":
-            os.environ.pop("RETROFIT_FUSED") if saved is None else os.environ.__setitem__("RETROFIT_FUSED", saved)
 
 
 def _measure(args, head, inputs, device: str, dtype: torch.dtype, flops: tuple[int, int], variant: str) -> dict:

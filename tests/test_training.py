@@ -861,11 +861,21 @@ def test_an_interrupt_while_a_step_is_logged_never_duplicates_it(data, real, tmp
     assert [r["global_step"] for r in recs if r["event"] == "step"] == [2, 4, 6, 8]
 
 
+@pytest.fixture
+def default_sigint() -> None:
+    """Tests that send a real SIGINT need Python's default handler (a runner may install its own)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has another handler here")
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_a_real_ctrl_c_inside_the_optimizer_step_waits_for_the_whole_step(data, real, tmp_path, monkeypatch):
+def test_a_real_ctrl_c_inside_the_optimizer_step_waits_for_the_whole_step(data, real, tmp_path, monkeypatch,
+                                                                         default_sigint):
     """Found by a kill soak: on CPU AdamW updates the parameters one by one, and a Ctrl-C landing midway left some
     updated, saved as 'before the step', which the resume applied again (the final head differed)."""
     import os
@@ -873,8 +883,6 @@ def test_a_real_ctrl_c_inside_the_optimizer_step_waits_for_the_whole_step(data, 
 
     import torch.optim.adam as adam
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler here")
     train_fs, _, _ = data
     cfg = _cfg(epochs=2, device="cpu")  # (on CUDA, AdamW takes its foreach path, not the one patched here)
     straight = _head()
@@ -1053,7 +1061,7 @@ def test_non_finite_features_and_settings_are_refused_before_training(data, real
     assert (c.weight_decay, c.tau_la) == (0.01, 1.5)
 
 
-def test_interrupt_after_holds_ctrl_c_under_other_handlers_and_hands_it_on():
+def test_interrupt_after_holds_ctrl_c_under_other_handlers_and_hands_it_on(default_sigint):
     """interrupt_after held a Ctrl-C only under Python's default handler: inside ``asyncio.run`` (which installs
     its own) a second Ctrl-C raised in the middle of the block (an optimizer step applied by half). Now any Python
     handler gets the held signals after the block, in order."""
@@ -1064,8 +1072,6 @@ def test_interrupt_after_holds_ctrl_c_under_other_handlers_and_hands_it_on():
 
     from retrofit.train_log import interrupt_after
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler here")
     calls = []
     prev = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
     try:
@@ -1120,7 +1126,7 @@ def test_interrupt_after_holds_ctrl_c_under_other_handlers_and_hands_it_on():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_third_ctrl_c_goes_through_and_a_forked_child_is_not_held(capfd):
+def test_a_third_ctrl_c_goes_through_and_a_forked_child_is_not_held(capfd, default_sigint):
     """A save stuck on a full disk could not be stopped by any number of Ctrl-Cs (a review): the second says so, the
     third goes through at once. A child forked inside a block got the parent's holder (Ctrl-C swallowed there)."""
     import os
@@ -1129,8 +1135,6 @@ def test_a_third_ctrl_c_goes_through_and_a_forked_child_is_not_held(capfd):
 
     from retrofit._interrupts import _Held, interrupt_after
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler here")
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with interrupt_after():
@@ -1152,7 +1156,7 @@ def test_a_third_ctrl_c_goes_through_and_a_forked_child_is_not_held(capfd):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and _Held.depth == 0
 
 
-def test_a_second_ctrl_c_waits_for_the_last_checkpoint(data, real, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_waits_for_the_last_checkpoint(data, real, tmp_path, monkeypatch, default_sigint):
     """A second Ctrl-C while train() wrote its last checkpoint after the first stopped it before the save (a review
     found it): the run resumed from the previous epoch's checkpoint. The save now runs whole, then the interrupt."""
     import os
@@ -1162,8 +1166,6 @@ def test_a_second_ctrl_c_waits_for_the_last_checkpoint(data, real, tmp_path, mon
 
     import retrofit.training as rt
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler here")
     train_fs, _, _ = data
     cfg = _cfg(epochs=2, device="cpu")
     orig, calls = adam._single_tensor_adam, {"n": 0}
@@ -1193,7 +1195,7 @@ def test_a_second_ctrl_c_waits_for_the_last_checkpoint(data, real, tmp_path, mon
     assert recs[-1]["event"] == "interrupted"
 
 
-def test_a_ctrl_c_held_in_a_closed_generator_block_arrives_and_blocks_after_a_pass_through_hold():
+def test_a_ctrl_c_held_in_a_closed_generator_block_arrives_and_blocks_after_a_pass_through_hold(default_sigint):
     """Reviews: a generator's block closed by ``close()`` dropped the Ctrl-C it held (GeneratorExit counted as an
     error); after a third Ctrl-C went through inside an open block, later blocks held nothing; under asyncio the
     third press only cancelled the task (a stuck block ran on)."""
@@ -1204,8 +1206,6 @@ def test_a_ctrl_c_held_in_a_closed_generator_block_arrives_and_blocks_after_a_pa
 
     from retrofit._interrupts import _Held, interrupt_after
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler here")
 
     def press(n):
         for _ in range(n):
