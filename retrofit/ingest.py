@@ -51,6 +51,7 @@ class BuildConfig:
     dtype: str = "float16"  # storage dtype of the vectors
     index: str = "auto"  # "auto", "hnsw" or "flat" (KnowledgeBase.create)
     hnsw_storage: str = "fp16"  # how an HNSW index stores the keys: "fp16" or "float32" (KnowledgeBase.create)
+    whiten: float = 0.0  # key whitening of the index: 0 = off, > 0 = its shrinkage (retrofit.kb_whiten; 0.1 typical)
     # Web data has captions but no labels: give every record whose sample has no label the class its caption
     # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
     # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.
@@ -87,7 +88,8 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.dtype must be float16 or float32, got {self.dtype!r}")
         from retrofit.kb_index import IndexConfig
 
-        IndexConfig(kind=self.index, hnsw_storage=self.hnsw_storage)  # checks both (ValueError naming the value)
+        # checks all three (ValueError naming the value)
+        IndexConfig(kind=self.index, hnsw_storage=self.hnsw_storage, whiten=self.whiten)
 
 
 @dataclass
@@ -346,7 +348,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                  "key": key_encoder if key_encoder is not None else cfg.key_encoder}
         specs = {part: absolute_spec(v) for part, v in specs.items() if isinstance(v, str)}  # objects have none
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
-                                  index=cfg.index, hnsw_storage=cfg.hnsw_storage, user_meta={SPECS_KEY: specs})
+                                  index=cfg.index, hnsw_storage=cfg.hnsw_storage, whiten=cfg.whiten,
+                                  user_meta={SPECS_KEY: specs})
     try:
         summary = _run_build(kb, mode, path, src, labels, cfg, img, txt, key, build_id, labeller, state, batches)
     except Exception:

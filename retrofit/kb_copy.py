@@ -112,12 +112,16 @@ def copy_kb(src: str | os.PathLike, out: str | os.PathLike) -> CopySummary:
                 if state is not None:
                     try:
                         shutil.copyfile(src / state.file, tmp / state.file)
+                        if state.whiten_file is not None:  # the index's key whitening goes with it
+                            shutil.copyfile(src / state.whiten_file, tmp / state.whiten_file)
                         # index.json from the state read above, not the file again: a writer may have replaced both
                         with open(tmp / "index.json", "w") as f:
                             json.dump(asdict(state), f, indent=1)
                         index_copied = True
                     except FileNotFoundError:  # a writer replaced the index meanwhile: the copy rebuilds its own
                         (tmp / state.file).unlink(missing_ok=True)
+                        if state.whiten_file is not None:
+                            (tmp / state.whiten_file).unlink(missing_ok=True)
                 kb._rec.env.copy(str(tmp / "records"), compact=True)  # one read snapshot, only the pages in use
                 for f in tmp.rglob("*"):
                     if f.is_file() and f.name != _MARK:

@@ -51,6 +51,9 @@ class IndexConfig:
     tune_k: int = 32  # k used when tuning efSearch
     flat_threshold: int = 20_000  # "auto" uses exact search below this many records
     mmap_bytes: int = 64 << 20  # read-only opens memory-map index files at least this large
+    # Key whitening (retrofit.kb_whiten): 0 = off (cosine on the keys as given); a number > 0 = search in the
+    # shrinkage-whitened key space, each principal direction of the keys scaled by 1 / (sigma_i + whiten * sigma_1)
+    whiten: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "hnsw", "flat"):
@@ -65,6 +68,9 @@ class IndexConfig:
             raise ValueError(f"ef_search must be a positive int or None (auto), got {self.ef_search!r}")
         if not 0.0 < self.recall_target <= 1.0:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target!r}")
+        from retrofit.kb_whiten import check_shrinkage
+
+        self.whiten = check_shrinkage(self.whiten)
 
     def kind_for(self, n: int, current: str | None = None) -> str:
         """The index kind for ``n`` records; an HNSW index stays HNSW down to half the threshold (no flapping)."""
@@ -78,11 +84,14 @@ class IndexConfig:
         return asdict(self)
 
     def to_meta(self) -> dict[str, Any]:
-        """What the KB metadata stores: :meth:`to_dict` less ``hnsw_storage`` at its default (a missing key reads as
-        "fp16"), so KBs with default settings stay readable by retrofit versions from before that option."""
+        """What the KB metadata stores: :meth:`to_dict` less ``hnsw_storage`` and ``whiten`` at their defaults (a
+        missing key reads as the default), so KBs with default settings stay readable by retrofit versions from
+        before those options."""
         d = self.to_dict()
         if d["hnsw_storage"] == "fp16":
             del d["hnsw_storage"]
+        if d["whiten"] == 0.0:
+            del d["whiten"]
         return d
 
     @classmethod
@@ -110,6 +119,9 @@ class IndexState:
     sha256: str  # sha256 of the whole file (checked by verify)
     ef_search: int  # efSearch used by searches (>= k is enforced per search)
     tuned_recall: float | None = None  # recall@tune_k measured when ef_search was tuned (None = not tuned)
+    whiten_file: str | None = None  # the key-whitening transform the index was built with (None = none)
+    whiten_sha256: str | None = None  # its checksum
+    whiten_fit_n: int | None = None  # live records when it was fitted (the index is rebuilt once they double)
 
     @classmethod
     def read(cls, kb_dir: Path) -> IndexState | None:
@@ -191,12 +203,22 @@ def inner_index(index):
     return _faiss().downcast_index(index.index)
 
 
-def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
-    """Write ``index`` atomically and point ``index.json`` at it; removes the previous index file, and any other:
-    one that a writer killed between its rename and the ``index.json`` update left behind, never named by
-    ``index.json`` (so no reader loads it), would otherwise stay for good."""
+def save_index(kb_dir: Path, index, state: IndexState, whiten: np.ndarray | None = None,
+               whiten_saved: tuple[str, str] | None = None) -> IndexState:
+    """Write ``index`` (and its key-whitening transform, if any) atomically and point ``index.json`` at them;
+    removes the previous files, and any other: one that a writer killed between its rename and the ``index.json``
+    update left behind, never named by ``index.json`` (so no reader loads it), would otherwise stay for good.
+    ``whiten_saved``: (file, sha256) of ``whiten`` saved by an earlier call for this index (kept, not rewritten)."""
     faiss = _faiss()
-    stale = [f.name for f in kb_dir.glob("index-*.faiss")]  # the current one (readers have it loaded) and orphans
+    # the current ones (readers have them loaded) and orphans
+    stale = [f.name for pat in ("index-*.faiss", "whiten-*.npy") for f in kb_dir.glob(pat)]
+    state.whiten_file = state.whiten_sha256 = None
+    if whiten is not None and whiten_saved is not None and (kb_dir / whiten_saved[0]).is_file():
+        state.whiten_file, state.whiten_sha256 = whiten_saved
+    elif whiten is not None:
+        from retrofit.kb_whiten import save_whitening
+
+        state.whiten_file, state.whiten_sha256 = save_whitening(kb_dir, whiten, state.generation)
     name = f"index-{state.generation}-{uuid.uuid4().hex[:8]}.faiss"
     tmp = kb_dir / (name + ".tmp")
     faiss.write_index(index, str(tmp))
@@ -218,7 +240,7 @@ def save_index(kb_dir: Path, index, state: IndexState) -> IndexState:
     os.replace(jtmp, kb_dir / "index.json")
     fsync_dir(kb_dir)
     for f in stale:
-        if f != name:
+        if f not in (name, state.whiten_file):
             (kb_dir / f).unlink(missing_ok=True)
     return state
 

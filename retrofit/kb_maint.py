@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from retrofit.kb_index import IndexState, build_index, save_index, tune_ef_search
+from retrofit.kb_whiten import apply_whitening
 
 __all__ = ["KBIndexMixin"]
 
@@ -84,6 +85,7 @@ class KBIndexMixin:
                      self._cfg.flat_threshold)
         index = build_index(kind, self.key_dim, self._cfg)
         t0 = time.perf_counter()
+        whiten = self._fit_whitening(n) if self._cfg.whiten else None
         # HNSW with automatic efSearch: set ~256 random records aside, tune on them as held-out queries, add them last
         tune = kind == "hnsw" and self._cfg.ef_search is None and n >= 4 * _HOLDOUT
         rng = np.random.default_rng(0)
@@ -91,6 +93,8 @@ class KBIndexMixin:
         buf_ids, buf_x, have = [], [], 0
         with tqdm(total=n, desc=f"building {kind} index", unit="vec", disable=n < 100_000) as bar:
             for ids, x in self._live_keys(0, self._meta["next_id"]):
+                if whiten is not None:
+                    x = apply_whitening(x, whiten)
                 if tune:
                     hold = rng.random(len(ids)) < _HOLDOUT / n
                     held_ids.append(ids[hold])
@@ -115,6 +119,7 @@ class KBIndexMixin:
         # old one, whole, and the next add or open rebuilds (it took the index before the held-out records were
         # added back, and saved it without them)
         self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
+        self._whiten, self._whiten_saved, self._whiten_n = whiten, None, n if whiten is not None else None
         self._ef, self._tuned_recall = ef if ef is not None else self._pick_ef()
         log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
                  time.perf_counter() - t0, self._ef)
@@ -122,6 +127,30 @@ class KBIndexMixin:
         self._state = None
         if not self.readonly:
             self.flush()
+
+    def _fit_whitening(self, n: int) -> np.ndarray:
+        """The key-whitening transform fitted on up to ``FIT_SAMPLE`` live keys drawn at random (seeded)."""
+        from retrofit.kb_whiten import FIT_SAMPLE, fit_whitening
+
+        rng = np.random.default_rng(0)
+        rate, sample = min(1.0, FIT_SAMPLE / max(n, 1)), []
+        for _, x in self._live_keys(0, self._meta["next_id"]):
+            sample.append(x if rate >= 1.0 else x[rng.random(len(x)) < rate])
+        keys = np.concatenate(sample) if sample else np.zeros((0, self.key_dim), np.float32)
+        if not len(keys):  # nothing to fit on yet: the identity, refitted at the next rebuild
+            return np.vstack([np.zeros((1, self.key_dim)), np.eye(self.key_dim)]).astype(np.float32)
+        return fit_whitening(keys, self._cfg.whiten)
+
+    def _whiten_stale(self) -> bool:
+        """True when the index whitens with a transform fitted on under half of today's live records (a KB grown
+        by adds since its last build): the next catch-up rebuilds and fits it again (amortised O(1) per record)."""
+        fit_n = getattr(self, "_whiten_n", None)
+        return bool(self._cfg.whiten) and fit_n is not None and len(self) > 2 * max(fit_n, 16)
+
+    def _index_keys(self, x: np.ndarray) -> np.ndarray:
+        """Keys (or unit queries) as the index holds them: whitened and normalised again when the index whitens."""
+        w = getattr(self, "_whiten", None)
+        return x if w is None else apply_whitening(x, w)
 
     def _pick_ef(self) -> tuple[int, float | None]:
         if self._kind() != "hnsw":
@@ -143,8 +172,9 @@ class KBIndexMixin:
         return "fp16" if isinstance(faiss.downcast_index(self._main.index), faiss.IndexHNSWSQ) else "float32"
 
     def _catch_up(self) -> None:
-        """Add records the in-memory index lacks (writer); rebuilds when the index kind should change."""
-        if self._cfg.kind_for(len(self), self._kind()) != self._kind():
+        """Add records the in-memory index lacks (writer); rebuilds when the index kind should change or its key
+        whitening was fitted on under half of the live records."""
+        if self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._whiten_stale():
             self._rebuild()
             return
         if self._mapped:  # never add to a mapped index: faiss would abort
@@ -174,7 +204,7 @@ class KBIndexMixin:
                 if not len(ids):  # a chunk (or its tail) whose records are all deleted
                     continue
                 cur = ids
-                index.add_with_ids(x, ids)
+                index.add_with_ids(self._index_keys(x), ids)
                 added += len(ids)
                 setattr(self, upto_attr, int(ids[-1]) + 1)
                 cur = None
@@ -191,8 +221,13 @@ class KBIndexMixin:
         self._check_writable()
         state = IndexState(kb_uuid=self._meta["uuid"], kind=self._kind(), file="", generation=self._meta["generation"],
                            next_id=self._main_next, ntotal=0, size=0, quick="", sha256="", ef_search=int(self._ef),
-                           tuned_recall=getattr(self, "_tuned_recall", None))
-        self._state = save_index(self.path, self._main, state)
+                           tuned_recall=getattr(self, "_tuned_recall", None),
+                           whiten_fit_n=getattr(self, "_whiten_n", None))
+        whiten = getattr(self, "_whiten", None)
+        self._state = save_index(self.path, self._main, state, whiten=whiten,
+                                 whiten_saved=getattr(self, "_whiten_saved", None))
+        if whiten is not None:
+            self._whiten_saved = (self._state.whiten_file, self._state.whiten_sha256)
         self._unsaved = 0
 
     @contextlib.contextmanager
@@ -211,7 +246,8 @@ class KBIndexMixin:
     def _finish_index(self, retune: bool) -> None:
         """What the end of a bulk load does: rebuild the index when its kind no longer fits the size (or it is
         empty), else catch it up; with ``retune``, pick efSearch again and save it."""
-        if self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._main.ntotal == 0:
+        if (self._cfg.kind_for(len(self), self._kind()) != self._kind() or self._main.ntotal == 0
+                or self._whiten_stale()):
             self._rebuild()
         elif retune:
             self._catch_up()

@@ -133,7 +133,7 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
             settings = dict(dtype=info["dtype"], index=c["kind"], hnsw_m=c["hnsw_m"], hnsw_storage=c["hnsw_storage"],
                             ef_construction=c["ef_construction"], ef_search=c["ef_search"],
                             recall_target=c["recall_target"], flat_threshold=c["flat_threshold"],
-                            mmap_bytes=c["mmap_bytes"])
+                            mmap_bytes=c["mmap_bytes"], whiten=c.get("whiten", 0.0))
             with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
                                       class_names=first.class_names, **settings,
                                       user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():

@@ -16,6 +16,7 @@ import torch
 
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import IndexState, full_hash, search_index
+from retrofit.kb_whiten import apply_whitening_torch
 from retrofit.neighbors import Neighbors
 from retrofit.store import _check_exclude, as_queries, check_query_norms, check_search_args
 
@@ -51,6 +52,8 @@ class KBSearchMixin:
             return Neighbors.empty(0, k, self.image_dim, self.text_dim, device=device)
         if queries.is_cuda and self._kind() == "flat":
             q = torch.nn.functional.normalize(queries.detach().double(), dim=1).float()  # (B, Dk); float64 norm
+            if getattr(self, "_whiten", None) is not None:
+                q = apply_whitening_torch(q, self._whiten_on(q.device))
             D, ids_ = self._search_exact_gpu(q, kq)  # (B, kq)
         else:
             qn = queries.detach().float().cpu().numpy()  # (B, Dk)
@@ -59,7 +62,7 @@ class KBSearchMixin:
             q64 = qn.astype(np.float64)  # float64: the norm of a large finite query overflows float32
             norms = np.linalg.norm(q64, axis=1, keepdims=True)  # (B, 1)
             check_query_norms(norms[:, 0])
-            qn = np.ascontiguousarray(q64 / norms, dtype=np.float32)
+            qn = self._index_keys(np.ascontiguousarray(q64 / norms, dtype=np.float32))  # as the index holds keys
             parts = []
             for index in (self._main, self._delta):
                 if index is not None and index.ntotal:
@@ -155,6 +158,16 @@ class KBSearchMixin:
             out["keys"] = torch.from_numpy(x).to(dev)
         out["device"] = dev
         return out
+
+    def _whiten_on(self, dev: torch.device) -> torch.Tensor:
+        """The key-whitening transform as a tensor on ``dev`` (cached with the GPU keys)."""
+        cache = self._gpu_cache
+        t = cache.get("whiten")
+        if t is None or t.device != dev:
+            t = torch.from_numpy(self._whiten).to(dev)
+            with _GPU_LOCK:
+                cache["whiten"] = t
+        return t
 
     def _search_exact_gpu(self, q: torch.Tensor, kq: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-kq on the queries' GPU: faiss-GPU when available, else torch matmul; (scores, ids) numpy."""
@@ -266,6 +279,8 @@ class KBSearchMixin:
                       "file": st.file if st else None, "file_generation": st.generation if st else None,
                       "covers_ids_below": st.next_id if st else None,
                       "memory_mapped": bool(self._mapped),
+                      "whitened": getattr(self, "_whiten", None) is not None,
+                      "whiten_fitted_on": getattr(self, "_whiten_n", None),
                       "pending_in_memory": int(self._delta.ntotal) if self._delta is not None else 0,
                       "unindexed_records": self._unindexed(exact=True)},
             "bytes": {"records": rec_bytes, "records_free": self._rec.free_bytes(), "index": idx_bytes,
@@ -335,6 +350,10 @@ class KBSearchMixin:
                 if not p.is_file() or full_hash(p) != st.sha256:
                     problems.append(f"index file {st.file} is missing or its checksum does not match; "
                                     f"rebuild it with: retrofit kb compact {self.path}")
+                elif st.whiten_file is not None and (not (self.path / st.whiten_file).is_file()
+                                                     or full_hash(self.path / st.whiten_file) != st.whiten_sha256):
+                    problems.append(f"whitening file {st.whiten_file} of the index is missing or its checksum does "
+                                    f"not match; rebuild the index with: retrofit kb compact {self.path}")
                 elif st.kb_uuid != meta["uuid"] or st.next_id > nxt:
                     problems.append(f"index file {st.file} does not belong to these records; "
                                     f"rebuild it with: retrofit kb compact {self.path}")

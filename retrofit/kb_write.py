@@ -162,15 +162,18 @@ class KBWriteMixin:
         self._meta = self._rec.meta = m
         self._set_deleted(np.union1d(self._deleted, a))
 
-    def compact(self, hnsw_storage: str | None = None) -> None:
+    def compact(self, hnsw_storage: str | None = None, whiten: float | None = None) -> None:
         """Rebuild the index without deleted records and drop the chunks whose records are all deleted;
-        ``hnsw_storage`` ("fp16" / "float32") changes how the rebuilt HNSW index stores the keys."""
+        ``hnsw_storage`` ("fp16" / "float32") changes how the rebuilt HNSW index stores the keys, ``whiten`` its key
+        whitening (0 = off, > 0 = the shrinkage, :mod:`retrofit.kb_whiten`); None keeps the KB's setting. The
+        whitening is fitted again on the live records either way."""
         self._check_writable()
         from dataclasses import replace
 
         from retrofit.kb_records import ckey
 
-        cfg = self._cfg if hnsw_storage is None else replace(self._cfg, hnsw_storage=hnsw_storage)  # validates
+        changes = {n: v for n, v in (("hnsw_storage", hnsw_storage), ("whiten", whiten)) if v is not None}
+        cfg = replace(self._cfg, **changes)  # validates
 
         C, nxt = self._rec.chunk, self._meta["next_id"]
         with self._rec.write() as txn:

@@ -34,6 +34,7 @@ from retrofit.kb_index import IndexConfig, IndexState, load_index
 from retrofit.kb_maint import KBIndexMixin
 from retrofit.kb_records import _DTYPES, SCHEMA_VERSION, RecordStore
 from retrofit.kb_search import KBSearchMixin
+from retrofit.kb_whiten import load_whitening
 from retrofit.kb_write import KBWriteMixin
 from retrofit.store import KBFingerprint
 
@@ -105,9 +106,12 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
                dtype: str = "float16", index: str = "auto", hnsw_m: int = 32, hnsw_storage: str = "fp16",
                ef_construction: int = 40,
                ef_search: int | None = None, recall_target: float = 0.96, flat_threshold: int = 20_000,
-               chunk_records: int | None = None, mmap_bytes: int = 64 << 20,
+               chunk_records: int | None = None, mmap_bytes: int = 64 << 20, whiten: float = 0.0,
                user_meta: dict[str, Any] | None = None) -> KnowledgeBase:
-        """Create an empty knowledge base in the new or empty directory ``path``; returns it open for writing."""
+        """Create an empty knowledge base in the new or empty directory ``path``; returns it open for writing.
+
+        ``whiten`` > 0 searches in the shrinkage-whitened key space (:mod:`retrofit.kb_whiten`; 0.1 is a good
+        start): usually better neighbours from a backbone's embeddings, at one (D, D) matrix product per query."""
         path = Path(path)
         for n, v in (("key_dim", key_dim), ("image_dim", image_dim), ("text_dim", text_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -124,7 +128,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
                 raise ValueError(f"fingerprint.{n}.dim is {fp.dim} but {n}_dim is {d}")
         cfg = IndexConfig(kind=index, hnsw_m=hnsw_m, hnsw_storage=hnsw_storage, ef_construction=ef_construction,
                           ef_search=ef_search, recall_target=recall_target, flat_threshold=flat_threshold,
-                          mmap_bytes=mmap_bytes)
+                          mmap_bytes=mmap_bytes, whiten=whiten)
         if class_names is not None and (isinstance(class_names, str)
                                         or not all(isinstance(c, str) for c in class_names)):
             raise ValueError(f"class_names must be a list of strings, got {class_names!r:.80}")
@@ -222,16 +226,26 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             problem = CorruptKnowledgeBaseError(
                 f"the index ({state.file}, up to id {state.next_id}) does not belong to these records "
                 f"(up to id {self._meta['next_id']})")
+        if problem is None and bool(self._cfg.whiten) != (state.whiten_file is not None):
+            problem = CorruptKnowledgeBaseError(
+                f"the index ({state.file}) was built {'without' if self._cfg.whiten else 'with'} the key whitening "
+                f"the knowledge base's settings {'ask for' if self._cfg.whiten else 'no longer have'} (a rebuild "
+                "that did not finish)")
         if problem is None:
             prev = getattr(self, "_state", None)
             if prev is not None and prev.file == state.file and getattr(self, "_main", None) is not None:
                 self._state = state  # refresh(): the same index file is still current, keep it
             else:
                 try:
+                    whiten = None
+                    if state.whiten_file is not None:  # first: a reader must not pair an index with another's
+                        whiten = load_whitening(self.path, state.whiten_file, state.whiten_sha256, self.key_dim)
                     big = state.size >= self._cfg.mmap_bytes
                     self._main = load_index(self.path, state, mmap=self.readonly and big)
                     self._mapped = self.readonly and big
                     self._state = state
+                    self._whiten, self._whiten_n = whiten, state.whiten_fit_n if whiten is not None else None
+                    self._whiten_saved = None if whiten is None else (state.whiten_file, state.whiten_sha256)
                 except CorruptKnowledgeBaseError as e:
                     problem = e
         if problem is not None:

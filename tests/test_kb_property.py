@@ -1,4 +1,5 @@
-"""Property test: random add / delete / compact / reopen / search sequences against a brute-force model."""
+"""Property test: random add / delete / compact / reopen / search sequences against a brute-force model (raw and
+whitened keys)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retrofit.kb_whiten import apply_whitening
 from retrofit.knowledge_base import KnowledgeBase
 
 D = 8
+SCALES = torch.tensor(np.geomspace(4.0, 0.1, D), dtype=torch.float32)
 
 op = st.one_of(
     st.tuples(st.just("add"), st.integers(1, 40), st.integers(0, 10_000)),
@@ -23,19 +27,21 @@ op = st.one_of(
 )
 
 
+@pytest.mark.parametrize("whiten", [0.0, 0.1])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=1, max_size=14))
-def test_kb_matches_brute_force_model(ops):
+def test_kb_matches_brute_force_model(whiten, ops):
     d = tempfile.mkdtemp(prefix="kbprop")
     model: dict[int, np.ndarray] = {}  # live id -> stored key (float16-rounded, as the KB keeps it)
     nxt = 0
-    kb = KnowledgeBase.create(f"{d}/kb", D, 2, 1, index="flat")
+    kb = KnowledgeBase.create(f"{d}/kb", D, 2, 1, index="flat", whiten=whiten)
     reader = None
+    tol = 1e-4 if whiten else 1e-5  # whitened keys: (D, D) products in float32, batched differently
     try:
         for o in ops:
             if o[0] == "add":
                 g = torch.Generator().manual_seed(o[2])
-                keys = torch.randn(o[1], D, generator=g)
+                keys = torch.randn(o[1], D, generator=g) * SCALES + 1.0  # anisotropic, off-centre: whitening matters
                 ids = kb.add(keys, torch.zeros(o[1], 2), torch.zeros(o[1], 1))
                 assert ids.tolist() == list(range(nxt, nxt + o[1]))
                 stored = torch.nn.functional.normalize(keys, dim=1).numpy().astype(np.float16).astype(np.float32)
@@ -59,7 +65,7 @@ def test_kb_matches_brute_force_model(ops):
             elif o[0] == "search":
                 _, k, seed, m = o
                 g = torch.Generator().manual_seed(seed)
-                q = torch.randn(3, D, generator=g)
+                q = torch.randn(3, D, generator=g) * SCALES + 1.0
                 live = np.array(sorted(model), dtype=np.int64)
                 exclude = None
                 if m and len(live):
@@ -72,11 +78,18 @@ def test_kb_matches_brute_force_model(ops):
                     assert not np.isin(got[got >= 0], list(set(range(nxt)) - set(model))).any(), "deleted id"
                     if exclude is not None:
                         assert not (got[:, :, None] == exclude.numpy()[:, None, :]).any(), "excluded id"
-                    # exact backend == brute force over the model
+                    # exact backend == brute force over the model (in the handle's whitened space, if any)
                     qn = torch.nn.functional.normalize(q, dim=1).numpy()
+                    key = model.get
+                    if whiten:
+                        assert handle._whiten is not None
+                        qn = apply_whitening(qn, handle._whiten)
+                        wk = dict(zip(model, apply_whitening(np.stack(list(model.values())), handle._whiten))) \
+                            if model else {}
+                        key = wk.get
                     for b in range(3):
                         cand = [i for i in live if exclude is None or i not in exclude[b].tolist()]
-                        sims = np.array([qn[b] @ model[i] for i in cand], dtype=np.float32)
+                        sims = np.array([qn[b] @ key(i) for i in cand], dtype=np.float32)
                         want = np.array(cand, dtype=np.int64)[np.argsort(-sims, kind="stable")][:k]
                         n_valid = int(nb.mask[b].sum())
                         assert n_valid == min(k, len(cand))
@@ -84,9 +97,9 @@ def test_kb_matches_brute_force_model(ops):
                         if set(ids_b.tolist()) != set(want.tolist()):  # only ties may pick other ids: check each
                             assert len(set(ids_b.tolist())) == n_valid, "an id returned twice"
                             assert all(i in model for i in ids_b.tolist()), "an id that is not live"
-                            true = np.array([qn[b] @ model[i] for i in ids_b], dtype=np.float32)
-                            assert np.allclose(scores_b, true, atol=1e-5), "scores are not those ids' similarities"
-                            assert scores_b.min() >= np.sort(-np.sort(-sims)[:k]).min() - 1e-5, "not the top k"
+                            true = np.array([qn[b] @ key(i) for i in ids_b], dtype=np.float32)
+                            assert np.allclose(scores_b, true, atol=tol), "scores are not those ids' similarities"
+                            assert scores_b.min() >= np.sort(-np.sort(-sims)[:k]).min() - tol, "not the top k"
                         assert (got[b, n_valid:] == -1).all()
         assert len(kb) == len(model)
         report = kb.verify()

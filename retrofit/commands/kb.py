@@ -53,6 +53,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                   + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
                      else "") + ")"),
         ("index file", f"{idx['file']} (generation {idx['file_generation']}, covers ids < {idx['covers_ids_below']})"),
+        ("key whitening", f"shrinkage {idx['config']['whiten']:g}, fitted on {idx['whiten_fitted_on']} records"
+                          if idx["whitened"] else "off (cosine on the keys as stored)"),
         ("disk", f"records {_human(b['records'])} ({b['records_over_raw']}x the raw vectors), "
                  f"index {_human(b['index'])}"),
     ]
@@ -214,7 +216,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     with KnowledgeBase.open(args.path, readonly=False) as kb:
         before = kb.info()
-        kb.compact(hnsw_storage=args.hnsw_storage)
+        kb.compact(hnsw_storage=args.hnsw_storage, whiten=args.whiten)
         after = kb.info()
     print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
           f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
@@ -277,6 +279,9 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="knowledge-base directory")
     p.add_argument("--hnsw-storage", default=None, choices=["fp16", "float32"],
                    help="rebuild an HNSW index with this key storage (default: keep the KB's setting)")
+    p.add_argument("--whiten", type=float, default=None, metavar="SHRINKAGE",
+                   help="rebuild the index with key whitening of this shrinkage (0 turns it off; default: keep the "
+                        "KB's setting; a whitened index fits it again on the live records)")
     p.set_defaults(func=cmd_compact)
 
     p = kb_sub.add_parser("copy", help="copy a knowledge base to a new directory, compacted (gives the space of "

@@ -103,8 +103,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from retrofit.ingest import build_kb
 
     source = _source(args)
-    return _report(build_kb(source, args.kb, index=args.index, hnsw_storage=args.hnsw_storage, **_options(args)),
-                   args.json)
+    return _report(build_kb(source, args.kb, index=args.index, hnsw_storage=args.hnsw_storage, whiten=args.whiten,
+                            **_options(args)), args.json)
 
 
 @guarded
@@ -173,6 +173,9 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
                    help="search index: hnsw, flat (exact), auto (exact below a size threshold; default %(default)s)")
     p.add_argument("--hnsw-storage", default="fp16", choices=["fp16", "float32"],
                    help="how an HNSW index stores the keys (default %(default)s: half the file, faster, same recall)")
+    p.add_argument("--whiten", type=float, default=0.0, metavar="SHRINKAGE",
+                   help="search in the whitened key space with this shrinkage (0.1 is a good start; default 0 = "
+                        "off): usually better neighbours from a backbone's embeddings")
     _common(p)
     p.set_defaults(func=cmd_build)
 
