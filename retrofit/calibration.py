@@ -38,6 +38,10 @@ class VoteScaleChoice:
     scores: dict[float, float] = field(default_factory=dict)  # metric of every candidate scale
     trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies)
     n: int = 0  # labelled samples it was chosen on
+    temperature: float = 0.0  # the vote temperature chosen with it (the trained one unless temperatures were given)
+    trained_temperature: float = 0.0  # the head's vote temperature before the choice
+    # with temperatures: every candidate temperature's scores by scale (``scores`` is the chosen temperature's)
+    scores_by_temperature: dict[float, dict[float, float]] = field(default_factory=dict)
 
     @property
     def at_largest(self) -> bool:
@@ -99,12 +103,31 @@ def nearness_to_one(scale: float) -> float:
     return -abs(float(np.log(scale))) if scale > 0 else -np.inf
 
 
+def _numbers(values: Any, what: str, example: str, positive: bool = False) -> list[float]:
+    """``values`` as a non-empty list of finite numbers >= 0 (> 0 with ``positive``), else ValueError."""
+    try:
+        if isinstance(values, (str, bytes)):  # "12" would be read as 1 and 2
+            raise TypeError
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of numbers {'> 0' if positive else '>= 0'}, e.g. {example}, got "
+                         f"{values!r}") from None
+    if not out or any(not np.isfinite(v) or v < 0 or (positive and v == 0) for v in out):
+        raise ValueError(f"{what} must be a non-empty list of finite numbers {'> 0' if positive else '>= 0'}, got "
+                         f"{list(values)!r}")
+    return out
+
+
 def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
-                      scales: Sequence[float] = DEFAULT_SCALES, metric: str = "top1", apply: bool = True,
-                      **predict_kw: Any) -> VoteScaleChoice:
+                      scales: Sequence[float] = DEFAULT_SCALES, temperatures: Sequence[float] | None = None,
+                      metric: str = "top1", apply: bool = True, **predict_kw: Any) -> VoteScaleChoice:
     """The multiplier of the head's learned vote weight (``LabelVote.set_scale``) with the best ``metric`` on
     labelled ``features`` (a FeatureSet with labels >= 0: validation data, never the test set), ties broken
     towards 1 (the trained vote).
+
+    ``temperatures``: also choose the vote's softmax temperature (``LabelVote.set_temperature``) among these and
+    the trained one, jointly with the scale (ties: the trained temperature, then the nearest to it). A head moved
+    to a denser knowledge base often does better with a softer vote than its training KB taught.
 
     ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
     first so that a balanced vote is rebalanced for it). ``apply``: set the chosen scale on the head (else the
@@ -123,24 +146,38 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     host = getattr(features, "host_logits", None)
     if host is not None and not bool(torch.isfinite(torch.as_tensor(host)).all()):
         raise ValueError("choose_vote_scale: the features' host logits hold NaN or inf; no scale can be scored")
-    try:
-        if isinstance(scales, (str, bytes)):  # "12" would be read as the scales 1 and 2
-            raise TypeError
-        cand = [float(s) for s in scales]
-    except (TypeError, ValueError):
-        raise ValueError(f"scales must be a list of numbers >= 0, e.g. (0.5, 1, 2, 4), got {scales!r}") from None
-    if not cand or any(not np.isfinite(s) or s < 0 for s in cand):
-        raise ValueError(f"scales must be a non-empty list of finite numbers >= 0, got {list(scales)!r}")
+    cand = _numbers(scales, "scales", "(0.5, 1, 2, 4)")
+    temps = [] if temperatures is None else _numbers(temperatures, "temperatures", "(0.03, 0.05, 0.1)", True)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     trained = float(vote.weight.detach()) * vote.gain
-    logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
-    scores = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
+    trained_t = vote.temperature
+    kept_t = vote.log_temperature.detach().clone()
+    by_t: dict[float, dict[float, float]] = {}
+    try:
+        for t in [trained_t] + [t for t in temps if t != trained_t]:
+            if t != trained_t:
+                vote.set_temperature(t)
+            logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
+            by_t[t] = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
+            with torch.no_grad():
+                vote.log_temperature.copy_(kept_t)
+    finally:
+        with torch.no_grad():
+            vote.log_temperature.copy_(kept_t)
 
-    best = max(cand, key=lambda s: (scores[s], nearness_to_one(s)))
+    def key(ts: tuple[float, float]) -> tuple[float, float, bool, float]:
+        t, s = ts
+        return by_t[t][s], nearness_to_one(s), t == trained_t, -abs(float(np.log(t / trained_t)))
+
+    best_t, best = max(((t, s) for t in by_t for s in cand), key=key)
     if apply:
         vote.set_scale(best)
-    choice = VoteScaleChoice(scale=best, metric=metric, scores=scores, trained_weight=trained, n=int(labels.numel()))
+        if best_t != trained_t:
+            vote.set_temperature(best_t)
+    choice = VoteScaleChoice(scale=best, metric=metric, scores=by_t[best_t], trained_weight=trained,
+                             n=int(labels.numel()), temperature=best_t, trained_temperature=trained_t,
+                             scores_by_temperature=by_t if temps else {})
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it (`retrofit calibrate --scales`)", best)

@@ -20,6 +20,7 @@ transformer-style feed-forward block for users who want more capacity.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -212,6 +213,19 @@ class LabelVote(nn.Module):
         with torch.no_grad():
             self.weight.fill_(weight / self.gain)
         self.scale.fill_(1.0)
+
+    def set_temperature(self, temperature: float) -> None:
+        """Set the softmax temperature of the vote over the retrieval similarities (> 0), replacing the learned one
+        (saved with the head): a post-hoc calibration, chosen on labelled data, for a head moved to a knowledge
+        base whose similarities are spread differently (a denser one deserves a softer vote over more neighbours)."""
+        t = self._number(temperature, "temperature", 1e-6)
+        with torch.no_grad():
+            self.log_temperature.fill_(math.log(t) / self.gain)
+
+    @property
+    def temperature(self) -> float:
+        """The vote's softmax temperature in use (learned, or set by :meth:`set_temperature`)."""
+        return float((self.log_temperature.detach() * self.gain).exp())
 
     @property
     def effective_weight(self) -> float:

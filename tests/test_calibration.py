@@ -159,3 +159,58 @@ def test_choose_vote_scale_refuses_labels_and_logits_it_cannot_score():
         with pytest.raises(ValueError, match=says):
             choose_vote_scale(head, fs)
     assert head.vote.scale.item() == 1.0  # nothing applied
+
+
+def test_vote_temperature_is_set_saved_and_refused_when_bad(setting, tmp_path):
+    head, fs, kb = setting
+    t0 = head.vote.temperature
+    assert t0 == pytest.approx(0.05, rel=1e-5)  # the default init
+    # queries between the clusters: neighbours of several classes, whose shares the temperature moves
+    g = torch.Generator().manual_seed(1)
+    fs = FeatureSet(z=fs.z.mean(0) + 0.5 * torch.randn(8, D, generator=g), labels=fs.labels[:8],
+                    host_logits=fs.host_logits[:8])
+    before = predict_logits(head, fs, kb, device="cpu")["logits"]
+    head.vote.set_temperature(0.2)
+    assert head.vote.temperature == pytest.approx(0.2, rel=1e-6)
+    assert not torch.allclose(predict_logits(head, fs, kb, device="cpu")["logits"], before)  # it reaches the vote
+    head.save(tmp_path / "h")
+    loaded = RetrievalHead.load(tmp_path / "h", store=kb)
+    assert loaded.vote.temperature == pytest.approx(0.2, rel=1e-6)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="vote temperature must be a finite number"):
+            head.vote.set_temperature(bad)
+    assert head.vote.temperature == pytest.approx(0.2, rel=1e-6)  # a refused value changes nothing
+
+
+def test_choose_vote_scale_with_temperatures_is_the_best_pair(setting):
+    head, fs, kb = setting
+    before = _state(head) + (head.vote.log_temperature.detach().clone(),)
+    temps = (0.01, 0.5, 3.0)
+    choice = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0), temperatures=temps, apply=False,
+                               device="cpu")
+    after = _state(head) + (head.vote.log_temperature.detach().clone(),)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))  # apply=False: the head exactly as it was
+    trained_t = head.vote.temperature
+    assert choice.trained_temperature == pytest.approx(trained_t)
+    assert set(choice.scores_by_temperature) == {trained_t, *temps}
+    # each candidate's score is what one pass with that (temperature, scale) gives
+    for t, scores in choice.scores_by_temperature.items():
+        head.vote.set_temperature(t)
+        for s, v in scores.items():
+            head.vote.set_scale(s)
+            assert score_logits(predict_logits(head, fs, kb, device="cpu")["logits"], fs.labels) == \
+                pytest.approx(v)
+    best = max(v for scores in choice.scores_by_temperature.values() for v in scores.values())
+    assert choice.scores_by_temperature[choice.temperature][choice.scale] == best
+    assert choice.scores is choice.scores_by_temperature[choice.temperature]
+    # the temperature matters here (else this test would prove little)
+    assert len({round(v, 6) for scores in choice.scores_by_temperature.values() for v in scores.values()}) > 2
+    applied = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0), temperatures=temps, device="cpu")
+    assert head.vote.temperature == pytest.approx(applied.temperature, rel=1e-6)
+    assert float(head.vote.scale) == applied.scale
+    for bad in ((0.0,), (-0.1,), "0.1", ()):
+        with pytest.raises(ValueError, match="temperatures must be"):
+            choose_vote_scale(head, fs, kb, temperatures=bad, device="cpu")
+    # without temperatures: the trained one, and no per-temperature table
+    plain = choose_vote_scale(head, fs, kb, scales=(1.0,), apply=False, device="cpu")
+    assert plain.temperature == pytest.approx(head.vote.temperature) and plain.scores_by_temperature == {}

@@ -294,6 +294,19 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     for bad in ("1,-2", "a,b", ","):
         assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--scales", bad]) == 1
         assert "--scales" in capsys.readouterr().err
+    # --temperatures: the (temperature, scale) pair chosen jointly, the temperature saved with the head
+    saved_t = tmp_path / "head-cal-t"
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3", "--temperatures", "0.01,0.5",
+                 "--quiet", "--json", "--save", str(saved_t)]) == 0
+    cal_t = json.loads(capsys.readouterr().out)
+    by_t = cal_t["scores_by_temperature"]
+    assert len(by_t) == 3 and {"0.01", "0.5"} <= set(by_t)  # the trained one too
+    best_t = max(v for sc in by_t.values() for v in sc.values())
+    assert by_t[str(cal_t["temperature"])][str(cal_t["scale"])] == best_t
+    assert RetrievalHead.load(saved_t).vote.temperature == pytest.approx(cal_t["temperature"], rel=1e-6)
+    for bad in ("0,0.1", "-1", "x"):
+        assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--temperatures", bad]) == 1
+        assert "--temperatures" in capsys.readouterr().err
     # calibrating on the head's own training data is allowed, with a warning
     assert main(["calibrate", "--run", str(out), "--data", str(setup / "train.tar"), "--quiet", "--scales",
                  "1,2"]) == 0

@@ -185,13 +185,13 @@ def _cache_name(what: str, data: str) -> str:
     return f"{what}-{hashlib.sha1(data_path(data).encode()).hexdigest()[:10]}"
 
 
-def _scales(value: str) -> list[float]:
+def _scales(value: str, flag: str = "--scales", example: str = "0.5,1,2,4") -> list[float]:
     try:
         out = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--scales {value!r}: expected comma-separated numbers >= 0, e.g. 0.5,1,2,4") from None
+        raise ValueError(f"{flag} {value!r}: expected comma-separated numbers >= 0, e.g. {example}") from None
     if not out or any(not x >= 0 or x == float("inf") for x in out):
-        raise ValueError(f"--scales {value!r}: expected comma-separated finite numbers >= 0, e.g. 0.5,1,2,4")
+        raise ValueError(f"{flag} {value!r}: expected comma-separated finite numbers >= 0, e.g. {example}")
     return out
 
 
@@ -211,6 +211,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale
 
     scales = _scales(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
+    temps = None
+    if args.temperatures is not None:
+        temps = _scales(args.temperatures, "--temperatures", "0.03,0.05,0.1")
+        if 0.0 in temps:
+            raise ValueError(f"--temperatures {args.temperatures!r}: temperatures must be > 0")
     run = _resolve(args)
     if args.save:
         _check_save(Path(args.save), Path(run["head_path"]))
@@ -225,16 +230,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               "says little; give held-out validation data", file=sys.stderr)
     fs = _labelled_features(args, run, kb, head, "validation", "calibrate")
     host_clf = _head_inputs(run, head, fs)
-    choice = choose_vote_scale(head, fs, kb, scales=scales, metric=args.metric, host_classifier=host_clf,
-                               device=args.device)
+    choice = choose_vote_scale(head, fs, kb, scales=scales, temperatures=temps, metric=args.metric,
+                               host_classifier=host_clf, device=args.device)
+    new_t = temps is not None and choice.temperature != choice.trained_temperature
     if args.save:
         head.save(args.save)
     if args.json:
         print(json.dumps({"scale": choice.scale, "metric": choice.metric, "n": choice.n,
                           "trained_weight": choice.trained_weight, "weight": choice.weight,
-                          "at_largest": choice.at_largest,
-                          "scores": {str(k): v for k, v in choice.scores.items()}, "saved": args.save}))
+                          "at_largest": choice.at_largest, "temperature": choice.temperature,
+                          "trained_temperature": choice.trained_temperature,
+                          "scores": {str(k): v for k, v in choice.scores.items()},
+                          "scores_by_temperature": {str(t): {str(k): v for k, v in sc.items()}
+                                                    for t, sc in choice.scores_by_temperature.items()},
+                          "saved": args.save}))
         return 0
+    if temps is not None:
+        print(f"vote temperature: {choice.temperature:.4g} (trained {choice.trained_temperature:.4g}); the table is "
+              "at that temperature")
     print(f"| vote scale | vote weight | {choice.metric} on {choice.n} images |")
     print("|---:|---:|---:|")
     for s, v in choice.scores.items():
@@ -243,6 +256,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
+              file=sys.stderr)
+    elif new_t:
+        print(f"the chosen vote temperature {choice.temperature:.4g} is not the trained one: write the calibrated "
+              "head with --save DIR and use it with --head DIR (eval / predict can set the scale only)",
               file=sys.stderr)
     else:
         print(f"use it with: retrofit eval|predict ... --kb {run['kb']} --vote-scale {choice.scale:g} "
@@ -387,6 +404,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _load_args(p, vote_scale=False)
     p.add_argument("--scales", default=None, metavar="S,S,...",
                    help="candidate multiples of the learned vote weight (default: 0,0.5,1,1.5,2,3,4,6,8,12,16)")
+    p.add_argument("--temperatures", default=None, metavar="T,T,...",
+                   help="also choose the vote's softmax temperature among these and the trained one, jointly with "
+                        "the scale (e.g. 0.03,0.05,0.07,0.1; a head moved to a denser KB often wants a softer "
+                        "vote); kept with --save")
     p.add_argument("--metric", choices=("top1", "balanced"), default="top1",
                    help="top1, or balanced: mean per-class top-1 (default top1)")
     p.add_argument("--save", default=None, metavar="DIR", help="write the head with the chosen scale here")
