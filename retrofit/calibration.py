@@ -148,14 +148,18 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
         raise ValueError("choose_vote_scale: the features' host logits hold NaN or inf; no scale can be scored")
     cand = _numbers(scales, "scales", "(0.5, 1, 2, 4)")
     temps = [] if temperatures is None else _numbers(temperatures, "temperatures", "(0.03, 0.05, 0.1)", True)
+    if any(t < 1e-6 for t in temps):
+        raise ValueError(f"temperatures must be >= 1e-6, got {list(temperatures)!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     trained = float(vote.weight.detach()) * vote.gain
     trained_t = vote.temperature
     kept_t = vote.log_temperature.detach().clone()
     by_t: dict[float, dict[float, float]] = {}
+    # a candidate equal to the trained temperature up to its float32 storage (0.05 reads back as 0.0499999970) is it
+    temps = [t for t in temps if abs(t - trained_t) > 1e-6 * trained_t]
     try:
-        for t in [trained_t] + [t for t in temps if t != trained_t]:
+        for t in [trained_t] + temps:
             if t != trained_t:
                 vote.set_temperature(t)
             logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
@@ -177,7 +181,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
             vote.set_temperature(best_t)
     choice = VoteScaleChoice(scale=best, metric=metric, scores=by_t[best_t], trained_weight=trained,
                              n=int(labels.numel()), temperature=best_t, trained_temperature=trained_t,
-                             scores_by_temperature=by_t if temps else {})
+                             scores_by_temperature=by_t if temperatures is not None else {})
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it (`retrofit calibrate --scales`)", best)

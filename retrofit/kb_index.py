@@ -134,6 +134,9 @@ class IndexState:
             raise CorruptKnowledgeBaseError(f"{p} is damaged ({e})") from e
 
 
+_WHITEN_FIELDS = ("whiten_file", "whiten_sha256", "whiten_fit_n")
+
+
 def _faiss():
     return require("faiss", "knowledge-base search")
 
@@ -234,7 +237,8 @@ def save_index(kb_dir: Path, index, state: IndexState, whiten: np.ndarray | None
     state.sha256 = full_hash(kb_dir / name)
     jtmp = kb_dir / "index.json.tmp"
     with open(jtmp, "w") as f:
-        json.dump(asdict(state), f, indent=1)
+        # the whitening fields only when set: an index.json without them stays readable by earlier versions
+        json.dump({k: v for k, v in asdict(state).items() if not (k in _WHITEN_FIELDS and v is None)}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(jtmp, kb_dir / "index.json")

@@ -266,7 +266,12 @@ class KBSearchMixin:
         d = self.key_dim + self.image_dim + self.text_dim
         raw = int(m["next_id"]) * d * self._rec.np_dtype.itemsize
         rec_bytes = self._rec.disk_bytes()
-        idx_bytes = sum(f.stat().st_size for f in self.path.glob("index-*.faiss"))
+        idx_bytes = 0
+        for f in self.path.glob("index-*.faiss"):
+            try:
+                idx_bytes += f.stat().st_size
+            except FileNotFoundError:  # a writer replaced it since the listing
+                pass
         return {
             "path": str(self.path), "schema_version": m["schema_version"], "uuid": m["uuid"],
             "records": len(self), "deleted": m["deleted"], "next_id": m["next_id"], "generation": m["generation"],

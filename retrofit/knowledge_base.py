@@ -226,7 +226,10 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             problem = CorruptKnowledgeBaseError(
                 f"the index ({state.file}, up to id {state.next_id}) does not belong to these records "
                 f"(up to id {self._meta['next_id']})")
-        if problem is None and bool(self._cfg.whiten) != (state.whiten_file is not None):
+        if problem is None and not self.readonly and bool(self._cfg.whiten) != (state.whiten_file is not None):
+            # the settings changed (compact(whiten=...)) but the index was not rebuilt: a writer killed in between.
+            # A writer rebuilds it; readers search the index as it is (consistent with its own transform, or none),
+            # as they do while a compact runs
             problem = CorruptKnowledgeBaseError(
                 f"the index ({state.file}) was built {'without' if self._cfg.whiten else 'with'} the key whitening "
                 f"the knowledge base's settings {'ask for' if self._cfg.whiten else 'no longer have'} (a rebuild "

@@ -214,3 +214,31 @@ def test_choose_vote_scale_with_temperatures_is_the_best_pair(setting):
     # without temperatures: the trained one, and no per-temperature table
     plain = choose_vote_scale(head, fs, kb, scales=(1.0,), apply=False, device="cpu")
     assert plain.temperature == pytest.approx(head.vote.temperature) and plain.scores_by_temperature == {}
+
+
+def test_temperature_choice_prefers_the_trained_one_on_ties_and_restores_the_head(setting, monkeypatch):
+    head, fs, kb = setting
+    trained_t = head.vote.temperature
+    # the clustered setting: every query's neighbours share one class, so any temperature gives the same vote
+    choice = choose_vote_scale(head, fs, kb, scales=(1.0, 4.0), temperatures=(0.01, 0.05, 0.5), apply=False,
+                               device="cpu")
+    assert len({tuple(sc.values()) for sc in choice.scores_by_temperature.values()}) == 1  # all tie
+    assert choice.temperature == trained_t
+    assert set(choice.scores_by_temperature) == {trained_t, 0.01, 0.5}  # 0.05 is the trained one (float32)
+    with pytest.raises(ValueError, match="temperatures must be >= 1e-6"):
+        choose_vote_scale(head, fs, kb, temperatures=(1e-9,), device="cpu")
+    # an error between candidates (after a temperature was set) leaves the head as it was
+    before = head.vote.log_temperature.detach().clone()
+    real = type(head.vote).set_temperature
+    calls = []
+
+    def set_then_fail(self, t):
+        real(self, t)
+        calls.append(t)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(type(head.vote), "set_temperature", set_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        choose_vote_scale(head, fs, kb, scales=(1.0,), temperatures=(0.01, 0.5), device="cpu")
+    assert calls == [0.01, 0.5] and torch.equal(head.vote.log_temperature.detach(), before)

@@ -148,8 +148,8 @@ def test_damaged_or_missing_transform_is_caught_and_a_writer_rebuilds_it(tmp_pat
 
 
 def test_an_index_without_the_whitening_the_settings_ask_for_is_stale(tmp_path):
-    """Meta committed with whitening but the index never rebuilt (a compact killed in between): readers refuse it
-    with the fix, a writer rebuilds it."""
+    """Meta committed with whitening but the index never rebuilt (a compact killed in between, or still running):
+    readers search the index as it is (raw cosines, as while a compact runs), a writer rebuilds it."""
     path = tmp_path / "kb"
     make(path).close()
     saved = tmp_path / "saved"
@@ -163,11 +163,13 @@ def test_an_index_without_the_whitening_the_settings_ask_for_is_stale(tmp_path):
         f.unlink()
     for n in ("index.json", state["file"]):  # the unwhitened index back in place, under the whitening settings
         shutil.copy(saved / n, path / n)
-    with pytest.raises(CorruptKnowledgeBaseError, match="without the key whitening.*kb compact"):
-        KnowledgeBase.open(path)
+    q = keys_like(4, seed=6)
+    with KnowledgeBase.open(path) as r:  # the old, unwhitened index: consistent, raw cosines
+        assert not r.info()["index"]["whitened"] and r.info()["index"]["config"]["whiten"] == 0.1
+        raw = torch.nn.functional.normalize(q, dim=1) @ r.vectors(torch.arange(400), "key").T
+        assert torch.equal(r.search(q, 5).ids, raw.topk(5, dim=1).indices)
     with KnowledgeBase.open(path, readonly=False) as w:
         assert w.info()["index"]["whitened"]
-        q = keys_like(4, seed=6)
         assert torch.equal(w.search(q, 5).ids, whitened_topk(w, q, 5)[0])
 
 
@@ -246,3 +248,34 @@ def test_cuda_queries_are_whitened_too(tmp_path):
     assert gpu.ids.is_cuda and torch.equal(gpu.ids.cpu(), cpu.ids)
     assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-4)
     kb.close()
+
+
+def test_a_reader_refreshing_across_a_whitening_change_takes_the_new_transform(tmp_path):
+    path = tmp_path / "kb"
+    make(path).close()
+    r = KnowledgeBase.open(path)
+    q = keys_like(5, seed=11)
+    assert r._whiten is None
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.compact(whiten=0.1)
+        want = w.search(q, 6)
+        transform = w._whiten.copy()
+    assert r.refresh()
+    assert np.array_equal(r._whiten, transform) and torch.equal(r.search(q, 6).ids, want.ids)
+    assert torch.equal(r.search(q, 6).ids, whitened_topk(r, q, 6)[0])
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.compact(whiten=0)
+    assert r.refresh() and r._whiten is None
+    raw = torch.nn.functional.normalize(q, dim=1) @ r.vectors(torch.arange(400), "key").T
+    assert torch.equal(r.search(q, 6).ids, raw.topk(6, dim=1).indices)
+    r.close()
+
+
+def test_an_unwhitened_index_json_has_no_whitening_fields(tmp_path):
+    """index.json of a KB without whitening stays as earlier versions wrote it (they refuse unknown fields)."""
+    path = tmp_path / "kb"
+    make(path).close()
+    assert not {"whiten_file", "whiten_sha256", "whiten_fit_n"} & set(json.loads((path / "index.json").read_text()))
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.compact(whiten=0.1)
+    assert json.loads((path / "index.json").read_text())["whiten_fit_n"] == 400
