@@ -27,7 +27,7 @@ import shutil
 
 import numpy as np
 
-WEIGHTS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)  # absolute vote weights tried on validation
+WEIGHTS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # absolute vote weights tried on validation
 
 
 def labels_digest(path) -> str:
@@ -40,24 +40,35 @@ def labels_digest(path) -> str:
         return hashlib.sha1(kb.labels().numpy().tobytes()).hexdigest()[:16]
 
 
-def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights: tuple[float, ...] | None) -> dict:
-    """Test metrics of ``head`` on ``kb`` with the adjustment (and, given ``weights``, the absolute vote weight)
-    chosen on the clean validation set; ``weights=None`` keeps the vote weight the head has."""
+def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights: tuple[float, ...] | None,
+             temperatures: tuple[float, ...] = ()) -> dict:
+    """Test metrics of ``head`` on ``kb`` with the adjustment (and, given ``weights``, the absolute vote weight, and
+    with ``temperatures`` the vote temperature among them and the trained one) chosen on the clean validation set;
+    ``weights=None`` keeps the vote weight the head has."""
     from retrofit.demo_heads import head_logits, logits_by_vote_scale
-    from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, group_metrics
+    from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, group_metrics, top1
 
     yv, yt = data.labels("val"), data.labels("test")
+    t = head.vote.temperature
     if weights:  # every weight from two passes (logits are affine in it)
-        vals = logits_by_vote_scale(head, data, kb, "val", True, shift, weights, absolute=True)
-        # ties (one validation image is 0.5 points) go to the weight nearest 1, then the smallest adjustment
-        w, adj = choose_scale_and_adjustment(vals, yv, lp, posthoc)
+        best = None
+        for cand in (t, *[c for c in temperatures if c != t]):  # the trained temperature first: it wins ties
+            head.vote.set_temperature(cand)
+            vals = logits_by_vote_scale(head, data, kb, "val", True, shift, weights, absolute=True)
+            # ties (one validation image is 0.5 points) go to the weight nearest 1, then the smallest adjustment
+            w, adj = choose_scale_and_adjustment(vals, yv, lp, posthoc)
+            score = top1(vals[w] - adj * lp, yv)
+            if best is None or score > best[0]:
+                best = (score, cand, w, adj)
+        _, t, w, adj = best
+        head.vote.set_temperature(t)
         head.vote.set_weight(w)
     else:
         w = head.vote.effective_weight
         adj = choose_adjustment(head_logits(head, data, kb, "val", True, shift), yv, lp, posthoc)
     r = group_metrics(head_logits(head, data, kb, "test", True, shift) - adj * lp, yt, data.split.counts,
                       data.class_names)
-    return {**r, "vote_weight": w, "posthoc_adjustment": adj}
+    return {**r, "vote_weight": w, "vote_temperature": t, "posthoc_adjustment": adj}
 
 
 def main() -> None:
@@ -72,7 +83,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from retrofit.demo import DemoConfig
-    from retrofit.demo_data import prepare
+    from retrofit.demo_data import prepare, set_whitening
     from retrofit.demo_heads import train_head
     from retrofit.demo_rules import choose_adjustment, fixed_fusion, group_metrics, knn_probs
     from retrofit.ingest import merge_kbs
@@ -91,6 +102,7 @@ def main() -> None:
             raise RuntimeError(f"{path}: {summary.written} records merged, expected "
                                f"{len(data.split.lt) + len(data.split.pool)}")
         done.write_text(json.dumps({"records": summary.written, "inputs": inputs}))
+    set_whitening(path, cfg.whiten_ext)  # searched as the demo's KB_ext is
 
     yv, yt = data.labels("val"), data.labels("test")
     counts, names = data.split.counts, data.class_names
@@ -114,21 +126,26 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         head, _ = train_head(cfg, data, "in_noisy", seed, noisy=True, shift=shift)  # the demo's row-8r head
-        trained = head.vote.effective_weight
-        for kb, key, weights in (
-            ("in_noisy", "8r: head trained on the noisy labels, noisy KB_in", None),
-            (name, "8r head + KB_ext_noisy swapped in, vote as trained", None),
-            (name, "8r head + KB_ext_noisy swapped in, vote weight chosen on val", WEIGHTS),
+        trained, trained_t = head.vote.effective_weight, head.vote.temperature
+        for kb, key, weights, temps in (
+            ("in_noisy", "8r: head trained on the noisy labels, noisy KB_in", None, ()),
+            (name, "8r head + KB_ext_noisy swapped in, vote as trained", None, ()),
+            (name, "8r head + KB_ext_noisy swapped in, vote weight chosen on val", WEIGHTS, ()),
+            (name, "8r head + KB_ext_noisy swapped in, vote weight and temperature chosen on val", WEIGHTS,
+             cfg.vote_temperatures),
         ):
             head.vote.set_weight(trained)
-            r = evaluate(head, data, kb, shift, lp, cfg.posthoc, weights)
+            head.vote.set_temperature(trained_t)
+            r = evaluate(head, data, kb, shift, lp, cfg.posthoc, weights, temps)
             runs.setdefault(key, []).append({**r, "seed": seed})
         head.vote.set_weight(trained)
+        head.vote.set_temperature(trained_t)
 
     for key, rs in runs.items():
         mean = {m: float(np.mean([r[m] for r in rs])) for m in ("many", "medium", "few", "top1")}
         rows[key] = {**mean, "top1_std": float(np.std([r["top1"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
-                     "seeds": [{k: r[k] for k in ("seed", "top1", "vote_weight", "posthoc_adjustment")} for r in rs]}
+                     "seeds": [{k: r[k] for k in ("seed", "top1", "vote_weight", "vote_temperature",
+                                                  "posthoc_adjustment")} for r in rs]}
     print(f"\nCIFAR-10-LT, 40% symmetric label noise; pool labels: {args.pool_labels}; seeds: {args.seeds}\n")
     print("| model | Many | Medium | Few | Overall |\n|---|---:|---:|---:|---:|")
     for key, r in rows.items():

@@ -313,6 +313,9 @@ def prepare(cfg: Any) -> DemoData:
                 shutil.rmtree(ext)  # merged but not marked done: redo
             merge_kbs([root / "kb_in", pool], ext, dedup=False, progress=cfg.progress)
             _mark(ext, {"records": len(split.lt) + len(split.pool)})
+    set_whitening(root / "kb_in", cfg.whiten_in)
+    if {"5", "6"} & set(cfg.rows):
+        set_whitening(root / _EXT_FOLDER[cfg.ext_labels], cfg.whiten_ext)
     times["kbs"] = time.perf_counter() - t
 
     # ---- embeddings and host logits
@@ -327,6 +330,7 @@ def prepare(cfg: Any) -> DemoData:
         tensors["z_lt"] = kb_in.vectors(torch.arange(len(split.lt)), "image")  # (N_lt, D) as stored
         if not _done(root / "kb_in_noisy"):
             _noisy_kb(kb_in, root / "kb_in_noisy", noisy, y_train[split.lt])
+    set_whitening(root / "kb_in_noisy", cfg.whiten_in)
     for part, refs in (("val", [train_src.refs[i] for i in split.val]), ("test", test_src.refs)):
         if f"z_{part}" not in tensors:
             z = _encode(refs, enc.image, progress=cfg.progress)
@@ -354,6 +358,17 @@ def prepare(cfg: Any) -> DemoData:
     log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})
     return DemoData(split=split, class_names=names, train_labels=y_train, test_labels=y_test, noisy_lt_labels=noisy,
                     tensors=tensors, root=root, k=cfg.k, ext_labels=cfg.ext_labels, seconds=times)
+
+
+def set_whitening(path: Path, shrinkage: float) -> None:
+    """Give the (built, cached) knowledge base at ``path`` the key whitening ``shrinkage`` (0 = none) if its index
+    has another: ``compact`` rebuilds the index from the records (they do not change), fitted on its own keys."""
+    from retrofit.knowledge_base import KnowledgeBase
+
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        if kb.info()["index"]["config"]["whiten"] != shrinkage:
+            log.info("%s: index rebuilt with key whitening %g", path, shrinkage)
+            kb.compact(whiten=shrinkage)
 
 
 def _noisy_kb(kb_in: Any, path: Path, noisy: np.ndarray, clean: np.ndarray) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from retrofit.demo_data import DemoData
-from retrofit.demo_rules import balanced_top1, nearness_to_one
 from retrofit.demo_train import head_cache_dir, shifted, train_head
 
 __all__ = ["attach", "head_cache_dir", "head_logits", "logits_by_vote_scale", "scale_on_training_images", "shifted",
@@ -57,13 +56,13 @@ def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: 
 
 
 def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,
-                              scales: tuple[float, ...]) -> float:
-    """The vote scale with the best balanced top-1 on the long-tail training images (neighbours from ``kb``
-    without their own entry, cross-fitted host logits); ties: the scale nearest 1."""
-    labels = data.train_features(kb, noisy=noisy).labels
-    best = None
-    for sc, logits in logits_by_vote_scale(head, data, kb, "lt", noisy, shift, scales).items():
-        key = (balanced_top1(logits, labels), nearness_to_one(sc))
-        if best is None or key > best[0]:
-            best = (key, sc)
-    return best[1]
+                              scales: tuple[float, ...], temperatures: tuple[float, ...] | None = None) -> Any:
+    """The vote scale (and, with ``temperatures``, the vote temperature) with the best balanced top-1 on the
+    long-tail training images (neighbours from ``kb`` without their own entry, cross-fitted host logits); ties:
+    the scale nearest 1, the trained temperature. A :class:`retrofit.calibration.VoteScaleChoice`; the head is
+    left as it was."""
+    from retrofit.calibration import choose_vote_scale
+
+    fs = _features(head, data, kb, "lt", noisy, shift)
+    return choose_vote_scale(head, fs, data.kb(kb), scales=scales, temperatures=temperatures, metric="balanced",
+                             apply=False, device="cpu")

@@ -79,6 +79,7 @@ def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
             first[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
     first["per_class_acc"] = np.mean([r["per_class_acc"] for r in runs], axis=0).tolist()
     first["seeds"] = [{k: r.get(k) for k in ("seed", "top1", "many", "medium", "few", "posthoc_adjustment",
-                                             "vote_scale", "vote_weight_trained")}
+                                             "vote_scale", "vote_weight_trained", "vote_temperature",
+                                             "vote_temperature_trained")}
                       for r in runs]
     return first

@@ -96,6 +96,9 @@ def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modaliti
     settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
                                              "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
                                              "label_smoothing", "host_weight_decay")}
+    whiten = cfg.whiten_ext if kb == "ext" else cfg.whiten_in  # of the KB it trains on
+    if whiten:  # (absent at 0: heads cached before the option keep their keys)
+        settings["whiten"] = whiten
     key = cache_key({"settings": settings, "kb": kb, "kb_labels": data.kb_digest(kb), "seed": seed,
                      "modalities": modalities, "noisy": noisy,
                      "vote": vote, "shift": None if shift is None else [round(float(x), 6) for x in shift],

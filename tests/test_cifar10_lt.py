@@ -226,9 +226,14 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
               head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, False),
               head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
               head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True),
+              head_cache_dir(DemoConfig(whiten_in=0.1), data, "in", 0, "image+text", False, shift, True),
               head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: "relabelled"), "in", 0,
                              "image+text", False, shift, True)]  # same KB name, other labels
     assert len({base, *others}) == 1 + len(others)
+    # a KB's whitening keys the heads trained on that KB only (neighbours differ), and 0 keeps the older keys
+    ext = head_cache_dir(cfg, data, "ext", 0, "image+text", False, shift, True)
+    assert head_cache_dir(DemoConfig(whiten_ext=0.3), data, "ext", 0, "image+text", False, shift, True) != ext
+    assert head_cache_dir(DemoConfig(whiten_ext=0.3), data, "in", 0, "image+text", False, shift, True) == base
     # demo.py's source is not in the key, so every DemoConfig field that training reads must be
     import inspect
     import re
@@ -357,6 +362,9 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
     ("seeds", True, "seeds must be an int >= 1"),
     ("results_dir", "", "results_dir must be a directory path"),
     ("dropout", 1.5, "dropout must be in \\[0, 1\\)"),
+    ("whiten_ext", -0.1, "whiten must be 0 \\(off\\) or the whitening shrinkage"),
+    ("whiten_in", float("nan"), "whiten must be 0 \\(off\\) or the whitening shrinkage"),
+    ("vote_temperatures", (0.05, 0.0), "vote_temperatures must be a tuple of finite numbers > 0"),
 ])
 def test_demo_config_refuses_bad_settings_before_any_work(field, bad, says):
     from retrofit.demo import DemoConfig
