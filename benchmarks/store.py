@@ -11,6 +11,7 @@ depend on values).
 
     nice .venv/bin/python benchmarks/store.py                 # n = 1,000,000 (long on 2 cores)
     .venv/bin/python benchmarks/store.py --n 100000 --no-real  # a quick run
+    .venv/bin/python benchmarks/store.py --no-synthetic --whiten 0.1   # CIFAR keys, whitened index
 """
 
 from __future__ import annotations
@@ -127,13 +128,14 @@ def open_probe(kb_dir: Path, what: str, cache: str = "warm") -> dict:
     return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
-def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_arrays, k: int, batch: int,
-            prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None) -> dict:
-    """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle."""
+def measure(kb_dir: Path, build, queries: np.ndarray, truth, gather_arrays, k: int, batch: int,
+            prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None, whiten: float = 0.0) -> dict:
+    """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle. ``truth``: the exact
+    top-k ids, or (with ``whiten``) a function of the KB's fitted transform giving them in the whitened space."""
     out: dict = {"hnsw_storage": hnsw_storage}
     t0 = time.perf_counter()
     rows, lab = gather_arrays  # in-RAM float16 (n, DIM + TEXT_DIM) image + text vectors, (n,) labels
-    kb = KnowledgeBase.create(kb_dir, DIM, DIM, rows.shape[1] - DIM, hnsw_storage=hnsw_storage)
+    kb = KnowledgeBase.create(kb_dir, DIM, DIM, rows.shape[1] - DIM, hnsw_storage=hnsw_storage, whiten=whiten)
     n = build(kb)  # the number of records, or (records, seconds spent outside the KB: making the data)
     n, aside = n if isinstance(n, tuple) else (n, 0.0)
     kb.close()
@@ -161,6 +163,13 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
     out[prefix + "bytes_per_vector"] = round(info["bytes"]["records"] / n, 1)
     out[prefix + "records_over_raw_fp16"] = info["bytes"]["records_over_raw"]
     out[prefix + "index_bytes_per_vector"] = round(info["bytes"]["index"] / n, 1)
+    raw_queries = queries  # what the raw faiss reference searches: the whitened queries for a whitened index
+    if kb._whiten is not None:  # (transformed once, outside its timing: qps_over_raw includes the KB's whitening)
+        from retrofit.kb_whiten import apply_whitening
+
+        truth = truth(kb._whiten)
+        raw_queries = apply_whitening(queries, kb._whiten)
+        out[prefix + "whiten_fitted_on"] = info["index"]["whiten_fitted_on"]
 
     import faiss
 
@@ -171,7 +180,7 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
         params.efSearch = kb.ef_search
     warm = queries[:batch] if warm is None else warm  # warm-up queries, not timed below when given
     kb.search(torch.from_numpy(warm), k)  # warm-up (page in the mapped index and records)
-    inner.search(warm, k, params=params)
+    inner.search(raw_queries[:batch], k, params=params)
     # the machine is shared: interleave wrapper and raw batches so both see the same load
     ids, t_kb, t_raw = [], 0.0, 0.0
     for j, s in enumerate(range(0, len(q_t), batch)):
@@ -181,7 +190,7 @@ def measure(kb_dir: Path, build, queries: np.ndarray, truth: np.ndarray, gather_
                 ids.append(kb.search(q_t[s:s + batch], k).ids.numpy())
                 t_kb += time.perf_counter() - t
             else:
-                inner.search(queries[s:s + batch], k, params=params)
+                inner.search(raw_queries[s:s + batch], k, params=params)
                 t_raw += time.perf_counter() - t
     ids = np.concatenate(ids)
     out[prefix + "qps"] = round(len(q_t) / t_kb, 1)
@@ -214,7 +223,14 @@ def synthetic(args: argparse.Namespace, root: Path) -> dict:
     gen = Generator(args.seed)
     queries = np.concatenate([x for _, (x, _, _) in gen.blocks(1, args.queries)])
     t = time.perf_counter()
-    truth = exact_topk(queries, ((s, x) for s, (x, _, _) in gen.blocks(0, args.n)), args.k)
+    if args.whiten:  # the exact top-k in the space the KB fits (measure() calls this with its transform)
+        from retrofit.kb_whiten import apply_whitening
+
+        def truth(w: np.ndarray) -> np.ndarray:
+            return exact_topk(apply_whitening(queries, w),
+                              ((s, apply_whitening(x, w)) for s, (x, _, _) in gen.blocks(0, args.n)), args.k)
+    else:
+        truth = exact_topk(queries, ((s, x) for s, (x, _, _) in gen.blocks(0, args.n)), args.k)
     truth_s = time.perf_counter() - t
     rows = np.empty((args.n, DIM + TEXT_DIM), np.float16)  # in-RAM copy for the gather reference
     lab = np.empty(args.n, np.int64)
@@ -237,7 +253,7 @@ def synthetic(args: argparse.Namespace, root: Path) -> dict:
 
     warm = np.concatenate([x for _, (x, _, _) in gen.blocks(2, args.batch)])  # a third stream: warm-up only
     out = measure(root / "synthetic", build, queries, truth, (rows, lab), args.k, args.batch, "",
-                  args.hnsw_storage, warm=warm)
+                  args.hnsw_storage, warm=warm, whiten=args.whiten)
     out["truth_s"] = round(truth_s, 1)
     return out
 
@@ -292,6 +308,14 @@ def real(args: argparse.Namespace, root: Path) -> dict:
     keys = train / np.linalg.norm(train, axis=1, keepdims=True)
     queries = (test / np.linalg.norm(test, axis=1, keepdims=True)).astype(np.float32)
     truth = exact_topk(queries, [(0, keys.astype(np.float32))], args.k)
+    if args.whiten:
+        from retrofit.kb_whiten import apply_whitening
+
+        # the KB's records hold float16 keys: its transform applies to those
+        stored = keys.astype(np.float16).astype(np.float32)
+
+        def truth(w: np.ndarray) -> np.ndarray:
+            return exact_topk(apply_whitening(queries, w), [(0, apply_whitening(stored, w))], args.k)
     rows = np.concatenate([train.astype(np.float16), np.zeros((len(train), TEXT_DIM), np.float16)], axis=1)
 
     def build(kb: KnowledgeBase) -> int:
@@ -302,7 +326,7 @@ def real(args: argparse.Namespace, root: Path) -> dict:
         return len(train)
 
     return measure(root / "real", build, queries, truth, (rows, labels), args.k, args.batch, "real_",
-                   args.hnsw_storage, warm=keys[:args.batch].astype(np.float32))
+                   args.hnsw_storage, warm=keys[:args.batch].astype(np.float32), whiten=args.whiten)
 
 
 def main() -> None:
@@ -318,6 +342,10 @@ def main() -> None:
     p.add_argument("--cache", default=".retrofit_cache", help="where CIFAR-10 embeddings are cached")
     p.add_argument("--hnsw-storage", default="fp16", choices=["fp16", "float32"],
                    help="HNSW vector storage of the KBs (default fp16, the library's default)")
+    p.add_argument("--whiten", type=float, default=0.0, metavar="SHRINKAGE",
+                   help="build the KBs with key whitening (IndexConfig.whiten; default 0 = off): recall is then "
+                        "against exact search in the whitened space, and the raw faiss reference searches "
+                        "pre-whitened queries")
     args = p.parse_args()
     if args.no_real and args.no_synthetic:
         p.error("--no-real and --no-synthetic together leave nothing to measure")
@@ -325,7 +353,7 @@ def main() -> None:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
-        out: dict = {"benchmark": "store", "k": args.k, "batch": args.batch}
+        out: dict = {"benchmark": "store", "k": args.k, "batch": args.batch, "whiten": args.whiten}
         if not args.no_synthetic:
             out.update(synthetic(args, root))
         if not args.no_real:
