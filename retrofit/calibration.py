@@ -126,7 +126,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     towards 1 (the trained vote).
 
     ``temperatures``: also choose the vote's softmax temperature (``LabelVote.set_temperature``) among these and
-    the trained one, jointly with the scale (ties: the trained temperature, then the nearest to it). A head moved
+    the trained one, jointly with the scale (ties: the scale nearest 1, then the trained temperature, then the
+    temperature nearest it). A head moved
     to a denser knowledge base often does better with a softer vote than its training KB taught.
 
     ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
@@ -159,7 +160,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     # a candidate equal to the trained temperature up to its float32 storage (0.05 reads back as 0.0499999970) is it
     temps = [t for t in temps if abs(t - trained_t) > 1e-6 * trained_t]
     try:
-        for t in [trained_t] + temps:
+        for t in temps + [trained_t]:  # (the trained one last: ties go to it by the key below, not by order)
             if t != trained_t:
                 vote.set_temperature(t)
             logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)

@@ -116,7 +116,8 @@ class DemoConfig:
     posthoc: tuple[float, ...] = tuple(np.round(np.arange(-1.0, 2.01, 0.125), 3).tolist())  # adjustments tried on val
     # Post-hoc multipliers of the learned vote weight tried on val (LabelVote.set_scale), jointly with the
     # adjustment: LACE training settles on a vote weight below the accuracy-optimal one, most of all for a head
-    # moved to the denser KB_ext (scale 6 there, with a softer temperature). (1.0,) = the trained vote as is.
+    # moved to the denser KB_ext (scale 8 for row 5, 3 for row 6, with a softer temperature). (1.0,) = the trained
+    # vote as is.
     vote_scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
     # Vote temperatures tried with the scales when they are chosen on the training images (vote_scale_on="train";
     # LabelVote.set_temperature), besides the trained one: LACE learns ~0.009 on KB_in's raw cosines and ~0.04 on
@@ -153,9 +154,9 @@ class DemoConfig:
             raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
         if not self.vote_scales or any(not 0.0 <= v < float("inf") for v in self.vote_scales):
             raise ValueError(f"vote_scales must be a non-empty tuple of finite numbers >= 0, got {self.vote_scales!r}")
-        if any(not 0.0 < v < float("inf") for v in self.vote_temperatures):
-            raise ValueError(f"vote_temperatures must be a tuple of finite numbers > 0 (empty: the trained one), got "
-                             f"{self.vote_temperatures!r}")
+        if any(not 1e-6 <= v < float("inf") for v in self.vote_temperatures):
+            raise ValueError(f"vote_temperatures must be a tuple of finite numbers >= 1e-6 (empty: the trained one), "
+                             f"got {self.vote_temperatures!r}")
         if self.ext_labels not in ("dataset", "captions"):
             raise ValueError(f"ext_labels must be 'dataset' or 'captions', got {self.ext_labels!r}")
         if self.vote_scale_on not in ("val", "train"):

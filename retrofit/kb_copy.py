@@ -81,10 +81,9 @@ def copy_kb(src: str | os.PathLike, out: str | os.PathLike) -> CopySummary:
     docstring); returns a :class:`CopySummary`. Refuses an ``out`` that exists. The source's index is not loaded:
     a damaged or missing one does not stop the copy (the copy rebuilds its own from the records)."""
     import json
-    from dataclasses import asdict
 
     from retrofit.errors import CorruptKnowledgeBaseError
-    from retrofit.kb_index import IndexState, fsync_dir
+    from retrofit.kb_index import IndexState, fsync_dir, state_json
     from retrofit.knowledge_base import KnowledgeBase
 
     src, out = Path(src), Path(out)
@@ -116,7 +115,7 @@ def copy_kb(src: str | os.PathLike, out: str | os.PathLike) -> CopySummary:
                             shutil.copyfile(src / state.whiten_file, tmp / state.whiten_file)
                         # index.json from the state read above, not the file again: a writer may have replaced both
                         with open(tmp / "index.json", "w") as f:
-                            json.dump(asdict(state), f, indent=1)
+                            json.dump(state_json(state), f, indent=1)
                         index_copied = True
                     except FileNotFoundError:  # a writer replaced the index meanwhile: the copy rebuilds its own
                         (tmp / state.file).unlink(missing_ok=True)

@@ -122,6 +122,7 @@ class IndexState:
     whiten_file: str | None = None  # the key-whitening transform the index was built with (None = none)
     whiten_sha256: str | None = None  # its checksum
     whiten_fit_n: int | None = None  # live records when it was fitted (the index is rebuilt once they double)
+    whiten_shrinkage: float | None = None  # the shrinkage it was fitted with (a writer rebuilds on a mismatch)
 
     @classmethod
     def read(cls, kb_dir: Path) -> IndexState | None:
@@ -134,7 +135,13 @@ class IndexState:
             raise CorruptKnowledgeBaseError(f"{p} is damaged ({e})") from e
 
 
-_WHITEN_FIELDS = ("whiten_file", "whiten_sha256", "whiten_fit_n")
+_WHITEN_FIELDS = ("whiten_file", "whiten_sha256", "whiten_fit_n", "whiten_shrinkage")
+
+
+def state_json(state: IndexState) -> dict[str, Any]:
+    """``state`` as ``index.json`` holds it: the whitening fields only when set, so that an unwhitened KB's file
+    stays readable by earlier versions (they refuse unknown fields)."""
+    return {k: v for k, v in asdict(state).items() if not (k in _WHITEN_FIELDS and v is None)}
 
 
 def _faiss():
@@ -237,8 +244,7 @@ def save_index(kb_dir: Path, index, state: IndexState, whiten: np.ndarray | None
     state.sha256 = full_hash(kb_dir / name)
     jtmp = kb_dir / "index.json.tmp"
     with open(jtmp, "w") as f:
-        # the whitening fields only when set: an index.json without them stays readable by earlier versions
-        json.dump({k: v for k, v in asdict(state).items() if not (k in _WHITEN_FIELDS and v is None)}, f, indent=1)
+        json.dump(state_json(state), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(jtmp, kb_dir / "index.json")

@@ -120,6 +120,7 @@ class KBIndexMixin:
         # added back, and saved it without them)
         self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
         self._whiten, self._whiten_saved, self._whiten_n = whiten, None, n if whiten is not None else None
+        self._whiten_s = self._cfg.whiten if whiten is not None else None
         self._ef, self._tuned_recall = ef if ef is not None else self._pick_ef()
         log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
                  time.perf_counter() - t0, self._ef)
@@ -222,7 +223,8 @@ class KBIndexMixin:
         state = IndexState(kb_uuid=self._meta["uuid"], kind=self._kind(), file="", generation=self._meta["generation"],
                            next_id=self._main_next, ntotal=0, size=0, quick="", sha256="", ef_search=int(self._ef),
                            tuned_recall=getattr(self, "_tuned_recall", None),
-                           whiten_fit_n=getattr(self, "_whiten_n", None))
+                           whiten_fit_n=getattr(self, "_whiten_n", None),
+                           whiten_shrinkage=getattr(self, "_whiten_s", None))
         whiten = getattr(self, "_whiten", None)
         self._state = save_index(self.path, self._main, state, whiten=whiten,
                                  whiten_saved=getattr(self, "_whiten_saved", None))

@@ -286,6 +286,7 @@ class KBSearchMixin:
                       "memory_mapped": bool(self._mapped),
                       "whitened": getattr(self, "_whiten", None) is not None,
                       "whiten_fitted_on": getattr(self, "_whiten_n", None),
+                      "whiten_shrinkage": getattr(self, "_whiten_s", None),  # the index's (config: the setting)
                       "pending_in_memory": int(self._delta.ntotal) if self._delta is not None else 0,
                       "unindexed_records": self._unindexed(exact=True)},
             "bytes": {"records": rec_bytes, "records_free": self._rec.free_bytes(), "index": idx_bytes,

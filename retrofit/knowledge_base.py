@@ -226,14 +226,14 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             problem = CorruptKnowledgeBaseError(
                 f"the index ({state.file}, up to id {state.next_id}) does not belong to these records "
                 f"(up to id {self._meta['next_id']})")
-        if problem is None and not self.readonly and bool(self._cfg.whiten) != (state.whiten_file is not None):
-            # the settings changed (compact(whiten=...)) but the index was not rebuilt: a writer killed in between.
-            # A writer rebuilds it; readers search the index as it is (consistent with its own transform, or none),
-            # as they do while a compact runs
+        built_with = 0.0 if state is None or state.whiten_file is None else state.whiten_shrinkage
+        if problem is None and not self.readonly and built_with != self._cfg.whiten:
+            # the settings changed (compact(whiten=...)) but the index was not rebuilt: a writer killed in between
+            # (None: a transform saved without its shrinkage, by a development version). A writer rebuilds it;
+            # readers search the index as it is (consistent with its own transform, or none), as while a compact runs
             problem = CorruptKnowledgeBaseError(
-                f"the index ({state.file}) was built {'without' if self._cfg.whiten else 'with'} the key whitening "
-                f"the knowledge base's settings {'ask for' if self._cfg.whiten else 'no longer have'} (a rebuild "
-                "that did not finish)")
+                f"the index ({state.file}) was built with key whitening {built_with} but the knowledge base's "
+                f"settings ask for {self._cfg.whiten:g} (0 = none; a rebuild that did not finish)")
         if problem is None:
             prev = getattr(self, "_state", None)
             if prev is not None and prev.file == state.file and getattr(self, "_main", None) is not None:
@@ -248,6 +248,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
                     self._mapped = self.readonly and big
                     self._state = state
                     self._whiten, self._whiten_n = whiten, state.whiten_fit_n if whiten is not None else None
+                    self._whiten_s = state.whiten_shrinkage if whiten is not None else None
                     self._whiten_saved = None if whiten is None else (state.whiten_file, state.whiten_sha256)
                 except CorruptKnowledgeBaseError as e:
                     problem = e

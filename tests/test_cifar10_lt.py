@@ -364,7 +364,7 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
     ("dropout", 1.5, "dropout must be in \\[0, 1\\)"),
     ("whiten_ext", -0.1, "whiten must be 0 \\(off\\) or the whitening shrinkage"),
     ("whiten_in", float("nan"), "whiten must be 0 \\(off\\) or the whitening shrinkage"),
-    ("vote_temperatures", (0.05, 0.0), "vote_temperatures must be a tuple of finite numbers > 0"),
+    ("vote_temperatures", (0.05, 1e-9), "vote_temperatures must be a tuple of finite numbers >= 1e-6"),
 ])
 def test_demo_config_refuses_bad_settings_before_any_work(field, bad, says):
     from retrofit.demo import DemoConfig

@@ -279,3 +279,40 @@ def test_an_unwhitened_index_json_has_no_whitening_fields(tmp_path):
     with KnowledgeBase.open(path, readonly=False) as w:
         w.compact(whiten=0.1)
     assert json.loads((path / "index.json").read_text())["whiten_fit_n"] == 400
+
+
+def test_a_copy_of_an_unwhitened_kb_keeps_its_index_json_plain(tmp_path):
+    from retrofit.kb_copy import copy_kb
+
+    make(tmp_path / "a").close()
+    assert copy_kb(tmp_path / "a", tmp_path / "b").index_reused
+    assert not {"whiten_file", "whiten_sha256", "whiten_fit_n", "whiten_shrinkage"} & \
+        set(json.loads((tmp_path / "b" / "index.json").read_text()))
+
+
+def test_an_index_fitted_with_another_shrinkage_is_rebuilt_by_a_writer(tmp_path):
+    """A compact from 0.1 to 0.3 killed after committing the setting: the index still holds the 0.1 fit. Readers
+    use it as it is; a writer refits at 0.3."""
+    path = tmp_path / "kb"
+    make(path, whiten=0.1).close()
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    state = json.loads((path / "index.json").read_text())
+    assert state["whiten_shrinkage"] == 0.1
+    for n in ("index.json", state["file"], state["whiten_file"]):
+        shutil.copy(path / n, saved / n)
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.compact(whiten=0.3)
+    for f in list(path.glob("index-*.faiss")) + list(path.glob("whiten-*.npy")) + [path / "index.json"]:
+        f.unlink()
+    for n in ("index.json", state["file"], state["whiten_file"]):
+        shutil.copy(saved / n, path / n)
+    keys = None
+    with KnowledgeBase.open(path) as r:
+        assert r.info()["index"]["whiten_shrinkage"] == 0.1 and r.info()["index"]["config"]["whiten"] == 0.3
+        keys = r.vectors(torch.arange(400), "key").numpy()
+        old = r._whiten.copy()
+    with KnowledgeBase.open(path, readonly=False) as w:
+        assert w.info()["index"]["whiten_shrinkage"] == 0.3
+        assert np.allclose(w._whiten, fit_whitening(keys, 0.3), atol=1e-4)
+        assert not np.allclose(w._whiten, old, atol=1e-2)

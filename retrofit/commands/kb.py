@@ -53,8 +53,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                   + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
                      else "") + ")"),
         ("index file", f"{idx['file']} (generation {idx['file_generation']}, covers ids < {idx['covers_ids_below']})"),
-        ("key whitening", f"shrinkage {idx['config']['whiten']:g}, fitted on {idx['whiten_fitted_on']} records"
-                          if idx["whitened"] else "off (cosine on the keys as stored)"),
+        ("key whitening", (f"shrinkage {idx['whiten_shrinkage']:g}" if idx["whiten_shrinkage"] is not None
+                           else "shrinkage unknown") + f", fitted on {idx['whiten_fitted_on']} records"
+         if idx["whitened"] else "off (cosine on the keys as stored)"),
         ("disk", f"records {_human(b['records'])} ({b['records_over_raw']}x the raw vectors), "
                  f"index {_human(b['index'])}"),
     ]

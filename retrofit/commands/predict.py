@@ -214,8 +214,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     temps = None
     if args.temperatures is not None:
         temps = _scales(args.temperatures, "--temperatures", "0.03,0.05,0.1")
-        if 0.0 in temps:
-            raise ValueError(f"--temperatures {args.temperatures!r}: temperatures must be > 0")
+        if any(t < 1e-6 for t in temps):
+            raise ValueError(f"--temperatures {args.temperatures!r}: temperatures must be >= 1e-6 (e.g. 0.03,0.05,0.1)")
     run = _resolve(args)
     if args.save:
         _check_save(Path(args.save), Path(run["head_path"]))
