@@ -131,7 +131,7 @@ class KBIndexMixin:
 
     def _fit_whitening(self, n: int) -> np.ndarray:
         """The key-whitening transform fitted on up to ``FIT_SAMPLE`` live keys drawn at random (seeded)."""
-        from retrofit.kb_whiten import FIT_SAMPLE, fit_whitening
+        from retrofit.kb_whiten import FIT_SAMPLE, fit_whitening, identity_whitening
 
         rng = np.random.default_rng(0)
         rate, sample = min(1.0, FIT_SAMPLE / max(n, 1)), []
@@ -139,7 +139,7 @@ class KBIndexMixin:
             sample.append(x if rate >= 1.0 else x[rng.random(len(x)) < rate])
         keys = np.concatenate(sample) if sample else np.zeros((0, self.key_dim), np.float32)
         if not len(keys):  # nothing to fit on yet: the identity, refitted at the next rebuild
-            return np.vstack([np.zeros((1, self.key_dim)), np.eye(self.key_dim)]).astype(np.float32)
+            return identity_whitening(self.key_dim)
         return fit_whitening(keys, self._cfg.whiten)
 
     def _whiten_stale(self) -> bool:

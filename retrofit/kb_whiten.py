@@ -25,7 +25,8 @@ import numpy as np
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import full_hash
 
-__all__ = ["FIT_SAMPLE", "fit_whitening", "apply_whitening", "save_whitening", "load_whitening", "check_shrinkage"]
+__all__ = ["FIT_SAMPLE", "fit_whitening", "identity_whitening", "apply_whitening", "save_whitening",
+           "load_whitening", "check_shrinkage"]
 
 FIT_SAMPLE = 65_536  # keys sampled to fit the transform (a D x D covariance: more adds nothing for D <= ~2k)
 _MAX_SHRINKAGE = 1e3
@@ -40,6 +41,11 @@ def check_shrinkage(value: object) -> float:
         raise ValueError(f"whiten must be 0 (off) or the whitening shrinkage, a number in (0, {_MAX_SHRINKAGE:g}] "
                          f"(0.1 is a good start), got {value!r}")
     return float(value)
+
+
+def identity_whitening(dim: int) -> np.ndarray:
+    """The transform that changes nothing (zero mean, identity matrix): for keys with no spread, or none yet."""
+    return np.vstack([np.zeros((1, dim)), np.eye(dim)]).astype(np.float32)
 
 
 def fit_whitening(keys: np.ndarray, shrinkage: float) -> np.ndarray:
@@ -63,7 +69,7 @@ def fit_whitening(keys: np.ndarray, shrinkage: float) -> np.ndarray:
     sigma = np.sqrt(np.clip(evals, 0.0, None))
     top = float(sigma[-1])
     if not top > 1e-12 * max(1.0, float(np.abs(mean).max())):  # no spread: nothing to whiten
-        return np.vstack([np.zeros((1, d)), np.eye(d)]).astype(np.float32)
+        return identity_whitening(d)
     w = evecs / (sigma + shrinkage * top)[None, :]  # (D, D): columns scaled
     w *= top  # overall scale is irrelevant (keys are normalised after): keep values near the keys' own
     return np.vstack([mean[None, :], w]).astype(np.float32)
