@@ -12,7 +12,9 @@ ImageNet-pretrained Tiny Darknet (64 px), with library calls only:
 5. ``head.attach(KB_big)``: same weights (checked), the vote rebalanced for KB_big's class mix; then the vote
    weight recalibrated on a small labelled validation set (``head.vote.set_scale``), still no training: chosen
    jointly with the post-hoc logit adjustment here; ``retrofit.calibration.choose_vote_scale`` (CLI:
-   ``retrofit calibrate``) chooses the scale alone.
+   ``retrofit calibrate``) chooses the scale alone; then the vote's temperature too
+   (``head.vote.set_temperature``). ``--whiten 0.1`` searches KB_big in the whitened key space
+   (``KnowledgeBase.compact(whiten=...)``, ``IndexConfig.whiten``).
 
 It prints a table of test accuracy (many / medium / few / overall), with two references that learn nothing (the
 kNN vote over KB_big, a fixed 50/50 mix of it with the adjusted host), and writes every figure to
@@ -46,6 +48,7 @@ from retrofit.training import predict_logits
 
 ENCODER = "darknet-tiny@64"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # vote weights tried on val, x the trained one
+TEMPERATURES = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2)  # vote temperatures tried on val (with the trained one)
 GRID = tuple(float(x) for x in np.arange(-1.0, 2.01, 0.125))  # post-hoc adjustment strengths tried on validation
 
 
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10,
                    help="head training epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--whiten", type=float, default=0.0, metavar="SHRINKAGE",
+                   help="search KB_big in the whitened key space with this shrinkage (default 0 = raw cosines)")
     p.add_argument("--out", default="runs/kb_swap",
                    help="where the KBs and results.json go (a KB of the same samples and options is reused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, low in (("max_per_class", 1), ("web", 1), ("val_per_class", 1), ("test_per_class", 1), ("epochs", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    from retrofit.kb_whiten import check_shrinkage
+
+    try:
+        check_shrinkage(args.whiten)
+    except ValueError as e:
+        p.error(f"--{e}")
     if not args.imbalance >= 1:
         p.error(f"--imbalance must be >= 1 (most / least frequent class), got {args.imbalance}")
     if int(args.max_per_class * args.imbalance ** -1.0) < 1:  # the rarest class's count, as split() computes it
@@ -206,6 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(out / "kb_big", ignore_errors=True)
         retrofit.merge_kbs([out / "kb_small", out / "kb_web"], out / "kb_big", dedup=False, progress=progress)
         marker.write_text(inputs)
+    with retrofit.KnowledgeBase.open(out / "kb_big", readonly=False) as w:  # the index's key whitening, if asked
+        if w.info()["index"]["config"]["whiten"] != args.whiten:
+            w.compact(whiten=args.whiten)
     kb_big = retrofit.KnowledgeBase.open(out / "kb_big")
     web_labels = kb_web.labels().numpy()
     true_web = y_all[parts["web"]]
@@ -223,6 +237,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     head.vote.set_scale(best)
     rows[f"head + KB_big, vote x{best:g} (adjustment {b:g}; both chosen on val)"] = (
         logits(kb_big, "test") - b * log_prior)
+    # and the vote's temperature with them (the trained one first: it keeps ties)
+    trained_t, pick = head.vote.temperature, None
+    for t in (trained_t, *[t for t in TEMPERATURES if abs(t - trained_t) > 1e-6 * trained_t]):
+        head.vote.set_temperature(t)
+        val = logits_by_vote_scale(head, retrieve(evals["val"], kb_big, cfg.k), SCALES, kb_big, device="cpu")
+        s, bt = choose_scale_and_adjustment(val, yv, log_prior, GRID)
+        score = float(((val[s] - bt * log_prior).argmax(1) == yv).float().mean())
+        if pick is None or score > pick[0]:
+            pick = (score, t, s, bt)
+    _, t_best, s_best, b_t = pick
+    head.vote.set_temperature(t_best)
+    head.vote.set_scale(s_best)
+    rows[f"head + KB_big, vote x{s_best:g} at temperature {t_best:.3g} (adjustment {b_t:g}; all chosen on val)"] = (
+        logits(kb_big, "test") - b_t * log_prior)
     big_test = retrieve(evals["test"], kb_big, cfg.k)
     knn = knn_probs(big_test.neighbor_ids, big_test.neighbor_scores, big_test.neighbor_labels, len(names), 0.05)
     # references: no learning at all, the neighbours' labels alone and a fixed mix of them with the adjusted host
@@ -240,7 +268,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "web_caption_labels": {"correct": float(np.mean(web_labels == true_web)),
                                "unknown": float(np.mean(web_labels < 0))},
         "vote": {"trained_weight": float(trained["vote.weight"] * head.vote.gain), "epochs": epochs,
-                 "chosen_scale": best, "chosen_adjustment": b},
+                 "chosen_scale": best, "chosen_adjustment": b, "trained_temperature": trained_t,
+                 "with_temperature": {"temperature": t_best, "scale": s_best, "adjustment": b_t}},
+        "kb_big_whiten": args.whiten,
         "rows": {name: {key: r[key] for key in ("many", "medium", "few", "top1", "mean_per_class")}
                  for name, r in results.items()},
     }

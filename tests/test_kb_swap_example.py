@@ -35,7 +35,9 @@ def test_kb_swap_example_small(data_dir, tmp_path, monkeypatch):
     assert 0.0 < first["web_caption_labels"]["unknown"] < 0.3
     assert first["vote"]["chosen_scale"] in ex.SCALES
     rows = first["rows"]
-    assert len(rows) == 7
+    assert len(rows) == 8
+    chosen = first["vote"]["with_temperature"]
+    assert chosen["scale"] in ex.SCALES and chosen["temperature"] > 0
     for name, r in rows.items():
         assert 0.0 <= r["top1"] <= 1.0, name
         assert r["many"] is not None and r["few"] is not None, name  # the quantile cut-offs leave no group empty
@@ -47,7 +49,8 @@ def test_kb_swap_example_small(data_dir, tmp_path, monkeypatch):
     # a second run with another web set: the labelled KB and everything trained on it are reused and identical
     # (CPU training is deterministic), the web KB and the merged KB are rebuilt at the new size
     stamp = (out / "kb_small" / "complete").stat().st_mtime_ns
-    second = ex.run(ex.parse_args([*SMALL, "--web", "300", "--out", str(out)]))
+    second = ex.run(ex.parse_args([*SMALL, "--web", "300", "--out", str(out), "--whiten", "0.1"]))
+    assert second["kb_big_whiten"] == 0.1  # (KB_big searched whitened: only its rows may change)
     assert (out / "kb_small" / "complete").stat().st_mtime_ns == stamp
     assert second["sizes"]["web"] == 300 and second["sizes"]["kb_big"] == labelled + 300
     def no_web(summary):  # the rows that use no web data
