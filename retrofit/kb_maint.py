@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from retrofit.kb_index import IndexState, build_index, save_index, tune_ef_search
-from retrofit.kb_whiten import apply_whitening
+from retrofit.kb_whiten import IndexWhitening, apply_whitening
 
 __all__ = ["KBIndexMixin"]
 
@@ -119,8 +119,7 @@ class KBIndexMixin:
         # old one, whole, and the next add or open rebuilds (it took the index before the held-out records were
         # added back, and saved it without them)
         self._main, self._main_next, self._delta, self._mapped = index, self._meta["next_id"], None, False
-        self._whiten, self._whiten_saved, self._whiten_n = whiten, None, n if whiten is not None else None
-        self._whiten_s = self._cfg.whiten if whiten is not None else None
+        self._wh = None if whiten is None else IndexWhitening(whiten, self._cfg.whiten, n)
         self._ef, self._tuned_recall = ef if ef is not None else self._pick_ef()
         log.info("built %s index of %d vectors in %.1f s (efSearch %d)", kind, index.ntotal,
                  time.perf_counter() - t0, self._ef)
@@ -145,13 +144,19 @@ class KBIndexMixin:
     def _whiten_stale(self) -> bool:
         """True when the index whitens with a transform fitted on under half of today's live records (a KB grown
         by adds since its last build): the next catch-up rebuilds and fits it again (amortised O(1) per record)."""
-        fit_n = getattr(self, "_whiten_n", None)
-        return bool(self._cfg.whiten) and fit_n is not None and len(self) > 2 * max(fit_n, 16)
+        wh = getattr(self, "_wh", None)
+        return bool(self._cfg.whiten) and wh is not None and wh.fit_n is not None and len(self) > 2 * max(wh.fit_n, 16)
 
     def _index_keys(self, x: np.ndarray) -> np.ndarray:
         """Keys (or unit queries) as the index holds them: whitened and normalised again when the index whitens."""
-        w = getattr(self, "_whiten", None)
-        return x if w is None else apply_whitening(x, w)
+        wh = getattr(self, "_wh", None)
+        return x if wh is None else apply_whitening(x, wh.transform)
+
+    @property
+    def _whiten(self) -> np.ndarray | None:
+        """The index's whitening transform (None: raw cosines)."""
+        wh = getattr(self, "_wh", None)
+        return None if wh is None else wh.transform
 
     def _pick_ef(self) -> tuple[int, float | None]:
         if self._kind() != "hnsw":
@@ -220,16 +225,16 @@ class KBIndexMixin:
     def flush(self) -> None:
         """Write the in-memory index to disk atomically (writers; done automatically at close and bulk exit)."""
         self._check_writable()
+        wh = getattr(self, "_wh", None)
         state = IndexState(kb_uuid=self._meta["uuid"], kind=self._kind(), file="", generation=self._meta["generation"],
                            next_id=self._main_next, ntotal=0, size=0, quick="", sha256="", ef_search=int(self._ef),
                            tuned_recall=getattr(self, "_tuned_recall", None),
-                           whiten_fit_n=getattr(self, "_whiten_n", None),
-                           whiten_shrinkage=getattr(self, "_whiten_s", None))
-        whiten = getattr(self, "_whiten", None)
-        self._state = save_index(self.path, self._main, state, whiten=whiten,
-                                 whiten_saved=getattr(self, "_whiten_saved", None))
-        if whiten is not None:
-            self._whiten_saved = (self._state.whiten_file, self._state.whiten_sha256)
+                           whiten_fit_n=None if wh is None else wh.fit_n,
+                           whiten_shrinkage=None if wh is None else wh.shrinkage)
+        self._state = save_index(self.path, self._main, state, whiten=None if wh is None else wh.transform,
+                                 whiten_saved=None if wh is None else wh.saved)
+        if wh is not None:
+            wh.saved = (self._state.whiten_file, self._state.whiten_sha256)
         self._unsaved = 0
 
     @contextlib.contextmanager

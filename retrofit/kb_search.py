@@ -52,7 +52,7 @@ class KBSearchMixin:
             return Neighbors.empty(0, k, self.image_dim, self.text_dim, device=device)
         if queries.is_cuda and self._kind() == "flat":
             q = torch.nn.functional.normalize(queries.detach().double(), dim=1).float()  # (B, Dk); float64 norm
-            if getattr(self, "_whiten", None) is not None:
+            if self._whiten is not None:
                 q = apply_whitening_torch(q, self._whiten_on(q.device))
             D, ids_ = self._search_exact_gpu(q, kq)  # (B, kq)
         else:
@@ -262,7 +262,7 @@ class KBSearchMixin:
     def info(self) -> dict[str, Any]:
         """Counts, dims, dtype, fingerprints, index kind and parameters, bytes on disk."""
         self._check_process()  # also: not closed
-        m, st = self._meta, self._state
+        m, st, wh = self._meta, self._state, getattr(self, "_wh", None)
         d = self.key_dim + self.image_dim + self.text_dim
         raw = int(m["next_id"]) * d * self._rec.np_dtype.itemsize
         rec_bytes = self._rec.disk_bytes()
@@ -284,9 +284,9 @@ class KBSearchMixin:
                       "file": st.file if st else None, "file_generation": st.generation if st else None,
                       "covers_ids_below": st.next_id if st else None,
                       "memory_mapped": bool(self._mapped),
-                      "whitened": getattr(self, "_whiten", None) is not None,
-                      "whiten_fitted_on": getattr(self, "_whiten_n", None),
-                      "whiten_shrinkage": getattr(self, "_whiten_s", None),  # the index's (config: the setting)
+                      "whitened": wh is not None,
+                      "whiten_fitted_on": None if wh is None else wh.fit_n,
+                      "whiten_shrinkage": None if wh is None else wh.shrinkage,  # the index's (config: the setting)
                       "pending_in_memory": int(self._delta.ntotal) if self._delta is not None else 0,
                       "unindexed_records": self._unindexed(exact=True)},
             "bytes": {"records": rec_bytes, "records_free": self._rec.free_bytes(), "index": idx_bytes,

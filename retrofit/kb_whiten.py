@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,21 @@ import numpy as np
 from retrofit.errors import CorruptKnowledgeBaseError
 from retrofit.kb_index import full_hash
 
-__all__ = ["FIT_SAMPLE", "fit_whitening", "identity_whitening", "apply_whitening", "save_whitening",
-           "load_whitening", "check_shrinkage"]
+__all__ = ["FIT_SAMPLE", "IndexWhitening", "fit_whitening", "identity_whitening", "apply_whitening",
+           "save_whitening", "load_whitening", "check_shrinkage"]
 
 FIT_SAMPLE = 65_536  # keys sampled to fit the transform (a D x D covariance: more adds nothing for D <= ~2k)
 _MAX_SHRINKAGE = 1e3
+
+
+@dataclass
+class IndexWhitening:
+    """The key whitening an index was built with, as a knowledge-base handle holds it."""
+
+    transform: np.ndarray  # (D + 1, D) float32: mean, then W
+    shrinkage: float | None  # the shrinkage it was fitted with (None: not recorded, a development version's file)
+    fit_n: int | None  # live records when it was fitted (the index is rebuilt once they double)
+    saved: tuple[str, str] | None = None  # (file, sha256) once written beside the index
 
 
 def check_shrinkage(value: object) -> float:

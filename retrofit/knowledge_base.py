@@ -34,7 +34,7 @@ from retrofit.kb_index import IndexConfig, IndexState, load_index
 from retrofit.kb_maint import KBIndexMixin
 from retrofit.kb_records import _DTYPES, SCHEMA_VERSION, RecordStore
 from retrofit.kb_search import KBSearchMixin
-from retrofit.kb_whiten import load_whitening
+from retrofit.kb_whiten import IndexWhitening, load_whitening
 from retrofit.kb_write import KBWriteMixin
 from retrofit.store import KBFingerprint
 
@@ -247,9 +247,8 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
                     self._main = load_index(self.path, state, mmap=self.readonly and big)
                     self._mapped = self.readonly and big
                     self._state = state
-                    self._whiten, self._whiten_n = whiten, state.whiten_fit_n if whiten is not None else None
-                    self._whiten_s = state.whiten_shrinkage if whiten is not None else None
-                    self._whiten_saved = None if whiten is None else (state.whiten_file, state.whiten_sha256)
+                    self._wh = None if whiten is None else IndexWhitening(
+                        whiten, state.whiten_shrinkage, state.whiten_fit_n, (state.whiten_file, state.whiten_sha256))
                 except CorruptKnowledgeBaseError as e:
                     problem = e
         if problem is not None:
