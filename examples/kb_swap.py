@@ -39,7 +39,13 @@ import torch
 import retrofit
 from retrofit.calibration import logits_by_vote_scale
 from retrofit.cifar10_lt import load_wordnet, prompt, shard_paths
-from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, fixed_fusion, knn_probs
+from retrofit.demo_rules import (
+    choose_adjustment,
+    choose_scale_and_adjustment,
+    choose_temperature_scale_and_adjustment,
+    fixed_fusion,
+    knn_probs,
+)
 from retrofit.feature_cache import retrieve
 from retrofit.linear_probe import cross_fit_logits, fit_linear_probe
 from retrofit.pipeline import load_host_model, source_features
@@ -237,16 +243,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     head.vote.set_scale(best)
     rows[f"head + KB_big, vote x{best:g} (adjustment {b:g}; both chosen on val)"] = (
         logits(kb_big, "test") - b * log_prior)
-    # and the vote's temperature with them (the trained one first: it keeps ties)
-    trained_t, pick = head.vote.temperature, None
-    for t in (trained_t, *[t for t in TEMPERATURES if abs(t - trained_t) > 1e-6 * trained_t]):
-        head.vote.set_temperature(t)
-        val = logits_by_vote_scale(head, retrieve(evals["val"], kb_big, cfg.k), SCALES, kb_big, device="cpu")
-        s, bt = choose_scale_and_adjustment(val, yv, log_prior, GRID)
-        score = float(((val[s] - bt * log_prior).argmax(1) == yv).float().mean())
-        if pick is None or score > pick[0]:
-            pick = (score, t, s, bt)
-    _, t_best, s_best, b_t = pick
+    # and the vote's temperature with them (the trained one keeps ties)
+    trained_t = head.vote.temperature
+    val_fs = retrieve(evals["val"], kb_big, cfg.k)
+    t_best, s_best, b_t = choose_temperature_scale_and_adjustment(
+        head, lambda: logits_by_vote_scale(head, val_fs, SCALES, kb_big, device="cpu"), TEMPERATURES, yv,
+        log_prior, GRID)
     head.vote.set_temperature(t_best)
     head.vote.set_scale(s_best)
     rows[f"head + KB_big, vote x{s_best:g} at temperature {t_best:.3g} (adjustment {b_t:g}; all chosen on val)"] = (

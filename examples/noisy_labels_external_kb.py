@@ -46,21 +46,15 @@ def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights
     with ``temperatures`` the vote temperature among them and the trained one) chosen on the clean validation set;
     ``weights=None`` keeps the vote weight the head has."""
     from retrofit.demo_heads import head_logits, logits_by_vote_scale
-    from retrofit.demo_rules import choose_adjustment, choose_scale_and_adjustment, group_metrics, top1
+    from retrofit.demo_rules import choose_adjustment, choose_temperature_scale_and_adjustment, group_metrics
 
     yv, yt = data.labels("val"), data.labels("test")
     t = head.vote.temperature
     if weights:  # every weight from two passes (logits are affine in it)
-        best = None
-        for cand in (t, *[c for c in temperatures if c != t]):  # the trained temperature first: it wins ties
-            head.vote.set_temperature(cand)
-            vals = logits_by_vote_scale(head, data, kb, "val", True, shift, weights, absolute=True)
-            # ties (one validation image is 0.5 points) go to the weight nearest 1, then the smallest adjustment
-            w, adj = choose_scale_and_adjustment(vals, yv, lp, posthoc)
-            score = top1(vals[w] - adj * lp, yv)
-            if best is None or score > best[0]:
-                best = (score, cand, w, adj)
-        _, t, w, adj = best
+        # ties (one validation image is 0.5 points) go to the weight nearest 1, then the smallest adjustment
+        t, w, adj = choose_temperature_scale_and_adjustment(
+            head, lambda: logits_by_vote_scale(head, data, kb, "val", True, shift, weights, absolute=True),
+            temperatures, yv, lp, posthoc)
         head.vote.set_temperature(t)
         head.vote.set_weight(w)
     else:

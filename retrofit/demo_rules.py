@@ -49,6 +49,28 @@ def choose_scale_and_adjustment(val_logits: dict[float, torch.Tensor], val_label
     return best[1], best[2]
 
 
+def choose_temperature_scale_and_adjustment(head: Any, val_logits: Any, temperatures: tuple[float, ...],
+                                            val_labels: torch.Tensor, log_prior: torch.Tensor,
+                                            grid: tuple[float, ...]) -> tuple[float, float, float]:
+    """The (vote temperature, vote scale, post-hoc strength) triple with the best validation top-1:
+    :func:`choose_scale_and_adjustment` at the head's trained temperature and at each of ``temperatures``
+    (``val_logits()`` gives the validation logits by scale at the temperature set); the trained temperature is
+    scored first and keeps ties. The head is left at its trained temperature."""
+    trained = head.vote.temperature
+    best = None
+    try:
+        for t in (trained, *[t for t in temperatures if abs(t - trained) > 1e-6 * trained]):
+            head.vote.set_temperature(t)
+            vals = val_logits()
+            s, a = choose_scale_and_adjustment(vals, val_labels, log_prior, grid)
+            score = top1(vals[s] - a * log_prior, val_labels)
+            if best is None or score > best[0]:
+                best = (score, t, s, a)
+    finally:
+        head.vote.set_temperature(trained)
+    return best[1], best[2], best[3]
+
+
 def knn_probs(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
               temperature: float) -> torch.Tensor:
     """Similarity-weighted vote of cached neighbours: (N, C) class probabilities (empty slots and neighbours of
