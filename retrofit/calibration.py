@@ -7,6 +7,8 @@ the one its training KB taught. :func:`choose_vote_scale` picks the multiplier o
 
 The fused logits ``tau/2 * (L_I + L_R + scale * V)`` are affine in the scale, so :func:`logits_by_vote_scale`
 gets every candidate from two passes over the data (scale 0 and scale 1) instead of one pass per candidate.
+A ``vote_form="mix"`` head's scale multiplies the odds of its mixing weight ``a``; its logits
+``log((1 - a) softmax(F) + a p)`` come from one pass at scale 0 (``F`` and ``log p``) for every candidate.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ class VoteScaleChoice:
     scale: float  # the chosen multiplier (apply with head.vote.set_scale)
     metric: str  # "top1" or "balanced" (mean per-class top-1)
     scores: dict[float, float] = field(default_factory=dict)  # metric of every candidate scale
-    trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies)
+    trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies; "mix": a)
     n: int = 0  # labelled samples it was chosen on
     temperature: float = 0.0  # the vote temperature chosen with it (the trained one unless temperatures were given)
     trained_temperature: float = 0.0  # the head's vote temperature before the choice
     # with temperatures: every candidate temperature's scores by scale (``scores`` is the chosen temperature's)
     scores_by_temperature: dict[float, dict[float, float]] = field(default_factory=dict)
+    form: str = "log"  # the vote's form (HeadConfig.vote_form): "mix" scales the odds of the mixing weight
 
     @property
     def at_largest(self) -> bool:
@@ -50,8 +53,16 @@ class VoteScaleChoice:
 
     @property
     def weight(self) -> float:
-        """The vote weight in use after ``head.vote.set_scale(self.scale)``."""
-        return self.scale * self.trained_weight
+        """The vote weight in use after ``head.vote.set_scale(self.scale)`` (``form="mix"``: the mixing weight)."""
+        return self.weight_at(self.scale)
+
+    def weight_at(self, scale: float) -> float:
+        """The vote weight ``head.vote.set_scale(scale)`` gives: ``scale * trained_weight``, or for
+        ``form="mix"`` the mixing weight whose odds are ``scale`` times the trained one's."""
+        if self.form == "mix":
+            odds = scale * self.trained_weight / max(1.0 - self.trained_weight, 1e-12)
+            return odds / (1.0 + odds)
+        return scale * self.trained_weight
 
 
 def _vote(head: nn.Module) -> Any:
@@ -74,6 +85,8 @@ def logits_by_vote_scale(head: nn.Module, features: Any, scales: Sequence[float]
     from retrofit.training import predict_logits
 
     vote = _vote(head)
+    if getattr(vote, "form", "log") == "mix":
+        return _mixture_by_scale(head, vote, features, scales, store, absolute, predict_kw)
     setter = vote.set_weight if absolute else vote.set_scale
     kept = vote.weight.detach().clone(), vote.scale.clone()
     try:
@@ -86,6 +99,37 @@ def logits_by_vote_scale(head: nn.Module, features: Any, scales: Sequence[float]
             vote.weight.copy_(kept[0])
         vote.scale.copy_(kept[1])
     return {float(s): base + float(s) * unit for s in scales}
+
+
+def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequence[float], store: Any,
+                      absolute: bool, predict_kw: dict[str, Any]) -> dict[float, torch.Tensor]:
+    """:func:`logits_by_vote_scale` for a ``vote_form="mix"`` vote: one pass at scale 0 gives the unmixed
+    log-probabilities and the vote's; each candidate mixing logit ``u`` (the trained one plus ``log(scale)``, or
+    ``logit(scale)`` with ``absolute``: then the scales are mixing weights in [0, 1)) is combined from them."""
+    from retrofit.training import predict_logits
+
+    if absolute and any(not 0.0 <= float(s) < 1.0 for s in scales):
+        raise ValueError(f"a vote_form='mix' vote's absolute weights are mixing weights in [0, 1), got "
+                         f"{list(scales)!r}")
+    kept = vote.scale.clone()
+    try:
+        vote.set_scale(0.0)
+        out = predict_logits(head, features, store, **predict_kw)
+    finally:
+        vote.scale.copy_(kept)
+    base, v = out["logits"].double(), out["vote_log_probs"].double()  # (N, C) each; base = log_softmax(F)
+    trained = float(vote.weight.detach()) * vote.gain
+    res = {}
+    for s in scales:
+        s = float(s)
+        if absolute:
+            u = float(np.log(s / (1.0 - s))) if s > 0 else -np.inf
+        else:
+            u = trained + float(np.log(s)) if s > 0 else -np.inf
+        u_t = torch.tensor(u, dtype=torch.float64)
+        mixed = torch.logaddexp(nn.functional.logsigmoid(-u_t) + base, nn.functional.logsigmoid(u_t) + v)
+        res[s] = mixed.float()
+    return res
 
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
@@ -153,7 +197,9 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
         raise ValueError(f"temperatures must be >= 1e-6, got {list(temperatures)!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    trained = float(vote.weight.detach()) * vote.gain
+    form = getattr(vote, "form", "log")
+    trained = float(vote.weight.detach()) * vote.gain  # "mix": the mixing weight at scale 1
+    trained = trained if form == "log" else float(torch.sigmoid(torch.tensor(trained)))
     trained_t = vote.temperature
     kept_t = vote.log_temperature.detach().clone()
     by_t: dict[float, dict[float, float]] = {}
@@ -182,11 +228,11 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
             vote.set_temperature(best_t)
     choice = VoteScaleChoice(scale=best, metric=metric, scores=by_t[best_t], trained_weight=trained,
                              n=int(labels.numel()), temperature=best_t, trained_temperature=trained_t,
-                             scores_by_temperature=by_t if temperatures is not None else {})
+                             scores_by_temperature=by_t if temperatures is not None else {}, form=form)
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it (`retrofit calibrate --scales`)", best)
-    if trained <= 0:
+    if form == "log" and trained <= 0:
         log.warning("the trained vote weight is %.3g: the head learned to vote against (or ignore) its neighbours' "
                     "labels, and scales only multiply that; set a weight with head.vote.set_weight(w) (w > 0, chosen "
                     "on validation data) or retrain the head (e.g. without mixup / label smoothing)", trained)

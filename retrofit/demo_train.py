@@ -55,6 +55,7 @@ def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalitie
     hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
                     num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
                     modalities=modalities, label_vote=use_vote, vote_balance=use_vote and cfg.balance_vote,
+                    vote_form=cfg.vote_form if use_vote else "log",
                     mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, class_names=data.class_names,
                     query_fingerprint=store.fingerprint.key,
                     image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
@@ -95,7 +96,7 @@ def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modaliti
         code.update(Path(importlib.import_module(f"retrofit.{name}").__file__).read_bytes())
     settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
                                              "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
-                                             "label_smoothing", "host_weight_decay")}
+                                             "label_smoothing", "host_weight_decay", "vote_form")}
     whiten = cfg.whiten_ext if kb == "ext" else cfg.whiten_in  # of the KB it trains on
     if whiten:  # (absent at 0: heads cached before the option keep their keys)
         settings["whiten"] = whiten

@@ -29,7 +29,10 @@ from torch import nn
 
 from retrofit.functional import cross_fusion_attention
 
-__all__ = ["MODALITIES", "FusionStreams", "CrossFusionLayer", "QueryReadout", "LabelVote"]
+VOTE_FORMS = ("log", "mix")  # LabelVote: log-vote added to the logits, or a probability mixture with the host's
+_TINY = 1e-30  # floor of the mixture vote's probabilities before the log (fp32's smallest normal is 1.2e-38)
+
+__all__ = ["MODALITIES", "VOTE_FORMS", "FusionStreams", "CrossFusionLayer", "QueryReadout", "LabelVote"]
 
 # What each modality setting feeds the streams (the paper's ablations):
 #   "image+text": I = [proj_q(z); proj_i(image)], T = [0; proj_t(text)]
@@ -180,14 +183,23 @@ class LabelVote(nn.Module):
     ``scale`` (a buffer, 1 by default, saved with the head) multiplies ``beta`` at use: a post-hoc calibration,
     chosen on labelled validation data, for a head moved to another knowledge base (a denser or cleaner KB's
     vote deserves more weight than training on a smaller one taught). :meth:`set_scale` sets it.
+
+    ``form="mix"`` (``HeadConfig.vote_form``) mixes probabilities instead of adding log-votes:
+    ``log((1 - a) * softmax(F) + a * p)`` for the fused logits ``F = tau/2 * (L_I + L_R)`` and the vote ``p``
+    above, with a learned mixing weight ``a = sigmoid(gain * weight + log(scale))`` (``scale`` multiplies its
+    odds ``a / (1 - a)``; 0 turns the vote off). It starts at ``a = 0.5``: with a zero readout that is the fixed
+    rule ``0.5 * softmax(L_I) + 0.5 * kNN`` a learned head has to beat, which the log form cannot express.
     """
 
-    def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.2, gain: float = 20.0) -> None:
+    def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.2, gain: float = 20.0,
+                 form: str = "log") -> None:
         super().__init__()
         if not temperature > 0 or not eps > 0 or not gain > 0:
             raise ValueError(f"LabelVote needs temperature, eps, gain > 0, got {temperature}, {eps}, {gain}")
-        self.num_classes, self.eps, self.gain = num_classes, eps, gain
-        self.weight = nn.Parameter(torch.zeros(()))  # beta / gain
+        if form not in VOTE_FORMS:
+            raise ValueError(f"LabelVote form must be one of {VOTE_FORMS}, got {form!r}")
+        self.num_classes, self.eps, self.gain, self.form = num_classes, eps, gain, form
+        self.weight = nn.Parameter(torch.zeros(()))  # beta / gain ("mix": the mixing weight's logit / gain)
         self.log_temperature = nn.Parameter(torch.tensor(float(torch.tensor(temperature).log())) / gain)
         self.register_buffer("label_log_prior", torch.zeros(num_classes))  # (C,) 0 = no rebalancing
         self.register_buffer("scale", torch.ones(()))  # post-hoc multiplier of beta (set_scale)
@@ -201,14 +213,26 @@ class LabelVote(nn.Module):
         return float(value)
 
     def set_scale(self, scale: float) -> None:
-        """Multiply the learned vote weight by ``scale`` (>= 0) from now on; 1 restores the trained vote."""
+        """Multiply the learned vote weight (``form="mix"``: the odds of its mixing weight) by ``scale`` (>= 0)
+        from now on; 1 restores the trained vote, 0 turns it off."""
         self.scale.fill_(self._number(scale, "scale", 0.0))
 
     def set_weight(self, weight: float) -> None:
-        """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign: the learned ``beta`` is
-        replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation
-        data for a head whose training left the vote near zero or negative (trained on noisy labels, then moved
-        to a cleaner knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
+        """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign (``form="mix"``: the mixing
+        weight ``a``, in [0, 1)): the learned one is replaced and the scale reset to 1 (saved with the head). A
+        post-hoc calibration on labelled validation data for a head whose training left the vote near zero or
+        negative (trained on noisy labels, then moved to a cleaner knowledge base), which no multiple of the
+        trained weight (:meth:`set_scale`) can reach."""
+        if self.form == "mix":
+            ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0.0 <= float(weight) < 1.0
+            if not ok:
+                raise ValueError(f"the mixing weight of a vote_form='mix' vote must be a number in [0, 1), got "
+                                 f"{weight!r}")
+            a = float(weight)
+            with torch.no_grad():  # a = 0: logit 0 at scale 0 (log(0) = -inf makes the weight exactly 0)
+                self.weight.fill_(math.log(a / (1.0 - a)) / self.gain if a > 0 else 0.0)
+            self.scale.fill_(1.0 if a > 0 else 0.0)
+            return
         weight = self._number(weight, "weight", -float(torch.finfo(self.weight.dtype).max) / self.gain)
         with torch.no_grad():
             self.weight.fill_(weight / self.gain)
@@ -229,8 +253,14 @@ class LabelVote(nn.Module):
 
     @property
     def effective_weight(self) -> float:
-        """The vote weight in use: ``beta * scale``."""
+        """The vote weight in use: ``beta * scale`` (``form="mix"``: the mixing weight ``a``)."""
+        if self.form == "mix":
+            return float(self.mix_logit().detach().sigmoid())
         return float(self.weight.detach() * self.gain * self.scale)
+
+    def mix_logit(self) -> torch.Tensor:
+        """``form="mix"``: the logit of the mixing weight in use, ``gain * weight + log(scale)`` (-inf at scale 0)."""
+        return self.weight * self.gain + self.scale.log()
 
     def set_label_prior(self, counts: torch.Tensor | None) -> None:
         """Rebalance the vote by the knowledge base's label counts (C,): each class's share is divided by its
@@ -268,5 +298,18 @@ class LabelVote(nn.Module):
         return torch.where(self.label_log_prior.any(), rebalanced, p)
 
     def forward(self, labels: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``labels`` (B, k) int64, ``scores`` (B, k), ``mask`` (B, k) bool -> (B, C) vote logits."""
-        return self.weight * self.gain * self.scale * (self.probs(labels, scores, mask) + self.eps).log()
+        """``labels`` (B, k) int64, ``scores`` (B, k), ``mask`` (B, k) bool -> (B, C) vote logits (``form="log"``,
+        added to the readout's), or the vote's log-probabilities (``form="mix"``: :meth:`mix` takes them)."""
+        p = self.probs(labels, scores, mask)
+        if self.form == "mix":
+            return p.clamp_min(_TINY).log()  # a class no neighbour votes for: log(1e-30), finite
+        return self.weight * self.gain * self.scale * (p + self.eps).log()
+
+    def mix(self, logits: torch.Tensor, vote_log_probs: torch.Tensor) -> torch.Tensor:
+        """``form="mix"``: ``log((1 - a) softmax(logits) + a exp(vote_log_probs))`` (B, C), in a stable form
+        (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype."""
+        u = self.mix_logit()
+        dt = torch.promote_types(logits.dtype, torch.float32)
+        host = torch.log_softmax(logits.to(dt), dim=1)
+        out = torch.logaddexp(F.logsigmoid(-u).to(dt) + host, F.logsigmoid(u).to(dt) + vote_log_probs.to(dt))
+        return out.to(logits.dtype)

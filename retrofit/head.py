@@ -6,6 +6,8 @@
 
 A freshly initialised head has a zero readout, so ``L_R = 0`` exactly: with the default ``tau = 2`` a
 fresh head returns the host's logits unchanged (it adds nothing harmful before it is trained).
+With ``HeadConfig(label_vote=True, vote_form="mix")`` the neighbours' label vote is mixed in last,
+``log((1 - a) softmax(logits) + a vote)``, and a fresh head is the fixed rule ``a = 0.5`` instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, file_sha256, tensors_sha256
-from retrofit.fusion import MODALITIES, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
+from retrofit.fusion import MODALITIES, VOTE_FORMS, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store, search_store
 
@@ -71,6 +73,9 @@ class HeadConfig:
     # With label_vote: divide the vote by the attached store's label frequencies, set on every attach(), so that a
     # knowledge base swapped in with another class mix is rebalanced without retraining (LabelVote.set_label_prior).
     vote_balance: bool = False
+    # With label_vote: "log" adds beta * log(eps + vote) to L_R; "mix" returns log((1 - a) softmax(logits) + a vote)
+    # with a learned mixing weight a (0.5 at the start: the fixed 50/50 rule), see fusion.LabelVote
+    vote_form: str = "log"
     key_dim: int | None = None  # dim of the store's search keys; None = query_dim (the head searches with z)
     class_names: list[str] | None = None  # optional names of the C classes
     query_fingerprint: EncoderFingerprint | None = None  # encoder of the search keys (store.fingerprint.key)
@@ -96,6 +101,11 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.key_dim must be a positive int or None, got {self.key_dim!r}")
         if self.vote_balance and not self.label_vote:
             raise ValueError("HeadConfig.vote_balance=True rebalances the label vote: it needs label_vote=True")
+        if self.vote_form not in VOTE_FORMS:
+            raise ValueError(f"HeadConfig.vote_form must be one of {VOTE_FORMS}, got {self.vote_form!r}")
+        if self.vote_form != "log" and not self.label_vote:
+            raise ValueError(f"HeadConfig.vote_form={self.vote_form!r} is the label vote's form: it needs "
+                             "label_vote=True")
         if self.dim % self.heads:
             raise ValueError(f"HeadConfig.dim={self.dim} must be divisible by heads={self.heads}")
         if self.modalities not in MODALITIES:
@@ -161,6 +171,7 @@ class HeadOutput:
     host_logits: torch.Tensor | None  # (B, C) L_I as given, or None
     neighbors: Neighbors  # the neighbours used (on the head's device)
     attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked
+    vote_log_probs: torch.Tensor | None = None  # (B, C) log of the label vote (vote_form="mix" heads only)
 
 
 def _store_labels(store: Store) -> torch.Tensor | None:
@@ -275,7 +286,7 @@ class RetrievalHead(nn.Module):
         self.streams = FusionStreams(c.query_dim, c.image_dim, c.text_dim, c.dim, c.modalities, c.dropout)
         self.layers = nn.ModuleList(CrossFusionLayer(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
         self.readout = QueryReadout(c.dim, c.num_classes, c.dropout)
-        self.vote = LabelVote(c.num_classes) if c.label_vote else None
+        self.vote = LabelVote(c.num_classes, form=c.vote_form) if c.label_vote else None
         tau = torch.tensor(float(c.tau))
         if c.learnable_tau:
             self.tau = nn.Parameter(tau)
@@ -453,7 +464,11 @@ class RetrievalHead(nn.Module):
         retrieval_logits, attention = self._fuse(z.to(p.device, p.dtype), neighbors, return_attention)
         half_tau = self.tau / 2
         logits = half_tau * (retrieval_logits if host_logits is None else host_logits + retrieval_logits)
-        return HeadOutput(logits, retrieval_logits, host_logits, neighbors, attention)
+        vote_lp = None
+        if self.vote is not None and self.vote.form == "mix":  # the vote mixed in as probabilities
+            vote_lp = self.vote(neighbors.labels, neighbors.scores, neighbors.mask)
+            logits = self.vote.mix(logits, vote_lp)
+        return HeadOutput(logits, retrieval_logits, host_logits, neighbors, attention, vote_lp)
 
     def _fuse(self, z: torch.Tensor, nb: Neighbors, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         xi, xt, key_mask = self.streams(z, nb.image, nb.text, nb.mask)  # (B, S, d) x2, (B, S)
@@ -466,7 +481,7 @@ class RetrievalHead(nn.Module):
                 acc = a if acc is None else acc + a
         attention = None if acc is None else acc / (2 * len(self.layers))  # (B, k)
         logits = self.readout(xi, xt)  # (B, C)
-        if self.vote is not None:
+        if self.vote is not None and self.vote.form == "log":  # ("mix": mixed in by forward, after tau)
             logits = logits + self.vote(nb.labels, nb.scores, nb.mask)
         return logits, attention
 

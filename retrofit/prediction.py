@@ -110,7 +110,8 @@ def predict_logits(
     table: NeighborVectors | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run a trained head over a FeatureSet: ``logits``, ``retrieval_logits``, ``host_logits`` (N, C) on CPU,
-    plus ``neighbor_ids`` (N, k) and, with ``return_attention``, ``attention`` (N, k). ``store`` defaults to the
+    plus ``neighbor_ids`` (N, k), with ``return_attention`` ``attention`` (N, k), and for a ``vote_form="mix"`` head
+    ``vote_log_probs`` (N, C). ``store`` defaults to the
     head's attached KB; another one is used through a view of the head attached to it (:func:`serving_view`: checked,
     and a balanced vote reads its class prior); the head itself is left as it was."""
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
@@ -148,6 +149,8 @@ def predict_logits(
                 parts["host_logits"] = host
             if return_attention and getattr(o, "attention", None) is not None:
                 parts["attention"] = o.attention
+            if getattr(o, "vote_log_probs", None) is not None:  # a vote_form="mix" head's vote, for calibration
+                parts["vote_log_probs"] = o.vote_log_probs
             for name, t in parts.items():
                 out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
     finally:

@@ -130,7 +130,8 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
 # a buffer the checkpoint would overwrite, leaving a config that says otherwise); fingerprints / class names are not:
 # attaching the KB fills them in
 _RESUME_HEAD_FIELDS = ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads", "k", "dropout",
-                       "modalities", "tau", "learnable_tau", "mlp_ratio", "label_vote", "vote_balance", "key_dim")
+                       "modalities", "tau", "learnable_tau", "mlp_ratio", "label_vote", "vote_balance", "vote_form",
+                       "key_dim")
 
 
 def run_signature(features: Any, head: nn.Module) -> dict[str, Any]:

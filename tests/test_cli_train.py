@@ -313,6 +313,36 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     assert "is the head's training data" in capsys.readouterr().err
 
 
+def test_train_and_calibrate_a_mix_form_vote(setup, capsys, tmp_path):
+    """`--vote-form mix`: a probability-mixture vote, saved as such; calibrate scores its scales (odds multiples)
+    and reports mixing weights; the saved calibrated head gives eval the chosen figure."""
+    from retrofit.head import RetrievalHead
+
+    assert main([*_train_args(setup, tmp_path / "bad", "--vote-form", "mix")]) == 1
+    assert "add --label-vote" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "mix"
+    assert main([*_train_args(setup, out, "--label-vote", "--vote-form", "mix", "--loss", "lace")]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "head" / "config.json").read_text())["config"]["vote_form"] == "mix"
+    head = RetrievalHead.load(out / "head")
+    a = head.vote.effective_weight
+    assert head.vote.form == "mix" and 0.0 < a < 1.0 and a != 0.5  # starts at 0.5, moved by training
+    val, saved = str(setup / "test.tar"), tmp_path / "mix-cal"
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3,9", "--quiet", "--json",
+                 "--save", str(saved)]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert cal["trained_weight"] == pytest.approx(a, rel=1e-5)
+    odds = cal["scale"] * a / (1 - a)
+    assert cal["weight"] == pytest.approx(odds / (1 + odds), rel=1e-5)
+    assert RetrievalHead.load(saved).vote.effective_weight == pytest.approx(cal["weight"], rel=1e-5)
+    assert main(["eval", "--run", str(out), "--head", str(saved), "--data", val, "--cutoffs", "20,5", "--quiet",
+                 "--json", "--out", str(tmp_path / "eval-mix")]) == 0
+    assert json.loads(capsys.readouterr().out)["retrofitted"]["top1"] == pytest.approx(cal["scores"][str(cal["scale"])])
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert f"| 3 | {3 * a / (1 - a) / (1 + 3 * a / (1 - a)):.4g} |" in table  # the mixing weight at scale 3
+
+
 def test_eval_predict_calibrate_refuse_a_kb_from_another_encoder_unless_allowed(setup, trained, capsys, tmp_path):
     """A KB whose keys come from another 512-d encoder (a random-weight ResNet-18) attaches only on request."""
     from retrofit.ingest import build_kb

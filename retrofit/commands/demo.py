@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig()
     over = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "results_dir": args.results_dir,
             "seeds": args.seeds, "epochs": args.epochs, "k": args.k, "dim": args.dim, "depth": args.depth,
-            "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext}
+            "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext, "vote_form": args.vote_form}
     for name, value in over.items():
         if value is not None:
             setattr(cfg, name, value)
@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="key whitening of KB_ext's index (default 0.1; 0 = cosine on the raw keys, as before 23 Nov)")
     p.add_argument("--whiten-in", type=float, default=None, metavar="SHRINKAGE",
                    help="key whitening of KB_in's index and its noisy twin's (default 0 = cosine on the raw keys)")
+    p.add_argument("--vote-form", choices=("log", "mix"), default=None,
+                   help="how the label vote joins the host: a probability mixture (default) or an added log-vote")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "

@@ -30,7 +30,8 @@ _EPILOG_CALIBRATE = """examples:
 
 For heads trained with --label-vote. Scores each multiple of the learned vote weight on labelled validation
 data (never the test set) from two passes over it (the logits are affine in the scale); ties go to the scale
-nearest 1. --save writes the head with the chosen scale (no weight is trained).
+nearest 1. --save writes the head with the chosen scale (no weight is trained). For a --vote-form mix head
+the scale multiplies the odds a / (1 - a) of its mixing weight a (one pass scores every scale).
 """
 _EPILOG_PREDICT = """examples:
   retrofit predict cat.jpg dog.png --run runs/c10
@@ -252,7 +253,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print("|---:|---:|---:|")
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
-        print(f"| {s:g} | {s * choice.trained_weight + 0.0:.4g} | {100 * v:.2f}%{mark} |")  # (+0.0: no "-0")
+        print(f"| {s:g} | {choice.weight_at(s) + 0.0:.4g} | {100 * v:.2f}%{mark} |")  # (+0.0: no "-0")
     # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",

@@ -134,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.no_vote_balance and not args.label_vote:
         raise ValueError("--no-vote-balance only applies with --label-vote")
+    if args.vote_form != "log" and not args.label_vote:
+        raise ValueError(f"--vote-form {args.vote_form} is the label vote's form: add --label-vote")
     if args.cross_fit == 1 or args.cross_fit < 0:
         raise ValueError(f"--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2, got {args.cross_fit}")
     out = Path(args.out)
@@ -249,8 +251,9 @@ def _head_config(args: argparse.Namespace, query_dim: int, kb: Any, C: int, clas
     return HeadConfig(query_dim=query_dim, image_dim=kb.image_dim, text_dim=kb.text_dim, num_classes=C,
                       dim=args.dim, depth=args.depth, heads=args.heads, k=args.k, dropout=args.dropout,
                       modalities=args.modalities, label_vote=args.label_vote,
-                      vote_balance=args.label_vote and not args.no_vote_balance, class_names=classes,
-                      query_fingerprint=fp.key, image_fingerprint=fp.image, text_fingerprint=fp.text)
+                      vote_balance=args.label_vote and not args.no_vote_balance, vote_form=args.vote_form,
+                      class_names=classes, query_fingerprint=fp.key, image_fingerprint=fp.image,
+                      text_fingerprint=fp.text)
 
 
 # config fields whose option has another name
@@ -274,8 +277,8 @@ def _as_options(msg: str) -> str:
 
 
 
-_HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "probe_wd",
-              "cross_fit", "noise", "noise_rate")  # what else shapes the head's inputs and targets
+_HEAD_ARGS = ("dim", "depth", "heads", "dropout", "modalities", "label_vote", "no_vote_balance", "vote_form",
+              "probe_wd", "cross_fit", "noise", "noise_rate")  # what else shapes the head's inputs and targets
 
 
 def _head_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -343,6 +346,8 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
         h = rec.get("head")
         if isinstance(h, dict) and h.get("noise") is None:
             h.pop("noise_rate", None)
+        if isinstance(h, dict):  # runs before 23 Nov had only the log-form vote
+            h.setdefault("vote_form", "log")
     diff = [k for k in keys if k in old and old[k] != run[k]]
     cfg_old, cfg_new = old.get("config", {}), run["config"]
     diff += [f"config.{k}" for k in cfg_new if k in cfg_old and cfg_old[k] != cfg_new[k]
@@ -416,6 +421,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "CIFAR-10-LT demo's heads use it)")
     g.add_argument("--no-vote-balance", action="store_true",
                    help="with --label-vote: do not divide the vote by the KB's class frequencies")
+    g.add_argument("--vote-form", default="log", choices=["log", "mix"],
+                   help="with --label-vote: add beta * log(eps + vote) to the logits (log), or mix probabilities, "
+                        "log((1 - a) softmax + a vote), starting from the fixed 50/50 rule (mix) "
+                        "(default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="head initialisation and data order (default %(default)s)")
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
     p.add_argument("--noise-rate", type=float, default=None,

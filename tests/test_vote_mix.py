@@ -1,0 +1,190 @@
+"""The label vote's mixture form (HeadConfig(vote_form="mix")): log((1 - a) softmax(logits) + a vote).
+
+A fresh mix-form head is the fixed 50/50 rule the CIFAR-10-LT demo's learned heads must beat; its scale
+multiplies the odds of the mixing weight; calibration scores every scale from one pass; it trains and saves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retrofit.calibration import choose_vote_scale, logits_by_vote_scale
+from retrofit.feature_cache import FeatureSet
+from retrofit.fusion import LabelVote
+from retrofit.head import HeadConfig, RetrievalHead
+from retrofit.knowledge_base import KnowledgeBase
+from retrofit.neighbors import Neighbors
+from retrofit.training import TrainConfig, predict_logits, train
+
+DQ, DI, DT, C = 16, 12, 8, 5
+
+
+def _head(**kw) -> RetrievalHead:
+    cfg = dict(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=16, depth=1, heads=2, k=6,
+               label_vote=True, vote_form="mix")
+    return RetrievalHead(HeadConfig(**{**cfg, **kw}))
+
+
+def _neighbors(B: int, k: int, gen: torch.Generator) -> Neighbors:
+    mask = torch.rand(B, k, generator=gen) < 0.7
+    mask[0] = False  # a query with no neighbour at all
+    return Neighbors(ids=torch.arange(B * k).view(B, k).masked_fill(~mask, -1),
+                     scores=torch.rand(B, k, generator=gen).masked_fill(~mask, float("-inf")), mask=mask,
+                     image=torch.randn(B, k, DI, generator=gen) * mask[..., None],
+                     text=torch.randn(B, k, DT, generator=gen) * mask[..., None],
+                     labels=torch.randint(0, C, (B, k), generator=gen).masked_fill(~mask, -1))
+
+
+def _knn(nb: Neighbors, t: float) -> torch.Tensor:
+    """(B, C) similarity-weighted vote, written out here from its definition (not the library's code)."""
+    out = torch.zeros(nb.labels.shape[0], C)
+    for b in range(nb.labels.shape[0]):
+        valid = nb.mask[b] & (nb.labels[b] >= 0)
+        if valid.any():
+            w = torch.softmax(nb.scores[b][valid] / t, 0)
+            for lab, wi in zip(nb.labels[b][valid].tolist(), w):
+                out[b, lab] += wi
+    return out
+
+
+def test_a_fresh_mix_head_is_the_fixed_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    nb, z, host = _neighbors(6, 6, g), torch.randn(6, DQ, generator=g), 3 * torch.randn(6, C, generator=g)
+    head = _head()
+    assert head.vote.form == "mix" and head.vote.effective_weight == pytest.approx(0.5)
+    out = head(z, host, neighbors=nb)
+    p = _knn(nb, 0.05)  # the vote's initial temperature
+    rule = (0.5 * torch.softmax(host, 1) + 0.5 * p).log()
+    torch.testing.assert_close(out.logits, rule, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[0], torch.log_softmax(host[0], 0) + math.log(0.5))  # no neighbour
+    assert torch.equal(out.retrieval_logits, torch.zeros(6, C))  # L_R: the (zero) readout, the vote is mixed in
+    torch.testing.assert_close(out.vote_log_probs.exp()[1:], p[1:], rtol=1e-5, atol=1e-6)
+    plain = _head(vote_form="log")
+    assert plain(z, host, neighbors=nb).vote_log_probs is None
+
+
+def test_mixing_weight_scale_and_set_weight(seed, tmp_path):
+    g = torch.Generator().manual_seed(seed)
+    nb, z, host = _neighbors(5, 6, g), torch.randn(5, DQ, generator=g), torch.randn(5, C, generator=g)
+    head = _head(tau=1.5)
+    with torch.no_grad():
+        head.readout.fc.weight.normal_(0, 0.3, generator=g)
+    fused = 0.75 * (host + head(z, host, neighbors=nb).retrieval_logits)  # tau / 2 * (L_I + L_R)
+    p = _knn(nb, 0.05)
+
+    def mixed(a: float) -> torch.Tensor:
+        return ((1 - a) * torch.softmax(fused, 1) + a * p).clamp_min(1e-30).log()
+
+    head.vote.set_weight(0.2)
+    assert head.vote.effective_weight == pytest.approx(0.2)
+    torch.testing.assert_close(head(z, host, neighbors=nb).logits, mixed(0.2), rtol=1e-5, atol=1e-5)
+    head.vote.set_scale(3.0)  # odds 0.25 -> 0.75
+    assert head.vote.effective_weight == pytest.approx(0.75 / 1.75)
+    torch.testing.assert_close(head(z, host, neighbors=nb).logits, mixed(0.75 / 1.75), rtol=1e-5, atol=1e-5)
+    loaded = RetrievalHead.load(head.save(tmp_path / "h"))  # form, weight and scale travel with the head
+    assert loaded.config.vote_form == "mix" and loaded.vote.form == "mix"
+    torch.testing.assert_close(loaded(z, host, neighbors=nb).logits, head(z, host, neighbors=nb).logits)
+    head.vote.set_scale(0.0)  # no vote: the fused logits as log-probabilities, exactly
+    torch.testing.assert_close(head(z, host, neighbors=nb).logits, torch.log_softmax(fused, 1))
+    head.vote.set_weight(0.0)
+    assert head.vote.effective_weight == 0.0
+    head.vote.set_weight(0.4)
+    for bad in (1.0, -0.1, 1.5, float("nan"), True, "0.3", None):
+        with pytest.raises(ValueError, match=r"mixing weight .* \[0, 1\)"):
+            head.vote.set_weight(bad)
+    assert head.vote.effective_weight == pytest.approx(0.4)  # nothing changed
+
+
+def test_mix_gradients_stay_finite_when_the_weight_saturates(seed):
+    """a = sigmoid(20 * 3) is 1.0 in fp32: log(1 - a) = -inf; the log-sigmoid form keeps every gradient finite."""
+    g = torch.Generator().manual_seed(seed)
+    nb, z, host = _neighbors(4, 6, g), torch.randn(4, DQ, generator=g), torch.randn(4, C, generator=g)
+    for w in (3.0, -3.0, 0.0):
+        head = _head()
+        with torch.no_grad():
+            head.vote.weight.fill_(w)
+            head.readout.fc.weight.normal_(0, 0.3, generator=g)
+        out = head(z, host, neighbors=nb).logits
+        assert torch.isfinite(out).all(), w
+        torch.nn.functional.cross_entropy(out, torch.arange(4) % C).backward()
+        for name, prm in head.named_parameters():
+            assert prm.grad is None or torch.isfinite(prm.grad).all(), (w, name)
+        assert head.vote.weight.grad is not None and head.readout.fc.weight.grad.abs().sum() > 0
+
+
+def test_vote_form_is_checked():
+    with pytest.raises(ValueError, match="vote_form must be one of"):
+        _head(vote_form="sum")
+    with pytest.raises(ValueError, match="needs label_vote=True"):
+        _head(label_vote=False)
+    with pytest.raises(ValueError, match="form must be one of"):
+        LabelVote(3, form="product")
+
+
+@pytest.fixture
+def kb_setting(tmp_path, seed):
+    """A real KB whose labels are the truth and queries with noise host logits: the vote classifies."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(C, DQ, generator=g) * 3
+    y_kb = torch.arange(C).repeat(16)
+    kb = KnowledgeBase.create(tmp_path / "kb", DQ, DI, DT, class_names=[f"c{i}" for i in range(C)])
+    x = centres[y_kb] + torch.randn(len(y_kb), DQ, generator=g)
+    kb.add(x, x[:, :DI], torch.randn(len(y_kb), DT, generator=g), labels=y_kb)
+    y = torch.arange(C).repeat(12)
+    fs = FeatureSet(z=centres[y] + torch.randn(len(y), DQ, generator=g), labels=y,
+                    host_logits=2 * torch.randn(len(y), C, generator=g))
+    head = _head()
+    head.attach(kb)
+    with torch.no_grad():
+        head.readout.fc.weight.normal_(0, 0.3, generator=g)
+    head.vote.set_weight(0.3)
+    head.vote.set_scale(1.5)
+    yield head, fs, kb
+    kb.close()
+
+
+def test_calibration_of_a_mix_vote_equals_one_pass_per_scale(kb_setting):
+    head, fs, kb = kb_setting
+    before = (head.vote.weight.detach().clone(), head.vote.scale.clone())
+    got = logits_by_vote_scale(head, fs, (0.0, 0.5, 1.0, 4.0), kb, device="cpu")
+    assert torch.equal(head.vote.weight, before[0]) and torch.equal(head.vote.scale, before[1])  # left as it was
+    for s, logits in got.items():
+        head.vote.set_scale(s)
+        torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
+                                   atol=1e-5)
+    assert not torch.allclose(got[0.5], got[4.0])
+    weights = logits_by_vote_scale(head, fs, (0.0, 0.3, 0.9), kb, absolute=True, device="cpu")
+    for a, logits in weights.items():
+        head.vote.set_weight(a)
+        torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="mixing weights in"):
+        logits_by_vote_scale(head, fs, (0.5, 1.0), kb, absolute=True, device="cpu")
+
+
+def test_choose_vote_scale_on_a_mix_vote(kb_setting):
+    head, fs, kb = kb_setting
+    head.vote.set_weight(0.1)  # trained a = 0.1: too little vote for a noise host
+    choice = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 9.0, 81.0), temperatures=(0.2,), device="cpu")
+    assert choice.form == "mix" and choice.trained_weight == pytest.approx(0.1)
+    assert choice.scores[81.0] > choice.scores[0.0] + 0.3  # the vote is what classifies here
+    assert choice.scale == max(choice.scores, key=lambda s: (choice.scores[s], -abs(math.log(s)) if s else -1e9))
+    assert choice.weight == pytest.approx(head.vote.effective_weight)  # applied: the mixing weight in use
+    assert choice.weight_at(9.0) == pytest.approx(0.5)  # odds 1/9 * 9 = 1
+    assert choice.weight_at(0.0) == 0.0
+
+
+def test_a_mix_head_trains_and_its_weight_moves(kb_setting):
+    head, fs, kb = kb_setting
+    fresh = _head()
+    fresh.attach(kb)
+    a0 = fresh.vote.effective_weight
+    res = train(fresh, fs, TrainConfig(epochs=4, lr=3e-3, batch_size=20, loss="lace", tau_la=1.0, device="cpu",
+                                       progress=False, seed=0), store=kb)
+    losses = [h["train_loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    a1 = res.head.vote.effective_weight
+    assert a1 > a0 + 0.05  # a noise host: training shifts the mixture towards the vote
