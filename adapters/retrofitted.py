@@ -97,7 +97,8 @@ _WRAPPERS_LOCK = threading.Lock()
 class RetrofittedModel(nn.Module):
     """A frozen host classifier whose logits are fused with a trained :class:`RetrievalHead`.
 
-    ``model(x)`` returns the fused logits ``tau/2 * (L_I + L_R)`` (B, C): a drop-in replacement for the
+    ``model(x)`` returns the fused logits ``tau/2 * (L_I + L_R)`` (B, C; a head with ``vote_form="mix"``:
+    log-probabilities with its label vote mixed in): a drop-in replacement for the
     host's output. ``model(x, return_output=True)`` returns the head's ``HeadOutput`` (fused, host and
     retrieval logits, neighbours, per-neighbour attention). ``features(x)`` gives ``(z, host_logits)``.
 

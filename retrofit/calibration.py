@@ -14,6 +14,7 @@ A ``vote_form="mix"`` head's scale multiplies the odds of its mixing weight ``a`
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ class VoteScaleChoice:
     # with temperatures: every candidate temperature's scores by scale (``scores`` is the chosen temperature's)
     scores_by_temperature: dict[float, dict[float, float]] = field(default_factory=dict)
     form: str = "log"  # the vote's form (HeadConfig.vote_form): "mix" scales the odds of the mixing weight
+    trained_logit: float = 0.0  # "mix": the logit of trained_weight (what weight_at adds log(scale) to)
 
     @property
     def at_largest(self) -> bool:
@@ -60,9 +62,13 @@ class VoteScaleChoice:
         """The vote weight ``head.vote.set_scale(scale)`` gives: ``scale * trained_weight``, or for
         ``form="mix"`` the mixing weight whose odds are ``scale`` times the trained one's."""
         if self.form == "mix":
-            odds = scale * self.trained_weight / max(1.0 - self.trained_weight, 1e-12)
-            return odds / (1.0 + odds)
+            return 0.0 if scale <= 0 else _sigmoid(self.trained_logit + math.log(scale))
         return scale * self.trained_weight
+
+
+def _sigmoid(x: float) -> float:
+    """The logistic function of a float, without overflow (float64)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def _vote(head: nn.Module) -> Any:
@@ -80,7 +86,9 @@ def logits_by_vote_scale(head: nn.Module, features: Any, scales: Sequence[float]
 
     ``scales`` are what ``LabelVote.set_scale`` takes, multiples of the learned vote weight; with ``absolute``,
     vote weights (``LabelVote.set_weight``) instead. ``predict_kw`` go to ``predict_logits``
-    (``host_classifier``, ``k``, ``device``, ...). The head is left exactly as it was.
+    (``host_classifier``, ``k``, ``device``, ...). The head is left exactly as it was. A ``vote_form="mix"``
+    vote takes one pass (at scale 0: the unmixed log-probabilities and the vote's), its scales multiply the
+    odds of the mixing weight and its absolute weights are mixing weights in [0, 1].
     """
     from retrofit.training import predict_logits
 
@@ -105,11 +113,12 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
                       absolute: bool, predict_kw: dict[str, Any]) -> dict[float, torch.Tensor]:
     """:func:`logits_by_vote_scale` for a ``vote_form="mix"`` vote: one pass at scale 0 gives the unmixed
     log-probabilities and the vote's; each candidate mixing logit ``u`` (the trained one plus ``log(scale)``, or
-    ``logit(scale)`` with ``absolute``: then the scales are mixing weights in [0, 1)) is combined from them."""
+    ``logit(scale)`` with ``absolute``: then the scales are mixing weights in [0, 1]) is combined from them."""
+    from retrofit.fusion import mixing_logit
     from retrofit.training import predict_logits
 
-    if absolute and any(not 0.0 <= float(s) < 1.0 for s in scales):
-        raise ValueError(f"a vote_form='mix' vote's absolute weights are mixing weights in [0, 1), got "
+    if absolute and any(not 0.0 <= float(s) <= 1.0 for s in scales):
+        raise ValueError(f"a vote_form='mix' vote's absolute weights are mixing weights in [0, 1], got "
                          f"{list(scales)!r}")
     kept = vote.scale.clone()
     try:
@@ -118,17 +127,18 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
     finally:
         vote.scale.copy_(kept)
     base, v = out["logits"].double(), out["vote_log_probs"].double()  # (N, C) each; base = log_softmax(F)
+    masked = torch.isneginf(base)
     trained = float(vote.weight.detach()) * vote.gain
     res = {}
     for s in scales:
         s = float(s)
         if absolute:
-            u = float(np.log(s / (1.0 - s))) if s > 0 else -np.inf
+            u = mixing_logit(s)
         else:
             u = trained + float(np.log(s)) if s > 0 else -np.inf
         u_t = torch.tensor(u, dtype=torch.float64)
         mixed = torch.logaddexp(nn.functional.logsigmoid(-u_t) + base, nn.functional.logsigmoid(u_t) + v)
-        res[s] = mixed.float()
+        res[s] = mixed.masked_fill(masked, float("-inf")).float()  # classes the host masks stay masked
     return res
 
 
@@ -165,7 +175,8 @@ def _numbers(values: Any, what: str, example: str, positive: bool = False) -> li
 def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
                       scales: Sequence[float] = DEFAULT_SCALES, temperatures: Sequence[float] | None = None,
                       metric: str = "top1", apply: bool = True, **predict_kw: Any) -> VoteScaleChoice:
-    """The multiplier of the head's learned vote weight (``LabelVote.set_scale``) with the best ``metric`` on
+    """The multiplier of the head's learned vote weight (``LabelVote.set_scale``; a ``vote_form="mix"`` vote: of
+    the odds of its mixing weight) with the best ``metric`` on
     labelled ``features`` (a FeatureSet with labels >= 0: validation data, never the test set), ties broken
     towards 1 (the trained vote).
 
@@ -198,8 +209,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     form = getattr(vote, "form", "log")
-    trained = float(vote.weight.detach()) * vote.gain  # "mix": the mixing weight at scale 1
-    trained = trained if form == "log" else float(torch.sigmoid(torch.tensor(trained)))
+    logit = float(vote.weight.detach()) * vote.gain  # "mix": of the mixing weight at scale 1
+    trained = logit if form == "log" else _sigmoid(logit)
     trained_t = vote.temperature
     kept_t = vote.log_temperature.detach().clone()
     by_t: dict[float, dict[float, float]] = {}
@@ -228,7 +239,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
             vote.set_temperature(best_t)
     choice = VoteScaleChoice(scale=best, metric=metric, scores=by_t[best_t], trained_weight=trained,
                              n=int(labels.numel()), temperature=best_t, trained_temperature=trained_t,
-                             scores_by_temperature=by_t if temperatures is not None else {}, form=form)
+                             scores_by_temperature=by_t if temperatures is not None else {}, form=form,
+                             trained_logit=logit if form == "mix" else 0.0)
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it (`retrofit calibrate --scales`)", best)

@@ -46,9 +46,9 @@ def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: 
                           scales: tuple[float, ...], absolute: bool = False) -> dict[float, torch.Tensor]:
     """The head's logits on ``split`` (as :func:`head_logits` gives them) for every vote scale in ``scales``, from
     two passes over the data (:func:`retrofit.calibration.logits_by_vote_scale`: the logits are affine in the
-    scale), where one pass per scale cost 5 passes over the 12,386 training images per row. ``absolute``:
-    ``scales`` are vote weights (:meth:`LabelVote.set_weight`) instead of multiples of the trained one. The head is
-    left unchanged."""
+    scale; a ``vote_form="mix"`` head: one pass), where one pass per scale cost 5 passes over the 12,386 training
+    images per row. ``absolute``: ``scales`` are vote weights (:meth:`LabelVote.set_weight`; mixing weights in
+    [0, 1] for a mix head) instead of multiples of the trained one. The head is left unchanged."""
     from retrofit.calibration import logits_by_vote_scale as by_scale
 
     fs = _features(head, data, kb, split, noisy, shift)

@@ -31,6 +31,7 @@ from retrofit.functional import cross_fusion_attention
 
 VOTE_FORMS = ("log", "mix")  # LabelVote: log-vote added to the logits, or a probability mixture with the host's
 _TINY = 1e-30  # floor of the mixture vote's probabilities before the log (fp32's smallest normal is 1.2e-38)
+_MIX_LOGIT_MAX = 40.0  # |logit| of a mixing weight set by hand: sigmoid(40) is 1 - 4e-18
 
 __all__ = ["MODALITIES", "VOTE_FORMS", "FusionStreams", "CrossFusionLayer", "QueryReadout", "LabelVote"]
 
@@ -170,12 +171,18 @@ class QueryReadout(nn.Module):
         return self.fc(self.drop(self.norm(h)))  # (B, C)
 
 
+def mixing_logit(a: float) -> float:
+    """The logit of a mixing weight ``a`` in [0, 1], kept within +-40 (``LabelVote.set_weight`` of a mix vote)."""
+    u = math.log(a / (1.0 - a)) if 0.0 < a < 1.0 else math.copysign(_MIX_LOGIT_MAX, a - 0.5)
+    return max(-_MIX_LOGIT_MAX, min(_MIX_LOGIT_MAX, u))
+
+
 class LabelVote(nn.Module):
     """Optional learned, label-aware neighbour vote (``HeadConfig.label_vote``; not in the paper).
 
     ``V = beta * log(eps + sum_j softmax_j(s_j / t) onehot(y_j))`` (eps 0.2 chosen on the CIFAR-10-LT demo's
     validation set among 0.01-1) over the valid neighbours (slots with a
-    label >= 0), with a learned weight ``beta`` (zero-initialised: a fresh head still adds nothing) and a
+    label >= 0), with a learned weight ``beta`` (zero-initialised: a fresh log-form head still adds nothing) and a
     learned temperature ``t`` over the retrieval similarities ``s``. Both are stored as ``param / gain``:
     Adam's step is scale-free, so ``gain`` multiplies their effective learning rate (two scalars that must
     travel far, trained with the small lr of the attention weights).
@@ -188,7 +195,8 @@ class LabelVote(nn.Module):
     ``log((1 - a) * softmax(F) + a * p)`` for the fused logits ``F = tau/2 * (L_I + L_R)`` and the vote ``p``
     above, with a learned mixing weight ``a = sigmoid(gain * weight + log(scale))`` (``scale`` multiplies its
     odds ``a / (1 - a)``; 0 turns the vote off). It starts at ``a = 0.5``: with a zero readout that is the fixed
-    rule ``0.5 * softmax(L_I) + 0.5 * kNN`` a learned head has to beat, which the log form cannot express.
+    rule ``0.5 * softmax(L_I) + 0.5 * kNN`` a learned head has to beat, which the log form cannot express. A
+    class the fused logits mask (-inf) stays masked: the vote's share for it is dropped.
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.2, gain: float = 20.0,
@@ -219,19 +227,18 @@ class LabelVote(nn.Module):
 
     def set_weight(self, weight: float) -> None:
         """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign (``form="mix"``: the mixing
-        weight ``a``, in [0, 1)): the learned one is replaced and the scale reset to 1 (saved with the head). A
-        post-hoc calibration on labelled validation data for a head whose training left the vote near zero or
-        negative (trained on noisy labels, then moved to a cleaner knowledge base), which no multiple of the
-        trained weight (:meth:`set_scale`) can reach."""
+        weight ``a``, in [0, 1], its logit kept within +-40: 0 and 1 to within 4e-18): the learned one is replaced
+        and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation data for a
+        head whose training left the vote near zero or negative (trained on noisy labels, then moved to a cleaner
+        knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
         if self.form == "mix":
-            ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0.0 <= float(weight) < 1.0
+            ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0.0 <= float(weight) <= 1.0
             if not ok:
-                raise ValueError(f"the mixing weight of a vote_form='mix' vote must be a number in [0, 1), got "
+                raise ValueError(f"the mixing weight of a vote_form='mix' vote must be a number in [0, 1], got "
                                  f"{weight!r}")
-            a = float(weight)
-            with torch.no_grad():  # a = 0: logit 0 at scale 0 (log(0) = -inf makes the weight exactly 0)
-                self.weight.fill_(math.log(a / (1.0 - a)) / self.gain if a > 0 else 0.0)
-            self.scale.fill_(1.0 if a > 0 else 0.0)
+            with torch.no_grad():
+                self.weight.fill_(mixing_logit(float(weight)) / self.gain)
+            self.scale.fill_(1.0)
             return
         weight = self._number(weight, "weight", -float(torch.finfo(self.weight.dtype).max) / self.gain)
         with torch.no_grad():
@@ -255,7 +262,7 @@ class LabelVote(nn.Module):
     def effective_weight(self) -> float:
         """The vote weight in use: ``beta * scale`` (``form="mix"``: the mixing weight ``a``)."""
         if self.form == "mix":
-            return float(self.mix_logit().detach().sigmoid())
+            return float(self.mix_logit().detach().double().sigmoid())
         return float(self.weight.detach() * self.gain * self.scale)
 
     def mix_logit(self) -> torch.Tensor:
@@ -307,9 +314,12 @@ class LabelVote(nn.Module):
 
     def mix(self, logits: torch.Tensor, vote_log_probs: torch.Tensor) -> torch.Tensor:
         """``form="mix"``: ``log((1 - a) softmax(logits) + a exp(vote_log_probs))`` (B, C), in a stable form
-        (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype."""
+        (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype. Classes
+        whose logit is -inf (masked by the host) stay -inf, with zero gradient (not NaN, also at ``a = 0``)."""
         u = self.mix_logit()
         dt = torch.promote_types(logits.dtype, torch.float32)
-        host = torch.log_softmax(logits.to(dt), dim=1)
-        out = torch.logaddexp(F.logsigmoid(-u).to(dt) + host, F.logsigmoid(u).to(dt) + vote_log_probs.to(dt))
-        return out.to(logits.dtype)
+        masked = torch.isneginf(logits)  # (B, C)
+        host = torch.log_softmax(logits.to(dt), dim=1).masked_fill(masked, 0.0)  # finite: logaddexp(-inf, -inf)
+        vote = vote_log_probs.to(dt).masked_fill(masked, 0.0)  # would give NaN gradients
+        out = torch.logaddexp(F.logsigmoid(-u).to(dt) + host, F.logsigmoid(u).to(dt) + vote)
+        return out.masked_fill(masked, float("-inf")).to(logits.dtype)

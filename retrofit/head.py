@@ -3,6 +3,7 @@
     z (B, Dq) ──► store.search(normalize(z), k, exclude) ──► Neighbors
     FusionStreams ──► L x CrossFusionLayer ──► QueryReadout ──► L_R (B, C)
     logits = tau / 2 * (L_I + L_R)          (tau / 2 * L_R when no host logits are given)
+    (vote_form="mix": log((1 - a) softmax(logits) + a vote), the neighbours' label vote mixed in)
 
 A freshly initialised head has a zero readout, so ``L_R = 0`` exactly: with the default ``tau = 2`` a
 fresh head returns the host's logits unchanged (it adds nothing harmful before it is trained).
@@ -166,7 +167,7 @@ def _real(v: Any) -> bool:
 class HeadOutput:
     """What :meth:`RetrievalHead.forward` returns."""
 
-    logits: torch.Tensor  # (B, C) tau/2 * (L_I + L_R), or tau/2 * L_R without host logits
+    logits: torch.Tensor  # (B, C) tau/2 * (L_I + L_R), or tau/2 * L_R without host logits ("mix": with the vote)
     retrieval_logits: torch.Tensor  # (B, C) L_R
     host_logits: torch.Tensor | None  # (B, C) L_I as given, or None
     neighbors: Neighbors  # the neighbours used (on the head's device)
@@ -271,7 +272,8 @@ class RetrievalHead(nn.Module):
     Neighbour vectors are cast to the head's dtype and device.
 
     The readout is zero-initialised: an untrained head gives ``L_R = 0``, hence (default ``tau = 2``)
-    exactly the host's logits. ``return_attention=True`` adds per-neighbour weights (B, k): the
+    exactly the host's logits (with a ``vote_form="mix"`` label vote: the fixed rule
+    ``log(0.5 softmax(L_I) + 0.5 vote)``). ``return_attention=True`` adds per-neighbour weights (B, k): the
     attention the two query tokens pay to each neighbour slot, averaged over both directions, all
     heads and all layers (masked slots get 0).
     """
@@ -422,7 +424,8 @@ class RetrievalHead(nn.Module):
     # --------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, host_logits: torch.Tensor | None = None, neighbors: Neighbors | None = None,
                 exclude: torch.Tensor | None = None, return_attention: bool = False) -> HeadOutput:
-        """Fused logits for queries ``z`` (B, query_dim): ``tau/2 * (host_logits + L_R)``.
+        """Fused logits for queries ``z`` (B, query_dim): ``tau/2 * (host_logits + L_R)`` (with a
+        ``vote_form="mix"`` label vote: ``log((1 - a) softmax(that) + a vote)``, see :class:`LabelVote`).
 
         - ``host_logits`` (B, C): the host's logits ``L_I``; None gives ``tau/2 * L_R`` (a headless host).
         - ``neighbors``: precomputed :class:`~retrofit.neighbors.Neighbors` (B, k); None searches the attached

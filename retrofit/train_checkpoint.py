@@ -171,7 +171,10 @@ def check_resume_config(path: str | Path, config: dict[str, Any], defaults: dict
     if not isinstance(doc, dict):
         return
     if run is not None and isinstance(doc.get("run"), dict):
-        _refuse_changes(path, doc["run"], run, frozenset(), "has", "resume with the same training data and head")
+        saved_run = dict(doc["run"])
+        if "head.label_vote" in saved_run:  # recorded before the vote had a form: the log form, the only one then
+            saved_run.setdefault("head.vote_form", "log")
+        _refuse_changes(path, saved_run, run, frozenset(), "has", "resume with the same training data and head")
     if isinstance(doc.get("config"), dict):
         saved = {**json.loads(json.dumps(defaults or {})), **doc["config"]}
         _refuse_changes(path, saved, config, RESUME_FREE, "asks for",

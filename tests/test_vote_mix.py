@@ -90,10 +90,10 @@ def test_mixing_weight_scale_and_set_weight(seed, tmp_path):
     head.vote.set_scale(0.0)  # no vote: the fused logits as log-probabilities, exactly
     torch.testing.assert_close(head(z, host, neighbors=nb).logits, torch.log_softmax(fused, 1))
     head.vote.set_weight(0.0)
-    assert head.vote.effective_weight == 0.0
+    assert head.vote.effective_weight < 1e-15  # a logit of -40
     head.vote.set_weight(0.4)
-    for bad in (1.0, -0.1, 1.5, float("nan"), True, "0.3", None):
-        with pytest.raises(ValueError, match=r"mixing weight .* \[0, 1\)"):
+    for bad in (1.01, -0.1, 1.5, float("nan"), True, "0.3", None):
+        with pytest.raises(ValueError, match=r"mixing weight .* \[0, 1\]"):
             head.vote.set_weight(bad)
     assert head.vote.effective_weight == pytest.approx(0.4)  # nothing changed
 
@@ -156,13 +156,13 @@ def test_calibration_of_a_mix_vote_equals_one_pass_per_scale(kb_setting):
         torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
                                    atol=1e-5)
     assert not torch.allclose(got[0.5], got[4.0])
-    weights = logits_by_vote_scale(head, fs, (0.0, 0.3, 0.9), kb, absolute=True, device="cpu")
+    weights = logits_by_vote_scale(head, fs, (0.0, 0.3, 0.9, 1.0), kb, absolute=True, device="cpu")
     for a, logits in weights.items():
         head.vote.set_weight(a)
         torch.testing.assert_close(logits, predict_logits(head, fs, kb, device="cpu")["logits"], rtol=1e-5,
                                    atol=1e-5)
     with pytest.raises(ValueError, match="mixing weights in"):
-        logits_by_vote_scale(head, fs, (0.5, 1.0), kb, absolute=True, device="cpu")
+        logits_by_vote_scale(head, fs, (0.5, 1.5), kb, absolute=True, device="cpu")
 
 
 def test_choose_vote_scale_on_a_mix_vote(kb_setting):
@@ -188,3 +188,96 @@ def test_a_mix_head_trains_and_its_weight_moves(kb_setting):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     a1 = res.head.vote.effective_weight
     assert a1 > a0 + 0.05  # a noise host: training shifts the mixture towards the vote
+
+
+def test_a_saturated_or_zero_mixing_weight_round_trips(seed):
+    """Found by review: effective_weight read 1.0 for a saturated logit (fp32 sigmoid) and set_weight refused
+    its own reading; set_weight(0) stored scale 0, so set_scale(1) brought a = 0.5 back."""
+    from retrofit.calibration import VoteScaleChoice
+
+    vote = LabelVote(3, form="mix")
+    with torch.no_grad():
+        vote.weight.fill_(0.9)  # logit 18
+    a = vote.effective_weight
+    assert 0.99999998 < a <= 1.0
+    vote.set_weight(a)  # its own reading is accepted
+    assert vote.effective_weight == pytest.approx(a, abs=1e-12)
+    vote.set_weight(1.0)
+    assert vote.effective_weight == pytest.approx(1.0, abs=1e-15)
+    vote.set_weight(0.0)
+    vote.set_scale(1.0)
+    assert vote.effective_weight < 1e-15  # off stays off under any scale
+    vote.set_scale(100.0)
+    assert vote.effective_weight < 1e-14
+    choice = VoteScaleChoice(scale=1.0, metric="top1", trained_weight=1 / (1 + math.exp(-18.0)), form="mix",
+                             trained_logit=18.0)
+    assert choice.weight_at(1e-6) == pytest.approx(1 / (1 + math.exp(-(18.0 + math.log(1e-6)))), rel=1e-12)
+    assert choice.weight_at(0.0) == 0.0
+
+
+def test_classes_the_host_masks_stay_masked_with_finite_gradients(seed):
+    """Found by review: a class the host masks (-inf logit) took the vote's share in the mixture, and at a = 0
+    both terms were -inf: NaN gradients in every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    nb = _neighbors(4, 6, g)
+    nb = Neighbors(ids=nb.ids, scores=nb.scores, mask=nb.mask, image=nb.image, text=nb.text,
+                   labels=torch.full_like(nb.labels, 4).masked_fill(~nb.mask, -1))  # every neighbour votes 4
+    z, host = torch.randn(4, DQ, generator=g), torch.randn(4, C, generator=g)
+    host[:, 4] = float("-inf")  # class 4 masked by the host
+    for scale in (1.0, 0.0):
+        head = _head()
+        with torch.no_grad():
+            head.readout.fc.weight.normal_(0, 0.3, generator=g)
+        head.vote.set_scale(scale)
+        out = head(z, host, neighbors=nb).logits
+        assert torch.isneginf(out[:, 4]).all() and torch.isfinite(out[:, :4]).all()
+        assert not (out.argmax(1) == 4).any()
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
+        for name, prm in head.named_parameters():
+            assert prm.grad is None or torch.isfinite(prm.grad).all(), (scale, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_mix_heads_in_other_precisions(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    nb = _neighbors(4, 6, g)
+    z, host = torch.randn(4, DQ, generator=g), 4 * torch.randn(4, C, generator=g)
+    ref = _head()
+    with torch.no_grad():
+        ref.readout.fc.weight.normal_(0, 0.3, generator=g)
+    want = ref(z, host, neighbors=nb).logits
+    head = _head().to(dtype)
+    head.load_state_dict(ref.state_dict())
+    out = head(z.to(dtype), host.to(dtype), neighbors=nb.to("cpu", dtype)).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float64: 1e-5}[dtype]
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    out.float().sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_a_checkpoint_from_before_the_vote_form_does_not_resume_as_a_mix_head(kb_setting, tmp_path):
+    """Found by review: checkpoints recorded before vote_form existed (log form only) resumed silently into a
+    mix head, reading the log-vote weight as the mixing weight's logit."""
+    import json
+
+    from retrofit.errors import RetrofitError
+
+    _, fs, kb = kb_setting
+    cfg = TrainConfig(epochs=1, lr=3e-3, batch_size=20, loss="lace", device="cpu", progress=False, seed=0)
+    log_head = _head(vote_form="log")
+    log_head.attach(kb)
+    train(log_head, fs, cfg, store=kb, out_dir=tmp_path / "run")
+    state = tmp_path / "run" / "checkpoints" / "last" / "state.json"
+    doc = json.loads(state.read_text())
+    assert doc["run"].pop("head.vote_form") == "log"
+    state.write_text(json.dumps(doc))  # as written before the option
+    mix = _head()
+    mix.attach(kb)
+    longer = TrainConfig(**{**cfg.to_dict(), "epochs": 2})
+    with pytest.raises(RetrofitError, match="vote_form='log'"):
+        train(mix, fs, longer, store=kb, out_dir=tmp_path / "run", resume=True)
+    again = _head(vote_form="log")  # the same (log-form) head resumes
+    again.attach(kb)
+    res = train(again, fs, longer, store=kb, out_dir=tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in res.history][-1] == 2

@@ -375,8 +375,9 @@ def _load_args(p: argparse.ArgumentParser, vote_scale: bool = True, run_required
     if not vote_scale:
         return
     p.add_argument("--vote-scale", type=float, default=None, metavar="S",
-                   help="multiply the head's learned label-vote weight by S (heads trained with --label-vote), "
-                        "e.g. after swapping in a denser KB with --kb; `retrofit calibrate` picks S on validation data")
+                   help="multiply the head's learned label-vote weight by S (heads trained with --label-vote; "
+                        "--vote-form mix: the odds of its mixing weight), e.g. after swapping in a denser KB with "
+                        "--kb; `retrofit calibrate` picks S on validation data")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -404,7 +405,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     manifest_column_args(p)
     _load_args(p, vote_scale=False)
     p.add_argument("--scales", default=None, metavar="S,S,...",
-                   help="candidate multiples of the learned vote weight (default: 0,0.5,1,1.5,2,3,4,6,8,12,16)")
+                   help="candidate multiples of the learned vote weight (--vote-form mix: of its odds) (default: "
+                        "0,0.5,1,1.5,2,3,4,6,8,12,16)")
     p.add_argument("--temperatures", default=None, metavar="T,T,...",
                    help="also choose the vote's softmax temperature among these and the trained one, jointly with "
                         "the scale (e.g. 0.03,0.05,0.07,0.1; a head moved to a denser KB often wants a softer "
