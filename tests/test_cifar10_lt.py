@@ -168,6 +168,8 @@ def test_vote_scale_and_adjustment_are_chosen_jointly_on_validation():
         DemoConfig(vote_scale_on="test").validate()
     with pytest.raises(ValueError, match="ext_labels"):
         DemoConfig(ext_labels="web").validate()
+    with pytest.raises(ValueError, match="vote_form must be 'log' or 'mix', got 'sum'"):
+        DemoConfig(vote_form="sum").validate()
     assert (DemoConfig().results_stem, DemoConfig(ext_labels="captions").results_stem) == (
         "cifar10_lt", "cifar10_lt_ext_captions")
 
@@ -245,7 +247,9 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
     assert read - keyed <= {"label_vote", "reuse_heads", "progress"}, read - keyed  # vote: its own key part
     for name in sorted(read - {"label_vote", "reuse_heads", "progress"}):  # and changing it changes the key
         v = getattr(cfg, name)
-        changed = DemoConfig(**{name: (not v) if isinstance(v, bool) else v * 2 + 1})
+        other = {"vote_form": {"mix": "log", "log": "mix"}}  # string settings: another allowed value
+        changed = DemoConfig(**{name: other[name][v] if isinstance(v, str) else (not v) if isinstance(v, bool)
+                                else v * 2 + 1})
         assert head_cache_dir(changed, data, "in", 0, "image+text", False, shift, True) != base, name
 
 
