@@ -281,3 +281,19 @@ def test_a_checkpoint_from_before_the_vote_form_does_not_resume_as_a_mix_head(kb
     again.attach(kb)
     res = train(again, fs, longer, store=kb, out_dir=tmp_path / "run", resume=True)
     assert [h["epoch"] for h in res.history][-1] == 2
+
+
+@pytest.mark.cuda
+def test_a_mix_head_on_cuda_matches_the_cpu(seed):
+    """The same mix head on the GPU (fused attention kernel, vote in PyTorch) and on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    nb, z, host = _neighbors(8, 6, g), torch.randn(8, DQ, generator=g), torch.randn(8, C, generator=g)
+    host[:, 3] = float("-inf")
+    head = _head()
+    with torch.no_grad():
+        head.readout.fc.weight.normal_(0, 0.3, generator=g)
+    head.vote.set_weight(0.35)
+    want = head(z, host, neighbors=nb).logits
+    got = head.cuda()(z.cuda(), host.cuda(), neighbors=nb.to("cuda")).logits
+    assert torch.isneginf(got[:, 3]).all()
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
