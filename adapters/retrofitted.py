@@ -312,7 +312,7 @@ def wrap(model: nn.Module, head: nn.Module, retriever: Any = None,
     if getattr(adapter, "headless", False):
         logger.warning("the host %s has no classifier (timm num_classes=0, or a torchvision classifier replaced by "
                        "nn.Identity): there are no host logits, the retrofitted logits are the head's alone (zero "
-                       "until it is trained)", adapter.describe())
+                       "until it is trained, but for a vote_form='mix' vote's share)", adapter.describe())
     if adapter.num_classes is not None and adapter.num_classes != cfg.num_classes:
         raise ValueError(f"the host {adapter.describe()} predicts {adapter.num_classes} classes but the head has "
                          f"num_classes={cfg.num_classes}: build the head with HeadConfig(num_classes="

@@ -138,7 +138,8 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
             u = trained + float(np.log(s)) if s > 0 else -np.inf
         u_t = torch.tensor(u, dtype=torch.float64)
         mixed = torch.logaddexp(nn.functional.logsigmoid(-u_t) + base, nn.functional.logsigmoid(u_t) + v)
-        res[s] = mixed.masked_fill(masked, float("-inf")).float()  # classes the host masks stay masked
+        mixed = mixed.masked_fill(masked, float("-inf"))  # classes the host masks stay masked
+        res[s] = (mixed - mixed.logsumexp(dim=1, keepdim=True)).float()  # renormalised, as the forward does
     return res
 
 

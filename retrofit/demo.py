@@ -106,7 +106,8 @@ class DemoConfig:
     balance_vote: bool = True  # divide the vote by the KB's class frequencies (LabelVote.set_label_prior)
     # How the vote joins the host's logits (HeadConfig.vote_form): "log" adds beta * log(eps + vote); "mix" mixes
     # probabilities, log((1 - a) softmax + a vote), a form that holds the fixed 50/50 rule (a = 0.5) the heads must
-    # beat, and a fresh head starts as that rule. Validation could not tell them apart (mean val top-1 of rows 4-6,
+    # beat (with the vote balanced by the KB's class counts, as here, a fresh head is that rule over a balanced kNN
+    # vote: the same on the balanced KB_ext). Validation could not tell them apart (mean val top-1 of rows 4-6,
     # 3 seeds: mix 69.72%, log 69.78%: a third of one validation image); "mix" is the floor fix planned on 23 Nov.
     vote_form: str = "mix"
     epochs: int = 10  # head-training epochs

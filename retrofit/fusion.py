@@ -31,7 +31,9 @@ from retrofit.functional import cross_fusion_attention
 
 VOTE_FORMS = ("log", "mix")  # LabelVote: log-vote added to the logits, or a probability mixture with the host's
 _TINY = 1e-30  # floor of the mixture vote's probabilities before the log (fp32's smallest normal is 1.2e-38)
-_MIX_LOGIT_MAX = 40.0  # |logit| of a mixing weight set by hand: sigmoid(40) is 1 - 4e-18
+# |logit| of a mixing weight set by hand: at -1e4 the vote's log-share is -1e4 (below any unmasked class), off under
+# any scale set_scale takes (log(3.4e38) = 89); at +1e4 the same for the host
+_MIX_LOGIT_MAX = 1e4
 
 __all__ = ["MODALITIES", "VOTE_FORMS", "FusionStreams", "CrossFusionLayer", "QueryReadout", "LabelVote"]
 
@@ -172,7 +174,7 @@ class QueryReadout(nn.Module):
 
 
 def mixing_logit(a: float) -> float:
-    """The logit of a mixing weight ``a`` in [0, 1], kept within +-40 (``LabelVote.set_weight`` of a mix vote)."""
+    """The logit of a mixing weight ``a`` in [0, 1], kept within +-1e4 (``LabelVote.set_weight`` of a mix vote)."""
     u = math.log(a / (1.0 - a)) if 0.0 < a < 1.0 else math.copysign(_MIX_LOGIT_MAX, a - 0.5)
     return max(-_MIX_LOGIT_MAX, min(_MIX_LOGIT_MAX, u))
 
@@ -195,8 +197,11 @@ class LabelVote(nn.Module):
     ``log((1 - a) * softmax(F) + a * p)`` for the fused logits ``F = tau/2 * (L_I + L_R)`` and the vote ``p``
     above, with a learned mixing weight ``a = sigmoid(gain * weight + log(scale))`` (``scale`` multiplies its
     odds ``a / (1 - a)``; 0 turns the vote off). It starts at ``a = 0.5``: with a zero readout that is the fixed
-    rule ``0.5 * softmax(L_I) + 0.5 * kNN`` a learned head has to beat, which the log form cannot express. A
-    class the fused logits mask (-inf) stays masked: the vote's share for it is dropped.
+    rule ``0.5 * softmax(L_I) + 0.5 * kNN`` a learned head has to beat (exactly so for an unbalanced vote; a
+    balanced one divides the kNN by the KB's class frequencies), which the log form cannot express. The result is
+    renormalised per row: a class the fused logits mask with -inf stays masked (the vote's share for it goes to
+    the other classes), and a row without any labelled neighbour gets the fused logits' own log-probabilities.
+    Only -inf masks: a large finite negative logit (-1e4) still receives the vote's share.
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.05, eps: float = 0.2, gain: float = 20.0,
@@ -227,8 +232,8 @@ class LabelVote(nn.Module):
 
     def set_weight(self, weight: float) -> None:
         """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign (``form="mix"``: the mixing
-        weight ``a``, in [0, 1], its logit kept within +-40: 0 and 1 to within 4e-18): the learned one is replaced
-        and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation data for a
+        weight ``a``, in [0, 1], its logit kept within +-1e4: 0 turns the vote off, 1 the host): the learned one is
+        replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation data for a
         head whose training left the vote near zero or negative (trained on noisy labels, then moved to a cleaner
         knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
         if self.form == "mix":
@@ -314,12 +319,14 @@ class LabelVote(nn.Module):
 
     def mix(self, logits: torch.Tensor, vote_log_probs: torch.Tensor) -> torch.Tensor:
         """``form="mix"``: ``log((1 - a) softmax(logits) + a exp(vote_log_probs))`` (B, C), in a stable form
-        (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype. Classes
-        whose logit is -inf (masked by the host) stay -inf, with zero gradient (not NaN, also at ``a = 0``)."""
+        (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype, renormalised
+        per row. Classes whose logit is -inf (masked by the host) stay -inf, with zero gradient (not NaN, also at
+        ``a = 0``)."""
         u = self.mix_logit()
         dt = torch.promote_types(logits.dtype, torch.float32)
         masked = torch.isneginf(logits)  # (B, C)
         host = torch.log_softmax(logits.to(dt), dim=1).masked_fill(masked, 0.0)  # finite: logaddexp(-inf, -inf)
         vote = vote_log_probs.to(dt).masked_fill(masked, 0.0)  # would give NaN gradients
         out = torch.logaddexp(F.logsigmoid(-u).to(dt) + host, F.logsigmoid(u).to(dt) + vote)
-        return out.masked_fill(masked, float("-inf")).to(logits.dtype)
+        out = out.masked_fill(masked, float("-inf"))
+        return (out - out.logsumexp(dim=1, keepdim=True)).to(logits.dtype)  # mass lost to masks / an empty vote

@@ -70,7 +70,8 @@ class HeadConfig:
     tau: float = 2.0  # logits = tau/2 * (L_I + L_R); 2.0 makes a fresh (zero-readout) head return L_I unchanged
     learnable_tau: bool = False  # train tau as a parameter instead of keeping it fixed
     mlp_ratio: float = 0.0  # hidden size / dim of an optional per-stream MLP in each layer; 0 = none (paper)
-    label_vote: bool = False  # add a learned vote over the neighbours' labels to L_R (fusion.LabelVote; off = paper)
+    label_vote: bool = False  # a learned vote over the neighbours' labels (fusion.LabelVote; off = paper): added to
+    # L_R (vote_form="log") or mixed into the output probabilities (vote_form="mix")
     # With label_vote: divide the vote by the attached store's label frequencies, set on every attach(), so that a
     # knowledge base swapped in with another class mix is rebalanced without retraining (LabelVote.set_label_prior).
     vote_balance: bool = False
@@ -168,7 +169,7 @@ class HeadOutput:
     """What :meth:`RetrievalHead.forward` returns."""
 
     logits: torch.Tensor  # (B, C) tau/2 * (L_I + L_R), or tau/2 * L_R without host logits ("mix": with the vote)
-    retrieval_logits: torch.Tensor  # (B, C) L_R
+    retrieval_logits: torch.Tensor  # (B, C) L_R (with a log-form vote in it; a mix-form vote is not: the readout)
     host_logits: torch.Tensor | None  # (B, C) L_I as given, or None
     neighbors: Neighbors  # the neighbours used (on the head's device)
     attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked

@@ -135,7 +135,8 @@ def train(
         if cfg.label_smoothing > 0:
             raise ValueError(f"the {name} host logits hold -inf (masked classes) and label_smoothing="
                              f"{cfg.label_smoothing} spreads target mass over every class: the loss would be "
-                             "infinite. Train with label_smoothing=0, or mask with a large finite value (-1e4)")
+                             "infinite. Train with label_smoothing=0, or mask with a large finite value (-1e4; "
+                             "not with a vote_form='mix' head: its vote still gives such a class its share)")
     store = _resolve_store(head, store)
     if not features.has_neighbors and store is None and k:
         raise RetrofitError("features have no cached neighbours and no knowledge base was given: pass store=...")

@@ -313,10 +313,19 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     assert "is the head's training data" in capsys.readouterr().err
 
 
-def test_train_and_calibrate_a_mix_form_vote(setup, capsys, tmp_path):
+def test_train_and_calibrate_a_mix_form_vote(setup, trained, capsys, tmp_path):
     """`--vote-form mix`: a probability-mixture vote, saved as such; calibrate scores its scales (odds multiples)
-    and reports mixing weights; the saved calibrated head gives eval the chosen figure."""
+    and reports mixing weights; the saved calibrated head gives eval the chosen figure. A run recorded before the
+    option (no vote_form in run.json) still resumes."""
     from retrofit.head import RetrievalHead
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    run = json.loads((old / "run.json").read_text())
+    del run["head"]["vote_form"]
+    (old / "run.json").write_text(json.dumps(run))
+    assert main([*_train_args(setup, old, "--resume"), "--epochs", "3", "--cache-dir", str(trained / "cache")]) == 0
+    capsys.readouterr()
 
     assert main([*_train_args(setup, tmp_path / "bad", "--vote-form", "mix")]) == 1
     assert "add --label-vote" in capsys.readouterr().err and not (tmp_path / "bad").exists()
@@ -331,7 +340,7 @@ def test_train_and_calibrate_a_mix_form_vote(setup, capsys, tmp_path):
     assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3,9", "--quiet", "--json",
                  "--save", str(saved)]) == 0
     cal = json.loads(capsys.readouterr().out)
-    assert cal["trained_weight"] == pytest.approx(a, rel=1e-5)
+    assert cal["vote_form"] == "mix" and cal["trained_weight"] == pytest.approx(a, rel=1e-5)
     odds = cal["scale"] * a / (1 - a)
     assert cal["weight"] == pytest.approx(odds / (1 + odds), rel=1e-5)
     assert RetrievalHead.load(saved).vote.effective_weight == pytest.approx(cal["weight"], rel=1e-5)

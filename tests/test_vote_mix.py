@@ -58,8 +58,8 @@ def test_a_fresh_mix_head_is_the_fixed_rule(seed):
     out = head(z, host, neighbors=nb)
     p = _knn(nb, 0.05)  # the vote's initial temperature
     rule = (0.5 * torch.softmax(host, 1) + 0.5 * p).log()
-    torch.testing.assert_close(out.logits, rule, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.logits[0], torch.log_softmax(host[0], 0) + math.log(0.5))  # no neighbour
+    torch.testing.assert_close(out.logits[1:], rule[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[0], torch.log_softmax(host[0], 0))  # no neighbour: renormalised host
     assert torch.equal(out.retrieval_logits, torch.zeros(6, C))  # L_R: the (zero) readout, the vote is mixed in
     torch.testing.assert_close(out.vote_log_probs.exp()[1:], p[1:], rtol=1e-5, atol=1e-6)
     plain = _head(vote_form="log")
@@ -76,7 +76,8 @@ def test_mixing_weight_scale_and_set_weight(seed, tmp_path):
     p = _knn(nb, 0.05)
 
     def mixed(a: float) -> torch.Tensor:
-        return ((1 - a) * torch.softmax(fused, 1) + a * p).clamp_min(1e-30).log()
+        m = (1 - a) * torch.softmax(fused, 1) + a * p  # (row 0 has no neighbour: it sums to 1 - a)
+        return (m / m.sum(1, keepdim=True)).log()
 
     head.vote.set_weight(0.2)
     assert head.vote.effective_weight == pytest.approx(0.2)
@@ -89,8 +90,13 @@ def test_mixing_weight_scale_and_set_weight(seed, tmp_path):
     torch.testing.assert_close(loaded(z, host, neighbors=nb).logits, head(z, host, neighbors=nb).logits)
     head.vote.set_scale(0.0)  # no vote: the fused logits as log-probabilities, exactly
     torch.testing.assert_close(head(z, host, neighbors=nb).logits, torch.log_softmax(fused, 1))
-    head.vote.set_weight(0.0)
-    assert head.vote.effective_weight < 1e-15  # a logit of -40
+    head.vote.set_weight(0.0)  # off: the same as scale 0, under any scale
+    assert head.vote.effective_weight == 0.0
+    for s in (1.0, 1.7e37):
+        head.vote.set_scale(s)
+        torch.testing.assert_close(head(z, host, neighbors=nb).logits, torch.log_softmax(fused, 1))
+    head.vote.set_weight(1.0)  # the vote alone (row 0: no neighbour, the host's)
+    torch.testing.assert_close(head(z, host, neighbors=nb).logits[1:], p[1:].clamp_min(1e-30).log())
     head.vote.set_weight(0.4)
     for bad in (1.01, -0.1, 1.5, float("nan"), True, "0.3", None):
         with pytest.raises(ValueError, match=r"mixing weight .* \[0, 1\]"):
@@ -163,6 +169,44 @@ def test_calibration_of_a_mix_vote_equals_one_pass_per_scale(kb_setting):
                                    atol=1e-5)
     with pytest.raises(ValueError, match="mixing weights in"):
         logits_by_vote_scale(head, fs, (0.5, 1.5), kb, absolute=True, device="cpu")
+
+
+def test_calibration_keeps_masked_classes_and_renormalises_as_the_forward_does(kb_setting):
+    head, fs, kb = kb_setting
+    host = fs.host_logits.clone()
+    host[:, 2] = float("-inf")  # class 2 masked by the host: the vote's share for it goes to the others
+    masked = FeatureSet(z=fs.z, labels=fs.labels, host_logits=host)
+    got = logits_by_vote_scale(head, masked, (0.0, 1.0, 5.0), kb, device="cpu")
+    for s, logits in got.items():
+        head.vote.set_scale(s)
+        want = predict_logits(head, masked, kb, device="cpu")["logits"]
+        assert torch.isneginf(want[:, 2]).all() and torch.isneginf(logits[:, 2]).all()
+        torch.testing.assert_close(logits[:, [0, 1, 3, 4]], want[:, [0, 1, 3, 4]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits.logsumexp(1), torch.zeros(len(fs)), atol=1e-5, rtol=0)  # normalised
+
+
+def test_a_balanced_mix_vote_divides_by_the_kbs_class_counts(tmp_path, seed):
+    """vote_balance=True (the demo's setting): a fresh head mixes 0.5 of the host with 0.5 of the kNN vote
+    divided by the KB's class frequencies (and renormalised), written out here by hand."""
+    from retrofit.store import InMemoryStore
+
+    g = torch.Generator().manual_seed(seed)
+    counts = [12, 6, 3, 2, 1]
+    y_kb = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    st = InMemoryStore(DQ, DI, DT)
+    x = torch.randn(len(y_kb), DQ, generator=g)
+    st.add(x, x[:, :DI], torch.randn(len(y_kb), DT, generator=g), labels=y_kb)
+    head = _head(vote_balance=True, k=8)
+    head.attach(st)
+    z, host = torch.randn(6, DQ, generator=g), torch.randn(6, C, generator=g)
+    out = head(z, host)
+    nb = out.neighbors
+    share = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    p = _knn(nb, 0.05) / share
+    p = p / p.sum(1, keepdim=True)
+    torch.testing.assert_close(out.logits, (0.5 * torch.softmax(host, 1) + 0.5 * p).log(), rtol=1e-5, atol=1e-5)
+    plain = _knn(nb, 0.05)
+    assert not torch.allclose(out.logits, (0.5 * torch.softmax(host, 1) + 0.5 * plain).log(), atol=1e-3)
 
 
 def test_choose_vote_scale_on_a_mix_vote(kb_setting):

@@ -238,7 +238,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         head.save(args.save)
     if args.json:
         print(json.dumps({"scale": choice.scale, "metric": choice.metric, "n": choice.n,
-                          "trained_weight": choice.trained_weight, "weight": choice.weight,
+                          "vote_form": choice.form, "trained_weight": choice.trained_weight, "weight": choice.weight,
                           "at_largest": choice.at_largest, "temperature": choice.temperature,
                           "trained_temperature": choice.trained_temperature,
                           "scores": {str(k): v for k, v in choice.scores.items()},

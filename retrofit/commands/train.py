@@ -22,7 +22,7 @@ _EPILOG_TRAIN = """examples:
   retrofit train --model darknet-tiny --data 'cifar10/train-{000000..000004}.tar' --kb kb/cifar --out runs/c10
   retrofit train --model timm:resnet50@ckpt.pth --data train/ --val val/ --kb kb/web --out runs/r50 --loss lace
   retrofit train ... --resume          # continue from runs/c10/checkpoints/last (also after Ctrl-C)
-  retrofit train ... --loss lace --label-vote   # the CIFAR-10-LT demo's kind of head (learned neighbour vote)
+  retrofit train ... --loss lace --label-vote --vote-form mix   # the CIFAR-10-LT demo's kind of head
 
 The host's embeddings, logits and neighbour ids are computed once and cached (--cache-dir); a changed
 model, data set or knowledge base invalidates the cache. --host probe fits a linear host classifier on the
@@ -423,8 +423,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --label-vote: do not divide the vote by the KB's class frequencies")
     g.add_argument("--vote-form", default="log", choices=["log", "mix"],
                    help="with --label-vote: add beta * log(eps + vote) to the logits (log), or mix probabilities, "
-                        "log((1 - a) softmax + a vote), starting from the fixed 50/50 rule (mix) "
-                        "(default %(default)s)")
+                        "log((1 - a) softmax + a vote), starting at a = 0.5: the fixed 50/50 rule for an "
+                        "unbalanced vote (mix) (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="head initialisation and data order (default %(default)s)")
     p.add_argument("--noise", default=None, choices=["symmetric", "asymmetric"], help="add label noise (experiments)")
     p.add_argument("--noise-rate", type=float, default=None,
