@@ -233,8 +233,8 @@ class LabelVote(nn.Module):
     def set_weight(self, weight: float) -> None:
         """Set the vote weight in use (``beta * scale``) to ``weight``, of either sign (``form="mix"``: the mixing
         weight ``a``, in [0, 1], its logit kept within +-1e4: 0 turns the vote off, 1 the host): the learned one is
-        replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation data for a
-        head whose training left the vote near zero or negative (trained on noisy labels, then moved to a cleaner
+        replaced and the scale reset to 1 (saved with the head). A post-hoc calibration on labelled validation data
+        for a head whose training left the vote near zero or negative (trained on noisy labels, then moved to a cleaner
         knowledge base), which no multiple of the trained weight (:meth:`set_scale`) can reach."""
         if self.form == "mix":
             ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0.0 <= float(weight) <= 1.0
