@@ -114,7 +114,7 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
     """:func:`logits_by_vote_scale` for a ``vote_form="mix"`` vote: one pass at scale 0 gives the unmixed
     log-probabilities and the vote's; each candidate mixing logit ``u`` (the trained one plus ``log(scale)``, or
     ``logit(scale)`` with ``absolute``: then the scales are mixing weights in [0, 1]) is combined from them."""
-    from retrofit.fusion import mixing_logit
+    from retrofit.fusion import mix_log_probs, mixing_logit
     from retrofit.training import predict_logits
 
     if absolute and any(not 0.0 <= float(s) <= 1.0 for s in scales):
@@ -127,19 +127,12 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
     finally:
         vote.scale.copy_(kept)
     base, v = out["logits"].double(), out["vote_log_probs"].double()  # (N, C) each; base = log_softmax(F)
-    masked = torch.isneginf(base)
     trained = float(vote.weight.detach()) * vote.gain
     res = {}
     for s in scales:
         s = float(s)
-        if absolute:
-            u = mixing_logit(s)
-        else:
-            u = trained + float(np.log(s)) if s > 0 else -np.inf
-        u_t = torch.tensor(u, dtype=torch.float64)
-        mixed = torch.logaddexp(nn.functional.logsigmoid(-u_t) + base, nn.functional.logsigmoid(u_t) + v)
-        mixed = mixed.masked_fill(masked, float("-inf"))  # classes the host masks stay masked
-        res[s] = (mixed - mixed.logsumexp(dim=1, keepdim=True)).float()  # renormalised, as the forward does
+        u = mixing_logit(s) if absolute else trained + float(np.log(s)) if s > 0 else -np.inf
+        res[s] = mix_log_probs(base, v, torch.tensor(u, dtype=torch.float64)).float()  # what the forward does
     return res
 
 

@@ -179,6 +179,17 @@ def mixing_logit(a: float) -> float:
     return max(-_MIX_LOGIT_MAX, min(_MIX_LOGIT_MAX, u))
 
 
+def mix_log_probs(host: torch.Tensor, vote: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``log((1 - a) exp(host) + a exp(vote))`` (B, C) for log-probabilities ``host`` and ``vote`` and the
+    mixing logit ``u = logit(a)`` (a 0-d tensor, -inf = no vote), renormalised per row; classes ``host`` masks
+    (-inf) stay -inf, with zero gradient (``logaddexp(-inf, -inf)`` would give NaN ones)."""
+    masked = torch.isneginf(host)  # (B, C)
+    out = torch.logaddexp(F.logsigmoid(-u) + host.masked_fill(masked, 0.0),
+                          F.logsigmoid(u) + vote.masked_fill(masked, 0.0))
+    out = out.masked_fill(masked, float("-inf"))
+    return out - out.logsumexp(dim=1, keepdim=True)  # the mass lost to masks or to an empty vote
+
+
 class LabelVote(nn.Module):
     """Optional learned, label-aware neighbour vote (``HeadConfig.label_vote``; not in the paper).
 
@@ -322,11 +333,6 @@ class LabelVote(nn.Module):
         (log-sigmoids of the mixing logit: no NaN gradient when ``a`` saturates), in ``logits``' dtype, renormalised
         per row. Classes whose logit is -inf (masked by the host) stay -inf, with zero gradient (not NaN, also at
         ``a = 0``)."""
-        u = self.mix_logit()
         dt = torch.promote_types(logits.dtype, torch.float32)
-        masked = torch.isneginf(logits)  # (B, C)
-        host = torch.log_softmax(logits.to(dt), dim=1).masked_fill(masked, 0.0)  # finite: logaddexp(-inf, -inf)
-        vote = vote_log_probs.to(dt).masked_fill(masked, 0.0)  # would give NaN gradients
-        out = torch.logaddexp(F.logsigmoid(-u).to(dt) + host, F.logsigmoid(u).to(dt) + vote)
-        out = out.masked_fill(masked, float("-inf"))
-        return (out - out.logsumexp(dim=1, keepdim=True)).to(logits.dtype)  # mass lost to masks / an empty vote
+        host = torch.log_softmax(logits.to(dt), dim=1)
+        return mix_log_probs(host, vote_log_probs.to(dt), self.mix_logit().to(dt)).to(logits.dtype)
