@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10,
                    help="head training epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vote-form", default="log", choices=["log", "mix"],
+                   help="the head's label vote: added log-vote (default) or a probability mixture with the host "
+                        "(HeadConfig.vote_form; the scales then multiply the odds of its mixing weight)")
     p.add_argument("--whiten", type=float, default=0.0, metavar="SHRINKAGE",
                    help="search KB_big in the whitened key space with this shrinkage (default 0 = raw cosines)")
     p.add_argument("--out", default="runs/kb_swap",
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evals = {part: replace(fs, host_logits=fs.host_logits - shift) for part, fs in evals.items()}
     cfg = retrofit.HeadConfig(query_dim=train_fs.z.shape[1], image_dim=kb_small.image_dim,
                               text_dim=kb_small.text_dim, num_classes=len(names), dim=64, depth=1, heads=4, k=16,
-                              label_vote=True, vote_balance=True, class_names=names,
+                              label_vote=True, vote_balance=True, vote_form=args.vote_form, class_names=names,
                               query_fingerprint=kb_small.fingerprint.key,
                               image_fingerprint=kb_small.fingerprint.image, text_fingerprint=kb_small.fingerprint.text)
     torch.manual_seed(args.seed)  # the head's initial weights
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         label_smoothing=0.0, seed=args.seed, device="cpu",
                                                         progress=progress), store=kb_small)
     trained = {n: t.clone() for n, t in head.state_dict().items()}
+    trained_vote_weight = head.vote.effective_weight  # (scale 1)
 
     def logits(kb: Any, part: str) -> torch.Tensor:
         fs = retrieve(evals[part], kb, cfg.k)
@@ -269,7 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_counts": counts.tolist(), "cutoffs": {"many_above": cut[0], "few_below": cut[1]},
         "web_caption_labels": {"correct": float(np.mean(web_labels == true_web)),
                                "unknown": float(np.mean(web_labels < 0))},
-        "vote": {"trained_weight": float(trained["vote.weight"] * head.vote.gain), "epochs": epochs,
+        "vote": {"form": args.vote_form, "epochs": epochs,  # trained_weight: beta, or "mix": the mixing weight
+                 "trained_weight": trained_vote_weight,
                  "chosen_scale": best, "chosen_adjustment": b, "trained_temperature": trained_t,
                  "with_temperature": {"temperature": t_best, "scale": s_best, "adjustment": b_t}},
         "kb_big_whiten": args.whiten,
