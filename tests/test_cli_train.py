@@ -349,6 +349,7 @@ def test_train_and_calibrate_a_mix_form_vote(setup, trained, capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["retrofitted"]["top1"] == pytest.approx(cal["scores"][str(cal["scale"])])
     assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3", "--quiet"]) == 0
     table = capsys.readouterr().out
+    assert "| vote scale | mixing weight |" in table
     assert f"| 3 | {3 * a / (1 - a) / (1 + 3 * a / (1 - a)):.4g} |" in table  # the mixing weight at scale 3
 
 

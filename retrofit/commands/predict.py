@@ -249,7 +249,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if temps is not None:
         print(f"vote temperature: {choice.temperature:.4g} (trained {choice.trained_temperature:.4g}); the table is "
               "at that temperature")
-    print(f"| vote scale | vote weight | {choice.metric} on {choice.n} images |")
+    what = "mixing weight" if choice.form == "mix" else "vote weight"
+    print(f"| vote scale | {what} | {choice.metric} on {choice.n} images |")
     print("|---:|---:|---:|")
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
