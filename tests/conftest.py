@@ -106,3 +106,24 @@ def cifar_train_small(data_dir: Path) -> list[dict]:
 def cifar_classes(data_dir: Path) -> list[str]:
     meta = json.loads((data_dir / "cifar10" / "classes.json").read_text())
     return list(meta["classes"]) if isinstance(meta, dict) and "classes" in meta else list(meta)
+
+
+def clustered_kb_and_queries(path: Path, seed: int, num_classes: int, key_dim: int, image_dim: int, text_dim: int,
+                             kb_per_class: int, queries_per_class: int, host_scale: float, class_names: list[str]):
+    """A real KnowledgeBase whose labels are the truth (one Gaussian cluster per class, keys = image vectors cut
+    to ``image_dim``) and a labelled FeatureSet of queries from the same clusters whose host logits are pure
+    noise (``host_scale`` * N(0, 1)): the label vote is the only informative input. Returns ``(kb, features,
+    generator)``, the generator seeded with ``seed`` and left where the draws stopped (for the caller's next ones)."""
+    from retrofit.feature_cache import FeatureSet
+    from retrofit.knowledge_base import KnowledgeBase
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, key_dim, generator=g) * 3
+    y_kb = torch.arange(num_classes).repeat(kb_per_class)
+    kb = KnowledgeBase.create(path, key_dim, image_dim, text_dim, class_names=class_names)
+    x = centres[y_kb] + torch.randn(len(y_kb), key_dim, generator=g)
+    kb.add(x, x[:, :image_dim], torch.randn(len(y_kb), text_dim, generator=g), labels=y_kb)
+    y = torch.arange(num_classes).repeat(queries_per_class)
+    fs = FeatureSet(z=centres[y] + torch.randn(len(y), key_dim, generator=g), labels=y,
+                    host_logits=host_scale * torch.randn(len(y), num_classes, generator=g))
+    return kb, fs, g

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import clustered_kb_and_queries
 
 from retrofit.calibration import DEFAULT_SCALES, choose_vote_scale, logits_by_vote_scale, score_logits
 from retrofit.feature_cache import FeatureSet
 from retrofit.head import HeadConfig, RetrievalHead
-from retrofit.knowledge_base import KnowledgeBase
 from retrofit.training import predict_logits
 
 C, D, T = 3, 8, 6
@@ -18,15 +18,8 @@ C, D, T = 3, 8, 6
 def setting(tmp_path, seed):
     """A KB whose labels are the truth (3 clusters) and queries whose host logits are pure noise: the label
     vote is the only informative input, so more vote must score better."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(C, D, generator=g) * 3
-    y_kb = torch.arange(C).repeat(20)  # (60,)
-    kb = KnowledgeBase.create(tmp_path / "kb", D, D, T, class_names=["a", "b", "c"])
-    x = centres[y_kb] + torch.randn(len(y_kb), D, generator=g)
-    kb.add(x, x, torch.randn(len(y_kb), T, generator=g), labels=y_kb)
-    y = torch.arange(C).repeat(10)  # (30,) queries
-    fs = FeatureSet(z=centres[y] + torch.randn(len(y), D, generator=g), labels=y,
-                    host_logits=3 * torch.randn(len(y), C, generator=g))
+    kb, fs, g = clustered_kb_and_queries(tmp_path / "kb", seed, C, D, D, T, kb_per_class=20, queries_per_class=10,
+                                         host_scale=3.0, class_names=["a", "b", "c"])
     head = RetrievalHead(HeadConfig(query_dim=D, image_dim=D, text_dim=T, num_classes=C, dim=8, depth=1, heads=2,
                                     k=5, label_vote=True), kb)
     with torch.no_grad():

@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
+from conftest import clustered_kb_and_queries
 
 from retrofit.calibration import choose_vote_scale, logits_by_vote_scale
 from retrofit.feature_cache import FeatureSet
 from retrofit.fusion import LabelVote
 from retrofit.head import HeadConfig, RetrievalHead
-from retrofit.knowledge_base import KnowledgeBase
 from retrofit.neighbors import Neighbors
 from retrofit.training import TrainConfig, predict_logits, train
 
@@ -133,15 +133,8 @@ def test_vote_form_is_checked():
 @pytest.fixture
 def kb_setting(tmp_path, seed):
     """A real KB whose labels are the truth and queries with noise host logits: the vote classifies."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(C, DQ, generator=g) * 3
-    y_kb = torch.arange(C).repeat(16)
-    kb = KnowledgeBase.create(tmp_path / "kb", DQ, DI, DT, class_names=[f"c{i}" for i in range(C)])
-    x = centres[y_kb] + torch.randn(len(y_kb), DQ, generator=g)
-    kb.add(x, x[:, :DI], torch.randn(len(y_kb), DT, generator=g), labels=y_kb)
-    y = torch.arange(C).repeat(12)
-    fs = FeatureSet(z=centres[y] + torch.randn(len(y), DQ, generator=g), labels=y,
-                    host_logits=2 * torch.randn(len(y), C, generator=g))
+    kb, fs, g = clustered_kb_and_queries(tmp_path / "kb", seed, C, DQ, DI, DT, kb_per_class=16, queries_per_class=12,
+                                         host_scale=2.0, class_names=[f"c{i}" for i in range(C)])
     head = _head()
     head.attach(kb)
     with torch.no_grad():
