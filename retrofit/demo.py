@@ -364,8 +364,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
                         for n, w in (("KB_in", cfg.whiten_in), ("KB_ext", cfg.whiten_ext)) if w))
     md = (f"# CIFAR-10-LT (IF={cfg.imbalance_factor:g}), frozen Tiny Darknet host, retrofit head "
           f"(d={cfg.dim}, L={cfg.depth}, k={cfg.k}, {cfg.epochs} epochs{extras})\n\n{table}\n"
-          f"Top-1 (%) on the balanced 10,000-image test set; seeds: {cfg.seeds}. Post-hoc adjustments chosen on "
-          f"the {len(data.split.val)}-image validation set, vote scales on "
+          f"Top-1 (%) on the {_test_set(data.test_labels)} test set; seeds: {cfg.seeds}. Post-hoc adjustments "
+          f"chosen on the {len(data.split.val)}-image validation set, vote scales on "
           + ("it too" if cfg.vote_scale_on == "val" else "the long-tail training images (own entries excluded)")
           + f". KB_ext's pool labels: {_EXT_LABELS[cfg.ext_labels]}. Run time {seconds:.0f} s.\n")
     (out / f"{cfg.results_stem}.md").write_text(md)
@@ -379,6 +379,12 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
                                     title="CIFAR-10-LT: per-class test accuracy vs training count")
     doc["table"] = table
     return doc
+
+
+def _test_set(labels: np.ndarray) -> str:
+    """``balanced 10,000-image`` (CIFAR-10's test set), or what a smaller / other test set is."""
+    counts = np.bincount(labels)
+    return ("balanced " if counts.min() == counts.max() else "") + f"{len(labels):,}-image"
 
 
 def _json_default(o: Any) -> Any:

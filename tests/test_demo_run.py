@@ -1,0 +1,133 @@
+"""The CIFAR-10-LT demo end to end (``run_demo``, what ``make demo`` / ``retrofit demo`` run) on a miniature copy of
+the real data: 400 real training images (40 per class), 100 real test images, the real Tiny Darknet and MiniLM, every
+row, two seeds, the plot. The full-size run is the benchmark (README); this checks that every piece still joins up:
+data preparation, the knowledge bases, head training and its cache, the choices, the table, the JSON and the PNG."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sources import _pick, write_shard
+
+from retrofit.demo import GUARDS, ROWS, DemoConfig, run_demo
+
+_MIX_ROWS = ("4", "5", "6", "8r")  # trained with the label vote (the demo's mix form)
+
+
+def _test_samples(path: Path, per_class: int) -> list[dict]:
+    """The first ``per_class`` samples of every class in a real CIFAR-10 test shard."""
+    out, seen = [], {}
+    with tarfile.open(path) as tf:
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for m in tf.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = m
+        for ms in members.values():
+            label = int(tf.extractfile(ms["cls"]).read().decode())
+            if seen.get(label, 0) < per_class:
+                seen[label] = seen.get(label, 0) + 1
+                out.append({"label": label, "jpg": tf.extractfile(ms["jpg"]).read(), "caption": None})
+    return out
+
+
+@pytest.fixture(scope="module")
+def mini_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory laid out as ``../shared/data``: cifar10/ with one train and one test shard of real images
+    (keys numbered in order, as the demo checks), classes.json, and the real Tiny Darknet weights."""
+    root = tmp_path_factory.mktemp("mini_data")
+    (root / "cifar10").mkdir()
+    shutil.copy(data_dir / "cifar10" / "classes.json", root / "cifar10" / "classes.json")
+    (root / "darknet-tiny").symlink_to(data_dir / "darknet-tiny")
+    train = [dict(s, key=f"train_{i:06d}") for i, s in enumerate(_pick(data_dir, 40))]
+    test = [dict(s, key=f"test_{i:06d}") for i, s in enumerate(_test_samples(data_dir / "cifar10" / "test-000000.tar",
+                                                                               10))]
+    assert len(train) == 400 and len(test) == 100
+    write_shard(root / "cifar10" / "train-000000.tar", train)
+    write_shard(root / "cifar10" / "test-000000.tar", test)
+    return root
+
+
+def _config(mini_data: Path, tmp: Path, **kw) -> DemoConfig:
+    base = dict(data_dir=str(mini_data), cache_dir=str(tmp / "cache"), results_dir=str(tmp / "results"),
+                imbalance_factor=10.0, val_per_class=2, k=4, dim=8, heads=2, epochs=1, batch_size=32, seeds=2,
+                posthoc=(0.0, 0.5, 1.0), vote_scales=(1.0, 2.0), vote_temperatures=(0.05,), progress=False)
+    return DemoConfig(**{**base, **kw})
+
+
+def _not_json(name: str) -> None:
+    raise AssertionError(f"the results JSON holds {name}, which strict JSON readers refuse")
+
+
+def _figures(doc: dict) -> dict:
+    """Every row's reported figures (no timings, no cache state)."""
+    drop = {"train_s", "reused"}
+    return {n: {k: ([{a: b for a, b in s.items() if a not in drop} for s in v] if k == "seeds" else v)
+                for k, v in r.items() if k not in drop} for n, r in doc["rows"].items()}
+
+
+def test_the_demo_runs_end_to_end_and_a_second_run_reuses_its_heads(mini_data, tmp_path):
+    cfg = _config(mini_data, tmp_path)
+    doc = run_demo(cfg)
+    out = tmp_path / "results"
+    md = (out / "cifar10_lt.md").read_text()
+    on_disk = json.loads((out / "cifar10_lt.json").read_text(), parse_constant=_not_json)  # no NaN: empty groups
+    assert (out / "cifar10_lt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the table: every row and reference, the test set it was measured on, the seeds
+    for name, title in {**ROWS, **GUARDS}.items():
+        assert f"| {'ref' if name in GUARDS else name} | {title} |" in md, title
+    assert "balanced 100-image test set; seeds: 2" in md and "10,000" not in md
+    assert doc["table"] in md
+    assert set(on_disk["rows"]) == set(ROWS) | set(GUARDS)
+
+    for name, row in on_disk["rows"].items():
+        assert row["n"] == 100 and 0.0 <= row["top1"] <= 1.0, name
+        acc = np.array(row["per_class_acc"])  # (the mean over seeds for a trained row)
+        if "seeds" not in row:  # one figure: each class's accuracy is a count of its 10 test images
+            assert np.allclose(acc * 10, np.round(acc * 10)), name
+        assert row["top1"] == pytest.approx(acc.mean(), abs=1e-6), name  # balanced test set: top-1 = class mean
+        assert row["many"] is None and row["medium"] is None  # 40 images at most per class: all Few
+        assert row["few"] == pytest.approx(row["top1"], abs=1e-6), name
+    for name in ("4", "5", "6", "7i", "7t", "8r"):
+        seeds = on_disk["rows"][name]["seeds"]
+        assert [s["seed"] for s in seeds] == [0, 1], name
+        assert on_disk["rows"][name]["top1"] == pytest.approx(np.mean([s["top1"] for s in seeds])), name
+        assert on_disk["rows"][name]["top1_std"] == pytest.approx(np.std([s["top1"] for s in seeds], ddof=1),
+                                                                  abs=1e-6), name
+        assert all(s["posthoc_adjustment"] in cfg.posthoc for s in seeds), name
+    for name in _MIX_ROWS:  # the trained and the chosen mixing weights are weights
+        for s in on_disk["rows"][name]["seeds"]:
+            assert 0.0 < s["vote_weight_trained"] < 1.0, (name, s)
+            assert s["vote_scale"] in cfg.vote_scales, (name, s)
+    for s4, s5 in zip(on_disk["rows"]["4"]["seeds"], on_disk["rows"]["5"]["seeds"]):  # row 5 = row 4's head moved
+        assert s4["vote_weight_trained"] == s5["vote_weight_trained"]
+    assert on_disk["rows"]["4"]["vote_weight_trained"] != on_disk["rows"]["6"]["vote_weight_trained"]
+    assert "vote_weight_trained" not in on_disk["rows"]["7i"]  # the image-only ablation has no label vote
+    trained = ("4", "6", "7i", "7t", "8r")  # (row 5 is row 4's head)
+    assert not any(on_disk["rows"][n]["reused"] for n in trained)
+    heads = Path(doc["protocol"]["cache"]) / "heads"
+    cached = sorted(p.name for p in heads.iterdir())
+    assert len(cached) == 2 * len(trained)  # one per row and seed
+
+    # a second run: every head from the cache (none trained, none added), the same figures
+    again = run_demo(cfg)
+    assert all(again["rows"][n]["reused"] for n in trained)
+    assert sorted(p.name for p in heads.iterdir()) == cached
+    assert _figures(json.loads(json.dumps(again, default=str))) == _figures(on_disk)
+
+
+def test_a_demo_of_some_rows_shows_the_fixed_rows_too(mini_data, tmp_path):
+    """``--rows 4``: the trained row asked for, with rows 1-3 and the references it is judged against; no KB_ext
+    work when no row needs it."""
+    cfg = _config(mini_data, tmp_path, rows=("4",), seeds=1, plot=False)
+    doc = run_demo(cfg)
+    assert set(doc["rows"]) == {"1", "2", "3", "4", "g_in"}
+    assert not (Path(doc["protocol"]["cache"]) / "kb_ext").exists()
+    assert not (tmp_path / "results" / "cifar10_lt.png").exists()
+    assert "seeds: 1" in (tmp_path / "results" / "cifar10_lt.md").read_text()
+    assert doc["rows"]["4"]["top1_std"] == 0.0 and len(doc["rows"]["4"]["seeds"]) == 1
