@@ -66,17 +66,21 @@ def evaluate(head, data, kb: str, shift, lp, posthoc: tuple[float, ...], weights
     return {**r, "vote_weight": w, "vote_temperature": t, "posthoc_adjustment": adj}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=1, help="head-training seeds (>= 1; > 1 gives mean ± std)")
     ap.add_argument("--pool-labels", choices=("dataset", "captions"), default="dataset",
                     help="labels of the pool records: CIFAR-10's own, or read from their captions")
     ap.add_argument("--cache-dir", default=".retrofit_cache/cifar10_lt")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.seeds < 1:  # 0 ran no head at all and printed a table without the head rows
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args
 
+
+def run(args: argparse.Namespace, **settings) -> dict:
+    """The comparison; returns the JSON document (``settings``: other :class:`retrofit.demo.DemoConfig` fields,
+    e.g. a smaller data set for the tests)."""
     from retrofit.demo import DemoConfig
     from retrofit.demo_data import prepare, set_whitening
     from retrofit.demo_heads import train_head
@@ -85,8 +89,9 @@ def main() -> None:
 
     # the log-form vote (as measured for README): its weights below are absolute vote weights, which a noisy
     # training can leave near zero; a vote_form="mix" head would take mixing weights in [0, 1] instead
-    cfg = DemoConfig(cache_dir=args.cache_dir, ext_labels=args.pool_labels, rows=("5", "8h", "8r"), progress=False,
-                     vote_form="log")
+    cfg = DemoConfig(**{"progress": False, **settings, "cache_dir": args.cache_dir, "ext_labels": args.pool_labels,
+                        "rows": ("5", "8h", "8r"), "vote_form": "log"})
+    cfg.validate()
     data = prepare(cfg)  # KB_in, the pool, KB_ext, the noisy KB_in, features and host logits (cached)
     pool = data.root / ("kb_pool_captions" if args.pool_labels == "captions" else "kb_pool")
     name = "ext_noisy" + ("_captions" if args.pool_labels == "captions" else "")
@@ -140,19 +145,33 @@ def main() -> None:
         head.vote.set_temperature(trained_t)
 
     for key, rs in runs.items():
-        mean = {m: float(np.mean([r[m] for r in rs])) for m in ("many", "medium", "few", "top1")}
+        mean = {m: None if rs[0][m] is None else float(np.mean([r[m] for r in rs]))  # None: an empty group
+                for m in ("many", "medium", "few", "top1")}
         rows[key] = {**mean, "top1_std": float(np.std([r["top1"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
                      "seeds": [{k: r[k] for k in ("seed", "top1", "vote_weight", "vote_temperature",
                                                   "posthoc_adjustment")} for r in rs]}
-    print(f"\nCIFAR-10-LT, 40% symmetric label noise; pool labels: {args.pool_labels}; seeds: {args.seeds}\n")
-    print("| model | Many | Medium | Few | Overall |\n|---|---:|---:|---:|---:|")
-    for key, r in rows.items():
-        std = f" ± {100 * r['top1_std']:.1f}" if "top1_std" in r and args.seeds > 1 else ""
-        print(f"| {key} | " + " | ".join(f"{100 * r[m]:.1f}" for m in ("many", "medium", "few"))
-              + f" | {100 * r['top1']:.1f}{std} |")
-    print(json.dumps({"example": "noisy_labels_external_kb", "pool_labels": args.pool_labels, "seeds": args.seeds,
-                      "rows": {k: {m: v for m, v in r.items() if m != "per_class_acc"} for k, r in rows.items()}},
-                     default=float))
+    return {"example": "noisy_labels_external_kb", "pool_labels": args.pool_labels, "seeds": args.seeds,
+            "rows": {k: {m: v for m, v in r.items() if m != "per_class_acc"} for k, r in rows.items()}}
+
+
+def table(doc: dict) -> str:
+    """The markdown table of ``run``'s document."""
+    out = [f"CIFAR-10-LT, 40% symmetric label noise; pool labels: {doc['pool_labels']}; seeds: {doc['seeds']}", "",
+           "| model | Many | Medium | Few | Overall |", "|---|---:|---:|---:|---:|"]
+    for key, r in doc["rows"].items():
+        std = f" ± {100 * r['top1_std']:.1f}" if "top1_std" in r and doc["seeds"] > 1 else ""
+        out.append(f"| {key} | " + " | ".join("–" if r[m] is None else f"{100 * r[m]:.1f}"
+                                              for m in ("many", "medium", "few"))
+                   + f" | {100 * r['top1']:.1f}{std} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    doc = run(args)
+    print("\n" + table(doc) + "\n")
+    print(json.dumps(doc, default=float))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import io
 import json
 import os
 import random
+import shutil
+import tarfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,3 +129,49 @@ def clustered_kb_and_queries(path: Path, seed: int, num_classes: int, key_dim: i
     fs = FeatureSet(z=centres[y] + torch.randn(len(y), key_dim, generator=g), labels=y,
                     host_logits=host_scale * torch.randn(len(y), num_classes, generator=g))
     return kb, fs, g
+
+
+# ---------------------------------------------------------------- a miniature copy of the real data (demo tests)
+
+
+def _test_samples(path: Path, per_class: int) -> list[dict]:
+    """The first ``per_class`` samples of every class in a real CIFAR-10 test shard."""
+    out, seen = [], {}
+    with tarfile.open(path) as tf:
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for m in tf.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = m
+        for ms in members.values():
+            label = int(tf.extractfile(ms["cls"]).read().decode())
+            if seen.get(label, 0) < per_class:
+                seen[label] = seen.get(label, 0) + 1
+                out.append({"label": label, "jpg": tf.extractfile(ms["jpg"]).read(), "caption": None})
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory laid out as ``../shared/data``: cifar10/ with one train and one test shard of real images
+    (keys numbered in order, as the demo checks), classes.json, and the real Tiny Darknet weights."""
+    from test_sources import _pick, write_shard
+
+    root = tmp_path_factory.mktemp("mini_data")
+    (root / "cifar10").mkdir()
+    shutil.copy(data_dir / "cifar10" / "classes.json", root / "cifar10" / "classes.json")
+    (root / "darknet-tiny").symlink_to(data_dir / "darknet-tiny")
+    train = [dict(s, key=f"train_{i:06d}") for i, s in enumerate(_pick(data_dir, 40))]
+    test = [dict(s, key=f"test_{i:06d}") for i, s in enumerate(_test_samples(data_dir / "cifar10" / "test-000000.tar",
+                                                                               10))]
+    assert len(train) == 400 and len(test) == 100
+    write_shard(root / "cifar10" / "train-000000.tar", train)
+    write_shard(root / "cifar10" / "test-000000.tar", test)
+    return root
+
+
+def mini_settings(mini_data: Path) -> dict:
+    """DemoConfig fields for the miniature data: IF 10 (40 -> 4 images per class), 2 validation images per class,
+    a tiny head trained for one epoch, short grids."""
+    return dict(data_dir=str(mini_data), imbalance_factor=10.0, val_per_class=2, k=4, dim=8, heads=2, epochs=1,
+                batch_size=32, posthoc=(0.0, 0.5, 1.0), vote_scales=(1.0, 2.0), vote_temperatures=(0.05,),
+                progress=False)

@@ -6,56 +6,19 @@ data preparation, the knowledge bases, head training and its cache, the choices,
 from __future__ import annotations
 
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sources import _pick, write_shard
+from conftest import mini_settings
 
 from retrofit.demo import GUARDS, ROWS, DemoConfig, run_demo
 
 _MIX_ROWS = ("4", "5", "6", "8r")  # trained with the label vote (the demo's mix form)
 
 
-def _test_samples(path: Path, per_class: int) -> list[dict]:
-    """The first ``per_class`` samples of every class in a real CIFAR-10 test shard."""
-    out, seen = [], {}
-    with tarfile.open(path) as tf:
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for m in tf.getmembers():
-            key, _, ext = m.name.partition(".")
-            members.setdefault(key, {})[ext] = m
-        for ms in members.values():
-            label = int(tf.extractfile(ms["cls"]).read().decode())
-            if seen.get(label, 0) < per_class:
-                seen[label] = seen.get(label, 0) + 1
-                out.append({"label": label, "jpg": tf.extractfile(ms["jpg"]).read(), "caption": None})
-    return out
-
-
-@pytest.fixture(scope="module")
-def mini_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data directory laid out as ``../shared/data``: cifar10/ with one train and one test shard of real images
-    (keys numbered in order, as the demo checks), classes.json, and the real Tiny Darknet weights."""
-    root = tmp_path_factory.mktemp("mini_data")
-    (root / "cifar10").mkdir()
-    shutil.copy(data_dir / "cifar10" / "classes.json", root / "cifar10" / "classes.json")
-    (root / "darknet-tiny").symlink_to(data_dir / "darknet-tiny")
-    train = [dict(s, key=f"train_{i:06d}") for i, s in enumerate(_pick(data_dir, 40))]
-    test = [dict(s, key=f"test_{i:06d}") for i, s in enumerate(_test_samples(data_dir / "cifar10" / "test-000000.tar",
-                                                                               10))]
-    assert len(train) == 400 and len(test) == 100
-    write_shard(root / "cifar10" / "train-000000.tar", train)
-    write_shard(root / "cifar10" / "test-000000.tar", test)
-    return root
-
-
 def _config(mini_data: Path, tmp: Path, **kw) -> DemoConfig:
-    base = dict(data_dir=str(mini_data), cache_dir=str(tmp / "cache"), results_dir=str(tmp / "results"),
-                imbalance_factor=10.0, val_per_class=2, k=4, dim=8, heads=2, epochs=1, batch_size=32, seeds=2,
-                posthoc=(0.0, 0.5, 1.0), vote_scales=(1.0, 2.0), vote_temperatures=(0.05,), progress=False)
+    base = dict(mini_settings(mini_data), cache_dir=str(tmp / "cache"), results_dir=str(tmp / "results"), seeds=2)
     return DemoConfig(**{**base, **kw})
 
 
