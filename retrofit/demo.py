@@ -147,8 +147,11 @@ class DemoConfig:
 
     @property
     def results_stem(self) -> str:
-        """File name stem of the results: ``cifar10_lt`` (``cifar10_lt_ext_captions`` with caption labels)."""
-        return "cifar10_lt" + ("_ext_captions" if self.ext_labels == "captions" else "")
+        """File name stem of the results: ``cifar10_lt`` at the defaults; another imbalance factor, noise rate or
+        caption labels add ``_if50``, ``_noise0.2``, ``_ext_captions`` (one run does not overwrite another's report)."""
+        return ("cifar10_lt" + (f"_if{self.imbalance_factor:g}" if self.imbalance_factor != 100 else "")
+                + (f"_noise{self.noise_rate:g}" if self.noise_rate != 0.4 else "")
+                + ("_ext_captions" if self.ext_labels == "captions" else ""))
 
     def validate(self) -> None:
         if isinstance(self.rows, str):
@@ -315,11 +318,18 @@ def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, di
     return out
 
 
-def format_table(results: dict[str, dict[str, Any]], seeds: int = 1) -> str:
-    """The markdown table of the report (accuracies in %)."""
+def row_titles(noise_rate: float = 0.4) -> dict[str, str]:
+    """The rows' and references' titles, row 8's with its noise rate."""
+    rate = f"noisy {100 * noise_rate:g}%:"
+    return {n: t.replace("noisy 40%:", rate) for n, t in {**ROWS, **GUARDS}.items()}
+
+
+def format_table(results: dict[str, dict[str, Any]], seeds: int = 1, titles: dict[str, str] | None = None) -> str:
+    """The markdown table of the report (accuracies in %; ``titles``: :func:`row_titles`, default 40% noise)."""
+    titles = titles or row_titles()
     lines = ["| row | model | Many | Medium | Few | Overall |", "|---|---|---:|---:|---:|---:|"]
     for name, r in results.items():
-        label = ROWS.get(name) or GUARDS.get(name, name)
+        label = titles.get(name, name)
         cells = []
         for key in ("many", "medium", "few", "top1"):
             v = r.get(key)
@@ -348,15 +358,16 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     order = [n for n in (*ROWS, *GUARDS) if n in results]
     results = {n: results[n] for n in order}
     seconds = time.perf_counter() - t0
+    titles = row_titles(cfg.noise_rate)
     doc = {
         "config": {**asdict(cfg), "posthoc": list(cfg.posthoc), "rows": list(cfg.rows)},
         "protocol": data.describe(),
         "seconds": {"total": seconds, "prepare": t_prep},
-        "rows": {n: {"name": ROWS.get(n) or GUARDS.get(n), **r} for n, r in results.items()},
+        "rows": {n: {"name": titles[n], **r} for n, r in results.items()},
     }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results, cfg.seeds)
+    table = format_table(results, cfg.seeds, titles)
     extras = (", learned label vote" * cfg.label_vote + " (KB-prior balanced)" * (cfg.label_vote and cfg.balance_vote)
               + " mixed in as probabilities" * (cfg.label_vote and cfg.vote_form == "mix")
               + ", fed the row-2 host logits" * cfg.adjust_host
@@ -373,7 +384,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     if cfg.plot:
         from retrofit.plots import plot_per_class_accuracy
 
-        series = {f"{n}: {ROWS[n]}": results[n] for n in ("1", "2", "4", "5") if n in results}
+        series = {f"{n}: {titles[n]}": results[n] for n in ("1", "2", "4", "5") if n in results}
         if series:
             plot_per_class_accuracy(series, out / f"{cfg.results_stem}.png",
                                     title="CIFAR-10-LT: per-class test accuracy vs training count")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import mini_settings
 
+from retrofit.cifar10_lt import class_counts
 from retrofit.demo import GUARDS, ROWS, DemoConfig, run_demo
 
 _MIX_ROWS = ("4", "5", "6", "8r")  # trained with the label vote (the demo's mix form)
@@ -37,9 +38,9 @@ def test_the_demo_runs_end_to_end_and_a_second_run_reuses_its_heads(mini_data, t
     cfg = _config(mini_data, tmp_path)
     doc = run_demo(cfg)
     out = tmp_path / "results"
-    md = (out / "cifar10_lt.md").read_text()
-    on_disk = json.loads((out / "cifar10_lt.json").read_text(), parse_constant=_not_json)  # no NaN: empty groups
-    assert (out / "cifar10_lt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "cifar10_lt_if10.md").read_text()
+    on_disk = json.loads((out / "cifar10_lt_if10.json").read_text(), parse_constant=_not_json)  # no NaN: empty groups
+    assert (out / "cifar10_lt_if10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the table: every row and reference, the test set it was measured on, the seeds
     for name, title in {**ROWS, **GUARDS}.items():
@@ -91,6 +92,33 @@ def test_a_demo_of_some_rows_shows_the_fixed_rows_too(mini_data, tmp_path):
     doc = run_demo(cfg)
     assert set(doc["rows"]) == {"1", "2", "3", "4", "g_in"}
     assert not (Path(doc["protocol"]["cache"]) / "kb_ext").exists()
-    assert not (tmp_path / "results" / "cifar10_lt.png").exists()
-    assert "seeds: 1" in (tmp_path / "results" / "cifar10_lt.md").read_text()
+    assert not (tmp_path / "results" / "cifar10_lt_if10.png").exists()
+    assert "seeds: 1" in (tmp_path / "results" / "cifar10_lt_if10.md").read_text()
     assert doc["rows"]["4"]["top1_std"] == 0.0 and len(doc["rows"]["4"]["seeds"]) == 1
+
+
+def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
+    """``retrofit demo`` with an imbalance factor and a noise rate of its own: the table on stdout, the report
+    under a name of its own (the default report is not overwritten), every option reaching the run."""
+    from retrofit.cli import main
+
+    res = tmp_path / "results"
+    argv = ["demo", "--data-dir", str(mini_data), "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(res),
+            "--imbalance-factor", "10", "--noise-rate", "0.2", "--rows", "4,8r", "--epochs", "1", "--k", "4",
+            "--dim", "8", "--depth", "1", "--whiten-in", "0.1", "--vote-form", "log", "--no-plot", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| 4 | retrofit: head on KB_in (LACE) |" in out and "| 8r | noisy 20%: retrofit head on KB_in |" in out
+    assert "40%" not in out
+    assert sorted(p.name for p in res.iterdir()) == ["cifar10_lt_if10_noise0.2.json", "cifar10_lt_if10_noise0.2.md"]
+    doc = json.loads((res / "cifar10_lt_if10_noise0.2.json").read_text())
+    c = doc["config"]
+    assert (c["imbalance_factor"], c["noise_rate"], c["epochs"], c["k"], c["dim"], c["depth"]) == (10, 0.2, 1, 4, 8, 1)
+    assert (c["whiten_in"], c["vote_form"], c["rows"], c["plot"], c["progress"]) == (0.1, "log", ["4", "8r"], False,
+                                                                                     False)
+    assert set(doc["rows"]) == {"1", "2", "3", "4", "8h", "8r", "g_in"}
+    # IF 10 over 40 images per class; classes left with fewer than 20 others give up images to validation
+    assert doc["protocol"]["counts"] == [min(n, 20) for n in class_counts(10.0, 40, 10)]
+    assert doc["rows"]["8h"]["name"] == "noisy 20%: host + logit adjustment"
+    noisy = np.array(doc["protocol"]["noisy_counts"])
+    assert noisy.sum() == sum(doc["protocol"]["counts"]) and not np.array_equal(noisy, doc["protocol"]["counts"])

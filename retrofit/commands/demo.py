@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig()
     over = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "results_dir": args.results_dir,
             "seeds": args.seeds, "epochs": args.epochs, "k": args.k, "dim": args.dim, "depth": args.depth,
-            "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext, "vote_form": args.vote_form}
+            "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext, "vote_form": args.vote_form,
+            "imbalance_factor": args.imbalance_factor, "noise_rate": args.noise_rate}
     for name, value in over.items():
         if value is not None:
             setattr(cfg, name, value)
@@ -43,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="CIFAR-10-LT end to end: host, logit adjustment, kNN, retrofit head, KB swap, ablations, label noise",
-        description="Run the CIFAR-10-LT (IF=100) report on the real offline data with the frozen Tiny Darknet "
-                    "host: prints the table and writes results/cifar10_lt.{md,json,png}. Embeddings and knowledge "
-                    "bases are cached (first run encodes ~60,000 images). Example: retrofit demo --seeds 3",
+        description="Run the CIFAR-10-LT (IF=100 by default) report on the real offline data with the frozen Tiny "
+                    "Darknet host: prints the table and writes results/cifar10_lt.{md,json,png}. Embeddings and "
+                    "knowledge bases are cached (first run encodes ~60,000 images). Example: retrofit demo --seeds 3",
     )
     p.add_argument("--seeds", type=int, default=None, help="head-training seeds; > 1 gives mean ± std (default 1)")
     p.add_argument("--rows", default=None,
@@ -54,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="directory holding cifar10/ (default: RETROFIT_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="cache of embeddings and KBs (default .retrofit_cache/cifar10_lt)")
     p.add_argument("--results-dir", default=None, help="where the md / json / png go (default results/)")
+    p.add_argument("--imbalance-factor", type=float, default=None, metavar="IF",
+                   help="CIFAR-10-LT imbalance factor, largest / smallest class (default 100; 10 and 50 are the other "
+                        "usual settings); results go to cifar10_lt_if<IF>.*")
+    p.add_argument("--noise-rate", type=float, default=None, metavar="RATE",
+                   help="symmetric label noise of row 8 (default 0.4); results go to cifar10_lt_noise<RATE>.*")
     p.add_argument("--epochs", type=int, default=None, help="head-training epochs")
     p.add_argument("--k", type=int, default=None, help="neighbours per query")
     p.add_argument("--dim", type=int, default=None, help="head width d")
