@@ -256,10 +256,19 @@ def _encode(refs: list[Any], enc: Any, batch: int = 256, progress: bool = True) 
     return torch.cat(out)
 
 
+def data_key(cfg: Any, n_train: int, n_test: int) -> str:
+    """The cache entry of the data setting of ``cfg`` (split, encoders, prompt, label noise) over ``n_train`` /
+    ``n_test`` images. Numbers as floats: ``imbalance_factor=10`` and ``10.0`` are one setting, one entry."""
+    from retrofit.feature_cache import cache_key
+
+    return cache_key({"if": float(cfg.imbalance_factor), "val": cfg.val_per_class, "seed": cfg.split_seed,
+                      "image": cfg.image_encoder, "text": cfg.text_encoder, "template": cfg.template,
+                      "noise": [float(cfg.noise_rate), cfg.noise_seed], "n": [n_train, n_test], "v": 1})
+
+
 def prepare(cfg: Any) -> DemoData:
     """Split, knowledge bases and cached tensors for ``cfg`` (a :class:`retrofit.demo.DemoConfig`)."""
     from retrofit._env import data_dir
-    from retrofit.feature_cache import cache_key
     from retrofit.ingest import merge_kbs
     from retrofit.linear_probe import cross_fit_logits, fit_linear_probe
     from retrofit.noise import symmetric_noise
@@ -280,9 +289,7 @@ def prepare(cfg: Any) -> DemoData:
     split = long_tail_split(y_train, cfg.imbalance_factor, cfg.val_per_class, cfg.split_seed, len(names))
     noisy, _ = symmetric_noise(torch.from_numpy(y_train[split.lt]), cfg.noise_rate, len(names), seed=cfg.noise_seed)
     noisy = noisy.numpy()
-    key = cache_key({"if": cfg.imbalance_factor, "val": cfg.val_per_class, "seed": cfg.split_seed,
-                     "image": cfg.image_encoder, "text": cfg.text_encoder, "template": cfg.template,
-                     "noise": [cfg.noise_rate, cfg.noise_seed], "n": [len(y_train), len(y_test)], "v": 1})
+    key = data_key(cfg, len(y_train), len(y_test))
     root = Path(cfg.cache_dir) / key
     root.mkdir(parents=True, exist_ok=True)
     times["read"] = time.perf_counter() - t

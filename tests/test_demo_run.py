@@ -122,3 +122,16 @@ def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
     assert doc["rows"]["8h"]["name"] == "noisy 20%: host + logit adjustment"
     noisy = np.array(doc["protocol"]["noisy_counts"])
     assert noisy.sum() == sum(doc["protocol"]["counts"]) and not np.array_equal(noisy, doc["protocol"]["counts"])
+
+
+def test_the_data_cache_key_reads_numbers_as_numbers():
+    """``imbalance_factor=10`` and ``10.0`` (the CLI's float) are one cache entry (encoding 60,000 images again
+    for an int was the cost); the defaults keep the entry they had; another setting gets another entry."""
+    from retrofit.demo_data import data_key
+
+    key = data_key(DemoConfig(), 50_000, 10_000)
+    assert key == "97b42f086c8c86ec38c6"  # the default setting's entry before the numbers were normalised
+    assert data_key(DemoConfig(imbalance_factor=10), 50_000, 10_000) == data_key(
+        DemoConfig(imbalance_factor=10.0), 50_000, 10_000) != key
+    assert data_key(DemoConfig(noise_rate=0), 50_000, 10_000) == data_key(DemoConfig(noise_rate=0.0), 50_000, 10_000)
+    assert data_key(DemoConfig(noise_rate=0.2), 50_000, 10_000) != key != data_key(DemoConfig(), 400, 100)
