@@ -168,7 +168,7 @@ class HookAdapter(BackboneAdapter):
             raise RetrofitError(f"the classifier layer {self.classifier_name!r} of {type(self.model).__name__} maps "
                                 f"{tuple(inp.shape)} to {tuple(res.shape)} for a batch of {x.shape[0]} images: "
                                 "retrofit needs one (D,) embedding and one (C,) logits row per image")
-        if not self._checked_output:
+        if not self._checked_output and not _tracing():  # (a traced / exported graph cannot compare values)
             out = _dequantized(model_logits(out, type(self.model).__name__))
             self._checked_output = True
             if out.numel() != logits.numel() or not torch.equal(out.reshape(logits.shape), logits):
@@ -192,3 +192,8 @@ class HookAdapter(BackboneAdapter):
 
     def describe(self) -> str:
         return f"{self.family} adapter of {type(self.model).__name__} (classifier {self.classifier_name!r})"
+
+
+def _tracing() -> bool:
+    """Inside torch.jit.trace, torch.compile or torch.export: tensors hold no values to compare."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
