@@ -12,8 +12,8 @@ import torch
 from retrofit.demo_data import DemoData
 from retrofit.demo_train import head_cache_dir, shifted, train_head
 
-__all__ = ["attach", "head_cache_dir", "head_logits", "logits_by_vote_scale", "scale_on_training_images", "shifted",
-           "train_head"]
+__all__ = ["adjustment_on_training_images", "attach", "head_cache_dir", "head_logits", "logits_by_vote_scale",
+           "scale_on_training_images", "shifted", "train_head"]
 
 
 def head_logits(head: Any, data: DemoData, kb: str, split: str, noisy: bool = False,
@@ -66,3 +66,15 @@ def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, sh
     fs = _features(head, data, kb, "lt", noisy, shift)
     return choose_vote_scale(head, fs, data.kb(kb), scales=scales, temperatures=temperatures, metric="balanced",
                              apply=False, device="cpu")
+
+
+def adjustment_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,
+                                  log_prior: torch.Tensor, grid: tuple[float, ...]) -> float:
+    """The post-hoc strength a in ``logits - a * log_prior`` with the best balanced top-1 on the long-tail training
+    images (the head as it is set; neighbours from ``kb`` without their own entry, cross-fitted host logits, the
+    labels the head trains on: noisy with ``noisy``); ties: the smallest |a|."""
+    from retrofit.demo_rules import balanced_top1
+
+    fs = _features(head, data, kb, "lt", noisy, shift)
+    logits = head_logits(head, data, kb, "lt", noisy, shift)
+    return max((balanced_top1(logits - a * log_prior, fs.labels), -abs(a), a) for a in grid)[2]

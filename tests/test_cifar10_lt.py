@@ -309,7 +309,8 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
     import torch
 
     from retrofit.demo_data import DemoData
-    from retrofit.demo_heads import head_logits, logits_by_vote_scale
+    from retrofit.demo_heads import adjustment_on_training_images, head_logits, logits_by_vote_scale
+    from retrofit.demo_rules import balanced_top1
     from retrofit.head import HeadConfig, RetrievalHead
     from retrofit.knowledge_base import KnowledgeBase
 
@@ -325,8 +326,11 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
         kb.add(z["lt"], z["lt"], torch.randn(n_lt, 6, generator=g), labels=torch.from_numpy(y[split.lt]))
     tensors = {f"z_{s}": v for s, v in z.items()} | {f"host_{s}": torch.randn(len(v), 3, generator=g)
                                                     for s, v in z.items()}
+    noisy = y[split.lt].copy()
+    noisy[::3] = (noisy[::3] + 1) % 3  # a third of the labels moved to the next class
+    tensors |= {f"host_noisy_{k[5:]}": v for k, v in tensors.items() if k.startswith("host_")}  # the same logits
     data = DemoData(split=split, class_names=["a", "b", "c"], train_labels=y, test_labels=np.arange(3).repeat(5),
-                    noisy_lt_labels=y[split.lt], tensors=tensors, root=tmp_path, k=4)
+                    noisy_lt_labels=noisy, tensors=tensors, root=tmp_path, k=4)
     try:
         cfg = HeadConfig(query_dim=8, image_dim=8, text_dim=6, num_classes=3, dim=8, depth=1, heads=2, k=4,
                          label_vote=True)
@@ -347,6 +351,18 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
         assert (own != torch.arange(n_lt)[:, None]).all()  # the "lt" split excludes each image's own entry
         with pytest.raises(ValueError, match="split must be"):
             head_logits(head, data, "in", "train")
+        # the post-hoc adjustment on the training images: the best balanced top-1 over the grid, brute force, with
+        # the labels the row trains on (noisy ones for a noisy row)
+        head.vote.set_scale(1.3)
+        lp = torch.tensor([-0.3, -1.2, -2.0])
+        grid = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+        lt = head_logits(head, data, "in", "lt")
+        for noisy, labels in ((False, torch.from_numpy(y[split.lt])), (True, torch.from_numpy(data.noisy_lt_labels))):
+            scores = [balanced_top1(lt - a * lp, labels) for a in grid]
+            best = max(scores)
+            want = min((a for a, sc in zip(grid, scores) if sc == best), key=abs)
+            assert adjustment_on_training_images(head, data, "in", noisy, None, lp, grid) == want
+        assert float(head.vote.scale) == pytest.approx(1.3)
         plain = RetrievalHead(HeadConfig(query_dim=8, image_dim=8, text_dim=6, num_classes=3, dim=8, depth=1,
                                          heads=2, k=4), data.kb("in"))
         with pytest.raises(ValueError, match="no label vote"):
@@ -369,6 +385,7 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
     ("whiten_ext", -0.1, "whiten must be 0 \\(off\\) or the whitening shrinkage"),
     ("whiten_in", float("nan"), "whiten must be 0 \\(off\\) or the whitening shrinkage"),
     ("vote_temperatures", (0.05, 1e-9), "vote_temperatures must be a tuple of finite numbers >= 1e-6"),
+    ("posthoc_on", "test", "posthoc_on must be 'val' or 'train'"),
 ])
 def test_demo_config_refuses_bad_settings_before_any_work(field, bad, says):
     from retrofit.demo import DemoConfig

@@ -72,6 +72,9 @@ def test_the_demo_runs_end_to_end_and_a_second_run_reuses_its_heads(mini_data, t
         assert s4["vote_weight_trained"] == s5["vote_weight_trained"]
     assert on_disk["rows"]["4"]["vote_weight_trained"] != on_disk["rows"]["6"]["vote_weight_trained"]
     assert "vote_weight_trained" not in on_disk["rows"]["7i"]  # the image-only ablation has no label vote
+    for name in ("4", "5", "6", "7i", "7t"):  # the clean rows' adjustments: on the training images; 8r's: on val
+        assert on_disk["rows"][name]["posthoc_chosen_on"] == "train", name
+    assert on_disk["rows"]["8r"]["posthoc_chosen_on"] == "val"
     trained = ("4", "6", "7i", "7t", "8r")  # (row 5 is row 4's head)
     assert not any(on_disk["rows"][n]["reused"] for n in trained)
     heads = Path(doc["protocol"]["cache"]) / "heads"
@@ -135,3 +138,19 @@ def test_the_data_cache_key_reads_numbers_as_numbers():
         DemoConfig(imbalance_factor=10.0), 50_000, 10_000) != key
     assert data_key(DemoConfig(noise_rate=0), 50_000, 10_000) == data_key(DemoConfig(noise_rate=0.0), 50_000, 10_000)
     assert data_key(DemoConfig(noise_rate=0.2), 50_000, 10_000) != key != data_key(DemoConfig(), 400, 100)
+
+
+def test_the_noisy_row_keeps_its_adjustment_on_validation(mini_data, tmp_path):
+    """posthoc_on="train" moves the clean rows' adjustment to the training images; row 8r, whose training labels
+    are noisy, keeps the validation choice: its figures are those of posthoc_on="val"."""
+    got = {}
+    for where in ("train", "val"):
+        doc = run_demo(_config(mini_data, tmp_path, rows=("8r",), seeds=1, plot=False, posthoc_on=where,
+                               results_dir=str(tmp_path / where)))
+        got[where] = doc["rows"]["8r"]
+        assert got[where]["posthoc_chosen_on"] == "val"
+        md = (tmp_path / where / "cifar10_lt_if10.md").read_text()
+        assert ("rows 4-7's: on the long-tail training images" in md) == (where == "train")
+    drop = {"train_s", "reused"}  # (their figures are the same too)
+    assert {k: v for k, v in got["train"].items() if k not in drop} == {k: v for k, v in got["val"].items()
+                                                                         if k not in drop}

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
     cfg.vote_scale_on = args.vote_scale_on
+    cfg.posthoc_on = args.posthoc_on
     cfg.ext_labels = args.ext_labels
     cfg.progress = not args.quiet
     t = time.perf_counter()
@@ -74,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "
                         "cross-fitted host logits) or on the 200 validation images (noisier)")
+    p.add_argument("--posthoc-on", choices=("val", "train"), default="train",
+                   help="choose the post-hoc logit adjustment of rows 4-7 on the long-tail training images (default; "
+                        "after the vote scale) or on the 200 validation images (rows 2, 8h and 8r, whose training "
+                        "labels are noisy: always validation)")
     p.add_argument("--ext-labels", choices=("dataset", "captions"), default="dataset",
                    help="labels of KB_ext's web-captioned records: CIFAR-10's own (default) or read from the captions "
                         "(zero-shot, as for a web corpus without labels); results go to cifar10_lt_ext_captions.*")
