@@ -151,13 +151,15 @@ def run(args: argparse.Namespace, **settings) -> dict:
                      "seeds": [{k: r[k] for k in ("seed", "top1", "vote_weight", "vote_temperature",
                                                   "posthoc_adjustment")} for r in rs]}
     return {"example": "noisy_labels_external_kb", "pool_labels": args.pool_labels, "seeds": args.seeds,
+            "noise_rate": cfg.noise_rate,
             "rows": {k: {m: v for m, v in r.items() if m != "per_class_acc"} for k, r in rows.items()}}
 
 
 def table(doc: dict) -> str:
     """The markdown table of ``run``'s document."""
-    out = [f"CIFAR-10-LT, 40% symmetric label noise; pool labels: {doc['pool_labels']}; seeds: {doc['seeds']}", "",
-           "| model | Many | Medium | Few | Overall |", "|---|---:|---:|---:|---:|"]
+    head = (f"CIFAR-10-LT, {100 * doc['noise_rate']:g}% symmetric label noise; pool labels: {doc['pool_labels']}; "
+            f"seeds: {doc['seeds']}")
+    out = [head, "", "| model | Many | Medium | Few | Overall |", "|---|---:|---:|---:|---:|"]
     for key, r in doc["rows"].items():
         std = f" ± {100 * r['top1_std']:.1f}" if "top1_std" in r and doc["seeds"] > 1 else ""
         out.append(f"| {key} | " + " | ".join("–" if r[m] is None else f"{100 * r[m]:.1f}"

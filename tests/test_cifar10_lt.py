@@ -359,8 +359,7 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
         lt = head_logits(head, data, "in", "lt")
         for noisy, labels in ((False, torch.from_numpy(y[split.lt])), (True, torch.from_numpy(data.noisy_lt_labels))):
             scores = [balanced_top1(lt - a * lp, labels) for a in grid]
-            best = max(scores)
-            want = min((a for a, sc in zip(grid, scores) if sc == best), key=abs)
+            want = max(zip(scores, [-abs(a) for a in grid], grid))[2]  # ties: smallest |a|, then the positive
             assert adjustment_on_training_images(head, data, "in", noisy, None, lp, grid) == want
         assert float(head.vote.scale) == pytest.approx(1.3)
         plain = RetrievalHead(HeadConfig(query_dim=8, image_dim=8, text_dim=6, num_classes=3, dim=8, depth=1,
@@ -386,6 +385,7 @@ def test_logits_by_vote_scale_equals_one_pass_per_scale(tmp_path, seed):
     ("whiten_in", float("nan"), "whiten must be 0 \\(off\\) or the whitening shrinkage"),
     ("vote_temperatures", (0.05, 1e-9), "vote_temperatures must be a tuple of finite numbers >= 1e-6"),
     ("posthoc_on", "test", "posthoc_on must be 'val' or 'train'"),
+    ("vote_scale_on", "val", "posthoc_on='train' needs vote_scale_on='train'"),
 ])
 def test_demo_config_refuses_bad_settings_before_any_work(field, bad, says):
     from retrofit.demo import DemoConfig

@@ -75,6 +75,28 @@ def test_the_demo_runs_end_to_end_and_a_second_run_reuses_its_heads(mini_data, t
     for name in ("4", "5", "6", "7i", "7t"):  # the clean rows' adjustments: on the training images; 8r's: on val
         assert on_disk["rows"][name]["posthoc_chosen_on"] == "train", name
     assert on_disk["rows"]["8r"]["posthoc_chosen_on"] == "val"
+    # rows 4-7's adjustments are the training images' choice for their heads at the scale and temperature reported
+    from retrofit.demo_data import prepare
+    from retrofit.demo_heads import adjustment_on_training_images
+    from retrofit.demo_train import head_cache_dir
+    from retrofit.head import RetrievalHead
+
+    data = prepare(cfg)
+    try:
+        lp = data.log_prior(noisy=False)
+        shift = on_disk["rows"]["2"]["posthoc_adjustment"] * lp  # the heads are fed row 2's logits
+        for row, kb, modalities, vote in (("4", "in", "image+text", True), ("6", "ext", "image+text", True),
+                                          ("7i", "in", "image", False), ("7t", "in", "text", True)):
+            for seed, chosen in enumerate(on_disk["rows"][row]["seeds"]):
+                head = RetrievalHead.load(head_cache_dir(cfg, data, kb, seed, modalities, False, shift, vote),
+                                          store=data.kb(kb))
+                if vote:
+                    head.vote.set_temperature(chosen["vote_temperature"])
+                    head.vote.set_scale(chosen["vote_scale"])
+                got = adjustment_on_training_images(head, data, kb, False, shift, lp, cfg.posthoc)
+                assert chosen["posthoc_adjustment"] == got, (row, seed)
+    finally:
+        data.close()
     trained = ("4", "6", "7i", "7t", "8r")  # (row 5 is row 4's head)
     assert not any(on_disk["rows"][n]["reused"] for n in trained)
     heads = Path(doc["protocol"]["cache"]) / "heads"
@@ -127,6 +149,17 @@ def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
     assert noisy.sum() == sum(doc["protocol"]["counts"]) and not np.array_equal(noisy, doc["protocol"]["counts"])
 
 
+def test_report_names_keep_every_setting_apart():
+    """Each setting writes its own report: exact numbers (100.0000001 is not IF 100), the choice protocol."""
+    assert DemoConfig().results_stem == DemoConfig(imbalance_factor=100).results_stem == "cifar10_lt"
+    assert DemoConfig(imbalance_factor=100.0000001).results_stem == "cifar10_lt_if100.0000001"
+    assert DemoConfig(noise_rate=0.2).results_stem != DemoConfig(noise_rate=0.2000001).results_stem
+    assert DemoConfig(imbalance_factor=1234567).results_stem == "cifar10_lt_if1234567"
+    assert DemoConfig(posthoc_on="val").results_stem == "cifar10_lt_posthoc_val"
+    assert DemoConfig(vote_scale_on="val", posthoc_on="val").results_stem == "cifar10_lt_scale_val"
+    assert DemoConfig(ext_labels="captions", imbalance_factor=50).results_stem == "cifar10_lt_if50_ext_captions"
+
+
 def test_the_data_cache_key_reads_numbers_as_numbers():
     """``imbalance_factor=10`` and ``10.0`` (the CLI's float) are one cache entry (encoding 60,000 images again
     for an int was the cost); the defaults keep the entry they had; another setting gets another entry."""
@@ -145,11 +178,13 @@ def test_the_noisy_row_keeps_its_adjustment_on_validation(mini_data, tmp_path):
     are noisy, keeps the validation choice: its figures are those of posthoc_on="val"."""
     got = {}
     for where in ("train", "val"):
-        doc = run_demo(_config(mini_data, tmp_path, rows=("8r",), seeds=1, plot=False, posthoc_on=where,
-                               results_dir=str(tmp_path / where)))
+        cfg = _config(mini_data, tmp_path, rows=("8r",), seeds=1, plot=False, posthoc_on=where,
+                      results_dir=str(tmp_path / where))
+        doc = run_demo(cfg)
         got[where] = doc["rows"]["8r"]
         assert got[where]["posthoc_chosen_on"] == "val"
-        md = (tmp_path / where / "cifar10_lt_if10.md").read_text()
+        assert cfg.results_stem == "cifar10_lt_if10" + ("_posthoc_val" if where == "val" else "")
+        md = (tmp_path / where / f"{cfg.results_stem}.md").read_text()
         assert ("rows 4-7's: on the long-tail training images" in md) == (where == "train")
     drop = {"train_s", "reused"}  # (their figures are the same too)
     assert {k: v for k, v in got["train"].items() if k not in drop} == {k: v for k, v in got["val"].items()

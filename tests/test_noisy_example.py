@@ -42,7 +42,7 @@ def test_noisy_labels_example_small(mini_data, tmp_path):
     assert [s["vote_weight"] for s in as_trained] == [s["vote_weight"] for s in on_in]  # the same heads, moved
     for s in rows["8r head + KB_ext_noisy swapped in, vote weight chosen on val"]["seeds"]:
         assert s["vote_weight"] in ex.WEIGHTS and s["posthoc_adjustment"] in mini_settings(mini_data)["posthoc"]
-    assert "| 8h: noisy host + logit adjustment |" in ex.table(doc)
+    assert "| 8h: noisy host + logit adjustment |" in ex.table(doc) and "40% symmetric label noise" in ex.table(doc)
     json.dumps(doc, default=float)  # what main() prints
 
     # KB_ext_noisy = the noisy KB_in, then the pool with its own labels

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
     cfg.vote_scale_on = args.vote_scale_on
-    cfg.posthoc_on = args.posthoc_on
+    # (default: where the vote scale is chosen; with --vote-scale-on val the adjustment goes with the scale)
+    cfg.posthoc_on = args.posthoc_on or ("val" if args.vote_scale_on == "val" else "train")
     cfg.ext_labels = args.ext_labels
     cfg.progress = not args.quiet
     t = time.perf_counter()
@@ -46,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="CIFAR-10-LT end to end: host, logit adjustment, kNN, retrofit head, KB swap, ablations, label noise",
         description="Run the CIFAR-10-LT (IF=100 by default) report on the real offline data with the frozen Tiny "
-                    "Darknet host: prints the table and writes results/cifar10_lt.{md,json,png}. Embeddings and "
-                    "knowledge bases are cached (first run encodes ~60,000 images). Example: retrofit demo --seeds 3",
+                    "Darknet host: prints the table and writes results/cifar10_lt[_SETTINGS].{md,json,png}. "
+                    "Embeddings and knowledge bases are cached (first run encodes ~60,000 images). "
+                    "Example: retrofit demo --seeds 3",
     )
     p.add_argument("--seeds", type=int, default=None, help="head-training seeds; > 1 gives mean ± std (default 1)")
     p.add_argument("--rows", default=None,
@@ -75,10 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "
                         "cross-fitted host logits) or on the 200 validation images (noisier)")
-    p.add_argument("--posthoc-on", choices=("val", "train"), default="train",
-                   help="choose the post-hoc logit adjustment of rows 4-7 on the long-tail training images (default; "
-                        "after the vote scale) or on the 200 validation images (rows 2, 8h and 8r, whose training "
-                        "labels are noisy: always validation)")
+    p.add_argument("--posthoc-on", choices=("val", "train"), default=None,
+                   help="choose the post-hoc logit adjustment of rows 4-7 on the long-tail training images (default "
+                        "with --vote-scale-on train; after the vote scale) or on the 200 validation images (the "
+                        "baselines 2 and 8h, and 8r whose training labels are noisy: always validation)")
     p.add_argument("--ext-labels", choices=("dataset", "captions"), default="dataset",
                    help="labels of KB_ext's web-captioned records: CIFAR-10's own (default) or read from the captions "
                         "(zero-shot, as for a web corpus without labels); results go to cifar10_lt_ext_captions.*")
