@@ -165,8 +165,9 @@ class DemoConfig:
 
     @property
     def results_stem(self) -> str:
-        """File name stem of the results: ``cifar10_lt`` at the defaults; another imbalance factor, noise rate or
-        caption labels add ``_if50``, ``_noise0.2``, ``_ext_captions`` (one run does not overwrite another's report)."""
+        """File name stem of the results: ``cifar10_lt`` at the defaults; another imbalance factor, noise rate,
+        caption labels or choice protocol add ``_if50``, ``_noise0.2``, ``_ext_captions``, ``_scale_val`` /
+        ``_posthoc_val`` (one run does not overwrite another's report)."""
         return ("cifar10_lt" + (f"_if{_exact(self.imbalance_factor)}" if self.imbalance_factor != 100 else "")
                 + (f"_noise{_exact(self.noise_rate)}" if self.noise_rate != 0.4 else "")
                 + ("_ext_captions" if self.ext_labels == "captions" else "")
@@ -288,9 +289,9 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
         else:
             val = head_logits(head, data, eval_kb, "val", noisy, shift[noisy])
             a = choose_adjustment(val, yv, lp, cfg.posthoc)
-        if cfg.posthoc_on == "train" and not noisy:  # (the vote at the scale and temperature chosen above)
-            a = adjustment_on_training_images(head, data, eval_kb, noisy, shift[noisy], lp, cfg.posthoc)
         info["posthoc_chosen_on"] = "train" if cfg.posthoc_on == "train" and not noisy else "val"
+        if info["posthoc_chosen_on"] == "train":  # (the vote at the scale and temperature chosen above)
+            a = adjustment_on_training_images(head, data, eval_kb, noisy, shift[noisy], lp, cfg.posthoc)
         test = head_logits(head, data, eval_kb, "test", noisy, shift[noisy])
         finish(name, val, test, lp, info, counts, a)
         if head.vote is not None:

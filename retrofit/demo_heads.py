@@ -75,6 +75,6 @@ def adjustment_on_training_images(head: Any, data: DemoData, kb: str, noisy: boo
     labels the head trains on: noisy with ``noisy``); ties: the smallest |a|."""
     from retrofit.demo_rules import balanced_top1
 
-    fs = _features(head, data, kb, "lt", noisy, shift)
     logits = head_logits(head, data, kb, "lt", noisy, shift)
-    return max((balanced_top1(logits - a * log_prior, fs.labels), -abs(a), a) for a in grid)[2]
+    labels = data.train_features(kb, noisy=noisy).labels  # (cached by DemoData)
+    return max((balanced_top1(logits - a * log_prior, labels), -abs(a), a) for a in grid)[2]
