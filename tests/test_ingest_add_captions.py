@@ -28,7 +28,8 @@ def test_kb_add_reads_labels_from_captions(tmp_path, mini_samples, cifar_classes
     assert rc == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     recs = _records(tmp_path / "kb")
-    assert [(r["id"], r["label"], r["source"]) for r in recs[:20]] == [(r["id"], r["label"], r["source"]) for r in before]
+    kept = [(r["id"], r["label"], r["source"]) for r in recs[:20]]
+    assert kept == [(r["id"], r["label"], r["source"]) for r in before]
     assert len(recs) == 60 and out["written"] == 40
     added, truth = [r["label"] for r in recs[20:]], [m["label"] for m in mini_samples[20:60]]
     read = [n for n in range(40) if (20 + n) % 10]  # every tenth row has a (wrong) label of its own
