@@ -372,8 +372,11 @@ def set_whitening(path: Path, shrinkage: float) -> None:
     has another: ``compact`` rebuilds the index from the records (they do not change), fitted on its own keys."""
     from retrofit.knowledge_base import KnowledgeBase
 
+    with KnowledgeBase.open(path) as kb:  # read-only: another run may read it meanwhile (one writer at a time)
+        if kb.info()["index"]["config"]["whiten"] == shrinkage:
+            return
     with KnowledgeBase.open(path, readonly=False) as kb:
-        if kb.info()["index"]["config"]["whiten"] != shrinkage:
+        if kb.info()["index"]["config"]["whiten"] != shrinkage:  # (another writer may have set it since)
             log.info("%s: index rebuilt with key whitening %g", path, shrinkage)
             kb.compact(whiten=shrinkage)
 

@@ -189,3 +189,28 @@ def test_the_noisy_row_keeps_its_adjustment_on_validation(mini_data, tmp_path):
     drop = {"train_s", "reused"}  # (their figures are the same too)
     assert {k: v for k, v in got["train"].items() if k not in drop} == {k: v for k, v in got["val"].items()
                                                                          if k not in drop}
+
+
+def test_a_prepared_cache_is_read_while_another_writer_holds_its_kbs(mini_data, tmp_path):
+    """Preparing the demo's data a second time only reads the built knowledge bases (a second run, or a script
+    beside a running demo, is not refused for a writer it does not need); changing a KB's whitening takes the
+    writer's lock and says so when another holds it."""
+    from retrofit.demo_data import prepare
+    from retrofit.errors import KnowledgeBaseError
+    from retrofit.knowledge_base import KnowledgeBase
+
+    cfg = _config(mini_data, tmp_path, seeds=1)
+    prepare(cfg).close()
+    root = next((tmp_path / "cache").glob("*/kb_ext")).parent
+    held = [KnowledgeBase.open(root / name, readonly=False) for name in ("kb_in", "kb_ext", "kb_in_noisy")]
+    try:
+        again = prepare(cfg)
+        assert len(again.kb("ext")) == len(held[1]) and again.kb("ext").info()["index"]["config"]["whiten"] == 0.1
+        again.close()
+        with pytest.raises(KnowledgeBaseError, match="already open for writing in this process"):
+            prepare(_config(mini_data, tmp_path, seeds=1, whiten_ext=0.3))
+    finally:
+        for kb in held:
+            kb.close()
+    assert prepare(_config(mini_data, tmp_path, seeds=1, whiten_ext=0.3)).kb("ext").info()["index"]["config"][
+        "whiten"] == 0.3
