@@ -22,7 +22,7 @@ from retrofit.demo_data import DemoData
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["head_cache_dir", "shifted", "train_head"]
+__all__ = ["head_cache_dir", "head_epochs", "new_head", "shifted", "train_config", "train_head"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalitie
                 vote: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """Train a RetrievalHead with the library's trainer on the long-tail features with neighbours from ``kb``
     (``vote``: give it the label vote; None = ``cfg.label_vote``)."""
-    from retrofit.head import HeadConfig, RetrievalHead
-    from retrofit.training import TrainConfig, train
+    from retrofit.head import RetrievalHead
+    from retrofit.training import train
 
     store = data.kb(kb)
     fs = shifted(data.train_features(kb, noisy=noisy), shift)
@@ -52,26 +52,49 @@ def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalitie
         log.info("head for kb %s (%s, seed %d) loaded from %s (trained in %.1f s)", kb, modalities, seed, cached,
                  info["train_s"])
         return head, {**info, "reused": True}
-    hc = HeadConfig(query_dim=fs.z.shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
+    head = new_head(cfg, data, kb, seed, modalities, use_vote)
+    tc = train_config(cfg, kb, seed)
+    t0 = time.perf_counter()
+    result = train(head, fs, tc, store=store)
+    info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
+            "epochs": tc.epochs, "final_loss": result.history[-1]["train_loss"] if result.history else None}
+    result.head.save(cached)  # the trained vote (scale 1); the post-hoc scale is chosen per row afterwards
+    (cached / "info.json").write_text(json.dumps(info))  # written last: marks a complete entry
+    return result.head, {**info, "reused": False}
+
+
+def head_epochs(cfg: DemoConfig, kb: str) -> int:
+    """Training epochs of a head trained with neighbours from ``kb``: ``cfg.epochs_ext`` for KB_ext (when set),
+    else ``cfg.epochs``."""
+    return cfg.epochs_ext if kb == "ext" and cfg.epochs_ext is not None else cfg.epochs
+
+
+def new_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str = "image+text",
+             vote: bool = True) -> Any:
+    """An untrained demo head over ``kb`` (parameters drawn with ``seed``): what :func:`train_head` trains."""
+    from retrofit.head import HeadConfig, RetrievalHead
+
+    store = data.kb(kb)
+    hc = HeadConfig(query_dim=data.tensors["z_lt"].shape[1], image_dim=store.image_dim, text_dim=store.text_dim,
                     num_classes=data.num_classes, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, k=cfg.k,
-                    modalities=modalities, label_vote=use_vote, vote_balance=use_vote and cfg.balance_vote,
-                    vote_form=cfg.vote_form if use_vote else "log",
+                    modalities=modalities, label_vote=vote, vote_balance=vote and cfg.balance_vote,
+                    vote_form=cfg.vote_form if vote else "log",
                     mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, class_names=data.class_names,
                     query_fingerprint=store.fingerprint.key,
                     image_fingerprint=store.fingerprint.image, text_fingerprint=store.fingerprint.text)
     torch.manual_seed(seed)
-    head = RetrievalHead(hc, store)  # with vote_balance, attaching divides the vote by the KB's class counts
-    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la,
-                     class_balance=cfg.class_balance,
-                     mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
-                     seed=seed, device="cpu", progress=cfg.progress)
-    t0 = time.perf_counter()
-    result = train(head, fs, tc, store=store)
-    info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
-            "final_loss": result.history[-1]["train_loss"] if result.history else None}
-    result.head.save(cached)  # the trained vote (scale 1); the post-hoc scale is chosen per row afterwards
-    (cached / "info.json").write_text(json.dumps(info))  # written last: marks a complete entry
-    return result.head, {**info, "reused": False}
+    return RetrievalHead(hc, store)  # with vote_balance, attaching divides the vote by the KB's class counts
+
+
+def train_config(cfg: DemoConfig, kb: str, seed: int, epochs: int | None = None) -> Any:
+    """The demo's :class:`retrofit.training.TrainConfig` for a head over ``kb`` (``epochs``: instead of
+    :func:`head_epochs`)."""
+    from retrofit.training import TrainConfig
+
+    return TrainConfig(epochs=head_epochs(cfg, kb) if epochs is None else epochs, lr=cfg.lr,
+                       batch_size=cfg.batch_size, loss="lace", tau_la=cfg.tau_la, class_balance=cfg.class_balance,
+                       mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing, seed=seed, device="cpu",
+                       progress=cfg.progress)
 
 
 # modules whose source keys the cache of trained heads: the head, its training, and this module. The DemoConfig
@@ -97,6 +120,7 @@ def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modaliti
     settings = {n: getattr(cfg, n) for n in ("k", "dim", "depth", "heads", "mlp_ratio", "dropout", "balance_vote",
                                              "epochs", "lr", "batch_size", "tau_la", "class_balance", "mixup_alpha",
                                              "label_smoothing", "host_weight_decay", "vote_form")}
+    settings["epochs"] = head_epochs(cfg, kb)  # (the epochs this head trains for)
     whiten = cfg.whiten_ext if kb == "ext" else cfg.whiten_in  # of the KB it trains on
     if whiten:  # (absent at 0: heads cached before the option keep their keys)
         settings["whiten"] = whiten

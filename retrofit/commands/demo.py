@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig()
     over = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "results_dir": args.results_dir,
-            "seeds": args.seeds, "epochs": args.epochs, "k": args.k, "dim": args.dim, "depth": args.depth,
+            "seeds": args.seeds, "epochs": args.epochs, "epochs_ext": args.epochs_ext, "k": args.k, "dim": args.dim,
+            "depth": args.depth,
             "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext, "vote_form": args.vote_form,
             "imbalance_factor": args.imbalance_factor, "noise_rate": args.noise_rate}
     for name, value in over.items():
@@ -63,7 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "usual settings); results go to cifar10_lt_if<IF>.*")
     p.add_argument("--noise-rate", type=float, default=None, metavar="RATE",
                    help="symmetric label noise of row 8 (default 0.4); results go to cifar10_lt_noise<RATE>.*")
-    p.add_argument("--epochs", type=int, default=None, help="head-training epochs")
+    p.add_argument("--epochs", type=int, default=None, help="head-training epochs (default 10)")
+    p.add_argument("--epochs-ext", type=int, default=None, metavar="N",
+                   help="epochs of the head trained with KB_ext, row 6 (default 1: chosen by cross-validation on the "
+                        "long-tail images; retrofit.demo_cv)")
     p.add_argument("--k", type=int, default=None, help="neighbours per query")
     p.add_argument("--dim", type=int, default=None, help="head width d")
     p.add_argument("--depth", type=int, default=None, help="cross-fusion layers L")

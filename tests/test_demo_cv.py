@@ -1,0 +1,122 @@
+"""Cross-validated training length of the demo's heads (retrofit.demo_cv, examples/cifar10_lt_epochs_cv.py) and the
+KB_ext heads' own epochs (DemoConfig.epochs_ext), on the miniature copy of the real data (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mini_settings
+
+from retrofit.demo import DemoConfig, run_demo
+from retrofit.demo_cv import cross_validate_epochs, fold_of_each, out_of_fold_logits
+from retrofit.demo_data import prepare
+from retrofit.demo_rules import balanced_top1
+from retrofit.demo_train import head_cache_dir, head_epochs, new_head, train_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10_lt_epochs_cv.py"
+
+
+def _cfg(mini_data: Path, tmp: Path, **kw) -> DemoConfig:
+    return DemoConfig(**{**mini_settings(mini_data), "cache_dir": str(tmp / "cache"),
+                         "results_dir": str(tmp / "results"), **kw})
+
+
+def test_folds_hold_a_share_of_every_class():
+    y = torch.tensor([0] * 23 + [1] * 7 + [2] * 2 + [3] * 50)
+    f = fold_of_each(y, 5, seed=3)
+    assert f.min() == 0 and f.max() == 4
+    for c, n in ((0, 23), (1, 7), (2, 2), (3, 50)):
+        per = torch.bincount(f[y == c], minlength=5)
+        assert per.sum() == n and per.max() - per.min() <= 1, (c, per)
+    sizes = torch.bincount(f, minlength=5)
+    assert sizes.max() - sizes.min() <= 1  # remainders spread over the folds, not all in fold 0
+    assert torch.equal(f, fold_of_each(y, 5, seed=3)) and not torch.equal(f, fold_of_each(y, 5, seed=4))
+    with pytest.raises(ValueError, match="folds must be an int >= 2"):
+        fold_of_each(y, 1)
+
+
+def test_out_of_fold_logits_come_from_heads_that_never_saw_them(mini_data, tmp_path):
+    cfg = _cfg(mini_data, tmp_path, vote_temperatures=(0.1,), vote_scales=(1.0, 2.0))
+    data = prepare(cfg)
+    try:
+        oof = out_of_fold_logits(cfg, data, "in", "ext", 2, seed=0, folds=3)
+        assert set(oof) == {(t, s) for t in ("trained", 0.1) for s in (1.0, 2.0)}
+        n = len(data.split.lt)
+        for logits in oof.values():
+            assert logits.shape == (n, data.num_classes) and torch.isfinite(logits).all()
+            assert (logits != 0).any(1).all()  # every image scored
+        # fold 1's rows are what a head trained on the other folds gives, with KB_ext's neighbours
+        from retrofit.training import predict_logits, train
+
+        fs = data.train_features("in")
+        fold = fold_of_each(fs.labels, 3)
+        fit, held = (fold != 1).nonzero().flatten(), (fold == 1).nonzero().flatten()
+        head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0, 2),
+                     store=data.kb("in")).head
+        head.attach(data.kb("ext"))
+        want = predict_logits(head, data.train_features("ext").subset(held), data.kb("ext"), device="cpu")["logits"]
+        torch.testing.assert_close(oof[("trained", 1.0)][held], want)
+        # a head trained on every image (fold 1 included) scores fold 1 otherwise
+        whole = train(new_head(cfg, data, "in", 0), fs, train_config(cfg, "in", 0, 2), store=data.kb("in")).head
+        whole.attach(data.kb("ext"))
+        seen = predict_logits(whole, data.train_features("ext").subset(held), data.kb("ext"), device="cpu")["logits"]
+        assert not torch.allclose(seen, want)
+        res = cross_validate_epochs(cfg, data, "in", "ext", epochs=(1, 2), seeds=(0, 1), folds=3)
+        assert sorted(res) == [1, 2]
+        for r in res.values():
+            assert [s["seed"] for s in r["seeds"]] == [0, 1]
+            assert r["balanced_top1"] == pytest.approx(sum(s["balanced_top1"] for s in r["seeds"]) / 2)
+            assert all(0.0 < s["balanced_top1"] <= 1.0 and s["adjustment"] in cfg.posthoc for s in r["seeds"])
+        # the figure is the best over the grids of the out-of-fold logits above (the same heads: CPU is deterministic)
+        lp = data.log_prior()
+        from retrofit.demo_rules import choose_adjustment
+
+        shift = choose_adjustment(data.host_logits("val"), data.labels("val"), lp,
+                                  tuple(x for x in cfg.posthoc if x >= 0)) * lp
+        again = out_of_fold_logits(cfg, data, "in", "ext", 2, seed=0, folds=3, shift=shift)
+        best = max(balanced_top1(v - a * lp, fs.labels) for v in again.values() for a in cfg.posthoc)
+        assert res[2]["seeds"][0]["balanced_top1"] == pytest.approx(best)
+        with pytest.raises(ValueError, match="epochs must be positive ints"):
+            cross_validate_epochs(cfg, data, "in", epochs=(0,))
+    finally:
+        data.close()
+
+
+def test_the_kb_ext_head_trains_for_its_own_epochs(mini_data, tmp_path):
+    cfg = _cfg(mini_data, tmp_path, epochs=2, epochs_ext=1, rows=("4", "6"), plot=False)
+    assert (head_epochs(cfg, "in"), head_epochs(cfg, "ext"), head_epochs(cfg, "in_noisy")) == (2, 1, 2)
+    doc = run_demo(cfg)
+    assert doc["rows"]["4"]["epochs"] == 2 and doc["rows"]["6"]["epochs"] == 1
+    assert "2 epochs (1 for the head trained with KB_ext)" in (tmp_path / "results" / "cifar10_lt_if10.md").read_text()
+    data = prepare(cfg)
+    try:  # the cache key follows the epochs a head trains for, not the field that set them
+        key = lambda c, kb: head_cache_dir(c, data, kb, 0, "image+text", False, None, True)  # noqa: E731
+        same = _cfg(mini_data, tmp_path, epochs=2, epochs_ext=None)
+        assert key(cfg, "in") == key(same, "in") and key(cfg, "ext") != key(same, "ext")
+        assert key(cfg, "ext") == key(_cfg(mini_data, tmp_path, epochs=1, epochs_ext=None), "ext")
+    finally:
+        data.close()
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="epochs_ext must be a positive int or None"):
+            _cfg(mini_data, tmp_path, epochs_ext=bad).validate()
+
+
+def test_the_epochs_cv_example_small(mini_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("cifar10_lt_epochs_cv", EXAMPLE)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    args = ex.parse_args(["--kbs", "ext", "--epochs", "1,2", "--seeds", "1", "--folds", "2", "--cache-dir",
+                          str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")])
+    doc = ex.run(args, **{k: v for k, v in mini_settings(mini_data).items()})
+    saved = json.loads((tmp_path / "results" / "cifar10_lt_epochs_cv.json").read_text())
+    assert saved == json.loads(json.dumps(doc)) and sorted(doc["kbs"]["ext"]) == ["1", "2"]
+    lines = ex.table(doc).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| ext | 1 | ")
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--kbs", "both"])
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--epochs", "0,3"])
