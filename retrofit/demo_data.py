@@ -11,7 +11,7 @@ encoder settings):
   label read from its caption by :class:`retrofit.caption_labels.CaptionLabeller` (MiniLM, WordNet synonyms and
   glosses; -1 when no class is recognisable) instead of the dataset's label, and KB_in + that pool;
 - ``kb_in_noisy/``: KB_in with 40% symmetric label noise; its text follows the noisy labels;
-- ``features.safetensors``: validation / test embeddings; ``host-wd<WD>-f2.safetensors``: host classifier
+- ``features.safetensors``: validation / test embeddings; ``host-wd<WD>-f2-p2.safetensors``: host classifier
   logits (clean and noisy labels) on them and cross-fitted host logits of the training images.
 """
 
@@ -346,8 +346,9 @@ def prepare(cfg: Any) -> DemoData:
     times["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     # host logits depend on the probe's wd and, for the training images, on the folds of cross_fit_logits
-    # ("-f2": classes spread over the folds from where the previous class stopped; the earlier files started at 0)
-    host_path = root / f"host-wd{cfg.host_weight_decay:g}-f2.safetensors"
+    # ("-f2": classes spread over the folds from where the previous class stopped; the earlier files started at 0;
+    # "-p2": probes fitted to convergence in standardised coordinates, the earlier ones stopped at 100 iterations)
+    host_path = root / f"host-wd{cfg.host_weight_decay:g}-f2-p2.safetensors"
     host = _load_or_empty(host_path)
     for tag, y in (("", y_train[split.lt]), ("_noisy", noisy)):
         if f"host{tag}_lt" in host:

@@ -94,7 +94,7 @@ def test_the_kb_ext_head_trains_for_its_own_epochs(mini_data, tmp_path):
     assert "2 epochs (1 for the head trained with KB_ext)" in (tmp_path / "results" / "cifar10_lt_if10.md").read_text()
     data = prepare(cfg)
     try:  # the cache key follows the epochs a head trains for, not the field that set them
-        key = lambda c, kb: head_cache_dir(c, data, kb, 0, "image+text", False, None, True)  # noqa: E731
+        key = lambda c, kb: head_cache_dir(c, data, kb, 0, "image+text", False, None, True)
         same = _cfg(mini_data, tmp_path, epochs=2, epochs_ext=None)
         assert key(cfg, "in") == key(same, "in") and key(cfg, "ext") != key(same, "ext")
         assert key(cfg, "ext") == key(_cfg(mini_data, tmp_path, epochs=1, epochs_ext=None), "ext")
