@@ -114,19 +114,32 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
     """:func:`logits_by_vote_scale` for a ``vote_form="mix"`` vote: one pass at scale 0 gives the unmixed
     log-probabilities and the vote's; each candidate mixing logit ``u`` (the trained one plus ``log(scale)``, or
     ``logit(scale)`` with ``absolute``: then the scales are mixing weights in [0, 1]) is combined from them."""
-    from retrofit.fusion import mix_log_probs, mixing_logit
-    from retrofit.training import predict_logits
-
     if absolute and any(not 0.0 <= float(s) <= 1.0 for s in scales):
         raise ValueError(f"a vote_form='mix' vote's absolute weights are mixing weights in [0, 1], got "
                          f"{list(scales)!r}")
+    base, v = _unmixed(head, vote, features, store, predict_kw)
+    return _mixed(vote, base, v, scales, absolute)
+
+
+def _unmixed(head: nn.Module, vote: Any, features: Any, store: Any,
+             predict_kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mix vote's head at scale 0: (N, C) float64 log-probabilities without the vote, and the vote's."""
+    from retrofit.training import predict_logits
+
     kept = vote.scale.clone()
     try:
         vote.set_scale(0.0)
         out = predict_logits(head, features, store, **predict_kw)
     finally:
         vote.scale.copy_(kept)
-    base, v = out["logits"].double(), out["vote_log_probs"].double()  # (N, C) each; base = log_softmax(F)
+    return out["logits"].double(), out["vote_log_probs"].double()  # base = log_softmax(F)
+
+
+def _mixed(vote: Any, base: torch.Tensor, v: torch.Tensor, scales: Sequence[float],
+           absolute: bool = False) -> dict[float, torch.Tensor]:
+    """Each scale's logits from the unmixed log-probabilities ``base`` and the vote's ``v``, as the forward mixes."""
+    from retrofit.fusion import mix_log_probs, mixing_logit
+
     trained = float(vote.weight.detach()) * vote.gain
     res = {}
     for s in scales:
@@ -134,6 +147,34 @@ def _mixture_by_scale(head: nn.Module, vote: Any, features: Any, scales: Sequenc
         u = mixing_logit(s) if absolute else trained + float(np.log(s)) if s > 0 else -np.inf
         res[s] = mix_log_probs(base, v, torch.tensor(u, dtype=torch.float64)).float()  # what the forward does
     return res
+
+
+def _cached_vote_log_probs(model: nn.Module, features: Any, k: int) -> torch.Tensor:
+    """(N, C) float64: a mix vote's log-probabilities from the features' cached neighbour labels and scores alone,
+    as the forward computes them (``model``: the head as served with the KB, for a balanced vote's class prior),
+    without the fusion pass the vote does not depend on."""
+    ids = features.neighbor_ids[:, :k]
+    mask = ids >= 0  # (N, k): as neighbors_from_ids masks cached slots
+    dt = model.readout.fc.weight.dtype
+    dev = model.vote.log_temperature.device
+    scores = features.neighbor_scores[:, :k].masked_fill(~mask, float("-inf"))
+    labels = features.neighbor_labels[:, :k].masked_fill(~mask, -1)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ids), 4096):
+            sl = slice(s, s + 4096)
+            out.append(model.vote(labels[sl].to(dev), scores[sl].to(dev, torch.float32).to(dt), mask[sl].to(dev))
+                       .double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.config.num_classes, dtype=torch.float64)
+
+
+def _cached_width(head: nn.Module, features: Any, predict_kw: dict[str, Any]) -> int:
+    """How many cached neighbours per sample the head reads from ``features`` (0: none cached, or a live search)."""
+    if not getattr(features, "has_neighbors", False):
+        return 0
+    k = predict_kw.get("k")
+    k = k if k is not None else getattr(getattr(head, "config", None), "k", 32)
+    return min(int(k), int(features.neighbor_ids.shape[1]))
 
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
@@ -210,11 +251,26 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     by_t: dict[float, dict[float, float]] = {}
     # a candidate equal to the trained temperature up to its float32 storage (0.05 reads back as 0.0499999970) is it
     temps = [t for t in temps if abs(t - trained_t) > 1e-6 * trained_t]
+    # a mix vote over cached neighbours: one pass of the head, then each temperature's vote from the neighbours'
+    # labels and scores alone (the fused logits do not depend on the vote; a pass per temperature cost the demo
+    # 40 of its 70 s with cached heads)
+    cached_k = _cached_width(head, features, predict_kw) if form == "mix" else 0
+    served = None
+    if cached_k:
+        from retrofit.prediction import serving_view
+
+        served = serving_view(head, store if store is not None else getattr(head, "store", None))
+    base = None
     try:
         for t in temps + [trained_t]:  # (the trained one last: ties go to it by the key below, not by order)
             if t != trained_t:
                 vote.set_temperature(t)
-            logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
+            if served is not None:
+                if base is None:
+                    base = _unmixed(head, vote, features, store, predict_kw)[0]
+                logits = _mixed(vote, base, _cached_vote_log_probs(served, features, cached_k), cand)
+            else:
+                logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
             by_t[t] = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
             with torch.no_grad():
                 vote.log_temperature.copy_(kept_t)

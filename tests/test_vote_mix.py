@@ -334,3 +334,57 @@ def test_a_mix_head_on_cuda_matches_the_cpu(seed):
     got = head.cuda()(z.cuda(), host.cuda(), neighbors=nb.to("cuda")).logits
     assert torch.isneginf(got[:, 3]).all()
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_choosing_a_mix_votes_temperature_over_cached_neighbours_scores_as_full_passes(tmp_path, seed):
+    """Over cached neighbours a mix vote's temperatures are scored from one pass of the head (the fused logits do
+    not depend on the vote) and each temperature's vote from the neighbours' labels and scores: the same logits as a
+    full pass per (temperature, scale), also scored with another KB than the head's (its class prior balances)."""
+    from retrofit.calibration import _cached_vote_log_probs, _mixed, _unmixed
+    from retrofit.feature_cache import retrieve
+    from retrofit.prediction import serving_view
+    from retrofit.store import InMemoryStore
+
+    g = torch.Generator().manual_seed(seed)
+
+    def store(counts):
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        st = InMemoryStore(DQ, DI, DT)
+        x = torch.randn(len(y), DQ, generator=g)
+        st.add(x, x[:, :DI], torch.randn(len(y), DT, generator=g), labels=y)
+        return st
+
+    home, other = store([8, 8, 8, 8, 8]), store([40, 20, 10, 6, 3])
+    head = _head(vote_balance=True, k=6)
+    head.attach(home)
+    with torch.no_grad():
+        head.readout.fc.weight.normal_(0, 0.3, generator=g)
+    head.vote.set_weight(0.4)
+    fs = FeatureSet(z=torch.randn(50, DQ, generator=g), labels=torch.randint(0, C, (50,), generator=g),
+                    host_logits=torch.randn(50, C, generator=g))
+    cached = retrieve(fs, other, 6)
+    trained_t = head.vote.temperature
+    scales = (0.0, 0.5, 1.0, 3.0)
+    base = _unmixed(head, head.vote, cached, other, {"device": "cpu"})[0]
+    votes = []
+    for t in (0.02, 0.3, trained_t):
+        head.vote.set_temperature(t)
+        v = _cached_vote_log_probs(serving_view(head, other), cached, 6)
+        votes.append(v)
+        fast = _mixed(head.vote, base, v, scales)
+        for s in scales:
+            head.vote.set_scale(s)
+            full = predict_logits(head, cached, other, device="cpu")["logits"]
+            live = predict_logits(head, fs, other, device="cpu")["logits"]  # a live search: the same neighbours
+            torch.testing.assert_close(fast[s], full, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(full, live, rtol=1e-5, atol=1e-5)
+        head.vote.set_scale(1.0)
+    assert not torch.allclose(votes[0], votes[1], atol=1e-3)  # the temperature matters here
+    assert head.store is home  # scored with `other` through a view; the head stays attached to its own KB
+    head.vote.set_temperature(trained_t)
+    a = choose_vote_scale(head, cached, other, scales=scales, temperatures=(0.02, 0.3), apply=False, device="cpu")
+    b = choose_vote_scale(head, fs, other, scales=scales, temperatures=(0.02, 0.3), apply=False, device="cpu")
+    assert a.scores_by_temperature.keys() == b.scores_by_temperature.keys()
+    for t, scores in a.scores_by_temperature.items():
+        assert scores == pytest.approx(b.scores_by_temperature[t])
+    assert (a.scale, a.temperature) == (b.scale, b.temperature)
