@@ -120,9 +120,9 @@ class DemoConfig:
     epochs: int = 10  # head-training epochs
     # Epochs of the heads trained with KB_ext (row 6; None = ``epochs``), chosen by 5-fold cross-validation on the
     # long-tail training images (retrofit.demo_cv, examples/cifar10_lt_epochs_cv.py; 23 Nov): over KB_ext the
-    # head's readout overfits its training images from the second epoch on (out-of-fold balanced top-1 71.5% at 1
-    # epoch, 71.0-71.1% at 3 and 10), over KB_in it does not (10 epochs best or level). The test figures of an
-    # epoch sweep (1-20) had been seen before that choice was run.
+    # head's readout overfits its training images from the second epoch on (out-of-fold balanced top-1 71.8% at 1
+    # epoch, 71.4-71.5% at 3 and 10), over KB_in it does not (10 epochs best). The test figures of an epoch sweep
+    # (1-20) had been seen before that choice was run.
     epochs_ext: int | None = 1
     lr: float = 5e-4  # peak learning rate (the paper's)
     batch_size: int = 256  # head-training batch size

@@ -34,18 +34,13 @@ log = logging.getLogger(__name__)
 
 def fold_of_each(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
     """(N,) fold index of each sample: every class dealt round-robin over the folds in a shuffled order (``seed``),
-    so each fold holds a fold's share of every class (a class of n samples: n // folds or one more)."""
+    so each fold holds a fold's share of every class (a class of n samples: n // folds or one more); the folds of
+    :func:`retrofit.linear_probe.stratified_folds`, which the host's cross-fitted logits use."""
+    from retrofit.linear_probe import stratified_folds
+
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    g = torch.Generator().manual_seed(seed)
-    fold = torch.empty(len(labels), dtype=torch.int64)
-    start = 0
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        fold[idx] = (torch.arange(len(idx)) + start) % folds  # remainders spread over the folds
-        start += len(idx)
-    return fold
+    return stratified_folds(torch.as_tensor(labels), folds, seed).to(torch.int64)
 
 
 def out_of_fold_logits(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str, epochs: int, seed: int, *,
