@@ -255,19 +255,17 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     # labels and scores alone (the fused logits do not depend on the vote; a pass per temperature cost the demo
     # 40 of its 70 s with cached heads)
     cached_k = _cached_width(head, features, predict_kw) if form == "mix" else 0
-    served = None
+    served = base = None
     if cached_k:
         from retrofit.prediction import serving_view
 
         served = serving_view(head, store if store is not None else getattr(head, "store", None))
-    base = None
+        base = _unmixed(head, vote, features, store, predict_kw)[0]  # (N, C): the same at every temperature
     try:
         for t in temps + [trained_t]:  # (the trained one last: ties go to it by the key below, not by order)
             if t != trained_t:
                 vote.set_temperature(t)
             if served is not None:
-                if base is None:
-                    base = _unmixed(head, vote, features, store, predict_kw)[0]
                 logits = _mixed(vote, base, _cached_vote_log_probs(served, features, cached_k), cand)
             else:
                 logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
