@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "nearness_to_one",
-           "score_logits"]
+           "one_se_choice", "paired_standard_error", "score_logits"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
 METRICS = ("top1", "balanced")
+RULES = ("best", "one_se")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class VoteScaleChoice:
     scores_by_temperature: dict[float, dict[float, float]] = field(default_factory=dict)
     form: str = "log"  # the vote's form (HeadConfig.vote_form): "mix" scales the odds of the mixing weight
     trained_logit: float = 0.0  # "mix": the logit of trained_weight (what weight_at adds log(scale) to)
+    rule: str = "best"  # "best": the best score; "one_se": the nearest to the trained vote within a standard error
+    best_by_score: tuple[float, float] = (0.0, 0.0)  # (temperature, scale) with the best score (= the choice: "best")
+    standard_error: float = 0.0  # "one_se": the paired standard error of the choice's score minus the best one's
 
     @property
     def at_largest(self) -> bool:
@@ -181,15 +185,53 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1
     """Top-1 of (N, C) ``logits`` (``metric="top1"``) or its mean over the classes present (``"balanced"``)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    hit = (logits.argmax(1) == labels).float()  # (N,)
+    return _score_hits((logits.argmax(1) == labels).double(), labels, metric)
+
+
+def _score_hits(hit: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """The mean of (N,) per-sample values ``hit`` (``"top1"``), or the mean of its per-class means (``"balanced"``)."""
     if metric == "top1":
         return float(hit.mean())
     return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
 
 
+def paired_standard_error(diff: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
+    """The standard error of ``metric``'s difference between two predictors scored on the same samples, from
+    their (N,) per-sample hit differences ``diff`` (in {-1, 0, 1}): pairing removes the samples both get right or
+    both get wrong. ``"balanced"`` adds each class's variance of the mean over its samples, weighted
+    ``1 / classes**2``; a class with one sample adds none."""
+    diff = diff.double()
+    if metric == "top1":
+        return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    classes = labels.unique()
+    var = sum(float(diff[labels == c].var()) / int((labels == c).sum()) for c in classes
+              if int((labels == c).sum()) > 1)
+    return math.sqrt(var) / len(classes)
+
+
 def nearness_to_one(scale: float) -> float:
     """Tie-break between vote scales: larger for scales nearer 1 (the trained vote), on a log scale."""
     return -abs(float(np.log(scale))) if scale > 0 else -np.inf
+
+
+def one_se_choice(hits: dict[tuple[float, float], torch.Tensor], labels: torch.Tensor, metric: str,
+                  top: tuple[float, float], trained_t: float) -> tuple[float, float, float]:
+    """The one-standard-error rule over (temperature, scale) candidates: ``hits`` maps each to its (N,) per-sample
+    hits, ``top`` is the one with the best score. Among the candidates whose score is within one paired standard
+    error of the best (the error of the difference to ``top``), the nearest to the trained vote: the smallest
+    ``|log scale| + |log(temperature / trained_t)|``, then the better score, the scale nearest 1, the trained
+    temperature. Returns (temperature, scale, that standard error)."""
+    score = {ts: _score_hits(h, labels, metric) for ts, h in hits.items()}
+    errors = {ts: paired_standard_error(h - hits[top], labels, metric) for ts, h in hits.items()}
+    near = [ts for ts in score if score[ts] >= score[top] - errors[ts] - 1e-12]
+
+    def distance(ts: tuple[float, float]) -> tuple[float, float, float, bool]:
+        t, s = ts
+        return (-nearness_to_one(s) + abs(float(np.log(t / trained_t))), -score[ts], -nearness_to_one(s),
+                t != trained_t)
+
+    t, s = min(near, key=distance)
+    return t, s, errors[(t, s)]
 
 
 def _numbers(values: Any, what: str, example: str, positive: bool = False) -> list[float]:
@@ -209,7 +251,8 @@ def _numbers(values: Any, what: str, example: str, positive: bool = False) -> li
 
 def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
                       scales: Sequence[float] = DEFAULT_SCALES, temperatures: Sequence[float] | None = None,
-                      metric: str = "top1", apply: bool = True, **predict_kw: Any) -> VoteScaleChoice:
+                      metric: str = "top1", rule: str = "best", apply: bool = True,
+                      **predict_kw: Any) -> VoteScaleChoice:
     """The multiplier of the head's learned vote weight (``LabelVote.set_scale``; a ``vote_form="mix"`` vote: of
     the odds of its mixing weight) with the best ``metric`` on
     labelled ``features`` (a FeatureSet with labels >= 0: validation data, never the test set), ties broken
@@ -219,6 +262,12 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     the trained one, jointly with the scale (ties: the scale nearest 1, then the trained temperature, then the
     temperature nearest it). A head moved
     to a denser knowledge base often does better with a softer vote than its training KB taught.
+
+    ``rule``: ``"best"`` takes the best score; ``"one_se"`` takes, among the candidates whose score is within one
+    paired standard error (:func:`paired_standard_error`) of the best one, the nearest to the trained vote (the
+    smallest ``|log scale| + |log(temperature / trained)|``; then the better score): the trained vote is kept
+    unless another is clearly better, where the best of many candidates on one labelled set tends to be chosen
+    for that set's noise (Breiman's one-standard-error rule).
 
     ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
     first so that a balanced vote is rebalanced for it). ``apply``: set the chosen scale on the head (else the
@@ -243,12 +292,14 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
         raise ValueError(f"temperatures must be >= 1e-6, got {list(temperatures)!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     form = getattr(vote, "form", "log")
     logit = float(vote.weight.detach()) * vote.gain  # "mix": of the mixing weight at scale 1
     trained = logit if form == "log" else _sigmoid(logit)
     trained_t = vote.temperature
     kept_t = vote.log_temperature.detach().clone()
-    by_t: dict[float, dict[float, float]] = {}
+    hits: dict[tuple[float, float], torch.Tensor] = {}  # (temperature, scale) -> (N,) 1.0 where top-1 is right
     # a candidate equal to the trained temperature up to its float32 storage (0.05 reads back as 0.0499999970) is it
     temps = [t for t in temps if abs(t - trained_t) > 1e-6 * trained_t]
     # a mix vote over cached neighbours: one pass of the head, then each temperature's vote from the neighbours'
@@ -269,18 +320,26 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
                 logits = _mixed(vote, base, _cached_vote_log_probs(served, features, cached_k), cand)
             else:
                 logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
-            by_t[t] = {s: score_logits(lg, labels, metric) for s, lg in logits.items()}
+            hits.update({(t, s): (lg.argmax(1) == labels).double() for s, lg in logits.items()})
             with torch.no_grad():
                 vote.log_temperature.copy_(kept_t)
     finally:
         with torch.no_grad():
             vote.log_temperature.copy_(kept_t)
 
+    score = {ts: _score_hits(h, labels, metric) for ts, h in hits.items()}
+    by_t: dict[float, dict[float, float]] = {}
+    for (t, s), v in score.items():
+        by_t.setdefault(t, {})[s] = v
+
     def key(ts: tuple[float, float]) -> tuple[float, float, bool, float]:
         t, s = ts
-        return by_t[t][s], nearness_to_one(s), t == trained_t, -abs(float(np.log(t / trained_t)))
+        return score[ts], nearness_to_one(s), t == trained_t, -abs(float(np.log(t / trained_t)))
 
-    best_t, best = max(((t, s) for t in by_t for s in cand), key=key)
+    top = max(score, key=key)
+    best_t, best, se = *top, 0.0
+    if rule == "one_se":
+        best_t, best, se = one_se_choice(hits, labels, metric, top, trained_t)
     if apply:
         vote.set_scale(best)
         if best_t != trained_t:
@@ -288,7 +347,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     choice = VoteScaleChoice(scale=best, metric=metric, scores=by_t[best_t], trained_weight=trained,
                              n=int(labels.numel()), temperature=best_t, trained_temperature=trained_t,
                              scores_by_temperature=by_t if temperatures is not None else {}, form=form,
-                             trained_logit=logit if form == "mix" else 0.0)
+                             trained_logit=logit if form == "mix" else 0.0, rule=rule, best_by_score=top,
+                             standard_error=se)
     if choice.at_largest:
         log.warning("the best vote scale is the largest candidate (%g): larger ones may score better; try scales "
                     "beyond it (`retrofit calibrate --scales`)", best)

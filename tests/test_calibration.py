@@ -235,3 +235,87 @@ def test_temperature_choice_prefers_the_trained_one_on_ties_and_restores_the_hea
     with pytest.raises(RuntimeError, match="interrupted"):
         choose_vote_scale(head, fs, kb, scales=(1.0,), temperatures=(0.01, 0.5), device="cpu")
     assert calls == [0.01, 0.5] and torch.equal(head.vote.log_temperature.detach(), before)
+
+
+def test_paired_standard_error_by_hand():
+    from retrofit.calibration import paired_standard_error
+
+    diff = torch.tensor([1.0, 0.0, 0.0, -1.0, 1.0, 0.0])
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    # top1: the sample standard deviation of the differences over sqrt(n)
+    assert paired_standard_error(diff, labels) == pytest.approx(float(diff.std()) / 6 ** 0.5)
+    # balanced: class 0 var 1/3 over 3 samples, class 1 var 2 over 2 samples, class 2 (one sample) adds none
+    assert paired_standard_error(diff, labels, "balanced") == pytest.approx((1 / 9 + 1) ** 0.5 / 3)
+    assert paired_standard_error(torch.zeros(6), labels, "balanced") == 0.0  # the same predictions: no error
+
+
+def test_one_se_rule_takes_the_nearest_to_the_trained_vote_within_a_standard_error(setting):
+    from retrofit.calibration import paired_standard_error
+
+    head, fs, kb = setting
+    scales, temps = (0.0, 0.5, 1.0, 2.0, 4.0, 16.0), (0.01, 0.5, 3.0)
+    best = choose_vote_scale(head, fs, kb, scales=scales, temperatures=temps, metric="balanced", apply=False,
+                             device="cpu")
+    one = choose_vote_scale(head, fs, kb, scales=scales, temperatures=temps, metric="balanced", rule="one_se",
+                            apply=False, device="cpu")
+    assert best.rule == "best" and one.rule == "one_se"
+    assert best.best_by_score == one.best_by_score == (best.temperature, best.scale)
+    assert one.scores_by_temperature == best.scores_by_temperature
+    # every (temperature, scale)'s hits from one pass, the standard error of its difference to the best by hand
+    trained_t = head.vote.temperature
+    hits = {}
+    for t in (trained_t, *temps):
+        head.vote.set_temperature(t)
+        for s in scales:
+            head.vote.set_scale(s)
+            hits[t, s] = (predict_logits(head, fs, kb, device="cpu")["logits"].argmax(1) == fs.labels).double()
+    top = best.best_by_score
+    top_score = best.scores_by_temperature[top[0]][top[1]]
+
+    def within(ts):
+        se = paired_standard_error(hits[ts] - hits[top], fs.labels, "balanced")
+        return best.scores_by_temperature[ts[0]][ts[1]] >= top_score - se - 1e-12
+
+    def distance(ts):
+        t, s = ts
+        far = abs(torch.tensor(s).log().item()) if s > 0 else float("inf")
+        return far + abs(torch.tensor(t / trained_t).log().item())
+
+    chosen = (one.temperature, one.scale)
+    assert within(chosen)
+    assert one.standard_error == pytest.approx(paired_standard_error(hits[chosen] - hits[top], fs.labels,
+                                                                     "balanced"))
+    # nothing nearer the trained vote is within a standard error of the best
+    assert all(not within(ts) for ts in hits if distance(ts) < distance(chosen) - 1e-9)
+    assert distance(chosen) <= distance(top) + 1e-9
+    with pytest.raises(ValueError, match="rule must be one of"):
+        choose_vote_scale(head, fs, kb, rule="smallest", device="cpu")
+
+
+def test_one_se_choice_keeps_the_trained_vote_unless_another_is_clearly_better():
+    from retrofit.calibration import one_se_choice
+
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    base = torch.tensor([1.0] * 6 + [0.0] * 4 + [1.0] * 6 + [0.0] * 4)  # the trained vote (t 0.1, scale 1): 60%
+    a_bit = base.clone()
+    a_bit[[6, 7]] = 1.0  # scale 2 gets two more right and one it had right wrong (all class 0): 65%
+    a_bit[0] = 0.0
+    a_lot = torch.ones(20)  # scale 8: every sample right
+    hits = {(0.1, 1.0): base, (0.1, 2.0): a_bit, (0.2, 1.0): base.clone()}
+    # the best (scale 2) is 5 points up on a paired standard error of ~8.8 (top1), ~9.0 (balanced): the trained
+    # vote is kept (and not its copy at another temperature, farther from the trained one)
+    assert one_se_choice(hits, labels, "top1", (0.1, 2.0), 0.1) == (0.1, 1.0, pytest.approx(0.0881, abs=1e-4))
+    assert one_se_choice(hits, labels, "balanced", (0.1, 2.0), 0.1) == (0.1, 1.0, pytest.approx(0.0897, abs=1e-4))
+    # trained at 0.2, where scale 1 gets the best's hits: taken (distance 0, no error)
+    hits[(0.2, 1.0)] = a_bit.clone()
+    assert one_se_choice(hits, labels, "top1", (0.1, 2.0), 0.2) == (0.2, 1.0, 0.0)
+    # 40 points up on ~11: clearly better; the trained vote is out, and so is scale 2 (35 points under it)
+    hits = {(0.1, 1.0): base, (0.1, 2.0): a_bit, (0.1, 8.0): a_lot}
+    assert one_se_choice(hits, labels, "top1", (0.1, 8.0), 0.1) == (0.1, 8.0, 0.0)
+    # equally near the trained vote (scales 0.5 and 2), both within a standard error of the best: the better score
+    swapped = a_bit.clone()
+    swapped[[6, 8]] = torch.tensor([0.0, 1.0])  # 65% as the best, on other samples
+    worse = swapped.clone()
+    worse[7] = 0.0  # 60%
+    hits = {(0.1, 0.5): worse, (0.1, 2.0): swapped, (0.1, 8.0): a_bit}
+    assert one_se_choice(hits, labels, "top1", (0.1, 8.0), 0.1)[:2] == (0.1, 2.0)

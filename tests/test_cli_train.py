@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import tarfile
 
@@ -294,6 +295,18 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     for bad in ("1,-2", "a,b", ","):
         assert main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--scales", bad]) == 1
         assert "--scales" in capsys.readouterr().err
+    # --rule one_se: within a standard error of the best, nearest the trained vote; the best by score reported
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3,9", "--quiet", "--json",
+                 "--rule", "one_se"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["rule"] == "one_se" and cal["rule"] == "best" and one["scores"] == cal["scores"]
+    assert one["best_by_score"][1] == cal["scale"]
+    assert one["scores"][str(one["scale"])] >= best - one["standard_error"] - 1e-12
+    assert abs(math.log(one["scale"])) <= abs(math.log(cal["scale"])) if one["scale"] > 0 else cal["scale"] == 0
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--rule", "widest"])
+    err = capsys.readouterr().err
+    assert "--rule" in err and "one_se" in err  # argparse names the allowed values
     # --temperatures: the (temperature, scale) pair chosen jointly, the temperature saved with the head
     saved_t = tmp_path / "head-cal-t"
     assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3", "--temperatures", "0.01,0.5",

@@ -232,7 +232,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     fs = _labelled_features(args, run, kb, head, "validation", "calibrate")
     host_clf = _head_inputs(run, head, fs)
     choice = choose_vote_scale(head, fs, kb, scales=scales, temperatures=temps, metric=args.metric,
-                               host_classifier=host_clf, device=args.device)
+                               rule=args.rule, host_classifier=host_clf, device=args.device)
     new_t = temps is not None and choice.temperature != choice.trained_temperature
     if args.save:
         head.save(args.save)
@@ -240,6 +240,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps({"scale": choice.scale, "metric": choice.metric, "n": choice.n,
                           "vote_form": choice.form, "trained_weight": choice.trained_weight, "weight": choice.weight,
                           "at_largest": choice.at_largest, "temperature": choice.temperature,
+                          "rule": choice.rule, "best_by_score": list(choice.best_by_score),
+                          "standard_error": choice.standard_error,
                           "trained_temperature": choice.trained_temperature,
                           "scores": {str(k): v for k, v in choice.scores.items()},
                           "scores_by_temperature": {str(t): {str(k): v for k, v in sc.items()}
@@ -255,6 +257,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
         print(f"| {s:g} | {choice.weight_at(s) + 0.0:.4g} | {100 * v:.2f}%{mark} |")  # (+0.0: no "-0")
+    if (choice.temperature, choice.scale) != choice.best_by_score:
+        t, s = choice.best_by_score
+        print(f"(one_se: the best score is at scale {s:g}, temperature {t:.4g}; the choice is within one paired "
+              f"standard error, {100 * choice.standard_error:.2f} points, and nearer the trained vote)")
     # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
@@ -414,6 +420,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "vote); kept with --save")
     p.add_argument("--metric", choices=("top1", "balanced"), default="top1",
                    help="top1, or balanced: mean per-class top-1 (default top1)")
+    p.add_argument("--rule", choices=("best", "one_se"), default="best",
+                   help="best: the best score; one_se: the candidate nearest the trained vote whose score is within "
+                        "one paired standard error of the best (steadier on a few hundred images) (default best)")
     p.add_argument("--save", default=None, metavar="DIR", help="write the head with the chosen scale here")
     p.add_argument("--no-cache", action="store_true", help="do not cache the validation features")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default RUN/cache)")
