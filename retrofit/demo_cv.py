@@ -27,7 +27,7 @@ from retrofit.demo_train import new_head, shifted, train_config
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["cross_validate_epochs", "fold_of_each", "out_of_fold_logits"]
+__all__ = ["cross_validate_epochs", "cross_validate_rules", "fold_of_each", "out_of_fold_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,63 @@ def cross_validate_epochs(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str
                              "adjustment": best[3]})
         result[ep] = {"balanced_top1": sum(r["balanced_top1"] for r in per_seed) / len(per_seed), "seeds": per_seed}
     return result
+
+
+def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Sequence[str] | None = None,
+                         rules: Sequence[str] = ("best", "one_se"), seeds: Sequence[int] = (0,),
+                         folds: int = 5) -> dict[str, dict[str, Any]]:
+    """Nested cross-validation of the demo's vote choice (:func:`retrofit.calibration.choose_vote_scale`'s
+    ``rule``): for each fold a head trained on the other folds (``cfg``'s epochs for ``kb``) makes the demo's
+    choices on the images it trained on (vote temperature and scale by ``rule`` on balanced top-1, then the
+    post-hoc adjustment), as the demo does on the whole long-tail set, and is scored on the held-out fold: the
+    out-of-fold balanced top-1 each rule leads to, per evaluation KB in ``eval_kbs`` (default ``kb``; the head is
+    attached to each, as row 5 moves row 4's head). Returns ``{eval_kb: {rule: {"balanced_top1", "seeds"}}}``."""
+    from retrofit.calibration import choose_vote_scale
+    from retrofit.demo_rules import balanced_top1, choose_adjustment
+    from retrofit.training import predict_logits, train
+
+    eval_kbs = list(eval_kbs or [kb])
+    lp = data.log_prior()
+    shift = None
+    if cfg.adjust_host:
+        a = choose_adjustment(data.host_logits("val"), data.labels("val"), lp, tuple(x for x in cfg.posthoc if x >= 0))
+        shift = a * lp
+    fs = shifted(data.train_features(kb), shift)
+    labels = fs.labels
+    fold = fold_of_each(labels, folds)
+    # eval_kb -> rule -> seed -> (N, C) out-of-fold logits at each fold's choices
+    oof = {e: {r: {s: torch.zeros(len(fs), data.num_classes) for s in seeds} for r in rules} for e in eval_kbs}
+    picks: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    for seed in seeds:
+        for f in range(folds):
+            t0 = time.perf_counter()
+            fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
+            head = new_head(cfg, data, kb, seed, "image+text", cfg.label_vote)
+            head = train(head, fs.subset(fit), train_config(cfg, kb, seed), store=data.kb(kb)).head
+            trained_t = head.vote.temperature
+            for e in eval_kbs:
+                store = data.kb(e)
+                if head.store is not store:
+                    head.attach(store)
+                fe = fs if e == kb else shifted(data.train_features(e), shift)
+                for rule in rules:
+                    c = choose_vote_scale(head, fe.subset(fit), store, scales=cfg.vote_scales,
+                                          temperatures=cfg.vote_temperatures or None, metric="balanced", rule=rule,
+                                          apply=True, device="cpu")
+                    on_fit = predict_logits(head, fe.subset(fit), store, device="cpu")["logits"]
+                    adj = max((balanced_top1(on_fit - x * lp, labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
+                    on_held = predict_logits(head, fe.subset(held), store, device="cpu")["logits"]
+                    oof[e][rule][seed][held] = on_held - adj * lp
+                    picks.setdefault((e, rule, seed), []).append((c.temperature, c.scale, adj))
+                    head.vote.set_scale(1.0)
+                    head.vote.set_temperature(trained_t)
+            log.info("rule CV %s, seed %d: fold %d/%d in %.1f s", kb, seed, f + 1, folds, time.perf_counter() - t0)
+    out: dict[str, dict[str, Any]] = {}
+    for e in eval_kbs:
+        out[e] = {}
+        for rule in rules:
+            per_seed = [{"seed": s, "balanced_top1": balanced_top1(oof[e][rule][s], labels),
+                         "choices": [list(p) for p in picks[(e, rule, s)]]} for s in seeds]
+            out[e][rule] = {"balanced_top1": sum(r["balanced_top1"] for r in per_seed) / len(per_seed),
+                            "seeds": per_seed}
+    return out

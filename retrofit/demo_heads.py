@@ -56,16 +56,18 @@ def logits_by_vote_scale(head: Any, data: DemoData, kb: str, split: str, noisy: 
 
 
 def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,
-                              scales: tuple[float, ...], temperatures: tuple[float, ...] | None = None) -> Any:
+                              scales: tuple[float, ...], temperatures: tuple[float, ...] | None = None,
+                              rule: str = "best") -> Any:
     """The vote scale (and, with ``temperatures``, the vote temperature) with the best balanced top-1 on the
     long-tail training images (neighbours from ``kb`` without their own entry, cross-fitted host logits); ties:
-    the scale nearest 1, the trained temperature. A :class:`retrofit.calibration.VoteScaleChoice`; the head is
-    left as it was."""
+    the scale nearest 1, the trained temperature; ``rule="one_se"``: the nearest to the trained vote within a
+    standard error of the best (:func:`retrofit.calibration.choose_vote_scale`). A
+    :class:`retrofit.calibration.VoteScaleChoice`; the head is left as it was."""
     from retrofit.calibration import choose_vote_scale
 
     fs = _features(head, data, kb, "lt", noisy, shift)
     return choose_vote_scale(head, fs, data.kb(kb), scales=scales, temperatures=temperatures, metric="balanced",
-                             apply=False, device="cpu")
+                             rule=rule, apply=False, device="cpu")
 
 
 def adjustment_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, shift: torch.Tensor | None,

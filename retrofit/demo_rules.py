@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrofit.calibration import nearness_to_one, score_logits
+from retrofit.calibration import nearness_to_one, paired_standard_error, score_logits
 
 __all__ = ["balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion", "group_metrics",
-           "knn_probs", "mean_std", "nearness_to_one", "top1"]
+           "knn_probs", "mean_std", "nearness_to_one", "paired_gap", "top1"]
 
 
 def group_metrics(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
@@ -105,3 +105,16 @@ def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                              "vote_temperature_trained")}
                       for r in runs]
     return first
+
+
+def paired_gap(row_hits: list[torch.Tensor], ref_hits: torch.Tensor) -> dict[str, Any]:
+    """How far a row's top-1 is above a reference's on the same test images: ``row_hits`` holds one (N,) 0/1 tensor
+    per seed, ``ref_hits`` the reference's. ``gap``: the seed-mean top-1 minus the reference's; ``se``: its paired
+    standard error over the test images (of the per-image difference between the seed-mean hit and the
+    reference's: what another draw of test images would move; seeds do not average it away); ``per_seed``: each
+    seed's gap."""
+    ref = ref_hits.double()
+    rows = torch.stack([h.double() for h in row_hits])  # (S, N)
+    diff = rows.mean(0) - ref
+    return {"gap": float(diff.mean()), "se": paired_standard_error(diff, torch.zeros_like(ref, dtype=torch.long)),
+            "per_seed": [float((r - ref).mean()) for r in rows]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_sources import make_shards, mini_samples, real_encoders  # noqa: F401  (mini_samples: fixture)
 
 from retrofit.cifar10_lt import (
@@ -184,6 +185,20 @@ def test_balanced_top1_weighs_classes_equally():
     assert balanced_top1(logits, labels) == pytest.approx(0.5)
     assert balanced_top1(torch.tensor([[0.0, 1.0]] * 5), labels) == pytest.approx(0.5)
     assert balanced_top1(torch.eye(2)[labels], labels) == pytest.approx(1.0)
+
+
+def test_paired_gap_by_hand():
+    from retrofit.demo_rules import paired_gap
+
+    ref = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)  # 50%
+    s0 = torch.tensor([1, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)  # 62.5%: one more
+    s1 = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0], dtype=torch.bool)  # 62.5%: two more, one fewer
+    g = paired_gap([s0, s1], ref)
+    assert g["gap"] == pytest.approx(0.125) and g["per_seed"] == pytest.approx([0.125, 0.125])
+    # per image, the seed-mean hit minus the reference's: [0, -.5, 1, .5, 0, 0, 0, 0]
+    d = torch.tensor([0, -0.5, 1, 0.5, 0, 0, 0, 0], dtype=torch.float64)
+    assert g["se"] == pytest.approx(float(d.std()) / 8 ** 0.5)
+    assert paired_gap([ref], ref) == {"gap": 0.0, "se": 0.0, "per_seed": [0.0]}
 
 
 def test_table_and_config_validation():

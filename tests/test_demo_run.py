@@ -64,6 +64,19 @@ def test_the_demo_runs_end_to_end_and_a_second_run_reuses_its_heads(mini_data, t
         assert on_disk["rows"][name]["top1_std"] == pytest.approx(np.std([s["top1"] for s in seeds], ddof=1),
                                                                   abs=1e-6), name
         assert all(s["posthoc_adjustment"] in cfg.posthoc for s in seeds), name
+    # the floors: each retrofitted row against row 2 and the fixed rule on its KB (8r: 8h), gap = the table's
+    # difference, the seeds' gaps around it, a standard error from the paired test images; in the report too
+    floors = on_disk["floors"]
+    assert {n: set(r) for n, r in floors.items()} == {"4": {"2", "g_in"}, "5": {"2", "g_ext"}, "6": {"2", "g_ext"},
+                                                      "7i": {"2", "g_in"}, "7t": {"2", "g_in"}, "8r": {"8h"}}
+    for name, refs in floors.items():
+        for ref, g in refs.items():
+            assert g["gap"] == pytest.approx(on_disk["rows"][name]["top1"] - on_disk["rows"][ref]["top1"], abs=1e-9)
+            assert g["per_seed"] == pytest.approx([s["top1"] - on_disk["rows"][ref]["top1"]
+                                                   for s in on_disk["rows"][name]["seeds"]], abs=1e-9)
+            assert 0.0 <= g["se"] <= 0.15, (name, ref)  # 100 test images: at most ~1 / sqrt(100) * 1.5
+    g4 = floors["4"]["2"]
+    assert f"row 4: row 2 {100 * g4['gap']:+.2f} ± {100 * g4['se']:.2f}, the KB_in rule" in md
     for name in _MIX_ROWS:  # the trained and the chosen mixing weights are weights
         for s in on_disk["rows"][name]["seeds"]:
             assert 0.0 < s["vote_weight_trained"] < 1.0, (name, s)
@@ -130,13 +143,16 @@ def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
     res = tmp_path / "results"
     argv = ["demo", "--data-dir", str(mini_data), "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(res),
             "--imbalance-factor", "10", "--noise-rate", "0.2", "--rows", "4,8r", "--epochs", "1", "--k", "4",
-            "--dim", "8", "--depth", "1", "--whiten-in", "0.1", "--vote-form", "log", "--no-plot", "--quiet"]
+            "--dim", "8", "--depth", "1", "--whiten-in", "0.1", "--vote-form", "log", "--vote-rule", "one_se",
+            "--no-plot", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| 4 | retrofit: head on KB_in (LACE) |" in out and "| 8r | noisy 20%: retrofit head on KB_in |" in out
     assert "40%" not in out
-    assert sorted(p.name for p in res.iterdir()) == ["cifar10_lt_if10_noise0.2.json", "cifar10_lt_if10_noise0.2.md"]
-    doc = json.loads((res / "cifar10_lt_if10_noise0.2.json").read_text())
+    stem = "cifar10_lt_if10_noise0.2_one_se"
+    assert sorted(p.name for p in res.iterdir()) == [f"{stem}.json", f"{stem}.md"]
+    doc = json.loads((res / f"{stem}.json").read_text())
+    assert doc["config"]["vote_rule"] == "one_se"
     c = doc["config"]
     assert (c["imbalance_factor"], c["noise_rate"], c["epochs"], c["k"], c["dim"], c["depth"]) == (10, 0.2, 1, 4, 8, 1)
     assert (c["whiten_in"], c["vote_form"], c["rows"], c["plot"], c["progress"]) == (0.1, "log", ["4", "8r"], False,
@@ -157,6 +173,9 @@ def test_report_names_keep_every_setting_apart():
     assert DemoConfig(imbalance_factor=1234567).results_stem == "cifar10_lt_if1234567"
     assert DemoConfig(posthoc_on="val").results_stem == "cifar10_lt_posthoc_val"
     assert DemoConfig(vote_scale_on="val", posthoc_on="val").results_stem == "cifar10_lt_scale_val"
+    assert DemoConfig(vote_rule="one_se").results_stem == "cifar10_lt_one_se"
+    with pytest.raises(ValueError, match="vote_rule must be 'best' or 'one_se', got 'widest'"):
+        DemoConfig(vote_rule="widest").validate()
     assert DemoConfig(ext_labels="captions", imbalance_factor=50).results_stem == "cifar10_lt_if50_ext_captions"
 
 

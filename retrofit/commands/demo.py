@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.plot = not args.no_plot
     cfg.reuse_heads = not args.retrain
     cfg.vote_scale_on = args.vote_scale_on
+    if args.vote_rule is not None:
+        cfg.vote_rule = args.vote_rule
     # (default: where the vote scale is chosen; with --vote-scale-on val the adjustment goes with the scale)
     cfg.posthoc_on = args.posthoc_on or ("val" if args.vote_scale_on == "val" else "train")
     cfg.ext_labels = args.ext_labels
@@ -81,6 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "
                         "cross-fitted host logits) or on the 200 validation images (noisier)")
+    p.add_argument("--vote-rule", choices=("best", "one_se"), default=None,
+                   help="how the vote scale and temperature are picked on the training images: the best score "
+                        "(default; chosen by nested cross-validation, examples/cifar10_lt_rule_cv.py) or one_se, the "
+                        "candidate nearest the trained vote within one paired standard error of the best; results "
+                        "then go to cifar10_lt_one_se.*")
     p.add_argument("--posthoc-on", choices=("val", "train"), default=None,
                    help="choose the post-hoc logit adjustment of rows 4-7 on the long-tail training images (default "
                         "with --vote-scale-on train; after the vote scale) or on the 200 validation images (the "
