@@ -48,10 +48,11 @@ from retrofit.demo_rules import (
     choose_adjustment,
     choose_scale_and_adjustment,
     fixed_fusion,
+    floor_gaps,
+    floors_markdown,
     group_metrics,
     knn_probs,
     mean_std,
-    paired_gap,
     top1,
 )
 
@@ -370,41 +371,6 @@ def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, di
     return out
 
 
-# the floors of the issue: each retrofitted row against row 2 and the fixed rule on the KB it reads (8r: 8h)
-_FLOORS = {"4": ("2", "g_in"), "5": ("2", "g_ext"), "6": ("2", "g_ext"), "7i": ("2", "g_in"), "7t": ("2", "g_in"),
-           "8r": ("8h",)}
-
-
-def _floors(fixed: dict[str, dict[str, Any]], per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Each retrofitted row's top-1 gap to its floors (:data:`_FLOORS`) with its paired standard error over the
-    test images (:func:`retrofit.demo_rules.paired_gap`); a gap under 0 is logged."""
-    out: dict[str, Any] = {}
-    for name, refs in _FLOORS.items():
-        runs = [r[name]["_hits"] for r in per_seed if name in r]
-        for ref in refs:
-            if not runs or ref not in fixed:
-                continue
-            g = out.setdefault(name, {})[ref] = paired_gap(runs, fixed[ref]["_hits"])
-            if g["gap"] < 0:
-                log.warning("row %s is %.2f points UNDER %s (paired s.e. %.2f over the test images): a learned head "
-                            "should not lose to it", name, -100 * g["gap"], "row " + ref if ref in ROWS else ref,
-                            100 * g["se"])
-    return out
-
-
-def _floors_md(floors: dict[str, Any], titles: dict[str, str]) -> str:
-    """The floors as a markdown paragraph: gap in points ± its paired standard error."""
-    if not floors:
-        return ""
-    parts = []
-    for name, refs in floors.items():
-        gaps = ", ".join(f"{'row ' + ref if ref in ROWS else 'the ' + ref.replace('g_', 'KB_') + ' rule'} "
-                         f"{100 * g['gap']:+.2f} ± {100 * g['se']:.2f}" for ref, g in refs.items())
-        parts.append(f"row {name}: {gaps}")
-    return ("\nGaps to the floors (top-1 points of the seed mean minus the floor's, ± paired standard error over "
-            "the test images): " + "; ".join(parts) + ".\n")
-
-
 def _exact(x: float) -> str:
     """``x`` in a file name, every digit kept (100.0000001 is not 100): ``10``, ``0.2``, ``1234567``."""
     r = repr(float(x))
@@ -446,7 +412,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     t_prep = time.perf_counter() - t0
     results = _fixed_rows(cfg, data, rows)
     per_seed = [_run_seed(cfg, data, s, rows) for s in range(cfg.seeds)]
-    floors = _floors(results, per_seed)
+    floors = floor_gaps(results, per_seed)
     for r in (*results.values(), *(x for seed in per_seed for x in seed.values())):
         r.pop("_hits", None)
     for name in sorted({n for r in per_seed for n in r}):
@@ -483,7 +449,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
           + ("the validation set" if cfg.vote_scale_on == "val"
              else "the long-tail training images (own entries excluded)")
           + f". KB_ext's pool labels: {_EXT_LABELS[cfg.ext_labels]}. Run time {seconds:.0f} s.\n"
-          + _floors_md(floors, titles))
+          + floors_markdown(floors))
     (out / f"{cfg.results_stem}.md").write_text(md)
     (out / f"{cfg.results_stem}.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     if cfg.plot:

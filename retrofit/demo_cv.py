@@ -1,4 +1,4 @@
-"""Cross-validated training length of the CIFAR-10-LT demo's heads (:mod:`retrofit.demo`).
+"""Cross-validated training length and vote-choice rule of the CIFAR-10-LT demo's heads (:mod:`retrofit.demo`).
 
 The long-tail training images are split into class-stratified folds; for each fold a head is trained on the others
 (the demo's head and trainer, :mod:`retrofit.demo_train`) and scores the held-out fold with neighbours from the
@@ -10,6 +10,11 @@ points on test moved validation by one image.
 
     from retrofit.demo_cv import cross_validate_epochs
     cross_validate_epochs(cfg, prepare(cfg), "ext", epochs=(1, 3, 10), seeds=(0, 1, 2))
+
+:func:`cross_validate_rules` nests the demo's choices instead: each fold's head chooses its vote scale and
+temperature (by ``choose_vote_scale``'s ``rule``) and adjustment on the folds it trained on, as the demo does on the
+whole long-tail set, and scores the held-out fold (``examples/cifar10_lt_rule_cv.py``; it chose
+``DemoConfig.vote_rule``).
 """
 
 from __future__ import annotations

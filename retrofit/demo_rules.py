@@ -7,6 +7,7 @@ learned head must beat, and the mean ± std over seeds.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,14 @@ import torch
 
 from retrofit.calibration import nearness_to_one, paired_standard_error, score_logits
 
+log = logging.getLogger("retrofit.demo")  # (the demo's warnings under the demo's name)
+
+# the issue's floors: each retrofitted row against row 2 and the fixed rule on the KB it reads (8r: 8h)
+FLOORS = {"4": ("2", "g_in"), "5": ("2", "g_ext"), "6": ("2", "g_ext"), "7i": ("2", "g_in"), "7t": ("2", "g_in"),
+          "8r": ("8h",)}
+
 __all__ = ["balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion", "group_metrics",
-           "knn_probs", "mean_std", "nearness_to_one", "paired_gap", "top1"]
+           "floor_gaps", "floors_markdown", "knn_probs", "mean_std", "nearness_to_one", "paired_gap", "top1"]
 
 
 def group_metrics(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
@@ -118,3 +125,34 @@ def paired_gap(row_hits: list[torch.Tensor], ref_hits: torch.Tensor) -> dict[str
     diff = rows.mean(0) - ref
     return {"gap": float(diff.mean()), "se": paired_standard_error(diff, torch.zeros_like(ref, dtype=torch.long)),
             "per_seed": [float((r - ref).mean()) for r in rows]}
+
+
+def _floor_name(ref: str) -> str:
+    return f"the {ref.replace('g_', 'KB_')} rule" if ref.startswith("g_") else f"row {ref}"
+
+
+def floor_gaps(fixed: dict[str, dict[str, Any]], per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Each retrofitted row's top-1 gap to its floors (:data:`FLOORS`) with its paired standard error over the
+    test images (:func:`paired_gap`), from the rows' ``"_hits"`` ((N,) right / wrong per test image; ``fixed``:
+    the rows without a seed, ``per_seed``: the trained rows of each seed); a gap under 0 is logged."""
+    out: dict[str, Any] = {}
+    for name, refs in FLOORS.items():
+        runs = [r[name]["_hits"] for r in per_seed if name in r]
+        for ref in refs:
+            if not runs or ref not in fixed:
+                continue
+            g = out.setdefault(name, {})[ref] = paired_gap(runs, fixed[ref]["_hits"])
+            if g["gap"] < 0:
+                log.warning("row %s is %.2f points UNDER %s (paired s.e. %.2f over the test images): a learned head "
+                            "should not lose to it", name, -100 * g["gap"], _floor_name(ref), 100 * g["se"])
+    return out
+
+
+def floors_markdown(floors: dict[str, Any]) -> str:
+    """:func:`floor_gaps` as a markdown paragraph: each gap in points ± its paired standard error."""
+    if not floors:
+        return ""
+    parts = [f"row {name}: " + ", ".join(f"{_floor_name(ref)} {100 * g['gap']:+.2f} ± {100 * g['se']:.2f}"
+                                         for ref, g in refs.items()) for name, refs in floors.items()]
+    return ("\nGaps to the floors (top-1 points of the seed mean minus the floor's, ± paired standard error over "
+            "the test images): " + "; ".join(parts) + ".\n")
