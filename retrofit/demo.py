@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrofit.calibration import RULES
 from retrofit.demo_data import DemoData, prepare
 from retrofit.demo_heads import (
     adjustment_on_training_images,
@@ -208,7 +209,7 @@ class DemoConfig:
             raise ValueError(f"vote_form must be 'log' or 'mix', got {self.vote_form!r}")
         if self.vote_scale_on not in ("val", "train"):
             raise ValueError(f"vote_scale_on must be 'val' or 'train', got {self.vote_scale_on!r}")
-        if self.vote_rule not in ("best", "one_se"):
+        if self.vote_rule not in RULES:
             raise ValueError(f"vote_rule must be 'best' or 'one_se', got {self.vote_rule!r}")
         if self.posthoc_on not in ("val", "train"):
             raise ValueError(f"posthoc_on must be 'val' or 'train', got {self.posthoc_on!r}")

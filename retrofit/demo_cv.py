@@ -130,7 +130,7 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     out-of-fold balanced top-1 each rule leads to, per evaluation KB in ``eval_kbs`` (default ``kb``; the head is
     attached to each, as row 5 moves row 4's head). Returns ``{eval_kb: {rule: {"balanced_top1", "seeds"}}}``."""
     from retrofit.calibration import choose_vote_scale
-    from retrofit.demo_rules import balanced_top1, choose_adjustment
+    from retrofit.demo_rules import balanced_adjustment, balanced_top1, choose_adjustment
     from retrofit.training import predict_logits, train
 
     eval_kbs = list(eval_kbs or [kb])
@@ -162,7 +162,7 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
                                           temperatures=cfg.vote_temperatures or None, metric="balanced", rule=rule,
                                           apply=True, device="cpu")
                     on_fit = predict_logits(head, fe.subset(fit), store, device="cpu")["logits"]
-                    adj = max((balanced_top1(on_fit - x * lp, labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
+                    adj = balanced_adjustment(on_fit, labels[fit], lp, cfg.posthoc)
                     on_held = predict_logits(head, fe.subset(held), store, device="cpu")["logits"]
                     oof[e][rule][seed][held] = on_held - adj * lp
                     picks.setdefault((e, rule, seed), []).append((c.temperature, c.scale, adj))

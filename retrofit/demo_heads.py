@@ -75,8 +75,8 @@ def adjustment_on_training_images(head: Any, data: DemoData, kb: str, noisy: boo
     """The post-hoc strength a in ``logits - a * log_prior`` with the best balanced top-1 on the long-tail training
     images (the head as it is set; neighbours from ``kb`` without their own entry, cross-fitted host logits, the
     labels the head trains on: noisy with ``noisy``); ties: the smallest |a|."""
-    from retrofit.demo_rules import balanced_top1
+    from retrofit.demo_rules import balanced_adjustment
 
     logits = head_logits(head, data, kb, "lt", noisy, shift)
     labels = data.train_features(kb, noisy=noisy).labels  # (cached by DemoData)
-    return max((balanced_top1(logits - a * log_prior, labels), -abs(a), a) for a in grid)[2]
+    return balanced_adjustment(logits, labels, log_prior, grid)

@@ -21,8 +21,9 @@ log = logging.getLogger("retrofit.demo")  # (the demo's warnings under the demo'
 FLOORS = {"4": ("2", "g_in"), "5": ("2", "g_ext"), "6": ("2", "g_ext"), "7i": ("2", "g_in"), "7t": ("2", "g_in"),
           "8r": ("8h",)}
 
-__all__ = ["balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion", "group_metrics",
-           "floor_gaps", "floors_markdown", "knn_probs", "mean_std", "nearness_to_one", "paired_gap", "top1"]
+__all__ = ["balanced_adjustment", "balanced_top1", "choose_adjustment", "choose_scale_and_adjustment", "fixed_fusion",
+           "floor_gaps", "floors_markdown", "group_metrics", "knn_probs", "mean_std", "nearness_to_one", "paired_gap",
+           "top1"]
 
 
 def group_metrics(logits: torch.Tensor, labels: torch.Tensor, counts: list[int], names: list[str]) -> dict[str, Any]:
@@ -96,6 +97,12 @@ def fixed_fusion(host_la: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
 def balanced_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present of the per-class top-1 (what a balanced test set measures)."""
     return score_logits(logits, labels, "balanced")
+
+
+def balanced_adjustment(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
+                        grid: tuple[float, ...]) -> float:
+    """The post-hoc strength a in ``logits - a * log_prior`` with the best balanced top-1 (ties: smallest |a|)."""
+    return max((balanced_top1(logits - a * log_prior, labels), -abs(a), a) for a in grid)[2]
 
 
 def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:
