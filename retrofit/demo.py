@@ -45,6 +45,7 @@ from retrofit.demo_heads import (
     scale_on_training_images,
     train_head,
 )
+from retrofit.demo_pool import HEAD_OF_ROW, host_shifts, train_heads
 from retrofit.demo_rules import (
     choose_adjustment,
     choose_scale_and_adjustment,
@@ -173,6 +174,8 @@ class DemoConfig:
     noise_seed: int = 0  # seed of the label noise
     seeds: int = 1  # head-training seeds; > 1 reports mean ± std
     rows: tuple[str, ...] = tuple(ROWS)  # which rows to run
+    workers: int = 0  # heads trained at once, in worker processes with one thread each (retrofit.demo_pool); 0 = the
+    # usable cores, 1 = one at a time in this process (the same heads either way)
     reuse_heads: bool = True  # load a head trained earlier with identical inputs, settings, seed and code from
     # cache_dir instead of training it again (CPU training is deterministic: the same head); False = retrain
     plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)
@@ -225,6 +228,8 @@ class DemoConfig:
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0 (0 = the usable cores), got {self.workers!r}")
         if isinstance(self.seeds, bool):
             raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
         if not self.rows:
@@ -258,8 +263,10 @@ class DemoConfig:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dict[str, dict[str, Any]]:
-    """Rows that depend on head training, for one seed: name -> evaluate() dict + choices."""
+def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str],
+              fresh: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows that depend on head training, for one seed: name -> evaluate() dict + choices (``fresh``: the heads
+    trained in this run, by their cache directories)."""
     out: dict[str, dict[str, Any]] = {}
     lp_clean, lp_noisy = data.log_prior(noisy=False), data.log_prior(noisy=True)
     yv, yt = data.labels("val"), data.labels("test")
@@ -274,17 +281,14 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
                  100 * r["val_top1"], a)
 
     counts = data.split.counts
-    shift = {False: None, True: None}  # noisy -> subtracted from the host logits the head sees
-    if cfg.adjust_host:
-        for noisy, lp in ((False, lp_clean), (True, lp_noisy)):
-            a = choose_adjustment(data.host_logits("val", noisy), yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
-            shift[noisy] = a * lp
+    shift = host_shifts(cfg, data)  # noisy -> subtracted from the host logits the head sees
 
-    def run(name: str, train_kb: str, eval_kb: str, head: Any = None, modalities: str = "image+text",
-            noisy: bool = False, note: str | None = None, vote: bool | None = None) -> Any:
-        if head is None:
-            head, run.info = train_head(cfg, data, train_kb, seed, modalities=modalities, noisy=noisy,
-                                         shift=shift[noisy], vote=vote)
+    def run(name: str, eval_kb: str, head: Any = None, note: str | None = None) -> Any:
+        spec = HEAD_OF_ROW[name]
+        noisy = spec.noisy
+        if head is None:  # (trained by train_heads before the rows: loaded from the cache)
+            head, run.info = train_head(cfg, data, spec.kb, seed, modalities=spec.modalities, noisy=noisy,
+                                         shift=shift[noisy], vote=spec.vote, fresh=fresh)
         info = {**run.info, "kb": note or run.info["kb"], "host_adjustment": shift[noisy] is not None}
         lp = lp_noisy if noisy else lp_clean
         kept_t = None
@@ -326,18 +330,12 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str]) -> dic
     if rows & {"4", "5"}:
         head = None
         if "4" in rows:
-            head = run("4", "in", "in")
+            head = run("4", "in")
         if "5" in rows:
-            run("5", "in", "ext", head=head, note="ext (swapped in, trained on in)")
-    if "6" in rows:
-        run("6", "ext", "ext")
-    # The label vote reads the neighbours' labels, which is what KB_in's texts say: the image-only ablation
-    # goes without it, the text-only one keeps it.
-    for name, mod, vote in (("7i", "image", False), ("7t", "text", None)):
+            run("5", "ext", head=head, note="ext (swapped in, trained on in)")
+    for name in ("6", "7i", "7t", "8r"):  # (each evaluated on the KB it was trained with)
         if name in rows:
-            run(name, "in", "in", modalities=mod, vote=vote)
-    if "8r" in rows:
-        run("8r", "in_noisy", "in_noisy", noisy=True)
+            run(name, HEAD_OF_ROW[name].kb)
     return out
 
 
@@ -412,7 +410,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     data = prepare(cfg)
     t_prep = time.perf_counter() - t0
     results = _fixed_rows(cfg, data, rows)
-    per_seed = [_run_seed(cfg, data, s, rows) for s in range(cfg.seeds)]
+    fresh = train_heads(cfg, data, range(cfg.seeds), rows, host_shifts(cfg, data))  # several at a time
+    per_seed = [_run_seed(cfg, data, s, rows, fresh) for s in range(cfg.seeds)]
     floors = floor_gaps(results, per_seed)
     for r in (*results.values(), *(x for seed in per_seed for x in seed.values())):
         r.pop("_hits", None)

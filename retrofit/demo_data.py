@@ -318,7 +318,7 @@ def prepare(cfg: Any) -> DemoData:
                 import shutil
 
                 shutil.rmtree(ext)  # merged but not marked done: redo
-            merge_kbs([root / "kb_in", pool], ext, dedup=False, progress=cfg.progress)
+            merge_kbs([root / "kb_in", pool], ext, dedup=False, progress=cfg.progress, whiten=cfg.whiten_ext)
             _mark(ext, {"records": len(split.lt) + len(split.pool)})
     set_whitening(root / "kb_in", cfg.whiten_in)
     if {"5", "6"} & set(cfg.rows):

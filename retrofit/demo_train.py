@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from retrofit.demo_data import DemoData
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["head_cache_dir", "head_epochs", "new_head", "shifted", "train_config", "train_head"]
+__all__ = ["head_cache_dir", "head_epochs", "new_head", "one_thread", "shifted", "train_config", "train_head"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,11 @@ def shifted(fs: Any, shift: torch.Tensor | None) -> Any:
 
 def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalities: str = "image+text",
                 noisy: bool = False, shift: torch.Tensor | None = None,
-                vote: bool | None = None) -> tuple[Any, dict[str, Any]]:
+                vote: bool | None = None, fresh: Collection[str] = ()) -> tuple[Any, dict[str, Any]]:
     """Train a RetrievalHead with the library's trainer on the long-tail features with neighbours from ``kb``
-    (``vote``: give it the label vote; None = ``cfg.label_vote``)."""
+    (``vote``: give it the label vote; None = ``cfg.label_vote``), with one intra-op thread (:func:`one_thread`),
+    or load it from the cache (``cfg.reuse_heads``, or its cache directory is in ``fresh``: trained in this run,
+    e.g. by :func:`retrofit.demo_pool.train_heads`; reported as not reused)."""
     from retrofit.head import RetrievalHead
     from retrofit.training import train
 
@@ -46,21 +50,37 @@ def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalitie
     fs = shifted(data.train_features(kb, noisy=noisy), shift)
     use_vote = cfg.label_vote if vote is None else vote
     cached = head_cache_dir(cfg, data, kb, seed, modalities, noisy, shift, use_vote)
-    if cfg.reuse_heads and (cached / "info.json").is_file():
+    if (cfg.reuse_heads or str(cached) in fresh) and (cached / "info.json").is_file():
         head = RetrievalHead.load(cached, store=store)  # attaching rebalances the vote (HeadConfig.vote_balance)
         info = json.loads((cached / "info.json").read_text())
         log.info("head for kb %s (%s, seed %d) loaded from %s (trained in %.1f s)", kb, modalities, seed, cached,
                  info["train_s"])
-        return head, {**info, "reused": True}
+        return head, {**info, "reused": str(cached) not in fresh}
     head = new_head(cfg, data, kb, seed, modalities, use_vote)
     tc = train_config(cfg, kb, seed)
     t0 = time.perf_counter()
-    result = train(head, fs, tc, store=store)
+    with one_thread():
+        result = train(head, fs, tc, store=store)
     info = {"train_s": time.perf_counter() - t0, "kb": kb, "modalities": modalities, "noisy": noisy,
             "epochs": tc.epochs, "final_loss": result.history[-1]["train_loss"] if result.history else None}
     result.head.save(cached)  # the trained vote (scale 1); the post-hoc scale is chosen per row afterwards
     (cached / "info.json").write_text(json.dumps(info))  # written last: marks a complete entry
     return result.head, {**info, "reused": False}
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one intra-op torch thread (the previous count restored after). The demo trains every head
+    so: the thread count changes how float sums are split, so a head trained with two threads differs (in the last
+    bits, then in a few predictions) from one trained with one or eight; one thread gives the same head on any
+    machine with the same float kernels, in a worker process or not (:mod:`retrofit.demo_pool`), and on 2 cores
+    the small head trains about as fast with one thread as with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def head_epochs(cfg: DemoConfig, kb: str) -> int:

@@ -79,13 +79,15 @@ def _one_merge_into(out: Path) -> Iterator[None]:
 
 
 def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, batch: int = 4096,
-              progress: bool = True) -> Any:
+              progress: bool = True, whiten: float | None = None) -> Any:
     """Combine KBs built with the same encoders into a new KB at ``out`` (ids renumbered, input order kept);
     returns a :class:`retrofit.ingest.BuildSummary`.
 
     Refuses inputs whose fingerprints, dimensions or class lists differ, and an ``out`` that already exists. The
     new KB takes the first input's storage dtype, index settings (kind, M, HNSW storage, efConstruction, a fixed
-    efSearch, recall target) and recorded encoder specs.
+    efSearch, recall target, key whitening) and recorded encoder specs; ``whiten`` sets the key whitening of the
+    new index instead (0 = none, > 0 = the shrinkage, :mod:`retrofit.kb_whiten`; fitted on the merged keys), the
+    index that ``kb.compact(whiten=...)`` would rebuild afterwards, built once.
     ``dedup`` drops records whose image hash (recorded at build time) was already merged. ``out`` appears
     only when the merge is complete (written as ``.<name>.merging`` beside it, then renamed).
     """
@@ -98,6 +100,10 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
         raise ValueError(f"merge needs at least two knowledge bases, got {len(inputs)}")
     if not isinstance(batch, int) or batch <= 0:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if whiten is not None:
+        from retrofit.kb_whiten import check_shrinkage
+
+        whiten = check_shrinkage(whiten)  # ValueError naming the value, before anything is written
     out = Path(out)
     with _one_merge_into(out):
         if out.exists():
@@ -133,7 +139,7 @@ def merge_kbs(inputs: list[str | Path], out: str | Path, *, dedup: bool = True, 
             settings = dict(dtype=info["dtype"], index=c["kind"], hnsw_m=c["hnsw_m"], hnsw_storage=c["hnsw_storage"],
                             ef_construction=c["ef_construction"], ef_search=c["ef_search"],
                             recall_target=c["recall_target"], flat_threshold=c["flat_threshold"],
-                            mmap_bytes=c["mmap_bytes"], whiten=c.get("whiten", 0.0))
+                            mmap_bytes=c["mmap_bytes"], whiten=c.get("whiten", 0.0) if whiten is None else whiten)
             with KnowledgeBase.create(tmp, first.key_dim, first.image_dim, first.text_dim, first.fingerprint,
                                       class_names=first.class_names, **settings,
                                       user_meta={SPECS_KEY: specs} if specs else None) as dst, dst.bulk():

@@ -223,6 +223,37 @@ def test_copy_and_merge_keep_the_whitening(tmp_path):
         assert torch.equal(m.search(q, 5).ids, whitened_topk(m, q, 5)[0])
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_merge_can_set_the_whitening_and_builds_what_compact_would(tmp_path, index):
+    """``merge_kbs(..., whiten=w)``: the merged KB's index is whitened at ``w`` whatever its first input has, and
+    searches as the plain merge compacted with ``whiten=w`` afterwards (the index built once instead of twice); a
+    bad shrinkage is refused by name before anything is written."""
+    from retrofit.ingest import merge_kbs
+
+    make(tmp_path / "a", n=300, index=index).close()  # not whitened
+    make(tmp_path / "b", n=200, seed=1, index=index).close()
+    q = keys_like(6, seed=9)
+    merge_kbs([tmp_path / "a", tmp_path / "b"], tmp_path / "once", dedup=False, progress=False, whiten=0.3)
+    merge_kbs([tmp_path / "a", tmp_path / "b"], tmp_path / "twice", dedup=False, progress=False)
+    with KnowledgeBase.open(tmp_path / "twice", readonly=False) as t:
+        assert not t.info()["index"]["whitened"]
+        t.compact(whiten=0.3)
+        want = t.search(q, 8)
+    with KnowledgeBase.open(tmp_path / "once") as m:
+        info = m.info()["index"]
+        assert info["config"]["whiten"] == 0.3 and info["whitened"] and info["whiten_fitted_on"] == 500
+        got = m.search(q, 8)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+        assert torch.equal(got.ids, whitened_topk(m, q, 8)[0]) and m.verify()["ok"]
+    merge_kbs([tmp_path / "once", tmp_path / "b"], tmp_path / "off", dedup=False, progress=False, whiten=0)
+    with KnowledgeBase.open(tmp_path / "off") as m:  # 0 turns the first input's whitening off
+        assert m.info()["index"]["config"]["whiten"] == 0.0 and not m.info()["index"]["whitened"]
+    for bad in (-1, float("nan"), True):
+        with pytest.raises(ValueError, match="whiten must be 0"):
+            merge_kbs([tmp_path / "a", tmp_path / "b"], tmp_path / "bad", progress=False, whiten=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_cli_compact_whiten_and_info(tmp_path, capsys):
     path = str(tmp_path / "kb")
     make(path).close()
@@ -237,6 +268,16 @@ def test_cli_compact_whiten_and_info(tmp_path, capsys):
     assert "whiten must be 0 (off) or the whitening shrinkage" in capsys.readouterr().err
     with KnowledgeBase.open(path) as r:  # the refused compact changed nothing
         assert r.info()["index"]["config"]["whiten"] == 0.1 and r.verify()["ok"]
+    make(tmp_path / "b", n=100, seed=1).close()
+    merged = str(tmp_path / "m")
+    assert main(["kb", "merge", str(tmp_path / "b"), path, "-o", merged, "--whiten", "0.2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["kb", "info", merged, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["index"]["config"]["whiten"] == 0.2 and info["index"]["whiten_fitted_on"] == 500
+    assert main(["kb", "merge", str(tmp_path / "b"), path, "-o", str(tmp_path / "m2"), "--whiten", "-1"]) != 0
+    assert "whiten must be 0 (off) or the whitening shrinkage" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
 
 
 @pytest.mark.cuda

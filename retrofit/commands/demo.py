@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
             "seeds": args.seeds, "epochs": args.epochs, "epochs_ext": args.epochs_ext, "k": args.k, "dim": args.dim,
             "depth": args.depth,
             "whiten_in": args.whiten_in, "whiten_ext": args.whiten_ext, "vote_form": args.vote_form,
-            "imbalance_factor": args.imbalance_factor, "noise_rate": args.noise_rate}
+            "imbalance_factor": args.imbalance_factor, "noise_rate": args.noise_rate, "workers": args.workers}
     for name, value in over.items():
         if value is not None:
             setattr(cfg, name, value)
@@ -97,5 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(zero-shot, as for a web corpus without labels); results go to cifar10_lt_ext_captions.*")
     p.add_argument("--retrain", action="store_true",
                    help="train every head again instead of reusing heads cached by an identical earlier run")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="heads trained at once, in worker processes with one thread each (default: the usable "
+                        "cores; 1 = one at a time in this process; the same heads either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

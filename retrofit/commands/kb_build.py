@@ -119,7 +119,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from retrofit.ingest import merge_kbs
 
-    return _report(merge_kbs(args.inputs, args.out, dedup=not args.no_dedup, progress=not args.quiet), args.json)
+    return _report(merge_kbs(args.inputs, args.out, dedup=not args.no_dedup, progress=not args.quiet,
+                             whiten=args.whiten), args.json)
 
 
 def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
@@ -197,6 +198,9 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="knowledge bases to merge, in order")
     p.add_argument("-o", "--out", required=True, help="new knowledge-base directory")
     p.add_argument("--no-dedup", action="store_true", help="keep records whose image is already merged")
+    p.add_argument("--whiten", type=float, default=None, metavar="SHRINKAGE",
+                   help="key whitening of the new index (0 = off, e.g. 0.1; fitted on the merged keys; default: the "
+                        "first input's), instead of `retrofit kb compact --whiten` afterwards")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(func=cmd_merge)

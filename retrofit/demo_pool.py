@@ -1,0 +1,160 @@
+"""Training the CIFAR-10-LT demo's heads (:mod:`retrofit.demo`) before the rows are evaluated, several at a time.
+
+The demo's head is small (d = 64, k = 16): a training step is many small matrix products, and on this project's
+2-core machines a second intra-op thread bought little (8.9 s against 9.1-10.1 s for 2 epochs of the row-4 head,
+23 Nov), while two single-threaded trainings side by side took 10.6 s each: two heads in the time of ~1.2. So
+every head is trained with one intra-op thread (:func:`retrofit.demo_train.one_thread`), and the heads a run needs
+and has not cached are trained by up to ``workers`` processes at once (``DemoConfig.workers``, default the usable
+cores; ``retrofit demo --workers N``). Each worker reads the prepared data from the cache, searches the KBs with
+the parent's thread count and writes its heads to the cache of trained heads
+(:func:`retrofit.demo_train.head_cache_dir`), where the rows then load them: the same heads, bit for bit, as
+training them one at a time in the parent (tests/test_demo_pool.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from retrofit.demo_data import DemoData
+
+if TYPE_CHECKING:
+    from retrofit.demo import DemoConfig
+
+__all__ = ["HEAD_OF_ROW", "HeadSpec", "host_shifts", "train_heads", "usable_cores"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The head a trained row uses: trained with neighbours from ``kb`` on the ``modalities``, on the noisy labels
+    or not, with the label vote (``vote``; None = ``DemoConfig.label_vote``)."""
+
+    kb: str
+    modalities: str = "image+text"
+    noisy: bool = False
+    vote: bool | None = None
+
+
+# The label vote reads the neighbours' labels, which is what KB_in's texts say: the image-only ablation goes
+# without it, the text-only one keeps it. Row 5 is row 4's head moved to KB_ext (no head of its own).
+HEAD_OF_ROW = {
+    "4": HeadSpec("in"),
+    "5": HeadSpec("in"),
+    "6": HeadSpec("ext"),
+    "7i": HeadSpec("in", "image", vote=False),
+    "7t": HeadSpec("in", "text"),
+    "8r": HeadSpec("in_noisy", noisy=True),
+}
+
+
+def host_shifts(cfg: DemoConfig, data: DemoData) -> dict[bool, torch.Tensor | None]:
+    """noisy -> what is subtracted from the host logits the heads see: row 2's (8h's) post-hoc adjustment
+    ``a * log prior``, ``a`` chosen on validation; None without ``cfg.adjust_host``."""
+    from retrofit.demo_rules import choose_adjustment
+
+    shift: dict[bool, torch.Tensor | None] = {False: None, True: None}
+    if cfg.adjust_host:
+        yv = data.labels("val")
+        for noisy in (False, True):
+            lp = data.log_prior(noisy=noisy)
+            a = choose_adjustment(data.host_logits("val", noisy), yv, lp, tuple(x for x in cfg.posthoc if x >= 0))
+            shift[noisy] = a * lp
+    return shift
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (not on Linux)
+        return max(1, os.cpu_count() or 1)
+
+
+def _jobs(cfg: DemoConfig, seeds: Iterable[int], rows: Iterable[str]) -> list[tuple[int, HeadSpec]]:
+    """(seed, spec) of every head the rows need, each once, in the order the rows use them."""
+    specs = list(dict.fromkeys(HEAD_OF_ROW[r] for r in HEAD_OF_ROW if r in set(rows)))
+    return [(seed, s) for seed in seeds for s in specs]
+
+
+def train_heads(cfg: DemoConfig, data: DemoData, seeds: Iterable[int], rows: Iterable[str],
+                shifts: dict[bool, torch.Tensor | None]) -> dict[str, dict[str, Any]]:
+    """Train the heads that ``rows`` need for ``seeds`` and the cache does not hold (all of them with
+    ``cfg.reuse_heads=False``), up to ``cfg.workers`` at a time (0: :func:`usable_cores`). Returns the cache
+    directory -> training info of every head trained here (what the rows then load, as trained in this run)."""
+    from retrofit.demo_train import head_cache_dir, train_head
+
+    todo = []
+    for seed, spec in _jobs(cfg, seeds, rows):
+        vote = cfg.label_vote if spec.vote is None else spec.vote
+        path = head_cache_dir(cfg, data, spec.kb, seed, spec.modalities, spec.noisy, shifts[spec.noisy], vote)
+        if not (cfg.reuse_heads and (path / "info.json").is_file()):
+            todo.append((seed, spec, str(path)))
+    workers = min(cfg.workers or usable_cores(), len(todo))
+    if workers <= 1:  # here, one at a time (each with one intra-op thread: the head a worker would give)
+        return {path: train_head(replace(cfg, reuse_heads=False), data, spec.kb, seed, modalities=spec.modalities,
+                                 noisy=spec.noisy, shift=shifts[spec.noisy], vote=spec.vote)[1]
+                for seed, spec, path in todo}
+    return _in_workers(cfg, todo, shifts, workers)
+
+
+def _in_workers(cfg: DemoConfig, todo: list[tuple[int, HeadSpec, str]], shifts: dict[bool, torch.Tensor | None],
+                workers: int) -> dict[str, dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    log.info("training %d heads, %d at a time (one thread each)", len(todo), workers)
+    done: dict[str, dict[str, Any]] = {}
+    # spawn, not fork: the parent has run OpenMP-threaded torch and opened LMDB environments, neither of which
+    # survives a fork reliably
+    start = (replace(cfg, progress=False, reuse_heads=False), torch.get_num_threads())
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=start)
+    try:
+        futures = {pool.submit(_train_one, seed, spec, shifts[spec.noisy]): path for seed, spec, path in todo}
+        with tqdm(total=len(futures), desc="training heads", unit="head", disable=not cfg.progress) as bar:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    done[futures[f]] = f.result()  # a worker's error is raised here (finished heads stay cached)
+                    bar.update()
+    except BrokenProcessPool as e:
+        raise RuntimeError(
+            "a head-training worker process died before it finished (killed, out of memory, or it could not start: "
+            "a script that calls run_demo must do so under `if __name__ == \"__main__\":`, since the workers are "
+            "spawned and import it). The heads trained so far are cached; run again, or with workers=1 "
+            "(`retrofit demo --workers 1`) to train in this process") from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # (on an error or Ctrl-C: the queued heads are not started)
+    return done
+
+
+_WORKER: dict[str, Any] = {}  # in a worker process: its config and prepared data
+
+
+def _start_worker(cfg: DemoConfig, threads: int) -> None:
+    """A worker's start: the prepared data read from the cache (prepared by the parent). It searches the KBs with
+    the parent's thread count (``threads``), as the parent would: the similarities faiss returns move in the last
+    bits with it (up to 7e-7 on KB_in), and the heads with them; :func:`retrofit.demo_train.train_head` then trains
+    with one thread."""
+    from retrofit.demo_data import prepare
+
+    torch.set_num_threads(threads)
+    _WORKER.update(cfg=cfg, data=prepare(cfg))
+
+
+def _train_one(seed: int, spec: HeadSpec, shift: torch.Tensor | None) -> dict[str, Any]:
+    from retrofit.demo_train import train_head
+
+    _, info = train_head(_WORKER["cfg"], _WORKER["data"], spec.kb, seed, modalities=spec.modalities,
+                         noisy=spec.noisy, shift=shift, vote=spec.vote)
+    return info
