@@ -19,7 +19,8 @@ captions instead, as a web corpus without labels would give). Embeddings, host l
 cached under ``cache_dir`` (first run: encoding ~60k images; later runs reuse them), and so are the trained heads
 (``heads/<key>``, the key covering every training input and the training code; ``reuse_heads=False`` /
 ``--retrain`` trains them again). The pieces live in :mod:`retrofit.demo_data`
-(data, KBs, features), :mod:`retrofit.demo_heads` (training, caching and evaluating heads),
+(data, KBs, features), :mod:`retrofit.demo_pool` (the heads trained before the rows, several at a time),
+:mod:`retrofit.demo_heads` (training, caching and evaluating heads),
 :mod:`retrofit.demo_rules` (metrics, choices, fixed baselines) and here (the configuration and the rows).
 """
 
@@ -174,8 +175,8 @@ class DemoConfig:
     noise_seed: int = 0  # seed of the label noise
     seeds: int = 1  # head-training seeds; > 1 reports mean ± std
     rows: tuple[str, ...] = tuple(ROWS)  # which rows to run
-    workers: int = 0  # heads trained at once, in worker processes with one thread each (retrofit.demo_pool); 0 = the
-    # usable cores, 1 = one at a time in this process (the same heads either way)
+    workers: int = 0  # heads trained at once, in worker processes with one thread each (retrofit.demo_pool); 0 = one
+    # per usable core (as many as the free memory holds), 1 = one at a time in this process (the same heads either way)
     reuse_heads: bool = True  # load a head trained earlier with identical inputs, settings, seed and code from
     # cache_dir instead of training it again (CPU training is deterministic: the same head); False = retrain
     plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)
