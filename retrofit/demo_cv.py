@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from retrofit.demo_data import DemoData
+from retrofit.demo_pool import host_shifts
 from retrofit.demo_train import new_head, shifted, train_config
 
 if TYPE_CHECKING:
@@ -94,18 +95,14 @@ def cross_validate_epochs(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str
     post-hoc adjustments ``cfg.posthoc``) of heads trained with ``kb`` and scored with ``eval_kb`` (default ``kb``),
     per seed and averaged, with the settings that reached it. Heads see row 2's logit-adjusted host logits when
     ``cfg.adjust_host`` (the strength chosen on validation, as in the demo)."""
-    from retrofit.demo_rules import balanced_top1, choose_adjustment
+    from retrofit.demo_rules import balanced_top1
 
     bad = [e for e in epochs if not isinstance(e, int) or isinstance(e, bool) or e < 1]
     if not epochs or bad:
         raise ValueError(f"epochs must be positive ints, got {list(epochs)!r}")
     eval_kb = eval_kb or kb
     lp = data.log_prior(noisy=noisy)
-    shift = None
-    if cfg.adjust_host:
-        a = choose_adjustment(data.host_logits("val", noisy), data.labels("val"), lp,
-                              tuple(x for x in cfg.posthoc if x >= 0))
-        shift = a * lp
+    shift = host_shifts(cfg, data)[noisy]  # row 2's (8h's) adjustment, as the demo's heads see it
     labels = data.train_features(kb, noisy=noisy).labels
     result: dict[int, dict[str, Any]] = {}
     for ep in epochs:
@@ -130,15 +127,12 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     out-of-fold balanced top-1 each rule leads to, per evaluation KB in ``eval_kbs`` (default ``kb``; the head is
     attached to each, as row 5 moves row 4's head). Returns ``{eval_kb: {rule: {"balanced_top1", "seeds"}}}``."""
     from retrofit.calibration import choose_vote_scale
-    from retrofit.demo_rules import balanced_adjustment, balanced_top1, choose_adjustment
+    from retrofit.demo_rules import balanced_adjustment, balanced_top1
     from retrofit.training import predict_logits, train
 
     eval_kbs = list(eval_kbs or [kb])
     lp = data.log_prior()
-    shift = None
-    if cfg.adjust_host:
-        a = choose_adjustment(data.host_logits("val"), data.labels("val"), lp, tuple(x for x in cfg.posthoc if x >= 0))
-        shift = a * lp
+    shift = host_shifts(cfg, data)[False]  # row 2's adjustment, as the demo's heads see it
     fs = shifted(data.train_features(kb), shift)
     labels = fs.labels
     fold = fold_of_each(labels, folds)
