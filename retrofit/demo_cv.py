@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from retrofit.demo_data import DemoData
-from retrofit.demo_pool import host_shifts
-from retrofit.demo_train import new_head, shifted, train_config
+from retrofit.demo_pool import FoldJob, HeadSpec, host_shifts, train_fold_heads
+from retrofit.demo_train import head_epochs, shifted
 
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
@@ -49,27 +49,40 @@ def fold_of_each(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Tenso
     return stratified_folds(torch.as_tensor(labels), folds, seed).to(torch.int64)
 
 
+def fold_heads(cfg: DemoConfig, data: DemoData, kb: str, runs: Sequence[tuple[int, int]], *, folds: int = 5,
+               shift: torch.Tensor | None = None, noisy: bool = False, modalities: str = "image+text",
+               vote: bool | None = None) -> dict[tuple[int, int], list[Any]]:
+    """``{(epochs, seed): [head of fold 0, ...]}`` for every ``(epochs, seed)`` in ``runs``: each fold's head trained
+    on the other folds of the long-tail images with neighbours from ``kb`` (host logits minus ``shift``), all of
+    them several at a time (:func:`retrofit.demo_pool.train_fold_heads`, one intra-op thread each as the demo's)."""
+    fold = fold_of_each(data.train_features(kb, noisy=noisy).labels, folds)
+    spec = HeadSpec(kb, modalities, noisy, vote)
+    jobs = [FoldJob(spec, seed, ep, (fold != f).nonzero().flatten(), shift) for ep, seed in runs for f in range(folds)]
+    heads = train_fold_heads(cfg, data, jobs)
+    return {run: heads[i * folds:(i + 1) * folds] for i, run in enumerate(runs)}
+
+
 def out_of_fold_logits(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str, epochs: int, seed: int, *,
                        folds: int = 5, shift: torch.Tensor | None = None, noisy: bool = False,
-                       modalities: str = "image+text",
-                       vote: bool | None = None) -> dict[tuple[Any, float], torch.Tensor]:
+                       modalities: str = "image+text", vote: bool | None = None,
+                       heads: list[Any] | None = None) -> dict[tuple[Any, float], torch.Tensor]:
     """Out-of-fold logits of the long-tail images: ``{(temperature, vote scale): (N, C)}`` with temperature
     ``"trained"`` or one of ``cfg.vote_temperatures`` and the scales ``cfg.vote_scales`` (a head without the vote:
-    the one key ``("trained", 1.0)``). Heads trained for ``epochs`` on the other folds with neighbours from ``kb``,
-    scored with neighbours from ``eval_kb``; ``shift``: subtracted from the host logits (row 2's adjustment)."""
+    the one key ``("trained", 1.0)``). Heads trained for ``epochs`` on the other folds with neighbours from ``kb``
+    (``heads``: those of :func:`fold_heads`, else trained here), scored with neighbours from ``eval_kb``;
+    ``shift``: subtracted from the host logits (row 2's adjustment)."""
     from retrofit.calibration import logits_by_vote_scale
-    from retrofit.training import predict_logits, train
+    from retrofit.training import predict_logits
 
-    use_vote = cfg.label_vote if vote is None else vote
+    if heads is None:
+        heads = fold_heads(cfg, data, kb, [(epochs, seed)], folds=folds, shift=shift, noisy=noisy,
+                           modalities=modalities, vote=vote)[(epochs, seed)]
     fs = shifted(data.train_features(kb, noisy=noisy), shift)
     fe = fs if eval_kb == kb else shifted(data.train_features(eval_kb, noisy=noisy), shift)
     fold = fold_of_each(fs.labels, folds)
     out: dict[tuple[Any, float], torch.Tensor] = {}
-    for f in range(folds):
-        t0 = time.perf_counter()
-        fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
-        head = new_head(cfg, data, kb, seed, modalities, use_vote)
-        head = train(head, fs.subset(fit), train_config(cfg, kb, seed, epochs), store=data.kb(kb)).head
+    for f, head in enumerate(heads):
+        held = (fold == f).nonzero().flatten()
         if head.store is not data.kb(eval_kb):
             head.attach(data.kb(eval_kb))  # (a balanced vote is rebalanced for the evaluation KB)
         part = fe.subset(held)
@@ -83,8 +96,7 @@ def out_of_fold_logits(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str, e
                 by_scale = logits_by_vote_scale(head, part, cfg.vote_scales, data.kb(eval_kb), device="cpu")
                 for s, logits in by_scale.items():
                     out.setdefault((t, s), torch.zeros(len(fs), data.num_classes))[held] = logits
-        log.info("out-of-fold %s -> %s, %d epochs, seed %d: fold %d/%d in %.1f s", kb, eval_kb, epochs, seed, f + 1,
-                 folds, time.perf_counter() - t0)
+            head.vote.set_temperature(trained)
     return out
 
 
@@ -104,11 +116,14 @@ def cross_validate_epochs(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str
     lp = data.log_prior(noisy=noisy)
     shift = host_shifts(cfg, data)[noisy]  # row 2's (8h's) adjustment, as the demo's heads see it
     labels = data.train_features(kb, noisy=noisy).labels
+    heads = fold_heads(cfg, data, kb, [(ep, seed) for ep in epochs for seed in seeds], folds=folds, shift=shift,
+                       noisy=noisy)
     result: dict[int, dict[str, Any]] = {}
     for ep in epochs:
         per_seed = []
         for seed in seeds:
-            oof = out_of_fold_logits(cfg, data, kb, eval_kb, ep, seed, folds=folds, shift=shift, noisy=noisy)
+            oof = out_of_fold_logits(cfg, data, kb, eval_kb, ep, seed, folds=folds, shift=shift, noisy=noisy,
+                                     heads=heads[(ep, seed)])
             best = max(((balanced_top1(logits - a * lp, labels), t, s, a)
                         for (t, s), logits in oof.items() for a in cfg.posthoc), key=lambda r: r[0])  # ties: first
             per_seed.append({"seed": seed, "balanced_top1": best[0], "temperature": best[1], "vote_scale": best[2],
@@ -128,7 +143,7 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     attached to each, as row 5 moves row 4's head). Returns ``{eval_kb: {rule: {"balanced_top1", "seeds"}}}``."""
     from retrofit.calibration import choose_vote_scale
     from retrofit.demo_rules import balanced_adjustment, balanced_top1
-    from retrofit.training import predict_logits, train
+    from retrofit.training import predict_logits
 
     eval_kbs = list(eval_kbs or [kb])
     lp = data.log_prior()
@@ -139,12 +154,11 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     # eval_kb -> rule -> seed -> (N, C) out-of-fold logits at each fold's choices
     oof = {e: {r: {s: torch.zeros(len(fs), data.num_classes) for s in seeds} for r in rules} for e in eval_kbs}
     picks: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    heads = fold_heads(cfg, data, kb, [(head_epochs(cfg, kb), seed) for seed in seeds], folds=folds, shift=shift)
     for seed in seeds:
-        for f in range(folds):
+        for f, head in enumerate(heads[(head_epochs(cfg, kb), seed)]):
             t0 = time.perf_counter()
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
-            head = new_head(cfg, data, kb, seed, "image+text", cfg.label_vote)
-            head = train(head, fs.subset(fit), train_config(cfg, kb, seed), store=data.kb(kb)).head
             trained_t = head.vote.temperature
             for e in eval_kbs:
                 store = data.kb(e)

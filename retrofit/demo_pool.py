@@ -28,7 +28,8 @@ from retrofit.demo_data import DemoData
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["HEAD_OF_ROW", "HeadSpec", "default_workers", "host_shifts", "train_heads", "usable_cores"]
+__all__ = ["HEAD_OF_ROW", "FoldJob", "HeadSpec", "default_workers", "host_shifts", "train_fold_heads", "train_heads",
+           "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def train_heads(cfg: DemoConfig, data: DemoData, seeds: Iterable[int], rows: Ite
 
     todo = []
     for seed, spec in _jobs(cfg, seeds, rows):
-        vote = cfg.label_vote if spec.vote is None else spec.vote
-        path = head_cache_dir(cfg, data, spec.kb, seed, spec.modalities, spec.noisy, shifts[spec.noisy], vote)
+        path = head_cache_dir(cfg, data, spec.kb, seed, spec.modalities, spec.noisy, shifts[spec.noisy],
+                              _vote(cfg, spec))
         if not (cfg.reuse_heads and (path / "info.json").is_file()):
             todo.append((seed, spec, str(path)))
     workers = min(cfg.workers, len(todo)) if cfg.workers else default_workers(len(todo))
@@ -117,26 +118,72 @@ def train_heads(cfg: DemoConfig, data: DemoData, seeds: Iterable[int], rows: Ite
         return {path: train_head(replace(cfg, reuse_heads=False), data, spec.kb, seed, modalities=spec.modalities,
                                  noisy=spec.noisy, shift=shifts[spec.noisy], vote=spec.vote)[1]
                 for seed, spec, path in todo}
-    return _in_workers(cfg, todo, shifts, workers)
+    infos = _in_workers(cfg, _train_one, [(seed, spec, shifts[spec.noisy]) for seed, spec, _ in todo], workers,
+                        "training heads")
+    return {path: info for (_, _, path), info in zip(todo, infos)}
 
 
-def _in_workers(cfg: DemoConfig, todo: list[tuple[int, HeadSpec, str]], shifts: dict[bool, torch.Tensor | None],
-                workers: int) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class FoldJob:
+    """A cross-validation head (:mod:`retrofit.demo_cv`): ``spec``'s head for ``seed``, trained for ``epochs`` on
+    the long-tail images ``fit`` (indices) with host logits minus ``shift``."""
+
+    spec: HeadSpec
+    seed: int
+    epochs: int
+    fit: torch.Tensor
+    shift: torch.Tensor | None = None
+
+
+def train_fold_heads(cfg: DemoConfig, data: DemoData, jobs: list[FoldJob]) -> list[Any]:
+    """The trained heads of ``jobs``, in order, up to ``cfg.workers`` trained at a time (0: :func:`default_workers`),
+    each on one intra-op thread as the demo's heads (the same head in a worker or here); attached to their KB."""
+    workers = min(cfg.workers, len(jobs)) if cfg.workers else default_workers(len(jobs))
+    if workers <= 1:
+        return [_fold_head(cfg, data, job) for job in jobs]
+    from retrofit.demo_train import new_head
+
+    states = _in_workers(cfg, _train_fold, [(job,) for job in jobs], workers, "training fold heads")
+    heads = []
+    for job, state in zip(jobs, states):
+        head = new_head(cfg, data, job.spec.kb, job.seed, job.spec.modalities, _vote(cfg, job.spec))
+        head.load_state_dict(state)
+        heads.append(head.eval())
+    return heads
+
+
+def _vote(cfg: DemoConfig, spec: HeadSpec) -> bool:
+    return cfg.label_vote if spec.vote is None else spec.vote
+
+
+def _fold_head(cfg: DemoConfig, data: DemoData, job: FoldJob) -> Any:
+    from retrofit.demo_train import new_head, one_thread, shifted, train_config
+    from retrofit.training import train
+
+    spec = job.spec
+    fs = shifted(data.train_features(spec.kb, noisy=spec.noisy), job.shift).subset(job.fit)
+    head = new_head(cfg, data, spec.kb, job.seed, spec.modalities, _vote(cfg, spec))
+    with one_thread():
+        return train(head, fs, train_config(cfg, spec.kb, job.seed, job.epochs), store=data.kb(spec.kb)).head
+
+
+def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: int, what: str) -> list[Any]:
+    """``[fn(*a) for a in args]``, run by ``workers`` spawned processes that each prepared the data first."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
 
-    log.info("training %d heads, %d at a time (one thread each)", len(todo), workers)
-    done: dict[str, dict[str, Any]] = {}
+    log.info("%s: %d, %d at a time (one thread each)", what, len(args), workers)
+    done: dict[int, Any] = {}
     # spawn, not fork: the parent has run OpenMP-threaded torch and opened LMDB environments, neither of which
     # survives a fork reliably
     start = (replace(cfg, progress=False, reuse_heads=False), torch.get_num_threads())
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=start)
     try:
-        futures = {pool.submit(_train_one, seed, spec, shifts[spec.noisy]): path for seed, spec, path in todo}
-        with tqdm(total=len(futures), desc="training heads", unit="head", disable=not cfg.progress) as bar:
+        futures = {pool.submit(fn, *a): i for i, a in enumerate(args)}
+        with tqdm(total=len(futures), desc=what, unit="head", disable=not cfg.progress) as bar:
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -151,7 +198,7 @@ def _in_workers(cfg: DemoConfig, todo: list[tuple[int, HeadSpec, str]], shifts: 
             "(`retrofit demo --workers 1`) to train in this process") from e
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # (on an error or Ctrl-C: the queued heads are not started)
-    return done
+    return [done[i] for i in range(len(args))]
 
 
 _WORKER: dict[str, Any] = {}  # in a worker process: its config and prepared data
@@ -174,3 +221,7 @@ def _train_one(seed: int, spec: HeadSpec, shift: torch.Tensor | None) -> dict[st
     _, info = train_head(_WORKER["cfg"], _WORKER["data"], spec.kb, seed, modalities=spec.modalities,
                          noisy=spec.noisy, shift=shift, vote=spec.vote)
     return info
+
+
+def _train_fold(job: FoldJob) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _fold_head(_WORKER["cfg"], _WORKER["data"], job).state_dict().items()}

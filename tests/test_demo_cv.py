@@ -12,10 +12,10 @@ import torch
 from conftest import mini_settings
 
 from retrofit.demo import DemoConfig, run_demo
-from retrofit.demo_cv import cross_validate_epochs, fold_of_each, out_of_fold_logits
+from retrofit.demo_cv import cross_validate_epochs, fold_heads, fold_of_each, out_of_fold_logits
 from retrofit.demo_data import prepare
 from retrofit.demo_rules import balanced_top1
-from retrofit.demo_train import head_cache_dir, head_epochs, new_head, train_config
+from retrofit.demo_train import head_cache_dir, head_epochs, new_head, one_thread, train_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10_lt_epochs_cv.py"
 
@@ -55,11 +55,14 @@ def test_out_of_fold_logits_come_from_heads_that_never_saw_them(mini_data, tmp_p
         fs = data.train_features("in")
         fold = fold_of_each(fs.labels, 3)
         fit, held = (fold != 1).nonzero().flatten(), (fold == 1).nonzero().flatten()
-        head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0, 2),
-                     store=data.kb("in")).head
+        with one_thread():  # as the demo's heads and the CV's are trained
+            head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0, 2),
+                         store=data.kb("in")).head
         head.attach(data.kb("ext"))
         want = predict_logits(head, data.train_features("ext").subset(held), data.kb("ext"), device="cpu")["logits"]
-        torch.testing.assert_close(oof[("trained", 1.0)][held], want)
+        torch.testing.assert_close(oof[("trained", 1.0)][held], want)  # (the vote mixed in as the scale grid does)
+        pooled = fold_heads(cfg, data, "in", [(2, 0)], folds=3)[(2, 0)][1]  # trained in a worker: the same weights
+        assert all(torch.equal(a, b) for a, b in zip(pooled.parameters(), head.parameters()))  # (buffers: its KB's)
         # a head trained on every image (fold 1 included) scores fold 1 otherwise
         whole = train(new_head(cfg, data, "in", 0), fs, train_config(cfg, "in", 0, 2), store=data.kb("in")).head
         whole.attach(data.kb("ext"))
@@ -153,8 +156,9 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
         logits = torch.zeros(len(fs), data.num_classes)
         for f in (0, 1):
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
-            head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0),
-                         store=data.kb("in")).head
+            with one_thread():
+                head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0),
+                             store=data.kb("in")).head
             c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
                                   temperatures=cfg.vote_temperatures, metric="balanced", device="cpu")
             on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
