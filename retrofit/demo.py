@@ -176,7 +176,8 @@ class DemoConfig:
     seeds: int = 1  # head-training seeds; > 1 reports mean ± std
     rows: tuple[str, ...] = tuple(ROWS)  # which rows to run
     workers: int = 0  # heads trained at once, in worker processes with one thread each (retrofit.demo_pool); 0 = one
-    # per usable core (as many as the free memory holds), 1 = one at a time in this process (the same heads either way)
+    # per usable core (as many as the available memory holds), 1 = one at a time in this process (the same heads
+    # either way)
     reuse_heads: bool = True  # load a head trained earlier with identical inputs, settings, seed and code from
     # cache_dir instead of training it again (CPU training is deterministic: the same head); False = retrain
     plot: bool = True  # write the per-class accuracy PNG (rows 1, 2, 4, 5)

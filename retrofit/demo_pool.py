@@ -5,7 +5,7 @@ The demo's head is small (d = 64, k = 16): a training step is many small matrix 
 23 Nov), while two single-threaded trainings side by side took 10.6 s each: two heads in the time of ~1.2. So
 every head is trained with one intra-op thread (:func:`retrofit.demo_train.one_thread`), and the heads a run needs
 and has not cached are trained by up to ``workers`` processes at once (``DemoConfig.workers``, default one per
-usable core, as many as the free memory holds at ~1.5 GB each; ``retrofit demo --workers N``). Each worker reads
+usable core, as many as the available memory holds at ~1.5 GB each; ``retrofit demo --workers N``). Each worker reads
 the prepared data from the cache, searches the KBs with the parent's thread count and writes its heads to the
 cache of trained heads (:func:`retrofit.demo_train.head_cache_dir`), where the rows then load them: the same
 heads, bit for bit, as training them one at a time in the parent (tests/test_demo_pool.py). On the full demo
@@ -28,8 +28,8 @@ from retrofit.demo_data import DemoData
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["HEAD_OF_ROW", "FoldJob", "HeadSpec", "default_workers", "host_shifts", "train_fold_heads", "train_heads",
-           "usable_cores"]
+__all__ = ["HEAD_OF_ROW", "FoldJob", "HeadSpec", "available_memory", "default_workers", "host_shifts",
+           "train_fold_heads", "train_heads", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,28 @@ def usable_cores() -> int:
 WORKER_MEMORY = 1.5 * 2**30  # bytes a worker may take: ~0.9-1.2 GB resident measured on the full demo (23 Nov)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes now: Linux's MemAvailable (free memory plus the page cache it
+    can reclaim), else the free pages; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def default_workers(jobs: int) -> int:
     """How many heads to train at once by default: one per usable core, no more than ``jobs``, and no more than
-    the memory available now holds at :data:`WORKER_MEMORY` each (Linux; elsewhere the cores decide)."""
+    the available memory holds at :data:`WORKER_MEMORY` each (where it can be read; else the cores decide)."""
     n = min(usable_cores(), jobs)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return max(1, n)
-    return max(1, min(n, int(free // WORKER_MEMORY)))
+    free = available_memory()
+    return max(1, n if free is None else min(n, int(free // WORKER_MEMORY)))
 
 
 def _jobs(cfg: DemoConfig, seeds: Iterable[int], rows: Iterable[str]) -> list[tuple[int, HeadSpec]]:

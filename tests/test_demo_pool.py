@@ -13,7 +13,15 @@ from conftest import mini_settings
 
 from retrofit.demo import DemoConfig, run_demo
 from retrofit.demo_data import prepare
-from retrofit.demo_pool import HEAD_OF_ROW, _jobs, default_workers, host_shifts, train_heads, usable_cores
+from retrofit.demo_pool import (
+    HEAD_OF_ROW,
+    _jobs,
+    available_memory,
+    default_workers,
+    host_shifts,
+    train_heads,
+    usable_cores,
+)
 from retrofit.demo_train import head_cache_dir, one_thread
 
 
@@ -48,6 +56,9 @@ def test_the_jobs_are_one_per_head_and_seed_in_row_order():
     assert _jobs(cfg, range(3), ("1", "2", "3")) == []
     assert usable_cores() >= 1
     assert 1 <= default_workers(5) <= min(usable_cores(), 5) and default_workers(1) == 1
+    free = available_memory()  # (this project's machines are Linux: MemAvailable)
+    assert free is not None and free > 0
+    assert default_workers(5) <= max(1, free // (1.5 * 2**30))
 
 
 def test_heads_trained_in_workers_are_the_heads_trained_here(mini_data, tmp_path):

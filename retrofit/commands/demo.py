@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train every head again instead of reusing heads cached by an identical earlier run")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="heads trained at once, in worker processes with one thread each (default: one per usable "
-                        "core, as many as the free memory holds; 1 = one at a time in this process; the same heads "
-                        "either way)")
+                        "core, as many as the available memory holds; 1 = one at a time in this process; the same "
+                        "heads either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
