@@ -231,7 +231,7 @@ class DemoConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
-            raise ValueError(f"workers must be an int >= 0 (0 = the usable cores), got {self.workers!r}")
+            raise ValueError(f"workers must be an int >= 0 (0 = one per usable core), got {self.workers!r}")
         if isinstance(self.seeds, bool):
             raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
         if not self.rows:
@@ -265,9 +265,10 @@ class DemoConfig:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str],
+def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str], shift: dict[bool, torch.Tensor | None],
               fresh: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows that depend on head training, for one seed: name -> evaluate() dict + choices (``fresh``: the heads
+    """Rows that depend on head training, for one seed: name -> evaluate() dict + choices (``shift``: noisy -> what
+    is subtracted from the host logits the heads see, :func:`retrofit.demo_pool.host_shifts`; ``fresh``: the heads
     trained in this run, by their cache directories)."""
     out: dict[str, dict[str, Any]] = {}
     lp_clean, lp_noisy = data.log_prior(noisy=False), data.log_prior(noisy=True)
@@ -283,7 +284,6 @@ def _run_seed(cfg: DemoConfig, data: DemoData, seed: int, rows: set[str],
                  100 * r["val_top1"], a)
 
     counts = data.split.counts
-    shift = host_shifts(cfg, data)  # noisy -> subtracted from the host logits the head sees
 
     def run(name: str, eval_kb: str, head: Any = None, note: str | None = None) -> Any:
         spec = HEAD_OF_ROW[name]
@@ -412,8 +412,9 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     data = prepare(cfg)
     t_prep = time.perf_counter() - t0
     results = _fixed_rows(cfg, data, rows)
-    fresh = train_heads(cfg, data, range(cfg.seeds), rows, host_shifts(cfg, data))  # several at a time
-    per_seed = [_run_seed(cfg, data, s, rows, fresh) for s in range(cfg.seeds)]
+    shift = host_shifts(cfg, data)  # row 2's (8h's) adjustment, fed to the heads
+    fresh = train_heads(cfg, data, range(cfg.seeds), rows, shift)  # several at a time
+    per_seed = [_run_seed(cfg, data, s, rows, shift, fresh) for s in range(cfg.seeds)]
     floors = floor_gaps(results, per_seed)
     for r in (*results.values(), *(x for seed in per_seed for x in seed.values())):
         r.pop("_hits", None)
