@@ -176,7 +176,8 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
                     picks.setdefault((e, rule, seed), []).append((c.temperature, c.scale, adj))
                     head.vote.set_scale(1.0)
                     head.vote.set_temperature(trained_t)
-            log.info("rule CV %s, seed %d: fold %d/%d in %.1f s", kb, seed, f + 1, folds, time.perf_counter() - t0)
+            log.info("rule CV %s, seed %d: fold %d/%d scored in %.1f s", kb, seed, f + 1, folds,
+                     time.perf_counter() - t0)
     out: dict[str, dict[str, Any]] = {}
     for e in eval_kbs:
         out[e] = {}

@@ -132,7 +132,7 @@ def train_heads(cfg: DemoConfig, data: DemoData, seeds: Iterable[int], rows: Ite
                                  noisy=spec.noisy, shift=shifts[spec.noisy], vote=spec.vote)[1]
                 for seed, spec, path in todo}
     infos = _in_workers(cfg, _train_one, [(seed, spec, shifts[spec.noisy]) for seed, spec, _ in todo], workers,
-                        "training heads")
+                        "training heads", cached=True)
     return {path: info for (_, _, path), info in zip(todo, infos)}
 
 
@@ -180,8 +180,10 @@ def _fold_head(cfg: DemoConfig, data: DemoData, job: FoldJob) -> Any:
         return train(head, fs, train_config(cfg, spec.kb, job.seed, job.epochs), store=data.kb(spec.kb)).head
 
 
-def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: int, what: str) -> list[Any]:
-    """``[fn(*a) for a in args]``, run by ``workers`` spawned processes that each prepared the data first."""
+def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: int, what: str,
+                cached: bool = False) -> list[Any]:
+    """``[fn(*a) for a in args]``, run by ``workers`` spawned processes that each prepared the data first
+    (``cached``: ``fn`` writes its heads to the head cache, which the error of a dead worker then says)."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -201,14 +203,14 @@ def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: 
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    done[futures[f]] = f.result()  # a worker's error is raised here (finished heads stay cached)
+                    done[futures[f]] = f.result()  # a worker's error is raised here
                     bar.update()
     except BrokenProcessPool as e:
         raise RuntimeError(
             "a head-training worker process died before it finished (killed, out of memory, or it could not start: "
             "a script that calls run_demo must do so under `if __name__ == \"__main__\":`, since the workers are "
-            "spawned and import it). The heads trained so far are cached; run again, or with workers=1 "
-            "(`retrofit demo --workers 1`) to train in this process") from e
+            "spawned and import it)." + (" The heads trained so far are cached;" if cached else "")
+            + " run again, or with workers=1 (`retrofit demo --workers 1`) to train in this process") from e
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # (on an error or Ctrl-C: the queued heads are not started)
     return [done[i] for i in range(len(args))]

@@ -72,9 +72,10 @@ def train_head(cfg: DemoConfig, data: DemoData, kb: str, seed: int, *, modalitie
 def one_thread() -> Iterator[None]:
     """Run the block with one intra-op torch thread (the previous count restored after). The demo trains every head
     so: the thread count changes how float sums are split, so a head trained with two threads differs (in the last
-    bits, then in a few predictions) from one trained with one or eight; one thread gives the same head on any
-    machine with the same float kernels, in a worker process or not (:mod:`retrofit.demo_pool`), and on 2 cores
-    the small head trains about as fast with one thread as with two."""
+    bits, then in a few predictions) from one trained with one or eight. With one thread the training gives the
+    same head in a worker process or not (:mod:`retrofit.demo_pool`; its inputs, the neighbours' similarities, still
+    follow the thread count the KBs are searched with), and on 2 cores the small head trains about as fast with
+    one thread as with two."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
