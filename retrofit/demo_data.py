@@ -81,6 +81,11 @@ class DemoData:
             self._digests[name] = hashlib.sha1(self.kb(name).labels().numpy().tobytes()).hexdigest()[:16]
         return self._digests[name]
 
+    def portable(self) -> DemoData:
+        """A copy for another process (pickled): the tensors and the features retrieved so far, without the opened
+        knowledge bases (the copy opens its own, read-only, when asked)."""
+        return replace(self, _kbs={}, _feats=dict(self._feats), _digests=dict(self._digests))
+
     def close(self) -> None:
         for kb in self._kbs.values():
             kb.close()

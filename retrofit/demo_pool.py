@@ -5,8 +5,9 @@ The demo's head is small (d = 64, k = 16): a training step is many small matrix 
 23 Nov), while two single-threaded trainings side by side took 10.6 s each: two heads in the time of ~1.2. So
 every head is trained with one intra-op thread (:func:`retrofit.demo_train.one_thread`), and the heads a run needs
 and has not cached are trained by up to ``workers`` processes at once (``DemoConfig.workers``, default one per
-usable core, as many as the available memory holds at ~1.5 GB each; ``retrofit demo --workers N``). Each worker reads
-the prepared data from the cache, searches the KBs with the parent's thread count and writes its heads to the
+usable core, as many as the available memory holds at ~1.5 GB each; ``retrofit demo --workers N``). The parent
+retrieves the training neighbours of every head once and hands each worker a copy of its data with them (the
+workers neither re-read the cache nor search); the costliest heads start first. Each worker writes its heads to the
 cache of trained heads (:func:`retrofit.demo_train.head_cache_dir`), where the rows then load them: the same
 heads, bit for bit, as training them one at a time in the parent (tests/test_demo_pool.py). On the full demo
 (23 Nov, cold cache, 2 cores, the same hour) the run after the data preparation took 127 s instead of 174 s (five
@@ -131,9 +132,27 @@ def train_heads(cfg: DemoConfig, data: DemoData, seeds: Iterable[int], rows: Ite
         return {path: train_head(replace(cfg, reuse_heads=False), data, spec.kb, seed, modalities=spec.modalities,
                                  noisy=spec.noisy, shift=shifts[spec.noisy], vote=spec.vote)[1]
                 for seed, spec, path in todo}
-    infos = _in_workers(cfg, _train_one, [(seed, spec, shifts[spec.noisy]) for seed, spec, _ in todo], workers,
-                        "training heads", cached=True)
+    n_lt = len(data.split.lt)
+    _retrieve_here(data, [spec for _, spec, _ in todo])
+    infos = _in_workers(cfg, data, _train_one, [(seed, spec, shifts[spec.noisy]) for seed, spec, _ in todo],
+                        [_cost(cfg, spec, n_lt) for _, spec, _ in todo], workers, "training heads", cached=True)
     return {path: info for (_, _, path), info in zip(todo, infos)}
+
+
+def _retrieve_here(data: DemoData, specs: list[HeadSpec]) -> None:
+    """The training features of the heads ``specs`` retrieved in this process, once, before the workers start:
+    they get them with the data (and the rows read them here afterwards)."""
+    for spec in dict.fromkeys(specs):
+        data.train_features(spec.kb, noisy=spec.noisy)
+
+
+def _cost(cfg: DemoConfig, spec: HeadSpec, samples: int, epochs: int | None = None) -> float:
+    """A head's training time, roughly (for the order the workers take the heads in): epochs x samples, a little
+    more with both modalities (row-4-like heads took 36 s, the image-only 27 s and the text-only 32 s, 24 Nov)."""
+    from retrofit.demo_train import head_epochs
+
+    epochs = head_epochs(cfg, spec.kb) if epochs is None else epochs
+    return epochs * samples * (1.0 if spec.modalities == "image+text" else 0.85)
 
 
 @dataclass(frozen=True)
@@ -156,7 +175,10 @@ def train_fold_heads(cfg: DemoConfig, data: DemoData, jobs: list[FoldJob]) -> li
         return [_fold_head(cfg, data, job) for job in jobs]
     from retrofit.demo_train import new_head
 
-    states = _in_workers(cfg, _train_fold, [(job,) for job in jobs], workers, "training fold heads")
+    _retrieve_here(data, [job.spec for job in jobs])
+    states = _in_workers(cfg, data, _train_fold, [(job,) for job in jobs],
+                         [_cost(cfg, job.spec, len(job.fit), job.epochs) for job in jobs], workers,
+                         "training fold heads")
     heads = []
     for job, state in zip(jobs, states):
         head = new_head(cfg, data, job.spec.kb, job.seed, job.spec.modalities, _vote(cfg, job.spec))
@@ -180,10 +202,12 @@ def _fold_head(cfg: DemoConfig, data: DemoData, job: FoldJob) -> Any:
         return train(head, fs, train_config(cfg, spec.kb, job.seed, job.epochs), store=data.kb(spec.kb)).head
 
 
-def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: int, what: str,
-                cached: bool = False) -> list[Any]:
-    """``[fn(*a) for a in args]``, run by ``workers`` spawned processes that each prepared the data first
-    (``cached``: ``fn`` writes its heads to the head cache, which the error of a dead worker then says)."""
+def _in_workers(cfg: DemoConfig, data: DemoData, fn: Any, args: list[tuple[Any, ...]], costs: list[float],
+                workers: int, what: str, cached: bool = False) -> list[Any]:
+    """``[fn(*a) for a in args]``, run by ``workers`` spawned processes that each get a copy of ``data`` (with the
+    features retrieved so far). The costliest jobs (``costs``) start first, so that no worker is left alone with a
+    long head at the end. ``cached``: ``fn`` writes its heads to the head cache, which the error of a dead worker
+    then says."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -194,10 +218,11 @@ def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: 
     done: dict[int, Any] = {}
     # spawn, not fork: the parent has run OpenMP-threaded torch and opened LMDB environments, neither of which
     # survives a fork reliably
-    start = (replace(cfg, progress=False, reuse_heads=False), torch.get_num_threads())
+    start = (replace(cfg, progress=False, reuse_heads=False), torch.get_num_threads(), data.portable())
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=start)
-    try:
-        futures = {pool.submit(fn, *a): i for i, a in enumerate(args)}
+    try:  # (submitted costliest first: the pool starts them in that order)
+        order = sorted(range(len(args)), key=lambda i: -costs[i])
+        futures = {pool.submit(fn, *args[i]): i for i in order}
         with tqdm(total=len(futures), desc=what, unit="head", disable=not cfg.progress) as bar:
             pending = set(futures)
             while pending:
@@ -219,15 +244,13 @@ def _in_workers(cfg: DemoConfig, fn: Any, args: list[tuple[Any, ...]], workers: 
 _WORKER: dict[str, Any] = {}  # in a worker process: its config and prepared data
 
 
-def _start_worker(cfg: DemoConfig, threads: int) -> None:
-    """A worker's start: the prepared data read from the cache (prepared by the parent). It searches the KBs with
-    the parent's thread count (``threads``), as the parent would: the similarities faiss returns move in the last
-    bits with it (up to 7e-7 on KB_in), and the heads with them; :func:`retrofit.demo_train.train_head` then trains
-    with one thread."""
-    from retrofit.demo_data import prepare
-
+def _start_worker(cfg: DemoConfig, threads: int, data: DemoData) -> None:
+    """A worker's start: the parent's data, with the training features the parent retrieved. Should the worker
+    search a KB itself, it does so with the parent's thread count (``threads``), as the parent would: the
+    similarities faiss returns move in the last bits with it (up to 7e-7 on KB_in), and the heads with them;
+    :func:`retrofit.demo_train.train_head` then trains with one thread."""
     torch.set_num_threads(threads)
-    _WORKER.update(cfg=cfg, data=prepare(cfg))
+    _WORKER.update(cfg=cfg, data=data)
 
 
 def _train_one(seed: int, spec: HeadSpec, shift: torch.Tensor | None) -> dict[str, Any]:
