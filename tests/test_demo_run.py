@@ -233,3 +233,38 @@ def test_a_prepared_cache_is_read_while_another_writer_holds_its_kbs(mini_data, 
             kb.close()
     assert prepare(_config(mini_data, tmp_path, seeds=1, whiten_ext=0.3)).kb("ext").info()["index"]["config"][
         "whiten"] == 0.3
+
+
+def test_the_noisy_kb_reuses_kb_ins_neighbours_only_while_it_searches_alike(mini_data, tmp_path):
+    """KB_in's noisy twin has KB_in's keys under the same ids and index: its neighbours are KB_in's (searched once)
+    with the noisy labels, exactly what a search of the twin gives; once its index differs it is searched."""
+    import torch
+
+    from retrofit.demo_data import _same_index, prepare
+    from retrofit.feature_cache import retrieve
+
+    cfg = _config(mini_data, tmp_path, seeds=1)
+    data = prepare(cfg)
+    try:
+        assert _same_index(data.kb("in"), data.kb("in_noisy"))
+        noisy_labels = data.kb("in_noisy").labels()
+        assert not torch.equal(noisy_labels, data.kb("in").labels())  # (the mini data has flipped labels)
+        for split in ("lt", "val", "test"):
+            got = (data.train_features("in_noisy", noisy=True) if split == "lt"
+                   else data.eval_features(split, "in_noisy", noisy=True))
+            live = retrieve(got, data.kb("in_noisy"), data.k)
+            for f in ("neighbor_ids", "neighbor_scores", "neighbor_labels"):
+                assert torch.equal(getattr(got, f), getattr(live, f)), (split, f)
+            clean = data.train_features("in") if split == "lt" else data.eval_features(split, "in")
+            assert torch.equal(got.neighbor_ids, clean.neighbor_ids)
+    finally:
+        data.close()
+    # another index (whitened keys), or another size: not alike, so searched
+    from retrofit.knowledge_base import KnowledgeBase
+
+    root = next((tmp_path / "cache").glob("*/kb_in_noisy")).parent
+    with KnowledgeBase.open(root / "kb_in_noisy", readonly=False) as kb:
+        kb.compact(whiten=0.3)
+    with KnowledgeBase.open(root / "kb_in") as a, KnowledgeBase.open(root / "kb_in_noisy") as b, \
+            KnowledgeBase.open(root / "kb_ext") as c:
+        assert not _same_index(a, b) and not _same_index(a, c) and _same_index(a, a)
