@@ -21,12 +21,12 @@ cached under ``cache_dir`` (first run: encoding ~60k images; later runs reuse th
 ``--retrain`` trains them again). The pieces live in :mod:`retrofit.demo_data`
 (data, KBs, features), :mod:`retrofit.demo_pool` (the heads trained before the rows, several at a time),
 :mod:`retrofit.demo_heads` (training, caching and evaluating heads),
-:mod:`retrofit.demo_rules` (metrics, choices, fixed baselines) and here (the configuration and the rows).
+:mod:`retrofit.demo_rules` (metrics, choices, fixed baselines), :mod:`retrofit.demo_report` (titles, table and
+the files written) and here (the configuration and the rows).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -47,39 +47,21 @@ from retrofit.demo_heads import (
     train_head,
 )
 from retrofit.demo_pool import HEAD_OF_ROW, host_shifts, train_heads
+from retrofit.demo_report import GUARDS, ROWS, _exact, format_table, row_titles, write_report
 from retrofit.demo_rules import (
     choose_adjustment,
     choose_scale_and_adjustment,
     fixed_fusion,
     floor_gaps,
-    floors_markdown,
     group_metrics,
     knn_probs,
     mean_std,
     top1,
 )
 
-__all__ = ["DemoConfig", "ROWS", "run_demo", "format_table"]
+__all__ = ["DemoConfig", "GUARDS", "ROWS", "run_demo", "format_table"]
 
 log = logging.getLogger(__name__)
-
-ROWS = {
-    "1": "host (CE)",
-    "2": "host + logit adjustment",
-    "3": "kNN vote over KB_in",
-    "4": "retrofit: head on KB_in (LACE)",
-    "5": "retrofit: row 4 + KB_ext swapped in",
-    "6": "retrofit: head trained with KB_ext",
-    "7i": "ablation: row 4 image-only (no texts, no label vote)",
-    "7t": "ablation: row 4 text-only",
-    "8h": "noisy 40%: host + logit adjustment",
-    "8r": "noisy 40%: retrofit head on KB_in",
-}
-GUARDS = {"g_in": "fixed 50/50 fusion of row 2 and kNN on KB_in",
-          "g_ext": "fixed 50/50 fusion of row 2 and kNN on KB_ext"}
-_TRAINED = {"4", "5", "6", "7i", "7t", "8r"}
-_EXT_LABELS = {"dataset": "CIFAR-10's own", "captions": "read from the captions (CaptionLabeller)"}
-
 
 @dataclass
 class DemoConfig:
@@ -372,36 +354,6 @@ def _fixed_rows(cfg: DemoConfig, data: DemoData, rows: set[str]) -> dict[str, di
     return out
 
 
-def _exact(x: float) -> str:
-    """``x`` in a file name, every digit kept (100.0000001 is not 100): ``10``, ``0.2``, ``1234567``."""
-    r = repr(float(x))
-    return r[:-2] if r.endswith(".0") else r
-
-
-def row_titles(noise_rate: float = 0.4) -> dict[str, str]:
-    """The rows' and references' titles, row 8's with its noise rate."""
-    rate = f"noisy {_exact(round(100 * noise_rate, 10))}%:"
-    return {n: t.replace("noisy 40%:", rate) for n, t in {**ROWS, **GUARDS}.items()}
-
-
-def format_table(results: dict[str, dict[str, Any]], seeds: int = 1, titles: dict[str, str] | None = None) -> str:
-    """The markdown table of the report (accuracies in %; ``titles``: :func:`row_titles`, default 40% noise)."""
-    titles = titles or row_titles()
-    lines = ["| row | model | Many | Medium | Few | Overall |", "|---|---|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        label = titles.get(name, name)
-        cells = []
-        for key in ("many", "medium", "few", "top1"):
-            v = r.get(key)
-            s = "–" if v is None else f"{100 * v:.1f}"
-            if seeds > 1 and name in _TRAINED and r.get(key + "_std") is not None:
-                s += f" ± {100 * r[key + '_std']:.1f}"
-            cells.append(s)
-        row = name if name in ROWS else "ref"
-        lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     """Run the demo; writes ``results_dir/<cfg.results_stem>.{md,json,png}`` and returns the JSON document."""
     cfg = cfg or DemoConfig()
@@ -431,57 +383,5 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         "rows": {n: {"name": titles[n], **r} for n, r in results.items()},
         "floors": floors,
     }
-    out = Path(cfg.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results, cfg.seeds, titles)
-    extras = (", learned label vote" * cfg.label_vote + " (KB-prior balanced)" * (cfg.label_vote and cfg.balance_vote)
-              + " mixed in as probabilities" * (cfg.label_vote and cfg.vote_form == "mix")
-              + ", fed the row-2 host logits" * cfg.adjust_host
-              + "".join(f"; {n} searched with whitened keys (shrinkage {w:g})"
-                        for n, w in (("KB_in", cfg.whiten_in), ("KB_ext", cfg.whiten_ext)) if w))
-    from retrofit.demo_train import head_epochs
-
-    ext_epochs = (f" ({head_epochs(cfg, 'ext')} for the head trained with KB_ext)"
-                  if head_epochs(cfg, "ext") != cfg.epochs else "")
-    md = (f"# CIFAR-10-LT (IF={cfg.imbalance_factor:g}), frozen Tiny Darknet host, retrofit head "
-          f"(d={cfg.dim}, L={cfg.depth}, k={cfg.k}, {cfg.epochs} epochs{ext_epochs}{extras})\n\n{table}\n"
-          f"Top-1 (%) on the {_test_set(data.test_labels, data.num_classes)} test set; seeds: {cfg.seeds}. "
-          f"Post-hoc adjustments chosen on the {len(data.split.val)}-image validation set"
-          + (" (rows 4-7's: on the long-tail training images)" if cfg.posthoc_on == "train" else "")
-          + ", vote scales on "
-          + ("the validation set" if cfg.vote_scale_on == "val"
-             else "the long-tail training images (own entries excluded)")
-          + f". KB_ext's pool labels: {_EXT_LABELS[cfg.ext_labels]}. Run time {seconds:.0f} s.\n"
-          + floors_markdown(floors))
-    (out / f"{cfg.results_stem}.md").write_text(md)
-    (out / f"{cfg.results_stem}.json").write_text(json.dumps(doc, indent=1, default=_json_default))
-    if cfg.plot:
-        from retrofit.plots import plot_per_class_accuracy
-
-        series = {f"{n}: {titles[n]}": results[n] for n in ("1", "2", "4", "5") if n in results}
-        if series:
-            plot_per_class_accuracy(series, out / f"{cfg.results_stem}.png",
-                                    title="CIFAR-10-LT: per-class test accuracy vs training count")
-    doc["table"] = table
+    doc["table"] = write_report(cfg, doc, results, floors, data, seconds)
     return doc
-
-
-def _test_set(labels: np.ndarray, num_classes: int) -> str:
-    """``balanced 10,000-image`` (CIFAR-10's test set), or what a smaller / other test set is."""
-    if len(labels) == 0:
-        return "empty"
-    counts = np.bincount(labels, minlength=num_classes)
-    return ("balanced " if counts.min() == counts.max() else "") + f"{len(labels):,}-image"
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
-
