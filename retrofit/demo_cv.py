@@ -19,9 +19,12 @@ whole long-tail set, and scores the held-out fold (``examples/cifar10_lt_rule_cv
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +36,8 @@ from retrofit.demo_train import head_epochs, shifted
 if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
-__all__ = ["cross_validate_epochs", "cross_validate_rules", "fold_of_each", "out_of_fold_logits"]
+__all__ = ["checked_cv_arguments", "cross_validate_epochs", "cross_validate_rules", "cv_arguments", "example_main",
+           "figure_cells", "fold_of_each", "out_of_fold_logits", "run_cv"]
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +191,63 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
             out[e][rule] = {"balanced_top1": sum(r["balanced_top1"] for r in per_seed) / len(per_seed),
                             "seeds": per_seed}
     return out
+
+
+# ----------------------------------------------------------------------------------- the two example scripts
+
+
+def cv_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments the cross-validation examples share: --kbs, --seeds, --folds, --cache-dir, --results-dir
+    (checked by :func:`checked_cv_arguments`)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--kbs", default="in,ext", help="knowledge bases the heads train with (in, ext; default in,ext)")
+    ap.add_argument("--seeds", type=int, default=3, help="head-training seeds (default 3)")
+    ap.add_argument("--folds", type=int, default=5, help="folds (default 5)")
+    ap.add_argument("--cache-dir", default=".retrofit_cache/cifar10_lt")
+    ap.add_argument("--results-dir", default="results")
+    return ap
+
+
+def checked_cv_arguments(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``ap``'s arguments parsed from ``argv``, --kbs as a list; bad values end the script with a usage error."""
+    args = ap.parse_args(argv)
+    args.kbs = [k.strip() for k in args.kbs.split(",") if k.strip()]
+    if not args.kbs or set(args.kbs) - {"in", "ext"}:
+        ap.error(f"--kbs: expected in and/or ext, got {args.kbs}")
+    if args.seeds < 1 or args.folds < 2:
+        ap.error(f"--seeds must be >= 1 and --folds >= 2, got {args.seeds} / {args.folds}")
+    return args
+
+
+def run_cv(args: argparse.Namespace, name: str, per_kb: Callable[[DemoConfig, DemoData, str], Any],
+           **settings: Any) -> dict[str, Any]:
+    """``{"folds", "seeds", "kbs": {kb: per_kb(cfg, data, kb) for each of args.kbs}}`` on the demo's prepared data
+    (``settings``: DemoConfig fields besides the directories), also written to ``args.results_dir/<name>.json``."""
+    from retrofit.demo import DemoConfig
+    from retrofit.demo_data import prepare
+
+    cfg = DemoConfig(**{"cache_dir": args.cache_dir, "results_dir": args.results_dir, **settings})
+    cfg.validate()
+    data = prepare(cfg)
+    try:
+        doc = {"folds": args.folds, "seeds": args.seeds, "kbs": {kb: per_kb(cfg, data, kb) for kb in args.kbs}}
+    finally:
+        data.close()
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def figure_cells(r: dict[str, Any]) -> str:
+    """A result's table cells: the out-of-fold balanced top-1 (%) over the seeds, then each seed's."""
+    return f"{100 * r['balanced_top1']:.2f} | " + " / ".join(f"{100 * s['balanced_top1']:.2f}" for s in r["seeds"])
+
+
+def example_main(parse_args: Callable[[list[str] | None], argparse.Namespace],
+                 run: Callable[[argparse.Namespace], dict[str, Any]], table: Callable[[dict[str, Any]], str],
+                 argv: list[str] | None = None) -> None:
+    """An example script's main: parse ``argv``, log at INFO, run, print the markdown table."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(table(run(args)))
