@@ -15,6 +15,7 @@ from retrofit.demo import DemoConfig, run_demo
 from retrofit.demo_data import prepare
 from retrofit.demo_pool import (
     HEAD_OF_ROW,
+    _cost,
     _jobs,
     available_memory,
     default_workers,
@@ -59,6 +60,32 @@ def test_the_jobs_are_one_per_head_and_seed_in_row_order():
     free = available_memory()  # (this project's machines are Linux: MemAvailable)
     assert free is not None and free > 0
     assert default_workers(5) <= max(1, free // (1.5 * 2**30))
+    # the costliest heads go to the workers first: ten epochs with both modalities, then one, then row 6's one epoch
+    n = 1000
+    assert _cost(cfg, HEAD_OF_ROW["4"], n) == _cost(cfg, HEAD_OF_ROW["8r"], n) > _cost(cfg, HEAD_OF_ROW["7i"], n) \
+        > _cost(cfg, HEAD_OF_ROW["6"], n) > 0
+    assert _cost(cfg, HEAD_OF_ROW["6"], n, epochs=10) == _cost(cfg, HEAD_OF_ROW["4"], n)
+
+
+def test_the_workers_copy_of_the_data_carries_its_features_not_its_open_kbs(mini_data, tmp_path):
+    """What a worker gets: the tensors and the features retrieved so far (pickled, as spawn sends it), no open
+    knowledge base; it opens its own when asked, and its features are the parent's."""
+    import pickle
+
+    cfg = _config(mini_data, tmp_path / "c")
+    data = prepare(cfg)
+    try:
+        fs = data.train_features("in")
+        copy = pickle.loads(pickle.dumps(data.portable()))
+        assert data._kbs and not copy._kbs  # (the parent's stay open; the copy holds none)
+        got = copy.train_features("in")  # no search: the parent's
+        for f in ("z", "labels", "host_logits", "neighbor_ids", "neighbor_scores", "neighbor_labels"):
+            assert torch.equal(getattr(got, f), getattr(fs, f)), f
+        assert not copy._kbs
+        assert len(copy.kb("in")) == len(data.kb("in")) and copy.kb("in") is not data.kb("in")
+        copy.close()
+    finally:
+        data.close()
 
 
 def test_heads_trained_in_workers_are_the_heads_trained_here(mini_data, tmp_path):
