@@ -285,7 +285,7 @@ def test_demo_caption_labelled_pool(tmp_path, mini_samples, cifar_classes, data_
 
     import torch
 
-    from retrofit.demo_data import _caption_labelled, _Encoders
+    from retrofit.demo_build import _caption_labelled, _Encoders
     from retrofit.ingest import build_kb
     from retrofit.knowledge_base import KnowledgeBase
 

@@ -677,7 +677,7 @@ def test_feature_cache_under_concurrent_runs_damage_and_odd_names(tmp_path):
     """Found by a stress test: two runs filling one cache crashed each other (rename onto the other's entry); a
     cache dir that is a file failed only after the backbone pass; clear("train") also removed "train.v2", and a
     name with glob characters was never cleared; the demo's own cache files, cut by a kill, stopped every run."""
-    from retrofit.demo_data import _load_or_empty, _save_atomic
+    from retrofit.demo_build import _load_or_empty, _save_atomic
 
     z = torch.randn(6, 4)
     calls = []
