@@ -125,7 +125,7 @@ def _encode(refs: list[Any], enc: Any, batch: int = 256, progress: bool = True) 
                 f = files.get(path) or files.setdefault(path, open(path, "rb"))
                 f.seek(off)
                 with Image.open(io.BytesIO(f.read(size))) as im:
-                    ims.append(enc.preprocess(im.convert("RGB")))
+                    ims.append((enc.pixels or enc.preprocess)(im.convert("RGB")))
             with torch.inference_mode():
                 out.append(enc.encode(torch.stack(ims)).float())
     finally:

@@ -300,7 +300,7 @@ def _darknet_encoder(spec: str, size: str | None) -> ImageEncoder:
         name = f"{name}@{s}"
     fp = EncoderFingerprint("darknet-tiny", name, base.weights if base else "unknown", int(model.num_features), True,
                             note=f"input {s}px")
-    return ImageEncoder(embed, model.preprocess(s), fp, module=model)
+    return ImageEncoder(embed, model.preprocess(s), fp, module=model, pixels=model.pixels(s))
 
 
 # ----------------------------------------------------------------------------------------------- text encoders

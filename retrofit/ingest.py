@@ -154,7 +154,7 @@ def _decoded_batches(src: Source, cfg: BuildConfig, img: ImageEncoder, key: Imag
     """
     from retrofit.workers import decode_loader
 
-    pre = [img.preprocess] + ([key.preprocess] if key is not None else [])
+    pre = [e.pixels or e.preprocess for e in (img, key) if e is not None]  # (uint8 where the encoder scales them)
     return iter(decode_loader(src.refs, pre[0] if len(pre) == 1 else _Multi(pre), batch_size=cfg.batch_size,
                               num_workers=cfg.num_workers, offset=start, prefetch_factor=4))
 

@@ -348,16 +348,37 @@ def test_encoders_take_any_image_mode_and_dtype_and_give_plain_tensors(darknet_e
     z.mul_(2)  # an ordinary tensor
     for dtype in (torch.float16, torch.float64):
         torch.testing.assert_close(darknet_enc.encode(batch.to(dtype)), darknet_enc.encode(batch), atol=2e-2, rtol=0)
-    with pytest.raises(ValueError, match="takes a float batch"):
-        darknet_enc.encode((batch * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="takes a float batch .* output of its pixels"):
+        darknet_enc.encode((batch * 255).to(torch.int16))
     from retrofit.encoders import ImageEncoder
 
     lin = torch.nn.Linear(12, 8).to(torch.bfloat16)
     bare = ImageEncoder(lambda x: lin(x.flatten(1)), darknet_enc.preprocess, darknet_enc.fingerprint)  # no module
     assert bare.encode(torch.rand(2, 3, 2, 2, dtype=torch.bfloat16)).shape == (2, 8)  # the batch's dtype is kept
+    with pytest.raises(ValueError, match="takes a float batch"):  # no pixels: uint8 is not its preprocess's output
+        bare.encode(torch.zeros(2, 3, 2, 2, dtype=torch.uint8))
     w = torch.zeros(minilm.dim, 2, requires_grad=True)
     (minilm.encode(["a cat", "a dog"]) @ w).sum().backward()  # was: inference tensors cannot be saved for backward
     assert w.grad is not None
+
+
+def test_darknet_pixels_are_its_preprocess_before_the_scaling(darknet_enc, cifar_train_small):
+    """darknet-tiny's uint8 pixels, scaled by encode, give the preprocess's input to the bit, and so the same
+    vectors: what the KB builds send from their decoding workers (4x fewer bytes, no per-image float work)."""
+    import io
+
+    from PIL import Image
+
+    ims = [Image.open(io.BytesIO(r["jpg"])) for r in cifar_train_small[:8]]
+    px = torch.stack([darknet_enc.pixels(im) for im in ims])
+    assert px.dtype == torch.uint8 and px.shape == (8, 3, 64, 64)
+    ref = torch.stack([darknet_enc.preprocess(im) for im in ims])
+    assert torch.equal(px.float().div(255), ref)
+    assert torch.equal(darknet_enc.encode(px), darknet_enc.encode(ref))
+    assert torch.equal(pickle.loads(pickle.dumps(darknet_enc.pixels))(ims[0]), px[0])  # (goes to the workers)
+    grey = ims[0].convert("L")  # made RGB first, as preprocess does
+    assert torch.equal(darknet_enc.pixels(grey).float().div(255), darknet_enc.preprocess(grey))
+    assert load_image_encoder("darknet-tiny@96").pixels(ims[0]).shape == (3, 96, 96)
 
 
 @pytest.mark.parametrize("spec, loader", [("darknet-tiny:96", load_image_encoder),

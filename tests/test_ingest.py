@@ -76,6 +76,9 @@ def test_build_from_webdataset(clean_kb, shards, mini_samples, cifar_classes, en
         nb = kb.search(enc.encode(x), 5)
         assert nb.ids[:, 0].tolist() == picks
         assert (nb.scores[:, 0] > 0.999).all()
+        # the build's workers sent uint8 pixels (darknet-tiny has them), scaled by encode: the very same vectors
+        assert enc.pixels is not None
+        assert torch.equal(kb.vectors(torch.tensor(picks), which="image"), enc.encode(x).half().float())
         # stored text vectors are the captions' MiniLM vectors (float16 storage)
         t = kb.vectors(torch.tensor(picks), which="text")
         ref = encoders["text_encoder"].encode([order[i]["caption"].strip() for i in picks])

@@ -143,11 +143,17 @@ class DarknetTiny(nn.Module):
         """A picklable PIL -> (3, size, size) tensor transform: resize the short side, centre crop, [0, 1]."""
         from torchvision import transforms
 
+        return transforms.Compose([*self.pixels(size).transforms[:-1], transforms.ToTensor()])
+
+    def pixels(self, size: int | None = None) -> Any:
+        """:meth:`preprocess` up to the uint8 pixels (3, size, size), before ToTensor's scaling to [0, 1]."""
+        from torchvision import transforms
+
         s = int(size or self.default_input_size)
         return transforms.Compose([
             transforms.Resize(s, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
             transforms.CenterCrop(s),
-            transforms.ToTensor(),
+            transforms.PILToTensor(),
         ])
 
 
