@@ -120,8 +120,9 @@ def train_config(cfg: DemoConfig, kb: str, seed: int, epochs: int | None = None)
 
 # modules whose source keys the cache of trained heads: the head, its training, and this module. The DemoConfig
 # fields training reads are in the key themselves (``settings``), so demo.py / demo_heads.py are not.
-_TRAINING_CODE = ("head", "fusion", "functional", "training", "prediction", "feature_cache", "neighbors",
-                  "linear_probe", "demo_train")  # linear_probe: the cross-fitted host logits heads train against
+_TRAINING_CODE = ("head", "head_config", "head_checks", "fusion", "functional", "training", "prediction",
+                  "feature_cache", "neighbors", "linear_probe", "demo_train")
+# (linear_probe: the cross-fitted host logits heads train against)
 
 
 def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str, noisy: bool,

@@ -13,13 +13,9 @@ With ``HeadConfig(label_vote=True, vote_form="mix")`` the neighbours' label vote
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import numbers
 import os
-from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,141 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit._version import __version__
 from retrofit.errors import RetrofitError
-from retrofit.fingerprint import EncoderFingerprint, check_fingerprints, file_sha256, tensors_sha256
-from retrofit.fusion import MODALITIES, VOTE_FORMS, CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
+from retrofit.fingerprint import check_fingerprints
+from retrofit.fusion import CrossFusionLayer, FusionStreams, LabelVote, QueryReadout
+from retrofit.head_checks import _check_given, _check_real, _check_vote_classes, _store_labels, store_label_counts
+from retrofit.head_config import HeadConfig
+from retrofit.head_io import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, load_head, save_head
 from retrofit.neighbors import Neighbors
 from retrofit.store import Store, search_store
 
 __all__ = ["HeadConfig", "HeadOutput", "RetrievalHead", "FORMAT_VERSION", "store_label_counts"]
+__all__ += ["CONFIG_FILE", "FORMAT_NAME", "WEIGHTS_FILE"]  # (the saved folder's names, from retrofit.head_io)
 
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "retrofit-head"
-FORMAT_VERSION = 1  # on-disk format of save(); load() refuses newer ones
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-_FINGERPRINTS = ("query_fingerprint", "image_fingerprint", "text_fingerprint")
-
-
-@dataclass
-class HeadConfig:
-    """Shape and behaviour of a :class:`RetrievalHead`. Defaults are the paper's (k=32, L=4, d=512, 8 heads).
-
-    ``modalities`` (the paper's ablations; the architecture is the same in all three):
-    ``"image+text"`` image stream ``[z; neighbour images]``, text stream ``[0; neighbour texts]``;
-    ``"image"`` removes the neighbour texts (the text stream is all zeros, so text-side queries are
-    learned constants and the image side is attention-pooled); ``"text"`` removes the neighbour images
-    (the image stream holds only the query ``z``, which attends over the neighbour texts). The query's
-    own text slot is zero in every setting. A removed modality has no projection and no influence.
-    """
-
-    query_dim: int  # dimension of the host embedding z the head receives
-    image_dim: int  # dimension of the knowledge base's image vectors
-    text_dim: int  # dimension of the knowledge base's text vectors
-    num_classes: int  # number of classes C of the logits
-    dim: int = 512  # model dimension d of the fusion streams
-    depth: int = 4  # number of cross-fusion layers L
-    heads: int = 8  # attention heads per layer (dim must be divisible by heads)
-    k: int = 32  # neighbours fetched per query when the head searches its store
-    dropout: float = 0.0  # dropout on the input tokens, the readout features and the optional MLPs
-    modalities: str = "image+text"  # "image+text"; "image" drops neighbour texts; "text" drops neighbour images
-    tau: float = 2.0  # logits = tau/2 * (L_I + L_R); 2.0 makes a fresh (zero-readout) head return L_I unchanged
-    learnable_tau: bool = False  # train tau as a parameter instead of keeping it fixed
-    mlp_ratio: float = 0.0  # hidden size / dim of an optional per-stream MLP in each layer; 0 = none (paper)
-    label_vote: bool = False  # a learned vote over the neighbours' labels (fusion.LabelVote; off = paper): added to
-    # L_R (vote_form="log") or mixed into the output probabilities (vote_form="mix")
-    # With label_vote: divide the vote by the attached store's label frequencies, set on every attach(), so that a
-    # knowledge base swapped in with another class mix is rebalanced without retraining (LabelVote.set_label_prior).
-    vote_balance: bool = False
-    # With label_vote: "log" adds beta * log(eps + vote) to L_R; "mix" returns log((1 - a) softmax(logits) + a vote)
-    # with a learned mixing weight a (0.5 at the start: the fixed 50/50 rule), see fusion.LabelVote
-    vote_form: str = "log"
-    key_dim: int | None = None  # dim of the store's search keys; None = query_dim (the head searches with z)
-    class_names: list[str] | None = None  # optional names of the C classes
-    query_fingerprint: EncoderFingerprint | None = None  # encoder of the search keys (store.fingerprint.key)
-    image_fingerprint: EncoderFingerprint | None = None  # encoder of the KB image vectors
-    text_fingerprint: EncoderFingerprint | None = None  # encoder of the KB text vectors
-
-    def __post_init__(self) -> None:
-        for n in ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads", "k", "key_dim",
-                  "dropout", "mlp_ratio", "tau"):  # numpy numbers as Python ones (config.json is JSON)
-            v = getattr(self, n)
-            if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
-                setattr(self, n, int(v))
-            elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
-                setattr(self, n, float(v))
-        for n in ("query_dim", "image_dim", "text_dim", "num_classes", "dim", "depth", "heads"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"HeadConfig.{n} must be a positive int, got {v!r}")
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
-            raise ValueError(f"HeadConfig.k must be an int >= 0, got {self.k!r}")
-        if self.key_dim is not None and (not isinstance(self.key_dim, int) or isinstance(self.key_dim, bool)
-                                         or self.key_dim <= 0):
-            raise ValueError(f"HeadConfig.key_dim must be a positive int or None, got {self.key_dim!r}")
-        if self.vote_balance and not self.label_vote:
-            raise ValueError("HeadConfig.vote_balance=True rebalances the label vote: it needs label_vote=True")
-        if self.vote_form not in VOTE_FORMS:
-            raise ValueError(f"HeadConfig.vote_form must be one of {VOTE_FORMS}, got {self.vote_form!r}")
-        if self.vote_form != "log" and not self.label_vote:
-            raise ValueError(f"HeadConfig.vote_form={self.vote_form!r} is the label vote's form: it needs "
-                             "label_vote=True")
-        if self.dim % self.heads:
-            raise ValueError(f"HeadConfig.dim={self.dim} must be divisible by heads={self.heads}")
-        if self.modalities not in MODALITIES:
-            raise ValueError(f"HeadConfig.modalities={self.modalities!r} is not one of {MODALITIES}")
-        if not _real(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"HeadConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not _real(self.mlp_ratio) or not 0.0 <= self.mlp_ratio < math.inf:
-            raise ValueError(f"HeadConfig.mlp_ratio must be a finite number >= 0 (0 = no MLP), got {self.mlp_ratio!r}")
-        if not _real(self.tau) or not 0.0 < self.tau < math.inf:
-            raise ValueError(f"HeadConfig.tau must be a finite positive number, got {self.tau!r}")
-        for n in ("learnable_tau", "label_vote", "vote_balance"):
-            if not isinstance(getattr(self, n), bool):
-                raise ValueError(f"HeadConfig.{n} must be True or False, got {getattr(self, n)!r}")
-        if self.class_names is not None:
-            if isinstance(self.class_names, (str, bytes)) or not isinstance(self.class_names, (list, tuple)):
-                raise ValueError(f"HeadConfig.class_names must be a list of the {self.num_classes} class names, got "
-                                 f"{self.class_names!r}")
-            self.class_names = [str(c) for c in self.class_names]
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(f"HeadConfig.class_names has {len(self.class_names)} names "
-                                 f"but num_classes={self.num_classes}")
-            dup = sorted(n for n, c in Counter(self.class_names).items() if c > 1)
-            if dup:  # a warning: heads saved before this check may hold such lists (ImageNet has two 'crane's)
-                logger.warning("HeadConfig.class_names names %s more than once: the label vote cannot tell those "
-                               "classes apart by name", dup[:10])
-        for n in _FINGERPRINTS:
-            v = getattr(self, n)
-            if isinstance(v, dict):
-                setattr(self, n, EncoderFingerprint.from_dict(v))
-            elif v is not None and not isinstance(v, EncoderFingerprint):
-                raise ValueError(f"HeadConfig.{n} must be an EncoderFingerprint or None, got {type(v).__name__}")
-
-    @property
-    def search_key_dim(self) -> int:
-        return self.query_dim if self.key_dim is None else self.key_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for n in _FINGERPRINTS:
-            d[n] = getattr(self, n).to_dict() if getattr(self, n) is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown HeadConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d)
-
-
-def _real(v: Any) -> bool:
-    """A real number (numpy's too), not a bool or a string."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -174,86 +48,6 @@ class HeadOutput:
     neighbors: Neighbors  # the neighbours used (on the head's device)
     attention: torch.Tensor | None = None  # (B, k) per-neighbour attention of the query tokens, when asked
     vote_log_probs: torch.Tensor | None = None  # (B, C) log of the label vote (vote_form="mix" heads only)
-
-
-def _store_labels(store: Store) -> torch.Tensor | None:
-    """(N,) int64 labels of every record in ``store``, or None when it keeps no labels."""
-    labels = getattr(store, "labels", None)
-    labels = labels() if callable(labels) else labels
-    return None if labels is None else torch.as_tensor(labels).reshape(-1).to(torch.int64)
-
-
-def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | None = None) -> torch.Tensor | None:
-    """(C,) records per class in ``store`` (labels outside 0..C-1, e.g. -1 unknown, are not counted); None when
-    the store knows no labels (then a balanced vote is left unbalanced). ``labels``: the store's, already read."""
-    labels = _store_labels(store) if labels is None else labels
-    if labels is None:
-        return None
-    labels = labels[(labels >= 0) & (labels < num_classes)]
-    if labels.numel() == 0:
-        logger.warning("the attached store has no labels in 0..%d (every record unlabelled): the label vote reads "
-                       "nothing from its neighbours and gives every class the same vote (no effect); build the KB "
-                       "with labels (or --labels-from-captions)", num_classes - 1)
-        return None
-    return torch.bincount(labels, minlength=num_classes)
-
-
-def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None) -> None:
-    """The label vote reads the store's label ids as the head's classes: refuse a store whose ids mean others."""
-    theirs = getattr(store, "class_names", None)
-    if (theirs is None and hasattr(store, "class_names") and c.class_names is not None and labels is not None
-            and bool((labels >= 0).any())):  # (a KB built without a class list; an InMemoryStore keeps none)
-        names = ", ".join(f"{i}={n}" for i, n in enumerate(c.class_names[:3]))
-        logger.warning("the knowledge base's labels carry no class names: the label vote reads its label i as the "
-                       "head's class i (%s, ...); if they were numbered in another order the vote is wrong. Build "
-                       "the knowledge base with the class list (--classes / BuildConfig.class_names) to have this "
-                       "checked", names)
-    if theirs is not None and c.class_names is not None and list(theirs) != list(c.class_names):
-        if sorted(theirs) == sorted(c.class_names):
-            i = next(j for j, (a, b) in enumerate(zip(theirs, c.class_names)) if a != b)
-            what = (f"the same {len(theirs)} classes in another order (label {i} is {theirs[i]!r} in the knowledge "
-                    f"base, {c.class_names[i]!r} for the head)")
-        else:
-            what = f"other classes (knowledge base: {list(theirs)[:6]}..., head: {list(c.class_names)[:6]}...)"
-        raise RetrofitError(f"cannot attach store: its labels name {what}; the label vote would vote for the wrong "
-                            "classes. Build the knowledge base with the head's class list (--classes / "
-                            "BuildConfig.class_names) or give the head the knowledge base's class list (train "
-                            "--classes in its order)")
-    if labels is not None and labels.numel() and int(labels.max()) >= c.num_classes:
-        raise RetrofitError(f"cannot attach store: it has label {int(labels.max())} but the head's "
-                            f"label vote knows {c.num_classes} classes (0..{c.num_classes - 1}); build the head with "
-                            "the knowledge base's classes")
-
-
-def _check_real(t: object, name: str, what: str) -> None:
-    """A head input must be a real floating-point tensor: numpy arrays, integer / bool tensors (labels, uint8
-    images?) and complex ones (their imaginary part would be dropped with only a warning) are refused."""
-    if not isinstance(t, torch.Tensor):
-        hint = f" (torch.from_numpy({name.split('.')[0]}))" if type(t).__module__ == "numpy" else ""
-        raise TypeError(f"{name} must be a torch.Tensor of {what}, got {type(t).__name__}{hint}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor of {what}, got {t.dtype}")
-
-
-def _check_given(nb: Neighbors, vote: bool, num_classes: int) -> None:
-    """Neighbours passed in (a cache, another store; a store's own are checked when written): labels the vote can
-    index, finite vectors and scores in the valid slots (one NaN there made the row's logits NaN and, through
-    backward, most of the head's gradients)."""
-    if vote and nb.labels.numel():
-        top = int(nb.labels.max())
-        if top >= num_classes:
-            raise ValueError(f"neighbour label {top} is not a class of this head (labels 0..{num_classes - 1}, "
-                             "-1 = unknown): the neighbours come from a knowledge base with other classes")
-    m = nb.mask
-    for name, t in (("image", nb.image), ("text", nb.text), ("scores", nb.scores)):
-        if bool(torch.isfinite(t.sum())):  # a finite sum means every value is finite: nothing to look for
-            continue  # (one pass, no copy; a NaN / inf anywhere, or an overflowing sum, takes the exact check)
-        v = t[m]
-        bad = v.isnan() | (v == float("inf")) if name == "scores" else ~torch.isfinite(v)  # score -inf: least similar
-        if bad.any():
-            row, slot = (int(i) for i in m.nonzero()[int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0])])
-            raise ValueError(f"neighbour {name} holds NaN or inf in a valid slot (row {row}, slot {slot}); mask "
-                             "the slot (mask=False) or give finite vectors")
 
 
 def _reapply_store_prior(head: RetrievalHead, incompatible: Any) -> None:
@@ -493,76 +287,11 @@ class RetrievalHead(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/`` = ``model.safetensors`` (weights) + ``config.json`` (dims, classes, fingerprints,
         retrofit version, format version). The JSON is written last, atomically: it marks a complete save."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
-                "dtype": str(self.readout.fc.weight.dtype).removeprefix("torch."), "config": self.config.to_dict()}
-        text = json.dumps(meta, indent=2)  # before any file is written: a config JSON cannot hold fails here
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        # the tensors' checksum travels inside the weights file (one atomic rename: a kill before the config is
-        # written cannot pair new weights with an old checksum); load checks it (a flipped byte loaded silently)
-        save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                                             "tensors_sha256": tensors_sha256(state)})
-        os.replace(tmp, path / WEIGHTS_FILE)
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path / CONFIG_FILE)
-        return path
+        return save_head(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None,
              store: Store | None = None, allow_fingerprint_mismatch: bool = False) -> RetrievalHead:
         """Load a head written by :meth:`save` (bit-exact; never unpickles), in eval mode. ``map_location``:
         device."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for f in (cfg_file, w_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} does not exist: {path} is not a saved RetrievalHead "
-                                        f"(expected {CONFIG_FILE} and {WEIGHTS_FILE}, written by head.save)")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RetrofitError(f"{cfg_file} is corrupt (not valid JSON: {e}); re-save the head") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise RetrofitError(f"{cfg_file} is not a {FORMAT_NAME!r} config (format {got!r})")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise RetrofitError(f"{path} has head format version {version!r} (written by retrofit "
-                                f"{meta.get('retrofit_version')}); this retrofit {__version__} reads versions "
-                                f"up to {FORMAT_VERSION}: upgrade retrofit")
-        try:
-            config = HeadConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RetrofitError(f"{cfg_file} holds an invalid head config: {e}") from e
-        device = "cpu" if map_location is None else str(torch.device(map_location))
-        try:
-            with safe_open(str(w_file), "pt") as f:
-                want = (f.metadata() or {}).get("tensors_sha256")  # (heads saved before checksums have none)
-            if want is None and meta.get("weights_sha256") is not None:  # (a short-lived format kept it in the config)
-                if file_sha256(w_file) != meta["weights_sha256"]:
-                    raise ValueError("the file does not match the checksum in config.json")
-            state = load_file(str(w_file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise RetrofitError(f"{w_file} is corrupt or truncated ({e}); re-save the head") from e
-        if want is not None and tensors_sha256(state) != want:
-            raise RetrofitError(f"{w_file} does not match its checksum: its tensors were damaged after the head was "
-                                "saved; restore the file, or re-save the head")
-        state = {n: t.to(device) for n, t in state.items()}
-        head = cls(config)
-        if config.label_vote and "vote.scale" not in state:  # heads saved before the vote scale existed
-            state["vote.scale"] = torch.ones((), device=device)
-        try:
-            head.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise RetrofitError(f"{w_file} does not match the config in {cfg_file}: {e}") from e
-        if store is not None:
-            head.attach(store, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-        return head.eval()  # ready to serve (dropout off); retrofit.train switches it to training itself
+        return load_head(cls, path, map_location, store, allow_fingerprint_mismatch)

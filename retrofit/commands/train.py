@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:  # the config classes name their fields: say the options the user typed
         raise ValueError(_as_options(str(e))) from None
     if args.label_vote:  # a KB whose label ids mean other classes, refused before the features are extracted
-        from retrofit.head import _check_vote_classes, _store_labels
+        from retrofit.head_checks import _check_vote_classes, _store_labels
 
         _check_vote_classes(cfg0, kb, _store_labels(kb))
     _device(args.device)
