@@ -46,7 +46,7 @@ class _RGBFirst:
 
     def __call__(self, im: Any) -> torch.Tensor:
         if hasattr(im, "getexif") and not getattr(im, "retrofit_rgb", False):  # a PIL image not converted yet
-            from retrofit.sources import _to_rgb
+            from retrofit.decode import _to_rgb
 
             im = _to_rgb(im)
         return self.inner(im)

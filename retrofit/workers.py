@@ -84,9 +84,9 @@ def _stopping(it: Any) -> Iterator[Any]:
 
 def decode_loader(refs: Sequence[Any], preprocess: Callable[[Any], Any], *, batch_size: int, num_workers: int,
                   offset: int = 0, prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader of decoded batches (:func:`retrofit.sources.collate_decoded`) of ``refs[offset:]`` in order,
+    """A DataLoader of decoded batches (:func:`retrofit.decode.collate_decoded`) of ``refs[offset:]`` in order,
     whose workers ignore Ctrl-C, are stopped when the iteration ends early and die with their parent."""
-    from retrofit.sources import DecodeDataset, collate_decoded
+    from retrofit.decode import DecodeDataset, collate_decoded
 
     ds = DecodeDataset(refs, preprocess, offset=offset)
     extra: dict[str, Any] = {}

@@ -298,7 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     host = load_host_model(run["model"], _device(args.device))
     if args.model:
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
-    from retrofit.sources import _to_rgb
+    from retrofit.decode import _to_rgb
 
     zs, ls, read, failed = [], [], [], {}
     for s in range(0, len(args.images), args.feature_batch):  # batches: memory does not grow with the image count
