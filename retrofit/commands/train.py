@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     head = RetrievalHead(cfg)
     head.attach(kb, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)  # dims, encoders, vote classes
-    from retrofit.training import check_finite_features
+    from retrofit.train_checks import check_finite_features
 
     check_finite_features(fs, "training")  # (train() checks too: after --overwrite had cleared the old run)
     if val is not None:
