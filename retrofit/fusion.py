@@ -303,8 +303,10 @@ class LabelVote(nn.Module):
         """(B, C) similarity-weighted label distribution of the neighbours (all zeros when none is valid)."""
         valid = mask & (labels >= 0)  # (B, k)
         t = (self.log_temperature * self.gain).exp()
-        # fp32 at least (fp64 for an fp64 head): the prior's exp and the softmax overflow in half precision
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        # fp32 at least, fp64 for an fp64 head (its neighbours' scores stay fp32: Neighbors.to casts the vectors
+        # only): the prior's exp and the softmax overflow in half precision
+        dtype = torch.promote_types(torch.promote_types(scores.dtype, self.log_temperature.dtype), torch.float32)
+        scores = scores.to(dtype)
         # mask after dividing, from finite values: -inf / t would give the temperature a NaN gradient (inf * 0)
         # whenever a slot is invalid (an unknown label, a masked slot) or a valid one scores -inf (least similar:
         # no weight), and one NaN step disables the vote for good

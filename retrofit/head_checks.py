@@ -18,10 +18,18 @@ logger = logging.getLogger("retrofit.head")  # (the head's logger: these warning
 
 
 def _store_labels(store: Store) -> torch.Tensor | None:
-    """(N,) int64 labels of every record in ``store``, or None when it keeps no labels."""
+    """(N,) int64 labels of the live records of ``store`` (a deleted one votes for nothing, so it is not counted),
+    or None when it keeps no labels."""
     labels = getattr(store, "labels", None)
-    labels = labels() if callable(labels) else labels
-    return None if labels is None else torch.as_tensor(labels).reshape(-1).to(torch.int64)
+    if callable(labels):  # KnowledgeBase.labels(): the live records' already
+        labels = labels()
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
+    deleted = getattr(store, "deleted", None)  # InMemoryStore: every record's label, and which are deleted
+    if isinstance(deleted, torch.Tensor) and deleted.dtype == torch.bool and deleted.shape == labels.shape:
+        labels = labels[~deleted]
+    return labels
 
 
 def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -219,10 +219,17 @@ class InMemoryStore:
         return torch.arange(start, start + n, dtype=torch.int64)
 
     def delete(self, ids: torch.Tensor) -> None:
-        ids = torch.as_tensor(ids, dtype=torch.int64)
+        """Tombstone entries (search skips them at once). Unknown or already deleted ids raise ``KeyError`` and
+        delete nothing, as :meth:`KnowledgeBase.delete <retrofit.kb_write.KBWriteMixin.delete>` does."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         bad = ids[(ids < 0) | (ids >= self.keys.shape[0])]
-        if bad.numel():
-            raise KeyError(f"unknown ids {bad.tolist()[:10]}; valid ids are 0..{self.keys.shape[0] - 1}")
+        if not bad.numel():
+            bad = ids[self.deleted[ids]]
+        if bad.numel():  # (as KnowledgeBase.delete: nothing is deleted)
+            raise KeyError(f"unknown or deleted ids {bad.tolist()[:10]} (valid ids: live records in "
+                           f"0..{self.keys.shape[0] - 1})")
+        if not ids.numel():
+            return
         self.deleted[ids] = True
         self._generation += 1
 

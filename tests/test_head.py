@@ -371,6 +371,18 @@ def test_label_vote_precision_and_least_similar_neighbours(seed):
     f = lambda t: torch.func.functional_call(v64, {"log_temperature": t}, (labels, scores.double(), mask))
     assert gradcheck(f, (lt,))
 
+    # (3) through the head too: a store's scores stay fp32 (Neighbors.to casts only the vectors); the vote used to
+    # compute in fp32 there, and gradcheck of the head's logits in its temperature failed
+    h64 = RetrievalHead(HeadConfig(DQ, DI, DT, 3, dim=8, heads=2, depth=1, k=4, label_vote=True)).double()
+    h64.vote.set_weight(2.0)
+    nb = Neighbors(ids=torch.arange(8).view(2, 4), scores=scores.clamp_min(0.0), mask=mask,
+                   image=torch.randn(2, 4, DI), text=torch.randn(2, 4, DT), labels=labels)
+    assert nb.scores.dtype == torch.float32 and h64.vote(labels, nb.scores, mask).dtype == torch.float64
+    z = torch.randn(2, DQ, dtype=torch.float64)
+    lt = h64.vote.log_temperature.detach().clone().requires_grad_()
+    g = lambda t: torch.func.functional_call(h64, {"vote.log_temperature": t}, (z,), {"neighbors": nb}).logits
+    assert gradcheck(g, (lt,))
+
 
 def test_label_vote_rebalances_by_kb_prior(seed):
     from retrofit.fusion import LabelVote
@@ -469,6 +481,12 @@ def test_vote_balance_follows_the_attached_store(seed):
 
     skewed = store_with([0] * 6 + [1] * 2 + [2] * 1 + [-1])  # one unknown label, not counted
     assert store_label_counts(skewed, C).tolist()[:3] == [6, 2, 1]
+    gone = store_with([0] * 4 + [1, 2])
+    gone.delete(torch.tensor([0, 1, 2]))  # deleted records vote for nothing: not counted
+    assert store_label_counts(gone, C).tolist()[:3] == [1, 1, 1] and len(gone) == 3
+    with pytest.raises(KeyError, match=r"unknown or deleted ids \[1\]"):
+        gone.delete(torch.tensor([3, 1]))  # as KnowledgeBase.delete: refused, and nothing is deleted
+    assert len(gone) == 3
     cfg = dict(query_dim=DQ, image_dim=DI, text_dim=DT, num_classes=C, dim=32, depth=1, heads=4, label_vote=True)
     head = RetrievalHead(HeadConfig(**cfg, vote_balance=True), skewed)
     labels, scores, mask = torch.tensor([[0, 0, 0, 1]]), torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
