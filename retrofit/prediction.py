@@ -136,12 +136,13 @@ def predict_logits(
     head.eval()
     out: dict[str, list[torch.Tensor]] = {}
     model = serving_view(head, store)
+    host_state = _borrow(host_classifier, dev)  # in eval mode on dev for the run; given back as it came
     try:
         for s in range(0, len(fs), batch_size) if len(fs) else [0]:  # no rows: one empty batch, (0, C) outputs
             idx = torch.arange(s, min(s + batch_size, len(fs)))
             z, host, nb = batcher(idx)
             if host_classifier is not None:
-                host = host_classifier.to(dev)(z)
+                host = host_classifier(z)
             kw = {"return_attention": True} if return_attention else {}
             o = model(z, host_logits=host, neighbors=nb, **kw)
             parts = {"logits": o.logits, "retrieval_logits": o.retrieval_logits, "neighbor_ids": nb.ids}
@@ -155,4 +156,26 @@ def predict_logits(
                 out.setdefault(name, []).append(t.detach().float().cpu() if t.is_floating_point() else t.cpu())
     finally:
         head.train(was_training)
+        _give_back(host_classifier, host_state)
     return {n: torch.cat(v) for n, v in out.items()}
+
+
+def _borrow(module: nn.Module | None, dev: torch.device) -> tuple[bool, torch.device | None] | None:
+    """Put a caller's module (the host classifier) in eval mode on ``dev`` for a prediction run; returns how to
+    give it back (its mode and device: a host with dropout or batch norm scored in training mode, and one on the
+    CPU stayed on the GPU after predicting there)."""
+    if module is None:
+        return None
+    first = next(iter(module.parameters()), None)
+    state = (module.training, None if first is None else first.device)
+    module.eval().to(dev)
+    return state
+
+
+def _give_back(module: nn.Module | None, state: tuple[bool, torch.device | None] | None) -> None:
+    if module is None or state is None:
+        return
+    training, device = state
+    module.train(training)
+    if device is not None:
+        module.to(device)

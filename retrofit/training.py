@@ -179,6 +179,7 @@ def train(
     ep_sum, ep_n = (state.get("partial") or (0.0, 0)) if step > 0 else (0.0, 0)  # (an interrupt before the loop
     # reloads them keeps them: a second Ctrl-C right after a resume saved an empty partial loss)
     head.train()
+    host_was_training = host is not None and host.training
     if host is not None:
         host.train(cfg.train_host)
     for p in thawed:  # train_host asks to train them: unfrozen for this run, frozen again at its end (finally)
@@ -280,6 +281,8 @@ def train(
         for p in thawed:
             p.requires_grad_(False)
         head.eval()  # trained or interrupted: the head comes back ready to serve
+        if host is not None:
+            host.train(host_was_training)  # the caller's host layer: in the mode it came in
     return result
 
 

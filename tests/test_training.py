@@ -638,6 +638,29 @@ def test_train_host_trains_a_host_that_wrap_froze(data, real):
     assert torch.equal(host.weight, before)
 
 
+def test_a_host_classifier_is_scored_in_eval_mode_and_given_back_as_it_came(data, real):
+    """predict_logits (and so train()'s validation) ran a caller's host in whatever mode it was in: dropout in the
+    host's logits when it came in training mode, or with train_host=True; and train() left the host in training
+    mode. Now it is scored in eval mode and given back in its own mode."""
+    train_fs, val_fs, probe = data
+    host = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(512, 10))
+    host[1].load_state_dict(probe.state_dict())
+    host.train()
+    out = predict_logits(_head(), val_fs, real["store"], host_classifier=host)
+    with torch.no_grad():
+        want = probe(val_fs.z)
+    torch.testing.assert_close(out["host_logits"], want)  # no dropout in the host's logits
+    assert host.training and host[0].training  # given back in training mode, as it came
+    host.eval()
+    res = train(_head(), train_fs, _cfg(epochs=1, train_host=True), store=real["store"], host_classifier=host,
+                val_features=val_fs)
+    assert not host.training and not host[0].training  # trained, then given back in eval mode, as it came
+    pred = predict_logits(res.head, val_fs, real["store"], host_classifier=host)
+    with torch.no_grad():
+        top1 = float((pred["logits"].argmax(1) == val_fs.labels).float().mean())
+    assert res.history[0]["val_top1"] == pytest.approx(top1)  # validation scored the eval-mode host too
+
+
 def test_integer_labels_of_any_width_and_a_k_that_differs_from_the_heads(data, real, caplog):
     """uint8 / int32 labels crashed training (scatter needs int64); TrainConfig.k != HeadConfig.k trains with one k
     and predicts with the other, now said."""
