@@ -23,6 +23,7 @@ from retrofit.fingerprint import EncoderFingerprint
 if TYPE_CHECKING:  # what type checkers see (py.typed); at run time these are imported on first use (__getattr__)
     from retrofit._env import data_dir  # noqa: F401
     from retrofit.adapters import RetrofittedModel, wrap  # noqa: F401
+    from retrofit.build_config import BuildConfig  # noqa: F401
     from retrofit.calibration import choose_vote_scale  # noqa: F401
     from retrofit.encoders import load_image_encoder, load_text_encoder  # noqa: F401
     from retrofit.evaluation import evaluate  # noqa: F401
@@ -50,6 +51,7 @@ _LAZY = {
     "wrap": "retrofit.adapters",
     "RetrofittedModel": "retrofit.adapters",
     "build_kb": "retrofit.ingest",
+    "BuildConfig": "retrofit.build_config",
     "add_to_kb": "retrofit.ingest",
     "merge_kbs": "retrofit.kb_merge",
     "load_image_encoder": "retrofit.encoders",
