@@ -1,7 +1,8 @@
 """``retrofit train``: fit a retrieval head on a frozen host classifier and a knowledge base.
 
 Also the helpers the commands that use a trained head share (:mod:`retrofit.commands.predict`: ``retrofit eval``,
-``retrofit predict``): opening the KB and the data, label mapping, the runtime options.
+``retrofit predict``; :mod:`retrofit.commands.calibrate`): opening the KB and the data, label mapping, the
+runtime options.
 """
 
 from __future__ import annotations
