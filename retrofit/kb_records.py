@@ -20,17 +20,12 @@ Every read copies out of the ``buffers=True`` views while the transaction is sti
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
-import os
 import struct
-import threading
-import traceback
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,53 +33,15 @@ import numpy as np
 
 from retrofit._env import require
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
+from retrofit.kb_env import _damage_errors, _unreadable, open_env, release_env
+from retrofit.kb_snapshot import SnapshotView, gather_view, snapshot_view
 
 __all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "chunk_sum", "meta_checksum", "ckey"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: chunk checksums (``sum``); a writer upgrades a schema-1 KB on its first write
-# LMDB reader slots: one per reading process / thread. A forked DataLoader worker that opens the KB while its
-# parent holds it open reads through the parent's environment (py-lmdb refuses a second one for the same files),
-# and each worker's slot stays listed under the parent's pid (inactive, pinning nothing) until the parent closes
-# the KB: 32,768 slots (a 2 MiB lock file) are room for ~32,000 worker lifetimes; then `begin` says what to do.
-_MAX_READERS = 1 << 15
-_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file only grows as data is written
 _DTYPES = {"float16": np.float16, "float32": np.float32}
-# py-lmdb allows one Environment per file per process: handles of the same KB share it (path -> [env, users])
-_ENVS: dict[str, list[Any]] = {}
-_ENVS_LOCK = threading.Lock()
-
-
-@dataclass(repr=False)
-class SnapshotView:
-    """Zero-copy numpy views of all record chunks of one read transaction (valid only while it is open)."""
-
-    vec: np.ndarray  # overlapping (elements, row_dim) view of the LMDB map: row e = elements e .. e + row_dim
-    vec_off: np.ndarray  # (chunks,) element offset of each vector chunk in ``vec``; -1 = chunk absent
-    lab: np.ndarray  # (elements,) int64 view of the map over the label chunks
-    lab_off: np.ndarray  # (chunks,) element offset of each label chunk in ``lab``; -1 = chunk absent
-
-    def __repr__(self) -> str:
-        # never the arrays' values: once the KB is closed the map is gone and reading them is a segfault (a
-        # traceback printer showing a frame's arguments, pytest's or a debugger's, did exactly that)
-        return (f"SnapshotView(vec=<LMDB map view {self.vec.shape} {self.vec.dtype}>, "
-                f"chunks={int((self.vec_off >= 0).sum())})")
-
-
-def _damage_errors(lmdb: Any) -> tuple[type[BaseException], ...]:
-    """LMDB's errors for a file that is not (or no longer) a valid environment, or not one this LMDB reads."""
-    return (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
-            lmdb.BadDbiError, lmdb.IncompatibleError)
-
-
-def _unreadable(path: Path, e: BaseException | str) -> str:
-    name = type(e).__name__
-    if name in ("VersionMismatchError", "IncompatibleError"):  # not damage: another LMDB build wrote or holds it
-        return (f"{path.parent}: the record store {path / 'data.mdb'} was written or is held open by an "
-                f"incompatible LMDB version ({e}); open it with the same retrofit / lmdb versions that wrote it")
-    return (f"{path.parent}: the record store {path / 'data.mdb'} is not a readable LMDB environment ({e}); "
-            "the records are lost: restore the knowledge base from a copy or rebuild it (retrofit kb build)")
 
 
 def ckey(i: int) -> bytes:
@@ -111,47 +68,7 @@ class RecordStore:
         self.readonly = readonly
         if not create and not (self.path / "data.mdb").is_file():
             raise KnowledgeBaseError(f"{self.path.parent} is not a retrofit knowledge base (no records/data.mdb)")
-        self._key = str(self.path.resolve())
-        with _ENVS_LOCK:
-            entry = _ENVS.get(self._key)
-            if entry is None:
-                # open writable whenever the files allow it, so that a later writer handle can share the env
-                ro = readonly and not os.access(self.path, os.W_OK)
-                data = self.path / "data.mdb"
-                if not create and data.stat().st_size < 2 * 4096:  # not even LMDB's two meta pages
-                    raise CorruptKnowledgeBaseError(_unreadable(self.path, f"{data.stat().st_size} bytes"))
-                opts = dict(map_size=_MAP_SIZE, max_dbs=8, readonly=ro, create=create, readahead=False,
-                            max_readers=_MAX_READERS)
-                try:
-                    try:
-                        env = lmdb.open(str(self.path), lock=True, **opts)
-                    except lmdb.ReadonlyError:
-                        if not ro:
-                            raise
-                        # a KB this user may only read (another user's, read-only media): LMDB cannot write its
-                        # lock file, so read without it, as LMDB allows for read-only media
-                        env = lmdb.open(str(self.path), lock=False, **opts)
-                        log.warning("%s: opened without LMDB's reader lock (%s/lock.mdb is not writable by this "
-                                    "user): reads are exact only while no other process writes the knowledge base",
-                                    self.path.parent, self.path)
-                except _damage_errors(lmdb) as e:
-                    raise CorruptKnowledgeBaseError(_unreadable(self.path, e)) from e
-                if not create:  # a truncated file: reading a page past its end would kill the process (SIGBUS)
-                    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-                    have = data.stat().st_size
-                    if have < need:
-                        env.close()
-                        raise CorruptKnowledgeBaseError(_unreadable(
-                            self.path, f"truncated: {have} bytes, its last committed page ends at {need}"))
-                try:  # free the reader slots of processes that died holding them (kill -9): they pin old pages
-                    env.reader_check()
-                except lmdb.Error:
-                    pass
-                entry = _ENVS[self._key] = [env, 0]
-            elif not readonly and entry[0].flags().get("readonly"):
-                raise KnowledgeBaseError(f"{self.path.parent} is open read-only on a read-only file system")
-            entry[1] += 1
-        self.env = entry[0]
+        self._key, self.env = open_env(self.path, readonly, create)
         self._readers_full = lmdb.ReadersFullError
         self.meta: dict[str, Any] = {}
         try:
@@ -374,57 +291,14 @@ class RecordStore:
         return out, lab
 
     def snapshot_view(self, txn) -> SnapshotView | None:
-        """Address tables of every chunk in a long-lived read transaction, for :meth:`gather_view`.
-
-        Valid only while ``txn`` stays open (the owner drops it before ending the transaction). None when a chunk
-        is not aligned for its dtype (small values stored inside LMDB leaf pages); callers then use :meth:`gather`.
-        """
-        views: list = []
-        a = flat = rows = None
-        try:
-            for db, dt, width in ((self.db_vec, self.np_dtype, self.row_dim), (self.db_lab, np.dtype("<i8"), 1)):
-                keys, addr, size = [], [], []
-                with txn.cursor(db=db) as cur:
-                    for k, v in cur.iternext(keys=True, values=True):
-                        keys.append(struct.unpack(">Q", bytes(k))[0])
-                        a = np.frombuffer(v, dtype=np.uint8)
-                        addr.append(a.__array_interface__["data"][0])
-                        size.append(a.nbytes)
-                if not keys:
-                    return None
-                addr_a, size_a = np.asarray(addr, dtype=np.int64), np.asarray(size, dtype=np.int64)
-                if (addr_a % dt.itemsize).any():
-                    return None
-                lo, hi = int(addr_a.min()), int((addr_a + size_a).max())
-                flat = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), dtype=dt)  # the map, no copy
-                # rows may start at any element: an overlapping strided view gives row i = elements i .. i + width
-                # (made by the C constructor: numpy's as_strided is Python, and a Ctrl-C in its frame left a
-                # traceback holding a view of the map, a segfault when printed with locals after close)
-                rows = np.ndarray((flat.shape[0] - width + 1, width), dtype=dt, buffer=flat,
-                                  strides=(dt.itemsize, dt.itemsize))
-                rows.flags.writeable = False
-                off = np.full(max(keys) + 1, -1, dtype=np.int64)
-                off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
-                views.append((rows, off))
-            return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
-        except BaseException as e:  # the frames it went through (numpy's, say) may hold views of the map too
-            traceback.clear_frames(e.__traceback__.tb_next if e.__traceback__ is not None else None)
-            raise
-        finally:
-            # an error here leaves this frame in its traceback: no local may still view the map once the KB is
-            # closed (a traceback printer showing locals would read unmapped memory: a segfault)
-            a = flat = rows = None
-            views.clear()
+        """Address tables of every chunk in a long-lived read transaction, for :meth:`gather_view`
+        (:func:`retrofit.kb_snapshot.snapshot_view`: valid only while ``txn`` stays open; None when a chunk is not
+        aligned for its dtype, and callers then use :meth:`gather`)."""
+        return snapshot_view(self, txn)
 
     def gather_view(self, view: SnapshotView, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`gather`, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no Python loop)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        c, r = np.divmod(ids, self.chunk)
-        if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
-            raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {self.path.parent}")
-        out = view.vec[view.vec_off[c] + r * self.row_dim, cols]  # (M, W) copy out of the map
-        lab = view.lab[view.lab_off[c] + r]  # (M,)
-        return out, lab
+        return gather_view(self, view, ids, cols)
 
     def texts(self, txn, ids: np.ndarray) -> list[tuple[str | None, str | None]]:
         res = []
@@ -493,10 +367,4 @@ class RecordStore:
         return max(0, self.disk_bytes() - used * st["psize"])
 
     def close(self) -> None:
-        with _ENVS_LOCK:
-            entry = _ENVS.get(self._key)
-            if entry is not None:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _ENVS[self._key]
-                    entry[0].close()
+        release_env(self._key)

@@ -742,8 +742,8 @@ def test_a_full_reader_table_says_why_and_closing_frees_it(tmp_path, read_only):
     handles frees the slots (a table of 4 here; 32,768 by default)."""
     script = textwrap.dedent(f"""
         import multiprocessing as mp, torch
-        import retrofit.kb_records as kr
-        kr._MAX_READERS = 4
+        import retrofit.kb_env as ke
+        ke._MAX_READERS = 4
         from retrofit.errors import KnowledgeBaseError
         from retrofit.knowledge_base import KnowledgeBase
         P = {str(tmp_path / "kb")!r}
