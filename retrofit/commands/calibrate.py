@@ -11,7 +11,7 @@ from pathlib import Path
 
 from retrofit.commands import guarded, manifest_column_args
 from retrofit.commands.predict import _head_inputs, _labelled_features, _load_args, _load_head, _resolve
-from retrofit.commands.train import _open_kb, _runtime, data_path
+from retrofit.commands.run_inputs import _open_kb, _runtime, data_path
 
 _EPILOG_CALIBRATE = """examples:
   retrofit calibrate --run runs/c10 --kb kb/web --data val/                 # prints the best --vote-scale

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from retrofit.commands import at_least_one, guarded, manifest_column_args
-from retrofit.commands.train import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
+from retrofit.commands.run_inputs import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 
 _EPILOG_EVAL = """examples:
   retrofit eval --run runs/c10 --data cifar10/test-000000.tar

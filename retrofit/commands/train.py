@@ -1,8 +1,7 @@
 """``retrofit train``: fit a retrieval head on a frozen host classifier and a knowledge base.
 
-Also the helpers the commands that use a trained head share (:mod:`retrofit.commands.predict`: ``retrofit eval``,
-``retrofit predict``; :mod:`retrofit.commands.calibrate`): opening the KB and the data, label mapping, the
-runtime options.
+The inputs it shares with the commands that use a trained head (opening the KB and the data, label mapping,
+the runtime options) are in :mod:`retrofit.commands.run_inputs`.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import at_least_one, guarded, manifest_column_args, manifest_columns, nonnegative
+from retrofit.commands import guarded, manifest_column_args
+from retrofit.commands.run_inputs import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 from retrofit.train_checkpoint import RESUME_FREE
-
-RUN_FILE = "run.json"  # what `retrofit train` records in its output directory for eval / predict
 
 _EPILOG_TRAIN = """examples:
   retrofit train --model darknet-tiny --data 'cifar10/train-{000000..000004}.tar' --kb kb/cifar --out runs/c10
@@ -29,44 +27,6 @@ The host's embeddings, logits and neighbour ids are computed once and cached (--
 model, data set or knowledge base invalidates the cache. --host probe fits a linear host classifier on the
 embeddings (cross-fitted logits for the training set) when the model's own classes are not the data's.
 """
-
-
-def _open_kb(path: str) -> Any:
-    from retrofit.knowledge_base import KnowledgeBase
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"knowledge base {path!r} not found; build one with `retrofit kb build SOURCE {path}`")
-    return KnowledgeBase.open(path)
-
-
-def _source(spec: str, args: argparse.Namespace | None = None) -> Any:
-    from retrofit.sources import MANIFEST_SUFFIXES, manifest_source, open_source
-
-    s = str(spec)
-    if not any(c in s for c in "{*") and not Path(s).exists():
-        raise FileNotFoundError(f"data {s!r} not found; give webdataset shards (.tar, brace patterns allowed), an "
-                                "ImageFolder directory or a .csv/.jsonl/.parquet manifest")
-    if Path(s).is_file() and Path(s).suffix.lower() in MANIFEST_SUFFIXES:
-        return manifest_source(s, captions=False, **(manifest_columns(args) if args is not None else {}))
-    return open_source(s)
-
-
-def _labels(source: Any, class_names: list[str] | None, what: str, required: bool) -> tuple[list[int], list[str]]:
-    from retrofit.sources import map_labels
-
-    labels, names = map_labels(source, class_names)
-    if names is None:
-        raise ValueError(f"{what}: class names unknown; pass --classes FILE|A,B,... (the classifier's classes)")
-    if required and any(y < 0 for y in labels):
-        raise ValueError(f"{what}: {sum(y < 0 for y in labels)} samples of {source.location} have no label")
-    return labels, names
-
-
-def _check_kb(host: Any, kb: Any, allow: bool) -> None:
-    from retrofit.fingerprint import check_fingerprints
-
-    check_fingerprints(host.fingerprint, kb.fingerprint.key, f"model {host.spec!r} vs the keys of knowledge base "
-                       f"{getattr(kb, 'path', '')}", allow_mismatch=allow)
 
 
 def _host_mode(mode: str, host: Any, classes: list[str]) -> str:
@@ -286,12 +246,6 @@ def _head_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in _HEAD_ARGS}
 
 
-def data_path(spec: str) -> str:
-    """A data spec as an absolute path when it names an existing file or folder (patterns stay as written): the
-    identity of a data set across working directories (run.json, feature-cache names, same-data checks)."""
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
 def _check_out(out: Path, args: argparse.Namespace) -> bool:
     """An output directory holding a training run is continued (--resume) or replaced (--overwrite), never
     silently overwritten; --resume without a checkpoint says it starts from scratch. Returns whether ``out`` holds
@@ -363,14 +317,6 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
-
-
-def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--workers", type=nonnegative, default=0, help="DataLoader workers decoding images (default 0)")
-    p.add_argument("--feature-batch", type=at_least_one, default=256, help="images per backbone batch (default 256)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
