@@ -145,6 +145,14 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert [t["class"] for t in good["top"][:3]] == [t["class"] for t in pred["top"]]
     assert main(["predict", str(tmp_path / "broken.jpg"), "--run", str(out)]) == 1
     assert "no image could be read (1 given)" in capsys.readouterr().err
+    # a missing file among others is an error record too (it stopped the whole batch), in the order given; decoding
+    # in --workers processes gives the same predictions
+    gone = str(tmp_path / "gone.jpg")
+    assert main(["predict", gone, str(img), "--run", str(out), "--json", "--workers", "1", "--quiet"]) == 1
+    cap = capsys.readouterr()
+    miss, good = json.loads(cap.out)
+    assert miss == {"image": gone, "error": f"image file not found: {gone!r}"} and "gone.jpg" in cap.err
+    assert [t["prob"] for t in good["top"][:3]] == pytest.approx([t["prob"] for t in pred["top"]], abs=1e-6)
 
 
 def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):

@@ -26,7 +26,9 @@ per_class.png (host vs retrofitted).
 """
 _EPILOG_PREDICT = """examples:
   retrofit predict cat.jpg dog.png --run runs/c10
-  retrofit predict photo.jpg --model darknet-tiny --head runs/c10/head --kb kb/cifar --explain --json
+  retrofit predict photos/*.jpg --run runs/c10 --workers 2 --json   # a missing or unreadable file: an error record
+  retrofit predict photo.jpg --model darknet-tiny --head runs/c10/head --kb kb/cifar \\
+      --host-classifier runs/c10/host_probe.safetensors --explain --json   # each piece given (--host probe runs)
 """
 
 
@@ -180,7 +182,6 @@ def _cache_name(what: str, data: str) -> str:
 @guarded(also=(TypeError,))
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from retrofit.feature_cache import FeatureSet
     from retrofit.pipeline import load_host_model
@@ -193,31 +194,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{folders} are folders; give image files (e.g. {folders[0]}/*.jpg); to score a labelled "
                          "folder, `retrofit eval --data FOLDER`")
     missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image file(s) not found: {missing}")
+    if len(missing) == len(args.images):  # nothing to predict: said before the model loads
+        raise FileNotFoundError(f"image file(s) not found: {missing[:10]}")
     kb = _open_kb(run["kb"])
     head = _load_head(run["head_path"], kb, args.allow_fingerprint_mismatch, args.vote_scale)
     host = load_host_model(run["model"], _device(args.device))
     if args.model:
         _check_kb(host, kb, args.allow_fingerprint_mismatch)
-    from retrofit.decode import _to_rgb
+    from tqdm.auto import tqdm
 
+    from retrofit.pipeline import image_batches
+    from retrofit.sources import SampleRef, Source
+
+    # decoded as training and eval decode (in --workers processes); a file that is missing or unreadable is an
+    # "error" record, and the others are still predicted
+    src = Source("files", "command line", [SampleRef(key=p, image=p, caption=None, label=None) for p in args.images])
     zs, ls, read, failed = [], [], [], {}
-    for s in range(0, len(args.images), args.feature_batch):  # batches: memory does not grow with the image count
-        images = []
-        for p in args.images[s:s + args.feature_batch]:
-            try:
-                with Image.open(p) as im:
-                    images.append(host.preprocess(_to_rgb(im)))  # decoded as training and eval decode
-                read.append(p)
-            except Exception as e:  # one bad file does not cost the others their predictions
-                failed[p] = f"cannot read image {p!r}: {e}"
-                print(f"error: {failed[p]}", file=sys.stderr)
-        if not images:
+    bar = tqdm(total=len(args.images), desc="predict", unit="img", disable=args.quiet or len(args.images) < 64,
+               leave=False)
+    for batch in image_batches(src, host.preprocess, batch_size=args.feature_batch, workers=args.workers):
+        bar.update(len(batch["index"]))
+        for i, err in zip(batch["index"], batch["error"]):
+            if err is not None:
+                path = args.images[i]
+                failed[path] = f"cannot read image {path!r}: {err}" if Path(path).is_file() else \
+                    f"image file not found: {path!r}"
+                print(f"error: {failed[path]}", file=sys.stderr)
+        if not batch["ok"]:
             continue
-        z, logits = host.featurize(torch.stack(images))
+        read += [args.images[batch["index"][n]] for n in batch["ok"]]
+        z, logits = host.featurize(batch["images"])
         zs.append(z.float().cpu())
         ls.append(logits.float().cpu() if logits is not None else None)
+    bar.close()
     if not read:
         raise ValueError(f"no image could be read ({len(failed)} given); see the errors above")
     fs = FeatureSet(z=torch.cat(zs), labels=torch.full((len(read),), -1),
