@@ -51,11 +51,11 @@ def _load_or_empty(path: Path) -> dict[str, torch.Tensor]:
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write to a temporary name and rename: a kill mid-write leaves the old file (or none), never a cut one."""
-    from safetensors.torch import save_file
+    from retrofit._files import save_tensors
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

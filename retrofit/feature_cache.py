@@ -206,13 +206,14 @@ class FeatureCache:
             log.warning("could not store cache entry %s (%s): continuing without it", self._dir(kind, name, key), e)
 
     def _write_entry(self, kind: str, name: str, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        from safetensors.torch import save_file
+        from retrofit._files import as_umask_allows, save_tensors
 
         self.root.mkdir(parents=True, exist_ok=True)
         final = self._dir(kind, name, key)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=self.root))
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+            as_umask_allows(tmp, directory=True)  # (mkdtemp: 0700, unreadable by another user sharing the cache)
+            save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
             meta = {**meta, "sha256": file_sha256(tmp / "tensors.safetensors")}  # damage inside the data is caught
             (tmp / "meta.json").write_text(json.dumps(_canonical(meta), indent=1))
             if final.exists() and not _complete(final):  # (entries are renamed in whole: not from this code)

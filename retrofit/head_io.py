@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from retrofit._files import save_tensors
 from retrofit._version import __version__
 from retrofit.errors import RetrofitError
 from retrofit.fingerprint import file_sha256, tensors_sha256
@@ -28,8 +29,6 @@ CONFIG_FILE = "config.json"
 
 def save_head(head: RetrievalHead, path: str | os.PathLike) -> Path:
     """:meth:`RetrievalHead.save`: the JSON is written last, atomically; it marks a complete save."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "retrofit_version": __version__,
             "dtype": str(head.readout.fc.weight.dtype).removeprefix("torch."), "config": head.config.to_dict()}
@@ -39,7 +38,7 @@ def save_head(head: RetrievalHead, path: str | os.PathLike) -> Path:
     tmp = path / (WEIGHTS_FILE + ".tmp")
     # the tensors' checksum travels inside the weights file (one atomic rename: a kill before the config is
     # written cannot pair new weights with an old checksum); load checks it (a flipped byte loaded silently)
-    save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+    save_tensors(state, tmp, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                                          "tensors_sha256": tensors_sha256(state)})
     os.replace(tmp, path / WEIGHTS_FILE)
     tmp = path / (CONFIG_FILE + ".tmp")

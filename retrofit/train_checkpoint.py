@@ -101,17 +101,17 @@ def save_training_state(path: str | Path, head: nn.Module, host: nn.Module | Non
                         scaler: Any, state: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring). ``rng``: generator
     states to restore on resume (default: the current ones)."""
-    from safetensors.torch import save_file
+    from retrofit._files import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_weights(head, host), str(tmp / "weights.safetensors"))
+    save_tensors(_weights(head, host), tmp / "weights.safetensors")
     opt_t, opt_meta = _flatten_optimizer(opt)
-    save_file(opt_t, str(tmp / "optimizer.safetensors"))
-    save_file(rng if rng is not None else rng_snapshot(), str(tmp / "rng.safetensors"))
+    save_tensors(opt_t, tmp / "optimizer.safetensors")
+    save_tensors(rng if rng is not None else rng_snapshot(), tmp / "rng.safetensors")
     doc = {"format": _FORMAT, **state, "optimizer": opt_meta, "has_host": host is not None,
            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
            "sha256": {f: file_sha256(tmp / f) for f in _FILES}}  # checked on load: a flipped byte loaded silently
@@ -287,9 +287,9 @@ def trim_log(path: str | Path, epoch: int, global_step: int) -> int:
 
 def save_linear(path: str | Path, layer: nn.Module) -> None:
     """A linear classifier's ``weight`` (C, D) and ``bias`` (C,) as safetensors."""
-    from safetensors.torch import save_file
+    from retrofit._files import save_tensors
 
-    save_file({n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}, str(path))
+    save_tensors({n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}, path)
 
 
 def load_linear(path: str | Path) -> nn.Linear:

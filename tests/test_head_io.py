@@ -344,3 +344,34 @@ def test_heads_with_the_checksum_in_their_config_are_still_checked(tmp_path):
     w.write_bytes(bytes(raw))
     with pytest.raises(RetrofitError, match="does not match the checksum in config.json"):
         RetrievalHead.load(d)
+
+
+def test_saved_files_get_the_mode_the_umask_allows_not_owner_only(tmp_path):
+    """safetensors writes its files 0600 and mkdtemp its folders 0700: a head saved by one account could not be
+    loaded by a serving account, and a shared feature cache was unreadable to other users. Every file retrofit
+    writes now has the mode a plain open() / mkdir() gives (0644 / 0755 under umask 022)."""
+    import os
+    import stat
+
+    from retrofit.feature_cache import FeatureCache, FeatureSet
+    from retrofit.train_checkpoint import save_linear
+
+    old = os.umask(0o022)
+    try:
+        head = RetrievalHead(HeadConfig(8, 8, 8, 3, dim=8, heads=2, depth=1, k=2))
+        head.save(tmp_path / "h")
+        save_linear(tmp_path / "probe.safetensors", torch.nn.Linear(8, 3))
+        cache = FeatureCache(tmp_path / "cache")
+        fs = FeatureSet(z=torch.randn(4, 8), labels=torch.arange(4))
+        cache.get_or_compute("train", {"data": "x"}, lambda: fs)
+        (tmp_path / "plain").write_text("")
+        (tmp_path / "plain_dir").mkdir()
+        mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+        files = [tmp_path / "h" / "model.safetensors", tmp_path / "probe.safetensors",
+                 *(tmp_path / "cache").glob("*/tensors.safetensors")]
+        dirs = list((tmp_path / "cache").glob("train.*"))
+        assert len(files) == 3 and dirs, (files, dirs)
+        assert {mode(f) for f in files} == {mode(tmp_path / "plain")} == {0o644}
+        assert {mode(d) for d in dirs} == {mode(tmp_path / "plain_dir")} == {0o755}
+    finally:
+        os.umask(old)
