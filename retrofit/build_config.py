@@ -47,6 +47,11 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
         if self.near_dup is not None and not 0.0 < self.near_dup <= 1.0:
             raise ValueError(f"BuildConfig.near_dup must be a cosine in (0, 1] or None, got {self.near_dup!r}")
+        if self.class_names is not None and (isinstance(self.class_names, (str, bytes))
+                                             or not all(isinstance(c, str) for c in self.class_names)):
+            hint = f" (split it: {self.class_names.split(',')[:3]}...)" if isinstance(self.class_names, str) else ""
+            raise ValueError(f"BuildConfig.class_names must be a list of class-name strings, got "
+                             f"{self.class_names!r:.80}{hint}")
         if not -1.0 <= self.caption_min_similarity <= 1.0:
             raise ValueError("BuildConfig.caption_min_similarity is a cosine in [-1, 1], "
                              f"got {self.caption_min_similarity}")

@@ -528,6 +528,10 @@ def test_first_build_failing_before_any_record_leaves_nothing(tmp_path, shards, 
 
     with pytest.raises(ValueError, match="float16 or float32"):
         BuildConfig(dtype="bfloat16").validate()
+    # a comma-separated string was read letter by letter ("class_names has duplicates ...: airplane,automobile")
+    with pytest.raises(ValueError, match=r"list of class-name strings, got 'airplane,automobile' \(split it"):
+        build_kb(shards, tmp_path / "kb2", class_names="airplane,automobile", **encoders, **FAST)
+    assert not (tmp_path / "kb2").exists()
 
 
 def test_cli_build_where_every_sample_is_bad_fails(tmp_path, mini_samples, capsys):  # noqa: F811

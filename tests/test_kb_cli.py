@@ -100,6 +100,27 @@ def test_cli_error_text_is_not_cut():
     assert _message(FileNotFoundError("'a' and 'b'")) == "'a' and 'b'"
 
 
+def test_path_errors_say_what_is_wrong_with_the_path(tmp_path, capsys):
+    """`kb copy KB cat.jpg/x` printed "[Errno 20] Not a directory: ..." (and merge / eval "[Errno 17] File exists:
+    'cat.jpg'"): the OS's words, not what to do. The same errors, from the real file system, now say it."""
+    from retrofit.commands import _message
+
+    _kb(str(tmp_path / "kb"))
+    (tmp_path / "cat.jpg").write_bytes(b"")
+    assert main(["kb", "copy", str(tmp_path / "kb"), "-o", str(tmp_path / "cat.jpg" / "x")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'cat.jpg'} is a file, not a folder" in err and "[Errno" not in err, err
+    with pytest.raises(FileExistsError) as e:
+        (tmp_path / "cat.jpg").mkdir()
+    assert _message(e.value) == f"cannot create {tmp_path / 'cat.jpg'}: a file of that name already exists; give a " \
+                                "new path"
+    with pytest.raises(IsADirectoryError) as e:
+        open(tmp_path / "kb", "w")
+    assert _message(e.value).startswith(f"{tmp_path / 'kb'} is a folder, where a file is needed")
+    assert main(["kb", "query", str(tmp_path / "kb"), "--vectors", str(tmp_path)]) == 1
+    assert "is a folder; give a .npy, .pt or .json file" in capsys.readouterr().err
+
+
 def test_every_command_has_help_with_an_example(capsys):
     """README: every command has --help with an example; -v works after the command too."""
     from retrofit.cli import build_parser

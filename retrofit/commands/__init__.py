@@ -12,11 +12,31 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _message(e: BaseException) -> str:
-    """The error's text; a KeyError's quoted repr (``'name'``) loses its quotes, nothing else is cut."""
+    """The error's text; a KeyError's quoted repr (``'name'``) loses its quotes, nothing else is cut. The OS's own
+    wording of a path error (``[Errno 20] Not a directory: 'cat.jpg/kb/records'``) says what is wrong with the
+    path and what to do instead."""
     text = str(e)
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(e, KeyError):
         text = text[1:-1]
+    if isinstance(e, _PATH_ERRORS) and text.startswith("[Errno") and e.filename is not None:
+        return _path_message(e)
     return text
+
+
+def _path_message(e: OSError) -> str:
+    from pathlib import Path
+
+    name = str(e.filename)
+    if isinstance(e, NotADirectoryError):
+        parts = [p for p in (Path(name), *Path(name).parents) if p.is_file()]
+        what = f"{parts[-1]} is a file" if parts else "a part of it is a file"
+        return f"cannot use the path {name}: {what}, not a folder; give a path whose folders are folders"
+    if isinstance(e, FileExistsError):
+        kind = "a file" if Path(name).is_file() else "a folder" if Path(name).is_dir() else "something"
+        return f"cannot create {name}: {kind} of that name already exists; give a new path"
+    if isinstance(e, IsADirectoryError):
+        return f"{name} is a folder, where a file is needed; give a file path"
+    return f"{name}: permission denied ({e.strerror}); give a path this user may write, or change its permissions"
 
 
 def _disk_full(e: BaseException) -> bool:

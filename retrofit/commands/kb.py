@@ -69,7 +69,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                                     "rewritten chunks): "
                                     f"later adds reuse it; `retrofit kb copy {args.path} -o NEW` gives it back"))
     if info["user_meta"]:
-        lines.append(("user meta", json.dumps(info["user_meta"])[:200]))
+        meta = json.dumps(info["user_meta"])
+        lines.append(("user meta", meta if len(meta) <= 200 else meta[:199] + "…  (all of it: --json)"))
     w = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{w}}  {v}")
@@ -99,6 +100,8 @@ def _load_vectors(path: str):
     import torch
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--vectors {p} is a folder; give a .npy, .pt or .json file of query vectors")
     if not p.is_file():
         raise FileNotFoundError(f"vector file {p} does not exist")
     want = "one float array of query vectors, shape (B, D) or (D,)"
