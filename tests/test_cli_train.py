@@ -213,6 +213,7 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
         (done / d).mkdir(exist_ok=True)
     (done / "eval" / "eval.json").write_text("{}")
     (done / "eval-web" / "eval.json").write_text("{}")
+    shutil.copytree(done / "head", done / "head-web")  # as `retrofit calibrate --save RUN/head-web` leaves one
     assert main([*_train_args(setup, done, "--overwrite"), "--epochs", "1", "--cache-dir", str(trained / "cache")]) == 0
     assert not (done / "host_classifier.safetensors").exists()  # eval / predict must not pick up the old layer
     assert not (done / "eval").exists() and not (done / "eval-web").exists()  # stale results looked current
@@ -220,6 +221,8 @@ def test_errors_name_problem_and_fix(setup, trained, capsys, tmp_path):
     cap = capsys.readouterr()
     assert json.loads(cap.out.strip().splitlines()[-1])["epochs"] == 1
     assert "removed the old head's evaluation results in" in cap.err and "eval, eval-web" in cap.err
+    assert (done / "head-web" / "model.safetensors").read_bytes() == before  # the old head's only copy: kept, and said
+    assert "kept heads saved from the old run" in cap.err and "head-web" in cap.err
     log = [json.loads(x) for x in (done / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]  # the old log went with the old run
 

@@ -282,6 +282,14 @@ def _clear_run(out: Path) -> None:
               file=sys.stderr)
     for name in ("train_log.jsonl", RUN_FILE, "host_probe.safetensors", "host_classifier.safetensors"):
         (out / name).unlink(missing_ok=True)
+    # heads saved into the run folder (`retrofit calibrate --save RUN/head-web`) are the old head's weights: kept (they
+    # may be the only copy of it now), but said, since `--head RUN/head-web` would pair them with the new run's probe
+    kept = sorted(d.name for d in out.iterdir() if d.is_dir() and (d / "config.json").is_file()
+                  and (d / "model.safetensors").is_file())
+    if kept:
+        print(f"--overwrite: kept heads saved from the old run in {out}: {', '.join(kept)}; they hold the old head's "
+              "weights and do not go with the new run (its host probe, its classes): remove them, or calibrate the "
+              "new head again", file=sys.stderr)
 
 
 def _check_same_run(out: Path, run: dict[str, Any]) -> None:
