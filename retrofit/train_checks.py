@@ -3,6 +3,7 @@ features and host logits, each refused with a message naming the value and the f
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -13,6 +14,8 @@ from retrofit.feature_cache import FeatureSet
 from retrofit.train_config import TrainConfig
 
 __all__ = ["check_features", "check_finite_features", "check_train_inputs"]
+
+log = logging.getLogger("retrofit.training")  # (train()'s logger: these warnings are training's)
 
 
 def _num_classes(head: nn.Module) -> int:
@@ -57,6 +60,11 @@ def check_finite_features(f: FeatureSet, name: str) -> None:
 def check_train_inputs(head: nn.Module, features: FeatureSet, val_features: FeatureSet | None,
                        host_classifier: nn.Module | None, cfg: TrainConfig, C: int) -> None:
     """Every check of ``train``'s inputs that needs no store: raises before anything is trained or written."""
+    if cfg.warmup_epochs > cfg.epochs:
+        log.warning("TrainConfig.warmup_epochs=%g is longer than epochs=%d: the learning rate rises for the whole run "
+                    "and ends at %.3g of lr=%g, never reaching it; warm up for at most the run's length "
+                    "(--warmup-epochs %d)", cfg.warmup_epochs, cfg.epochs, cfg.epochs / cfg.warmup_epochs, cfg.lr,
+                    cfg.epochs)
     if len(features) == 0:
         raise ValueError("train() got an empty FeatureSet")
     if cfg.train_host and host_classifier is None:

@@ -121,6 +121,20 @@ def test_path_errors_say_what_is_wrong_with_the_path(tmp_path, capsys):
     assert "is a folder; give a .npy, .pt or .json file" in capsys.readouterr().err
 
 
+def test_options_that_cannot_apply_are_said(tmp_path, capsys, data_dir):
+    """--template on webdataset shards was ignored silently (the records got the shards' captions), and so was
+    compact --hnsw-storage on a flat index."""
+    out = tmp_path / "kb_tpl"
+    assert main(["kb", "build", str(data_dir / "cifar10" / "test-000000.tar"), str(out), "--template",
+                 "no placeholder"]) == 1
+    assert "--template makes the captions of an ImageFolder source" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    path = str(tmp_path / "kb")
+    _kb(path)  # 40 records: a flat (exact) index
+    assert main(["kb", "compact", path, "--hnsw-storage", "float32"]) == 0
+    assert "--hnsw-storage float32 is kept in the settings but has no effect on this flat" in capsys.readouterr().err
+
+
 def test_every_command_has_help_with_an_example(capsys):
     """README: every command has --help with an example; -v works after the command too."""
     from retrofit.cli import build_parser

@@ -638,6 +638,19 @@ def test_train_host_trains_a_host_that_wrap_froze(data, real):
     assert torch.equal(host.weight, before)
 
 
+def test_a_warm_up_longer_than_the_run_is_said(data, real, caplog):
+    """--epochs 1 --warmup-epochs 5 trained silently at a fifth of the learning rate at most."""
+    train_fs, _, _ = data
+    with caplog.at_level("WARNING", logger="retrofit.training"):
+        res = train(_head(), train_fs, _cfg(epochs=1, warmup_epochs=5.0), store=real["store"])
+    assert "warmup_epochs=5 is longer than epochs=1" in caplog.text and "ends at 0.2 of lr=0.003" in caplog.text
+    assert max(r["lr"] for r in res.history) <= 0.2 * 3e-3 + 1e-12
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrofit.training"):
+        train(_head(), train_fs, _cfg(epochs=1, warmup_epochs=1.0), store=real["store"])  # (the demo's 1-epoch head)
+    assert "warmup_epochs" not in caplog.text
+
+
 def test_a_host_classifier_is_scored_in_eval_mode_and_given_back_as_it_came(data, real):
     """predict_logits (and so train()'s validation) ran a caller's host in whatever mode it was in: dropout in the
     host's logits when it came in training mode, or with train_host=True; and train() left the host in training

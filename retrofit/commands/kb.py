@@ -224,6 +224,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         after = kb.info()
     print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
           f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
+    if args.hnsw_storage is not None and after["index"]["kind"] != "hnsw":
+        print(f"note: --hnsw-storage {args.hnsw_storage} is kept in the settings but has no effect on this "
+              f"{after['index']['kind']} (exact) index; it applies once the index is HNSW", file=sys.stderr)
     if missing := after["index"]["unindexed_records"]:
         print(f"error: {missing} live records were left out of the index (damaged record chunks, named above): "
               f"searches will not return them; restore {args.path} from a copy, or delete them and add them again",

@@ -46,6 +46,9 @@ def _source(args: argparse.Namespace) -> Any:
     s = str(args.source)
     if Path(s).is_dir():  # an ImageFolder (open_source refuses a knowledge base given here, saying so)
         return open_source(s, templates=args.template or ["a photo of a {}."])
+    if getattr(args, "template", None):  # (it was ignored: the records got the source's own captions)
+        raise ValueError(f"--template makes the captions of an ImageFolder source from its class names; {s} is not a "
+                         "folder, its samples bring their own captions: drop --template")
     if Path(s).suffix.lower() in MANIFEST_SUFFIXES:
         return manifest_source(s, **manifest_columns(args))
     return open_source(s)
