@@ -294,9 +294,9 @@ class KBSearchMixin:
                       "records_over_raw": round(rec_bytes / raw, 4) if raw else None},
         }
 
-    def verify(self) -> dict[str, Any]:
+    def verify(self, progress: bool = False) -> dict[str, Any]:
         """Check metadata, every record chunk (checksum, sizes, finite values, unit keys), tombstones and the index
-        file.
+        file. ``progress``: a tqdm bar over the records (a million-record KB takes a while).
 
         Never raises for damage it finds: returns ``{"ok": bool, "problems": [...], ...}``.
         """
@@ -317,9 +317,13 @@ class KBSearchMixin:
         from retrofit.kb_records import chunk_sum, ckey
 
         db_sum = self._rec.sum_db()  # a writer may have upgraded the KB since this handle opened
-        with self._txn() as txn:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=nxt, desc="verify records", unit="rec", unit_scale=True, disable=not progress, leave=False)
+        with self._txn() as txn, bar:
             for c in range((nxt + C - 1) // C):
                 want = min(C, nxt - c * C)
+                bar.update(want)
                 ids = np.arange(c * C, c * C + want)
                 live = ~np.isin(ids, deleted)
                 buf, lbuf = txn.get(ckey(c), db=self._rec.db_vec), txn.get(ckey(c), db=self._rec.db_lab)

@@ -122,7 +122,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
         return cls(path, readonly=readonly)
 
     @classmethod
-    def verify_path(cls, path: str | os.PathLike) -> dict[str, Any]:
+    def verify_path(cls, path: str | os.PathLike, progress: bool = False) -> dict[str, Any]:
         """:meth:`verify` the knowledge base at ``path`` without loading its index, so that a damaged index file
         (which :meth:`open` refuses) does not stop the check of the records: every problem found is in the report.
         Raises only when ``path`` is not a knowledge base at all."""
@@ -132,7 +132,7 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             return {"ok": False, "problems": [str(e)], "records_checked": 0, "chunks_without_checksum": 0,
                     "generation": None, "index": {}}
         with kb:
-            return kb.verify()
+            return kb.verify(progress=progress)
 
     def _take_writer_lock(self) -> None:
         self._lock_fd = take_writer_lock(self.path)

@@ -27,7 +27,9 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["records"] == 40 and info["class_names"] == ["cat", "dog"]
     assert main(["kb", "verify", path]) == 0
-    assert capsys.readouterr().out.startswith("OK: 40 records")
+    cap = capsys.readouterr()
+    assert cap.out.startswith("OK: 40 records") and "verify records" in cap.err  # a progress bar (none before)
+    assert main(["kb", "verify", path, "--quiet"]) == 0 and "verify records" not in capsys.readouterr().err
     assert main(["kb", "query", path, "--ids", "3", "-k", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)[0]["neighbours"]
     assert len(res) == 4 and all(r["id"] != 3 for r in res) and res[0]["caption"].startswith("a photo number")

@@ -81,7 +81,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from retrofit.knowledge_base import KnowledgeBase
 
-    report = KnowledgeBase.verify_path(args.path)  # a damaged index does not stop the check of the records
+    # a damaged index does not stop the check of the records
+    report = KnowledgeBase.verify_path(args.path, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -262,6 +263,7 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
                           description="Check a knowledge base end to end. Example: retrofit kb verify kb/cifar10")
     p.add_argument("path", help="knowledge-base directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
     p = kb_sub.add_parser("query", help="print the nearest neighbours (with captions) of stored ids or vectors",
