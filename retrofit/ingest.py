@@ -189,6 +189,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                 setattr(cfg, field, recorded[part])
                 from_record.add(part)
     labels, class_names = map_labels(src, cfg.class_names)
+    if exists and class_names is not None:  # before the encoders load (seconds): a class list in another order
+        with KnowledgeBase.open(path) as kb0:
+            theirs = kb0.class_names
+        if theirs is not None and list(theirs) != class_names:
+            raise ValueError(f"{path} has classes {theirs[:10]}..., this build maps labels onto "
+                             f"{class_names[:10]}...; pass the KB's class names")
     if not cfg.caption_labels and labels and all(y < 0 for y in labels):
         log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
                     "kNN ignore; for web data with captions, caption_labels=True (CLI: --labels-from-captions) reads "
@@ -209,9 +215,6 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             for part in ("key", "image", "text"):
                 _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}), mode,
                                from_record)
-            if class_names is not None and kb.class_names is not None and list(kb.class_names) != class_names:
-                raise ValueError(f"{path} has classes {kb.class_names[:10]}..., this build maps labels onto "
-                                 f"{class_names[:10]}...; pass the KB's class names")
             foreign = [k for k in kb.user_meta if k.startswith(_META_PREFIX) and k != meta_key]
             if mode == "build" and meta_key not in kb.user_meta and (len(kb) or foreign):
                 raise KnowledgeBaseError(

@@ -338,6 +338,11 @@ def test_configuration_errors_before_any_work(tmp_path, shards, cifar_classes, e
     build_kb(src, out, **encoders, **FAST)
     with pytest.raises(KnowledgeBaseError, match="already holds"):
         build_kb(src, out, **encoders, **FAST, dedup=False)
+    # a class list in another order is refused before the encoders load (it took their ~10 s): an encoder spec
+    # that cannot load shows that it is not reached
+    with pytest.raises(ValueError, match="this build maps labels onto"):
+        add_to_kb(out, src, class_names=cifar_classes[::-1], image_encoder="resnet:50",
+                  text_encoder=encoders["text_encoder"], **FAST)
 
 
 def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa: F811
