@@ -91,6 +91,7 @@ class RetrievalHead(nn.Module):
             self.register_buffer("tau", tau)
         self._store: Store | None = None
         self._store_counts: torch.Tensor | None = None  # the attached store's class counts (vote_balance)
+        self._store_generation: int | None = None  # the attached store's generation when its counts were read
         self._allow_mismatch = False  # attach(allow_fingerprint_mismatch=...) of the attached store
         # load_state_dict would restore the label prior of the KB the weights were trained with; the attached KB's
         # prior is the one the vote must use (RetrievalHead.load attaches after loading; this covers the rest)
@@ -153,7 +154,20 @@ class RetrievalHead(nn.Module):
         if self.vote is not None and self.config.vote_balance:
             self._store_counts = store_label_counts(store, c.num_classes, labels)
             self.vote.set_label_prior(self._store_counts)
+        self._store_generation = getattr(store, "generation", None)  # the store as its prior was read
         return self
+
+    def _follow_store(self) -> None:
+        """A balanced vote's prior follows the attached store when it changes while attached (``kb add`` and a
+        reader's ``refresh()``, records deleted): the class counts are read again once per change."""
+        if self.vote is None or not self.config.vote_balance or self._store is None:
+            return
+        gen = getattr(self._store, "generation", None)
+        if gen is None or gen == self.__dict__.get("_store_generation"):
+            return
+        self._store_counts = store_label_counts(self._store, self.config.num_classes)
+        self.vote.set_label_prior(self._store_counts)
+        self._store_generation = gen
 
     def attached_to(self, store: Store, allow_fingerprint_mismatch: bool | None = None) -> RetrievalHead:
         """A view of this head attached to ``store``: it shares every weight (training one trains the other; the
@@ -212,6 +226,7 @@ class RetrievalHead(nn.Module):
         k = self.config.k if k is None else k
         if k == 0:  # a head configured without neighbours: nothing to search
             return Neighbors.empty(z.shape[0], 0, self.config.image_dim, self.config.text_dim, device=z.device)
+        self._follow_store()
         with torch.no_grad():
             q = F.normalize(z.detach().float(), dim=-1)  # (B, Dq)
             return search_store(self._store, q, k, exclude)  # outside torch.compile graphs

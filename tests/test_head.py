@@ -517,6 +517,17 @@ def test_vote_balance_follows_the_attached_store(seed):
     assert not fired
     view(z)
     assert fired == [1]
+    # a store that changes while attached (a KB grown by `kb add`, then refresh()): the prior follows it at the next
+    # search (it kept the counts read at attach, for good)
+    grown = store_with(list(range(C)) * 2)
+    head.attach(grown)
+    head(z)
+    assert torch.allclose(head.vote.label_log_prior, torch.zeros(C), atol=1e-6)
+    grown.add(torch.randn(6, DQ), torch.randn(6, DI), torch.randn(6, DT), labels=torch.zeros(6, dtype=torch.long))
+    head(z)
+    fresh = RetrievalHead(HeadConfig(**cfg, vote_balance=True), grown)
+    assert float(head.vote.label_log_prior[0]) > 0.5  # class 0: 8 of the 14 records, log(8 / 14 * C)
+    torch.testing.assert_close(head.vote.label_log_prior, fresh.vote.label_log_prior)
 
 
 def test_a_path_or_another_object_as_store_is_a_clear_type_error() -> None:
