@@ -366,7 +366,7 @@ def test_saved_files_get_the_mode_the_umask_allows_not_owner_only(tmp_path):
         cache.get_or_compute("train", {"data": "x"}, lambda: fs)
         (tmp_path / "plain").write_text("")
         (tmp_path / "plain_dir").mkdir()
-        mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+        mode = lambda p: stat.S_IMODE(p.stat().st_mode)
         files = [tmp_path / "h" / "model.safetensors", tmp_path / "probe.safetensors",
                  *(tmp_path / "cache").glob("*/tensors.safetensors")]
         dirs = list((tmp_path / "cache").glob("train.*"))
