@@ -246,6 +246,14 @@ class RetrofittedModel(nn.Module):
         if k == 0:  # a head configured without neighbours: nothing to search
             cfg = self.head.config
             return Neighbors.empty(z.shape[0], 0, cfg.image_dim, cfg.text_dim, device=z.device)
+        if self.retriever is None and z.shape[-1] != self.head.config.query_dim:  # (an adapter that cannot tell its
+            # embedding's width before a forward: a torchvision model whose classifier was replaced by Identity)
+            raise ValueError(f"the host gives {z.shape[-1]}-d embeddings but the head has query_dim="
+                             f"{self.head.config.query_dim}: build the head with HeadConfig(query_dim={z.shape[-1]}, "
+                             "...)")
+        follow = getattr(self.head, "follow_store", None)
+        if follow is not None:
+            follow()  # a balanced vote's prior follows a KB that changed since it was attached
         with torch.no_grad():
             if self.retriever is None:
                 keys = z

@@ -157,9 +157,11 @@ class RetrievalHead(nn.Module):
         self._store_generation = getattr(store, "generation", None)  # the store as its prior was read
         return self
 
-    def _follow_store(self) -> None:
+    def follow_store(self) -> None:
         """A balanced vote's prior follows the attached store when it changes while attached (``kb add`` and a
-        reader's ``refresh()``, records deleted): the class counts are read again once per change."""
+        reader's ``refresh()``, records deleted): the class counts are read again once per change. Called by
+        every search of the attached store (:meth:`retrieve`, ``RetrofittedModel``); call it yourself when you
+        search the store and pass ``neighbors=``."""
         if self.vote is None or not self.config.vote_balance or self._store is None:
             return
         gen = getattr(self._store, "generation", None)
@@ -226,7 +228,7 @@ class RetrievalHead(nn.Module):
         k = self.config.k if k is None else k
         if k == 0:  # a head configured without neighbours: nothing to search
             return Neighbors.empty(z.shape[0], 0, self.config.image_dim, self.config.text_dim, device=z.device)
-        self._follow_store()
+        self.follow_store()
         with torch.no_grad():
             q = F.normalize(z.detach().float(), dim=-1)  # (B, Dq)
             return search_store(self._store, q, k, exclude)  # outside torch.compile graphs

@@ -324,6 +324,30 @@ def test_headless_host_gives_retrieval_logits_only(kind: str, seed: int, caplog)
     torch.testing.assert_close(out.logits, out.retrieval_logits)  # tau/2 * L_R with tau = 2
     with torch.no_grad():
         torch.testing.assert_close(embedder(model)(x), z)  # the embedding is the headless model's output
+    # a head of another width: said as the width of the host's embedding, by wrap or (a torchvision adapter cannot
+    # tell the width before a forward) on the first call; the message blamed the knowledge base's keys and a retriever
+    with pytest.raises(ValueError, match=rf"gives {z.shape[1]}-d embeddings but the head has query_dim="
+                                         rf"{z.shape[1] // 2}: build the head with HeadConfig\(query_dim={z.shape[1]}"):
+        wrap(model, make_head(z.shape[1] // 2, make_store(z.shape[1] // 2)))(x)
+
+
+def test_a_wrapped_models_balanced_vote_follows_its_kb(seed: int) -> None:
+    """clf(x) searched the KB itself and passed the neighbours to the head, so a balanced vote kept the class prior
+    read at attach after the KB changed (head(z) followed it); the wrapped model follows it too."""
+    model = SmallNet().eval()
+    store = make_store(12)
+    head = make_head(12, store, label_vote=True, vote_balance=True)
+    head.vote.set_weight(1.0)
+    clf = wrap(model, head).eval()
+    x = torch.rand(2, 3, 32, 32)
+    store.add(torch.randn(30, 12), torch.randn(30, 8), torch.randn(30, 6), labels=torch.zeros(30, dtype=torch.long))
+    with torch.no_grad():
+        y = clf(x)
+    fresh = make_head(12, store, label_vote=True, vote_balance=True)  # the prior of the KB as it is now
+    torch.testing.assert_close(head.vote.label_log_prior, fresh.vote.label_log_prior)
+    assert float(head.vote.label_log_prior[0]) > 0.5  # class 0 now holds most records
+    with torch.no_grad():
+        assert torch.equal(clf(x), y)
 
 
 def test_torch_compile_on_cpu(seed: int) -> None:
