@@ -297,7 +297,7 @@ class RetrievalHead(nn.Module):
         attention = None if acc is None else acc / (2 * len(self.layers))  # (B, k)
         logits = self.readout(xi, xt)  # (B, C)
         if self.vote is not None and self.vote.form == "log":  # ("mix": mixed in by forward, after tau)
-            logits = logits + self.vote(nb.labels, nb.scores, nb.mask)
+            logits = logits + self.vote(nb.labels, nb.scores, nb.mask).to(logits.dtype)  # (computed in fp32 at least)
         return logits, attention
 
     # --------------------------------------------------------------------------------- save / load

@@ -371,6 +371,15 @@ def test_label_vote_precision_and_least_similar_neighbours(seed):
     f = lambda t: torch.func.functional_call(v64, {"log_temperature": t}, (labels, scores.double(), mask))
     assert gradcheck(f, (lt,))
 
+    # an fp16 head's logits are fp16 with either vote form (the log form's vote, computed in fp32, made them fp32)
+    for form in ("log", "mix"):
+        h16 = RetrievalHead(HeadConfig(DQ, DI, DT, 3, dim=8, heads=2, depth=1, k=4, label_vote=True,
+                                       vote_form=form)).half()
+        h16.vote.set_weight(1.0)
+        nb16 = Neighbors(ids=torch.arange(8).view(2, 4), scores=scores.clamp_min(0.0), mask=mask,
+                         image=torch.randn(2, 4, DI), text=torch.randn(2, 4, DT), labels=labels)
+        out16 = h16(torch.randn(2, DQ).half(), torch.randn(2, 3).half(), neighbors=nb16)
+        assert out16.logits.dtype == torch.float16 and torch.isfinite(out16.logits).all(), form
     # (3) through the head too: a store's scores stay fp32 (Neighbors.to casts only the vectors); the vote used to
     # compute in fp32 there, and gradcheck of the head's logits in its temperature failed
     h64 = RetrievalHead(HeadConfig(DQ, DI, DT, 3, dim=8, heads=2, depth=1, k=4, label_vote=True)).double()
