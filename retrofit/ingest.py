@@ -167,17 +167,20 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                          "vectors)")
     recorded: dict[str, Any] = {}
     from_record: set[str] = set()  # parts whose encoder this call took from the KB's record
+    kb_classes: list[str] | None = None
+    if exists:  # the existing KB's class list and encoder specs: its metadata only (the index is not loaded)
+        with KnowledgeBase(path, readonly=True, _records_only=True) as kb0:
+            kb_classes, kb_specs = kb0.class_names, dict(kb0.user_meta.get(SPECS_KEY) or {})
     if mode == "add":
-        with KnowledgeBase.open(path) as kb0:
-            if cfg.class_names is None:
-                cfg.class_names = kb0.class_names
-            if cfg.class_names is None and (src.classes_guessed or src.kind == "imagefolder"):
-                # (numbered by the names' sorted order, which need not be the order of the KB's label numbers)
-                what = "folder names" if src.kind == "imagefolder" else "class names"
-                raise ValueError(f"the labels of {src.location} are {what}, but {path} has no class list to number "
-                                 "them by: pass the class names (--classes FILE|A,B,...; class_names=[...] in "
-                                 "Python; in the order of its records' label numbers, if they have any)")
-            recorded = dict(kb0.user_meta.get(SPECS_KEY) or {})
+        if cfg.class_names is None:
+            cfg.class_names = kb_classes
+        if cfg.class_names is None and (src.classes_guessed or src.kind == "imagefolder"):
+            # (numbered by the names' sorted order, which need not be the order of the KB's label numbers)
+            what = "folder names" if src.kind == "imagefolder" else "class names"
+            raise ValueError(f"the labels of {src.location} are {what}, but {path} has no class list to number "
+                             "them by: pass the class names (--classes FILE|A,B,...; class_names=[...] in "
+                             "Python; in the order of its records' label numbers, if they have any)")
+        recorded = kb_specs
         # encoders not named for this call: the ones the KB was built with (recorded as specs since 22 Nov 2026).
         # A BuildConfig encoder field counts as named only when it differs from BuildConfig's default.
         default = BuildConfig()
@@ -189,12 +192,10 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                 setattr(cfg, field, recorded[part])
                 from_record.add(part)
     labels, class_names = map_labels(src, cfg.class_names)
-    if exists and class_names is not None:  # before the encoders load (seconds): a class list in another order
-        with KnowledgeBase.open(path) as kb0:
-            theirs = kb0.class_names
-        if theirs is not None and list(theirs) != class_names:
-            raise ValueError(f"{path} has classes {theirs[:10]}..., this build maps labels onto "
-                             f"{class_names[:10]}...; pass the KB's class names")
+    if class_names is not None and kb_classes is not None and list(kb_classes) != class_names:
+        # before the encoders load (seconds): a class list in another order
+        raise ValueError(f"{path} has classes {kb_classes[:10]}..., this build maps labels onto "
+                         f"{class_names[:10]}...; pass the KB's class names")
     if not cfg.caption_labels and labels and all(y < 0 for y in labels):
         log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
                     "kNN ignore; for web data with captions, caption_labels=True (CLI: --labels-from-captions) reads "
