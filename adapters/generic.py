@@ -116,13 +116,28 @@ class HookAdapter(BackboneAdapter):
 
     def __init__(self, model: nn.Module, classifier: nn.Module, classifier_name: str = "") -> None:
         super().__init__(model)
+        if classifier_name:
+            try:
+                found = model.get_submodule(classifier_name)
+            except AttributeError:
+                found = None
+            if found is not classifier:
+                raise ValueError(f"classifier_name={classifier_name!r} does not name the classifier module in "
+                                 f"{type(model).__name__}: pass the qualified name find_classifier() returns")
+        elif classifier is not model:
+            classifier_name = next((n for n, m in model.named_modules() if m is classifier), "")
+            if not classifier_name:
+                raise ValueError(f"the classifier {type(classifier).__name__} is not a submodule of "
+                                 f"{type(model).__name__}")
         self.classifier_name = classifier_name
-        self._classifier = [classifier]  # a list keeps it out of this module's children (it is inside model)
         self._checked_output = False  # the first forward warns when the model post-processes its logits
 
     @property
     def classifier(self) -> nn.Module:
-        return self._classifier[0]
+        """The classifier layer, looked up by name in ``self.model`` at each use: a replica of this adapter
+        (``nn.DataParallel`` copies the module tree, not attributes) or a model whose layer was replaced after
+        wrapping then hooks its own layer, not the original's."""
+        return self.model.get_submodule(self.classifier_name)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         captured: list[Tensor] = []
@@ -169,8 +184,14 @@ class HookAdapter(BackboneAdapter):
                                 f"{tuple(inp.shape)} to {tuple(res.shape)} for a batch of {x.shape[0]} images: "
                                 "retrofit needs one (D,) embedding and one (C,) logits row per image")
         if not self._checked_output and not _tracing():  # (a traced / exported graph cannot compare values)
-            out = _dequantized(model_logits(out, type(self.model).__name__))
             self._checked_output = True
+            try:
+                out = _dequantized(model_logits(out, type(self.model).__name__))
+            except RetrofitError:  # e.g. {"scores": ...}: the logits are the classifier layer's output all the same
+                logger.warning("%s returned %s with no 'logits' retrofit can read: retrofit fuses its classifier "
+                               "layer %r's output as the host logits, and cannot check that the model's output is "
+                               "the same", type(self.model).__name__, type(out).__name__, self.classifier_name)
+                return z, logits
             if out.numel() != logits.numel() or not torch.equal(out.reshape(logits.shape), logits):
                 logger.warning("%s transforms its classifier's output (e.g. a softmax after %r): retrofit fuses the "
                                "classifier layer's output, the logits, not the model's output",

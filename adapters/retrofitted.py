@@ -94,6 +94,29 @@ _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[RetrofittedModel
 _WRAPPERS_LOCK = threading.Lock()
 
 
+class _LastStore:
+    """The last knowledge base a once-per-store check ran on, held weakly: an ``id()`` would be reused by a new
+    store allocated where a freed one was, and its check skipped. Copies and pickles empty (the check runs again)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self) -> None:
+        self._ref: Any = None
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_LastStore, ())
+
+    def is_(self, store: Any) -> bool:
+        held = self._ref() if isinstance(self._ref, weakref.ref) else self._ref
+        return held is not None and held is store
+
+    def set(self, store: Any) -> None:
+        try:
+            self._ref = weakref.ref(store)
+        except TypeError:  # a store type without weak references (__slots__): hold it
+            self._ref = store
+
+
 class RetrofittedModel(nn.Module):
     """A frozen host classifier whose logits are fused with a trained :class:`RetrievalHead`.
 
@@ -116,9 +139,9 @@ class RetrofittedModel(nn.Module):
         self.train_classifier = train_classifier
         self.fingerprint = fingerprint  # encoder of z (the backbone): what the KB's keys must come from
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
-        self._checked_store: int | None = None  # id() of the last store whose fingerprint was checked
+        self._checked_store = _LastStore()  # the last store whose fingerprint was checked
         self._range_checked = False  # the first batch warns about 0-255 pixel values
-        self._size_checked: int | None = None  # id() of the last store whose input size was compared
+        self._size_checked = _LastStore()  # the last store whose input size was compared
         self._freeze()
         self.train(head.training)  # the head's mode: a loaded head (eval) serves as is, a fresh one trains
 
@@ -208,7 +231,7 @@ class RetrofittedModel(nn.Module):
             return self.backbone(x)
 
     def _check_store(self, store: Any) -> None:
-        if store is None or id(store) == self._checked_store:
+        if store is None or self._checked_store.is_(store):
             return
         theirs = getattr(getattr(store, "fingerprint", None), "key", None)
         mine = getattr(self.retriever, "fingerprint", None) if self.retriever is not None else self.fingerprint
@@ -219,16 +242,16 @@ class RetrofittedModel(nn.Module):
             logger.warning("cannot check that the knowledge base's keys (%s) come from %s: its encoder is unknown; "
                            "pass wrap(..., fingerprint=EncoderFingerprint(...)) (or retriever=, the encoder the KB "
                            "was built with) to have it checked", theirs, what)
-        self._checked_store = id(store)
+        self._checked_store.set(store)
 
     def _check_size(self, store: Any, x: Tensor) -> None:
         """Warn once per knowledge base when the images are not the size its keys were made from (when its key
         fingerprint records one): the neighbours would come from another vector space, silently."""
         fp = getattr(getattr(store, "fingerprint", None), "key", None)
         size = getattr(fp, "input_size", None)
-        if size is None or id(store) == self._size_checked or self.allow_fingerprint_mismatch:
+        if size is None or self._size_checked.is_(store) or self.allow_fingerprint_mismatch:
             return
-        self._size_checked = id(store)
+        self._size_checked.set(store)
         if tuple(x.shape[-2:]) != size:
             logger.warning("the knowledge base's keys were made from %dx%d images (%s), but the model is fed %dx%d: "
                            "its embeddings are another vector space and the neighbours will be poor; feed images "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -668,11 +669,12 @@ def test_a_replaced_torchvision_head_names_the_layer_that_gives_the_classes(seed
         torch.testing.assert_close(wrapped(x), model(x))  # a fresh head: exactly the host's logits
 
 
-def test_hosts_returning_structured_outputs(seed: int) -> None:
+def test_hosts_returning_structured_outputs(seed: int, caplog) -> None:
     """A model returning a Hugging Face-style output (``.logits``), a dict or ``(logits, aux)`` was refused ("not a
     logits tensor") although the logits come from its classifier layer."""
     from collections import OrderedDict
 
+    from retrofit.adapters.generic import model_logits
     from retrofit.errors import RetrofitError
 
     class Output(OrderedDict):  # what transformers' ModelOutput is: a mapping whose fields are also attributes
@@ -701,8 +703,14 @@ def test_hosts_returning_structured_outputs(seed: int) -> None:
             torch.testing.assert_close(clf(x), SmallNet.forward(model, x))  # fresh head: fused = host logits
             z, logits = clf.backbone(x)
         assert z.shape == (3, 12) and logits.shape == (3, C)
-    with torch.no_grad(), pytest.raises(RetrofitError, match="returned dict, and retrofit finds no logits tensor"):
-        wrap(Structured("none").eval(), make_head(12, make_store(12)))(x)
+    # a dict without "logits" (was refused at the first forward): the classifier layer's output is the logits all
+    # the same; retrofit says it cannot compare it with the model's output
+    model = Structured("none").eval()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="retrofit.adapters.generic"):
+        torch.testing.assert_close(wrap(model, make_head(12, make_store(12)))(x), SmallNet.forward(model, x))
+    assert "returned dict with no 'logits'" in caplog.text and "'out'" in caplog.text
+    with pytest.raises(RetrofitError, match="returned dict, and retrofit finds no logits tensor"):
+        model_logits({"scores": x}, "Structured")
 
 
 def test_a_timm_classifier_replaced_by_an_mlp_gives_its_class_count(seed: int) -> None:

@@ -314,3 +314,85 @@ def test_tracing_or_exporting_a_model_that_searches_a_knowledge_base_is_refused(
         z, host = traced(x)
         torch.testing.assert_close(clf.head(z, host, neighbors=kb.search(z, 4)).logits, clf(x))
     kb.close()
+
+
+def test_a_generic_adapter_hooks_the_classifier_of_the_model_it_holds(seed: int) -> None:
+    """The adapter kept the classifier module it was built with and hooked it at every forward; nn.DataParallel's
+    replicas (and a model whose classifier is replaced after wrapping) run another module, so the hook never fired
+    ("ran 0 times"). It now looks the layer up by name in the model it holds."""
+    import copy
+
+    torch.manual_seed(seed)
+    model = SmallNet().eval()
+    clf = wrap(model, make_head(12, make_store(12))).eval()
+    x = torch.rand(2, 3, 16, 16)
+    replica = copy.deepcopy(model)  # a replica: same structure, other modules (what DataParallel hands each device)
+    with torch.no_grad():
+        replica.out.weight.mul_(2.0)
+        clf.backbone.model = replica
+        z, logits = clf.backbone(x)
+        torch.testing.assert_close(logits, replica(x))
+        torch.testing.assert_close(z, torch.relu(replica.hidden(replica.trunk(x))))
+        model.out = nn.Linear(12, C)  # a classifier replaced after wrapping: its new layer is the one read
+        clf.backbone.model = model
+        torch.testing.assert_close(clf.backbone(x)[1], model(x))
+    assert clf.backbone.classifier is model.out
+    with pytest.raises(ValueError, match="classifier_name='hidden' does not name the classifier"):
+        type(clf.backbone)(model, model.out, "hidden")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nn.DataParallel needs two GPUs")
+def test_data_parallel_around_a_wrapped_generic_host(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = SmallNet().eval().cuda()
+    clf = wrap(model, make_head(12, make_store(12)).cuda()).eval()
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(nn.DataParallel(clf)(x), clf(x))
+
+
+def test_the_wrapper_remembers_checked_knowledge_bases_by_weak_reference(seed: int) -> None:
+    """The wrapper remembered the last checked KB by id(): a foreign KB allocated at a freed KB's address would
+    skip the fingerprint check (CPython reuses addresses, though not on cue: no test can force it). It now holds
+    a weak reference: it keeps no KB alive, and a freed KB matches no other."""
+    import gc
+    import weakref
+
+    from retrofit.adapters.retrofitted import _LastStore
+    from retrofit.errors import FingerprintMismatchError
+    from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.store import InMemoryStore, KBFingerprint
+
+    torch.manual_seed(seed)
+    mine = EncoderFingerprint("generic", "smallnet", "random", 12)
+    theirs = make_store(12, fingerprint=KBFingerprint(key=EncoderFingerprint("timm", "resnet50", "a1_in1k", 12)))
+    clf = wrap(SmallNet().eval(), make_head(12, make_store(12, fingerprint=KBFingerprint(key=mine))),
+               fingerprint=mine).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        clf(x)  # checks (and remembers) the attached KB
+    checked = weakref.ref(clf.head.detach_store())
+    gc.collect()
+    assert checked() is None  # the wrapper's memory of it did not keep it alive
+    clf.head.attach(theirs, allow_fingerprint_mismatch=True)  # the head lets it through; the wrapper must not
+    with torch.no_grad(), pytest.raises(FingerprintMismatchError, match="resnet50"):
+        clf(x)
+    memory = _LastStore()
+    memory.set(InMemoryStore(12, 8, 6))  # freed at once
+    assert not memory.is_(InMemoryStore(12, 8, 6)) and not memory.is_(None)
+    memory.set(theirs)
+    assert memory.is_(theirs) and not memory.is_(make_store(12))
+
+
+def test_a_copied_or_pickled_wrapper_checks_its_knowledge_base_again(seed: int, caplog) -> None:
+    import pickle
+
+    torch.manual_seed(seed)
+    clf = wrap(SmallNet().eval(), make_head(12, make_store(12))).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        y = clf(x)
+        back = pickle.loads(pickle.dumps(clf))
+        torch.testing.assert_close(back(x), y)
+    assert not back._checked_store.is_(clf.head.store) and back._checked_store.is_(back.head.store)
