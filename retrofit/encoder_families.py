@@ -328,6 +328,9 @@ def _quiet_weight_loading() -> Iterator[None]:
 def _sentence_transformers(spec: str, name_or_path: str) -> TextEncoder:
     st = require("sentence_transformers", f"the text encoder {spec!r}")
     p = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) and not p.is_dir():  # a local path, not a hub name ("org/model")
+        raise FileNotFoundError(f"model directory {str(p)!r} named in text encoder spec {spec!r} "
+                                f"{'is not a directory' if p.exists() else 'does not exist'}")
     if p.is_dir():
         weights = next((p / f for f in ("model.safetensors", "pytorch_model.bin") if (p / f).exists()), None)
         tag = file_digest(weights) if weights else "local"

@@ -28,7 +28,7 @@ from retrofit._env import require
 from retrofit.fingerprint import EncoderFingerprint
 
 __all__ = ["ImageEncoder", "TextEncoder", "load_image_encoder", "load_text_encoder", "host_encoder",
-           "IMAGE_FAMILIES", "TEXT_FAMILIES"]
+           "spec_identity", "IMAGE_FAMILIES", "TEXT_FAMILIES"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,31 @@ def _split_spec(spec: str, families: Sequence[str], what: str) -> tuple[str, str
     if not name:
         raise ValueError(f"{what} spec {spec!r} has no model name after '{family}:'")
     return family, name, (weights or None)
+
+
+def spec_identity(spec: str, kind: str = "image") -> dict[str, Any]:
+    """What a spec's fingerprint will be, read without loading the encoder: ``family`` always, ``name`` where it is
+    the spec's (timm, torchvision, open_clip), ``weights`` for a local checkpoint (its digest) or ``random``, and
+    ``input_size`` for darknet-tiny. A knowledge base whose vectors differ in any of these was made by another
+    encoder: ``retrofit kb add`` refuses it before the encoder loads (seconds)."""
+    from retrofit.encoder_families import _RANDOM_SEED, _is_path
+
+    families = IMAGE_FAMILIES if kind in ("image", "key") else TEXT_FAMILIES
+    family, name, weights = _split_spec(spec, families, f"{kind} encoder")
+    if family == "minilm":
+        return {"family": "sentence-transformers"}
+    if family == "darknet-tiny":
+        return {"family": family, "input_size": int(weights) if weights and weights.isdigit() else 64}
+    out: dict[str, Any] = {"family": family}
+    if family != "sentence-transformers":
+        out["name"] = name
+        if weights == "random":
+            out["weights"] = f"random:seed{_RANDOM_SEED}"
+        elif _is_path(weights) and os.path.isfile(os.path.expanduser(weights)):
+            from retrofit.fingerprint import file_digest
+
+            out["weights"] = file_digest(os.path.expanduser(weights))
+    return out
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,8 +22,8 @@ import torch
 
 from retrofit.build_config import BuildConfig, BuildSummary
 from retrofit.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrofit.errors import FingerprintMismatchError, KnowledgeBaseError
-from retrofit.fingerprint import check_fingerprints
+from retrofit.errors import KnowledgeBaseError
+from retrofit.ingest_checks import check_encoder, check_specs
 from retrofit.sources import Source, map_labels, open_source
 from retrofit.store import KBFingerprint
 
@@ -170,7 +170,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     kb_classes: list[str] | None = None
     if exists:  # the existing KB's class list and encoder specs: its metadata only (the index is not loaded)
         with KnowledgeBase(path, readonly=True, _records_only=True) as kb0:
-            kb_classes, kb_specs = kb0.class_names, dict(kb0.user_meta.get(SPECS_KEY) or {})
+            kb_classes, kb_specs, kb_fp = kb0.class_names, dict(kb0.user_meta.get(SPECS_KEY) or {}), kb0.fingerprint
     if mode == "add":
         if cfg.class_names is None:
             cfg.class_names = kb_classes
@@ -200,6 +200,12 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         log.warning("no sample of %s has a label: every record gets label -1 (unknown), which the label vote and the "
                     "kNN ignore; for web data with captions, caption_labels=True (CLI: --labels-from-captions) reads "
                     "labels from the captions", src.location)
+    if exists:
+        image = image_encoder if image_encoder is not None else cfg.image_encoder
+        keys = key_encoder if key_encoder is not None else cfg.key_encoder
+        check_specs(kb_fp, {"key": image if keys is None else keys, "image": image,
+                             "text": text_encoder if text_encoder is not None else cfg.text_encoder},
+                     path, kb_specs, mode, from_record)
     t_load = time.perf_counter()
     img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
     labeller = _caption_labeller(cfg, class_names, txt, guessed=cfg.class_names is None and src.classes_guessed)
@@ -214,7 +220,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
             if meta_key not in kb.user_meta and _META_PREFIX + legacy in kb.user_meta:  # recorded before 23 Nov
                 build_id, meta_key = legacy, _META_PREFIX + legacy
             for part in ("key", "image", "text"):
-                _check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}), mode,
+                check_encoder(kb, fp, part, path, recorded or dict(kb.user_meta.get(SPECS_KEY) or {}), mode,
                                from_record)
             foreign = [k for k in kb.user_meta if k.startswith(_META_PREFIX) and k != meta_key]
             if mode == "build" and meta_key not in kb.user_meta and (len(kb) or foreign):
@@ -265,34 +271,6 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
     summary.images_per_s = (summary.total - summary.resumed_from) / max(summary.seconds - load_s, 1e-9)
     log.info("%s", summary)
     return summary
-
-
-def _check_encoder(kb: Any, fp: KBFingerprint, part: str, path: Path, recorded: dict[str, Any], mode: str,
-                   from_record: set[str]) -> None:
-    """The ``part`` vectors this run would write must come from the KB's own encoder; the error names the spec that
-    made them (recorded at build) and the option that takes it."""
-    try:
-        check_fingerprints(getattr(kb.fingerprint, part), getattr(fp, part), f"{part} vectors of {path}")
-    except FingerprintMismatchError as e:
-        separate_keys = part == "key" and not kb.fingerprint.key.matches(kb.fingerprint.image)
-        option = "image_encoder" if part == "key" and not separate_keys else f"{part}_encoder"
-        flag = "--" + option.replace("_", "-")
-        which = option.split("_")[0]
-        spec = recorded.get(which)
-        if which in from_record:
-            hint = (f"this run used the spec it was built with, {spec!r}, which now makes other vectors (a checkpoint "
-                    f"path that moved or changed?): pass the encoder that made them ({flag} SPEC; {option}=... in "
-                    "Python)")
-        elif spec:
-            hint = f"it was built with {flag} {spec}: pass that ({option}={spec!r} in Python)"
-            if mode == "add":
-                hint += f", or leave {flag} out to use the knowledge base's own encoders"
-        else:
-            hint = (f"pass the encoder that made them ({flag} SPEC; {option}=... in Python); `retrofit kb info {path}` "
-                    "shows their fingerprint")
-        raise FingerprintMismatchError(f"{part} vectors of {path}: the knowledge base holds vectors from "
-                                       f"{getattr(kb.fingerprint, part)}, this run's encoder makes "
-                                       f"{getattr(fp, part)}; {hint}") from e
 
 
 def absolute_spec(spec: str) -> str:

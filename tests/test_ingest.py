@@ -343,6 +343,20 @@ def test_configuration_errors_before_any_work(tmp_path, shards, cifar_classes, e
     with pytest.raises(ValueError, match="this build maps labels onto"):
         add_to_kb(out, src, class_names=cifar_classes[::-1], image_encoder="resnet:50",
                   text_encoder=encoders["text_encoder"], **FAST)
+    # another encoder is refused by its spec before it loads (it took ~10 s): a checkpoint that does not exist shows
+    # that the loader is not reached (it raises FileNotFoundError)
+    for spec, what in (("timm:resnet18@/no/such/ckpt.pth", "of another family and name"),
+                       ("darknet-tiny@96", "of another input_size")):
+        with pytest.raises(FingerprintMismatchError, match=f"key vectors of .*{what}"):
+            add_to_kb(out, src, image_encoder=spec, text_encoder=encoders["text_encoder"], **FAST)
+    with pytest.raises(FingerprintMismatchError, match="text vectors of .*open_clip vectors of another family"):
+        add_to_kb(out, src, image_encoder=encoders["image_encoder"], text_encoder="open_clip:RN50@/no/such.bin",
+                  **FAST)
+    with pytest.raises(FileNotFoundError):  # the same family and size: it gets to the loader
+        add_to_kb(out, src, image_encoder=encoders["image_encoder"],
+                  text_encoder="sentence-transformers:/no/such/model", **FAST)
+    with KnowledgeBase.open(out) as kb:
+        assert len(kb) == 8  # nothing written by the refused adds
 
 
 def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa: F811
