@@ -166,6 +166,28 @@ def _qkv_layout(qkv: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int,
     return qkv, st
 
 
+_INT32_LIMIT = 2**31  # the kernels' offsets are int32: a launch indexes no tensor over this many elements
+
+
+def _rows_per_launch(tensors: list[torch.Tensor]) -> int:
+    """The most batch rows one launch can take with every offset in int32: each input's span (over its own strides,
+    or a contiguous copy's, whichever is larger), the outputs' and the log-sum-exp / delta rows of both directions.
+    Raises when a single batch row is already too big."""
+    B, S, H, Dh = tensors[0].shape
+    row, last = S * H * Dh, 2 * H * S  # a contiguous row's elements; log-sum-exp rows per batch row
+    fits = (_INT32_LIMIT - 1) // last
+    for t in tensors:
+        st = _bsh_strides(t) or (row, H * Dh, Dh)
+        step = max(st[0], row)
+        one = max((S - 1) * st[1] + (H - 1) * st[2] + Dh, row)  # the span of one batch row
+        if one >= _INT32_LIMIT:
+            raise ValueError(f"cross_fusion_attention_fused: one batch row spans {one} elements (S={S}, H={H}, "
+                             f"Dh={Dh}), over the int32 offsets the kernels use; use fewer neighbours or "
+                             "RETROFIT_FUSED=0 (the PyTorch path)")
+        fits = min(fits, (_INT32_LIMIT - 1 - one) // step + 1)
+    return max(1, fits)
+
+
 def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Tensor):
     """Bring the inputs to the kernels' layout contract, copying only what breaks it: the six q / k / v share one
     set of strides with unit stride on Dh (else all six are made contiguous), each residual has unit stride on Dh,
@@ -182,12 +204,12 @@ def _layout(qkv: list[torch.Tensor], res: list[torch.Tensor], key_mask: torch.Te
     out_st = (S * H * Dh, H * Dh, Dh)  # contiguous outputs and gradients
     for name, s in (("q / k / v", st), ("res_i", res_st[0]), ("res_t", res_st[1]), ("the outputs", out_st)):
         span = (B - 1) * s[0] + (S - 1) * s[1] + (H - 1) * s[2] + Dh
-        if span >= 2**31:
+        if span >= _INT32_LIMIT:  # (eager calls split the batch before: see _rows_per_launch)
             raise ValueError(f"cross_fusion_attention_fused: {name} span {span} elements, over the int32 offsets "
-                             "the kernels use; split the batch")
-    if 2 * B * H * S >= 2**31:  # the log-sum-exp / delta rows of both directions
+                             "the kernels use; split the batch (under torch.compile the call is not split)")
+    if 2 * B * H * S >= _INT32_LIMIT:  # the log-sum-exp / delta rows of both directions
         raise ValueError(f"cross_fusion_attention_fused: 2 * B * H * S = {2 * B * H * S} query rows, over the int32 "
-                         "offsets the kernels use; split the batch")
+                         "offsets the kernels use; split the batch (under torch.compile the call is not split)")
     km = key_mask if key_mask.is_contiguous() else key_mask.contiguous()
     return qkv, res, km.view(torch.uint8), st, res_st
 
@@ -309,8 +331,9 @@ def cross_fusion_attention_fused(
     Same contract as :func:`retrofit.functional.cross_fusion_attention_reference` (without attention
     weights): inputs (B, S, H, Dh) on one CUDA device (or CPU under ``TRITON_INTERPRET=1``); q, k, v of both
     directions share one dtype (fp16, bf16, fp32 or fp64), each residual may have its own (as under autocast);
-    ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). Outputs are new contiguous (B, S, H, Dh) tensors
-    in the residuals' dtypes; differentiable in all eight tensor inputs, once (a backward with
+    ``key_mask`` (B, S) bool; ``scale`` defaults to 1/sqrt(Dh). A batch whose tensors span more elements than the
+    kernels' int32 offsets reach is run in slices of the batch (eager calls only). Outputs are new contiguous
+    (B, S, H, Dh) tensors in the residuals' dtypes; differentiable in all eight tensor inputs, once (a backward with
     ``create_graph=True`` raises; ``RETROFIT_FUSED=0`` inside ``sdpa_kernel(SDPBackend.MATH)`` has double backward).
 
     Strides: the kernels read the inputs in place when the six q / k / v tensors share one layout with a unit
@@ -334,7 +357,15 @@ def cross_fusion_attention_fused(
         return (res_i.clone(memory_format=torch.contiguous_format),
                 res_t.clone(memory_format=torch.contiguous_format))
     scale = Dh**-0.5 if scale is None else float(scale)
-    return CrossFusionAttention.apply(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask, scale)
+    eight = [q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t]
+    rows = _rows_per_launch(eight)
+    if rows >= B:
+        return CrossFusionAttention.apply(*eight, key_mask, scale)
+    # a batch too big for int32 offsets: batch rows attend independently, so launches over slices of the batch
+    # (views: no copy) give the same result
+    parts = [CrossFusionAttention.apply(*(t.narrow(0, i, min(rows, B - i)) for t in eight),
+                                        key_mask.narrow(0, i, min(rows, B - i)), scale) for i in range(0, B, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 # registers torch.ops.retrofit.cross_fusion_fwd / _bwd (that module imports the launchers above: keep this last)

@@ -571,3 +571,39 @@ def test_under_torch_compile_bad_input_is_refused_at_compile_time():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="key_mask must be torch.bool"):
         compiled(*xs, mask.float())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head-views"])
+def test_a_batch_over_the_int32_offsets_is_run_in_slices(layout, monkeypatch):
+    """A batch whose tensors span >= 2^31 elements was refused ("split the batch"); the eager call now launches
+    over slices of the batch. The limit is lowered here so that a small batch crosses it (2^31 elements do not
+    fit this machine): every launch must pass the layout's own offset check, and the result is the unsplit one."""
+    B, S, H, Dh = 5, 4, 2, 16
+    xs, mask = make_inputs(B, S, H, Dh, torch.float32)
+    if layout == "head-views":  # q / k / v as views of (B, S, 3, H, Dh) projections: batch stride 3 rows
+        g = torch.Generator().manual_seed(3)
+        proj = [torch.randn(B, S, 3, H, Dh, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+        xs = [proj[0][:, :, 0], proj[0][:, :, 1], proj[0][:, :, 2], proj[1][:, :, 0], proj[1][:, :, 1],
+              proj[1][:, :, 2], *xs[6:]]
+    leaves = proj + xs[6:] if layout == "head-views" else xs
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(B, S, H, Dh, generator=g).to(DEVICE) for _ in range(2)]
+
+    def outputs_and_grads():
+        out = fused(*xs, mask)
+        return [o.detach() for o in out] + list(torch.autograd.grad(out, leaves, grads))
+
+    whole = outputs_and_grads()
+    launches = []
+    real_forward = cf._forward
+    monkeypatch.setattr(cf, "_forward", lambda *a: launches.append(a[0][0].shape[0]) or real_forward(*a))
+    # a batch row spans 128 elements, 128 apart (head views: 320, 384 apart): two rows per launch
+    monkeypatch.setattr(cf, "_INT32_LIMIT", 300 if layout == "contiguous" else 800)
+    sliced = outputs_and_grads()
+    assert launches == [2, 2, 1]
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels on the same rows: bitwise
+    monkeypatch.setattr(cf, "_INT32_LIMIT", 100)  # one row alone is over it: nothing to split
+    with pytest.raises(ValueError, match=f"one batch row spans {128 if layout == 'contiguous' else 320} elements "
+                                         ".*RETROFIT_FUSED=0"):
+        fused(*xs, mask)
