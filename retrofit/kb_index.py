@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,25 @@ class IndexState:
         if not p.is_file():
             return None
         try:
-            return cls(**json.loads(p.read_text()))
+            state = cls(**json.loads(p.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise CorruptKnowledgeBaseError(f"{p} is damaged ({e})") from e
+        for f in fields(cls):  # a field of another type ("200", null) would fail later as a bare TypeError
+            v, kinds = getattr(state, f.name), _FIELD_TYPES[f.name]
+            if not isinstance(v, kinds) or isinstance(v, bool):
+                raise CorruptKnowledgeBaseError(f"{p} is damaged ({f.name} = {v!r}, not "
+                                                f"{' or '.join(t.__name__ for t in kinds)}); rebuild the index "
+                                                f"with: retrofit kb compact {kb_dir}")
+        return state
 
 
 _WHITEN_FIELDS = ("whiten_file", "whiten_sha256", "whiten_fit_n", "whiten_shrinkage")
+_NONE = type(None)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "kb_uuid": (str,), "kind": (str,), "file": (str,), "generation": (int,), "next_id": (int,), "ntotal": (int,),
+    "size": (int,), "quick": (str,), "sha256": (str,), "ef_search": (int,), "tuned_recall": (float, int, _NONE),
+    "whiten_file": (str, _NONE), "whiten_sha256": (str, _NONE), "whiten_fit_n": (int, _NONE),
+    "whiten_shrinkage": (float, int, _NONE)}
 
 
 def state_json(state: IndexState) -> dict[str, Any]:

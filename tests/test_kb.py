@@ -649,3 +649,23 @@ def test_iteration_is_one_snapshot_and_refresh_waits_for_it(tmp_path):
     it2.close()
     r.close()
     w.close()
+
+
+@pytest.mark.parametrize("value", ['"50"', "null", "true", "5.5"])
+def test_an_index_json_field_of_another_type_is_damage_that_compact_repairs(tmp_path, value, capsys):
+    """A wrong-typed field ("next_id": "50") passed the JSON and field-name checks and failed later with a bare
+    TypeError in every command, kb compact (the repair) included."""
+    from retrofit.cli import main
+
+    w, keys = make(tmp_path / "kb", n=50)
+    w.close()
+    p = tmp_path / "kb" / "index.json"
+    d = json.loads(p.read_text())
+    p.write_text(json.dumps(d).replace(f'"next_id": {d["next_id"]}', f'"next_id": {value}'))
+    with pytest.raises(CorruptKnowledgeBaseError, match=f"next_id = .*, not int.*retrofit kb compact"):
+        KnowledgeBase.open(tmp_path / "kb")
+    assert main(["kb", "verify", str(tmp_path / "kb")]) == 1
+    assert "DAMAGED" in (out := "".join(capsys.readouterr())) and "next_id" in out
+    assert main(["kb", "compact", str(tmp_path / "kb")]) == 0
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        assert len(kb) == 50 and kb.verify()["ok"] and torch.equal(kb.search(keys[:2], 1).ids[:, 0], torch.arange(2))
