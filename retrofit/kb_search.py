@@ -294,6 +294,29 @@ class KBSearchMixin:
                       "records_over_raw": round(rec_bytes / raw, 4) if raw else None},
         }
 
+    def _index_problems(self, st: IndexState | None, meta: dict[str, Any], nxt: int
+                        ) -> tuple[list[str], dict[str, Any]]:
+        """What is wrong with the index ``st`` (index.json as read) for the records of ``meta``, and its summary."""
+        if st is None:
+            return ["index.json is missing"], {}
+        index = {"file": st.file, "generation": st.generation, "covers_ids_below": st.next_id,
+                 "behind_by_ids": nxt - st.next_id}
+        p = self.path / st.file
+        fix = f"rebuild it with: retrofit kb compact {self.path}"
+        if not p.is_file() or full_hash(p) != st.sha256:
+            return [f"index file {st.file} is missing or its checksum does not match; {fix}"], index
+        if st.whiten_file is not None and (not (self.path / st.whiten_file).is_file()
+                                           or full_hash(self.path / st.whiten_file) != st.whiten_sha256):
+            return [f"whitening file {st.whiten_file} of the index is missing or its checksum does not match; "
+                    f"rebuild the index with: retrofit kb compact {self.path}"], index
+        if st.kb_uuid == meta["uuid"] and st.next_id > nxt:  # saved after the records checked here were read?
+            with self._rec.begin() as txn:
+                nxt = self._rec.read_meta(txn)["next_id"]  # the records as committed now
+            index["behind_by_ids"] = nxt - st.next_id
+        if st.kb_uuid != meta["uuid"] or st.next_id > nxt:
+            return [f"index file {st.file} does not belong to these records; {fix}"], index
+        return [], index
+
     def verify(self, progress: bool = False) -> dict[str, Any]:
         """Check metadata, every record chunk (checksum, sizes, finite values, unit keys), tombstones and the index
         file. ``progress``: a tqdm bar over the records (a million-record KB takes a while).
@@ -349,26 +372,18 @@ class KBSearchMixin:
                     problems.append(f"chunk {c} holds keys that are not unit length")
                 checked += int(live.sum())
         index: dict[str, Any] = {}
-        try:
-            st = IndexState.read(self.path)
-            if st is None:
-                problems.append("index.json is missing")
-            else:
-                index = {"file": st.file, "generation": st.generation, "covers_ids_below": st.next_id,
-                         "behind_by_ids": nxt - st.next_id}
-                p = self.path / st.file
-                if not p.is_file() or full_hash(p) != st.sha256:
-                    problems.append(f"index file {st.file} is missing or its checksum does not match; "
-                                    f"rebuild it with: retrofit kb compact {self.path}")
-                elif st.whiten_file is not None and (not (self.path / st.whiten_file).is_file()
-                                                     or full_hash(self.path / st.whiten_file) != st.whiten_sha256):
-                    problems.append(f"whitening file {st.whiten_file} of the index is missing or its checksum does "
-                                    f"not match; rebuild the index with: retrofit kb compact {self.path}")
-                elif st.kb_uuid != meta["uuid"] or st.next_id > nxt:
-                    problems.append(f"index file {st.file} does not belong to these records; "
-                                    f"rebuild it with: retrofit kb compact {self.path}")
-        except CorruptKnowledgeBaseError as e:
-            problems.append(str(e))
+        for _ in range(5):  # a writer may save a new index while it is checked: check the one index.json names then
+            try:
+                st = IndexState.read(self.path)
+                found, index = self._index_problems(st, meta, nxt)
+            except CorruptKnowledgeBaseError as e:
+                st, found = None, [str(e)]
+            try:
+                if not found or IndexState.read(self.path) == st:
+                    break  # nothing wrong, or the same index.json as checked: what was found stands
+            except CorruptKnowledgeBaseError:
+                break
+        problems += found
         return {"ok": not problems, "problems": problems, "records_checked": checked,
                 "chunks_without_checksum": unsummed, "generation": meta["generation"],
                 "index": index}

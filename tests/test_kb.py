@@ -669,3 +669,27 @@ def test_an_index_json_field_of_another_type_is_damage_that_compact_repairs(tmp_
     assert main(["kb", "compact", str(tmp_path / "kb")]) == 0
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert len(kb) == 50 and kb.verify()["ok"] and torch.equal(kb.search(keys[:2], 1).ids[:, 0], torch.arange(2))
+
+
+def test_verify_of_a_snapshot_older_than_the_index_a_writer_saved_since(tmp_path):
+    """verify() read index.json after its snapshot of the records: an index a writer saved in between covers ids the
+    snapshot has not seen, and verify called the healthy KB DAMAGED ("does not belong to these records"; `kb verify`
+    alongside a writer did so in most runs)."""
+    w, keys = make(tmp_path / "kb", n=50)
+    w.flush()
+    r = KnowledgeBase.open(tmp_path / "kb")  # its snapshot: 50 records
+    w.add(keys[:20] + 0.01, torch.zeros(20, DI), torch.zeros(20, DT))
+    w.flush()  # index.json now covers ids below 70
+    res = r.verify()
+    assert res["ok"], res["problems"]
+    assert res["records_checked"] == 50 and res["index"]["covers_ids_below"] == 70
+    # a foreign index still is refused: another KB's index.json copied in
+    other, _ = make(tmp_path / "other", n=10)
+    other.close()
+    w.close()
+    r.close()
+    shutil.copy(tmp_path / "other" / "index.json", tmp_path / "kb" / "index.json")
+    st = json.loads((tmp_path / "other" / "index.json").read_text())
+    shutil.copy(tmp_path / "other" / st["file"], tmp_path / "kb" / st["file"])
+    res = KnowledgeBase.verify_path(tmp_path / "kb")
+    assert not res["ok"] and "does not belong to these records" in res["problems"][0]
