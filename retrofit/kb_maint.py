@@ -243,11 +243,17 @@ class KBIndexMixin:
         ``search`` sees only the records indexed before it: records added in it are found once it exits."""
         self._check_writable()
         self._bulk += 1
+        interrupted = False
         try:
             yield self
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C / exit: no index build on the way out (minutes for a big KB; "stop within a second"). The
+            # records are committed; the saved index lags behind them, and the next writer catches it up.
+            interrupted = True
+            raise
         finally:
             self._bulk -= 1
-            if self._bulk == 0:
+            if self._bulk == 0 and not interrupted:
                 self._finish_index(retune=self._main_next < self._meta["next_id"])
 
     def _finish_index(self, retune: bool) -> None:

@@ -224,6 +224,11 @@ def test_resume_after_ctrl_c(tmp_path, shards, encoders, clean_kb):
         build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
     with KnowledgeBase.open(tmp_path / "kb") as k:
         assert len(k) == 64  # the two encoded batches were committed on the way out
+        # ... and not indexed on the way out (a full index build after Ctrl-C took minutes on a big KB); readers
+        # search them all the same, and the resumed build indexes them
+        assert k._main_next == 0
+        nb = k.search(k.vectors(list(range(64)), "key"), 1)
+        assert torch.equal(nb.ids[:, 0], torch.arange(64))
     img._embed = raw
     s = build_kb(shards, tmp_path / "kb", image_encoder=img, text_encoder=encoders["text_encoder"], **FAST)
     assert s.resumed_from == 64 and s.written == 100
