@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -60,6 +61,7 @@ def new_meta(path: Path, key_dim: int, image_dim: int, text_dim: int, fingerprin
 
         check_meta(user_meta, "user_meta")
     (path / "records").mkdir(parents=True, exist_ok=True)  # after every check: a refused create leaves nothing
+    # (``path`` here is the creating directory of create_atomically, moved into place once complete)
     meta = {
         "schema_version": SCHEMA_VERSION, "uuid": uuid.uuid4().hex, "created": time.time(),
         "key_dim": key_dim, "image_dim": image_dim, "text_dim": text_dim, "dtype": dtype,
@@ -95,3 +97,43 @@ def take_writer_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)  # who holds the lock, for the next writer's error message
     return fd
+
+
+def creating_dir(path: Path) -> Path:
+    """Where a knowledge base for ``path`` is created before it is moved into place, beside it; leftovers of
+    creations killed in this pid's place (their process is gone) are removed first."""
+    for old in path.parent.glob(f".{path.name}.creating.*") if path.parent.is_dir() else ():
+        pid = old.name.rpartition(".")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.creating.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # (this process's own leftover)
+    return tmp
+
+
+def move_into_place(tmp: Path, path: Path) -> bool:
+    """Move the complete knowledge base ``tmp`` to ``path`` (absent, or an empty directory: replaced, keeping its
+    mode). False when it cannot be (``path`` is a mount point, or not ours to remove): the caller creates in place."""
+    try:
+        if path.is_dir():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+            path.rmdir()  # (empty: checked before; a mount point refuses)
+        os.rename(tmp, path)
+    except OSError:
+        return False
+    fd = os.open(str(path.parent), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable
+    finally:
+        os.close(fd)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -662,7 +662,7 @@ def test_an_index_json_field_of_another_type_is_damage_that_compact_repairs(tmp_
     p = tmp_path / "kb" / "index.json"
     d = json.loads(p.read_text())
     p.write_text(json.dumps(d).replace(f'"next_id": {d["next_id"]}', f'"next_id": {value}'))
-    with pytest.raises(CorruptKnowledgeBaseError, match=f"next_id = .*, not int.*retrofit kb compact"):
+    with pytest.raises(CorruptKnowledgeBaseError, match="next_id = .*, not int.*retrofit kb compact"):
         KnowledgeBase.open(tmp_path / "kb")
     assert main(["kb", "verify", str(tmp_path / "kb")]) == 1
     assert "DAMAGED" in (out := "".join(capsys.readouterr())) and "next_id" in out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrofit.errors import CorruptKnowledgeBaseError
+from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
 from retrofit.knowledge_base import KnowledgeBase
 
 DK, DI, DT = 16, 8, 4
@@ -922,3 +922,45 @@ def test_a_catch_up_over_a_chunk_whose_records_are_all_deleted(tmp_path):
     kb.close()
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert len(r) == 48 and r.search(r.vectors([60], "key"), 1).ids.tolist() == [[60]]
+
+
+@pytest.mark.parametrize("where", ["records", "index"])
+def test_a_create_killed_half_way_leaves_nothing_to_repair(tmp_path, where):
+    """`kb build` killed while it created the KB (LMDB opened, metadata or empty index not yet written) left a
+    directory that every command, the re-run included, refused ("no metadata record", "index.json is missing").
+    The KB is now created beside its path and moved into place complete. Killed here: a forked child exits
+    (os._exit, as a SIGKILL: no cleanup) inside the creation."""
+    import retrofit.kb_maint as kb_maint
+    import retrofit.kb_records as kb_records
+
+    path = tmp_path / "kb"
+    pid = os.fork()
+    if pid == 0:  # the child: dies inside create()
+        try:
+            if where == "records":
+                kb_records.RecordStore.write_meta = lambda *a, **k: os._exit(9)
+            else:
+                kb_maint.save_index = lambda *a, **k: os._exit(9)
+            KnowledgeBase.create(path, DK, DI, DT)
+        finally:
+            os._exit(3)  # (not reached when the kill point is)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    assert not path.exists()  # nothing half-made where the KB goes
+    assert [p.name for p in tmp_path.iterdir()] == [f".kb.creating.{pid}"]  # the dead creation's leftover
+    kb = KnowledgeBase.create(path, DK, DI, DT)  # the re-run creates it (and removes the dead one's leftover)
+    kb.add(torch.nn.functional.normalize(torch.randn(5, DK), dim=1), torch.zeros(5, DI), torch.zeros(5, DT))
+    kb.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["kb"]
+    assert KnowledgeBase.verify_path(path)["ok"]
+
+
+def test_create_into_an_existing_empty_directory_keeps_its_mode(tmp_path):
+    path = tmp_path / "kb"
+    path.mkdir()
+    os.chmod(path, 0o750)
+    KnowledgeBase.create(path, DK, DI, DT).close()
+    assert (path.stat().st_mode & 0o777) == 0o750 and (path / "records" / "data.mdb").is_file()
+    with pytest.raises(KnowledgeBaseError, match="not an empty directory"):
+        KnowledgeBase.create(path, DK, DI, DT)
+    assert [p.name for p in tmp_path.iterdir()] == ["kb"]
