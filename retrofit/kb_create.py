@@ -137,3 +137,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def create_atomically(cls: Any, path: Path, settings: dict[str, Any]) -> Any:
+    """``KnowledgeBase.create``: the KB is made complete (metadata, empty index) beside ``path`` and moved into
+    place, so that a create killed or interrupted half-way leaves no half-made knowledge base that nothing could
+    open or resume; returns it open for writing at ``path``."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):  # (new_meta checks it too: before the tmp)
+        raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
+    tmp = creating_dir(path.absolute())
+    try:
+        meta = new_meta(tmp, **settings)
+        cls(tmp, readonly=False, _create=meta).close()
+        if move_into_place(tmp, path):
+            return cls(path, readonly=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # ``path`` cannot be replaced (a mount point): created in place, as one (non-atomic) sequence of steps
+    (path / "records").mkdir(parents=True, exist_ok=True)
+    return cls(path, readonly=False, _create=meta)

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import numbers
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from retrofit._rwlock import RWLock
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
-from retrofit.kb_create import creating_dir, move_into_place, new_meta, take_writer_lock
+from retrofit.kb_create import create_atomically, take_writer_lock
 from retrofit.kb_handles import install_thread_guards, reopen, track
 from retrofit.kb_index import IndexConfig, IndexState, load_index
 from retrofit.kb_maint import KBIndexMixin
@@ -110,25 +109,11 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
 
         ``whiten`` > 0 searches in the shrinkage-whitened key space (:mod:`retrofit.kb_whiten`; 0.1 is a good
         start): usually better neighbours from a backbone's embeddings, at one (D, D) matrix product per query."""
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):  # (new_meta checks it too: before the tmp)
-            raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
-        # created complete (metadata, empty index) beside ``path`` and moved into place: a create killed or
-        # interrupted half-way leaves no half-made knowledge base that nothing could open or resume
-        tmp = creating_dir(path.absolute())
-        try:
-            meta = new_meta(tmp, key_dim, image_dim, text_dim, fingerprint, class_names=class_names, dtype=dtype,
-                            index=index, hnsw_m=hnsw_m, hnsw_storage=hnsw_storage, ef_construction=ef_construction,
-                            ef_search=ef_search, recall_target=recall_target, flat_threshold=flat_threshold,
-                            chunk_records=chunk_records, mmap_bytes=mmap_bytes, whiten=whiten, user_meta=user_meta)
-            cls(tmp, readonly=False, _create=meta).close()
-            if move_into_place(tmp, path):
-                return cls(path, readonly=False)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        # ``path`` cannot be replaced (a mount point): created in place, as one (non-atomic) sequence of steps
-        (path / "records").mkdir(parents=True, exist_ok=True)
-        return cls(path, readonly=False, _create=meta)
+        return create_atomically(cls, Path(path), dict(
+            key_dim=key_dim, image_dim=image_dim, text_dim=text_dim, fingerprint=fingerprint, class_names=class_names,
+            dtype=dtype, index=index, hnsw_m=hnsw_m, hnsw_storage=hnsw_storage, ef_construction=ef_construction,
+            ef_search=ef_search, recall_target=recall_target, flat_threshold=flat_threshold,
+            chunk_records=chunk_records, mmap_bytes=mmap_bytes, whiten=whiten, user_meta=user_meta))
 
     @classmethod
     def open(cls, path: str | os.PathLike, readonly: bool = True) -> KnowledgeBase:
