@@ -14,6 +14,7 @@ many readers: a read-only handle searches a consistent snapshot until :meth:`Kno
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import numbers
 import os
@@ -417,8 +418,13 @@ class KnowledgeBase(KBIndexMixin, KBSearchMixin, KBWriteMixin):
             self._rec.close()
             self._rec = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            # unlocked first: a forked child (a DataLoader worker) shares the lock's open file, and closing only
+            # this process's descriptor kept the KB locked for writing until every such child had exited
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __del__(self) -> None:
         # a handle dropped without close(): free the LMDB environment and the writer lock (the index is caught up

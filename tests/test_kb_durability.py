@@ -964,3 +964,25 @@ def test_create_into_an_existing_empty_directory_keeps_its_mode(tmp_path):
     with pytest.raises(KnowledgeBaseError, match="not an empty directory"):
         KnowledgeBase.create(path, DK, DI, DT)
     assert [p.name for p in tmp_path.iterdir()] == ["kb"]
+
+
+def test_closing_a_writer_releases_its_lock_while_a_forked_child_lives(tmp_path):
+    """flock locks belong to the open file, which a forked child (a DataLoader worker) shares: close() only closed
+    this process's descriptor, and the KB stayed locked for writing ("open for writing in this process" here, "in
+    another process" elsewhere) until the child exited."""
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)  # a worker that outlives the parent's handle
+        os._exit(0)
+    try:
+        kb.close()
+        again = KnowledgeBase.open(tmp_path / "kb", readonly=False)
+        again.close()
+        other = subprocess.run([sys.executable, "-c", "import sys; from retrofit.knowledge_base import "
+                                "KnowledgeBase; KnowledgeBase.open(sys.argv[1], readonly=False).close()",
+                                str(tmp_path / "kb")], capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr[-2000:]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
