@@ -149,18 +149,25 @@ class KBWriteMixin:
         a = np.unique(self._check_ids(ids))
         if a.size == 0:
             return
-        with self._rec.write() as txn:
-            m = self._rec.read_meta(txn)
-            from retrofit.kb_records import ckey
+        from retrofit.kb_records import ckey
 
-            for i in a.tolist():
-                txn.put(ckey(i), b"", db=self._rec.db_del)
-            m["count"] -= int(a.size)
-            m["deleted"] += int(a.size)
-            m["generation"] += 1
-            self._rec.write_meta(txn, m)
-        self._meta = self._rec.meta = m
-        self._set_deleted(np.union1d(self._deleted, a))
+        gen = self._meta["generation"]
+        try:
+            with self._rec.write() as txn:
+                m = self._rec.read_meta(txn)
+                for i in a.tolist():
+                    txn.put(ckey(i), b"", db=self._rec.db_del)
+                m["count"] -= int(a.size)
+                m["deleted"] += int(a.size)
+                m["generation"] += 1
+                self._rec.write_meta(txn, m)
+            self._meta = self._rec.meta = m
+            self._set_deleted(np.union1d(self._deleted, a))
+        except BaseException:  # an interrupt can land just after the commit: the handle must know it happened
+            self._sync_meta()
+            if self._meta["generation"] != gen:  # committed: searches and get() must not return them
+                self._set_deleted(np.union1d(self._deleted, a))
+            raise
 
     def compact(self, hnsw_storage: str | None = None, whiten: float | None = None) -> None:
         """Rebuild the index without deleted records and drop the chunks whose records are all deleted;
@@ -170,12 +177,26 @@ class KBWriteMixin:
         self._check_writable()
         from dataclasses import replace
 
-        from retrofit.kb_records import ckey
 
         changes = {n: v for n, v in (("hnsw_storage", hnsw_storage), ("whiten", whiten)) if v is not None}
         cfg = replace(self._cfg, **changes)  # validates
 
         C, nxt = self._rec.chunk, self._meta["next_id"]
+        gen = self._meta["generation"]
+        try:
+            self._compact_records(C, nxt, cfg)
+        except BaseException:  # interrupted, perhaps after the commit: the handle takes what was committed (the
+            self._sync_meta()  # index, not rebuilt, still filters the deleted records out; compact again to rebuild)
+            if self._meta["generation"] != gen:
+                self._cfg = cfg
+            raise
+        self._cfg = cfg
+        self._rebuild()
+
+    def _compact_records(self, C: int, nxt: int, cfg: Any) -> None:
+        """compact()'s one transaction: drop the chunks whose records are all deleted, record the new settings."""
+        from retrofit.kb_records import ckey
+
         with self._rec.write() as txn:
             m = self._rec.read_meta(txn)
             dead_per_chunk = np.bincount(self._deleted // C, minlength=(nxt + C - 1) // C)
@@ -194,5 +215,3 @@ class KBWriteMixin:
             m["index"] = cfg.to_meta()
             self._rec.write_meta(txn, m)
         self._meta = self._rec.meta = m
-        self._cfg = cfg
-        self._rebuild()

@@ -986,3 +986,48 @@ def test_closing_a_writer_releases_its_lock_while_a_forked_child_lives(tmp_path)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def _interrupt_after_commit(fn_name: str):
+    """A tracer that raises KeyboardInterrupt (Ctrl-C) at the first line after the write transaction of
+    ``KBWriteMixin.<fn_name>`` committed, where the handle takes the committed metadata."""
+    import inspect
+
+    import retrofit.kb_write as kw
+
+    fn = getattr(kw.KBWriteMixin, fn_name)
+    lines, first = inspect.getsourcelines(fn)
+    target = first + next(i for i, t in enumerate(lines) if "self._meta = self._rec.meta = m" in t)
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != kw.__file__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                raise KeyboardInterrupt
+            return local
+        return local
+    return tracer
+
+
+def test_an_interrupt_just_after_a_deletes_commit_leaves_the_handle_knowing_it(tmp_path):
+    """A Ctrl-C right after delete()'s commit (a notebook, a server that goes on) left the handle with the old count
+    and tombstones: it searched and returned the deleted record, and its compact() indexed it again."""
+    kb = KnowledgeBase.create(tmp_path / "kb", DK, DI, DT)
+    keys = torch.nn.functional.normalize(torch.randn(20, DK, generator=torch.Generator().manual_seed(0)), dim=1)
+    kb.add(keys, torch.zeros(20, DI), torch.zeros(20, DT))
+    sys.settrace(_interrupt_after_commit("delete"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kb.delete([3])
+    finally:
+        sys.settrace(None)
+    assert len(kb) == 19 and 3 not in kb.search(keys[3:4], 5).ids.tolist()[0]
+    with pytest.raises(KeyError):
+        kb.get([3])
+    kb.compact()
+    assert 3 not in kb.search(keys[3:4], 5).ids.tolist()[0]
+    kb.close()
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        assert len(r) == 19 and r.verify()["ok"] and 3 not in r.search(keys[3:4], 5).ids.tolist()[0]
