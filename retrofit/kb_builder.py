@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from retrofit._interrupts import interrupt_after
 from retrofit.encoders import ImageEncoder, TextEncoder
 from retrofit.ingest import _META_PREFIX, BuildConfig, BuildSummary, _fresh_state, _hash_of_source
 from retrofit.sources import Source
@@ -99,12 +100,12 @@ class _Builder:
         pending: dict[str, list] = {k: [] for k in ("key", "image", "text", "label", "caption", "source")}
         bar = tqdm(total=len(refs), initial=start, unit="img", desc="kb build", disable=not cfg.progress,
                    dynamic_ncols=True, smoothing=0.1)
-        pos = start
+        self._pos = start  # the source position up to which ``pending`` and the counters hold every sample
         try:
             with open(self.report, "a") as report:
                 for batch in batches:
                     self._take(batch, pending, report)
-                    pos = batch["index"][-1] + 1
+                    pos = self._pos
                     bar.update(len(batch["index"]))
                     n_pending = sum(pending.get("_n", []))
                     bar.set_postfix(written=self.state["written"] + n_pending, skipped=self.state["skipped"],
@@ -115,8 +116,9 @@ class _Builder:
                 report.flush()
                 self._commit(pending, pos, force=True)
         except KeyboardInterrupt:
-            log.warning("interrupted: committing what was encoded (up to source position %d); re-run to resume", pos)
-            self._commit(pending, pos, force=True)
+            log.warning("interrupted: committing what was encoded (up to source position %d); re-run to resume",
+                        self._pos)
+            self._commit(pending, self._pos, force=True)
             raise
         finally:
             bar.close()
@@ -137,9 +139,16 @@ class _Builder:
         counts = {"skipped": 0, "duplicates": 0, "near_duplicates": 0}
         if self.labeller is not None:
             counts["caption_labelled"] = 0
-        self._filter_encode(batch, pending, report, counts)
-        for k, v in counts.items():
-            self.state[k] = self.state.get(k, 0) + v  # caption_labelled: absent from builds made before it
+        new: dict[str, list] = {k: [] for k in pending}
+        self._filter_encode(batch, new, report, counts)
+        # the batch's records, its counters and the position move together: a Ctrl-C waits for them (one landing
+        # between them committed records past the recorded position, or lists of different lengths)
+        with interrupt_after():
+            for k, v in new.items():
+                pending.setdefault(k, []).extend(v)
+            for k, v in counts.items():
+                self.state[k] = self.state.get(k, 0) + v  # caption_labelled: absent from builds made before it
+            self._pos = batch["index"][-1] + 1
 
     def _filter_encode(self, batch: dict[str, Any], pending: dict[str, list], report: Any,
                        counts: dict[str, int]) -> None:

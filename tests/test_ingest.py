@@ -741,3 +741,45 @@ def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini
     web = make_shards(tmp_path / "web", [dict(m, label=-1) for m in mini_samples[:12]], cifar_classes, n=1)
     s = build_kb(web, tmp_path / "kb_web", **encoders, **FAST, caption_labels=True)
     assert s.written == 12 and s.extra["labels_from_captions"] > 0
+
+
+def test_a_ctrl_c_during_a_batchs_bookkeeping_waits_for_it(tmp_path, shards, encoders):
+    """A Ctrl-C landing between a batch's records and its source position (or between two of its lists) committed
+    records past the recorded position: the resume wrote them twice (--no-dedup: 250 records for 200 samples) or
+    the commit on the way out failed ("labels must be (100,) integers, got (50,)"). The bookkeeping now holds the
+    Ctrl-C until it is done. A real SIGINT is sent from inside it here (by a tracer), on the second batch."""
+    import inspect
+    import os
+    import signal
+    import sys
+
+    import retrofit.kb_builder as kbb
+
+    lines, first = inspect.getsourcelines(kbb._Builder._take)
+    target = first + next(i for i, t in enumerate(lines) if 'self._pos = batch["index"][-1] + 1' in t)
+    hits = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != kbb.__file__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                hits.append(1)
+                if len(hits) == 2:  # the second batch, inside its bookkeeping
+                    os.kill(os.getpid(), signal.SIGINT)
+            return local
+        return local
+
+    opts = dict(FAST, batch_size=16, commit_every=64, dedup=False)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_kb(shards, tmp_path / "kb", **encoders, **opts)
+    finally:
+        sys.settrace(None)
+    with KnowledgeBase.open(tmp_path / "kb") as k:
+        progress = next(v for n, v in k.user_meta.items() if n.startswith("ingest:"))
+        assert len(k) == progress["written"] == progress["next"] == 32  # both batches, whole, at position 32
+    s = build_kb(shards, tmp_path / "kb", **encoders, **opts)
+    assert s.resumed_from == 32 and s.kb_size == 100  # every sample once
