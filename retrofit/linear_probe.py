@@ -9,6 +9,7 @@ much. ``cross_fit_logits`` gives every training sample logits from a linear clas
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 
 import torch
@@ -17,6 +18,13 @@ from torch import nn
 __all__ = ["fit_linear_probe", "cross_fit_logits", "stratified_folds", "class_indices"]
 
 log = logging.getLogger(__name__)
+
+
+def check_weight_decay(weight_decay: float) -> None:
+    """The probe's L2 strength must be a finite number >= 0 (a negative one made L-BFGS diverge, NaN failed in it)."""
+    if (not isinstance(weight_decay, numbers.Real) or isinstance(weight_decay, bool) or not math.isfinite(weight_decay)
+            or weight_decay < 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0 (the probe's L2 strength), got {weight_decay!r}")
 
 
 def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
@@ -39,6 +47,7 @@ def fit_linear_probe(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
         raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    check_weight_decay(weight_decay)
     x64 = z.detach().cpu().double()
     mean = x64.mean(0)
     scale = x64.std(0, correction=0) if len(x64) > 1 else torch.ones_like(mean)
@@ -135,6 +144,7 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     """
     if not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    check_weight_decay(weight_decay)
     folds = int(folds)
     labels = class_indices(labels)
     z = _features(z, labels)

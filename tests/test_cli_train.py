@@ -438,7 +438,9 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
                         (["--host", "none", "--train-host"], "--train-host trains the host classifier, but --host "
                                                              "none"),
                         (["--device", "bogus"], "'bogus' is not a device; allowed"),
-                        (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2")):
+                        (["--cross-fit", "1"], "--cross-fit must be 0 (in-sample probe logits) or a fold count >= 2"),
+                        (["--probe-wd", "-1"], "--probe-wd must be a finite number >= 0"),  # (a traceback after
+                        (["--probe-wd", "nan"], "--probe-wd must be a finite number >= 0")):  # the run was cleared)
         assert says in err([*_train_args(setup, done, "--overwrite"), *extra]), extra
         assert sorted(p.name for p in done.iterdir()) == before and (done / "head" / "model.safetensors").exists()
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())

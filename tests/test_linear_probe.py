@@ -96,3 +96,13 @@ def test_a_constant_feature_is_kept_out_of_the_fit(feats):
     ref = fit_linear_probe(z, y, 10, weight_decay=WD)
     with torch.no_grad():
         assert torch.equal(layer(torch.cat([zt, torch.full((len(zt), 1), 0.25)], 1)).argmax(1), ref(zt).argmax(1))
+
+
+@pytest.mark.parametrize("wd", [-1.0, float("nan"), float("inf"), "0.1", True])
+def test_a_weight_decay_that_is_not_a_finite_number_ge_0_is_refused(feats, wd):
+    """-1 and inf were accepted (the fit diverged or collapsed), NaN failed inside L-BFGS with an overflow error."""
+    z, y, _, _ = feats
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        fit_linear_probe(z, y, 10, weight_decay=wd)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        cross_fit_logits(z, y, 10, weight_decay=wd)

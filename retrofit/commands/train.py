@@ -129,6 +129,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         _check_vote_classes(cfg0, kb, _store_labels(kb))
     _device(args.device)
+    from retrofit.linear_probe import check_weight_decay
+
+    try:
+        check_weight_decay(args.probe_wd)
+    except ValueError:
+        raise ValueError(f"--probe-wd must be a finite number >= 0 (the host probe's L2 strength), got "
+                         f"{args.probe_wd}") from None
     if mode == "model" and args.train_host and host.adapter.embed_dim is not None:
         _model_linear(host, host.adapter.embed_dim)  # refuses a host layer it cannot train, before --overwrite
     if args.noise_rate is not None and not args.noise:
