@@ -517,13 +517,17 @@ def test_a_run_stopped_before_its_last_epoch_is_named_by_predict(setup, trained,
     with tarfile.open(setup / "test.tar") as tf:
         img.write_bytes(tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read())
     assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
-    assert "stopped after" not in capsys.readouterr().err  # a finished run: nothing to say
+    assert "stopped" not in capsys.readouterr().err  # a finished run: nothing to say
     state = run / "checkpoints" / "last" / "state.json"
     doc = json.loads(state.read_text())
     doc["epoch"] = 1  # as a run interrupted in its second epoch leaves it
     state.write_text(json.dumps(doc))
     assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
     assert "stopped after 1 of 2 epochs (interrupted)" in capsys.readouterr().err
+    doc["step"] = 3  # a Ctrl-C 3 steps into the second epoch: the head holds those steps (it said "after 1")
+    state.write_text(json.dumps(doc))
+    assert main(["predict", str(img), "--run", str(run), "--json"]) == 0
+    assert "stopped in epoch 2 (step 3) of 2 epochs (interrupted)" in capsys.readouterr().err
 
 
 def test_undecodable_images_are_named_again_when_features_come_from_the_cache(setup, tmp_path, caplog):

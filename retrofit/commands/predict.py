@@ -36,11 +36,13 @@ def _warn_if_unfinished(run_dir: Path) -> None:
     """RUN/head holds the latest weights, also of a run stopped by Ctrl-C: say so when it did not finish."""
     try:
         st = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
-        done, planned = int(st["epoch"]), int(st["config"]["epochs"])
+        done, planned, step = int(st["epoch"]), int(st["config"]["epochs"]), int(st.get("step") or 0)
     except (OSError, ValueError, KeyError, TypeError):  # no checkpoint (an older run) or unreadable: nothing to say
         return
     if done < planned:
-        print(f"warning: the training run {run_dir} stopped after {done} of {planned} epochs (interrupted): its head "
+        # (a checkpoint within an epoch: ``epoch`` epochs done, ``step`` steps into the next)
+        where = f"in epoch {done + 1} (step {step})" if step else f"after {done}"
+        print(f"warning: the training run {run_dir} stopped {where} of {planned} epochs (interrupted): its head "
               f"is partly trained; `retrofit train ... --out {run_dir} --resume` finishes it", file=sys.stderr)
 
 
