@@ -63,7 +63,11 @@ def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None
             what = (f"the same {len(theirs)} classes in another order (label {i} is {theirs[i]!r} in the knowledge "
                     f"base, {c.class_names[i]!r} for the head)")
         else:
-            what = f"other classes (knowledge base: {list(theirs)[:6]}..., head: {list(c.class_names)[:6]}...)"
+            only_kb = [n for n in theirs if n not in set(c.class_names)]
+            only_head = [n for n in c.class_names if n not in set(theirs)]
+            what = (f"other classes ({len(theirs)} in the knowledge base, {len(c.class_names)} for the head; only "
+                    f"in the knowledge base: {only_kb[:6] or 'none'}{'...' if len(only_kb) > 6 else ''}, only for "
+                    f"the head: {only_head[:6] or 'none'}{'...' if len(only_head) > 6 else ''})")
         raise RetrofitError(f"cannot attach store: its labels name {what}; the label vote would vote for the wrong "
                             "classes. Build the knowledge base with the head's class list (--classes / "
                             "BuildConfig.class_names) or give the head the knowledge base's class list (train "
