@@ -75,8 +75,13 @@ def _model_linear(host: Any, dim: int) -> Any:
     mods = host.adapter.classifier_modules()
     if len(mods) == 1 and isinstance(mods[0], nn.Linear) and mods[0].in_features == dim:
         return copy.deepcopy(mods[0]).float().cpu()
-    raise RetrofitError(f"--train-host needs a linear classifier on the {dim}-d embedding, but {host.spec!r} has "
-                        f"{[type(m).__name__ for m in mods]}; use --host probe")
+    def described(m: Any) -> str:
+        n_in, n_out = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        return f"{type(m).__name__} {n_in}->{n_out}" if n_in is not None else type(m).__name__
+
+    found = ", ".join(described(m) for m in mods) or "no classifier layer"
+    raise RetrofitError(f"--train-host trains one nn.Linear from the {dim}-d embedding to the classes, but the "
+                        f"classifier of {host.spec!r} is: {found}; use --host probe")
 
 
 @guarded(also=(TypeError,))
