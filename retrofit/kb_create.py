@@ -147,7 +147,12 @@ def create_atomically(cls: Any, path: Path, settings: dict[str, Any]) -> Any:
         raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
     tmp = creating_dir(path.absolute())
     try:
-        meta = new_meta(tmp, **settings)
+        try:
+            meta = new_meta(tmp, **settings)
+        except PermissionError:  # an empty directory made for it where this user may not create others
+            if not path.is_dir():
+                raise
+            return cls(path, readonly=False, _create=new_meta(path, **settings))  # in place (not atomic)
         cls(tmp, readonly=False, _create=meta).close()
         if move_into_place(tmp, path):
             return cls(path, readonly=False)
