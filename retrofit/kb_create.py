@@ -113,14 +113,22 @@ def creating_dir(path: Path) -> Path:
 
 def move_into_place(tmp: Path, path: Path) -> bool:
     """Move the complete knowledge base ``tmp`` to ``path`` (absent, or an empty directory: replaced, keeping its
-    mode). False when it cannot be (``path`` is a mount point, or not ours to remove): the caller creates in place."""
-    try:
-        if path.is_dir():
+    mode). False when ``path`` is an empty directory that cannot be replaced (a mount point): the caller creates
+    in place. A ``path`` that another process filled meanwhile is refused, and left as it is."""
+    if path.is_dir():
+        try:
             os.chmod(tmp, path.stat().st_mode & 0o7777)
-            path.rmdir()  # (empty: checked before; a mount point refuses)
+            path.rmdir()  # (only an empty directory goes)
+        except OSError:
+            if path.is_dir() and not any(path.iterdir()):
+                return False
+            raise KnowledgeBaseError(f"{path} was filled by something else while the knowledge base was created; "
+                                     "pick a new path") from None
+    try:
         os.rename(tmp, path)
-    except OSError:
-        return False
+    except OSError as e:
+        raise KnowledgeBaseError(f"cannot move the new knowledge base into {path} ({e.strerror}): did another "
+                                 "process create it meanwhile? Pick a new path") from e
     fd = os.open(str(path.parent), os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself is durable
@@ -158,6 +166,5 @@ def create_atomically(cls: Any, path: Path, settings: dict[str, Any]) -> Any:
             return cls(path, readonly=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # ``path`` cannot be replaced (a mount point): created in place, as one (non-atomic) sequence of steps
-    (path / "records").mkdir(parents=True, exist_ok=True)
-    return cls(path, readonly=False, _create=meta)
+    # ``path`` is an empty directory that cannot be replaced (a mount point): created in place (not atomic)
+    return cls(path, readonly=False, _create=new_meta(path, **settings))

@@ -1031,3 +1031,18 @@ def test_an_interrupt_just_after_a_deletes_commit_leaves_the_handle_knowing_it(t
     kb.close()
     with KnowledgeBase.open(tmp_path / "kb") as r:
         assert len(r) == 19 and r.verify()["ok"] and 3 not in r.search(keys[3:4], 5).ids.tolist()[0]
+
+
+def test_a_path_filled_while_the_kb_was_created_is_left_as_it_is(tmp_path):
+    """The move into place found the target filled by another process (a race between two creates): refused, the
+    other's files untouched (a fallback to creating in place would have written into them)."""
+    from retrofit.kb_create import move_into_place
+
+    made = tmp_path / ".kb.creating.1"
+    KnowledgeBase.create(made, DK, DI, DT).close()
+    target = tmp_path / "kb"
+    target.mkdir()
+    (target / "theirs.txt").write_text("another process's file")
+    with pytest.raises(KnowledgeBaseError, match="was filled by something else"):
+        move_into_place(made, target)
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"] and (made / "records" / "data.mdb").is_file()
