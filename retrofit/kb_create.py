@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from retrofit.errors import KnowledgeBaseError
-from retrofit.kb_index import IndexConfig
+from retrofit.kb_index import IndexConfig, fsync_dir
 from retrofit.kb_records import _DTYPES, SCHEMA_VERSION
 from retrofit.store import KBFingerprint
 
@@ -129,11 +129,7 @@ def move_into_place(tmp: Path, path: Path) -> bool:
     except OSError as e:
         raise KnowledgeBaseError(f"cannot move the new knowledge base into {path} ({e.strerror}): did another "
                                  "process create it meanwhile? Pick a new path") from e
-    fd = os.open(str(path.parent), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)  # the rename itself is durable
     return True
 
 
