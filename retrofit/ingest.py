@@ -84,11 +84,15 @@ def _config(config: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfi
     return cfg
 
 
+def _chosen(cfg: BuildConfig, image: Any, text: Any, key: Any) -> tuple[Any, Any, Any]:
+    """The image, text and key encoders of this run: the ones given, else the configuration's (specs or objects)."""
+    return (image if image is not None else cfg.image_encoder, text if text is not None else cfg.text_encoder,
+            key if key is not None else cfg.key_encoder)
+
+
 def _encoders(cfg: BuildConfig, image: ImageEncoder | str | None, text: TextEncoder | str | None,
               key: ImageEncoder | str | None) -> tuple[ImageEncoder, TextEncoder, ImageEncoder | None]:
-    image = image if image is not None else cfg.image_encoder
-    text = text if text is not None else cfg.text_encoder
-    key = key if key is not None else cfg.key_encoder
+    image, text, key = _chosen(cfg, image, text, key)
     img = load_image_encoder(image, cfg.device) if isinstance(image, str) else image
     txt = load_text_encoder(text, cfg.device) if isinstance(text, str) else text
     k = load_image_encoder(key, cfg.device) if isinstance(key, str) else key
@@ -201,11 +205,9 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
                     "kNN ignore; for web data with captions, caption_labels=True (CLI: --labels-from-captions) reads "
                     "labels from the captions", src.location)
     if exists:
-        image = image_encoder if image_encoder is not None else cfg.image_encoder
-        keys = key_encoder if key_encoder is not None else cfg.key_encoder
-        check_specs(kb_fp, {"key": image if keys is None else keys, "image": image,
-                             "text": text_encoder if text_encoder is not None else cfg.text_encoder},
-                     path, kb_specs, mode, from_record)
+        image, text, keys = _chosen(cfg, image_encoder, text_encoder, key_encoder)
+        check_specs(kb_fp, {"key": image if keys is None else keys, "image": image, "text": text}, path, kb_specs,
+                    mode, from_record)
     t_load = time.perf_counter()
     img, txt, key = _encoders(cfg, image_encoder, text_encoder, key_encoder)
     labeller = _caption_labeller(cfg, class_names, txt, guessed=cfg.class_names is None and src.classes_guessed)
