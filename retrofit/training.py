@@ -85,7 +85,7 @@ def train(
     head.to(dev)
     host = host_classifier.to(dev) if host_classifier is not None else None
     table = _vector_table(store, [features, val_features], k, dev) if k else None
-    batcher = _Batcher(features, k, dev, store, table, _head_dims(head))
+    batcher = _Batcher(features, k, dev, store, table, _head_dims(head), trim=True)
     prior = log_prior(features.labels, C).to(dev)  # (C,)
     cw = class_balance_weights(features.labels, C, cfg.class_balance).to(dev) if cfg.class_balance else None
 

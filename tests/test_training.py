@@ -1268,3 +1268,34 @@ def test_a_ctrl_c_held_in_a_closed_generator_block_arrives_and_blocks_after_a_pa
         asyncio.run(stuck())
     assert reached == ["after"] and _Held.depth == 0
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_k_above_the_kb_size_trains_on_the_filled_slots_only(data, real, monkeypatch, cached):
+    """k = 250 on the 200-entry KB: each batch reaches the head without the slots no sample fills (they cost
+    attention over 251 tokens for nothing), and the run is the one on all 250 slots (masked slots are absent)."""
+    train_fs, _, _ = data
+    rows = torch.arange(N_KB)
+    fs = FeatureSet(z=train_fs.z, labels=train_fs.labels, host_logits=train_fs.host_logits, exclude=rows[:, None])
+    if cached:
+        fs = retrieve(fs, real["store"], 250)
+        assert fs.neighbor_ids.shape[1] == 250 and (fs.neighbor_ids[:, N_KB - 1:] == -1).all()
+
+    def run():
+        torch.manual_seed(0)
+        head = RetrievalHead(HeadConfig(query_dim=512, image_dim=512, text_dim=384, num_classes=10, dim=32,
+                                        depth=1, heads=2, k=250))
+        widths = []
+        head.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["neighbors"].k), with_kwargs=True)
+        res = train(head, fs, _cfg(epochs=2), store=real["store"])
+        return head, res, widths
+
+    head, res, widths = run()
+    assert set(widths) == {N_KB - 1}  # every sample's 199 other entries; its own is excluded
+    monkeypatch.setattr("retrofit.prediction._filled_width", lambda valid: valid.shape[1])  # the old behaviour
+    head_all, res_all, widths_all = run()
+    assert set(widths_all) == {250}
+    torch.testing.assert_close(torch.tensor(res.step_losses), torch.tensor(res_all.step_losses), rtol=1e-5,
+                               atol=1e-6)
+    for (name, a), b in zip(head.state_dict().items(), head_all.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
