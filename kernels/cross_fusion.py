@@ -32,7 +32,12 @@ to the input dtype before their dot, as in flash-attention). The backward recomp
 log-sum-exp stored in fp32 (as flash-attention does), whose rounding grows with the scores' size: with scaled scores
 of magnitude ~70 (inputs 4x unit scale at Dh = 16) the fp32 gradients' error is ~2.7x the fp32 reference's (1.8e-4
 against 6.6e-5 in a stress test), ~5x at ~300; a later review measured up to ~7x at scores ~55 (Dh = 64) and ~17x at
-~900; at unit-scale inputs it is within the tests' rule (2x + 1e-5). In fp16 the backward rounds dS and the upstream
+~900, and a third ~100x in a saturated softmax (inputs 16x unit scale at Dh = 16: 1.8e-4 against the reference's
+1.8e-6; the ratio is large where the reference's own error is tiny); at unit-scale inputs it is within the tests'
+rule (2x + 1e-5). On a GPU ``scale`` reaches the kernels as an fp32 argument (Triton types a Python float as
+fp32): fp64 inputs (run by the kernel only when forced, ``RETROFIT_FUSED=1``) get fp64 accumulation but a scale
+rounded to fp32, ~1e-8 relative error instead of fp64's ~1e-16 (the interpreter passes the float unrounded, so the
+CPU tests cannot see it). In fp16 the backward rounds dS and the upstream
 gradient to fp16 for its dots (as flash-attention does): where they pass 65504 (upstream gradients scaled by a large
 GradScaler factor onto large values) the gradients overflow to inf / NaN where the fp32 reference stays finite;
 GradScaler then skips the step and lowers its scale, and bf16 has no such limit. Scaled scores below -1e30 (base 2)
@@ -44,13 +49,17 @@ interpreter computes bf16 dots wrong.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from retrofit.functional import FUSED_MAX_HEAD_DIM  # noqa: F401  (kept importable from here)
+from retrofit.functional import (
+    FUSED_MAX_HEAD_DIM,  # noqa: F401  (kept importable from here)
+    _check_scale,
+)
 from retrofit.kernels.cross_fusion_triton import (  # noqa: F401  (the tests reach the autotune space through here)
     _DTYPES,
     _FP64_CONFIG,
@@ -238,6 +247,15 @@ def _launch(kernel, block: str, B: int, H: int, S: int, args: tuple, meta: dict,
     kernel.fn[(B * H, triton.cdiv(S, cfg.kwargs[block]), 2)](*args, **meta, **cfg.all_kwargs())
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream, whatever device the tensors are on: a
+    call with tensors on cuda:1 while cuda:0 is current ran on cuda:0 (an invalid-pointer error, or, with peer access,
+    cuda:1 memory read by a cuda:0 kernel on a stream unordered with cuda:1's work). Switch to the tensors' device."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _forward(qkv, res, km, st, res_st, scale):
     """Launch the forward kernel; returns new_i, new_t (B, S, H, Dh) and the log-sum-exp (2, B, H, S)."""
     q_t, k_i, v_i, q_i, k_t, v_t = qkv
@@ -249,8 +267,9 @@ def _forward(qkv, res, km, st, res_st, scale):
     lse = torch.empty((2, B, H, S), dtype=acc, device=q_t.device)  # base-2 log-sum-exp per query row
     args = (q_t, k_i, v_i, res_i, new_i, q_i, k_t, v_t, res_t, new_t, km, lse, B, H, S, scale * _LOG2E, *st,
             *res_st[0], *res_st[1])
-    _launch(_fwd_kernel, "BLOCK_M", B, H, S, args, _meta(q_t.dtype, Dh),
-            ("fwd", S, Dh, q_t.dtype, res_i.dtype, res_t.dtype))
+    with _on_device(q_t.device):
+        _launch(_fwd_kernel, "BLOCK_M", B, H, S, args, _meta(q_t.dtype, Dh),
+                ("fwd", S, Dh, q_t.dtype, res_i.dtype, res_t.dtype))
     return new_i, new_t, lse
 
 
@@ -265,10 +284,11 @@ def _backward(g_i, g_t, qkv, km, lse, st, scale):
     meta = _meta(q_t.dtype, Dh)
     key = (S, Dh, q_t.dtype, g_i.dtype, g_t.dtype)
     common = (km, lse, delta, B, H, S, scale, scale * _LOG2E, *st)
-    _launch(_bwd_dq_kernel, "BLOCK_M", B, H, S, (q_t, k_i, v_i, g_i, dq_t, q_i, k_t, v_t, g_t, dq_i, *common), meta,
-            ("dq",) + key)
-    _launch(_bwd_dkdv_kernel, "BLOCK_N", B, H, S,
-            (q_t, k_i, v_i, g_i, dk_i, dv_i, q_i, k_t, v_t, g_t, dk_t, dv_t, *common), meta, ("dkdv",) + key)
+    with _on_device(q_t.device):
+        _launch(_bwd_dq_kernel, "BLOCK_M", B, H, S, (q_t, k_i, v_i, g_i, dq_t, q_i, k_t, v_t, g_t, dq_i, *common),
+                meta, ("dq",) + key)
+        _launch(_bwd_dkdv_kernel, "BLOCK_N", B, H, S,
+                (q_t, k_i, v_i, g_i, dk_i, dv_i, q_i, k_t, v_t, g_t, dk_t, dv_t, *common), meta, ("dkdv",) + key)
     return dq_t, dk_i, dv_i, dq_i, dk_t, dv_t
 
 
@@ -343,14 +363,12 @@ def cross_fusion_attention_fused(
     Under ``torch.compile`` the call becomes the custom op ``torch.ops.retrofit.cross_fusion_fwd`` (see
     :mod:`retrofit.kernels.cross_fusion_op`): one node of the compiled graph, no graph break.
     """
+    scale = _check_scale(scale)  # (also while compiling: a tensor scale lost its gradient there, a NaN one passed)
     if torch.compiler.is_compiling():  # dynamo cannot trace the launcher; it keeps the custom op in its graph
-        scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
+        scale = q_t.shape[-1] ** -0.5 if scale is None else scale
         new_i, new_t, _ = torch.ops.retrofit.cross_fusion_fwd(q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t, key_mask,
                                                               scale)
         return new_i, new_t
-    from retrofit.functional import _check_scale
-
-    scale = _check_scale(scale)
     tensors = dict(zip(_NAMES, (q_t, k_i, v_i, q_i, k_t, v_t, res_i, res_t)))
     B, S, H, Dh = _check_inputs(tensors, key_mask)
     if B == 0:  # an empty batch (the PyTorch path takes it too): nothing to attend, the launch grid would be empty

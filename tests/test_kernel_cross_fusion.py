@@ -573,6 +573,42 @@ def test_under_torch_compile_bad_input_is_refused_at_compile_time():
         compiled(*xs, mask.float())
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_under_torch_compile_a_tensor_or_non_finite_scale_is_refused_as_in_eager(fullgraph):
+    """The compiled branch skipped _check_scale: a tensor scale's gradient was dropped silently (fullgraph=False) and
+    a NaN / inf scale gave NaN outputs, where eager raises."""
+    xs, mask = make_inputs(1, 3, 1, 16, torch.float32)
+    for scale, err in ((float("nan"), "scale must be finite"), (float("inf"), "scale must be finite"),
+                       (torch.tensor(0.3, requires_grad=True), "scale must be a Python number")):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *a, s=scale: fused(*a, scale=s), backend="aot_eager", fullgraph=fullgraph)
+        with pytest.raises(Exception, match=err):  # (fullgraph: dynamo's Unsupported, naming the error)
+            compiled(*xs, mask)
+
+
+def test_launches_switch_to_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: tensors on another GPU must switch to theirs (CPU-checkable part:
+    the guard's decision; the two-GPU test below runs it)."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: (entered.append(d), cf.contextlib.nullcontext())[1])
+    with cf._on_device(torch.device("cuda", 1)):
+        pass
+    with cf._on_device(torch.device("cuda", 0)), cf._on_device(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_tensors_on_a_device_that_is_not_current():
+    torch.cuda.set_device(0)
+    xs, mask = make_inputs(2, 9, 2, 32, torch.float16, device="cuda:1")
+    ker_out, ker_g = run(fused, xs, mask, [torch.randn(2, 9, 2, 32, device="cuda:1") for _ in range(2)])
+    assert all(t.device == torch.device("cuda", 1) for t in ker_out + ker_g)
+    check_against_fp64(xs, mask)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "head-views"])
 def test_a_batch_over_the_int32_offsets_is_run_in_slices(layout, monkeypatch):
     """A batch whose tensors span >= 2^31 elements was refused ("split the batch"); the eager call now launches
