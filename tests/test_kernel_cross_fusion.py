@@ -93,6 +93,20 @@ def test_head_dim_not_a_power_of_two():
     check_against_fp64(xs, mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_odd_heads_and_head_dim_with_a_lone_neighbour_past_the_first_key_block(dtype):
+    """H = 3, Dh = 5 (neither a power of two) and, in row 1, one valid neighbour in slot 37: the only key besides
+    the query lies past the first 32 keys, so the online softmax meets whole key blocks with nothing to attend before
+    it (row 0 keeps the random mask)."""
+    xs, mask = make_inputs(2, 40, 3, 5, dtype)
+    mask[1] = False
+    mask[1, 0] = mask[1, 37] = True
+    check_against_fp64(xs, mask)
+    solo = mask.clone()
+    solo[1, 0] = False  # the lone neighbour is the only key: the query slot itself masked
+    check_against_fp64(xs, solo)
+
+
 def test_fully_masked_rows_give_residual_and_zero_grads():
     xs, mask = make_inputs(3, 9, 2, 32, torch.float32, masked_rows=(1,))
     out, grads = check_against_fp64(xs, mask)
