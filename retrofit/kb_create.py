@@ -149,6 +149,9 @@ def create_atomically(cls: Any, path: Path, settings: dict[str, Any]) -> Any:
     open or resume; returns it open for writing at ``path``."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):  # (new_meta checks it too: before the tmp)
         raise KnowledgeBaseError(f"{path} already exists and is not an empty directory; pick a new path")
+    above = next((p for p in path.absolute().parents if p.exists()), None)  # (the error named the creating dir)
+    if above is not None and not above.is_dir():
+        raise KnowledgeBaseError(f"cannot create a knowledge base at {path}: {above} is a file, not a directory")
     tmp = creating_dir(path.absolute())
     try:
         try:

@@ -264,7 +264,7 @@ class KBSearchMixin:
         self._check_process()  # also: not closed
         m, st, wh = self._meta, self._state, getattr(self, "_wh", None)
         d = self.key_dim + self.image_dim + self.text_dim
-        raw = int(m["next_id"]) * d * self._rec.np_dtype.itemsize
+        raw = len(self) * d * self._rec.np_dtype.itemsize  # the live records' vectors (not deleted ids')
         rec_bytes = self._rec.disk_bytes()
         idx_bytes = 0
         for f in self.path.glob("index-*.faiss"):

@@ -966,6 +966,14 @@ def test_create_into_an_existing_empty_directory_keeps_its_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kb"]
 
 
+def test_create_under_a_file_names_the_file(tmp_path):
+    """A path under a file named the create's own working directory (".kb.creating.PID/records")."""
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(KnowledgeBaseError, match=r"photo.jpg is a file, not a directory"):
+        KnowledgeBase.create(tmp_path / "photo.jpg" / "sub" / "kb", DK, DI, DT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
 def test_closing_a_writer_releases_its_lock_while_a_forked_child_lives(tmp_path):
     """flock locks belong to the open file, which a forked child (a DataLoader worker) shares: close() only closed
     this process's descriptor, and the KB stayed locked for writing ("open for writing in this process" here, "in
