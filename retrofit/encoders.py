@@ -1,9 +1,9 @@
 """Image and text encoders for building knowledge bases, named by a spec string, each with a fingerprint.
 
-Image specs: ``timm:NAME[@WEIGHTS]``, ``torchvision:NAME[@WEIGHTS]``, ``open_clip:ARCH[@TAG_OR_PATH]``,
+Image specs: ``timm:NAME[@WEIGHTS]``, ``torchvision:NAME[@WEIGHTS]``, ``open_clip:ARCH@TAG_OR_PATH``,
 ``darknet-tiny[@SIZE]``; ``host_encoder(model)`` wraps the host classifier's own backbone so that KB keys
 match the model the head serves. Text specs: ``sentence-transformers:NAME_OR_PATH``, ``minilm`` (the
-offline all-MiniLM-L6-v2), ``open_clip:ARCH[@TAG_OR_PATH]`` (text tower).
+offline all-MiniLM-L6-v2), ``open_clip:ARCH@TAG_OR_PATH`` (text tower).
 
 ``WEIGHTS`` is a pretrained tag (downloaded from the hub), a local checkpoint path (always works offline),
 or ``random`` (seeded random init, for tests). Without ``@`` the family's default pretrained weights are
@@ -321,5 +321,5 @@ def load_text_encoder(spec: str, device: str | torch.device = "cpu") -> TextEnco
         enc = _open_clip_text(spec, name, weights)
     else:
         raise ValueError(f"unknown text encoder {spec!r}; allowed: sentence-transformers:NAME_OR_PATH, minilm, "
-                         "open_clip:ARCH[@TAG_OR_PATH]")
+                         "open_clip:ARCH@TAG_OR_PATH")
     return enc.to(device)

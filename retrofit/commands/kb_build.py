@@ -129,10 +129,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, add: bool = False) -> None:
     own = "the encoders the knowledge base was built with"  # kb add: None -> the specs recorded in the KB
     p.add_argument("--image-encoder", default=None if add else "darknet-tiny", metavar="SPEC",
-                   help="timm:NAME[@W], torchvision:NAME[@W], open_clip:ARCH[@TAG|PATH], darknet-tiny[@SIZE] "
+                   help="timm:NAME[@W], torchvision:NAME[@W], open_clip:ARCH@TAG|PATH, darknet-tiny[@SIZE] "
                         f"(default: {own if add else 'darknet-tiny'})")
     p.add_argument("--text-encoder", default=None if add else "minilm", metavar="SPEC",
-                   help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH[@TAG|PATH] "
+                   help="sentence-transformers:NAME_OR_PATH, minilm, open_clip:ARCH@TAG|PATH "
                         f"(default: {own if add else 'minilm'})")
     key_default = own if add else "the image encoder's vectors"
     p.add_argument("--key-encoder", default=None, metavar="SPEC",
