@@ -1,7 +1,7 @@
 """CIFAR-10-LT: the long-tail protocol over the offline CIFAR-10 webdataset shards.
 
-Protocol (LDAM-DRW / LIFT): with imbalance factor IF, class c keeps the first
-``floor(5000 * (1/IF) ** (c / 9))`` training images of that class in the original order (IF=100:
+Protocol (the counts of LDAM-DRW / LIFT): with imbalance factor IF, class c keeps the first
+``floor(5000 * (1/IF) ** (c / 9))`` training images of that class in the shards' order (IF=100:
 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 = 12,406 images). The training images not kept
 form a pool; ``val_per_class`` of them per class (fixed seed) are a balanced validation set, and the
 rest (about 37,400 at IF=100) extend the knowledge base (KB_ext). A class with fewer than
@@ -11,7 +11,10 @@ the training subset is 12,386 images, class 0 4,980 (its group, Many, is unchang
 Many > 1000, Medium 200-1000, Few < 200.
 
 Shards hold ``.jpg`` (32x32 JPEG), ``.cls`` (label) and, for training images, ``.txt`` (a web-like
-caption) per key ``train_NNNNN`` / ``test_NNNNN`` (NNNNN = original index).
+caption) per key ``train_NNNNN`` / ``test_NNNNN`` (NNNNN = index in the shards). The offline training shards are
+sorted by class (keys 0-4999 class 0, ...), not in CIFAR-10's original order, so "the first n of a class" is the
+first n of the source's per-class file order; LDAM-DRW itself takes a seeded random n per class (np.random.shuffle):
+the same counts, other images.
 """
 
 from __future__ import annotations

@@ -95,6 +95,21 @@ class DemoData:
             self._digests[name] = hashlib.sha1(self.kb(name).labels().numpy().tobytes()).hexdigest()[:16]
         return self._digests[name]
 
+    def features_digest(self, kb: str, noisy: bool = False) -> str:
+        """sha256 (16 hex digits) of what a head trained with ``kb`` reads: the long-tail images' features, labels,
+        cross-fitted host logits, self-exclusions and retrieved neighbours (:meth:`train_features`), so that a head
+        cached from other neighbours (retrieval or exclusion code changed) or other host logits is not reused."""
+        name = f"features:{kb}:{noisy}"
+        if name not in self._digests:
+            import hashlib
+
+            fs, h = self.train_features(kb, noisy=noisy), hashlib.sha256()
+            for t in (fs.z, fs.labels, fs.host_logits, fs.exclude, fs.neighbor_ids, fs.neighbor_scores,
+                      fs.neighbor_labels):
+                h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+            self._digests[name] = h.hexdigest()[:16]
+        return self._digests[name]
+
     def portable(self) -> DemoData:
         """A copy for another process (pickled): the tensors and the features retrieved so far, without the opened
         knowledge bases (the copy opens its own, read-only, when asked)."""
@@ -183,6 +198,42 @@ def _same_index(a: Any, b: Any) -> bool:
     return torch.equal(a.vectors(ids, "key"), b.vectors(ids, "key"))
 
 
+def _record_indices(kb: Any) -> list[int]:
+    """The CIFAR-10 training index of each record of ``kb`` (from its source, ``.../train_NNNNN|sha1:...``), in id
+    order; -1 where a source names none."""
+    import re
+
+    out = []
+    for r in kb.get(torch.arange(len(kb))):
+        m = re.search(r"train_(\d+)", r["source"] or "")
+        out.append(int(m.group(1)) if m else -1)
+    return out
+
+
+def _labels_are(path: Path, labels: np.ndarray) -> bool:
+    """Whether the knowledge base at ``path`` holds exactly ``labels`` (in id order)."""
+    from retrofit.knowledge_base import KnowledgeBase
+
+    with KnowledgeBase.open(path) as kb:
+        return len(kb) == len(labels) and np.array_equal(kb.labels().numpy(), labels)
+
+
+def _tensor_digest(t: torch.Tensor) -> torch.Tensor:
+    """sha256 of a tensor's bytes as a (32,) uint8 tensor (storable next to it in a safetensors file)."""
+    import hashlib
+
+    return torch.frombuffer(bytearray(hashlib.sha256(t.contiguous().numpy().tobytes()).digest()), dtype=torch.uint8)
+
+
+def _probe_code_digest() -> str:
+    """The first 8 hex digits of the sha256 of :mod:`retrofit.linear_probe`'s source (what fits the host logits)."""
+    import hashlib
+
+    from retrofit import linear_probe
+
+    return hashlib.sha256(Path(linear_probe.__file__).read_bytes()).hexdigest()[:8]
+
+
 def data_key(cfg: Any, n_train: int, n_test: int) -> str:
     """The cache entry of the data setting of ``cfg`` (split, encoders, prompt, label noise) over ``n_train`` /
     ``n_test`` images. Numbers as floats: ``imbalance_factor=10`` and ``10.0`` are one setting, one entry."""
@@ -259,26 +310,39 @@ def prepare(cfg: Any) -> DemoData:
     from retrofit.knowledge_base import KnowledgeBase
 
     with KnowledgeBase.open(root / "kb_in") as kb_in:
-        if len(kb_in) != len(split.lt) or not np.array_equal(kb_in.labels().numpy(), y_train[split.lt]):
+        if (len(kb_in) != len(split.lt) or not np.array_equal(kb_in.labels().numpy(), y_train[split.lt])
+                or _record_indices(kb_in) != split.lt.tolist()):  # (labels alone: the shards are sorted by class,
+            # so another choice of images within each class, e.g. by changed split code, matched them)
             raise RuntimeError(f"{root / 'kb_in'} does not match the long-tail split; delete {root} and re-run")
         tensors["z_lt"] = kb_in.vectors(torch.arange(len(split.lt)), "image")  # (N_lt, D) as stored
-        if not _done(root / "kb_in_noisy"):
+        if not _done(root / "kb_in_noisy") or not _labels_are(root / "kb_in_noisy", noisy):
+            # (a cached twin made by other noise code under the same data key: its labels no longer the run's)
             _noisy_kb(kb_in, root / "kb_in_noisy", noisy, y_train[split.lt])
     set_whitening(root / "kb_in_noisy", cfg.whiten_in)
+    idx_val = torch.from_numpy(split.val.astype(np.int64))
+    if "idx_val" not in tensors or not torch.equal(tensors["idx_val"], idx_val):  # (embedded for other images)
+        tensors.pop("z_val", None)
     for part, refs in (("val", [train_src.refs[i] for i in split.val]), ("test", test_src.refs)):
         if f"z_{part}" not in tensors:
             z = _encode(refs, enc.image, progress=cfg.progress)
             tensors[f"z_{part}"] = z.half().float()  # rounded as the KB stores vectors (float16)
-            _save_atomic({k: tensors[k].contiguous() for k in ("z_val", "z_test") if k in tensors}, feat_path)
+            tensors["idx_val"] = idx_val
+            _save_atomic({k: tensors[k].contiguous() for k in ("z_val", "z_test", "idx_val") if k in tensors},
+                         feat_path)
     times["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     # host logits depend on the probe's wd and, for the training images, on the folds of cross_fit_logits
     # ("-f2": classes spread over the folds from where the previous class stopped; the earlier files started at 0;
     # "-p2": probes fitted to convergence in standardised coordinates, the earlier ones stopped at 100 iterations)
-    host_path = root / f"host-wd{cfg.host_weight_decay:g}-f2-p2.safetensors"
+    # ("-c<digest>": the probe's code; the labels and the features each probe was fitted on are stored with its
+    # logits and compared, so that other noise / split code under the same data key refits instead of reusing them)
+    host_path = root / f"host-wd{cfg.host_weight_decay:g}-f2-p2-c{_probe_code_digest()}.safetensors"
     host = _load_or_empty(host_path)
+    z_digest = _tensor_digest(tensors["z_lt"])
     for tag, y in (("", y_train[split.lt]), ("_noisy", noisy)):
-        if f"host{tag}_lt" in host:
+        fitted = host.get(f"fit{tag}_labels"), host.get(f"fit{tag}_z")
+        if (f"host{tag}_lt" in host and fitted[0] is not None and torch.equal(fitted[0], torch.from_numpy(y))
+                and fitted[1] is not None and torch.equal(fitted[1], z_digest)):
             continue
         yl = torch.from_numpy(y)
         probe = fit_linear_probe(tensors["z_lt"], yl, len(names), weight_decay=cfg.host_weight_decay)
@@ -287,8 +351,9 @@ def prepare(cfg: Any) -> DemoData:
                 host[f"host{tag}_{part}"] = probe(tensors[f"z_{part}"]).float()
         host[f"host{tag}_lt"] = cross_fit_logits(tensors["z_lt"], yl, len(names), folds=5,
                                                  weight_decay=cfg.host_weight_decay)
+        host[f"fit{tag}_labels"], host[f"fit{tag}_z"] = yl.clone(), z_digest.clone()
         _save_atomic({k: v.contiguous() for k, v in host.items()}, host_path)
-    tensors.update(host)
+    tensors.update({k: v for k, v in host.items() if k.startswith("host")})
     times["host"] = time.perf_counter() - t
     log.info("prepared in %s", {k: round(v, 1) for k, v in times.items()})
     return DemoData(split=split, class_names=names, train_labels=y_train, test_labels=y_test, noisy_lt_labels=noisy,

@@ -128,7 +128,9 @@ _TRAINING_CODE = ("head", "head_config", "head_checks", "fusion", "functional", 
 def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modalities: str, noisy: bool,
                     shift: torch.Tensor | None, vote: bool) -> Path:
     """Where the head trained from exactly these inputs lives: the key covers the data setting, the KB (its name
-    and a digest of its labels, so a relabelled KB gets new heads), every training setting, the seed, the
+    and a digest of its labels, so a relabelled KB gets new heads), a digest of the training features it reads
+    (neighbours, self-exclusions, host logits: :meth:`DemoData.features_digest`, so that a change to the retrieval
+    or the exclusion, code outside the modules below, trains anew), every training setting, the seed, the
     host-logit shift and the source of the modules that training runs."""
     import hashlib
     import importlib
@@ -147,6 +149,7 @@ def head_cache_dir(cfg: DemoConfig, data: DemoData, kb: str, seed: int, modaliti
     if whiten:  # (absent at 0: heads cached before the option keep their keys)
         settings["whiten"] = whiten
     key = cache_key({"settings": settings, "kb": kb, "kb_labels": data.kb_digest(kb), "seed": seed,
+                     "inputs": data.features_digest(kb, noisy),  # the features and neighbours it trains on
                      "modalities": modalities, "noisy": noisy,
                      "vote": vote, "shift": None if shift is None else [round(float(x), 6) for x in shift],
                      "version": __version__, "code": code.hexdigest()})

@@ -229,7 +229,8 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
     from retrofit.demo import DemoConfig
     from retrofit.demo_heads import head_cache_dir
 
-    data = SimpleNamespace(root=tmp_path, kb_digest=lambda kb: f"labels-of-{kb}")  # the cache root, KB digests
+    data = SimpleNamespace(root=tmp_path, kb_digest=lambda kb: f"labels-of-{kb}",  # the cache root, KB digests
+                           features_digest=lambda kb, noisy: f"features-of-{kb}-{noisy}")
     cfg = DemoConfig()
     shift = torch.tensor([0.1, -2.0])
     base = head_cache_dir(cfg, data, "in", 0, "image+text", False, shift, True)
@@ -244,8 +245,12 @@ def test_head_cache_key_covers_the_training_inputs(tmp_path):
               head_cache_dir(DemoConfig(epochs=11), data, "in", 0, "image+text", False, shift, True),
               head_cache_dir(DemoConfig(k=8), data, "in", 0, "image+text", False, shift, True),
               head_cache_dir(DemoConfig(whiten_in=0.1), data, "in", 0, "image+text", False, shift, True),
-              head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: "relabelled"), "in", 0,
-                             "image+text", False, shift, True)]  # same KB name, other labels
+              head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: "relabelled",
+                                                  features_digest=data.features_digest), "in", 0,
+                             "image+text", False, shift, True),  # same KB name, other labels
+              head_cache_dir(cfg, SimpleNamespace(root=tmp_path, kb_digest=lambda kb: f"labels-of-{kb}",
+                                                  features_digest=lambda kb, noisy: "other neighbours"),
+                             "in", 0, "image+text", False, shift, True)]  # same KB, other training neighbours
     assert len({base, *others}) == 1 + len(others)
     # a KB's whitening keys the heads trained on that KB only (neighbours differ), and 0 keeps the older keys
     ext = head_cache_dir(cfg, data, "ext", 0, "image+text", False, shift, True)

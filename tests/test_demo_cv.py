@@ -170,3 +170,37 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
         data.close()
     with pytest.raises(SystemExit):
         ex.parse_args(["--kbs", "both"])
+
+
+def test_the_out_of_fold_choice_example_small(mini_data, tmp_path):
+    """examples/cifar10_lt_oof_choice.py: the choice is one of the demo's grids, and the test figure is the demo's
+    head scored with it."""
+    from retrofit.demo_heads import head_logits
+    from retrofit.demo_pool import host_shifts
+    from retrofit.demo_rules import top1
+    from retrofit.demo_train import train_head
+
+    spec = importlib.util.spec_from_file_location("oof", EXAMPLE.with_name("cifar10_lt_oof_choice.py"))
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    args = ex.parse_args(["--kbs", "ext", "--seeds", "1", "--folds", "2", "--cache-dir", str(tmp_path / "cache"),
+                          "--results-dir", str(tmp_path / "results")])
+    settings = {**mini_settings(mini_data), "vote_scales": (0.5, 1.0, 4.0), "vote_temperatures": (0.1,)}
+    doc = ex.run(args, **settings)
+    assert json.loads((tmp_path / "results" / "cifar10_lt_oof_choice.json").read_text()) == json.loads(json.dumps(doc))
+    (r,) = doc["kbs"]["ext"]["6"]["seeds"]
+    cfg = _cfg(mini_data, tmp_path, **settings)
+    assert r["temperature"] in ("trained", 0.1) and r["vote_scale"] in cfg.vote_scales and r["adjustment"] in cfg.posthoc
+    assert ex.table(doc).splitlines()[2].startswith(f"| 6 | {100 * r['test_top1']:.2f} |")
+    data = prepare(cfg)
+    try:
+        shift = host_shifts(cfg, data)[False]
+        head, info = train_head(cfg, data, "ext", 0, shift=shift)
+        assert info["reused"]  # the head the example scored: the demo's, from the cache
+        if r["temperature"] != "trained":
+            head.vote.set_temperature(r["temperature"])
+        head.vote.set_scale(r["vote_scale"])
+        test = head_logits(head, data, "ext", "test", False, shift)
+        assert r["test_top1"] == pytest.approx(top1(test - r["adjustment"] * data.log_prior(), data.labels("test")))
+    finally:
+        data.close()

@@ -268,3 +268,33 @@ def test_the_noisy_kb_reuses_kb_ins_neighbours_only_while_it_searches_alike(mini
     with KnowledgeBase.open(root / "kb_in") as a, KnowledgeBase.open(root / "kb_in_noisy") as b, \
             KnowledgeBase.open(root / "kb_ext") as c:
         assert not _same_index(a, b) and not _same_index(a, c) and _same_index(a, a)
+
+
+def test_cached_noisy_kb_and_host_logits_follow_the_runs_labels(mini_data, tmp_path, monkeypatch):
+    """The data key names the noise rate and seed, not the noise code: when that code changes, the cached noisy KB
+    and the host logits fitted on the old noisy labels are rebuilt, not reused with the new labels (audit)."""
+    import torch
+
+    import retrofit.noise as noise
+    from retrofit.demo_data import prepare
+    from retrofit.linear_probe import fit_linear_probe
+
+    cfg = _config(mini_data, tmp_path, seeds=1, rows=("1", "2", "8h"))
+    first = prepare(cfg)
+    old = first.noisy_lt_labels.copy()
+    first.close()
+
+    def other_noise(labels, rate, num_classes, seed=0):  # e.g. symmetric over all classes: other labels
+        return (labels + 1) % num_classes, torch.ones_like(labels, dtype=torch.bool)
+
+    monkeypatch.setattr(noise, "symmetric_noise", other_noise)
+    data = prepare(cfg)
+    try:
+        assert not np.array_equal(data.noisy_lt_labels, old)
+        assert np.array_equal(data.kb("in_noisy").labels().numpy(), data.noisy_lt_labels)
+        probe = fit_linear_probe(data.tensors["z_lt"], torch.from_numpy(data.noisy_lt_labels), data.num_classes,
+                                 weight_decay=cfg.host_weight_decay)
+        with torch.no_grad():
+            assert torch.allclose(probe(data.tensors["z_test"]), data.host_logits("test", noisy=True), atol=1e-5)
+    finally:
+        data.close()
