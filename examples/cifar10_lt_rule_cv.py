@@ -2,13 +2,16 @@
 
     python examples/cifar10_lt_rule_cv.py                # KB_in heads (rows 4, 5), KB_ext heads (row 6), 3 seeds
     python examples/cifar10_lt_rule_cv.py --kbs in --seeds 1
+    python examples/cifar10_lt_rule_cv.py --metrics balanced,balanced_nll   # also choices by log-likelihood
 
 For each fold, a head trained on the other four folds makes the demo's choices on the images it trained on (vote
 temperature and scale by ``rule``, then the post-hoc adjustment) and scores the held-out fold; the figure is the
 out-of-fold balanced top-1 each rule leads to (retrofit.demo_cv.cross_validate_rules). ``best`` takes the best score,
 ``one_se`` the candidate nearest the trained vote within one paired standard error of it
-(retrofit.calibration.choose_vote_scale). This chose `DemoConfig.vote_rule`. Uses the demo's cache (run
-`make demo` first, or it prepares the data). Writes results/cifar10_lt_rule_cv.json; ~20 minutes on 2 cores.
+(retrofit.calibration.choose_vote_scale); with ``--metrics``, the choice scores each candidate by balanced top-1
+and / or by class-balanced log-likelihood (rows ``<rule>/balanced_nll``). This chose `DemoConfig.vote_rule`. Uses
+the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_rule_cv.json; ~10
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -29,20 +32,31 @@ from retrofit.demo_cv import (
 SETTINGS = {"in": ["in", "ext"], "ext": ["ext"]}
 
 
+METRICS = ("balanced", "balanced_nll")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return checked_cv_arguments(cv_arguments(__doc__.splitlines()[0]), argv)
+    ap = cv_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--metrics", default="balanced",
+                    help="what the choice scores, comma-separated: balanced (balanced top-1, the demo's), "
+                         "balanced_nll (class-balanced log-likelihood); each with each rule (default balanced)")
+    args = checked_cv_arguments(ap, argv)
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not args.metrics or set(args.metrics) - set(METRICS):
+        ap.error(f"--metrics: expected some of {', '.join(METRICS)}, got {args.metrics}")
+    return args
 
 
 def run(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
     """The nested cross-validation for every KB in ``args.kbs`` (``settings``: other DemoConfig fields)."""
     return run_cv(args, "cifar10_lt_rule_cv",
                   lambda cfg, data, kb: cross_validate_rules(cfg, data, kb, SETTINGS[kb], seeds=range(args.seeds),
-                                                             folds=args.folds),
+                                                             folds=args.folds, metrics=args.metrics),
                   **{"progress": False, **settings})
 
 
 def table(doc: dict[str, Any]) -> str:
-    lines = ["| head trained with | scored with | rule | out-of-fold balanced top-1 (%) | per seed |",
+    lines = ["| head trained with | scored with | rule (/ metric) | out-of-fold balanced top-1 (%) | per seed |",
              "|---|---|---|---:|---|"]
     for kb, by_eval in doc["kbs"].items():
         for e, by_rule in by_eval.items():

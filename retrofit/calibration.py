@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_SCALES", "VoteScaleChoice", "choose_vote_scale", "logits_by_vote_scale", "nearness_to_one",
-           "one_se_choice", "paired_standard_error", "score_logits"]
+           "one_se_choice", "paired_standard_error", "per_sample_scores", "score_logits"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
-METRICS = ("top1", "balanced")
+METRICS = ("top1", "balanced", "balanced_nll")
+LOG_LIK_FLOOR = -100.0  # a sample's log-likelihood is clipped here (a label its logits mask with -inf counts as this)
 RULES = ("best", "one_se")
 
 
@@ -38,7 +39,7 @@ class VoteScaleChoice:
     """What :func:`choose_vote_scale` found."""
 
     scale: float  # the chosen multiplier (apply with head.vote.set_scale)
-    metric: str  # "top1" or "balanced" (mean per-class top-1)
+    metric: str  # "top1", "balanced" (mean per-class top-1) or "balanced_nll" (mean per-class log-likelihood)
     scores: dict[float, float] = field(default_factory=dict)  # metric of every candidate scale
     trained_weight: float = 0.0  # the head's learned vote weight beta (what the scale multiplies; "mix": a)
     n: int = 0  # labelled samples it was chosen on
@@ -182,14 +183,27 @@ def _cached_width(head: nn.Module, features: Any, predict_kw: dict[str, Any]) ->
 
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
-    """Top-1 of (N, C) ``logits`` (``metric="top1"``) or its mean over the classes present (``"balanced"``)."""
+    """Top-1 of (N, C) ``logits`` (``metric="top1"``), its mean over the classes present (``"balanced"``), or the
+    mean over the classes present of the mean log-likelihood of the label under ``softmax(logits)``
+    (``"balanced_nll"``: minus the class-balanced NLL, so that higher is better, as for the other two)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return _score_hits((logits.argmax(1) == labels).double(), labels, metric)
+    return _score_hits(per_sample_scores(logits, labels, metric), labels, metric)
+
+
+def per_sample_scores(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N,) float64 per-sample values that ``metric`` averages: 1.0 / 0.0 for a right / wrong top-1 ("top1",
+    "balanced"), the label's log-probability under ``softmax(logits)`` ("balanced_nll"; clipped at
+    ``LOG_LIK_FLOOR``)."""
+    if metric != "balanced_nll":
+        return (logits.argmax(1) == labels).double()
+    ll = torch.log_softmax(logits.double(), 1).gather(1, labels.view(-1, 1).long()).squeeze(1)
+    return ll.nan_to_num(nan=LOG_LIK_FLOOR).clamp_min(LOG_LIK_FLOOR)
 
 
 def _score_hits(hit: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
-    """The mean of (N,) per-sample values ``hit`` (``"top1"``), or the mean of its per-class means (``"balanced"``)."""
+    """The mean of (N,) per-sample values ``hit`` (``"top1"``), or the mean of its per-class means (``"balanced"``,
+    ``"balanced_nll"``)."""
     if metric == "top1":
         return float(hit.mean())
     return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
@@ -197,9 +211,9 @@ def _score_hits(hit: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
 
 def paired_standard_error(diff: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
     """The standard error of ``metric``'s difference between two predictors scored on the same samples, from
-    their (N,) per-sample hit differences ``diff`` (in {-1, 0, 1}): pairing removes the samples both get right or
-    both get wrong. ``"balanced"`` adds each class's variance of the mean over its samples, weighted
-    ``1 / classes**2``; a class with one sample adds none."""
+    their (N,) per-sample differences ``diff`` (of hits, in {-1, 0, 1}, or of log-likelihoods): pairing removes
+    the samples both get right or both get wrong. ``"balanced"`` / ``"balanced_nll"`` add each class's variance
+    of the mean over its samples, weighted ``1 / classes**2``; a class with one sample adds none."""
     diff = diff.double()
     if metric == "top1":
         return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
@@ -256,7 +270,9 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     """The multiplier of the head's learned vote weight (``LabelVote.set_scale``; a ``vote_form="mix"`` vote: of
     the odds of its mixing weight) with the best ``metric`` on
     labelled ``features`` (a FeatureSet with labels >= 0: validation data, never the test set), ties broken
-    towards 1 (the trained vote).
+    towards 1 (the trained vote). ``metric``: ``"top1"``, ``"balanced"`` (top-1 averaged over the classes) or
+    ``"balanced_nll"`` (the label's log-likelihood averaged over the classes: a proper score, smoother than top-1
+    over a grid of close candidates; :func:`score_logits`).
 
     ``temperatures``: also choose the vote's softmax temperature (``LabelVote.set_temperature``) among these and
     the trained one, jointly with the scale (ties: the scale nearest 1, then the trained temperature, then the
@@ -299,7 +315,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     trained = logit if form == "log" else _sigmoid(logit)
     trained_t = vote.temperature
     kept_t = vote.log_temperature.detach().clone()
-    hits: dict[tuple[float, float], torch.Tensor] = {}  # (temperature, scale) -> (N,) 1.0 where top-1 is right
+    hits: dict[tuple[float, float], torch.Tensor] = {}  # (temperature, scale) -> (N,) per_sample_scores
     # a candidate equal to the trained temperature up to its float32 storage (0.05 reads back as 0.0499999970) is it
     temps = [t for t in temps if abs(t - trained_t) > 1e-6 * trained_t]
     # a mix vote over cached neighbours: one pass of the head, then each temperature's vote from the neighbours'
@@ -320,7 +336,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
                 logits = _mixed(vote, base, _cached_vote_log_probs(served, features, cached_k), cand)
             else:
                 logits = logits_by_vote_scale(head, features, cand, store, **predict_kw)
-            hits.update({(t, s): (lg.argmax(1) == labels).double() for s, lg in logits.items()})
+            hits.update({(t, s): per_sample_scores(lg, labels, metric) for s, lg in logits.items()})
             with torch.no_grad():
                 vote.log_temperature.copy_(kept_t)
     finally:

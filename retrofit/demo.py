@@ -141,6 +141,8 @@ class DemoConfig:
     # of the best). Nested 5-fold CV on the long-tail images (examples/cifar10_lt_rule_cv.py, 3 seeds) favours
     # "best" in all three settings: heads on KB_in scored on KB_in 66.22 vs 66.03, moved to KB_ext 71.68 vs 71.41,
     # heads on KB_ext 71.56 vs 71.38 (out-of-fold balanced top-1). 23 Nov; "one_se" had been tried on test first.
+    # Scoring the candidates by class-balanced log-likelihood instead lost there too (65.38 / 71.16 / 71.26 with
+    # "best"; 24 Nov, `--metrics balanced,balanced_nll`): the scale is chosen on balanced top-1.
     vote_rule: str = "best"
     # Where the post-hoc adjustment of the rows trained on clean labels (4-7) is chosen: "train" (balanced top-1 on
     # the long-tail training images, after the vote scale; needs vote_scale_on="train") or "val" (the 200

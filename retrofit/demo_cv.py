@@ -138,13 +138,15 @@ def cross_validate_epochs(cfg: DemoConfig, data: DemoData, kb: str, eval_kb: str
 
 def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Sequence[str] | None = None,
                          rules: Sequence[str] = ("best", "one_se"), seeds: Sequence[int] = (0,),
-                         folds: int = 5) -> dict[str, dict[str, Any]]:
+                         folds: int = 5, metrics: Sequence[str] = ("balanced",)) -> dict[str, dict[str, Any]]:
     """Nested cross-validation of the demo's vote choice (:func:`retrofit.calibration.choose_vote_scale`'s
     ``rule``): for each fold a head trained on the other folds (``cfg``'s epochs for ``kb``) makes the demo's
     choices on the images it trained on (vote temperature and scale by ``rule`` on balanced top-1, then the
     post-hoc adjustment), as the demo does on the whole long-tail set, and is scored on the held-out fold: the
     out-of-fold balanced top-1 each rule leads to, per evaluation KB in ``eval_kbs`` (default ``kb``; the head is
-    attached to each, as row 5 moves row 4's head). Returns ``{eval_kb: {rule: {"balanced_top1", "seeds"}}}``."""
+    attached to each, as row 5 moves row 4's head). ``metrics``: what the choice scores (``choose_vote_scale``'s
+    ``metric``; each with each rule); the figure is balanced top-1 whatever the metric. Returns ``{eval_kb: {name:
+    {"balanced_top1", "seeds"}}}``, ``name`` the rule for ``"balanced"``, else ``"<rule>/<metric>"``."""
     from retrofit.calibration import choose_vote_scale
     from retrofit.demo_rules import balanced_adjustment, balanced_top1
     from retrofit.training import predict_logits
@@ -156,7 +158,8 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     labels = fs.labels
     fold = fold_of_each(labels, folds)
     # eval_kb -> rule -> seed -> (N, C) out-of-fold logits at each fold's choices
-    oof = {e: {r: {s: torch.zeros(len(fs), data.num_classes) for s in seeds} for r in rules} for e in eval_kbs}
+    ways = [(r, m, r if m == "balanced" else f"{r}/{m}") for m in metrics for r in rules]  # (rule, metric, name)
+    oof = {e: {n: {s: torch.zeros(len(fs), data.num_classes) for s in seeds} for _, _, n in ways} for e in eval_kbs}
     picks: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     heads = fold_heads(cfg, data, kb, [(head_epochs(cfg, kb), seed) for seed in seeds], folds=folds, shift=shift)
     for seed in seeds:
@@ -169,15 +172,15 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
                 if head.store is not store:
                     head.attach(store)
                 fe = fs if e == kb else shifted(data.train_features(e), shift)
-                for rule in rules:
+                for rule, metric, name in ways:
                     c = choose_vote_scale(head, fe.subset(fit), store, scales=cfg.vote_scales,
-                                          temperatures=cfg.vote_temperatures or None, metric="balanced", rule=rule,
+                                          temperatures=cfg.vote_temperatures or None, metric=metric, rule=rule,
                                           apply=True, device="cpu")
                     on_fit = predict_logits(head, fe.subset(fit), store, device="cpu")["logits"]
                     adj = balanced_adjustment(on_fit, labels[fit], lp, cfg.posthoc)
                     on_held = predict_logits(head, fe.subset(held), store, device="cpu")["logits"]
-                    oof[e][rule][seed][held] = on_held - adj * lp
-                    picks.setdefault((e, rule, seed), []).append((c.temperature, c.scale, adj))
+                    oof[e][name][seed][held] = on_held - adj * lp
+                    picks.setdefault((e, name, seed), []).append((c.temperature, c.scale, adj))
                     head.vote.set_scale(1.0)
                     head.vote.set_temperature(trained_t)
             log.info("rule CV %s, seed %d: fold %d/%d scored in %.1f s", kb, seed, f + 1, folds,
@@ -185,10 +188,10 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     out: dict[str, dict[str, Any]] = {}
     for e in eval_kbs:
         out[e] = {}
-        for rule in rules:
-            per_seed = [{"seed": s, "balanced_top1": balanced_top1(oof[e][rule][s], labels),
-                         "choices": [list(p) for p in picks[(e, rule, s)]]} for s in seeds]
-            out[e][rule] = {"balanced_top1": sum(r["balanced_top1"] for r in per_seed) / len(per_seed),
+        for _, _, name in ways:
+            per_seed = [{"seed": s, "balanced_top1": balanced_top1(oof[e][name][s], labels),
+                         "choices": [list(p) for p in picks[(e, name, s)]]} for s in seeds]
+            out[e][name] = {"balanced_top1": sum(r["balanced_top1"] for r in per_seed) / len(per_seed),
                             "seeds": per_seed}
     return out
 

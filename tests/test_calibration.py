@@ -79,6 +79,15 @@ def test_choose_vote_scale_finds_the_informative_vote(setting):
     assert score_logits(predict_logits(head, fs, kb, device="cpu")["logits"], fs.labels, "balanced") == \
         pytest.approx(applied.scores[applied.scale])
 
+    by_ll = choose_vote_scale(head, fs, kb, scales=(0.0, 1.0, 4.0, 16.0), metric="balanced_nll", apply=False,
+                              device="cpu")
+    assert by_ll.metric == "balanced_nll"
+    for scale, score in by_ll.scores.items():  # each candidate's score is the log-likelihood of its own logits
+        head.vote.set_scale(scale)
+        assert score_logits(predict_logits(head, fs, kb, device="cpu")["logits"], fs.labels, "balanced_nll") == \
+            pytest.approx(score, rel=1e-5)
+    assert by_ll.scores[by_ll.scale] == max(by_ll.scores.values()) and by_ll.scores[16.0] < 0
+
 
 def test_choose_vote_scale_refuses_bad_input_and_changes_nothing(setting):
     head, fs, kb = setting
@@ -116,6 +125,23 @@ def test_score_logits():
     assert score_logits(logits, labels, "balanced") == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="metric"):
         score_logits(logits, labels, "macro")
+
+
+def test_balanced_nll_is_the_class_mean_of_log_likelihoods_by_hand():
+    import math
+
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 0.0], [0.0, float("-inf")]])
+    labels = torch.tensor([0, 1, 1, 1])
+    ll_right = math.log(1 / (1 + math.exp(-2)))  # log softmax of 2 against 0
+    ll_wrong = math.log(1 / (1 + math.exp(2)))
+    per_class_1 = (ll_wrong + math.log(0.5) + -100.0) / 3  # a label its logits mask counts as the floor, -100
+    assert score_logits(logits, labels, "balanced_nll") == pytest.approx((ll_right + per_class_1) / 2)
+    # a scale-free change of the logits (adding a constant per row) leaves it as it is; sharper right logits raise it
+    assert score_logits(logits + torch.tensor([[3.0], [1.0], [-2.0], [0.0]]), labels, "balanced_nll") == \
+        pytest.approx((ll_right + per_class_1) / 2)
+    sharper = logits.clone()
+    sharper[0] = torch.tensor([5.0, 0.0])
+    assert score_logits(sharper, labels, "balanced_nll") > score_logits(logits, labels, "balanced_nll")
 
 
 def test_a_negative_trained_vote_weight_is_flagged(setting, caplog):

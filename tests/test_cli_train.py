@@ -314,6 +314,19 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
     assert one["best_by_score"][1] == cal["scale"]
     assert one["scores"][str(one["scale"])] >= best - one["standard_error"] - 1e-12
     assert abs(math.log(one["scale"])) <= abs(math.log(cal["scale"])) if one["scale"] > 0 else cal["scale"] == 0
+    # --metric balanced_nll: minus the class-balanced NLL (the classes are balanced here: eval's NLL), no percent
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,3", "--quiet", "--json",
+                 "--metric", "balanced_nll"]) == 0
+    by_ll = json.loads(capsys.readouterr().out)
+    assert by_ll["metric"] == "balanced_nll" and by_ll["scores"][str(by_ll["scale"])] == max(by_ll["scores"].values())
+    assert main(["eval", "--run", str(out), "--data", val, "--cutoffs", "20,5", "--quiet", "--json",
+                 "--out", str(tmp_path / "eval-3"), "--vote-scale", "3"]) == 0
+    assert by_ll["scores"]["3.0"] == pytest.approx(-json.loads(capsys.readouterr().out)["retrofitted"]["nll"],
+                                                   rel=1e-4)
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,3", "--quiet",
+                 "--metric", "balanced_nll"]) == 0
+    shown = capsys.readouterr().out
+    assert "balanced log-likelihood on" in shown and f"| {by_ll['scores']['3.0']:.4f}" in shown and "%" not in shown
     with pytest.raises(SystemExit):
         main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--rule", "widest"])
     err = capsys.readouterr().err

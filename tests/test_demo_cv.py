@@ -135,14 +135,15 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     args = ex.parse_args(["--kbs", "in", "--seeds", "1", "--folds", "2", "--cache-dir", str(tmp_path / "cache"),
-                          "--results-dir", str(tmp_path / "results")])
+                          "--results-dir", str(tmp_path / "results"), "--metrics", "balanced,balanced_nll"])
     settings = {**mini_settings(mini_data), "epochs": 2, "vote_scales": (0.5, 1.0, 4.0), "vote_temperatures": (0.1,)}
     doc = ex.run(args, **settings)
     assert json.loads((tmp_path / "results" / "cifar10_lt_rule_cv.json").read_text()) == json.loads(json.dumps(doc))
     res = doc["kbs"]["in"]
-    assert set(res) == {"in", "ext"} and all(set(r) == {"best", "one_se"} for r in res.values())
+    names = {"best", "one_se", "best/balanced_nll", "one_se/balanced_nll"}
+    assert set(res) == {"in", "ext"} and all(set(r) == names for r in res.values())
     lines = ex.table(doc).splitlines()
-    assert len(lines) == 2 + 4 and "| KB_in | KB_ext | one_se |" in lines[-1]
+    assert len(lines) == 2 + 8 and "| KB_in | KB_ext | one_se/balanced_nll |" in lines[-1]
     # fold 0 of the KB_in setting by hand: a head trained on fold 1, the best-scoring choice made on fold 1, the
     # adjustment on fold 1, scored on fold 0; the reported figure is balanced top-1 over both folds done so
     cfg = _cfg(mini_data, tmp_path, **settings)
@@ -154,6 +155,7 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
         fs = shifted(data.train_features("in"), shift)
         fold = fold_of_each(fs.labels, 2)
         logits = torch.zeros(len(fs), data.num_classes)
+        by_ll = torch.zeros(len(fs), data.num_classes)
         for f in (0, 1):
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
             with one_thread():
@@ -165,11 +167,22 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
             a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
             assert res["in"]["best"]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
             logits[held] = predict_logits(head, fs.subset(held), data.kb("in"), device="cpu")["logits"] - a * lp
+            head.vote.set_scale(1.0)  # the same head, its choice made by log-likelihood
+            head.vote.set_temperature(c.trained_temperature)
+            c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
+                                  temperatures=cfg.vote_temperatures, metric="balanced_nll", device="cpu")
+            on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
+            a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
+            assert res["in"]["best/balanced_nll"]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
+            by_ll[held] = predict_logits(head, fs.subset(held), data.kb("in"), device="cpu")["logits"] - a * lp
         assert res["in"]["best"]["balanced_top1"] == pytest.approx(balanced_top1(logits, fs.labels))
+        assert res["in"]["best/balanced_nll"]["balanced_top1"] == pytest.approx(balanced_top1(by_ll, fs.labels))
     finally:
         data.close()
     with pytest.raises(SystemExit):
         ex.parse_args(["--kbs", "both"])
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--metrics", "balanced,macro"])
 
 
 def test_the_out_of_fold_choice_example_small(mini_data, tmp_path):

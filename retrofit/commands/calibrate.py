@@ -91,15 +91,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"vote temperature: {choice.temperature:.4g} (trained {choice.trained_temperature:.4g}); the table is "
               "at that temperature")
     what = "mixing weight" if choice.form == "mix" else "vote weight"
-    print(f"| vote scale | {what} | {choice.metric} on {choice.n} images |")
+    ll = choice.metric == "balanced_nll"  # (a mean log-likelihood, not a percentage)
+    print(f"| vote scale | {what} | {choice.metric if not ll else 'balanced log-likelihood'} on {choice.n} images |")
     print("|---:|---:|---:|")
     for s, v in choice.scores.items():
         mark = " **chosen**" if s == choice.scale else ""
-        print(f"| {s:g} | {choice.weight_at(s) + 0.0:.4g} | {100 * v:.2f}%{mark} |")  # (+0.0: no "-0")
+        score = f"{v:.4f}" if ll else f"{100 * v:.2f}%"
+        print(f"| {s:g} | {choice.weight_at(s) + 0.0:.4g} | {score}{mark} |")  # (+0.0: no "-0")
     if (choice.temperature, choice.scale) != choice.best_by_score:
         t, s = choice.best_by_score
+        se = f"{choice.standard_error:.4f}" if ll else f"{100 * choice.standard_error:.2f} points"
         print(f"(one_se: the best score is at scale {s:g}, temperature {t:.4g}; the choice is within one paired "
-              f"standard error, {100 * choice.standard_error:.2f} points, and nearer the trained vote)")
+              f"standard error, {se}, and nearer the trained vote)")
     # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
         print(f"wrote the head with vote scale {choice.scale:g} to {args.save}; use it with --head {args.save}",
@@ -131,8 +134,10 @@ def register_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="also choose the vote's softmax temperature among these and the trained one, jointly with "
                         "the scale (e.g. 0.03,0.05,0.07,0.1; a head moved to a denser KB often wants a softer "
                         "vote); kept with --save")
-    p.add_argument("--metric", choices=("top1", "balanced"), default="top1",
-                   help="top1, or balanced: mean per-class top-1 (default top1)")
+    p.add_argument("--metric", choices=("top1", "balanced", "balanced_nll"), default="top1",
+                   help="top1; balanced: mean per-class top-1; balanced_nll: mean per-class log-likelihood of the "
+                        "label (smoother; on CIFAR-10-LT it chose smaller vote scales, which scored lower) "
+                        "(default top1)")
     p.add_argument("--rule", choices=("best", "one_se"), default="best",
                    help="best: the best score; one_se: the candidate nearest the trained vote whose score is within "
                         "one paired standard error of the best (steadier on a few hundred images) (default best)")
