@@ -154,29 +154,26 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
                                   tuple(x for x in cfg.posthoc if x >= 0)) * lp
         fs = shifted(data.train_features("in"), shift)
         fold = fold_of_each(fs.labels, 2)
-        logits = torch.zeros(len(fs), data.num_classes)
-        by_ll = torch.zeros(len(fs), data.num_classes)
+        names = {"balanced": "best", "balanced_nll": "best/balanced_nll"}  # each metric's choice, the same heads
+        logits = {m: torch.zeros(len(fs), data.num_classes) for m in names}
         for f in (0, 1):
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
             with one_thread():
                 head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0),
                              store=data.kb("in")).head
-            c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
-                                  temperatures=cfg.vote_temperatures, metric="balanced", device="cpu")
-            on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
-            a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
-            assert res["in"]["best"]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
-            logits[held] = predict_logits(head, fs.subset(held), data.kb("in"), device="cpu")["logits"] - a * lp
-            head.vote.set_scale(1.0)  # the same head, its choice made by log-likelihood
-            head.vote.set_temperature(c.trained_temperature)
-            c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
-                                  temperatures=cfg.vote_temperatures, metric="balanced_nll", device="cpu")
-            on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
-            a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
-            assert res["in"]["best/balanced_nll"]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
-            by_ll[held] = predict_logits(head, fs.subset(held), data.kb("in"), device="cpu")["logits"] - a * lp
-        assert res["in"]["best"]["balanced_top1"] == pytest.approx(balanced_top1(logits, fs.labels))
-        assert res["in"]["best/balanced_nll"]["balanced_top1"] == pytest.approx(balanced_top1(by_ll, fs.labels))
+            trained_t = head.vote.temperature
+            for metric, name in names.items():
+                c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
+                                      temperatures=cfg.vote_temperatures, metric=metric, device="cpu")
+                on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
+                a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
+                assert res["in"][name]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
+                logits[metric][held] = predict_logits(head, fs.subset(held), data.kb("in"),
+                                                      device="cpu")["logits"] - a * lp
+                head.vote.set_scale(1.0)
+                head.vote.set_temperature(trained_t)
+        for metric, name in names.items():
+            assert res["in"][name]["balanced_top1"] == pytest.approx(balanced_top1(logits[metric], fs.labels))
     finally:
         data.close()
     with pytest.raises(SystemExit):
