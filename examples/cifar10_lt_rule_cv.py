@@ -33,14 +33,21 @@ SETTINGS = {"in": ["in", "ext"], "ext": ["ext"]}
 
 
 METRICS = ("balanced", "balanced_nll")
+RULES = ("best", "one_se", "trained")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = cv_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--rules", default="best,one_se",
+                    help="choice rules, comma-separated: best, one_se, trained (the trained vote kept: the baseline) "
+                         "(default best,one_se)")
     ap.add_argument("--metrics", default="balanced",
                     help="what the choice scores, comma-separated: balanced (balanced top-1, the demo's), "
                          "balanced_nll (class-balanced log-likelihood); each with each rule (default balanced)")
     args = checked_cv_arguments(ap, argv)
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not args.rules or set(args.rules) - set(RULES):
+        ap.error(f"--rules: expected some of {', '.join(RULES)}, got {args.rules}")
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not args.metrics or set(args.metrics) - set(METRICS):
         ap.error(f"--metrics: expected some of {', '.join(METRICS)}, got {args.metrics}")
@@ -51,7 +58,8 @@ def run(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
     """The nested cross-validation for every KB in ``args.kbs`` (``settings``: other DemoConfig fields)."""
     return run_cv(args, "cifar10_lt_rule_cv",
                   lambda cfg, data, kb: cross_validate_rules(cfg, data, kb, SETTINGS[kb], seeds=range(args.seeds),
-                                                             folds=args.folds, metrics=args.metrics),
+                                                             folds=args.folds, metrics=args.metrics,
+                                                             rules=args.rules),
                   **{"progress": False, **settings})
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # multiples of the trained vote weight
 METRICS = ("top1", "balanced", "balanced_nll")
 LOG_LIK_FLOOR = -100.0  # a sample's log-likelihood is clipped here (a label its logits mask with -inf counts as this)
-RULES = ("best", "one_se")
+RULES = ("best", "one_se", "trained")
 
 
 @dataclass
@@ -49,7 +49,8 @@ class VoteScaleChoice:
     scores_by_temperature: dict[float, dict[float, float]] = field(default_factory=dict)
     form: str = "log"  # the vote's form (HeadConfig.vote_form): "mix" scales the odds of the mixing weight
     trained_logit: float = 0.0  # "mix": the logit of trained_weight (what weight_at adds log(scale) to)
-    rule: str = "best"  # "best": the best score; "one_se": the nearest to the trained vote within a standard error
+    rule: str = "best"  # "best": the best score; "one_se": the nearest to the trained vote within a standard error;
+    # "trained": the trained vote (scale 1, the trained temperature), the others scored for comparison
     best_by_score: tuple[float, float] = (0.0, 0.0)  # (temperature, scale) with the best score (= the choice: "best")
     standard_error: float = 0.0  # "one_se": the paired standard error of the choice's score minus the best one's
 
@@ -283,7 +284,9 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     paired standard error (:func:`paired_standard_error`) of the best one, the nearest to the trained vote (the
     smallest ``|log scale| + |log(temperature / trained)|``; then the better score): the trained vote is kept
     unless another is clearly better, where the best of many candidates on one labelled set tends to be chosen
-    for that set's noise (Breiman's one-standard-error rule).
+    for that set's noise (Breiman's one-standard-error rule). ``"trained"`` keeps the trained vote (scale 1 at the
+    trained temperature; 1 is scored even if not among ``scales``) and only scores the candidates: the baseline a
+    choice has to beat.
 
     ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
     first so that a balanced vote is rebalanced for it). ``apply``: set the chosen scale on the head (else the
@@ -310,6 +313,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "trained" and 1.0 not in cand:
+        cand.append(1.0)
     form = getattr(vote, "form", "log")
     logit = float(vote.weight.detach()) * vote.gain  # "mix": of the mixing weight at scale 1
     trained = logit if form == "log" else _sigmoid(logit)
@@ -356,6 +361,8 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     best_t, best, se = *top, 0.0
     if rule == "one_se":
         best_t, best, se = one_se_choice(hits, labels, metric, top, trained_t)
+    elif rule == "trained":
+        best_t, best = trained_t, 1.0
     if apply:
         vote.set_scale(best)
         if best_t != trained_t:

@@ -318,6 +318,22 @@ def test_one_se_rule_takes_the_nearest_to_the_trained_vote_within_a_standard_err
         choose_vote_scale(head, fs, kb, rule="smallest", device="cpu")
 
 
+def test_trained_rule_keeps_the_trained_vote_and_scores_the_rest(setting):
+    head, fs, kb = setting
+    before = _state(head)
+    trained_t = head.vote.temperature
+    best = choose_vote_scale(head, fs, kb, scales=(0.0, 4.0, 16.0), temperatures=(0.5,), apply=False, device="cpu")
+    kept = choose_vote_scale(head, fs, kb, scales=(0.0, 4.0, 16.0), temperatures=(0.5,), rule="trained",
+                             device="cpu")  # (applied: scale 1, the fixture's 1.3 undone)
+    assert kept.rule == "trained" and (kept.scale, kept.temperature) == (1.0, trained_t)
+    assert torch.equal(head.vote.weight.detach(), before[0]) and float(head.vote.scale) == 1.0
+    assert head.vote.temperature == trained_t
+    assert set(kept.scores) == {0.0, 1.0, 4.0, 16.0}  # 1 scored although not among the scales
+    assert kept.best_by_score == (best.temperature, best.scale) != (trained_t, 1.0)  # the best is reported
+    assert kept.scores[1.0] == pytest.approx(score_logits(predict_logits(head, fs, kb, device="cpu")["logits"],
+                                                          fs.labels))
+
+
 def test_one_se_choice_keeps_the_trained_vote_unless_another_is_clearly_better():
     from retrofit.calibration import one_se_choice
 

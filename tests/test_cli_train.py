@@ -327,6 +327,13 @@ def test_train_with_label_vote(setup, trained, capsys, tmp_path):
                  "--metric", "balanced_nll"]) == 0
     shown = capsys.readouterr().out
     assert "balanced log-likelihood on" in shown and f"| {by_ll['scores']['3.0']:.4f}" in shown and "%" not in shown
+    # --rule trained: the trained vote kept (scale 1), the scores shown, the best named
+    assert main(["calibrate", "--run", str(out), "--data", val, "--scales", "0,1,3,9", "--quiet", "--rule",
+                 "trained"]) == 0
+    shown = capsys.readouterr().out
+    row_1 = shown.split("| 1 |")[1].split("\n")[0]
+    assert shown.count("**chosen**") == 1 and "**chosen**" in row_1
+    assert (cal["scale"] == 1.0) != ("(trained: the trained vote is kept; the best score is at scale" in shown)
     with pytest.raises(SystemExit):
         main(["calibrate", "--run", str(out), "--data", val, "--quiet", "--rule", "widest"])
     err = capsys.readouterr().err

@@ -180,6 +180,9 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
         ex.parse_args(["--kbs", "both"])
     with pytest.raises(SystemExit):
         ex.parse_args(["--metrics", "balanced,macro"])
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--rules", "best,widest"])
+    assert ex.parse_args(["--rules", "trained, best"]).rules == ["trained", "best"]
 
 
 def test_the_out_of_fold_choice_example_small(mini_data, tmp_path):

@@ -174,7 +174,8 @@ def test_report_names_keep_every_setting_apart():
     assert DemoConfig(posthoc_on="val").results_stem == "cifar10_lt_posthoc_val"
     assert DemoConfig(vote_scale_on="val", posthoc_on="val").results_stem == "cifar10_lt_scale_val"
     assert DemoConfig(vote_rule="one_se").results_stem == "cifar10_lt_one_se"
-    with pytest.raises(ValueError, match="vote_rule must be 'best' or 'one_se', got 'widest'"):
+    assert DemoConfig(vote_rule="trained").results_stem == "cifar10_lt_trained"
+    with pytest.raises(ValueError, match="vote_rule must be one of best, one_se, trained, got 'widest'"):
         DemoConfig(vote_rule="widest").validate()
     assert DemoConfig(ext_labels="captions", imbalance_factor=50).results_stem == "cifar10_lt_if50_ext_captions"
 

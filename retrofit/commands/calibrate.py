@@ -101,7 +101,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if (choice.temperature, choice.scale) != choice.best_by_score:
         t, s = choice.best_by_score
         se = f"{choice.standard_error:.4f}" if ll else f"{100 * choice.standard_error:.2f} points"
-        print(f"(one_se: the best score is at scale {s:g}, temperature {t:.4g}; the choice is within one paired "
+        print(f"(trained: the trained vote is kept; the best score is at scale {s:g}, temperature {t:.4g})"
+              if choice.rule == "trained" else
+              f"(one_se: the best score is at scale {s:g}, temperature {t:.4g}; the choice is within one paired "
               f"standard error, {se}, and nearer the trained vote)")
     # (a best scale at the largest candidate, a trained weight <= 0: choose_vote_scale has warned, once)
     if args.save:
@@ -138,9 +140,10 @@ def register_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="top1; balanced: mean per-class top-1; balanced_nll: mean per-class log-likelihood of the "
                         "label (smoother; on CIFAR-10-LT it chose smaller vote scales, which scored lower) "
                         "(default top1)")
-    p.add_argument("--rule", choices=("best", "one_se"), default="best",
+    p.add_argument("--rule", choices=("best", "one_se", "trained"), default="best",
                    help="best: the best score; one_se: the candidate nearest the trained vote whose score is within "
-                        "one paired standard error of the best (steadier on a few hundred images) (default best)")
+                        "one paired standard error of the best (steadier on a few hundred images); trained: keep "
+                        "the trained vote and only show the scores (default best)")
     p.add_argument("--save", default=None, metavar="DIR", help="write the head with the chosen scale here")
     p.add_argument("--no-cache", action="store_true", help="do not cache the validation features")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache (default RUN/cache)")

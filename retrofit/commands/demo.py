@@ -83,11 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-scale-on", choices=("val", "train"), default="train",
                    help="choose the vote scale on the long-tail training images (default; own entries excluded, "
                         "cross-fitted host logits) or on the 200 validation images (noisier)")
-    p.add_argument("--vote-rule", choices=("best", "one_se"), default=None,
+    p.add_argument("--vote-rule", choices=("best", "one_se", "trained"), default=None,
                    help="how the vote scale and temperature are picked on the training images: the best score "
-                        "(default; chosen by nested cross-validation, examples/cifar10_lt_rule_cv.py) or one_se, the "
-                        "candidate nearest the trained vote within one paired standard error of the best; results "
-                        "then go to cifar10_lt_one_se.*")
+                        "(default; chosen by nested cross-validation, examples/cifar10_lt_rule_cv.py), one_se, the "
+                        "candidate nearest the trained vote within one paired standard error of the best, or "
+                        "trained, the trained vote kept; results then go to cifar10_lt_<RULE>.*")
     p.add_argument("--posthoc-on", choices=("val", "train"), default=None,
                    help="choose the post-hoc logit adjustment of rows 4-7 on the long-tail training images (default "
                         "with --vote-scale-on train; after the vote scale) or on the 200 validation images (the "
