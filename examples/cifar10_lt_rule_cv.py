@@ -45,10 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="what the choice scores, comma-separated: balanced (balanced top-1, the demo's), "
                          "balanced_nll (class-balanced log-likelihood); each with each rule (default balanced)")
     args = checked_cv_arguments(ap, argv)
-    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    args.rules = list(dict.fromkeys(r.strip() for r in args.rules.split(",") if r.strip()))
     if not args.rules or set(args.rules) - set(RULES):
         ap.error(f"--rules: expected some of {', '.join(RULES)}, got {args.rules}")
-    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    args.metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
     if not args.metrics or set(args.metrics) - set(METRICS):
         ap.error(f"--metrics: expected some of {', '.join(METRICS)}, got {args.metrics}")
     return args

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, **settings) -> dict:
     from retrofit.demo_rules import choose_adjustment, fixed_fusion, group_metrics, knn_probs
     from retrofit.ingest import merge_kbs
 
-    # the log-form vote (as measured for README): its weights below are absolute vote weights, which a noisy
+    # the log-form vote (as measured for docs/cifar10_lt.md): its weights below are absolute vote weights, which a noisy
     # training can leave near zero; a vote_form="mix" head would take mixing weights in [0, 1] instead
     cfg = DemoConfig(**{"progress": False, **settings, "cache_dir": args.cache_dir, "ext_labels": args.pool_labels,
                         "rows": ("5", "8h", "8r"), "vote_form": "log"})

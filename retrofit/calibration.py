@@ -50,7 +50,7 @@ class VoteScaleChoice:
     form: str = "log"  # the vote's form (HeadConfig.vote_form): "mix" scales the odds of the mixing weight
     trained_logit: float = 0.0  # "mix": the logit of trained_weight (what weight_at adds log(scale) to)
     rule: str = "best"  # "best": the best score; "one_se": the nearest to the trained vote within a standard error;
-    # "trained": the trained vote (scale 1, the trained temperature), the others scored for comparison
+    # "trained": the vote as trained (scale 1 at the head's temperature), the others scored for comparison
     best_by_score: tuple[float, float] = (0.0, 0.0)  # (temperature, scale) with the best score (= the choice: "best")
     standard_error: float = 0.0  # "one_se": the paired standard error of the choice's score minus the best one's
 
@@ -195,10 +195,17 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str = "top1
 def per_sample_scores(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> torch.Tensor:
     """(N,) float64 per-sample values that ``metric`` averages: 1.0 / 0.0 for a right / wrong top-1 ("top1",
     "balanced"), the label's log-probability under ``softmax(logits)`` ("balanced_nll"; clipped at
-    ``LOG_LIK_FLOOR``)."""
+    ``LOG_LIK_FLOOR``, which a label whose logit is -inf, or a row of NaN / all -inf, gets; a +inf logit counts as
+    a very large finite one)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric != "balanced_nll":
         return (logits.argmax(1) == labels).double()
-    ll = torch.log_softmax(logits.double(), 1).gather(1, labels.view(-1, 1).long()).squeeze(1)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must be class indices 0..{logits.shape[1] - 1} of the logits, got "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    lg = logits.double().clamp_max(1e300)  # (+inf - logsumexp would be NaN)
+    ll = torch.log_softmax(lg, 1).gather(1, labels.view(-1, 1).long()).squeeze(1)
     return ll.nan_to_num(nan=LOG_LIK_FLOOR).clamp_min(LOG_LIK_FLOOR)
 
 
@@ -213,8 +220,9 @@ def _score_hits(hit: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
 def paired_standard_error(diff: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
     """The standard error of ``metric``'s difference between two predictors scored on the same samples, from
     their (N,) per-sample differences ``diff`` (of hits, in {-1, 0, 1}, or of log-likelihoods): pairing removes
-    the samples both get right or both get wrong. ``"balanced"`` / ``"balanced_nll"`` add each class's variance
-    of the mean over its samples, weighted ``1 / classes**2``; a class with one sample adds none."""
+    what the two share (for hits: the samples both get right or both get wrong). ``"balanced"`` /
+    ``"balanced_nll"`` add each class's variance of the mean over its samples, weighted ``1 / classes**2``; a class
+    with one sample adds none."""
     diff = diff.double()
     if metric == "top1":
         return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
@@ -232,8 +240,9 @@ def nearness_to_one(scale: float) -> float:
 def one_se_choice(hits: dict[tuple[float, float], torch.Tensor], labels: torch.Tensor, metric: str,
                   top: tuple[float, float], trained_t: float) -> tuple[float, float, float]:
     """The one-standard-error rule over (temperature, scale) candidates: ``hits`` maps each to its (N,) per-sample
-    hits, ``top`` is the one with the best score. Among the candidates whose score is within one paired standard
-    error of the best (the error of the difference to ``top``), the nearest to the trained vote: the smallest
+    values (:func:`per_sample_scores`: hits, or log-likelihoods), ``top`` is the one with the best score. Among
+    the candidates whose score is within one paired standard error of the best (the error of the difference to
+    ``top``), the nearest to the trained vote: the smallest
     ``|log scale| + |log(temperature / trained_t)|``, then the better score, the scale nearest 1, the trained
     temperature. Returns (temperature, scale, that standard error)."""
     score = {ts: _score_hits(h, labels, metric) for ts, h in hits.items()}
@@ -285,8 +294,9 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     smallest ``|log scale| + |log(temperature / trained)|``; then the better score): the trained vote is kept
     unless another is clearly better, where the best of many candidates on one labelled set tends to be chosen
     for that set's noise (Breiman's one-standard-error rule). ``"trained"`` keeps the trained vote (scale 1 at the
-    trained temperature; 1 is scored even if not among ``scales``) and only scores the candidates: the baseline a
-    choice has to beat.
+    head's current temperature, the trained one unless ``set_temperature`` changed it, e.g. a head saved by
+    ``retrofit calibrate --temperatures --save``; 1 is scored even if not among ``scales``) and only scores the
+    candidates: the baseline a choice has to beat.
 
     ``store``: the knowledge base to score with (default: the head's attached one; for a swap, attach the new KB
     first so that a balanced vote is rebalanced for it). ``apply``: set the chosen scale on the head (else the
@@ -314,7 +324,7 @@ def choose_vote_scale(head: nn.Module, features: Any, store: Any = None, *,
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if rule == "trained" and 1.0 not in cand:
-        cand.append(1.0)
+        cand = sorted({*cand, 1.0})
     form = getattr(vote, "form", "log")
     logit = float(vote.weight.detach()) * vote.gain  # "mix": of the mixing weight at scale 1
     trained = logit if form == "log" else _sigmoid(logit)

@@ -202,6 +202,9 @@ class DemoConfig:
             raise ValueError(f"vote_scale_on must be 'val' or 'train', got {self.vote_scale_on!r}")
         if self.vote_rule not in RULES:
             raise ValueError(f"vote_rule must be one of {', '.join(RULES)}, got {self.vote_rule!r}")
+        if self.vote_rule != "best" and self.vote_scale_on == "val":
+            raise ValueError(f"vote_rule={self.vote_rule!r} applies to the choice on the training images "
+                             "(vote_scale_on='train'); with vote_scale_on='val' the scale is the best on validation")
         if self.posthoc_on not in ("val", "train"):
             raise ValueError(f"posthoc_on must be 'val' or 'train', got {self.posthoc_on!r}")
         if self.posthoc_on == "train" and self.vote_scale_on == "val":  # the scale is chosen with val's adjustment

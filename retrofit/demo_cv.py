@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from retrofit.demo import DemoConfig
 
 __all__ = ["checked_cv_arguments", "cross_validate_epochs", "cross_validate_rules", "cv_arguments", "example_main",
-           "figure_cells", "fold_of_each", "out_of_fold_logits", "run_cv"]
+           "figure_cells", "fold_of_each", "merge_results", "out_of_fold_logits", "run_cv"]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
                          folds: int = 5, metrics: Sequence[str] = ("balanced",)) -> dict[str, dict[str, Any]]:
     """Nested cross-validation of the demo's vote choice (:func:`retrofit.calibration.choose_vote_scale`'s
     ``rule``): for each fold a head trained on the other folds (``cfg``'s epochs for ``kb``) makes the demo's
-    choices on the images it trained on (vote temperature and scale by ``rule`` on balanced top-1, then the
+    choices on the images it trained on (vote temperature and scale by ``rule`` on each of ``metrics``, then the
     post-hoc adjustment), as the demo does on the whole long-tail set, and is scored on the held-out fold: the
     out-of-fold balanced top-1 each rule leads to, per evaluation KB in ``eval_kbs`` (default ``kb``; the head is
     attached to each, as row 5 moves row 4's head). ``metrics``: what the choice scores (``choose_vote_scale``'s
@@ -158,7 +158,10 @@ def cross_validate_rules(cfg: DemoConfig, data: DemoData, kb: str, eval_kbs: Seq
     labels = fs.labels
     fold = fold_of_each(labels, folds)
     # eval_kb -> rule -> seed -> (N, C) out-of-fold logits at each fold's choices
-    ways = [(r, m, r if m == "balanced" else f"{r}/{m}") for m in metrics for r in rules]  # (rule, metric, name)
+    rules, metrics = list(dict.fromkeys(rules)), list(dict.fromkeys(metrics))  # (each once)
+    # (rule, metric, name); "trained" chooses nothing, so once whatever the metrics
+    ways = [(r, m, r if m == "balanced" else f"{r}/{m}") for m in metrics for r in rules
+            if r != "trained" or m == metrics[0]]
     oof = {e: {n: {s: torch.zeros(len(fs), data.num_classes) for s in seeds} for _, _, n in ways} for e in eval_kbs}
     picks: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     heads = fold_heads(cfg, data, kb, [(head_epochs(cfg, kb), seed) for seed in seeds], folds=folds, shift=shift)
@@ -225,7 +228,9 @@ def checked_cv_arguments(ap: argparse.ArgumentParser, argv: list[str] | None = N
 def run_cv(args: argparse.Namespace, name: str, per_kb: Callable[[DemoConfig, DemoData, str], Any],
            **settings: Any) -> dict[str, Any]:
     """``{"folds", "seeds", "kbs": {kb: per_kb(cfg, data, kb) for each of args.kbs}}`` on the demo's prepared data
-    (``settings``: DemoConfig fields besides the directories), also written to ``args.results_dir/<name>.json``."""
+    (``settings``: DemoConfig fields besides the directories), also written to ``args.results_dir/<name>.json``:
+    merged into the file there when it holds a run with the same folds and seeds (:func:`merge_results`: a later
+    run with other rules or KBs adds its rows and replaces only those it ran again), else replacing it."""
     from retrofit.demo import DemoConfig
     from retrofit.demo_data import prepare
 
@@ -238,8 +243,30 @@ def run_cv(args: argparse.Namespace, name: str, per_kb: Callable[[DemoConfig, De
         data.close()
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    path = out / f"{name}.json"
+    merged = merge_results(json.loads(path.read_text()) if path.is_file() else None, doc)
+    path.write_text(json.dumps(merged, indent=1))
     return doc
+
+
+def merge_results(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus what of ``old`` it does not redo, when both have the same folds and seeds (else ``new`` alone:
+    figures over other folds or seeds do not mix). Both are ``{"folds", "seeds", "kbs": {kb: {key: entry}}}``; an
+    ``old`` KB or key that ``new`` lacks is kept, and an entry that maps names to results (``{rule: {"seeds", ...}}``,
+    the rule CV's) is merged name by name; any other entry (a result itself) is ``new``'s."""
+    if not old or (old.get("folds"), old.get("seeds")) != (new["folds"], new["seeds"]):
+        return new
+
+    def by_name(entry: Any) -> bool:
+        return isinstance(entry, dict) and bool(entry) and all(isinstance(v, dict) and "seeds" in v
+                                                               for v in entry.values())
+
+    kbs: dict[str, Any] = {kb: dict(v) for kb, v in old.get("kbs", {}).items()}
+    for kb, entries in new["kbs"].items():
+        mine = kbs.setdefault(kb, {})
+        for key, entry in entries.items():
+            mine[key] = {**mine[key], **entry} if by_name(entry) and by_name(mine.get(key)) else entry
+    return {**old, **new, "kbs": kbs}
 
 
 def figure_cells(r: dict[str, Any]) -> str:

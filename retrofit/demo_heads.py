@@ -61,7 +61,8 @@ def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, sh
     """The vote scale (and, with ``temperatures``, the vote temperature) with the best balanced top-1 on the
     long-tail training images (neighbours from ``kb`` without their own entry, cross-fitted host logits); ties:
     the scale nearest 1, the trained temperature; ``rule="one_se"``: the nearest to the trained vote within a
-    standard error of the best (:func:`retrofit.calibration.choose_vote_scale`). A
+    standard error of the best; ``rule="trained"``: the trained vote, scale 1 at the trained temperature
+    (:func:`retrofit.calibration.choose_vote_scale`). A
     :class:`retrofit.calibration.VoteScaleChoice`; the head is left as it was."""
     from retrofit.calibration import choose_vote_scale
 

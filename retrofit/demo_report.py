@@ -90,9 +90,11 @@ def write_report(cfg: DemoConfig, doc: dict[str, Any], results: dict[str, dict[s
           f"Top-1 (%) on the {_test_set(data.test_labels, data.num_classes)} test set; seeds: {cfg.seeds}. "
           f"Post-hoc adjustments chosen on the {len(data.split.val)}-image validation set"
           + (" (rows 4-7's: on the long-tail training images)" if cfg.posthoc_on == "train" else "")
-          + ", vote scales on "
-          + ("the validation set" if cfg.vote_scale_on == "val"
-             else "the long-tail training images (own entries excluded)")
+          + (", the trained vote scales kept" if cfg.vote_rule == "trained" and cfg.vote_scale_on == "train"
+             else ", vote scales on "
+             + ("the validation set" if cfg.vote_scale_on == "val"
+                else "the long-tail training images (own entries excluded)")
+             + (" by the one-standard-error rule" if cfg.vote_rule == "one_se" else ""))
           + f". KB_ext's pool labels: {_EXT_LABELS[cfg.ext_labels]}. Run time {seconds:.0f} s.\n"
           + floors_markdown(floors))
     (out / f"{cfg.results_stem}.md").write_text(md)

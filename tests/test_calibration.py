@@ -142,6 +142,16 @@ def test_balanced_nll_is_the_class_mean_of_log_likelihoods_by_hand():
     sharper = logits.clone()
     sharper[0] = torch.tensor([5.0, 0.0])
     assert score_logits(sharper, labels, "balanced_nll") > score_logits(logits, labels, "balanced_nll")
+    from retrofit.calibration import per_sample_scores
+
+    inf = float("inf")
+    odd = torch.tensor([[-inf, -inf], [float("nan"), 0.0], [inf, 0.0], [inf, 0.0]])  # no score, NaN, certain
+    got = per_sample_scores(odd, torch.tensor([0, 1, 0, 1]), "balanced_nll")
+    assert got.tolist() == [-100.0, -100.0, 0.0, -100.0]  # a certain right label: log-likelihood 0, not the floor
+    with pytest.raises(ValueError, match="metric must be one of"):
+        per_sample_scores(logits, labels, "macro")
+    with pytest.raises(ValueError, match=r"labels must be class indices 0..1 of the logits, got 0..2"):
+        per_sample_scores(logits, torch.tensor([0, 1, 2, 1]), "balanced_nll")
 
 
 def test_a_negative_trained_vote_weight_is_flagged(setting, caplog):
@@ -332,6 +342,10 @@ def test_trained_rule_keeps_the_trained_vote_and_scores_the_rest(setting):
     assert kept.best_by_score == (best.temperature, best.scale) != (trained_t, 1.0)  # the best is reported
     assert kept.scores[1.0] == pytest.approx(score_logits(predict_logits(head, fs, kb, device="cpu")["logits"],
                                                           fs.labels))
+    assert list(kept.scores) == [0.0, 1.0, 4.0, 16.0]  # in order, 1 among the others
+    head.vote.set_scale(1.3)
+    dry = choose_vote_scale(head, fs, kb, scales=(0.0, 4.0), rule="trained", apply=False, device="cpu")
+    assert (dry.scale, dry.temperature) == (1.0, trained_t) and float(head.vote.scale) == pytest.approx(1.3)
 
 
 def test_one_se_choice_keeps_the_trained_vote_unless_another_is_clearly_better():

@@ -135,15 +135,16 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     args = ex.parse_args(["--kbs", "in", "--seeds", "1", "--folds", "2", "--cache-dir", str(tmp_path / "cache"),
-                          "--results-dir", str(tmp_path / "results"), "--metrics", "balanced,balanced_nll"])
+                          "--results-dir", str(tmp_path / "results"), "--metrics", "balanced,balanced_nll",
+                          "--rules", "best,one_se,trained"])
     settings = {**mini_settings(mini_data), "epochs": 2, "vote_scales": (0.5, 1.0, 4.0), "vote_temperatures": (0.1,)}
     doc = ex.run(args, **settings)
     assert json.loads((tmp_path / "results" / "cifar10_lt_rule_cv.json").read_text()) == json.loads(json.dumps(doc))
     res = doc["kbs"]["in"]
-    names = {"best", "one_se", "best/balanced_nll", "one_se/balanced_nll"}
+    names = {"best", "one_se", "trained", "best/balanced_nll", "one_se/balanced_nll"}  # (trained: once)
     assert set(res) == {"in", "ext"} and all(set(r) == names for r in res.values())
     lines = ex.table(doc).splitlines()
-    assert len(lines) == 2 + 8 and "| KB_in | KB_ext | one_se/balanced_nll |" in lines[-1]
+    assert len(lines) == 2 + 10 and "| KB_in | KB_ext | one_se/balanced_nll |" in lines[-1]
     # fold 0 of the KB_in setting by hand: a head trained on fold 1, the best-scoring choice made on fold 1, the
     # adjustment on fold 1, scored on fold 0; the reported figure is balanced top-1 over both folds done so
     cfg = _cfg(mini_data, tmp_path, **settings)
@@ -154,7 +155,7 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
                                   tuple(x for x in cfg.posthoc if x >= 0)) * lp
         fs = shifted(data.train_features("in"), shift)
         fold = fold_of_each(fs.labels, 2)
-        names = {"balanced": "best", "balanced_nll": "best/balanced_nll"}  # each metric's choice, the same heads
+        names = {"balanced": "best", "balanced_nll": "best/balanced_nll", None: "trained"}  # the same heads
         logits = {m: torch.zeros(len(fs), data.num_classes) for m in names}
         for f in (0, 1):
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
@@ -164,10 +165,12 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
             trained_t = head.vote.temperature
             for metric, name in names.items():
                 c = choose_vote_scale(head, fs.subset(fit), data.kb("in"), scales=cfg.vote_scales,
-                                      temperatures=cfg.vote_temperatures, metric=metric, device="cpu")
+                                      temperatures=cfg.vote_temperatures, metric=metric or "balanced",
+                                      rule="best" if metric else "trained", device="cpu")
                 on_fit = predict_logits(head, fs.subset(fit), data.kb("in"), device="cpu")["logits"]
                 a = max((balanced_top1(on_fit - x * lp, fs.labels[fit]), -abs(x), x) for x in cfg.posthoc)[2]
                 assert res["in"][name]["seeds"][0]["choices"][f] == [c.temperature, c.scale, a]
+                assert metric or (c.scale, c.temperature) == (1.0, trained_t)  # "trained": the vote as trained
                 logits[metric][held] = predict_logits(head, fs.subset(held), data.kb("in"),
                                                       device="cpu")["logits"] - a * lp
                 head.vote.set_scale(1.0)
@@ -218,3 +221,24 @@ def test_the_out_of_fold_choice_example_small(mini_data, tmp_path):
         assert r["test_top1"] == pytest.approx(top1(test - r["adjustment"] * data.log_prior(), data.labels("test")))
     finally:
         data.close()
+
+
+def test_merge_results_keeps_the_rows_a_later_run_did_not_redo():
+    from retrofit.demo_cv import merge_results
+
+    def res(x):
+        return {"balanced_top1": x, "seeds": [{"seed": 0, "balanced_top1": x}]}
+
+    old = {"folds": 5, "seeds": 3, "kbs": {"in": {"in": {"best": res(0.6), "one_se": res(0.5)},
+                                                  "ext": {"best": res(0.7)}},
+                                           "ext": {"ext": {"best": res(0.8)}}}}
+    new = {"folds": 5, "seeds": 3, "kbs": {"in": {"in": {"best": res(0.61), "trained": res(0.4)}}}}
+    got = merge_results(old, new)
+    assert got["kbs"]["in"]["in"] == {"best": res(0.61), "one_se": res(0.5), "trained": res(0.4)}  # redone: new's
+    assert got["kbs"]["in"]["ext"] == {"best": res(0.7)} and got["kbs"]["ext"] == old["kbs"]["ext"]  # kept
+    assert old["kbs"]["in"]["in"] == {"best": res(0.6), "one_se": res(0.5)}  # (old itself unchanged)
+    assert merge_results({**old, "seeds": 1}, new) == new and merge_results(None, new) == new  # other seeds: new only
+    # an entry that is itself a result (the epochs' CV: {epochs: result}) is replaced, not merged
+    epochs_old = {"folds": 5, "seeds": 3, "kbs": {"ext": {"1": res(0.7), "3": res(0.6)}}}
+    epochs_new = {"folds": 5, "seeds": 3, "kbs": {"ext": {"1": res(0.71)}}}
+    assert merge_results(epochs_old, epochs_new)["kbs"]["ext"] == {"1": res(0.71), "3": res(0.6)}

@@ -153,6 +153,8 @@ def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
     assert sorted(p.name for p in res.iterdir()) == [f"{stem}.json", f"{stem}.md"]
     doc = json.loads((res / f"{stem}.json").read_text())
     assert doc["config"]["vote_rule"] == "one_se"
+    assert "vote scales on the long-tail training images (own entries excluded) by the one-standard-error rule" in \
+        (res / f"{stem}.md").read_text()
     c = doc["config"]
     assert (c["imbalance_factor"], c["noise_rate"], c["epochs"], c["k"], c["dim"], c["depth"]) == (10, 0.2, 1, 4, 8, 1)
     assert (c["whiten_in"], c["vote_form"], c["rows"], c["plot"], c["progress"]) == (0.1, "log", ["4", "8r"], False,
@@ -175,6 +177,8 @@ def test_report_names_keep_every_setting_apart():
     assert DemoConfig(vote_scale_on="val", posthoc_on="val").results_stem == "cifar10_lt_scale_val"
     assert DemoConfig(vote_rule="one_se").results_stem == "cifar10_lt_one_se"
     assert DemoConfig(vote_rule="trained").results_stem == "cifar10_lt_trained"
+    with pytest.raises(ValueError, match="vote_rule='one_se' applies to the choice on the training images"):
+        DemoConfig(vote_rule="one_se", vote_scale_on="val", posthoc_on="val").validate()
     with pytest.raises(ValueError, match="vote_rule must be one of best, one_se, trained, got 'widest'"):
         DemoConfig(vote_rule="widest").validate()
     assert DemoConfig(ext_labels="captions", imbalance_factor=50).results_stem == "cifar10_lt_if50_ext_captions"

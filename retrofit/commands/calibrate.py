@@ -100,7 +100,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"| {s:g} | {choice.weight_at(s) + 0.0:.4g} | {score}{mark} |")  # (+0.0: no "-0")
     if (choice.temperature, choice.scale) != choice.best_by_score:
         t, s = choice.best_by_score
-        se = f"{choice.standard_error:.4f}" if ll else f"{100 * choice.standard_error:.2f} points"
+        se = f"{choice.standard_error:.4f} nats" if ll else f"{100 * choice.standard_error:.2f} points"
         print(f"(trained: the trained vote is kept; the best score is at scale {s:g}, temperature {t:.4g})"
               if choice.rule == "trained" else
               f"(one_se: the best score is at scale {s:g}, temperature {t:.4g}; the choice is within one paired "
