@@ -67,6 +67,8 @@ def scale_on_training_images(head: Any, data: DemoData, kb: str, noisy: bool, sh
     from retrofit.calibration import choose_vote_scale
 
     fs = _features(head, data, kb, "lt", noisy, shift)
+    if rule == "trained":  # (nothing to choose: only the trained vote is scored)
+        scales, temperatures = (1.0,), None
     return choose_vote_scale(head, fs, data.kb(kb), scales=scales, temperatures=temperatures, metric="balanced",
                              rule=rule, apply=False, device="cpu")
 

@@ -133,6 +133,11 @@ def test_a_demo_of_some_rows_shows_the_fixed_rows_too(mini_data, tmp_path):
     assert not (tmp_path / "results" / "cifar10_lt_if10.png").exists()
     assert "seeds: 1" in (tmp_path / "results" / "cifar10_lt_if10.md").read_text()
     assert doc["rows"]["4"]["top1_std"] == 0.0 and len(doc["rows"]["4"]["seeds"]) == 1
+    # vote_rule="trained": the same cached head with its vote as trained, under a report name of its own
+    kept = run_demo(_config(mini_data, tmp_path, rows=("4",), seeds=1, plot=False, vote_rule="trained"))
+    seed = kept["rows"]["4"]["seeds"][0]
+    assert seed["vote_scale"] == 1.0 and seed["vote_temperature"] == seed["vote_temperature_trained"]
+    assert "the trained vote scales kept" in (tmp_path / "results" / "cifar10_lt_if10_trained.md").read_text()
 
 
 def test_retrofit_demo_command_on_other_settings(mini_data, tmp_path, capsys):
