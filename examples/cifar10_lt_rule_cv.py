@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from retrofit.calibration import RULES
 from retrofit.demo_cv import (
     checked_cv_arguments,
     cross_validate_rules,
@@ -33,7 +34,6 @@ SETTINGS = {"in": ["in", "ext"], "ext": ["ext"]}
 
 
 METRICS = ("balanced", "balanced_nll")
-RULES = ("best", "one_se", "trained")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
