@@ -3,9 +3,12 @@
     python examples/cifar10_lt_epochs_cv.py                       # KB_in and KB_ext heads, 1 / 3 / 10 epochs, 3 seeds
     python examples/cifar10_lt_epochs_cv.py --kbs ext --epochs 1,2,3 --seeds 1
 
-For each KB and training length, heads trained on four folds score the fifth; the figure is the best out-of-fold
+For each KB and training length, heads trained on four folds (on host logits fitted without the fifth:
+retrofit.demo_cv.nested_host_logits) score the fifth; the figure is the best out-of-fold
 balanced top-1 over the demo's vote and adjustment grids (retrofit.demo_cv). This chose `DemoConfig.epochs_ext`.
-Uses the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_epochs_cv.json.
+Uses the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_epochs_cv.json
+(with `--host shared`, the fold heads on the demo's own cross-fitted host logits as before 24 Nov:
+results/cifar10_lt_epochs_cv_shared.json).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
     """The cross-validation for every KB in ``args.kbs`` (``settings``: other DemoConfig fields); writes the JSON."""
     return run_cv(args, "cifar10_lt_epochs_cv",
                   lambda cfg, data, kb: {str(ep): r for ep, r in cross_validate_epochs(
-                      cfg, data, kb, epochs=args.epochs, seeds=range(args.seeds), folds=args.folds).items()},
+                      cfg, data, kb, epochs=args.epochs, seeds=range(args.seeds), folds=args.folds,
+                      host=args.host).items()},
                   **settings)
 
 

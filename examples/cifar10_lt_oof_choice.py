@@ -8,7 +8,9 @@ images, which the head was trained on (their host logits are cross-fitted; the h
 the same grids are scored on out-of-fold logits instead (heads trained on four folds score the fifth:
 retrofit.demo_cv.out_of_fold_logits); the best out-of-fold choice is then applied to the demo's own head (its cached
 head, or trained as the demo trains it) and scored once on test. Compare with the rows of results/cifar10_lt.md.
-Uses the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_oof_choice.json.
+Uses the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_oof_choice.json
+(with `--host shared`, the fold heads on the demo's own cross-fitted host logits as before 24 Nov:
+results/cifar10_lt_oof_choice_shared.json).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return checked_cv_arguments(cv_arguments(__doc__.splitlines()[0]), argv)
 
 
-def out_of_fold_rows(cfg: Any, data: Any, kb: str, seeds: range, folds: int) -> dict[str, Any]:
+def out_of_fold_rows(cfg: Any, data: Any, kb: str, seeds: range, folds: int, host: str = "nested") -> dict[str, Any]:
     """``{row: {"test_top1": mean, "seeds": [{seed, temperature, vote_scale, adjustment, oof_balanced_top1,
     test_top1}]}}`` for the rows whose heads train with ``kb``."""
     from retrofit.demo_heads import head_logits
@@ -38,13 +40,13 @@ def out_of_fold_rows(cfg: Any, data: Any, kb: str, seeds: range, folds: int) -> 
     lp, y_test = data.log_prior(), data.labels("test")
     labels = data.train_features(kb).labels
     epochs = head_epochs(cfg, kb)
-    heads = fold_heads(cfg, data, kb, [(epochs, s) for s in seeds], folds=folds, shift=shift)
+    heads = fold_heads(cfg, data, kb, [(epochs, s) for s in seeds], folds=folds, shift=shift, host=host)
     out: dict[str, Any] = {}
     for row, eval_kb in ROWS[kb]:
         per_seed = []
         for seed in seeds:
             oof = out_of_fold_logits(cfg, data, kb, eval_kb, epochs, seed, folds=folds, shift=shift,
-                                     heads=heads[(epochs, seed)])
+                                     heads=heads[(epochs, seed)], host=host)
             score, _, t, scale, adj = max((balanced_top1(logits - a * lp, labels), -abs(a), t, s, a)
                                           for (t, s), logits in oof.items() for a in cfg.posthoc)
             head, _ = train_head(cfg, data, kb, seed, shift=shift)  # the demo's head (cached when it ran)
@@ -60,7 +62,7 @@ def out_of_fold_rows(cfg: Any, data: Any, kb: str, seeds: range, folds: int) -> 
 
 def run(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
     return run_cv(args, "cifar10_lt_oof_choice",
-                  lambda cfg, data, kb: out_of_fold_rows(cfg, data, kb, range(args.seeds), args.folds),
+                  lambda cfg, data, kb: out_of_fold_rows(cfg, data, kb, range(args.seeds), args.folds, args.host),
                   **{"progress": False, **settings})
 
 

@@ -10,8 +10,10 @@ out-of-fold balanced top-1 each rule leads to (retrofit.demo_cv.cross_validate_r
 ``one_se`` the candidate nearest the trained vote within one paired standard error of it
 (retrofit.calibration.choose_vote_scale); with ``--metrics``, the choice scores each candidate by balanced top-1
 and / or by class-balanced log-likelihood (rows ``<rule>/balanced_nll``). This chose `DemoConfig.vote_rule`. Uses
-the demo's cache (run `make demo` first, or it prepares the data). Writes results/cifar10_lt_rule_cv.json; ~10
-minutes on 2 cores.
+the demo's cache (run `make demo` first, or it prepares the data). The fold heads' host logits are nested (fitted
+without the fold held out; retrofit.demo_cv.nested_host_logits). Writes results/cifar10_lt_rule_cv.json (with
+`--host shared`, the demo's own cross-fitted host logits as before 24 Nov: results/cifar10_lt_rule_cv_shared.json);
+~10 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
     return run_cv(args, "cifar10_lt_rule_cv",
                   lambda cfg, data, kb: cross_validate_rules(cfg, data, kb, SETTINGS[kb], seeds=range(args.seeds),
                                                              folds=args.folds, metrics=args.metrics,
-                                                             rules=args.rules),
+                                                             rules=args.rules, host=args.host),
                   **{"progress": False, **settings})
 
 

@@ -159,13 +159,16 @@ def _cost(cfg: DemoConfig, spec: HeadSpec, samples: int, epochs: int | None = No
 @dataclass(frozen=True)
 class FoldJob:
     """A cross-validation head (:mod:`retrofit.demo_cv`): ``spec``'s head for ``seed``, trained for ``epochs`` on
-    the long-tail images ``fit`` (indices) with host logits minus ``shift``."""
+    the long-tail images ``fit`` (indices) with host logits minus ``shift``: the data's cross-fitted ones, or
+    ``host`` ((N, C), all the long-tail images: :func:`retrofit.demo_cv.nested_host_logits`' entry for the fold
+    held out)."""
 
     spec: HeadSpec
     seed: int
     epochs: int
     fit: torch.Tensor
     shift: torch.Tensor | None = None
+    host: torch.Tensor | None = None
 
 
 def train_fold_heads(cfg: DemoConfig, data: DemoData, jobs: list[FoldJob]) -> list[Any]:
@@ -197,7 +200,10 @@ def _fold_head(cfg: DemoConfig, data: DemoData, job: FoldJob) -> Any:
     from retrofit.training import train
 
     spec = job.spec
-    fs = shifted(data.train_features(spec.kb, noisy=spec.noisy), job.shift).subset(job.fit)
+    fs = data.train_features(spec.kb, noisy=spec.noisy)
+    if job.host is not None:
+        fs = replace(fs, host_logits=job.host)
+    fs = shifted(fs, job.shift).subset(job.fit)
     head = new_head(cfg, data, spec.kb, job.seed, spec.modalities, _vote(cfg, spec))
     with one_thread():
         return train(head, fs, train_config(cfg, spec.kb, job.seed, job.epochs), store=data.kb(spec.kb)).head

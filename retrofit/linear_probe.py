@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["fit_linear_probe", "cross_fit_logits", "stratified_folds", "class_indices"]
+__all__ = ["fit_linear_probe", "cross_fit_logits", "nested_cross_fit_logits", "stratified_folds", "class_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +142,9 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
 
     Folds are stratified by class (:func:`stratified_folds`); identical rows of ``z`` share a fold.
     """
-    if not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2:
-        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    check_weight_decay(weight_decay)
-    folds = int(folds)
-    labels = class_indices(labels)
-    z = _features(z, labels)
-    if labels.numel() == 0:
-        raise ValueError("cross_fit_logits got no samples")
-    fold = _same_fold_for_twins(z, stratified_folds(labels, folds, seed))
-    if int(fold.unique().numel()) < 2:  # every row identical (a dead backbone?), or a single sample
-        raise ValueError(f"cross_fit_logits needs at least 2 distinct feature rows to fit out-of-fold probes; all "
-                         f"{labels.numel()} rows are identical (identical rows share a fold)")
+    z, labels, fold = _cross_fit_setup(z, labels, folds, seed, weight_decay, "cross_fit_logits", 2)
     out = torch.empty(labels.numel(), num_classes)
-    for f in range(folds):
+    for f in range(int(folds)):
         held = fold == f
         if not held.any():
             continue
@@ -165,3 +154,58 @@ def cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
             out[held] = probe(z[held].float().cpu())
         log.info("cross-fit fold %d/%d: %d held out", f + 1, folds, int(held.sum()))
     return out
+
+
+def nested_cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: int, *, folds: int = 5,
+                            seed: int = 0, weight_decay: float = 1e-3, max_iter: int = 1000) -> torch.Tensor:
+    """(folds, N, C) host logits for a second-stage model that is itself cross-validated over the same folds.
+
+    A model trained on folds other than ``f`` against :func:`cross_fit_logits` still learns from fold ``f``'s
+    labels: the probes that gave its training samples their logits were fitted on fold ``f`` too. Entry ``[f]``
+    holds what such a model may see without that leak: on every fold ``g != f`` the logits of a probe fitted on
+    the folds other than ``f`` and ``g``, and on fold ``f`` itself those of a probe fitted on all the other folds
+    (:func:`cross_fit_logits`'s, bit for bit: the host of a world without fold ``f``). ``folds * (folds - 1) / 2
+    + folds`` probes (15 for 5 folds), on the folds of :func:`cross_fit_logits` (same ``folds`` and ``seed``).
+    """
+    z, labels, fold = _cross_fit_setup(z, labels, folds, seed, weight_decay, "nested_cross_fit_logits", 3)
+    folds = int(folds)
+    out = torch.empty(folds, labels.numel(), num_classes)
+    for f in range(folds):  # each fold's own rows: the plain cross-fit's probes (same seeds)
+        held = fold == f
+        if held.any():
+            probe = fit_linear_probe(z[~held], labels[~held], num_classes, weight_decay=weight_decay,
+                                     max_iter=max_iter, seed=(seed + f) % (1 << 64))
+            with torch.no_grad():
+                out[f, held] = probe(z[held].float().cpu())
+    pairs = [(f, g) for f in range(folds) for g in range(f + 1, folds)]
+    for i, (f, g) in enumerate(pairs):  # a probe without folds f and g serves entry f on fold g and entry g on f
+        fit = (fold != f) & (fold != g)
+        probe = fit_linear_probe(z[fit], labels[fit], num_classes, weight_decay=weight_decay, max_iter=max_iter,
+                                 seed=(seed + folds + i) % (1 << 64))
+        with torch.no_grad():
+            for a, b in ((f, g), (g, f)):
+                rows = fold == b
+                if rows.any():
+                    out[a, rows] = probe(z[rows].float().cpu())
+        log.info("nested cross-fit: probe %d/%d (without folds %d and %d)", i + 1, len(pairs), f, g)
+    return out
+
+
+def _cross_fit_setup(z: object, labels: object, folds: object, seed: int, weight_decay: float, what: str,
+                     least: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked ``(z, labels, fold of each row)`` for a cross-fit over ``folds`` (>= ``least``) folds."""
+    if not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < least:
+        raise ValueError(f"folds must be an int >= {least}, got {folds!r}")
+    check_weight_decay(weight_decay)
+    labels = class_indices(labels)
+    z = _features(z, labels)
+    if labels.numel() == 0:
+        raise ValueError(f"{what} got no samples")
+    fold = _same_fold_for_twins(z, stratified_folds(labels, int(folds), seed))
+    filled = int(fold.unique().numel())
+    if filled < least:  # every row identical (a dead backbone?), or too few samples
+        n, distinct = labels.numel(), int(torch.unique(z, dim=0).shape[0])
+        why = f"all {n} rows are identical" if distinct == 1 and n > 1 else f"{n} row(s), {distinct} distinct"
+        raise ValueError(f"{what} needs rows in at least {least} folds to fit its probes; {why}, and identical rows "
+                         f"share a fold, so they fill {filled}")
+    return z, labels, fold

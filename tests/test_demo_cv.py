@@ -12,7 +12,7 @@ import torch
 from conftest import mini_settings
 
 from retrofit.demo import DemoConfig, run_demo
-from retrofit.demo_cv import cross_validate_epochs, fold_heads, fold_of_each, out_of_fold_logits
+from retrofit.demo_cv import cross_validate_epochs, fold_heads, fold_of_each, nested_host_logits, out_of_fold_logits
 from retrofit.demo_data import prepare
 from retrofit.demo_rules import balanced_top1
 from retrofit.demo_train import head_cache_dir, head_epochs, new_head, one_thread, train_config
@@ -49,24 +49,35 @@ def test_out_of_fold_logits_come_from_heads_that_never_saw_them(mini_data, tmp_p
         for logits in oof.values():
             assert logits.shape == (n, data.num_classes) and torch.isfinite(logits).all()
             assert (logits != 0).any(1).all()  # every image scored
-        # fold 1's rows are what a head trained on the other folds gives, with KB_ext's neighbours
+        # fold 1's rows are what a head trained on the other folds gives, with KB_ext's neighbours, on the host
+        # logits of the world without fold 1 (nested: none of them from a probe that saw fold 1)
+        from dataclasses import replace
+
         from retrofit.training import predict_logits, train
 
-        fs = data.train_features("in")
+        nested = nested_host_logits(cfg, data, folds=3)
+        fs = replace(data.train_features("in"), host_logits=nested[1])
         fold = fold_of_each(fs.labels, 3)
         fit, held = (fold != 1).nonzero().flatten(), (fold == 1).nonzero().flatten()
         with one_thread():  # as the demo's heads and the CV's are trained
             head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0, 2),
                          store=data.kb("in")).head
         head.attach(data.kb("ext"))
-        want = predict_logits(head, data.train_features("ext").subset(held), data.kb("ext"), device="cpu")["logits"]
+        fe = replace(data.train_features("ext"), host_logits=nested[1])
+        want = predict_logits(head, fe.subset(held), data.kb("ext"), device="cpu")["logits"]
         torch.testing.assert_close(oof[("trained", 1.0)][held], want)  # (the vote mixed in as the scale grid does)
+        # the demo's shared cross-fitted host logits (some from probes that saw fold 1) train another head
+        assert not torch.equal(nested[1][fold != 1], data.train_features("in").host_logits[fold != 1])
+        with one_thread():
+            shared = train(new_head(cfg, data, "in", 0), data.train_features("in").subset(fit),
+                           train_config(cfg, "in", 0, 2), store=data.kb("in")).head
+        assert not all(torch.equal(a, b) for a, b in zip(shared.parameters(), head.parameters()))
         pooled = fold_heads(cfg, data, "in", [(2, 0)], folds=3)[(2, 0)][1]  # trained in a worker: the same weights
         assert all(torch.equal(a, b) for a, b in zip(pooled.parameters(), head.parameters()))  # (buffers: its KB's)
         # a head trained on every image (fold 1 included) scores fold 1 otherwise
         whole = train(new_head(cfg, data, "in", 0), fs, train_config(cfg, "in", 0, 2), store=data.kb("in")).head
         whole.attach(data.kb("ext"))
-        seen = predict_logits(whole, data.train_features("ext").subset(held), data.kb("ext"), device="cpu")["logits"]
+        seen = predict_logits(whole, fe.subset(held), data.kb("ext"), device="cpu")["logits"]
         assert not torch.allclose(seen, want)
         res = cross_validate_epochs(cfg, data, "in", "ext", epochs=(1, 2), seeds=(0, 1), folds=3)
         assert sorted(res) == [1, 2]
@@ -112,17 +123,20 @@ def test_the_epochs_cv_example_small(mini_data, tmp_path):
     spec = importlib.util.spec_from_file_location("cifar10_lt_epochs_cv", EXAMPLE)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    args = ex.parse_args(["--kbs", "ext", "--epochs", "1,2", "--seeds", "1", "--folds", "2", "--cache-dir",
-                          str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")])
+    args = ex.parse_args(["--kbs", "ext", "--epochs", "1,2", "--seeds", "1", "--folds", "2", "--host", "shared",
+                          "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")])
     doc = ex.run(args, **{k: v for k, v in mini_settings(mini_data).items()})
-    saved = json.loads((tmp_path / "results" / "cifar10_lt_epochs_cv.json").read_text())
+    saved = json.loads((tmp_path / "results" / "cifar10_lt_epochs_cv_shared.json").read_text())
     assert saved == json.loads(json.dumps(doc)) and sorted(doc["kbs"]["ext"]) == ["1", "2"]
+    assert doc["host"] == "shared" and not (tmp_path / "results" / "cifar10_lt_epochs_cv.json").exists()
     lines = ex.table(doc).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| ext | 1 | ")
     with pytest.raises(SystemExit):
         ex.parse_args(["--kbs", "both"])
     with pytest.raises(SystemExit):
         ex.parse_args(["--epochs", "0,3"])
+    with pytest.raises(SystemExit):  # nested host logits need a third fold
+        ex.parse_args(["--folds", "2"])
 
 
 def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(mini_data, tmp_path):
@@ -134,30 +148,35 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
     spec = importlib.util.spec_from_file_location("cifar10_lt_rule_cv", EXAMPLE.with_name("cifar10_lt_rule_cv.py"))
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    args = ex.parse_args(["--kbs", "in", "--seeds", "1", "--folds", "2", "--cache-dir", str(tmp_path / "cache"),
+    args = ex.parse_args(["--kbs", "in", "--seeds", "1", "--folds", "3", "--cache-dir", str(tmp_path / "cache"),
                           "--results-dir", str(tmp_path / "results"), "--metrics", "balanced,balanced_nll",
                           "--rules", "best,one_se,trained"])
     settings = {**mini_settings(mini_data), "epochs": 2, "vote_scales": (0.5, 1.0, 4.0), "vote_temperatures": (0.1,)}
     doc = ex.run(args, **settings)
     assert json.loads((tmp_path / "results" / "cifar10_lt_rule_cv.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["host"] == "nested"
     res = doc["kbs"]["in"]
     names = {"best", "one_se", "trained", "best/balanced_nll", "one_se/balanced_nll"}  # (trained: once)
     assert set(res) == {"in", "ext"} and all(set(r) == names for r in res.values())
     lines = ex.table(doc).splitlines()
     assert len(lines) == 2 + 10 and "| KB_in | KB_ext | one_se/balanced_nll |" in lines[-1]
-    # fold 0 of the KB_in setting by hand: a head trained on fold 1, the best-scoring choice made on fold 1, the
-    # adjustment on fold 1, scored on fold 0; the reported figure is balanced top-1 over both folds done so
+    # the KB_in setting by hand: for each fold f a head trained on the others, the choices made on them, scored on
+    # fold f, all on the host logits of the world without fold f; the figure is balanced top-1 over the folds
+    from dataclasses import replace
+
     cfg = _cfg(mini_data, tmp_path, **settings)
     data = prepare(cfg)
     try:
         lp = data.log_prior()
         shift = choose_adjustment(data.host_logits("val"), data.labels("val"), lp,
                                   tuple(x for x in cfg.posthoc if x >= 0)) * lp
-        fs = shifted(data.train_features("in"), shift)
-        fold = fold_of_each(fs.labels, 2)
+        nested = nested_host_logits(cfg, data, folds=3)
+        labels = data.train_features("in").labels
+        fold = fold_of_each(labels, 3)
         names = {"balanced": "best", "balanced_nll": "best/balanced_nll", None: "trained"}  # the same heads
-        logits = {m: torch.zeros(len(fs), data.num_classes) for m in names}
-        for f in (0, 1):
+        logits = {m: torch.zeros(len(labels), data.num_classes) for m in names}
+        for f in (0, 1, 2):
+            fs = shifted(replace(data.train_features("in"), host_logits=nested[f]), shift)
             fit, held = (fold != f).nonzero().flatten(), (fold == f).nonzero().flatten()
             with one_thread():
                 head = train(new_head(cfg, data, "in", 0), fs.subset(fit), train_config(cfg, "in", 0),
@@ -176,7 +195,7 @@ def test_rule_cross_validation_scores_each_fold_with_choices_made_on_the_others(
                 head.vote.set_scale(1.0)
                 head.vote.set_temperature(trained_t)
         for metric, name in names.items():
-            assert res["in"][name]["balanced_top1"] == pytest.approx(balanced_top1(logits[metric], fs.labels))
+            assert res["in"][name]["balanced_top1"] == pytest.approx(balanced_top1(logits[metric], labels))
     finally:
         data.close()
     with pytest.raises(SystemExit):
@@ -199,11 +218,12 @@ def test_the_out_of_fold_choice_example_small(mini_data, tmp_path):
     spec = importlib.util.spec_from_file_location("oof", EXAMPLE.with_name("cifar10_lt_oof_choice.py"))
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    args = ex.parse_args(["--kbs", "ext", "--seeds", "1", "--folds", "2", "--cache-dir", str(tmp_path / "cache"),
+    args = ex.parse_args(["--kbs", "ext", "--seeds", "1", "--folds", "3", "--cache-dir", str(tmp_path / "cache"),
                           "--results-dir", str(tmp_path / "results")])
     settings = {**mini_settings(mini_data), "vote_scales": (0.5, 1.0, 4.0), "vote_temperatures": (0.1,)}
     doc = ex.run(args, **settings)
     assert json.loads((tmp_path / "results" / "cifar10_lt_oof_choice.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["host"] == "nested"
     (r,) = doc["kbs"]["ext"]["6"]["seeds"]
     cfg = _cfg(mini_data, tmp_path, **settings)
     assert r["temperature"] in ("trained", 0.1) and r["vote_scale"] in cfg.vote_scales
@@ -238,7 +258,38 @@ def test_merge_results_keeps_the_rows_a_later_run_did_not_redo():
     assert got["kbs"]["in"]["ext"] == {"best": res(0.7)} and got["kbs"]["ext"] == old["kbs"]["ext"]  # kept
     assert old["kbs"]["in"]["in"] == {"best": res(0.6), "one_se": res(0.5)}  # (old itself unchanged)
     assert merge_results({**old, "seeds": 1}, new) == new and merge_results(None, new) == new  # other seeds: new only
+    nested = {**new, "host": "nested"}  # other host logits (a file without "host": the shared ones): new only
+    assert merge_results(old, nested) == nested and merge_results({**old, "host": "nested"}, nested) != nested
+    assert merge_results({**old, "host": "shared"}, new) == {**got, "host": "shared"}
     # an entry that is itself a result (the epochs' CV: {epochs: result}) is replaced, not merged
     epochs_old = {"folds": 5, "seeds": 3, "kbs": {"ext": {"1": res(0.7), "3": res(0.6)}}}
     epochs_new = {"folds": 5, "seeds": 3, "kbs": {"ext": {"1": res(0.71)}}}
     assert merge_results(epochs_old, epochs_new)["kbs"]["ext"] == {"1": res(0.71), "3": res(0.6)}
+
+
+def test_nested_host_logits_agree_with_the_demos_on_each_held_out_fold(mini_data, tmp_path):
+    """With the demo's 5 folds, entry f of the nested host logits is, on fold f, the demo's own cross-fitted host
+    logits (the same probe); they are cached, and the noisy labels get their own."""
+    from retrofit.demo_cv import fold_hosts
+
+    cfg = _cfg(mini_data, tmp_path)
+    data = prepare(cfg)
+    try:
+        nested = nested_host_logits(cfg, data, folds=5)
+        fold = fold_of_each(data.labels("lt"), 5)
+        for f in range(5):
+            assert torch.equal(nested[f][fold == f], data.host_logits("lt")[fold == f])
+        assert not torch.equal(nested[0], nested[1])
+        (saved,) = Path(data.root).glob("host-nested-wd*-k5-c*.safetensors")
+        saved.touch()
+        assert torch.equal(nested_host_logits(cfg, data, folds=5), nested) and len(list(data.root.glob("host-n*"))) == 1
+        noisy = nested_host_logits(cfg, data, noisy=True, folds=5)
+        noisy_fold = fold_of_each(torch.from_numpy(data.noisy_lt_labels), 5)
+        assert torch.equal(noisy[2][noisy_fold == 2], data.host_logits("lt", noisy=True)[noisy_fold == 2])
+        assert fold_hosts(cfg, data, 4, host="shared") == [None] * 4
+        with pytest.raises(ValueError, match="host must be one of nested, shared, got 'both'"):
+            fold_hosts(cfg, data, 5, host="both")
+        with pytest.raises(ValueError, match="host='nested' needs folds >= 3"):
+            fold_hosts(cfg, data, 2)
+    finally:
+        data.close()

@@ -106,3 +106,34 @@ def test_a_weight_decay_that_is_not_a_finite_number_ge_0_is_refused(feats, wd):
         fit_linear_probe(z, y, 10, weight_decay=wd)
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         cross_fit_logits(z, y, 10, weight_decay=wd)
+
+
+def test_nested_cross_fit_keeps_each_fold_out_of_its_own_world(feats):
+    """Entry f of the nested cross-fit is what a model cross-validated without fold f may see: on fold f the plain
+    cross-fit's logits (bit for bit), on every other fold g a probe fitted without f and g. Changing fold f's
+    images leaves entry f untouched outside fold f, and moves the other entries (they saw fold f)."""
+    from retrofit.linear_probe import nested_cross_fit_logits, stratified_folds
+
+    z, y, _, _ = feats
+    fold = stratified_folds(y, 3, 0)
+    nested = nested_cross_fit_logits(z, y, 10, folds=3, weight_decay=WD)
+    assert nested.shape == (3, len(y), 10) and torch.isfinite(nested).all()
+    plain = cross_fit_logits(z, y, 10, folds=3, weight_decay=WD)
+    for f in range(3):
+        assert torch.equal(nested[f][fold == f], plain[fold == f])
+    fit = (fold != 0) & (fold != 2)  # a probe fitted on fold 1 alone gives entry 0 on fold 2 and entry 2 on fold 0
+    probe = fit_linear_probe(z[fit], y[fit], 10, weight_decay=WD, seed=3 + 1)  # (the pair's seed: folds + its index)
+    with torch.no_grad():
+        torch.testing.assert_close(nested[0][fold == 2], probe(z[fold == 2]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(nested[2][fold == 0], probe(z[fold == 0]), rtol=0, atol=1e-6)
+    other = z.clone()
+    other[fold == 1] = -other[fold == 1]  # fold 1's images replaced (their labels, hence the folds, kept)
+    moved = nested_cross_fit_logits(other, y, 10, folds=3, weight_decay=WD)
+    assert torch.equal(moved[1][fold != 1], nested[1][fold != 1])
+    for f in (0, 2):
+        assert not torch.allclose(moved[f][fold != 1], nested[f][fold != 1])  # they were fitted on fold 1
+    assert not torch.allclose(plain[fold != 1], cross_fit_logits(other, y, 10, folds=3, weight_decay=WD)[fold != 1])
+    with pytest.raises(ValueError, match="folds must be an int >= 3, got 2"):
+        nested_cross_fit_logits(z, y, 10, folds=2)
+    with pytest.raises(ValueError, match="needs rows in at least 3 folds"):
+        nested_cross_fit_logits(z[:2], y[:2], 10, folds=3)
