@@ -59,7 +59,10 @@ GRID = tuple(float(x) for x in np.arange(-1.0, 2.01, 0.125))  # post-hoc adjustm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="a small run (the setting of tests/test_kb_swap_example.py): --max-per-class 60 "
+                                       "--imbalance 10 --val-per-class 5 --test-per-class 20 --epochs 2 --web 400")
     p.add_argument("--max-per-class", type=int, default=500, help="labelled images of the most frequent class")
     p.add_argument("--imbalance", type=float, default=20.0, help="most / least frequent class in the labelled set")
     p.add_argument("--web", type=int, default=10_000, help="web image-caption pairs added by the swap")
@@ -67,12 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-per-class", type=int, default=200, help="test images per class (seeded draw)")
     p.add_argument("--epochs", type=int, default=10,
                    help="head training epochs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and the head")
     p.add_argument("--vote-form", default="log", choices=["log", "mix"],
-                   help="the head's label vote: added log-vote (default) or a probability mixture with the host "
+                   help="the head's label vote: added log-vote or a probability mixture with the host "
                         "(HeadConfig.vote_form; the scales then multiply the odds of its mixing weight)")
     p.add_argument("--whiten", type=float, default=0.0, metavar="SHRINKAGE",
-                   help="search KB_big in the whitened key space with this shrinkage (default 0 = raw cosines)")
+                   help="search KB_big in the whitened key space with this shrinkage (0 = raw cosines)")
     p.add_argument("--out", default="runs/kb_swap",
                    help="where the KBs and results.json go (a KB of the same samples and options is reused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -229,12 +229,17 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def save_results(results: dict[str, dict[str, Any]], json_path: str | Path, markdown_path: str | Path | None = None
-                 ) -> None:
-    """Write ``results`` (name -> evaluate() dict) as JSON and, optionally, the markdown table."""
+def save_results(results: dict[str, dict[str, Any]], json_path: str | Path, markdown_path: str | Path | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
+    """Write ``results`` (name -> evaluate() dict) as JSON and, optionally, the markdown table. ``meta``: what was
+    evaluated (data, head, KB, settings), stored under the JSON's ``"meta"`` key and listed under the table."""
+    if meta is not None and "meta" in results:
+        raise ValueError("a result named 'meta' would clash with the meta entry; rename it")
     for path in (json_path, markdown_path):
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False))  # NaN -> null
+    doc = {**results, "meta": meta} if meta is not None else results
+    Path(json_path).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False))  # NaN -> null
     if markdown_path is not None:
-        Path(markdown_path).write_text(markdown_table(results))
+        lines = [f"- {k}: {v}" for k, v in (meta or {}).items()]
+        Path(markdown_path).write_text(markdown_table(results) + ("\n\n" + "\n".join(lines) + "\n" if lines else ""))

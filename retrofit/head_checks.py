@@ -47,12 +47,19 @@ def store_label_counts(store: Store, num_classes: int, labels: torch.Tensor | No
     return torch.bincount(labels, minlength=num_classes)
 
 
+_WARNED_UNNAMED: set[tuple[str, tuple[str, ...]]] = set()  # (KB, class list) pairs warned about unnamed labels
+
+
 def _check_vote_classes(c: HeadConfig, store: Store, labels: torch.Tensor | None) -> None:
     """The label vote reads the store's label ids as the head's classes: refuse a store whose ids mean others."""
     theirs = getattr(store, "class_names", None)
+    seen = None
     if (theirs is None and hasattr(store, "class_names") and c.class_names is not None and labels is not None
             and bool((labels >= 0).any())):  # (a KB built without a class list; an InMemoryStore keeps none)
         names = ", ".join(f"{i}={n}" for i, n in enumerate(c.class_names[:3]))
+        seen = (str(getattr(store, "path", id(store))), tuple(c.class_names))
+    if seen is not None and seen not in _WARNED_UNNAMED:  # once per KB and class list (a
+        _WARNED_UNNAMED.add(seen)  # head is attached to its KB again, e.g. for training and then validation)
         logger.warning("the knowledge base's labels carry no class names: the label vote reads its label i as the "
                        "head's class i (%s, ...); if they were numbered in another order the vote is wrong. Build "
                        "the knowledge base with the class list (--classes / BuildConfig.class_names) to have this "

@@ -171,3 +171,9 @@ def test_a_vote_head_warns_that_a_kb_without_class_names_cannot_be_checked(tmp_p
         RetrievalHead(HeadConfig(**cfg)).attach(kb)  # a head without names: nothing to compare
         RetrievalHead(HeadConfig(**{**cfg, "label_vote": False}, class_names=["a", "b", "c"])).attach(kb)
     assert "no class names" not in caplog.text
+    with caplog.at_level("WARNING", logger="retrofit"):  # the same KB and names again (a CLI run attached it twice,
+        RetrievalHead(HeadConfig(**cfg, class_names=["airplane", "bird", "car"])).attach(kb)  # and said it twice)
+    assert "no class names" not in caplog.text
+    with caplog.at_level("WARNING", logger="retrofit"):  # another class list: said again
+        RetrievalHead(HeadConfig(**cfg, class_names=["bird", "car", "airplane"])).attach(kb)
+    assert caplog.text.count("labels carry no class names") == 1

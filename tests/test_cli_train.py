@@ -105,6 +105,11 @@ def test_train_resume_eval_predict(setup, trained, capsys, tmp_path):
     assert full["retrofitted"]["n"] == 10 * PER_CLASS_TEST and len(full["retrofitted"]["per_class_acc"]) == 10
     assert (out / "eval" / "per_class.png").read_bytes()[:4] == b"\x89PNG"
     assert "| retrofitted |" in (out / "eval" / "eval.md").read_text()
+    # what was evaluated is kept with the figures (the next eval replaces them)
+    meta = full["meta"]
+    assert meta["data"] == str(setup / "test.tar") and meta["samples"] == 10 * PER_CLASS_TEST
+    assert meta["cutoffs"] == [20, 5] and meta["keep_self"] is False and meta["head"] and meta["kb"]
+    assert f"- data: {setup / 'test.tar'}" in (out / "eval" / "eval.md").read_text()
     assert "replacing" not in capsys.readouterr().err
     assert main(["eval", "--run", str(out), "--data", str(setup / "test.tar"), "--quiet"]) == 0  # the same folder
     assert "replacing the results of an earlier eval" in capsys.readouterr().err
@@ -468,7 +473,11 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
                         (["--val", str(tmp_path / "nosuch")], "nosuch")):  # found after the features were computed
         assert says in err([*_train_args(setup, tmp_path / "fresh2"), *extra]), extra
         assert not (tmp_path / "fresh2" / "cache").exists()
-    assert "--batch-size must be" in err([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"])
+    for argv in ([*_train_args(setup, tmp_path / "fresh"), "--batch-size", "0"], ["demo", "--seeds", "0"],
+                 ["demo", "--workers", "-1"]):  # an integer under a flag's minimum: the usage, as --top 0 below
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "must be an integer >= " in capsys.readouterr().err, argv
     # the options the user typed, not the config classes' field names (HeadConfig.dim=32 ... heads=5)
     assert "--dim 32 must be divisible by --heads 5" in err([*_train_args(setup, tmp_path / "fresh"), "--heads", "5"])
     assert not (tmp_path / "fresh" / "run.json").exists()  # nothing written for a refused run
@@ -489,7 +498,6 @@ def test_bad_settings_and_paths_fail_before_any_work_and_keep_the_run(setup, tra
         main(["predict", str(a_file), "--run", str(done), "--top", "0"])
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
     assert "unknown rows ['99']" in err(["demo", "--rows", "99"])
-    assert "seeds must be an int >= 1" in err(["demo", "--seeds", "0"])
 
 
 def test_noise_note_goes_to_stderr(setup, trained, capsys, tmp_path):

@@ -709,7 +709,7 @@ def test_kb_add_ctrl_c_after_a_commit_adds_nothing_twice(tmp_path, mini_samples,
 
 
 def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini_samples, cifar_classes,  # noqa: F811
-                                                                  encoders):
+                                                                  encoders, caplog):
     """Found by a review of the class-list inference for manifests of class names: (a) added to a KB that numbers
     its labels without names, the manifest's sorted names numbered cats 0 and dogs 1, silently; (b) caption
     labelling refused the class list a webdataset source brings (classes.json)."""
@@ -725,8 +725,11 @@ def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini
         w = csv.DictWriter(f, fieldnames=["image", "caption", "label"])
         w.writeheader()
         w.writerows(rows)
-    s = build_kb(str(tmp_path / "ints.csv"), tmp_path / "kb", **encoders, **FAST)  # numbers, no class list
+    with caplog.at_level("WARNING", logger="retrofit.ingest"):
+        s = build_kb(str(tmp_path / "ints.csv"), tmp_path / "kb", **encoders, **FAST)  # numbers, no class list
     assert s.written == 20
+    assert "labels are class numbers and no class list names them" in caplog.text  # said at build, not at train
+    assert "pass --classes" in caplog.text
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert kb.class_names is None
     names = make_manifest(tmp_path / "names", mini_samples[20:30], cifar_classes)  # labels 'cat', 'dog', ...

@@ -49,7 +49,7 @@ def test_kb_cli_round_trip(tmp_path, capsys):
     assert main(["kb", "delete", path, "10-12,20"]) == 0  # ranges are inclusive
     assert "deleted 4 records; 33 live" in capsys.readouterr().out
     assert main(["kb", "delete", path, "30-25"]) == 1
-    assert "'30-25' is not a record id or range" in capsys.readouterr().err
+    assert "ids: range 30-25 is reversed (an inclusive range goes low-high, e.g. 25-30)" in capsys.readouterr().err
     assert main(["kb", "info", str(tmp_path / "nope")]) == 1
     assert "nope does not exist; build one with `retrofit kb build SOURCE" in capsys.readouterr().err
     (tmp_path / "other").mkdir()

@@ -66,6 +66,22 @@ def test_cli_version():
     assert out.stdout.strip() == f"retrofit {retrofit.__version__}"
 
 
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_cli_keeps_openmp_from_spinning_unless_told_otherwise(given):
+    """torch's and faiss's OpenMP runtimes spinning on 2 cores slowed CLI training 10x: the command sets
+    OMP_WAIT_POLICY=PASSIVE before it imports torch, and keeps a value the user set."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys, contextlib, io, retrofit.cli as c\nassert 'torch' not in sys.modules\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    rc = c.main(['info', '--json'])\n"
+            "print(rc, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
+    assert out.split() == ["0", given or "PASSIVE", "True"]
+
+
 def test_cli_info_json():
     out = subprocess.run([sys.executable, "-m", "retrofit.cli", "info", "--json"], check=True, capture_output=True,
                          text=True).stdout

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from retrofit.commands import guarded
+from retrofit.commands import at_least_one, guarded, nonnegative
 
 
 @guarded
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Embeddings and knowledge bases are cached (first run encodes ~60,000 images). "
                     "Example: retrofit demo --seeds 3",
     )
-    p.add_argument("--seeds", type=int, default=None, help="head-training seeds; > 1 gives mean ± std (default 1)")
+    p.add_argument("--seeds", type=at_least_one, default=None,
+                   help="head-training seeds; > 1 gives mean ± std (default 1)")
     p.add_argument("--rows", default=None,
                    help="comma-separated rows to run, e.g. 4,5 (default: all; rows 1-3 and the fixed-fusion "
                    "references are always computed and shown: the trained rows build on them)")
@@ -66,13 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "usual settings); results go to cifar10_lt_if<IF>.*")
     p.add_argument("--noise-rate", type=float, default=None, metavar="RATE",
                    help="symmetric label noise of row 8 (default 0.4); results go to cifar10_lt_noise<RATE>.*")
-    p.add_argument("--epochs", type=int, default=None, help="head-training epochs (default 10)")
-    p.add_argument("--epochs-ext", type=int, default=None, metavar="N",
+    p.add_argument("--epochs", type=at_least_one, default=None, help="head-training epochs (default 10)")
+    p.add_argument("--epochs-ext", type=at_least_one, default=None, metavar="N",
                    help="epochs of the head trained with KB_ext, row 6 (default 1: chosen by cross-validation on the "
                         "long-tail images; retrofit.demo_cv)")
-    p.add_argument("--k", type=int, default=None, help="neighbours per query")
-    p.add_argument("--dim", type=int, default=None, help="head width d")
-    p.add_argument("--depth", type=int, default=None, help="cross-fusion layers L")
+    p.add_argument("--k", type=at_least_one, default=None, help="neighbours per query")
+    p.add_argument("--dim", type=at_least_one, default=None, help="head width d")
+    p.add_argument("--depth", type=at_least_one, default=None, help="cross-fusion layers L")
     p.add_argument("--whiten-ext", type=float, default=None, metavar="SHRINKAGE",
                    help="key whitening of KB_ext's index (default 0.1; 0 = cosine on the raw keys, as before 23 Nov)")
     p.add_argument("--whiten-in", type=float, default=None, metavar="SHRINKAGE",
@@ -97,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(zero-shot, as for a web corpus without labels); results go to cifar10_lt_ext_captions.*")
     p.add_argument("--retrain", action="store_true",
                    help="train every head again instead of reusing heads cached by an identical earlier run")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=nonnegative, default=None, metavar="N",
                    help="heads trained at once, in worker processes with one thread each (default: one per usable "
                         "core, as many as the available memory holds; 1 = one at a time in this process; the same "
                         "heads either way)")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import guarded
+from retrofit.commands import at_least_one, guarded
 
 
 def _open(path: str, readonly: bool = True):
@@ -188,7 +188,8 @@ def _parse_ids(parts: list[str], what: str, upto: int | None = None) -> list[int
                 if dash:
                     a, b = int(lo), int(hi)
                     if b < a:
-                        raise ValueError
+                        raise ValueError(f"{what}: range {s} is reversed (an inclusive range goes low-high, e.g. "
+                                         f"{b}-{a})")
                     if upto is not None and b >= upto:
                         raise ValueError(f"{what}: range {s} reaches id {b}, but the knowledge base's ids end at "
                                          f"{upto - 1}") from None
@@ -272,7 +273,7 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="knowledge-base directory")
     p.add_argument("--ids", help="comma-separated record ids whose keys are the queries (each excludes itself)")
     p.add_argument("--vectors", help="query vectors: .npy, .pt (a tensor) or .json, shape (B, key_dim) or (key_dim,)")
-    p.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("-k", type=at_least_one, default=5, help="neighbours per query (default 5)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_query)
 

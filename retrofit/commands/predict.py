@@ -106,6 +106,9 @@ def _head_inputs(run: dict[str, Any], head: Any, fs: Any) -> Any:
 
 @guarded(also=(TypeError,))
 def cmd_eval(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from retrofit import __version__
     from retrofit.evaluation import evaluate, logit_adjust, markdown_table, save_results
     from retrofit.plots import plot_per_class_accuracy
     from retrofit.prediction import _device
@@ -135,7 +138,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or (Path(args.run) / default if args.run else default))
     if not args.out and (out / "eval.json").is_file():
         print(f"note: replacing the results of an earlier eval in {out} (--out DIR keeps both)", file=sys.stderr)
-    save_results(results, out / "eval.json", out / "eval.md")
+    meta = {"data": str(args.data), "model": run["model"], "head": str(run["head_path"]), "kb": str(run["kb"]),
+            "vote_scale": float(head.vote.scale) if getattr(head, "vote", None) is not None else None,
+            "keep_self": bool(args.keep_self), "cutoffs": [hi, lo], "samples": len(fs.labels),
+            "retrofit": __version__, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    save_results(results, out / "eval.json", out / "eval.md", meta=meta)
     plot_per_class_accuracy({n: r for n, r in results.items() if "logit adj." not in n}, out / "per_class.png")
     print(json.dumps({n: {k: r[k] for k in ("top1", "top5", "many", "medium", "few", "nll", "ece")}
                       for n, r in results.items()}) if args.json else markdown_table(results))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrofit.commands import guarded, manifest_column_args
+from retrofit.commands import at_least_one, guarded, manifest_column_args
 from retrofit.commands.run_inputs import RUN_FILE, _check_kb, _labels, _open_kb, _runtime, _source, data_path
 from retrofit.train_checkpoint import RESUME_FREE
 
@@ -362,9 +362,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L2 weight decay of the linear host probe (default 1e-3; larger for small data sets)")
     p.add_argument("--train-host", action="store_true", help="also train the host classifier layer jointly")
     g = p.add_argument_group("hyper-parameters (RetFormer defaults)")
-    g.add_argument("--epochs", type=int, default=25, help="training epochs (default %(default)s)")
+    g.add_argument("--epochs", type=at_least_one, default=25, help="training epochs (default %(default)s)")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=256, help="samples per step (default %(default)s)")
+    g.add_argument("--batch-size", type=at_least_one, default=256, help="samples per step (default %(default)s)")
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warm-up, then cosine decay (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default %(default)s)")
@@ -375,10 +375,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CE or logit-adjusted CE, for long-tailed data (default %(default)s)")
     g.add_argument("--tau-la", type=float, default=1.0,
                    help="logit-adjustment strength for --loss lace (default %(default)s)")
-    g.add_argument("--k", type=int, default=32, help="neighbours per image (default %(default)s)")
-    g.add_argument("--dim", type=int, default=512, help="model dimension d of the fusion layers (default %(default)s)")
-    g.add_argument("--depth", type=int, default=4, help="cross-fusion layers L (default %(default)s)")
-    g.add_argument("--heads", type=int, default=8, help="attention heads; must divide --dim (default %(default)s)")
+    g.add_argument("--k", type=at_least_one, default=32, help="neighbours per image (default %(default)s)")
+    g.add_argument("--dim", type=at_least_one, default=512,
+                   help="model dimension d of the fusion layers (default %(default)s)")
+    g.add_argument("--depth", type=at_least_one, default=4, help="cross-fusion layers L (default %(default)s)")
+    g.add_argument("--heads", type=at_least_one, default=8,
+                   help="attention heads; must divide --dim (default %(default)s)")
     g.add_argument("--dropout", type=float, default=0.0, help="on the head's tokens (default %(default)s)")
     g.add_argument("--modalities", default="image+text", choices=["image+text", "image", "text"],
                    help="what the head reads of the neighbours; image / text: the paper's ablations "
