@@ -208,8 +208,8 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         log.warning("%s's labels are class numbers and no class list names them (no classes.json beside the first "
                     "shard, no --classes / class_names): the knowledge base keeps none, so `retrofit train` will ask "
                     "for --classes, `kb merge` refuses to combine it with a named KB, and a label-vote head cannot "
-                    "check the class order; stop and pass --classes FILE|A,B,... (class_names=[...] in Python) to "
-                    "record one", src.location)
+                    "check the class order; pass --classes FILE|A,B,... (class_names=[...] in Python) to record "
+                    "one, or later `retrofit kb classes KB --set FILE`", src.location)
     if exists:
         image, text, keys = _chosen(cfg, image_encoder, text_encoder, key_encoder)
         check_specs(kb_fp, {"key": image if keys is None else keys, "image": image, "text": text}, path, kb_specs,

@@ -44,7 +44,10 @@ def _check_compatible(inputs: list[str | Path], kbs: list[Any]) -> None:
             raise RetrofitError(f"cannot merge {inputs[0]} and {p}: dimensions differ")
         if first.class_names != kb.class_names:
             raise RetrofitError(f"cannot merge: {inputs[0]} has classes {first.class_names}, {p} has "
-                                f"{kb.class_names}; rebuild with the same class_names")
+                                f"{kb.class_names}; rebuild with the same class_names"
+                                + (" (or record the list a knowledge base lacks: `retrofit kb classes PATH --set "
+                                   "FILE`, KnowledgeBase.set_class_names)"
+                                   if None in (first.class_names, kb.class_names) else ""))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Writing to a knowledge base: ``add``, ``update_meta``, ``delete`` and ``compact``.
+"""Writing to a knowledge base: ``add``, ``update_meta``, ``set_class_names``, ``delete`` and ``compact``.
 
 A mixin of :class:`retrofit.knowledge_base.KnowledgeBase`; it relies on the attributes that class sets
 (``_rec`` records, ``_meta``, ``_deleted`` tombstones, ``_bulk``) and on the index maintenance of
@@ -129,6 +129,43 @@ class KBWriteMixin:
             with self._rec.write() as txn:
                 m = self._rec.read_meta(txn)
                 m["user_meta"].update(meta)
+                m["generation"] += 1
+                self._rec.write_meta(txn, m)
+            self._meta = self._rec.meta = m
+        except BaseException:
+            self._sync_meta()
+            raise
+
+    def set_class_names(self, names: list[str]) -> None:
+        """Record the class list of a knowledge base built without one (label ``i`` is ``names[i]``), in one
+        transaction. Given again, the same list is a no-op; a knowledge base that has another list keeps it (its
+        labels already mean those classes: rebuild, or map your classifier's names onto it). ``names`` must be
+        distinct strings, at least one more than the largest label stored."""
+        self._check_writable()
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+                isinstance(n, str) and n for n in names):
+            raise ValueError(f"class names must be a non-empty list of non-empty strings, got {names!r:.80}")
+        names = list(names)
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"class names must be distinct, got {dup[:5]} more than once")
+        if self.class_names is not None:
+            if list(self.class_names) == names:
+                return
+            raise ValueError(f"{self.path} already has a class list ({len(self.class_names)} classes: "
+                             f"{self.class_names[:4]}...); its labels mean those classes, so it is kept: rebuild "
+                             "the knowledge base to number them otherwise")
+        labels = self.labels()
+        top = int(labels.max()) if labels.numel() else -1
+        if top >= len(names):
+            raise ValueError(f"{self.path} has label {top}, but {len(names)} class names name labels "
+                             f"0..{len(names) - 1}; give at least {top + 1} names, in the order of its label numbers")
+        try:
+            with self._rec.write() as txn:
+                m = self._rec.read_meta(txn)
+                if m.get("class_names") is not None:  # (set meanwhile by another writer: refused as above)
+                    raise ValueError(f"{self.path} got a class list meanwhile; nothing was changed")
+                m["class_names"] = names
                 m["generation"] += 1
                 self._rec.write_meta(txn, m)
             self._meta = self._rec.meta = m

@@ -729,7 +729,7 @@ def test_class_lists_from_the_data_and_from_the_kb_are_kept_apart(tmp_path, mini
         s = build_kb(str(tmp_path / "ints.csv"), tmp_path / "kb", **encoders, **FAST)  # numbers, no class list
     assert s.written == 20
     assert "labels are class numbers and no class list names them" in caplog.text  # said at build, not at train
-    assert "pass --classes" in caplog.text
+    assert "pass --classes" in caplog.text and "retrofit kb classes KB --set FILE" in caplog.text
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert kb.class_names is None
     names = make_manifest(tmp_path / "names", mini_samples[20:30], cifar_classes)  # labels 'cat', 'dog', ...

@@ -183,3 +183,54 @@ def test_a_full_disk_is_one_clear_error(tmp_path, capsys):
     # a path that cannot be written (a file where a folder is needed, no permission) is: one clear line
     assert guarded(lambda args: (_ for _ in ()).throw(OSError(errno.EACCES, "denied", "out/x")))(None) == 1
     assert "denied" in capsys.readouterr().err
+
+
+def test_a_kb_built_without_a_class_list_can_be_given_one(tmp_path, capsys):
+    """A KB built from numbered labels without names could only be rebuilt (hours for a large one) to get a class
+    list, which `retrofit train`, `kb merge` with a named KB and the label vote's order check need."""
+    from retrofit.errors import KnowledgeBaseError
+    from retrofit.kb_merge import merge_kbs
+
+    path = tmp_path / "unnamed"
+    kb = KnowledgeBase.create(path, 8, 4, 2)
+    g = torch.Generator().manual_seed(0)
+    kb.add(torch.randn(30, 8, generator=g), torch.randn(30, 4, generator=g), torch.randn(30, 2, generator=g),
+           labels=torch.arange(30) % 3)
+    with pytest.raises(ValueError, match="has label 2, but 2 class names name labels 0..1; give at least 3 names"):
+        kb.set_class_names(["cat", "dog"])
+    for bad, says in ((["cat", "cat", "owl"], r"must be distinct, got \['cat'\]"), ("cat", "non-empty list"),
+                      (["cat", "", "owl"], "non-empty strings"), ([], "non-empty list")):
+        with pytest.raises(ValueError, match=says):
+            kb.set_class_names(bad)
+    assert kb.class_names is None
+    gen = kb.generation
+    kb.close()
+    with KnowledgeBase.open(path) as ro, pytest.raises(KnowledgeBaseError, match="read-only"):
+        ro.set_class_names(["cat", "dog", "owl"])
+    assert main(["kb", "classes", str(path)]) == 0
+    assert "keeps no class list" in capsys.readouterr().out
+    assert main(["kb", "classes", str(path), "--set", str(tmp_path / "nosuch.json")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["kb", "classes", str(path), "--set", "cat,dog,owl"]) == 0
+    assert capsys.readouterr().out.strip() == "3 classes (recorded now): 0=cat, 1=dog, 2=owl"
+    with KnowledgeBase.open(path, readonly=False) as kb:
+        assert kb.class_names == ["cat", "dog", "owl"] and kb.generation == gen + 1 and len(kb) == 30
+        kb.set_class_names(["cat", "dog", "owl"])  # the same list again: nothing to do
+        assert kb.generation == gen + 1
+        with pytest.raises(ValueError, match="already has a class list"):
+            kb.set_class_names(["owl", "dog", "cat"])
+        with pytest.raises(ValueError):  # labels are now checked against the list
+            kb.add(torch.randn(1, 8), torch.randn(1, 4), torch.randn(1, 2), labels=torch.tensor([3]))
+        assert len(kb) == 30 and kb.class_names == ["cat", "dog", "owl"]
+    assert main(["kb", "classes", str(path), "--set", "owl,dog,cat"]) == 1
+    assert "already has a class list" in capsys.readouterr().err
+    assert main(["kb", "classes", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"class_names": ["cat", "dog", "owl"]}
+    named = tmp_path / "named"  # now it merges with a KB named the same way
+    other = KnowledgeBase.create(named, 8, 4, 2, class_names=["cat", "dog", "owl"])
+    other.add(torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g),
+              labels=torch.tensor([0, 1, 2, 0, 1]))
+    other.close()
+    merge_kbs([path, named], tmp_path / "both")
+    with KnowledgeBase.open(tmp_path / "both") as both:
+        assert len(both) == 35 and both.class_names == ["cat", "dog", "owl"]

@@ -1,5 +1,5 @@
-"""``retrofit kb info|verify|query|delete|compact PATH``, ``retrofit kb copy PATH -o OUT``: inspect and maintain a
-knowledge base."""
+"""``retrofit kb info|verify|query|classes|delete|compact PATH``, ``retrofit kb copy PATH -o OUT``: inspect and
+maintain a knowledge base."""
 
 from __future__ import annotations
 
@@ -253,6 +253,26 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+@guarded
+def cmd_classes(args: argparse.Namespace) -> int:
+    from retrofit.commands.kb_build import _classes
+
+    names = _classes(args.set) if args.set is not None else None  # (a bad --set before the KB is opened)
+    with _open(args.path, readonly=names is None) as kb:
+        if names is not None:
+            kb.set_class_names(names)
+        current = kb.class_names
+    if args.json:
+        print(json.dumps({"class_names": current}))
+    elif current is None:
+        print(f"{args.path} keeps no class list (its labels are numbers only); record one with "
+              f"`retrofit kb classes {args.path} --set FILE|A,B,...` in the order of its label numbers")
+    else:
+        print(f"{len(current)} classes" + (" (recorded now)" if names is not None else "") + ": "
+              + ", ".join(f"{i}={n}" for i, n in enumerate(current)))
+    return 0
+
+
 def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p = kb_sub.add_parser("info", help="counts, dims, fingerprints, index and disk use of a knowledge base",
                           description="Describe a knowledge base. Example: retrofit kb info kb/cifar10")
@@ -293,6 +313,17 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
                    help="rebuild the index with key whitening of this shrinkage (0 turns it off; default: keep the "
                         "KB's setting; a whitened index fits it again on the live records)")
     p.set_defaults(func=cmd_compact)
+
+    p = kb_sub.add_parser("classes", help="show the class list of a knowledge base, or record one it lacks",
+                          description="The class names its labels index. A knowledge base built from numbered labels "
+                                      "without a list keeps none; --set records one (label i is the i-th name), "
+                                      "once: a list it has is kept. Example: retrofit kb classes kb/cifar10 --set "
+                                      "classes.json")
+    p.add_argument("path", help="knowledge-base directory")
+    p.add_argument("--set", default=None, metavar="FILE|A,B,...",
+                   help="record this class list: a .json list, a file with one name per line, or a comma list")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_classes)
 
     p = kb_sub.add_parser("copy", help="copy a knowledge base to a new directory, compacted (gives the space of "
                                        "deleted records back to the disk; ids and index kept)",
