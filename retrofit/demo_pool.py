@@ -196,14 +196,12 @@ def _vote(cfg: DemoConfig, spec: HeadSpec) -> bool:
 
 
 def _fold_head(cfg: DemoConfig, data: DemoData, job: FoldJob) -> Any:
-    from retrofit.demo_train import new_head, one_thread, shifted, train_config
+    from retrofit.demo_cv import _features_for
+    from retrofit.demo_train import new_head, one_thread, train_config
     from retrofit.training import train
 
     spec = job.spec
-    fs = data.train_features(spec.kb, noisy=spec.noisy)
-    if job.host is not None:
-        fs = replace(fs, host_logits=job.host)
-    fs = shifted(fs, job.shift).subset(job.fit)
+    fs = _features_for(data, spec.kb, spec.noisy, job.host, job.shift).subset(job.fit)
     head = new_head(cfg, data, spec.kb, job.seed, spec.modalities, _vote(cfg, spec))
     with one_thread():
         return train(head, fs, train_config(cfg, spec.kb, job.seed, job.epochs), store=data.kb(spec.kb)).head

@@ -169,14 +169,11 @@ def nested_cross_fit_logits(z: torch.Tensor, labels: torch.Tensor, num_classes: 
     """
     z, labels, fold = _cross_fit_setup(z, labels, folds, seed, weight_decay, "nested_cross_fit_logits", 3)
     folds = int(folds)
+    plain = cross_fit_logits(z, labels, num_classes, folds=folds, seed=seed, weight_decay=weight_decay,
+                             max_iter=max_iter)
     out = torch.empty(folds, labels.numel(), num_classes)
-    for f in range(folds):  # each fold's own rows: the plain cross-fit's probes (same seeds)
-        held = fold == f
-        if held.any():
-            probe = fit_linear_probe(z[~held], labels[~held], num_classes, weight_decay=weight_decay,
-                                     max_iter=max_iter, seed=(seed + f) % (1 << 64))
-            with torch.no_grad():
-                out[f, held] = probe(z[held].float().cpu())
+    for f in range(folds):  # each fold's own rows: the plain cross-fit's
+        out[f, fold == f] = plain[fold == f]
     pairs = [(f, g) for f in range(folds) for g in range(f + 1, folds)]
     for i, (f, g) in enumerate(pairs):  # a probe without folds f and g serves entry f on fold g and entry g on f
         fit = (fold != f) & (fold != g)
