@@ -24,7 +24,14 @@ class MissingDependencyError(RetrofitError, ImportError):
 
 
 class FingerprintMismatchError(RetrofitError):
-    """Two parts were built with different encoders (e.g. a head and a knowledge base)."""
+    """Two parts were built with different encoders (e.g. a head and a knowledge base).
+
+    ``cli_message`` is the same text with the command line's flag as the override instead of the Python keyword
+    (the ``retrofit`` commands print it)."""
+
+    def __init__(self, message: str, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 class KnowledgeBaseError(RetrofitError):

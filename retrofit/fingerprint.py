@@ -86,11 +86,12 @@ def check_fingerprints(
     if expected is None or actual is None or allow_mismatch:
         return
     if not expected.matches(actual):
+        head = (f"{what}: expected vectors from {expected}, but got vectors from {actual}. Rebuild the knowledge "
+                "base with the same encoder, or, if you know the two spaces are compatible, ")
         raise FingerprintMismatchError(
-            f"{what}: expected vectors from {expected}, but got vectors from {actual}. "
-            "Rebuild the knowledge base with the same encoder, or, if you know the two spaces are compatible, "
-            "pass allow_fingerprint_mismatch=True (command line: --allow-fingerprint-mismatch on `retrofit train`, "
-            "`eval`, `calibrate` and `predict`)."
+            head + "pass allow_fingerprint_mismatch=True (command line: --allow-fingerprint-mismatch on "
+            "`retrofit train`, `eval`, `calibrate` and `predict`).",
+            cli_message=head + "add --allow-fingerprint-mismatch to the command.",
         )
 
 

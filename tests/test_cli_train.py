@@ -419,6 +419,7 @@ def test_eval_predict_calibrate_refuse_a_kb_from_another_encoder_unless_allowed(
         assert main([*argv, "--quiet"] if argv[0] == "eval" else argv) == 1
         msg = capsys.readouterr().err
         assert "resnet18" in msg and "darknet-tiny" in msg and "--allow-fingerprint-mismatch" in msg, argv
+        assert "allow_fingerprint_mismatch=True" not in msg, msg  # the flag, not the Python keyword
         assert main([*argv, "--allow-fingerprint-mismatch", "--json"]) == 0, argv
         capsys.readouterr()
     calibrate = ["calibrate", "--data", str(setup / "test.tar"), "--no-cache", *base]

@@ -15,7 +15,7 @@ def _message(e: BaseException) -> str:
     """The error's text; a KeyError's quoted repr (``'name'``) loses its quotes, nothing else is cut. The OS's own
     wording of a path error (``[Errno 20] Not a directory: 'cat.jpg/kb/records'``) says what is wrong with the
     path and what to do instead."""
-    text = str(e)
+    text = getattr(e, "cli_message", None) or str(e)  # (a FingerprintMismatchError names the flag, not the keyword)
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(e, KeyError):
         text = text[1:-1]
     if isinstance(e, _PATH_ERRORS) and text.startswith("[Errno") and e.filename is not None:
