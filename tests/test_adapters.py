@@ -566,7 +566,7 @@ def test_head_without_neighbours_k0_in_wrap_predict_and_train(seed: int) -> None
 
 
 def test_an_encoder_retriever_follows_the_models_dtype(seed: int) -> None:
-    """An ImageEncoder retriever (README: retriever=retrofit.load_image_encoder(spec)) is not a submodule, so
+    """An ImageEncoder retriever (docs/hosts.md: retriever=retrofit.load_image_encoder(spec)) is not a submodule, so
     wrapped.bfloat16() left it in float32 while the images were cast to bfloat16 ("Input type (c10::BFloat16) and
     bias type (float) should be the same"); the retriever now gets the images in its own dtype."""
     from retrofit.encoders import ImageEncoder
