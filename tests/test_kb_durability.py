@@ -836,8 +836,8 @@ def test_an_interrupted_index_update_leaves_a_handle_that_keeps_working(tmp_path
 
 
 def test_a_kb_this_user_may_only_read_is_readable(tmp_path):
-    """Found by a crash soak: a KB whose files the user cannot write (another user's; docs/knowledge_bases.md: open it read-only)
-    could not even be read: every read command died with lmdb.ReadonlyError (LMDB writes its lock file)."""
+    """Found by a crash soak: a KB whose files the user cannot write (another user's; docs/knowledge_bases.md: open it
+    read-only) could not even be read: every read command died with lmdb.ReadonlyError (LMDB writes its lock file)."""
     import shutil
     import tempfile
 
