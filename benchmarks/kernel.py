@@ -24,13 +24,12 @@ Roofline estimate (default shape: B = 256, k = 32 -> S = 33, d = 512, H = 8, fp1
   bound by its ~30 kernel launches (32 kernel-launching aten ops for fp16 inputs), which the fused forward
   replaces with one.
 
-Measured (H100 80GB HBM3, torch 2.11 / Triton 3.6, fp16, 22 Nov 2026; table in docs/benchmarks.md): at this
-shape the fused forward's kernel takes 52 us (57 % of the 2.91 TB/s copy bandwidth measured in the run, vs the 30 us
-floor at that bandwidth); the call takes ~180 us of wall time, which is the CPU's launch work, as at B = 1
-and 32. Wall time vs eager: 3.6-9.6x forward, 2.9-3.8x forward+backward over all nine shapes.
-Again on 23 Nov 2026 with ``--graphs`` (the compile baselines too; table in docs/benchmarks.md): 4.3-6.9x /
-2.7-4.6x eager; the kernel's forward GPU time at B = 256 2.0-3.7x below the fastest other implementation's
-(compiled or not). fp32
+Measured (H100 80GB HBM3, torch 2.11 / Triton 3.6, fp16, 22 Nov 2026): at this shape the fused forward's kernel
+takes 52 us (57 % of the 2.91 TB/s copy bandwidth measured in the run, vs the 30 us floor at that bandwidth);
+the call takes ~180 us of wall time, which is the CPU's launch work, as at B = 1 and 32. Wall time vs eager:
+3.6-9.6x forward, 2.9-3.8x forward+backward over all nine shapes. Again on 23 Nov 2026 with ``--graphs`` (the
+compile baselines too; table in docs/benchmarks.md): 4.3-6.9x / 2.7-4.6x eager; the kernel's forward GPU time at
+B = 256 2.0-3.7x below the fastest other implementation's (compiled or not). fp32
 (``--dtype fp32``) is the exception: its IEEE fp32 dots make forward+backward at B = 256 2.1-2.5x eager's GPU time,
 so fp32 tensors take PyTorch's attention unless ``RETROFIT_FUSED=1``.
 """

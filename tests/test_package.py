@@ -37,10 +37,10 @@ def test_public_api_resolves_lazily():
     assert set(retrofit.__all__) >= {"RetrievalHead", "KnowledgeBase", "wrap", "Neighbors", "EncoderFingerprint"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         retrofit.nope  # noqa: B018
-    # README writes retrofit.models.darknet_tiny() after a bare `import retrofit`
+    # the docs write retrofit.models.darknet_tiny() after a bare `import retrofit`
     assert _run("import sys, retrofit; print('retrofit.models' in sys.modules, "
                 "callable(retrofit.models.darknet_tiny))").split() == ["False", "True"]
-    # ... and every other submodule it names the same way (retrofit.encoders.host_encoder, retrofit.noise...)
+    # ... and every other submodule they name the same way (retrofit.encoders.host_encoder, retrofit.noise...)
     code = ("import retrofit; print(retrofit.encoders.host_encoder.__name__, "
             "retrofit.noise.symmetric_noise.__name__, retrofit.caption_labels.CaptionLabeller.__name__)")
     assert _run(code).split() == ["host_encoder", "symmetric_noise", "CaptionLabeller"]
