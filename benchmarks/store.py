@@ -129,13 +129,15 @@ def open_probe(kb_dir: Path, what: str, cache: str = "warm") -> dict:
 
 
 def measure(kb_dir: Path, build, queries: np.ndarray, truth, gather_arrays, k: int, batch: int,
-            prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None, whiten: float = 0.0) -> dict:
+            prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None, whiten: float = 0.0,
+            ef_construction: int = 40) -> dict:
     """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle. ``truth``: the exact
     top-k ids, or (with ``whiten``) a function of the KB's fitted transform giving them in the whitened space."""
     out: dict = {"hnsw_storage": hnsw_storage}
     t0 = time.perf_counter()
     rows, lab = gather_arrays  # in-RAM float16 (n, DIM + TEXT_DIM) image + text vectors, (n,) labels
-    kb = KnowledgeBase.create(kb_dir, DIM, DIM, rows.shape[1] - DIM, hnsw_storage=hnsw_storage, whiten=whiten)
+    kb = KnowledgeBase.create(kb_dir, DIM, DIM, rows.shape[1] - DIM, hnsw_storage=hnsw_storage, whiten=whiten,
+                              ef_construction=ef_construction)
     n = build(kb)  # the number of records, or (records, seconds spent outside the KB: making the data)
     n, aside = n if isinstance(n, tuple) else (n, 0.0)
     kb.close()
@@ -255,7 +257,7 @@ def synthetic(args: argparse.Namespace, root: Path) -> dict:
 
     warm = np.concatenate([x for _, (x, _, _) in gen.blocks(2, args.batch)])  # a third stream: warm-up only
     out = measure(root / "synthetic", build, queries, truth, (rows, lab), args.k, args.batch, "",
-                  args.hnsw_storage, warm=warm, whiten=args.whiten)
+                  args.hnsw_storage, warm=warm, whiten=args.whiten, ef_construction=args.ef_construction)
     if not args.whiten:  # (whitened: measure() timed the truth in the fitted space)
         out["truth_s"] = round(truth_s, 1)
     return out
@@ -329,7 +331,8 @@ def real(args: argparse.Namespace, root: Path) -> dict:
         return len(train)
 
     return measure(root / "real", build, queries, truth, (rows, labels), args.k, args.batch, "real_",
-                   args.hnsw_storage, warm=keys[:args.batch].astype(np.float32), whiten=args.whiten)
+                   args.hnsw_storage, warm=keys[:args.batch].astype(np.float32), whiten=args.whiten,
+                   ef_construction=args.ef_construction)
 
 
 def main() -> None:
@@ -349,6 +352,9 @@ def main() -> None:
                    help="build the KBs with key whitening (IndexConfig.whiten; default 0 = off): recall is then "
                         "against exact search in the whitened space, and the raw faiss reference searches "
                         "pre-whitened queries")
+    p.add_argument("--ef-construction", type=int, default=40, metavar="EF",
+                   help="HNSW efConstruction of the KBs (IndexConfig.ef_construction; default 40, the library's "
+                        "default): a wider build beam costs build time and may let the tuned efSearch drop")
     args = p.parse_args()
     if args.no_real and args.no_synthetic:
         p.error("--no-real and --no-synthetic together leave nothing to measure")
@@ -356,7 +362,8 @@ def main() -> None:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
-        out: dict = {"benchmark": "store", "k": args.k, "batch": args.batch, "whiten": args.whiten}
+        out: dict = {"benchmark": "store", "k": args.k, "batch": args.batch, "whiten": args.whiten,
+                     "ef_construction": args.ef_construction}
         if not args.no_synthetic:
             out.update(synthetic(args, root))
         if not args.no_real:

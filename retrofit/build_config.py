@@ -28,6 +28,10 @@ class BuildConfig:
     index: str = "auto"  # "auto", "hnsw" or "flat" (KnowledgeBase.create)
     hnsw_storage: str = "fp16"  # how an HNSW index stores the keys: "fp16" or "float32" (KnowledgeBase.create)
     whiten: float = 0.0  # key whitening of the index: 0 = off, > 0 = its shrinkage (retrofit.kb_whiten; 0.1 typical)
+    # HNSW efConstruction, the build's beam width: wider builds a better graph, slower, and the efSearch tuned
+    # after the build can drop (200k synthetic records: 40 -> 80 -> 160 gave build 31 / 52 / 107 s, efSearch
+    # 384 / 256 / 192, queries/s 1,078 / 1,458 / 1,677 at recall@32 >= 0.97; docs/benchmarks.md)
+    ef_construction: int = 40
     # Web data has captions but no labels: give every record whose sample has no label the class its caption
     # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
     # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.
@@ -70,7 +74,8 @@ class BuildConfig:
         from retrofit.kb_index import IndexConfig
 
         # checks all three (ValueError naming the value)
-        IndexConfig(kind=self.index, hnsw_storage=self.hnsw_storage, whiten=self.whiten)
+        IndexConfig(kind=self.index, hnsw_storage=self.hnsw_storage, whiten=self.whiten,
+                    ef_construction=self.ef_construction)
 
 
 @dataclass

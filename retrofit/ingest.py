@@ -267,7 +267,7 @@ def _ingest(mode: str, source: str | Path | Source, path: str | Path, config: Bu
         specs = {part: absolute_spec(v) for part, v in specs.items() if isinstance(v, str)}  # objects have none
         kb = KnowledgeBase.create(path, fp.key.dim, img.dim, txt.dim, fp, class_names=class_names, dtype=cfg.dtype,
                                   index=cfg.index, hnsw_storage=cfg.hnsw_storage, whiten=cfg.whiten,
-                                  user_meta={SPECS_KEY: specs})
+                                  ef_construction=cfg.ef_construction, user_meta={SPECS_KEY: specs})
     try:
         summary = _run_build(kb, mode, path, src, labels, cfg, img, txt, key, build_id, labeller, state, batches)
     except Exception:

@@ -206,16 +206,19 @@ class KBWriteMixin:
                 self._set_deleted(np.union1d(self._deleted, a))
             raise
 
-    def compact(self, hnsw_storage: str | None = None, whiten: float | None = None) -> None:
+    def compact(self, hnsw_storage: str | None = None, whiten: float | None = None,
+                ef_construction: int | None = None) -> None:
         """Rebuild the index without deleted records and drop the chunks whose records are all deleted;
         ``hnsw_storage`` ("fp16" / "float32") changes how the rebuilt HNSW index stores the keys, ``whiten`` its key
-        whitening (0 = off, > 0 = the shrinkage, :mod:`retrofit.kb_whiten`); None keeps the KB's setting. The
-        whitening is fitted again on the live records either way."""
+        whitening (0 = off, > 0 = the shrinkage, :mod:`retrofit.kb_whiten`), ``ef_construction`` the HNSW build's
+        beam width (kept for later adds too); None keeps the KB's setting. The whitening is fitted again on the
+        live records either way."""
         self._check_writable()
         from dataclasses import replace
 
 
-        changes = {n: v for n, v in (("hnsw_storage", hnsw_storage), ("whiten", whiten)) if v is not None}
+        changes = {n: v for n, v in (("hnsw_storage", hnsw_storage), ("whiten", whiten),
+                                     ("ef_construction", ef_construction)) if v is not None}
         cfg = replace(self._cfg, **changes)  # validates
 
         C, nxt = self._rec.chunk, self._meta["next_id"]

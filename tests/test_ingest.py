@@ -371,14 +371,23 @@ def test_cli_build_merge(tmp_path, mini_samples, cifar_classes, capsys):  # noqa
     write_shard(tmp_path / "b.tar", mini_samples[3:100:10])
     classes = ",".join(cifar_classes)
     for name in ("a", "b"):
+        index = ["--index", "hnsw", "--ef-construction", "24"] if name == "a" else []  # b: the defaults
         rc = main(["kb", "build", str(tmp_path / f"{name}.tar"), str(tmp_path / f"kb_{name}"), "--classes", classes,
-                   "--batch-size", "8", "--quiet", "--json"])
+                   "--batch-size", "8", "--quiet", "--json", *index])
         assert rc == 0
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (out["written"], out["skipped"]) == (10, 0)
+    with KnowledgeBase.open(tmp_path / "kb_a") as a:
+        assert a.info()["index"]["kind"] == "hnsw" and a.info()["index"]["config"]["ef_construction"] == 24
     assert main(["kb", "merge", str(tmp_path / "kb_a"), str(tmp_path / "kb_b"), "-o", str(tmp_path / "m"),
                  "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kb_size"] == 20
+    with KnowledgeBase.open(tmp_path / "m") as m:  # the first input's index settings
+        assert m.info()["index"]["kind"] == "hnsw" and m.info()["index"]["config"]["ef_construction"] == 24
+    with pytest.raises(SystemExit) as e:  # a beam width under 1: the usage, exit 2, nothing built
+        main(["kb", "build", str(tmp_path / "a.tar"), str(tmp_path / "kb_0"), "--ef-construction", "0"])
+    assert e.value.code == 2 and "--ef-construction: must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "kb_0").exists()
     assert main(["kb", "merge", str(tmp_path / "kb_a"), str(tmp_path / "kb_b"), "-o", str(tmp_path / "m2"),
                  "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]

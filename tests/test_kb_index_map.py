@@ -365,6 +365,47 @@ def test_a_kb_from_before_fp16_storage_keeps_working_and_compacts_to_fp16(tmp_pa
         KnowledgeBase.open(tmp_path / "new")
 
 
+def test_ef_construction_is_set_at_create_and_changed_by_compact(tmp_path, capsys):
+    """The HNSW build's beam width: chosen at create (and build), kept in the metadata and by later adds, changed by
+    `compact(ef_construction=...)` / `kb compact --ef-construction`, which rebuild the graph with it."""
+    import faiss
+
+    from retrofit.cli import main
+    from retrofit.kb_index import inner_index
+
+    def built_with(kb: KnowledgeBase) -> int:  # what the faiss graph in use was built with
+        return int(faiss.downcast_index(inner_index(kb._main)).hnsw.efConstruction)
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(600, 16, generator=g)
+    path = tmp_path / "kb"
+    with KnowledgeBase.create(path, 16, 2, 2, index="hnsw", ef_construction=24) as kb:
+        kb.add(keys[:500], torch.zeros(500, 2), torch.zeros(500, 2))
+        assert kb.info()["index"]["config"]["ef_construction"] == 24 and built_with(kb) == 24
+    with KnowledgeBase.open(path, readonly=False) as w:
+        w.add(keys[500:], torch.zeros(100, 2), torch.zeros(100, 2))  # an add keeps the setting
+        assert w.info()["index"]["config"]["ef_construction"] == 24
+        w.compact(ef_construction=64)
+        assert w.info()["index"]["config"]["ef_construction"] == 64 and built_with(w) == 64
+        with pytest.raises(ValueError, match="ef_construction must be a positive int, got 0"):
+            w.compact(ef_construction=0)
+        assert w.info()["index"]["config"]["ef_construction"] == 64  # the refused compact changed nothing
+    with KnowledgeBase.open(path) as r:
+        assert r.info()["index"]["config"]["ef_construction"] == 64 and built_with(r) == 64
+        assert torch.equal(r.search(keys[100:110], 1).ids[:, 0], torch.arange(100, 110))
+    assert main(["kb", "compact", str(path), "--ef-construction", "32"]) == 0
+    capsys.readouterr()
+    assert main(["kb", "info", str(path)]) == 0
+    assert "efConstruction 32" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["kb", "compact", str(path), "--ef-construction", "-1"])
+    assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
+    with KnowledgeBase.create(tmp_path / "flat", 16, 2, 2) as kb:  # a flat index keeps it, saying it does nothing
+        kb.add(keys[:10], torch.zeros(10, 2), torch.zeros(10, 2))
+    assert main(["kb", "compact", str(tmp_path / "flat"), "--ef-construction", "80"]) == 0
+    assert "--ef-construction 80 is kept in the settings but has no effect on this flat" in capsys.readouterr().err
+
+
 def test_build_config_checks_the_index_settings():
     from retrofit.ingest import BuildConfig
 
@@ -372,3 +413,5 @@ def test_build_config_checks_the_index_settings():
         BuildConfig(hnsw_storage="int8").validate()
     with pytest.raises(ValueError, match="index must be 'auto', 'hnsw' or 'flat'"):
         BuildConfig(index="ivf").validate()
+    with pytest.raises(ValueError, match="ef_construction must be a positive int, got 0"):
+        BuildConfig(ef_construction=0).validate()

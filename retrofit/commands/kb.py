@@ -48,7 +48,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("classes", ", ".join(info["class_names"]) if info["class_names"] else "-"),
         ("fingerprints", "; ".join(f"{k}: {v['family']}:{v['name']}@{v['weights']}" for k, v in fps.items()) or "-"),
         ("index", f"exact flat inner product ({idx['ntotal']} vectors)" if idx["kind"] == "flat" else
-                  f"HNSW M={idx['config']['hnsw_m']}, {idx['storage']} storage ({idx['ntotal']} vectors, efSearch "
+                  f"HNSW M={idx['config']['hnsw_m']}, efConstruction {idx['config'].get('ef_construction', 40)}, "
+                  f"{idx['storage']} storage ({idx['ntotal']} vectors, efSearch "
                   f"{idx['ef_search']}"
                   + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
                      else "") + ")"),
@@ -222,13 +223,14 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     with KnowledgeBase.open(args.path, readonly=False) as kb:
         before = kb.info()
-        kb.compact(hnsw_storage=args.hnsw_storage, whiten=args.whiten)
+        kb.compact(hnsw_storage=args.hnsw_storage, whiten=args.whiten, ef_construction=args.ef_construction)
         after = kb.info()
     print(f"compacted {args.path}: {after['records']} live records, index {after['index']['kind']} with "
           f"{after['index']['ntotal']} vectors (was {before['index']['ntotal']})")
-    if args.hnsw_storage is not None and after["index"]["kind"] != "hnsw":
-        print(f"note: --hnsw-storage {args.hnsw_storage} is kept in the settings but has no effect on this "
-              f"{after['index']['kind']} (exact) index; it applies once the index is HNSW", file=sys.stderr)
+    for flag, value in (("--hnsw-storage", args.hnsw_storage), ("--ef-construction", args.ef_construction)):
+        if value is not None and after["index"]["kind"] != "hnsw":
+            print(f"note: {flag} {value} is kept in the settings but has no effect on this "
+                  f"{after['index']['kind']} (exact) index; it applies once the index is HNSW", file=sys.stderr)
     if missing := after["index"]["unindexed_records"]:
         print(f"error: {missing} live records were left out of the index (damaged record chunks, named above): "
               f"searches will not return them; restore {args.path} from a copy, or delete them and add them again",
@@ -312,6 +314,9 @@ def register_kb(kb_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--whiten", type=float, default=None, metavar="SHRINKAGE",
                    help="rebuild the index with key whitening of this shrinkage (0 turns it off; default: keep the "
                         "KB's setting; a whitened index fits it again on the live records)")
+    p.add_argument("--ef-construction", type=at_least_one, default=None, metavar="EF",
+                   help="rebuild an HNSW index with this build beam width, kept for later adds (default: keep the "
+                        "KB's setting)")
     p.set_defaults(func=cmd_compact)
 
     p = kb_sub.add_parser("classes", help="show the class list of a knowledge base, or record one it lacks",
