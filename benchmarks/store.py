@@ -130,7 +130,7 @@ def open_probe(kb_dir: Path, what: str, cache: str = "warm") -> dict:
 
 def measure(kb_dir: Path, build, queries: np.ndarray, truth, gather_arrays, k: int, batch: int,
             prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None, whiten: float = 0.0,
-            ef_construction: int = 40) -> dict:
+            ef_construction: int = 80) -> dict:
     """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle. ``truth``: the exact
     top-k ids, or (with ``whiten``) a function of the KB's fitted transform giving them in the whitened space."""
     out: dict = {"hnsw_storage": hnsw_storage}
@@ -352,9 +352,10 @@ def main() -> None:
                    help="build the KBs with key whitening (IndexConfig.whiten; default 0 = off): recall is then "
                         "against exact search in the whitened space, and the raw faiss reference searches "
                         "pre-whitened queries")
-    p.add_argument("--ef-construction", type=int, default=40, metavar="EF",
-                   help="HNSW efConstruction of the KBs (IndexConfig.ef_construction; default 40, the library's "
-                        "default): a wider build beam costs build time and may let the tuned efSearch drop")
+    p.add_argument("--ef-construction", type=int, default=80, metavar="EF",
+                   help="HNSW efConstruction of the KBs (IndexConfig.ef_construction; default 80, the library's "
+                        "default since 24 Nov 2026; earlier figures used 40): a wider build beam costs build time and "
+                        "lets the tuned efSearch drop")
     args = p.parse_args()
     if args.no_real and args.no_synthetic:
         p.error("--no-real and --no-synthetic together leave nothing to measure")

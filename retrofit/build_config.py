@@ -29,9 +29,9 @@ class BuildConfig:
     hnsw_storage: str = "fp16"  # how an HNSW index stores the keys: "fp16" or "float32" (KnowledgeBase.create)
     whiten: float = 0.0  # key whitening of the index: 0 = off, > 0 = its shrinkage (retrofit.kb_whiten; 0.1 typical)
     # HNSW efConstruction, the build's beam width: wider builds a better graph, slower, and the efSearch tuned
-    # after the build can drop (200k synthetic records: 40 -> 80 -> 160 gave build 31 / 52 / 107 s, efSearch
-    # 384 / 256 / 192, queries/s 1,078 / 1,458 / 1,677 at recall@32 >= 0.97; docs/benchmarks.md)
-    ef_construction: int = 40
+    # after the build can drop (1M synthetic records: 40 -> 80 gave build 161 -> 293 s, efSearch 512 -> 256,
+    # queries/s 765 -> 1,554 at recall@32 0.97; docs/benchmarks.md)
+    ef_construction: int = 80
     # Web data has captions but no labels: give every record whose sample has no label the class its caption
     # names (retrofit.caption_labels.CaptionLabeller over class_names and class_synonyms, with the build's text
     # encoder), or -1 when no class reaches caption_min_similarity. Needs class_names.

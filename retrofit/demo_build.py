@@ -97,6 +97,12 @@ class _Encoders:
         return self._txt
 
 
+# The HNSW build beam of the demo's knowledge bases: faiss's 40, with which every recorded figure of the demo (and of
+# the examples on its cache) was made. The library's default became 80 on 24 Nov 2026 (faster searches, slower
+# builds); KB_ext (merged from KB_in) would then find slightly other approximate neighbours than the recorded runs.
+EF_CONSTRUCTION = 40
+
+
 def _build(src: Any, path: Path, enc: _Encoders, names: list[str], progress: bool, index: str = "auto") -> None:
     from retrofit.ingest import build_kb
 
@@ -104,7 +110,7 @@ def _build(src: Any, path: Path, enc: _Encoders, names: list[str], progress: boo
         return
     t = time.perf_counter()
     summary = build_kb(src, path, image_encoder=enc.image, text_encoder=enc.text, class_names=names, dedup=False,
-                       progress=progress, num_workers=1, index=index)
+                       progress=progress, num_workers=1, index=index, ef_construction=EF_CONSTRUCTION)
     if summary.written != len(src):
         raise RuntimeError(f"{path}: {summary.written} of {len(src)} samples written (see {summary.report})")
     _mark(path, {"records": summary.written, "seconds": time.perf_counter() - t})
@@ -182,8 +188,8 @@ def _caption_labelled(src_path: Path, path: Path, data_root: Path, enc: Any, nam
 def _relabelled_copy(src: Any, path: Path, labels: torch.Tensor, text: torch.Tensor | None = None,
                      captions: list[str] | None = None, sources: list[str] | None = None, index: str = "auto") -> None:
     """Write ``src`` (an open KB) to ``path`` with new ``labels`` and, when given, new text vectors, captions and
-    sources (else ``src``'s), with search index ``index``; an unfinished earlier attempt at ``path`` is removed
-    first."""
+    sources (else ``src``'s), with search index ``index`` and ``src``'s HNSW build beam; an unfinished earlier
+    attempt at ``path`` is removed first."""
     import shutil
 
     from retrofit.knowledge_base import KnowledgeBase
@@ -193,7 +199,8 @@ def _relabelled_copy(src: Any, path: Path, labels: torch.Tensor, text: torch.Ten
     ids = torch.arange(len(src))
     recs = src.get(ids) if captions is None or sources is None else None
     with KnowledgeBase.create(path, src.key_dim, src.image_dim, src.text_dim, src.fingerprint,
-                              class_names=src.class_names, index=index) as kb, kb.bulk():
+                              class_names=src.class_names, index=index,
+                              ef_construction=src.info()["index"]["config"]["ef_construction"]) as kb, kb.bulk():
         kb.add(src.vectors(ids, "key"), src.vectors(ids, "image"), src.vectors(ids, "text") if text is None else text,
                labels=labels, captions=captions if captions is not None else [r["caption"] for r in recs],
                sources=sources if sources is not None else [r["source"] for r in recs])

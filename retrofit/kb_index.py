@@ -45,7 +45,10 @@ class IndexConfig:
     # how HNSW stores the keys it compares: "fp16" (faiss IndexHNSWSQ, QT_fp16: half the index file, faster search,
     # same recall; the records hold float16 keys anyway) or "float32" (IndexHNSWFlat)
     hnsw_storage: str = "fp16"
-    ef_construction: int = 40  # HNSW efConstruction (build-time beam width)
+    # HNSW efConstruction (build-time beam width). 80 since 24 Nov 2026 (40, faiss's default, before): ~1.8x the
+    # build time for ~2x the queries/s at the same recall target (1M records; docs/benchmarks.md). A KB keeps the
+    # value it was created with (its metadata); `compact(ef_construction=...)` changes it.
+    ef_construction: int = 80
     ef_search: int | None = None  # HNSW efSearch; None = tuned after each build against recall_target
     recall_target: float = 0.96  # recall@tune_k the automatic efSearch aims for on held-out records (0.01 margin)
     tune_k: int = 32  # k used when tuning efSearch

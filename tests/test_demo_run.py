@@ -235,6 +235,8 @@ def test_a_prepared_cache_is_read_while_another_writer_holds_its_kbs(mini_data, 
     try:
         again = prepare(cfg)
         assert len(again.kb("ext")) == len(held[1]) and again.kb("ext").info()["index"]["config"]["whiten"] == 0.1
+        # the recorded runs' HNSW build beam (demo_build.EF_CONSTRUCTION), not the library's default since 24 Nov
+        assert [kb.info()["index"]["config"]["ef_construction"] for kb in held] == [40, 40, 40]
         again.close()
         with pytest.raises(KnowledgeBaseError, match="already open for writing in this process"):
             prepare(_config(mini_data, tmp_path, seeds=1, whiten_ext=0.3))

@@ -402,6 +402,7 @@ def test_ef_construction_is_set_at_create_and_changed_by_compact(tmp_path, capsy
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
     with KnowledgeBase.create(tmp_path / "flat", 16, 2, 2) as kb:  # a flat index keeps it, saying it does nothing
         kb.add(keys[:10], torch.zeros(10, 2), torch.zeros(10, 2))
+        assert kb.info()["index"]["config"]["ef_construction"] == 80  # the default (faiss's 40 before 24 Nov)
     assert main(["kb", "compact", str(tmp_path / "flat"), "--ef-construction", "80"]) == 0
     assert "--ef-construction 80 is kept in the settings but has no effect on this flat" in capsys.readouterr().err
 
@@ -415,3 +416,4 @@ def test_build_config_checks_the_index_settings():
         BuildConfig(index="ivf").validate()
     with pytest.raises(ValueError, match="ef_construction must be a positive int, got 0"):
         BuildConfig(ef_construction=0).validate()
+    assert BuildConfig().ef_construction == 80
