@@ -87,17 +87,20 @@ class HeldOutKeys:
 
 
 def open_or_build_kb(path: Path, n: int, seed: int, data: str = "latent"):
-    """The cached KB at ``path`` when complete (and built with the library's current default index storage),
-    else a fresh build of ``n`` entries."""
+    """The cached KB at ``path`` when complete (and built with the library's current default index storage and
+    HNSW build beam), else a fresh build of ``n`` entries."""
     from tqdm import tqdm
 
     from retrofit.fingerprint import EncoderFingerprint
+    from retrofit.kb_index import IndexConfig
     from retrofit.knowledge_base import KnowledgeBase
     from retrofit.store import KBFingerprint
 
     if (path / "COMPLETE").is_file():
         kb = KnowledgeBase.open(path)
-        if len(kb) == n and kb.info()["index"].get("storage") == "fp16":  # an older float32 build: rebuild
+        idx = kb.info()["index"]  # an older float32 or efConstruction-40 build: rebuild with today's defaults
+        if len(kb) == n and idx.get("storage") == "fp16" and \
+                idx["config"].get("ef_construction") == IndexConfig().ef_construction:
             return kb, 0.0
         kb.close()
     if path.exists():
@@ -180,6 +183,7 @@ def main() -> None:
         "queries": "held-out KB-distribution keys, new ones every call (HeldOutKeys)",
         "distinct_neighbours_per_batch": int(statistics.median(distinct)),
         "hnsw_storage": kb.info()["index"].get("storage"),
+        "ef_construction": kb.info()["index"]["config"].get("ef_construction"),
         "ef_search": kb.info()["index"].get("ef_search"),
         "tuned_recall": kb.info()["index"].get("tuned_recall"),
         "k": args.k,

@@ -78,7 +78,7 @@ def test_build_benchmark(data_dir):
 
 def test_store_benchmark(tmp_path):
     out = run_benchmark("store", "--n", "3000", "--queries", "128", "--no-real", "--dir", str(tmp_path))
-    assert out["n"] == 3000 and out["k"] == 32
+    assert out["n"] == 3000 and out["k"] == 32 and out["ef_construction"] == 80
     assert 0.9 <= out["recall_at_32"] <= 1.0  # against exact search on the same keys
     assert close(out["qps_over_raw"], out["qps"] / out["qps_faiss_raw"])
     assert out["build_s"] > 0 and out["open_s"] > 0 and out["gather_ms"] > 0
@@ -92,6 +92,7 @@ def test_overhead_benchmark(tmp_path):
     assert close(out["ratio"], out["retrofit_ms"] / out["host_ms"])
     assert close(out["ratio_from_parts"], (out["host_ms"] + out["search_ms"] + out["head_ms"]) / out["host_ms"])
     assert out["tuned_recall"] >= 0.96  # the build tuned efSearch to the library's recall target
+    assert out["ef_construction"] == 80  # the library's default HNSW build beam
     assert out["host_ms_spread"][0] <= out["host_ms"] <= out["host_ms_spread"][1]
     again = run_benchmark("overhead", *args)  # the KB cached under --cache-dir is reused, not rebuilt
     assert out["kb_build_s"] > 0 and again["kb_build_s"] == "cached" and again["ef_search"] == out["ef_search"]
