@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, nonnegative_int, parser, positive_int, run
 
+from retrofit.kb_index import IndexConfig
 from retrofit.knowledge_base import KnowledgeBase
 
 LATENT, DIM, TEXT_DIM, CENTRES, NOISE = 64, 512, 384, 10_000, 2.4
@@ -130,7 +131,7 @@ def open_probe(kb_dir: Path, what: str, cache: str = "warm") -> dict:
 
 def measure(kb_dir: Path, build, queries: np.ndarray, truth, gather_arrays, k: int, batch: int,
             prefix: str, hnsw_storage: str = "fp16", warm: np.ndarray | None = None, whiten: float = 0.0,
-            ef_construction: int = 80) -> dict:
+            ef_construction: int = IndexConfig().ef_construction) -> dict:
     """Build the KB with ``build(kb)``, then measure everything on a fresh read-only handle. ``truth``: the exact
     top-k ids, or (with ``whiten``) a function of the KB's fitted transform giving them in the whitened space."""
     out: dict = {"hnsw_storage": hnsw_storage}
@@ -352,10 +353,10 @@ def main() -> None:
                    help="build the KBs with key whitening (IndexConfig.whiten; default 0 = off): recall is then "
                         "against exact search in the whitened space, and the raw faiss reference searches "
                         "pre-whitened queries")
-    p.add_argument("--ef-construction", type=int, default=80, metavar="EF",
-                   help="HNSW efConstruction of the KBs (IndexConfig.ef_construction; default 80, the library's "
-                        "default since 24 Nov 2026; earlier figures used 40): a wider build beam costs build time and "
-                        "lets the tuned efSearch drop")
+    p.add_argument("--ef-construction", type=positive_int, default=IndexConfig().ef_construction, metavar="EF",
+                   help="HNSW efConstruction of the KBs (IndexConfig.ef_construction; default %(default)s, the "
+                        "library's default since 24 Nov 2026; earlier figures used 40): a wider build beam costs "
+                        "build time and lets the tuned efSearch drop")
     args = p.parse_args()
     if args.no_real and args.no_synthetic:
         p.error("--no-real and --no-synthetic together leave nothing to measure")

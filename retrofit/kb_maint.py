@@ -177,6 +177,14 @@ class KBIndexMixin:
 
         return "fp16" if isinstance(faiss.downcast_index(self._main.index), faiss.IndexHNSWSQ) else "float32"
 
+    def _built_ef_construction(self) -> int | None:
+        """The efConstruction the current HNSW graph was built with (None for an exact index): the setting's value
+        unless a compact that changed the setting was stopped after its commit, before its rebuild."""
+        import faiss
+
+        inner = faiss.downcast_index(self._main.index)
+        return int(inner.hnsw.efConstruction) if isinstance(inner, faiss.IndexHNSW) else None
+
     def _catch_up(self) -> None:
         """Add records the in-memory index lacks (writer); rebuilds when the index kind should change or its key
         whitening was fitted on under half of the live records."""

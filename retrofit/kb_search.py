@@ -289,7 +289,7 @@ class KBSearchMixin:
             "chunk_records": m["chunk_records"], "class_names": m.get("class_names"),
             "fingerprint": m["fingerprint"], "user_meta": m["user_meta"],
             "index": {"kind": self._kind(), "storage": self._storage(), "config": self._cfg.to_dict(),
-                      "ef_search": self.ef_search,
+                      "ef_search": self.ef_search, "ef_construction_built": self._built_ef_construction(),
                       "tuned_recall": getattr(self, "_tuned_recall", None), "ntotal": int(self._main.ntotal),
                       "file": st.file if st else None, "file_generation": st.generation if st else None,
                       "covers_ids_below": st.next_id if st else None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import struct
 import traceback
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,10 @@ class SnapshotView:
     vec_off: np.ndarray  # (chunks,) element offset of each vector chunk in ``vec``; -1 = chunk absent
     lab: np.ndarray  # (elements,) int64 view of the map over the label chunks
     lab_off: np.ndarray  # (chunks,) element offset of each label chunk in ``lab``; -1 = chunk absent
+    # ``vec`` as a torch tensor over the same memory, for :func:`gather_view_float`: made before ``vec`` was marked
+    # read-only (torch warns about read-only arrays, and a per-call warnings filter is not thread-safe); never
+    # written to (the map is read-only memory)
+    vec_t: Any = None
 
     def __repr__(self) -> str:
         # never the arrays' values: once the KB is closed the map is gone and reading them is a segfault (a
@@ -44,8 +47,10 @@ def snapshot_view(rec: RecordStore, txn: Any) -> SnapshotView | None:
     Valid only while ``txn`` stays open (the owner drops it before ending the transaction). None when a chunk
     is not aligned for its dtype (small values stored inside LMDB leaf pages); callers then use ``RecordStore.gather``.
     """
+    import torch
+
     views: list = []
-    a = flat = rows = None
+    a = flat = rows = tens = None
     try:
         for db, dt, width in ((rec.db_vec, rec.np_dtype, rec.row_dim), (rec.db_lab, np.dtype("<i8"), 1)):
             keys, addr, size = [], [], []
@@ -67,18 +72,20 @@ def snapshot_view(rec: RecordStore, txn: Any) -> SnapshotView | None:
             # traceback holding a view of the map, a segfault when printed with locals after close)
             rows = np.ndarray((flat.shape[0] - width + 1, width), dtype=dt, buffer=flat,
                               strides=(dt.itemsize, dt.itemsize))
+            tens = torch.from_numpy(rows) if db is rec.db_vec else None  # (C; before the flag: no warning)
             rows.flags.writeable = False
             off = np.full(max(keys) + 1, -1, dtype=np.int64)
             off[np.asarray(keys)] = (addr_a - lo) // dt.itemsize
-            views.append((rows, off))
-        return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1])
+            views.append((rows, off, tens))
+        return SnapshotView(vec=views[0][0], vec_off=views[0][1], lab=views[1][0][:, 0], lab_off=views[1][1],
+                            vec_t=views[0][2])
     except BaseException as e:  # the frames it went through (numpy's, say) may hold views of the map too
         traceback.clear_frames(e.__traceback__.tb_next if e.__traceback__ is not None else None)
         raise
     finally:
         # an error here leaves this frame in its traceback: no local may still view the map once the KB is
         # closed (a traceback printer showing locals would read unmapped memory: a segfault)
-        a = flat = rows = None
+        a = flat = rows = tens = None
         views.clear()
 
 def gather_view(rec: RecordStore, view: SnapshotView, ids: np.ndarray, cols: slice
@@ -106,12 +113,11 @@ def gather_view_float(rec: RecordStore, view: SnapshotView, ids: np.ndarray, par
     if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
         raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {rec.path.parent}")
     rows = torch.from_numpy(view.vec_off[c] + r * rec.row_dim)  # (M,) first element of each row in ``view.vec``
-    vec = None
     try:
-        with warnings.catch_warnings():  # torch warns about a read-only array: nothing here writes to the map
-            warnings.simplefilter("ignore", UserWarning)
-            vec = torch.from_numpy(view.vec)
-        out = [vec.narrow(1, p.start, p.stop - p.start).index_select(0, rows).float() for p in parts]
-    finally:
-        vec = None  # a view of the map: an error's traceback must not hold it past the KB's close
+        out = [view.vec_t.narrow(1, p.start, p.stop - p.start).index_select(0, rows).float() for p in parts]
+    except BaseException as e:  # the frames below (the comprehension's; a torch-function mode's, such as
+        # torch.set_default_device's, in Python) hold views of the map: an error's traceback must not keep them
+        # past the KB's close (a traceback printer showing locals would read unmapped memory)
+        traceback.clear_frames(e.__traceback__.tb_next if e.__traceback__ is not None else None)
+        raise
     return out, view.lab[view.lab_off[c] + r]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -350,6 +351,27 @@ def test_traceback_locals_after_close_do_not_read_the_unmapped_records(tmp_path)
         r.close()
         text = "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format())
         assert "snapshot_view" in text, text
+        # a Ctrl-C inside the torch gather while a torch-function mode runs in Python (torch.device as a context,
+        # torch.set_default_device): the mode's frame holds the tensor viewing the map
+        from torch.utils._device import DeviceContext
+        mode_code = DeviceContext.__torch_function__.__code__
+        def tracer(frame, event, arg):
+            if event == "call" and frame.f_code is mode_code and \\
+                    frame.f_locals.get("func") is torch.Tensor.index_select:
+                raise KeyboardInterrupt("stand-in for Ctrl-C")
+        r = KnowledgeBase.open({str(tmp_path / 'kb')!r})
+        r.search(torch.randn(2, 64), 3)
+        with torch.device("cpu"):
+            sys.settrace(tracer)
+            try:
+                r.gather([1, 2, 3])
+            except KeyboardInterrupt as e:
+                err = e
+            sys.settrace(None)
+        assert any(tb.f_code is mode_code for tb, _ in traceback.walk_tb(err.__traceback__)), "no mode frame"
+        r.close()
+        text = "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format())
+        assert "gather_view_float" in text, text
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -376,9 +398,11 @@ def test_reader_vectorised_gather_equals_transaction_reads(tmp_path, dtype):
     q = torch.randn(9, 64, generator=g)
     want_nb = kb.search(q, 7)
     kb.close()
-    with KnowledgeBase.open(tmp_path / "kb") as r:
+    with KnowledgeBase.open(tmp_path / "kb") as r, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning (torch's, about the read-only map) and no filter of its own:
+        filters = list(warnings.filters)  # warnings.catch_warnings per call was not thread-safe
         got = r.gather(ids)
-        assert r._view  # the zero-copy map views are in use
+        assert r._view and warnings.filters == filters  # the zero-copy map views are in use
         for a, b in zip(want, got):
             assert torch.equal(a, b)
         assert torch.equal(got[0], stored_image[ids]) and torch.equal(got[1], stored_text[ids])

@@ -365,7 +365,7 @@ def test_a_kb_from_before_fp16_storage_keeps_working_and_compacts_to_fp16(tmp_pa
         KnowledgeBase.open(tmp_path / "new")
 
 
-def test_ef_construction_is_set_at_create_and_changed_by_compact(tmp_path, capsys):
+def test_ef_construction_is_set_at_create_and_changed_by_compact(tmp_path, capsys, monkeypatch):
     """The HNSW build's beam width: chosen at create (and build), kept in the metadata and by later adds, changed by
     `compact(ef_construction=...)` / `kb compact --ef-construction`, which rebuild the graph with it."""
     import faiss
@@ -396,7 +396,25 @@ def test_ef_construction_is_set_at_create_and_changed_by_compact(tmp_path, capsy
     assert main(["kb", "compact", str(path), "--ef-construction", "32"]) == 0
     capsys.readouterr()
     assert main(["kb", "info", str(path)]) == 0
-    assert "efConstruction 32" in capsys.readouterr().out
+    assert "efConstruction 32," in capsys.readouterr().out
+    with KnowledgeBase.open(path, readonly=False) as w:  # a compact stopped after its commit, before its rebuild
+        def stopped(self):
+            raise KeyboardInterrupt("stand-in for a Ctrl-C during the rebuild")
+        monkeypatch.setattr(type(w), "_rebuild", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            w.compact(ef_construction=48)
+        monkeypatch.undo()
+    with KnowledgeBase.open(path) as r:  # the setting is committed, the graph is the old one: info tells both
+        idx = r.info()["index"]
+        assert (idx["config"]["ef_construction"], idx["ef_construction_built"], built_with(r)) == (48, 32, 32)
+        assert len(r) == 600 and torch.equal(r.search(keys[:5], 1).ids[:, 0], torch.arange(5))
+    assert main(["kb", "info", str(path)]) == 0
+    assert "efConstruction 48 (the graph was built with 32: `retrofit kb compact` rebuilds it)" in \
+        capsys.readouterr().out
+    assert main(["kb", "compact", str(path)]) == 0
+    with KnowledgeBase.open(path) as r:
+        assert r.info()["index"]["ef_construction_built"] == 48 and built_with(r) == 48
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["kb", "compact", str(path), "--ef-construction", "-1"])
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
@@ -416,4 +434,12 @@ def test_build_config_checks_the_index_settings():
         BuildConfig(index="ivf").validate()
     with pytest.raises(ValueError, match="ef_construction must be a positive int, got 0"):
         BuildConfig(ef_construction=0).validate()
-    assert BuildConfig().ef_construction == 80
+    # one default everywhere it is spelled out
+    import inspect
+
+    from retrofit.cli import build_parser
+    from retrofit.kb_index import IndexConfig
+
+    create = inspect.signature(KnowledgeBase.create).parameters["ef_construction"].default
+    cli = build_parser().parse_args(["kb", "build", "src", "dst"]).ef_construction
+    assert BuildConfig().ef_construction == IndexConfig().ef_construction == create == cli == 80

@@ -31,6 +31,14 @@ def _human(n: float) -> str:
     return str(n)
 
 
+
+def _ef_construction(idx: dict[str, Any]) -> str:
+    """The HNSW build beam of ``kb info``'s index entry, and the graph's when a stopped compact left them apart."""
+    want, built = idx["config"]["ef_construction"], idx.get("ef_construction_built")
+    if built is None or built == want:
+        return str(want)
+    return f"{want} (the graph was built with {built}: `retrofit kb compact` rebuilds it)"
+
 @guarded(also=(KeyError,))
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.path) as kb:
@@ -48,7 +56,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("classes", ", ".join(info["class_names"]) if info["class_names"] else "-"),
         ("fingerprints", "; ".join(f"{k}: {v['family']}:{v['name']}@{v['weights']}" for k, v in fps.items()) or "-"),
         ("index", f"exact flat inner product ({idx['ntotal']} vectors)" if idx["kind"] == "flat" else
-                  f"HNSW M={idx['config']['hnsw_m']}, efConstruction {idx['config'].get('ef_construction', 40)}, "
+                  f"HNSW M={idx['config']['hnsw_m']}, efConstruction {_ef_construction(idx)}, "
                   f"{idx['storage']} storage ({idx['ntotal']} vectors, efSearch "
                   f"{idx['ef_search']}"
                   + (f", tuned recall@{idx['config']['tune_k']} {idx['tuned_recall']:.3f}" if idx["tuned_recall"]
