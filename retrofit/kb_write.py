@@ -125,10 +125,15 @@ class KBWriteMixin:
         """Merge ``meta`` into :attr:`user_meta` (one transaction)."""
         self._check_writable()
         check_meta(meta, "meta")
+        self._commit_meta(lambda m: m["user_meta"].update(meta))
+
+    def _commit_meta(self, change: Any) -> None:
+        """One transaction: ``change(m)`` edits the stored metadata ``m`` (or raises: nothing is written), the
+        generation is bumped; the handle follows what was committed, also when interrupted."""
         try:
             with self._rec.write() as txn:
                 m = self._rec.read_meta(txn)
-                m["user_meta"].update(meta)
+                change(m)
                 m["generation"] += 1
                 self._rec.write_meta(txn, m)
             self._meta = self._rec.meta = m
@@ -160,18 +165,13 @@ class KBWriteMixin:
         if top >= len(names):
             raise ValueError(f"{self.path} has label {top}, but {len(names)} class names name labels "
                              f"0..{len(names) - 1}; give at least {top + 1} names, in the order of its label numbers")
-        try:
-            with self._rec.write() as txn:
-                m = self._rec.read_meta(txn)
-                if m.get("class_names") is not None:  # (set meanwhile by another writer: refused as above)
-                    raise ValueError(f"{self.path} got a class list meanwhile; nothing was changed")
-                m["class_names"] = names
-                m["generation"] += 1
-                self._rec.write_meta(txn, m)
-            self._meta = self._rec.meta = m
-        except BaseException:
-            self._sync_meta()
-            raise
+
+        def record(m: dict[str, Any]) -> None:
+            if m.get("class_names") is not None:  # (set meanwhile by another writer: refused as above)
+                raise ValueError(f"{self.path} got a class list meanwhile; nothing was changed")
+            m["class_names"] = names
+
+        self._commit_meta(record)
 
     def _sync_meta(self) -> None:
         """Re-read the committed metadata (after a write that failed or was interrupted, perhaps after its commit)."""
