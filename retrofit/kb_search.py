@@ -228,24 +228,27 @@ class KBSearchMixin:
         """Contiguous float32 image (M, Di) and text (M, Dt) vectors and the labels (M,) of ``ids``: gathered by
         torch straight out of a reader's snapshot map, else read as :meth:`_gather_rows` reads them."""
         Dk, Di, Dt = self.key_dim, self.image_dim, self.text_dim
-        if self._snap is not None:
-            if self._view is None:
-                self._view = self._rec.snapshot_view(self._snap) or False
-            if self._view:
-                (image, text), lab = self._rec.gather_view_float(self._view, ids, [slice(Dk, Dk + Di),
-                                                                                   slice(Dk + Di, Dk + Di + Dt)])
-                return image, text, lab
+        if view := self._snapshot_view():
+            (image, text), lab = self._rec.gather_view_float(view, ids, [slice(Dk, Dk + Di),
+                                                                         slice(Dk + Di, Dk + Di + Dt)])
+            return image, text, lab
         rows, lab = self._gather_rows(ids, slice(Dk, Dk + Di + Dt))  # (M, Di+Dt) storage dtype
         rows_t = torch.from_numpy(rows)
         return rows_t[:, :Di].float().contiguous(), rows_t[:, Di:].float().contiguous(), lab
 
+    def _snapshot_view(self) -> Any:
+        """A reader's zero-copy views of its snapshot's record chunks, made on first use; None for a writer or
+        when the chunks are not aligned for them (reads then go through a transaction)."""
+        if self._snap is None:
+            return None
+        if self._view is None:
+            self._view = self._rec.snapshot_view(self._snap) or False
+        return self._view or None
+
     def _gather_rows(self, ids: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``ids`` (columns ``cols``) and labels: vectorised over the snapshot's map views for readers."""
-        if self._snap is not None:
-            if self._view is None:
-                self._view = self._rec.snapshot_view(self._snap) or False
-            if self._view:
-                return self._rec.gather_view(self._view, ids, cols)
+        if view := self._snapshot_view():
+            return self._rec.gather_view(view, ids, cols)
         with self._txn() as txn:
             return self._rec.gather(txn, ids, cols)
 

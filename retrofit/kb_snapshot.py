@@ -88,13 +88,19 @@ def snapshot_view(rec: RecordStore, txn: Any) -> SnapshotView | None:
         a = flat = rows = tens = None
         views.clear()
 
-def gather_view(rec: RecordStore, view: SnapshotView, ids: np.ndarray, cols: slice
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Like ``RecordStore.gather``, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no loop)."""
+def _locate(rec: RecordStore, view: SnapshotView, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk, row in chunk) of each id; a chunk the snapshot lacks is a CorruptKnowledgeBaseError."""
     ids = np.asarray(ids, dtype=np.int64)
     c, r = np.divmod(ids, rec.chunk)
     if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
         raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {rec.path.parent}")
+    return c, r
+
+
+def gather_view(rec: RecordStore, view: SnapshotView, ids: np.ndarray, cols: slice
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``RecordStore.gather``, vectorised over a :class:`SnapshotView` (one fancy-indexing copy, no loop)."""
+    c, r = _locate(rec, view, ids)
     out = view.vec[view.vec_off[c] + r * rec.row_dim, cols]  # (M, W) copy out of the map
     lab = view.lab[view.lab_off[c] + r]  # (M,)
     return out, lab
@@ -108,10 +114,7 @@ def gather_view_float(rec: RecordStore, view: SnapshotView, ids: np.ndarray, par
     so (both run on torch's threads; the same values, bit for bit)."""
     import torch
 
-    ids = np.asarray(ids, dtype=np.int64)
-    c, r = np.divmod(ids, rec.chunk)
-    if ids.size and (c.max() >= len(view.vec_off) or (view.vec_off[c] < 0).any()):
-        raise CorruptKnowledgeBaseError(f"records chunk of ids {ids[:5].tolist()} is missing in {rec.path.parent}")
+    c, r = _locate(rec, view, ids)
     rows = torch.from_numpy(view.vec_off[c] + r * rec.row_dim)  # (M,) first element of each row in ``view.vec``
     try:
         out = [view.vec_t.narrow(1, p.start, p.stop - p.start).index_select(0, rows).float() for p in parts]
